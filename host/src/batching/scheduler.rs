@@ -1,0 +1,248 @@
+//! The threads around the batching policy: one worker thread per ONNX Runtime session,
+//! a mutex-guarded [`Batcher`], and a condition variable to wake workers.
+//!
+//! Requests come from async front doors and are answered over a oneshot channel, so the
+//! async side never blocks on inference and the workers never touch the async runtime.
+
+use crate::batching::policy::{BatchLimits, Batchable, Batcher, Refused, Step};
+use crate::batching::stack::{same_inner_shapes, split, stack};
+use crate::metrics::ModelMetrics;
+use crate::model::session::{OnnxSession, RunError};
+use crate::request::StageTimings;
+use crate::tensor::Tensor;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// Why a queued request was not answered with outputs.
+#[derive(Debug)]
+pub enum JobError {
+    /// Its deadline passed in the queue.
+    Expired {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+    /// The model failed on its batch.
+    Run(String),
+    /// The inputs were accepted by validation but rejected by ONNX Runtime.
+    BadInput(String),
+}
+
+/// Outputs of one request (every model output, in signature order) and its timings.
+pub type JobResult = Result<(Vec<Tensor>, StageTimings), JobError>;
+
+/// One request waiting for a session.
+pub struct Job {
+    /// Inputs in the model's signature order, validated.
+    pub inputs: Vec<Tensor>,
+    /// Rows along dimension 0 (1 for models that do not batch).
+    pub rows: usize,
+    /// When it was queued.
+    pub enqueued_at: Instant,
+    /// When it stops being worth running.
+    pub deadline: Option<Instant>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<JobResult>,
+}
+
+impl Batchable for Job {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn enqueued_at(&self) -> Instant {
+        self.enqueued_at
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    fn compatible(&self, other: &Self) -> bool {
+        same_inner_shapes(&self.inputs, &other.inputs)
+    }
+}
+
+struct Shared {
+    batcher: Mutex<Batcher<Job>>,
+    wake: Condvar,
+    metrics: ModelMetrics,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Batcher<Job>> {
+        // A worker that panicked mid-batch leaves the queue itself consistent.
+        self.batcher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The queue and workers of one model version.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    /// Starts one worker thread per session.
+    pub fn start(
+        label: &str,
+        sessions: Vec<OnnxSession>,
+        limits: BatchLimits,
+        metrics: ModelMetrics,
+    ) -> std::io::Result<Scheduler> {
+        let shared = Arc::new(Shared {
+            batcher: Mutex::new(Batcher::new(limits)),
+            wake: Condvar::new(),
+            metrics,
+        });
+        let mut workers = Vec::with_capacity(sessions.len());
+        for (i, session) in sessions.into_iter().enumerate() {
+            let shared = shared.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("infer-{label}-{i}"))
+                    .spawn(move || worker(&shared, session))?,
+            );
+        }
+        Ok(Scheduler {
+            shared,
+            workers: Mutex::new(workers),
+        })
+    }
+
+    /// Queues a job, or hands it back when the queue is full or closed.
+    pub fn submit(&self, job: Job) -> Result<(), Refused<Job>> {
+        let mut batcher = self.shared.lock();
+        batcher.push(job)?;
+        self.shared.metrics.queue_depth.set(batcher.depth() as i64);
+        drop(batcher);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Requests waiting now.
+    pub fn depth(&self) -> usize {
+        self.shared.lock().depth()
+    }
+
+    /// Refuses new jobs; workers finish what is queued, then exit.
+    pub fn close(&self) {
+        self.shared.lock().close();
+        self.shared.wake.notify_all();
+    }
+
+    /// Closes, then waits until every queued job is answered and the workers are gone.
+    pub fn drain(&self) {
+        self.close();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for worker in workers {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // Dropping without `drain` must still let the workers finish and exit.
+        self.close();
+    }
+}
+
+fn worker(shared: &Shared, mut session: OnnxSession) {
+    let mut batcher = shared.lock();
+    loop {
+        let now = Instant::now();
+        match batcher.next(now) {
+            Step::Run(batch) => {
+                shared.metrics.queue_depth.set(batcher.depth() as i64);
+                drop(batcher);
+                run_batch(shared, &mut session, batch, now);
+                batcher = shared.lock();
+                batcher.finished();
+                // A worker waiting to fill a batch may now run at once.
+                shared.wake.notify_all();
+            }
+            Step::Expired(jobs) => {
+                shared.metrics.queue_depth.set(batcher.depth() as i64);
+                drop(batcher);
+                for job in jobs {
+                    let waited = now.saturating_duration_since(job.enqueued_at);
+                    let _ = job.reply.send(Err(JobError::Expired { waited }));
+                }
+                batcher = shared.lock();
+            }
+            Step::WaitUntil(at) => {
+                let timeout = at.saturating_duration_since(now);
+                batcher = shared
+                    .wake
+                    .wait_timeout(batcher, timeout)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            Step::Wait => {
+                batcher = shared.wake.wait(batcher).unwrap_or_else(|p| p.into_inner());
+            }
+            Step::Exit => return,
+        }
+    }
+}
+
+fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, started: Instant) {
+    // A client that gave up (its receiver dropped) costs no compute.
+    let batch: Vec<Job> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+    if batch.is_empty() {
+        return;
+    }
+    for job in &batch {
+        shared
+            .metrics
+            .queue_seconds
+            .observe(started.saturating_duration_since(job.enqueued_at).as_secs_f64());
+    }
+    shared.metrics.batch_size.observe(batch.len() as f64);
+
+    let outcome = infer(session, &batch);
+    let infer_time = started.elapsed();
+    shared.metrics.inference_seconds.observe(infer_time.as_secs_f64());
+    let batch_size = batch.len();
+    match outcome {
+        Ok(per_job) => {
+            for (job, outputs) in batch.into_iter().zip(per_job) {
+                let timings = StageTimings {
+                    queue: started.saturating_duration_since(job.enqueued_at),
+                    infer: infer_time,
+                    batch_size,
+                };
+                let _ = job.reply.send(Ok((outputs, timings)));
+            }
+        }
+        Err(error) => {
+            for job in batch {
+                let _ = job.reply.send(Err(match &error {
+                    RunError::BadInput(m) => JobError::BadInput(m.clone()),
+                    RunError::Runtime(m) => JobError::Run(m.clone()),
+                }));
+            }
+        }
+    }
+}
+
+/// Runs one batch and returns each job's outputs.
+fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, RunError> {
+    if let [job] = batch {
+        return Ok(vec![session.run(&job.inputs)?]);
+    }
+    let inputs: Vec<Tensor> = (0..batch[0].inputs.len())
+        .map(|i| stack(&batch.iter().map(|j| &j.inputs[i]).collect::<Vec<_>>()))
+        .collect();
+    let outputs = session.run(&inputs)?;
+    let rows: Vec<usize> = batch.iter().map(|j| j.rows).collect();
+    let mut per_job: Vec<Vec<Tensor>> = (0..batch.len())
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
+    for output in &outputs {
+        let pieces = split(output, &rows).map_err(|e| RunError::Runtime(e.to_string()))?;
+        for (job_outputs, piece) in per_job.iter_mut().zip(pieces) {
+            job_outputs.push(piece);
+        }
+    }
+    Ok(per_job)
+}

@@ -1,0 +1,535 @@
+//! The engine of one node: the loaded models, their loading and unloading at run time, and
+//! the inference entry point that front doors call.
+//!
+//! A loaded model is immutable and shared (`Arc`); a reload builds a new one and swaps it in,
+//! and the old one drains its queue before its workers exit, so no request is dropped.
+
+use crate::batching::policy::{BatchLimits, Refused};
+use crate::batching::scheduler::{Job, JobError, Scheduler};
+use crate::error::InferError;
+use crate::metrics::Metrics;
+use crate::model::config::ModelConfig;
+use crate::model::repository::Repository;
+use crate::model::session::{LoadError, OnnxSession};
+use crate::model::signature::Signature;
+use crate::request::{InferRequest, InferResponse};
+use crate::runtime::{self, Runtime, RuntimeError};
+use crate::tensor::Tensor;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Rows per batch when the config sets none and the model can batch.
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 64;
+
+/// How the engine starts.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// The model repository directory.
+    pub repository: PathBuf,
+    /// The ONNX Runtime library; `None` means `ORT_DYLIB_PATH`, then discovery.
+    pub onnxruntime_library: Option<PathBuf>,
+}
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelLoadError {
+    /// The name is not a valid folder name.
+    #[error(transparent)]
+    InvalidName(#[from] crate::model::repository::InvalidName),
+    /// The repository has no such model folder.
+    #[error("model '{model}' not found in repository {root} (expected {root}/{model}/<version>/model.onnx)")]
+    NotInRepository {
+        /// The model.
+        model: String,
+        /// The repository root.
+        root: String,
+    },
+    /// The config matched no version folder.
+    #[error("model '{model}': the version policy selects none of the versions on disk {available:?}")]
+    NoVersionSelected {
+        /// The model.
+        model: String,
+        /// Versions found.
+        available: Vec<u64>,
+    },
+    /// The config file is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::model::config::ConfigError),
+    /// ONNX Runtime refused the model.
+    #[error(transparent)]
+    Session(#[from] LoadError),
+    /// A worker thread could not be started.
+    #[error("model '{model}': cannot start worker threads: {source}")]
+    Threads {
+        /// The model.
+        model: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// One version of a model, with its queue and sessions.
+pub struct ModelVersion {
+    /// The model's name.
+    pub name: String,
+    /// The version number.
+    pub version: u64,
+    /// Inputs and outputs, read from the ONNX file.
+    pub signature: Signature,
+    /// Rows per batch; 0 when the model does not batch.
+    pub max_batch_size: usize,
+    /// The config it was loaded with.
+    pub config: ModelConfig,
+    scheduler: Scheduler,
+}
+
+/// A loaded model: every version the config selected.
+pub struct LoadedModel {
+    /// The model's name.
+    pub name: String,
+    /// Its versions, ascending.
+    pub versions: BTreeMap<u64, Arc<ModelVersion>>,
+}
+
+impl LoadedModel {
+    /// The version asked for, or the newest when `None`.
+    pub fn version(&self, version: Option<&str>) -> Result<&Arc<ModelVersion>, InferError> {
+        let found = match version {
+            None | Some("") => self.versions.values().next_back(),
+            Some(v) => v.parse::<u64>().ok().and_then(|v| self.versions.get(&v)),
+        };
+        found.ok_or_else(|| InferError::VersionNotFound {
+            model: self.name.clone(),
+            version: version.unwrap_or_default().to_string(),
+        })
+    }
+
+    fn drain(&self) {
+        for version in self.versions.values() {
+            version.scheduler.drain();
+        }
+    }
+}
+
+/// The state of a model as the repository index reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The model's name.
+    pub name: String,
+    /// Loaded versions (empty when not loaded).
+    pub versions: Vec<u64>,
+    /// `READY`, or `UNAVAILABLE` with a reason.
+    pub ready: bool,
+    /// Why it is not ready, if it is not.
+    pub reason: String,
+}
+
+/// The node's engine. See the module docs.
+pub struct Engine {
+    runtime: &'static Runtime,
+    repository: Repository,
+    models: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
+    failures: RwLock<BTreeMap<String, String>>,
+    metrics: Arc<Metrics>,
+    /// Loads and unloads are serialised so two reloads of a model cannot interleave.
+    admin: Mutex<()>,
+    ready: AtomicBool,
+}
+
+impl Engine {
+    /// Starts ONNX Runtime and an empty engine over `config.repository`.
+    pub fn new(config: &EngineConfig, metrics: Arc<Metrics>) -> Result<Engine, RuntimeError> {
+        let runtime = runtime::init(config.onnxruntime_library.as_deref())?;
+        Ok(Engine {
+            runtime,
+            repository: Repository::new(&config.repository),
+            models: RwLock::new(BTreeMap::new()),
+            failures: RwLock::new(BTreeMap::new()),
+            metrics,
+            admin: Mutex::new(()),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// The metrics this engine records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The repository this engine loads from.
+    pub fn repository(&self) -> &Repository {
+        &self.repository
+    }
+
+    /// The ONNX Runtime library in use.
+    pub fn runtime_library(&self) -> &std::path::Path {
+        &self.runtime.library
+    }
+
+    /// Loads every model in the repository. A model that fails is logged and reported as
+    /// unavailable; the others still serve. Marks the engine ready when done.
+    pub fn load_all(&self) -> std::io::Result<()> {
+        for name in self.repository.model_names()? {
+            if let Err(e) = self.load(&name) {
+                tracing::error!(model = %name, error = %e, "model failed to load");
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the node has finished loading and is not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Loads (or reloads) `name` from the repository. Blocking: sessions are built here.
+    pub fn load(&self, name: &str) -> Result<(), ModelLoadError> {
+        Repository::check_name(name)?;
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = self.build(name);
+        match outcome {
+            Ok(model) => {
+                let versions: Vec<u64> = model.versions.keys().copied().collect();
+                let old = write(&self.models).insert(name.to_string(), Arc::new(model));
+                write(&self.failures).remove(name);
+                if let Some(old) = old {
+                    drain_in_background(old);
+                }
+                tracing::info!(model = name, ?versions, "model loaded");
+                Ok(())
+            }
+            Err(e) => {
+                // A model that is not in the repository at all has no state to report.
+                if !matches!(e, ModelLoadError::NotInRepository { .. }) {
+                    write(&self.failures).insert(name.to_string(), e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Unloads `name`: new requests get 404, queued ones still finish.
+    pub fn unload(&self, name: &str) -> Result<(), InferError> {
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        write(&self.failures).remove(name);
+        match write(&self.models).remove(name) {
+            Some(old) => {
+                drain_in_background(old);
+                tracing::info!(model = name, "model unloaded");
+                Ok(())
+            }
+            None => Err(InferError::ModelNotFound {
+                model: name.to_string(),
+            }),
+        }
+    }
+
+    fn build(&self, name: &str) -> Result<LoadedModel, ModelLoadError> {
+        let available = self.repository.versions(name);
+        if available.is_empty() {
+            return Err(ModelLoadError::NotInRepository {
+                model: name.to_string(),
+                root: self.repository.root().display().to_string(),
+            });
+        }
+        let config = self.repository.config(name)?;
+        let selected = config.versions.select(&available);
+        if selected.is_empty() {
+            return Err(ModelLoadError::NoVersionSelected {
+                model: name.to_string(),
+                available,
+            });
+        }
+        let mut versions = BTreeMap::new();
+        for version in selected {
+            let path = self.repository.model_path(name, version);
+            let sessions = (0..config.instances)
+                .map(|_| OnnxSession::load(self.runtime, &path, &config))
+                .collect::<Result<Vec<_>, _>>()?;
+            let signature = sessions[0].signature().clone();
+            let max_batch_size = match config.max_batch_size {
+                Some(n) => n,
+                None if signature.supports_batching() => DEFAULT_MAX_BATCH_SIZE,
+                None => 0,
+            };
+            if max_batch_size > 0 && !signature.supports_batching() {
+                tracing::warn!(model = name, version, "max_batch_size set, but not every input and output has a dynamic first dimension; batching disabled");
+            }
+            let max_batch_size = if signature.supports_batching() { max_batch_size } else { 0 };
+            let limits = BatchLimits {
+                max_batch_rows: max_batch_size,
+                max_queue_delay: Duration::from_micros(config.max_queue_delay_us),
+                queue_capacity: config.queue_capacity,
+            };
+            let scheduler = Scheduler::start(
+                &format!("{name}-{version}"),
+                sessions,
+                limits,
+                self.metrics.model(name),
+            )
+            .map_err(|source| ModelLoadError::Threads {
+                model: name.to_string(),
+                source,
+            })?;
+            versions.insert(
+                version,
+                Arc::new(ModelVersion {
+                    name: name.to_string(),
+                    version,
+                    signature,
+                    max_batch_size,
+                    config: config.clone(),
+                    scheduler,
+                }),
+            );
+        }
+        Ok(LoadedModel {
+            name: name.to_string(),
+            versions,
+        })
+    }
+
+    /// The loaded model `name`.
+    pub fn model(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        read(&self.models).get(name).cloned()
+    }
+
+    /// Every model in the repository or loaded, with its state.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let models = read(&self.models);
+        let failures = read(&self.failures);
+        let mut names: Vec<String> = self.repository.model_names().unwrap_or_default();
+        names.extend(models.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| {
+                let loaded = models.get(&name);
+                IndexEntry {
+                    versions: loaded.map(|m| m.versions.keys().copied().collect()).unwrap_or_default(),
+                    ready: loaded.is_some(),
+                    reason: match (loaded, failures.get(&name)) {
+                        (Some(_), _) => String::new(),
+                        (None, Some(failure)) => failure.clone(),
+                        (None, None) => "not loaded".to_string(),
+                    },
+                    name,
+                }
+            })
+            .collect()
+    }
+
+    /// Runs one request through its model's queue.
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        let enqueued_at = Instant::now();
+        // A reload swaps the model while a request may hold the old one: one retry picks up the new.
+        let mut retried = false;
+        let (version, selection, deadline, receiver) = loop {
+            let model = self.model(&request.model).ok_or_else(|| InferError::ModelNotFound {
+                model: request.model.clone(),
+            })?;
+            let version = model.version(request.version.as_deref())?.clone();
+            let (inputs, rows) = version.order_inputs(&request.inputs)?;
+            let selection = version.select_outputs(request.outputs.as_deref())?;
+            let timeout = request.timeout.or_else(|| {
+                (version.config.default_timeout_us > 0)
+                    .then(|| Duration::from_micros(version.config.default_timeout_us))
+            });
+            let deadline = timeout.map(|t| enqueued_at + t);
+            let (reply, receiver) = oneshot::channel();
+            let job = Job {
+                inputs,
+                rows,
+                enqueued_at,
+                deadline,
+                reply,
+            };
+            match version.scheduler.submit(job) {
+                Ok(()) => break (version, selection, deadline.zip(timeout), receiver),
+                Err(Refused::Full(_)) => {
+                    return Err(InferError::QueueFull {
+                        model: request.model.clone(),
+                        depth: version.scheduler.depth(),
+                    });
+                }
+                Err(Refused::Closed(_)) if !retried => retried = true,
+                Err(Refused::Closed(_)) => {
+                    return Err(InferError::Closed {
+                        model: request.model.clone(),
+                    });
+                }
+            }
+        };
+        let expired = |waited: Duration, timeout: Duration| InferError::DeadlineExceeded {
+            model: version.name.clone(),
+            waited_us: waited.as_micros() as u64,
+            timeout_us: timeout.as_micros() as u64,
+        };
+        let answer = match deadline {
+            // Answer at the deadline even when every session is busy; the queued job is then
+            // skipped by its worker because its receiver is gone.
+            Some((at, timeout)) => match tokio::time::timeout_at(at.into(), receiver).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(expired(enqueued_at.elapsed(), timeout)),
+            },
+            None => receiver.await,
+        };
+        let (outputs, timings) = match answer {
+            Ok(Ok(done)) => done,
+            Ok(Err(JobError::Expired { waited })) => {
+                return Err(expired(waited, deadline.map(|d| d.1).unwrap_or_default()));
+            }
+            Ok(Err(JobError::BadInput(message))) => return Err(InferError::InvalidInput(message)),
+            Ok(Err(JobError::Run(message))) => {
+                return Err(InferError::Runtime {
+                    model: version.name.clone(),
+                    message,
+                });
+            }
+            Err(_) => {
+                return Err(InferError::Runtime {
+                    model: version.name.clone(),
+                    message: "the inference worker stopped before answering".into(),
+                });
+            }
+        };
+        Ok(InferResponse {
+            model_name: version.name.clone(),
+            model_version: version.version.to_string(),
+            id: request.id,
+            outputs: pick(outputs, &selection),
+            timings,
+        })
+    }
+
+    /// Reports not-ready from now on, so health checks steer traffic away before the drain.
+    pub fn begin_shutdown(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
+    /// Stops taking requests and waits until every queued request is answered.
+    pub fn shutdown(&self) {
+        self.ready.store(false, Ordering::Release);
+        let models: Vec<Arc<LoadedModel>> = std::mem::take(&mut *write(&self.models)).into_values().collect();
+        for model in models {
+            model.drain();
+        }
+    }
+}
+
+impl ModelVersion {
+    /// Checks `inputs` against the signature and orders them as the model declares them.
+    /// Returns them with the request's row count along dimension 0.
+    fn order_inputs(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, usize), InferError> {
+        let invalid = |message: String| InferError::InvalidInput(message);
+        let mut ordered: Vec<Option<Tensor>> = vec![None; self.signature.inputs.len()];
+        for tensor in inputs {
+            let Some((position, spec)) = self.signature.input(&tensor.name) else {
+                let expected: Vec<&str> = self.signature.inputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(invalid(format!(
+                    "model '{}' has no input '{}' (inputs: {})",
+                    self.name,
+                    tensor.name,
+                    expected.join(", ")
+                )));
+            };
+            if ordered[position].is_some() {
+                return Err(invalid(format!("input '{}' given more than once", tensor.name)));
+            }
+            if tensor.datatype != spec.datatype {
+                return Err(invalid(format!(
+                    "input '{}' has datatype {}, model '{}' expects {}",
+                    tensor.name, tensor.datatype, self.name, spec.datatype
+                )));
+            }
+            if !spec.accepts_shape(&tensor.shape) {
+                return Err(invalid(format!(
+                    "input '{}' has shape {:?}, model '{}' expects {:?} (-1 = any size)",
+                    tensor.name, tensor.shape, self.name, spec.shape
+                )));
+            }
+            tensor.validate().map_err(|e| invalid(e.to_string()))?;
+            ordered[position] = Some(tensor.clone());
+        }
+        let mut complete = Vec::with_capacity(ordered.len());
+        for (slot, spec) in ordered.into_iter().zip(&self.signature.inputs) {
+            complete.push(slot.ok_or_else(|| {
+                invalid(format!("missing input '{}' for model '{}'", spec.name, self.name))
+            })?);
+        }
+        if self.max_batch_size == 0 {
+            return Ok((complete, 1));
+        }
+        let rows = complete[0].shape[0];
+        if let Some(other) = complete.iter().find(|t| t.shape[0] != rows) {
+            return Err(invalid(format!(
+                "inputs disagree on the batch dimension: '{}' has {} rows, '{}' has {}",
+                complete[0].name, rows, other.name, other.shape[0]
+            )));
+        }
+        let rows = rows as usize;
+        if rows == 0 || rows > self.max_batch_size {
+            return Err(invalid(format!(
+                "a request must have between 1 and {} rows (max_batch_size of '{}'), got {rows}",
+                self.max_batch_size, self.name
+            )));
+        }
+        Ok((complete, rows))
+    }
+
+    /// Positions of the requested outputs in the signature, in the order asked for.
+    fn select_outputs(&self, wanted: Option<&[String]>) -> Result<Vec<usize>, InferError> {
+        let Some(wanted) = wanted else {
+            return Ok((0..self.signature.outputs.len()).collect());
+        };
+        wanted
+            .iter()
+            .map(|name| {
+                self.signature.output(name).map(|(i, _)| i).ok_or_else(|| {
+                    let available: Vec<&str> = self.signature.outputs.iter().map(|s| s.name.as_str()).collect();
+                    InferError::InvalidInput(format!(
+                        "model '{}' has no output '{name}' (outputs: {})",
+                        self.name,
+                        available.join(", ")
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Requests waiting for this version now.
+    pub fn queue_depth(&self) -> usize {
+        self.scheduler.depth()
+    }
+}
+
+fn pick(outputs: Vec<Tensor>, selection: &[usize]) -> Vec<Tensor> {
+    if selection.len() == outputs.len() && selection.iter().enumerate().all(|(i, &s)| i == s) {
+        return outputs;
+    }
+    selection.iter().filter_map(|&i| outputs.get(i).cloned()).collect()
+}
+
+fn drain_in_background(model: Arc<LoadedModel>) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("drain-{}", model.name))
+        .spawn(move || model.drain());
+    if let Err(e) = spawned {
+        // Without a thread the workers still exit on their own once the queue is empty.
+        tracing::warn!(error = %e, "could not start a drain thread");
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,98 @@
+//! The errors a request can meet in the engine, each with the class a front door maps to a
+//! status code. Front doors translate [`ErrorClass`] in one place; nothing else picks codes.
+
+use std::time::Duration;
+
+/// How a failure should be reported to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The model or version does not exist here (HTTP 404).
+    NotFound,
+    /// The request is malformed or does not fit the model (HTTP 400).
+    InvalidInput,
+    /// The body is larger than the node accepts (HTTP 413).
+    TooLarge,
+    /// The node cannot take the request now; retry later (HTTP 503 with `Retry-After`).
+    Unavailable,
+    /// The request's deadline passed before it ran (HTTP 504).
+    DeadlineExceeded,
+    /// The model failed while running (HTTP 500).
+    Internal,
+}
+
+/// A request that failed in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    /// No model of that name is loaded.
+    #[error("unknown model '{model}'")]
+    ModelNotFound {
+        /// The name asked for.
+        model: String,
+    },
+    /// The model is loaded but not in that version.
+    #[error("model '{model}' has no version '{version}' loaded")]
+    VersionNotFound {
+        /// The model.
+        model: String,
+        /// The version asked for.
+        version: String,
+    },
+    /// The request does not fit the model's signature.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The model's queue is full.
+    #[error("model '{model}' is overloaded: {depth} requests queued; retry later")]
+    QueueFull {
+        /// The model.
+        model: String,
+        /// Requests waiting.
+        depth: usize,
+    },
+    /// The model is being unloaded or the node is stopping.
+    #[error("model '{model}' is unloading or the node is shutting down")]
+    Closed {
+        /// The model.
+        model: String,
+    },
+    /// The deadline passed before the model ran.
+    #[error("request to '{model}' timed out after {waited_us} µs in the queue (timeout {timeout_us} µs); it was not run")]
+    DeadlineExceeded {
+        /// The model.
+        model: String,
+        /// Time spent waiting.
+        waited_us: u64,
+        /// The deadline it had.
+        timeout_us: u64,
+    },
+    /// ONNX Runtime failed.
+    #[error("model '{model}' failed: {message}")]
+    Runtime {
+        /// The model.
+        model: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl InferError {
+    /// How a front door reports this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            InferError::ModelNotFound { .. } | InferError::VersionNotFound { .. } => {
+                ErrorClass::NotFound
+            }
+            InferError::InvalidInput(_) => ErrorClass::InvalidInput,
+            InferError::QueueFull { .. } | InferError::Closed { .. } => ErrorClass::Unavailable,
+            InferError::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
+            InferError::Runtime { .. } => ErrorClass::Internal,
+        }
+    }
+
+    /// When a client should retry an `Unavailable` error.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            InferError::QueueFull { .. } | InferError::Closed { .. } => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Prometheus metrics of a node. One registry per [`Metrics`]; the engine records queue,
+//! inference and batch figures, the front doors record requests and end-to-end latency.
+//! Per-model handles are resolved once at load ([`ModelMetrics`]) so the hot path does no
+//! label lookups.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+/// Labels of per-model metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// The model name.
+    pub model: String,
+}
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The model name (or `-` where the request named none that exists).
+    pub model: String,
+    /// The HTTP status code returned.
+    pub status: u16,
+}
+
+type HistogramFamily = Family<ModelLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to about 10 s, doubling.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 21))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 10))
+}
+
+/// Every metric a node exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: HistogramFamily,
+    queue_seconds: HistogramFamily,
+    inference_seconds: HistogramFamily,
+    batch_size: HistogramFamily,
+    queue_depth: Family<ModelLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics and their registry.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("meshserve");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds = HistogramFamily::new_with_constructor(latency_histogram);
+        let queue_seconds = HistogramFamily::new_with_constructor(latency_histogram);
+        let inference_seconds = HistogramFamily::new_with_constructor(latency_histogram);
+        let batch_size = HistogramFamily::new_with_constructor(batch_histogram);
+        let queue_depth = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "Inference requests answered, by model and HTTP status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to response ready",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "queue_duration_seconds",
+            "Time a request waited in its model's queue",
+            queue_seconds.clone(),
+        );
+        registry.register(
+            "inference_duration_seconds",
+            "Time a batch spent in ONNX Runtime, stacking and splitting included",
+            inference_seconds.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Requests per batch run",
+            batch_size.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting in a model's queue",
+            queue_depth.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            queue_seconds,
+            inference_seconds,
+            batch_size,
+            queue_depth,
+        }
+    }
+
+    /// Handles for one model, resolved once.
+    pub fn model(&self, model: &str) -> ModelMetrics {
+        let labels = ModelLabels {
+            model: model.to_string(),
+        };
+        ModelMetrics {
+            queue_seconds: self.queue_seconds.get_or_create_owned(&labels),
+            inference_seconds: self.inference_seconds.get_or_create_owned(&labels),
+            batch_size: self.batch_size.get_or_create_owned(&labels),
+            queue_depth: self.queue_depth.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Counts one answered request and its end-to-end time.
+    pub fn record_request(&self, model: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.to_string(),
+                status,
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The registry, for front doors that add their own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One model's metric handles.
+#[derive(Clone, Debug)]
+pub struct ModelMetrics {
+    /// Queue wait per request.
+    pub queue_seconds: Histogram,
+    /// Run time per batch.
+    pub inference_seconds: Histogram,
+    /// Requests per batch.
+    pub batch_size: Histogram,
+    /// Requests waiting.
+    pub queue_depth: Gauge,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_models_and_statuses() {
+        let metrics = Metrics::new();
+        let fraud = metrics.model("fraud");
+        fraud.batch_size.observe(8.0);
+        fraud.queue_depth.set(3);
+        metrics.record_request("fraud", 200, Duration::from_micros(120));
+        let text = metrics.encode();
+        assert!(text.contains("meshserve_requests_total{model=\"fraud\",status=\"200\"} 1"), "{text}");
+        assert!(text.contains("meshserve_batch_size_bucket{le=\"8.0\",model=\"fraud\"} 1"), "{text}");
+        assert!(text.contains("meshserve_queue_depth{model=\"fraud\"} 3"), "{text}");
+    }
+}

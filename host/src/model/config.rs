@@ -1,0 +1,236 @@
+//! A model's `config.toml`: everything an operator may set, each knob with a default that
+//! works on a laptop. Shapes and datatypes are not here: they are read from the ONNX file.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Where a model's sessions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU provider, always present.
+    Cpu,
+    /// NVIDIA CUDA (needs the `onnxruntime-gpu` wheel and a GPU).
+    Cuda,
+    /// NVIDIA TensorRT (needs the `onnxruntime-gpu` wheel, TensorRT and a GPU).
+    Tensorrt,
+}
+
+impl ExecutionProvider {
+    /// The name operators write in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+            ExecutionProvider::Tensorrt => "tensorrt",
+        }
+    }
+}
+
+/// Which versions of a model to serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VersionPolicy {
+    /// `"latest"` (the default) or `"all"`.
+    Named(NamedPolicy),
+    /// An explicit list of version numbers.
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Named(NamedPolicy::Latest)
+    }
+}
+
+/// The named version policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NamedPolicy {
+    /// Only the highest version number.
+    Latest,
+    /// Every version folder.
+    All,
+}
+
+impl VersionPolicy {
+    /// Picks the versions to serve from those on disk (sorted ascending).
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        match self {
+            VersionPolicy::Named(NamedPolicy::All) => available.to_vec(),
+            VersionPolicy::Specific(wanted) => available
+                .iter()
+                .copied()
+                .filter(|v| wanted.contains(v))
+                .collect(),
+            VersionPolicy::Named(NamedPolicy::Latest) => {
+                available.last().copied().into_iter().collect()
+            }
+        }
+    }
+}
+
+/// A model's configuration; every field is optional in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Largest batch (rows along dimension 0) the batcher forms; 0 disables batching.
+    /// `None` means: 64 if every input's first dimension is dynamic, else 0.
+    pub max_batch_size: Option<usize>,
+    /// Longest a partial batch may wait to fill while another session is busy, in µs.
+    pub max_queue_delay_us: u64,
+    /// ONNX Runtime sessions (each on its own worker thread).
+    pub instances: usize,
+    /// Threads per session for one operator; 0 = the machine's cores divided among instances.
+    pub intra_op_threads: usize,
+    /// Requests that may wait in the queue before new ones are shed with 503.
+    pub queue_capacity: usize,
+    /// Deadline for a request that sets none, in µs; 0 = no deadline.
+    pub default_timeout_us: u64,
+    /// Execution providers in order of preference; CPU is always the last resort.
+    pub execution_providers: Vec<ExecutionProvider>,
+    /// Load on CPU when a listed GPU provider is unavailable, instead of failing the load.
+    pub fallback_to_cpu: bool,
+    /// Which version folders to serve.
+    pub versions: VersionPolicy,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            max_batch_size: None,
+            max_queue_delay_us: 100,
+            instances: 1,
+            intra_op_threads: 0,
+            queue_capacity: 1024,
+            default_timeout_us: 0,
+            execution_providers: vec![ExecutionProvider::Cpu],
+            fallback_to_cpu: false,
+            versions: VersionPolicy::default(),
+        }
+    }
+}
+
+/// A config file that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("invalid {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// A value is out of its range.
+    #[error("invalid {path}: {message}")]
+    Value {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ModelConfig {
+    /// Reads `path`, or returns the defaults if it does not exist.
+    pub fn load_or_default(path: &Path) -> Result<ModelConfig, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ModelConfig::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let config: ModelConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        config.check().map_err(|message| ConfigError::Value {
+            path: path.display().to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.instances == 0 {
+            return Err("instances must be at least 1".into());
+        }
+        if self.queue_capacity == 0 {
+            return Err("queue_capacity must be at least 1".into());
+        }
+        if self.execution_providers.is_empty() {
+            return Err("execution_providers must name at least one provider".into());
+        }
+        Ok(())
+    }
+
+    /// Threads per session, resolving 0 to a share of the machine.
+    pub fn resolved_intra_op_threads(&self) -> usize {
+        if self.intra_op_threads > 0 {
+            return self.intra_op_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.instances).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_knob_and_rejects_typos() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "max_batch_size = 32\nmax_queue_delay_us = 250\ninstances = 2\nintra_op_threads = 1\n\
+             queue_capacity = 10\ndefault_timeout_us = 5000\nexecution_providers = [\"cuda\", \"cpu\"]\n\
+             fallback_to_cpu = true\nversions = [1, 3]\n",
+        )
+        .unwrap();
+        let config = ModelConfig::load_or_default(&path).unwrap();
+        assert_eq!(config.max_batch_size, Some(32));
+        assert_eq!(config.instances, 2);
+        assert_eq!(
+            config.execution_providers,
+            vec![ExecutionProvider::Cuda, ExecutionProvider::Cpu]
+        );
+        assert_eq!(config.versions.select(&[1, 2, 3]), vec![1, 3]);
+
+        std::fs::write(&path, "max_batch_sise = 32\n").unwrap();
+        let err = ModelConfig::load_or_default(&path).unwrap_err().to_string();
+        assert!(err.contains("max_batch_sise"), "{err}");
+
+        std::fs::write(&path, "instances = 0\n").unwrap();
+        assert!(ModelConfig::load_or_default(&path).is_err());
+    }
+
+    #[test]
+    fn missing_file_means_defaults() {
+        let config = ModelConfig::load_or_default(Path::new("/nonexistent/config.toml")).unwrap();
+        assert_eq!(config, ModelConfig::default());
+        assert_eq!(config.versions.select(&[1, 2, 5]), vec![5]);
+    }
+
+    #[test]
+    fn named_version_policies() {
+        let all: ModelConfig = toml::from_str("versions = \"all\"").unwrap();
+        assert_eq!(all.versions.select(&[1, 2]), vec![1, 2]);
+        let latest: ModelConfig = toml::from_str("versions = \"latest\"").unwrap();
+        assert_eq!(latest.versions.select(&[1, 2]), vec![2]);
+    }
+}

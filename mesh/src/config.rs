@@ -1,0 +1,155 @@
+//! The node's config file. Every field has a default that serves the bundled models on a
+//! laptop; relative paths are taken relative to the config file.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A node's configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The model repository; `None` serves the models bundled in the binary.
+    pub model_repository: Option<PathBuf>,
+    /// The ONNX Runtime shared library; `None` means `ORT_DYLIB_PATH`, then discovery.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// How long SIGTERM waits for in-flight requests before closing connections, in ms.
+    pub drain_timeout_ms: u64,
+    /// The HTTP/1.1 + HTTP/2 front door.
+    pub http: HttpConfig,
+}
+
+/// The HTTP front door's settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger gets 413.
+    pub max_body_bytes: usize,
+    /// PEM certificate chain; with `tls_key`, serves HTTPS (HTTP/2 by ALPN).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            model_repository: None,
+            onnxruntime_library: None,
+            drain_timeout_ms: 30_000,
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            max_body_bytes: 32 * 1024 * 1024,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeConfigError {
+    /// Unreadable file.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Invalid TOML or unknown keys.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong, with its position.
+        message: String,
+    },
+    /// Settings that contradict each other.
+    #[error("invalid config: {0}")]
+    Inconsistent(String),
+}
+
+impl NodeConfig {
+    /// Reads `path` and resolves its relative paths against the file's folder.
+    pub fn load(path: &Path) -> Result<NodeConfig, NodeConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NodeConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| NodeConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for slot in [
+            &mut config.model_repository,
+            &mut config.onnxruntime_library,
+            &mut config.http.tls_cert,
+            &mut config.http.tls_key,
+        ] {
+            if let Some(p) = slot.as_mut()
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks settings that only make sense together.
+    pub fn check(&self) -> Result<(), NodeConfigError> {
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return Err(NodeConfigError::Inconsistent(
+                "http.tls_cert and http.tls_key must be set together".into(),
+            ));
+        }
+        if self.http.max_body_bytes == 0 {
+            return Err(NodeConfigError::Inconsistent(
+                "http.max_body_bytes must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "model_repository = \"models\"\n[http]\nlisten = \"0.0.0.0:9000\"\nmax_body_bytes = 1024\n",
+        )
+        .unwrap();
+        let config = NodeConfig::load(&path).unwrap();
+        assert_eq!(config.model_repository, Some(dir.path().join("models")));
+        assert_eq!(config.http.listen.port(), 9000);
+        assert_eq!(config.http.max_body_bytes, 1024);
+        assert_eq!(config.drain_timeout_ms, 30_000);
+    }
+
+    #[test]
+    fn typos_and_half_tls_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "[http]\nlisten_addr = \"0.0.0.0:9000\"\n").unwrap();
+        assert!(NodeConfig::load(&path).unwrap_err().to_string().contains("listen_addr"));
+        std::fs::write(&path, "[http]\ntls_cert = \"c.pem\"\n").unwrap();
+        assert!(NodeConfig::load(&path).is_err());
+    }
+}

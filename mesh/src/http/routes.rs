@@ -1,0 +1,360 @@
+//! The Open Inference Protocol v2 REST API (plus Triton's repository and model-configuration
+//! extensions and `/metrics`) as one axum router, shared by every HTTP version.
+
+use crate::http::error::ApiError;
+use crate::http::oip::{self, HEADER_CONTENT_LENGTH};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use meshserve_host::engine::{IndexEntry, ModelLoadError, ModelVersion};
+use meshserve_host::model::signature::TensorSpec;
+use meshserve_host::{DataType, Engine, ErrorClass, InferError, InferResponse};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Header that lets a client set a request deadline without touching the body, in µs.
+pub const TIMEOUT_HEADER: &str = "meshserve-timeout-us";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The node's engine.
+    pub engine: Arc<Engine>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(load_model))
+        .route("/v2/repository/models/{model}/unload", post(unload_model))
+        .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(ErrorClass::NotFound, format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let message = format!("{method} is not allowed on {}", uri.path());
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "error": message }).to_string(),
+    )
+        .into_response()
+}
+
+fn json_response(value: &Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+async fn server_metadata() -> Response {
+    json_response(&json!({
+        "name": "meshserve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_repository", "model_configuration"],
+    }))
+}
+
+async fn server_ready(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
+    if state.engine.is_ready() {
+        Ok(StatusCode::OK)
+    } else {
+        Err(ApiError::new(
+            ErrorClass::Unavailable,
+            "node is starting or shutting down",
+        ))
+    }
+}
+
+fn find_version(state: &AppState, path: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
+    let model = state
+        .engine
+        .model(&path.model)
+        .ok_or_else(|| InferError::ModelNotFound {
+            model: path.model.clone(),
+        })?;
+    Ok(model.version(path.version.as_deref())?.clone())
+}
+
+fn spec_json(spec: &TensorSpec) -> Value {
+    json!({ "name": spec.name, "datatype": spec.datatype.as_str(), "shape": spec.shape })
+}
+
+async fn model_metadata(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<Response, ApiError> {
+    let version = find_version(&state, &path)?;
+    let versions: Vec<String> = state
+        .engine
+        .model(&path.model)
+        .map(|m| m.versions.keys().map(u64::to_string).collect())
+        .unwrap_or_default();
+    Ok(json_response(&json!({
+        "name": version.name,
+        "versions": versions,
+        "platform": "onnxruntime_onnx",
+        "inputs": version.signature.inputs.iter().map(spec_json).collect::<Vec<_>>(),
+        "outputs": version.signature.outputs.iter().map(spec_json).collect::<Vec<_>>(),
+    })))
+}
+
+async fn model_ready(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<StatusCode, ApiError> {
+    find_version(&state, &path)?;
+    Ok(StatusCode::OK)
+}
+
+/// Triton's `TYPE_*` spelling, used by its model-configuration extension.
+fn triton_type(datatype: DataType) -> String {
+    match datatype {
+        DataType::Bytes => "TYPE_STRING".to_string(),
+        other => format!("TYPE_{}", other.as_str()),
+    }
+}
+
+async fn model_config(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<Response, ApiError> {
+    let version = find_version(&state, &path)?;
+    // Triton leaves the batch dimension out of `dims` when the model batches.
+    let skip = usize::from(version.max_batch_size > 0);
+    let io = |specs: &[TensorSpec]| {
+        specs
+            .iter()
+            .map(|s| json!({ "name": s.name, "data_type": triton_type(s.datatype), "dims": &s.shape[skip.min(s.shape.len())..] }))
+            .collect::<Vec<_>>()
+    };
+    let config = &version.config;
+    Ok(json_response(&json!({
+        "name": version.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": version.max_batch_size,
+        "input": io(&version.signature.inputs),
+        "output": io(&version.signature.outputs),
+        "dynamic_batching": { "max_queue_delay_microseconds": config.max_queue_delay_us },
+        "instance_group": [{ "count": config.instances, "kind": "KIND_CPU" }],
+        "parameters": {
+            "queue_capacity": { "string_value": config.queue_capacity.to_string() },
+            "default_timeout_us": { "string_value": config.default_timeout_us.to_string() },
+        },
+    })))
+}
+
+/// Reads a body of at most `limit` bytes; larger is a 413 before the rest is read.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorClass::TooLarge,
+            format!("request body exceeds the limit of {limit} bytes (max_body_bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            ErrorClass::InvalidInput,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| {
+                ApiError::new(
+                    ErrorClass::InvalidInput,
+                    format!("header {name} must be a non-negative integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+async fn infer(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let outcome = run_infer(&state, &path, &headers, body, started).await;
+    let response = outcome.unwrap_or_else(IntoResponse::into_response);
+    // Only loaded models get their own label: client-chosen names must not grow the metrics.
+    let label = if state.engine.model(&path.model).is_some() {
+        path.model.as_str()
+    } else {
+        "_unknown"
+    };
+    state
+        .engine
+        .metrics()
+        .record_request(label, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn run_infer(
+    state: &AppState,
+    path: &ModelPath,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let body = read_body(headers, body, state.max_body_bytes).await?;
+    let json_length = header_number(headers, HEADER_CONTENT_LENGTH)?
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut decoded = oip::decode_request(&path.model, path.version.as_deref(), &body, json_length)
+        .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
+    if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
+        decoded.request.timeout = Some(Duration::from_micros(us));
+    }
+    let response = state.engine.infer(decoded.request).await?;
+    let encoded = oip::encode_response(&response, &decoded.binary_outputs);
+    let mut http = Response::new(Body::from(encoded.body));
+    let headers = http.headers_mut();
+    match encoded.json_length {
+        Some(n) => {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            headers.insert(HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    if let Ok(timing) = HeaderValue::from_str(&server_timing(&response, started.elapsed())) {
+        headers.insert("server-timing", timing);
+    }
+    Ok(http)
+}
+
+/// The W3C `Server-Timing` value for a response: queue wait, inference, and the total.
+fn server_timing(response: &InferResponse, total: Duration) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let t = &response.timings;
+    format!(
+        "queue;dur={:.3}, infer;dur={:.3};desc=\"batch {}\", total;dur={:.3}",
+        ms(t.queue),
+        ms(t.infer),
+        t.batch_size,
+        ms(total)
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+async fn repository_index(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let filter: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorClass::InvalidInput, format!("malformed index request: {e}")))?
+    };
+    let engine = state.engine.clone();
+    let index = tokio::task::spawn_blocking(move || engine.index())
+        .await
+        .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))?;
+    let entries: Vec<Value> = index
+        .iter()
+        .filter(|e| e.ready || !filter.ready)
+        .flat_map(index_rows)
+        .collect();
+    Ok(json_response(&Value::Array(entries)))
+}
+
+fn index_rows(entry: &IndexEntry) -> Vec<Value> {
+    if entry.versions.is_empty() {
+        return vec![json!({ "name": entry.name, "state": "UNAVAILABLE", "reason": entry.reason })];
+    }
+    entry
+        .versions
+        .iter()
+        .map(|v| json!({ "name": entry.name, "version": v.to_string(), "state": "READY", "reason": "" }))
+        .collect()
+}
+
+async fn load_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    let engine = state.engine.clone();
+    let name = model.clone();
+    tokio::task::spawn_blocking(move || engine.load(&name))
+        .await
+        .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))?
+        .map_err(|e| {
+            let class = match e {
+                ModelLoadError::NotInRepository { .. } => ErrorClass::NotFound,
+                _ => ErrorClass::InvalidInput,
+            };
+            ApiError::new(class, format!("failed to load '{model}': {e}"))
+        })?;
+    Ok(json_response(&json!({})))
+}
+
+async fn unload_model(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    state.engine.unload(&model)?;
+    Ok(json_response(&json!({})))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.engine.metrics().encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,10 @@
+//! meshserve nodes: the HTTP front doors over the engine of `meshserve-host`, the node's
+//! configuration and start-up, the bundled example models, and the load generator.
+
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod bundled;
+pub mod config;
+pub mod http;
+pub mod node;

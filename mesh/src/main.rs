@@ -1,0 +1,205 @@
+//! `meshserve`: the operator's one binary.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use meshserve::bench::{self, HttpLoad, SuiteConfig};
+use meshserve::config::NodeConfig;
+use meshserve::node::Node;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "meshserve", version, about = "A model-serving mesh: ONNX Runtime behind the Open Inference Protocol")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models over HTTP/1.1 and HTTP/2 (the default: the bundled models on 127.0.0.1:8000).
+    Serve(ServeArgs),
+    /// Measure throughput and latency.
+    Bench {
+        #[command(subcommand)]
+        kind: BenchCommand,
+    },
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// Node config file (TOML); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model repository directory (`<model>/<version>/model.onnx`); default: the bundled models.
+    #[arg(long)]
+    model_repository: Option<PathBuf>,
+    /// Address for HTTP/1.1 and HTTP/2.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http: Option<SocketAddr>,
+    /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else the onnxruntime Python wheel).
+    #[arg(long)]
+    onnxruntime_library: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Start a node from this binary and measure it next to in-process ONNX Runtime.
+    Suite {
+        /// Repository holding the `fraud` and `heavy` models.
+        #[arg(long, default_value = "examples/models")]
+        model_repository: PathBuf,
+        /// Measured seconds per scenario.
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        /// Warm-up seconds before each scenario.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+    },
+    /// Closed-loop HTTP/1.1 load against a running node.
+    Http {
+        /// The node.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: SocketAddr,
+        /// Model to call; its single FP32 input is filled with generated values.
+        #[arg(long, default_value = "fraud")]
+        model: String,
+        /// Input name.
+        #[arg(long, default_value = "features")]
+        input: String,
+        /// Input width (elements per row).
+        #[arg(long, default_value_t = 32)]
+        width: usize,
+        /// Rows per request.
+        #[arg(long, default_value_t = 1)]
+        rows: usize,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration_secs: f64,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args),
+        Command::Bench { kind } => run_bench(kind),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(repository) = args.model_repository {
+        config.model_repository = Some(repository);
+    }
+    if let Some(http) = args.http {
+        config.http.listen = http;
+    }
+    if let Some(library) = args.onnxruntime_library {
+        config.onnxruntime_library = Some(library);
+    }
+    config.check()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("meshserve-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let node = Node::start(config).await?;
+        node.serve(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("interrupted; shutting down"),
+        () = terminate => tracing::info!("SIGTERM; shutting down"),
+    }
+}
+
+fn run_bench(kind: BenchCommand) -> Result<()> {
+    // The load generator gets one thread, so the node under test keeps the rest of the machine.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match kind {
+        BenchCommand::Suite {
+            model_repository,
+            duration_secs,
+            warmup_secs,
+        } => {
+            let config = SuiteConfig {
+                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                repository: model_repository,
+                duration: Duration::from_secs_f64(duration_secs),
+                warmup: Duration::from_secs_f64(warmup_secs),
+            };
+            let table = runtime.block_on(bench::run_suite(&config))?;
+            print!("{table}");
+        }
+        BenchCommand::Http {
+            addr,
+            model,
+            input,
+            width,
+            rows,
+            concurrency,
+            duration_secs,
+        } => {
+            let load = HttpLoad {
+                addr,
+                path: format!("/v2/models/{model}/infer"),
+                body: bench::fp32_request_body(&input, rows, width),
+                rows: rows as u64,
+                concurrency,
+                warmup: Duration::from_secs(1),
+                duration: Duration::from_secs_f64(duration_secs),
+            };
+            let report = runtime.block_on(bench::run_http(&load))?;
+            println!(
+                "{model}: concurrency {concurrency}, {:.0} req/s, {:.0} samples/s, p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, {} errors",
+                report.requests_per_second(),
+                report.samples_per_second(),
+                report.percentile_us(0.5),
+                report.percentile_us(0.9),
+                report.percentile_us(0.99),
+                report.percentile_us(0.999),
+                report.errors
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Generates meshserve's bundled test models and their reference outputs.
+
+Deterministic: the weights come from a seeded numpy generator, so running this again
+rewrites byte-identical models. References are computed by onnxruntime itself, so the
+server's answers are checked against the real runtime, not against numbers we typed.
+
+Writes:
+  examples/models/<model>/1/model.onnx    the model repository served by default
+  examples/models/<model>/config.toml     (where a model needs more than defaults)
+  examples/references/<model>.json        inputs and onnxruntime's outputs per case
+
+Run: python3 scripts/make_models.py
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODELS = ROOT / "examples" / "models"
+REFERENCES = ROOT / "examples" / "references"
+OPSET = 17
+IR_VERSION = 8
+
+# OIP datatype names by numpy dtype, the only spelling the references use.
+OIP = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+    np.dtype(object): "BYTES",
+}
+
+
+def save(name, graph, config=None):
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="meshserve/scripts/make_models.py",
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    path = MODELS / name / "1" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    if config is not None:
+        (MODELS / name / "config.toml").write_text(config)
+    return path
+
+
+def dense(rng, fan_in, fan_out, gain):
+    w = rng.standard_normal((fan_in, fan_out)).astype(np.float32) * np.float32(gain / np.sqrt(fan_in))
+    b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
+    return w, b
+
+
+def fraud(rng):
+    """FP32 [N,32] -> two ReLU layers -> softmax [N,2]: the latency-critical model."""
+    w1, b1 = dense(rng, 32, 64, np.sqrt(2))
+    w2, b2 = dense(rng, 64, 2, 1.0)
+    nodes = [
+        helper.make_node("Gemm", ["features", "w1", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "w2", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fraud",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]],
+    )
+    return save("fraud", graph, "max_batch_size = 64\nmax_queue_delay_us = 200\n")
+
+
+HEAVY_WIDTH = 512
+HEAVY_DEPTH = 8
+
+
+def heavy(rng):
+    """FP32 [N,512] -> 8 ReLU layers of 512 -> [N,16]: about 4.2 MFLOP per sample.
+
+    One hidden weight matrix is shared by every layer, so the file stays near 1 MB while
+    the compute per sample is that of a much larger network.
+    """
+    w, b = dense(rng, HEAVY_WIDTH, HEAVY_WIDTH, np.sqrt(2))
+    w_out, b_out = dense(rng, HEAVY_WIDTH, 16, 1.0)
+    nodes, x = [], "input"
+    for i in range(HEAVY_DEPTH):
+        nodes += [
+            helper.make_node("MatMul", [x, "w"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", "b"], [f"z{i}"]),
+            helper.make_node("Relu", [f"z{i}"], [f"a{i}"]),
+        ]
+        x = f"a{i}"
+    nodes += [
+        helper.make_node("MatMul", [x, "w_out"], ["m_out"]),
+        helper.make_node("Add", ["m_out", "b_out"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", HEAVY_WIDTH])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 16])],
+        [numpy_helper.from_array(a, n) for a, n in [(w, "w"), (b, "b"), (w_out, "w_out"), (b_out, "b_out")]],
+    )
+    return save("heavy", graph, "max_batch_size = 64\nmax_queue_delay_us = 500\n")
+
+
+def mixed(_rng):
+    """Two inputs of other types: INT64 ids and a BOOL mask -> masked sum (INT64), any (BOOL), mean (FP64)."""
+    nodes = [
+        helper.make_node("Cast", ["mask"], ["mask_i64"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["ids", "mask_i64"], ["kept"]),
+        helper.make_node("ReduceSum", ["kept", "axis1"], ["masked_sum"], keepdims=1),
+        helper.make_node("ReduceSum", ["mask_i64", "axis1"], ["count"], keepdims=1),
+        helper.make_node("Greater", ["count", "zero"], ["any"]),
+        helper.make_node("Cast", ["masked_sum"], ["sum_f64"], to=TensorProto.DOUBLE),
+        helper.make_node("Cast", ["count"], ["count_f64"], to=TensorProto.DOUBLE),
+        helper.make_node("Max", ["count_f64", "one"], ["denominator"]),
+        helper.make_node("Div", ["sum_f64", "denominator"], ["mean"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("masked_sum", TensorProto.INT64, ["batch", 1]),
+            helper.make_tensor_value_info("any", TensorProto.BOOL, ["batch", 1]),
+            helper.make_tensor_value_info("mean", TensorProto.DOUBLE, ["batch", 1]),
+        ],
+        [
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+            numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+            numpy_helper.from_array(np.array(1.0, dtype=np.float64), "one"),
+        ],
+    )
+    return save("mixed", graph)
+
+
+ECHO_TYPES = [
+    ("bool", TensorProto.BOOL, np.bool_),
+    ("int8", TensorProto.INT8, np.int8),
+    ("int16", TensorProto.INT16, np.int16),
+    ("int32", TensorProto.INT32, np.int32),
+    ("int64", TensorProto.INT64, np.int64),
+    ("uint8", TensorProto.UINT8, np.uint8),
+    ("uint16", TensorProto.UINT16, np.uint16),
+    ("uint32", TensorProto.UINT32, np.uint32),
+    ("uint64", TensorProto.UINT64, np.uint64),
+    ("fp32", TensorProto.FLOAT, np.float32),
+    ("fp64", TensorProto.DOUBLE, np.float64),
+    ("bytes", TensorProto.STRING, object),
+]
+
+
+def echo(_rng):
+    """One Identity per OIP datatype: proves every datatype crosses the server bit-exactly."""
+    nodes = [helper.make_node("Identity", [f"in_{n}"], [f"out_{n}"]) for n, _, _ in ECHO_TYPES]
+    graph = helper.make_graph(
+        nodes,
+        "echo",
+        [helper.make_tensor_value_info(f"in_{n}", t, ["batch", 3]) for n, t, _ in ECHO_TYPES],
+        [helper.make_tensor_value_info(f"out_{n}", t, ["batch", 3]) for n, t, _ in ECHO_TYPES],
+    )
+    return save("echo", graph)
+
+
+def echo_inputs(rng, rows):
+    inputs = {}
+    for name, _, dtype in ECHO_TYPES:
+        if dtype is object:
+            words = ["alpha", "βeta", "", "quote\"d", "x" * 17, "tab\tend"]
+            a = np.array([[words[(r * 3 + c) % len(words)] for c in range(3)] for r in range(rows)], dtype=object)
+        elif dtype is np.bool_:
+            a = rng.integers(0, 2, size=(rows, 3)).astype(np.bool_)
+        elif np.issubdtype(dtype, np.floating):
+            a = (rng.standard_normal((rows, 3)) * 1000).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            # The extremes of each type are the values a lossy codec gets wrong.
+            a = rng.integers(info.min, info.max, size=(rows, 3), dtype=dtype, endpoint=True)
+            a[0, 0], a[0, 1] = info.min, info.max
+        inputs[f"in_{name}"] = a
+    return inputs
+
+
+def to_json(a):
+    if a.dtype == object:
+        return [s if isinstance(s, str) else s.decode() for s in a.reshape(-1).tolist()]
+    return a.reshape(-1).tolist()
+
+
+def write_references(name, path, cases):
+    """Runs each case through onnxruntime and stores inputs and outputs, flattened, with shapes."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in session.get_outputs()]
+    records = []
+    for inputs in cases:
+        outputs = session.run(out_names, inputs)
+        records.append(
+            {
+                "inputs": [
+                    {"name": k, "datatype": OIP[v.dtype], "shape": list(v.shape), "data": to_json(v)}
+                    for k, v in inputs.items()
+                ],
+                "outputs": [
+                    {"name": k, "datatype": OIP[v.dtype], "shape": list(v.shape), "data": to_json(v)}
+                    for k, v in zip(out_names, outputs)
+                ],
+            }
+        )
+    REFERENCES.mkdir(parents=True, exist_ok=True)
+    (REFERENCES / f"{name}.json").write_text(json.dumps({"model": name, "cases": records}, indent=1) + "\n")
+
+
+def main():
+    rng = np.random.default_rng(20261128)
+    path = fraud(rng)
+    write_references("fraud", path, [{"features": rng.standard_normal((n, 32)).astype(np.float32)} for n in (1, 3, 8)])
+    path = heavy(rng)
+    write_references("heavy", path, [{"input": rng.standard_normal((n, HEAVY_WIDTH)).astype(np.float32)} for n in (1, 2)])
+    path = mixed(rng)
+    write_references(
+        "mixed",
+        path,
+        [
+            {
+                "ids": rng.integers(-(2**40), 2**40, size=(n, 4), dtype=np.int64),
+                "mask": rng.integers(0, 2, size=(n, 4)).astype(np.bool_),
+            }
+            for n in (1, 4)
+        ],
+    )
+    path = echo(rng)
+    write_references("echo", path, [echo_inputs(rng, n) for n in (1, 2)])
+    print(f"wrote models under {MODELS} and references under {REFERENCES}")
+
+
+if __name__ == "__main__":
+    main()
