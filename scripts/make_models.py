@@ -9,6 +9,7 @@ Writes:
   examples/models/<model>/1/model.onnx    the model repository served by default
   examples/models/<model>/config.toml     (where a model needs more than defaults)
   examples/references/<model>.json        inputs and onnxruntime's outputs per case
+  mesh/tests/models/<model>/1/model.onnx  models only the tests serve (e.g. one that fails at run time)
 
 Run: python3 scripts/make_models.py
 """
@@ -24,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 REFERENCES = ROOT / "examples" / "references"
+TEST_MODELS = ROOT / "mesh" / "tests" / "models"
 OPSET = 17
 IR_VERSION = 8
 
@@ -44,7 +46,7 @@ OIP = {
 }
 
 
-def save(name, graph, config=None):
+def save(name, graph, config=None, root=MODELS):
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -52,11 +54,11 @@ def save(name, graph, config=None):
     )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
-    path = MODELS / name / "1" / "model.onnx"
+    path = root / name / "1" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model.SerializeToString())
     if config is not None:
-        (MODELS / name / "config.toml").write_text(config)
+        (root / name / "config.toml").write_text(config)
     return path
 
 
@@ -182,6 +184,19 @@ def echo(_rng):
     return save("echo", graph)
 
 
+def reshape_by_value(_rng):
+    """FP32 [N,-1] reshaped to [-1,3]: valid for the signature, but fails in ONNX Runtime
+    whenever the element count is not a multiple of 3. The tests' model that breaks at run time."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "target"], ["y"])],
+        "reshape_by_value",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 3])],
+        [numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "target")],
+    )
+    return save("reshape_by_value", graph, "max_batch_size = 0\n", root=TEST_MODELS)
+
+
 def echo_inputs(rng, rows):
     inputs = {}
     for name, _, dtype in ECHO_TYPES:
@@ -250,7 +265,8 @@ def main():
     )
     path = echo(rng)
     write_references("echo", path, [echo_inputs(rng, n) for n in (1, 2)])
-    print(f"wrote models under {MODELS} and references under {REFERENCES}")
+    reshape_by_value(rng)
+    print(f"wrote models under {MODELS} and {TEST_MODELS}, references under {REFERENCES}")
 
 
 if __name__ == "__main__":
