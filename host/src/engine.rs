@@ -41,7 +41,9 @@ pub enum ModelLoadError {
     #[error(transparent)]
     InvalidName(#[from] crate::model::repository::InvalidName),
     /// The repository has no such model folder.
-    #[error("model '{model}' not found in repository {root} (expected {root}/{model}/<version>/model.onnx)")]
+    #[error(
+        "model '{model}' not found in repository {root} (expected {root}/{model}/<version>/model.onnx)"
+    )]
     NotInRepository {
         /// The model.
         model: String,
@@ -49,7 +51,9 @@ pub enum ModelLoadError {
         root: String,
     },
     /// The config matched no version folder.
-    #[error("model '{model}': the version policy selects none of the versions on disk {available:?}")]
+    #[error(
+        "model '{model}': the version policy selects none of the versions on disk {available:?}"
+    )]
     NoVersionSelected {
         /// The model.
         model: String,
@@ -258,9 +262,17 @@ impl Engine {
                 None => 0,
             };
             if max_batch_size > 0 && !signature.supports_batching() {
-                tracing::warn!(model = name, version, "max_batch_size set, but not every input and output has a dynamic first dimension; batching disabled");
+                tracing::warn!(
+                    model = name,
+                    version,
+                    "max_batch_size set, but not every input and output has a dynamic first dimension; batching disabled"
+                );
             }
-            let max_batch_size = if signature.supports_batching() { max_batch_size } else { 0 };
+            let max_batch_size = if signature.supports_batching() {
+                max_batch_size
+            } else {
+                0
+            };
             let limits = BatchLimits {
                 max_batch_rows: max_batch_size,
                 max_queue_delay: Duration::from_micros(config.max_queue_delay_us),
@@ -312,7 +324,9 @@ impl Engine {
             .map(|name| {
                 let loaded = models.get(&name);
                 IndexEntry {
-                    versions: loaded.map(|m| m.versions.keys().copied().collect()).unwrap_or_default(),
+                    versions: loaded
+                        .map(|m| m.versions.keys().copied().collect())
+                        .unwrap_or_default(),
                     ready: loaded.is_some(),
                     reason: match (loaded, failures.get(&name)) {
                         (Some(_), _) => String::new(),
@@ -331,9 +345,11 @@ impl Engine {
         // A reload swaps the model while a request may hold the old one: one retry picks up the new.
         let mut retried = false;
         let (version, selection, deadline, receiver) = loop {
-            let model = self.model(&request.model).ok_or_else(|| InferError::ModelNotFound {
-                model: request.model.clone(),
-            })?;
+            let model = self
+                .model(&request.model)
+                .ok_or_else(|| InferError::ModelNotFound {
+                    model: request.model.clone(),
+                })?;
             let version = model.version(request.version.as_deref())?.clone();
             let (inputs, rows) = version.order_inputs(&request.inputs)?;
             let selection = version.select_outputs(request.outputs.as_deref())?;
@@ -416,7 +432,9 @@ impl Engine {
     /// Stops taking requests and waits until every queued request is answered.
     pub fn shutdown(&self) {
         self.ready.store(false, Ordering::Release);
-        let models: Vec<Arc<LoadedModel>> = std::mem::take(&mut *write(&self.models)).into_values().collect();
+        let models: Vec<Arc<LoadedModel>> = std::mem::take(&mut *write(&self.models))
+            .into_values()
+            .collect();
         for model in models {
             model.drain();
         }
@@ -431,7 +449,12 @@ impl ModelVersion {
         let mut ordered: Vec<Option<Tensor>> = vec![None; self.signature.inputs.len()];
         for tensor in inputs {
             let Some((position, spec)) = self.signature.input(&tensor.name) else {
-                let expected: Vec<&str> = self.signature.inputs.iter().map(|s| s.name.as_str()).collect();
+                let expected: Vec<&str> = self
+                    .signature
+                    .inputs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
                 return Err(invalid(format!(
                     "model '{}' has no input '{}' (inputs: {})",
                     self.name,
@@ -440,7 +463,10 @@ impl ModelVersion {
                 )));
             };
             if ordered[position].is_some() {
-                return Err(invalid(format!("input '{}' given more than once", tensor.name)));
+                return Err(invalid(format!(
+                    "input '{}' given more than once",
+                    tensor.name
+                )));
             }
             if tensor.datatype != spec.datatype {
                 return Err(invalid(format!(
@@ -460,7 +486,10 @@ impl ModelVersion {
         let mut complete = Vec::with_capacity(ordered.len());
         for (slot, spec) in ordered.into_iter().zip(&self.signature.inputs) {
             complete.push(slot.ok_or_else(|| {
-                invalid(format!("missing input '{}' for model '{}'", spec.name, self.name))
+                invalid(format!(
+                    "missing input '{}' for model '{}'",
+                    spec.name, self.name
+                ))
             })?);
         }
         if self.max_batch_size == 0 {
@@ -492,7 +521,12 @@ impl ModelVersion {
             .iter()
             .map(|name| {
                 self.signature.output(name).map(|(i, _)| i).ok_or_else(|| {
-                    let available: Vec<&str> = self.signature.outputs.iter().map(|s| s.name.as_str()).collect();
+                    let available: Vec<&str> = self
+                        .signature
+                        .outputs
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect();
                     InferError::InvalidInput(format!(
                         "model '{}' has no output '{name}' (outputs: {})",
                         self.name,
@@ -513,7 +547,10 @@ fn pick(outputs: Vec<Tensor>, selection: &[usize]) -> Vec<Tensor> {
     if selection.len() == outputs.len() && selection.iter().enumerate().all(|(i, &s)| i == s) {
         return outputs;
     }
-    selection.iter().filter_map(|&i| outputs.get(i).cloned()).collect()
+    selection
+        .iter()
+        .filter_map(|&i| outputs.get(i).cloned())
+        .collect()
 }
 
 fn drain_in_background(model: Arc<LoadedModel>) {

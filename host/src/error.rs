@@ -55,7 +55,9 @@ pub enum InferError {
         model: String,
     },
     /// The deadline passed before the model ran.
-    #[error("request to '{model}' timed out after {waited_us} µs in the queue (timeout {timeout_us} µs); it was not run")]
+    #[error(
+        "request to '{model}' timed out after {waited_us} µs in the queue (timeout {timeout_us} µs); it was not run"
+    )]
     DeadlineExceeded {
         /// The model.
         model: String,
@@ -91,7 +93,9 @@ impl InferError {
     /// When a client should retry an `Unavailable` error.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            InferError::QueueFull { .. } | InferError::Closed { .. } => Some(Duration::from_secs(1)),
+            InferError::QueueFull { .. } | InferError::Closed { .. } => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }

@@ -85,11 +85,7 @@ impl Metrics {
             "Time a batch spent in ONNX Runtime, stacking and splitting included",
             inference_seconds.clone(),
         );
-        registry.register(
-            "batch_size",
-            "Requests per batch run",
-            batch_size.clone(),
-        );
+        registry.register("batch_size", "Requests per batch run", batch_size.clone());
         registry.register(
             "queue_depth",
             "Requests waiting in a model's queue",
@@ -173,8 +169,17 @@ mod tests {
         fraud.queue_depth.set(3);
         metrics.record_request("fraud", 200, Duration::from_micros(120));
         let text = metrics.encode();
-        assert!(text.contains("meshserve_requests_total{model=\"fraud\",status=\"200\"} 1"), "{text}");
-        assert!(text.contains("meshserve_batch_size_bucket{le=\"8.0\",model=\"fraud\"} 1"), "{text}");
-        assert!(text.contains("meshserve_queue_depth{model=\"fraud\"} 3"), "{text}");
+        assert!(
+            text.contains("meshserve_requests_total{model=\"fraud\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meshserve_batch_size_bucket{le=\"8.0\",model=\"fraud\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meshserve_queue_depth{model=\"fraud\"} 3"),
+            "{text}"
+        );
     }
 }

@@ -28,7 +28,9 @@ pub enum RuntimeError {
         searched: String,
     },
     /// A path was given explicitly but nothing is there.
-    #[error("ONNX Runtime library {path} (from {source_name}) does not exist. Install it with `{INSTALL_HINT}` or fix the path")]
+    #[error(
+        "ONNX Runtime library {path} (from {source_name}) does not exist. Install it with `{INSTALL_HINT}` or fix the path"
+    )]
     Missing {
         /// The configured path.
         path: PathBuf,
@@ -44,7 +46,9 @@ pub enum RuntimeError {
         message: String,
     },
     /// A second, different library was asked for after one was loaded.
-    #[error("ONNX Runtime is already loaded from {loaded}; a process can hold only one (asked for {requested})")]
+    #[error(
+        "ONNX Runtime is already loaded from {loaded}; a process can hold only one (asked for {requested})"
+    )]
     AlreadyLoaded {
         /// The library in use.
         loaded: PathBuf,
@@ -169,10 +173,12 @@ fn find_in_prefix(prefix: &Path) -> Option<PathBuf> {
         .collect();
     pythons.sort();
     pythons.iter().rev().find_map(|python| {
-        ["site-packages", "dist-packages"].iter().find_map(|packages| {
-            let capi = python.join(packages).join("onnxruntime/capi");
-            newest_library_in(&capi)
-        })
+        ["site-packages", "dist-packages"]
+            .iter()
+            .find_map(|packages| {
+                let capi = python.join(packages).join("onnxruntime/capi");
+                newest_library_in(&capi)
+            })
     })
 }
 
@@ -215,7 +221,10 @@ mod tests {
     fn an_explicit_missing_path_says_how_to_fix_it() {
         let err = resolve_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("/nonexistent/libonnxruntime.so"), "{message}");
+        assert!(
+            message.contains("/nonexistent/libonnxruntime.so"),
+            "{message}"
+        );
         assert!(message.contains(INSTALL_HINT), "{message}");
     }
 }

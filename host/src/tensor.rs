@@ -126,7 +126,9 @@ pub enum TensorError {
         actual: usize,
     },
     /// BYTES data whose length prefixes do not add up to the buffer or the element count.
-    #[error("tensor '{name}': BYTES data holds {actual} elements (or is truncated), shape {shape:?} needs {expected}")]
+    #[error(
+        "tensor '{name}': BYTES data holds {actual} elements (or is truncated), shape {shape:?} needs {expected}"
+    )]
     BytesElements {
         /// The tensor's name.
         name: String,
@@ -190,10 +192,13 @@ impl Tensor {
         let count = self.element_count()?;
         match self.datatype.element_size() {
             Some(size) => {
-                let expected = count.checked_mul(size).ok_or_else(|| TensorError::InvalidShape {
-                    name: self.name.clone(),
-                    shape: self.shape.clone(),
-                })?;
+                let expected =
+                    count
+                        .checked_mul(size)
+                        .ok_or_else(|| TensorError::InvalidShape {
+                            name: self.name.clone(),
+                            shape: self.shape.clone(),
+                        })?;
                 if expected != self.data.len() {
                     return Err(TensorError::ByteLength {
                         name: self.name.clone(),

@@ -63,7 +63,8 @@ impl Report {
             rows,
             elapsed: Duration::ZERO,
             // 1 µs to 60 s at 3 significant digits; the bounds are constants, so this cannot fail.
-            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("3 sigfig")),
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .unwrap_or_else(|_| Histogram::new(3).expect("3 sigfig")),
         }
     }
 
@@ -121,12 +122,16 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
         let total = total.clone();
         tasks.push(tokio::spawn(async move {
             let report = connection_loop(&load, measure_from, end).await?;
-            total.lock().unwrap_or_else(|p| p.into_inner()).merge(&report);
+            total
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .merge(&report);
             Ok::<(), BenchError>(())
         }));
     }
     for task in tasks {
-        task.await.map_err(|e| BenchError::Server(e.to_string()))??;
+        task.await
+            .map_err(|e| BenchError::Server(e.to_string()))??;
     }
     let mut report = std::mem::replace(
         &mut *total.lock().unwrap_or_else(|p| p.into_inner()),
@@ -136,11 +141,17 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-async fn connection_loop(load: &HttpLoad, measure_from: Instant, end: Instant) -> Result<Report, BenchError> {
+async fn connection_loop(
+    load: &HttpLoad,
+    measure_from: Instant,
+    end: Instant,
+) -> Result<Report, BenchError> {
     let stream = tokio::net::TcpStream::connect(load.addr)
         .await
         .map_err(io_error(format!("connect to {}", load.addr)))?;
-    stream.set_nodelay(true).map_err(io_error("set TCP_NODELAY"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(io_error("set TCP_NODELAY"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| BenchError::Server(format!("HTTP handshake: {e}")))?;
@@ -173,7 +184,9 @@ async fn connection_loop(load: &HttpLoad, measure_from: Instant, end: Instant) -
         }
         if status.is_success() {
             report.ok += 1;
-            let _ = report.latency_us.record(sent.elapsed().as_micros().max(1) as u64);
+            let _ = report
+                .latency_us
+                .record(sent.elapsed().as_micros().max(1) as u64);
         } else {
             report.errors += 1;
             if report.errors == 1 {
@@ -186,18 +199,30 @@ async fn connection_loop(load: &HttpLoad, measure_from: Instant, end: Instant) -
 
 /// Calls the model in this process, one request after another, for `duration`: the bound a
 /// server cannot beat for the same request stream.
-pub fn run_in_process(session: &mut OnnxSession, inputs: &[Tensor], rows: u64, warmup: Duration, duration: Duration) -> Result<Report, BenchError> {
+pub fn run_in_process(
+    session: &mut OnnxSession,
+    inputs: &[Tensor],
+    rows: u64,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Report, BenchError> {
     let mut report = Report::new(rows);
     let warm_until = Instant::now() + warmup;
     while Instant::now() < warm_until {
-        session.run(inputs).map_err(|e| BenchError::Model(e.to_string()))?;
+        session
+            .run(inputs)
+            .map_err(|e| BenchError::Model(e.to_string()))?;
     }
     let start = Instant::now();
     while start.elapsed() < duration {
         let t = Instant::now();
-        session.run(inputs).map_err(|e| BenchError::Model(e.to_string()))?;
+        session
+            .run(inputs)
+            .map_err(|e| BenchError::Model(e.to_string()))?;
         report.ok += 1;
-        let _ = report.latency_us.record(t.elapsed().as_micros().max(1) as u64);
+        let _ = report
+            .latency_us
+            .record(t.elapsed().as_micros().max(1) as u64);
     }
     report.elapsed = start.elapsed();
     Ok(report)
@@ -205,10 +230,14 @@ pub fn run_in_process(session: &mut OnnxSession, inputs: &[Tensor], rows: u64, w
 
 /// Deterministic FP32 input values in [-1, 1) (no RNG crate: a fixed LCG is enough here).
 pub fn sample_values(count: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..count)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -224,7 +253,10 @@ pub fn fp32_request_body(input: &str, rows: usize, width: usize) -> Bytes {
 }
 
 fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {
-    let data: Vec<u8> = sample_values(rows * width, 7).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let data: Vec<u8> = sample_values(rows * width, 7)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     Tensor {
         name: input.to_string(),
         datatype: DataType::Fp32,
@@ -256,8 +288,12 @@ impl Drop for ServerProcess {
 }
 
 fn free_port() -> Result<u16, BenchError> {
-    let socket = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_error("find a free port"))?;
-    Ok(socket.local_addr().map_err(io_error("find a free port"))?.port())
+    let socket =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(io_error("find a free port"))?;
+    Ok(socket
+        .local_addr()
+        .map_err(io_error("find a free port"))?
+        .port())
 }
 
 async fn start_server(config: &SuiteConfig) -> Result<(ServerProcess, SocketAddr), BenchError> {
@@ -268,7 +304,10 @@ async fn start_server(config: &SuiteConfig) -> Result<(ServerProcess, SocketAddr
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .map_err(io_error(format!("start {}", config.server_binary.display())))?;
+        .map_err(io_error(format!(
+            "start {}",
+            config.server_binary.display()
+        )))?;
     let server = ServerProcess(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -277,14 +316,18 @@ async fn start_server(config: &SuiteConfig) -> Result<(ServerProcess, SocketAddr
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(BenchError::Server(format!("server on {addr} did not become ready in 30 s")))
+    Err(BenchError::Server(format!(
+        "server on {addr} did not become ready in 30 s"
+    )))
 }
 
 async fn health_ok(addr: SocketAddr) -> bool {
     let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
         return false;
     };
-    let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+    let Ok((mut sender, connection)) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
         return false;
     };
     tokio::spawn(connection);
@@ -294,19 +337,24 @@ async fn health_ok(addr: SocketAddr) -> bool {
     else {
         return false;
     };
-    sender.send_request(request).await.is_ok_and(|r| r.status().is_success())
+    sender
+        .send_request(request)
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }
 
 fn load_session(repository: &Path, model: &str) -> Result<OnnxSession, BenchError> {
-    let runtime = meshserve_host::runtime::init(None).map_err(|e| BenchError::Model(e.to_string()))?;
+    let runtime =
+        meshserve_host::runtime::init(None).map_err(|e| BenchError::Model(e.to_string()))?;
     let repo = Repository::new(repository);
-    let version = repo
-        .versions(model)
-        .last()
-        .copied()
-        .ok_or_else(|| BenchError::Model(format!("model '{model}' not in {}", repository.display())))?;
-    let config = repo.config(model).map_err(|e| BenchError::Model(e.to_string()))?;
-    OnnxSession::load(runtime, &repo.model_path(model, version), &config).map_err(|e| BenchError::Model(e.to_string()))
+    let version = repo.versions(model).last().copied().ok_or_else(|| {
+        BenchError::Model(format!("model '{model}' not in {}", repository.display()))
+    })?;
+    let config = repo
+        .config(model)
+        .map_err(|e| BenchError::Model(e.to_string()))?;
+    OnnxSession::load(runtime, &repo.model_path(model, version), &config)
+        .map_err(|e| BenchError::Model(e.to_string()))
 }
 
 /// One row of the suite's table.
@@ -356,7 +404,10 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         };
         let report = run_http(&load).await?;
         if report.errors > 0 {
-            return Err(BenchError::Server(format!("{} of the {model} requests failed", report.errors)));
+            return Err(BenchError::Server(format!(
+                "{} of the {model} requests failed",
+                report.errors
+            )));
         }
         rows.push(Row {
             label: format!("{model}  HTTP/1.1 JSON, batch-1 requests"),
@@ -372,7 +423,11 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );
-    let _ = writeln!(out, "{:<40} {:>5} {:>11} {:>11} {:>9} {:>9}", "scenario", "conc", "req/s", "samples/s", "p50 µs", "p99 µs");
+    let _ = writeln!(
+        out,
+        "{:<40} {:>5} {:>11} {:>11} {:>9} {:>9}",
+        "scenario", "conc", "req/s", "samples/s", "p50 µs", "p99 µs"
+    );
     for row in &rows {
         let r = &row.report;
         let _ = writeln!(
@@ -393,7 +448,9 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let _ = writeln!(
         out,
         "fraud: server-added p50 latency at concurrency 1 = {} µs (HTTP p50 {} µs − in-process p50 {} µs)",
-        fraud_c1.percentile_us(0.5).saturating_sub(fraud_raw.percentile_us(0.5)),
+        fraud_c1
+            .percentile_us(0.5)
+            .saturating_sub(fraud_raw.percentile_us(0.5)),
         fraud_c1.percentile_us(0.5),
         fraud_raw.percentile_us(0.5)
     );

@@ -7,17 +7,37 @@ use tempfile::TempDir;
 
 /// `(path inside the repository, bytes)` of every bundled file.
 const FILES: &[(&str, &[u8])] = &[
-    ("fraud/1/model.onnx", include_bytes!("../../examples/models/fraud/1/model.onnx")),
-    ("fraud/config.toml", include_bytes!("../../examples/models/fraud/config.toml")),
-    ("heavy/1/model.onnx", include_bytes!("../../examples/models/heavy/1/model.onnx")),
-    ("heavy/config.toml", include_bytes!("../../examples/models/heavy/config.toml")),
-    ("mixed/1/model.onnx", include_bytes!("../../examples/models/mixed/1/model.onnx")),
-    ("echo/1/model.onnx", include_bytes!("../../examples/models/echo/1/model.onnx")),
+    (
+        "fraud/1/model.onnx",
+        include_bytes!("../../examples/models/fraud/1/model.onnx"),
+    ),
+    (
+        "fraud/config.toml",
+        include_bytes!("../../examples/models/fraud/config.toml"),
+    ),
+    (
+        "heavy/1/model.onnx",
+        include_bytes!("../../examples/models/heavy/1/model.onnx"),
+    ),
+    (
+        "heavy/config.toml",
+        include_bytes!("../../examples/models/heavy/config.toml"),
+    ),
+    (
+        "mixed/1/model.onnx",
+        include_bytes!("../../examples/models/mixed/1/model.onnx"),
+    ),
+    (
+        "echo/1/model.onnx",
+        include_bytes!("../../examples/models/echo/1/model.onnx"),
+    ),
 ];
 
 /// Writes the bundled models into a new temporary directory, removed when dropped.
 pub fn materialize() -> std::io::Result<TempDir> {
-    let dir = tempfile::Builder::new().prefix("meshserve-models-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("meshserve-models-")
+        .tempdir()?;
     write_into(dir.path())?;
     Ok(dir)
 }
@@ -41,6 +61,9 @@ mod tests {
     fn bundled_repository_has_every_model() {
         let dir = materialize().unwrap();
         let repo = meshserve_host::model::repository::Repository::new(dir.path());
-        assert_eq!(repo.model_names().unwrap(), vec!["echo", "fraud", "heavy", "mixed"]);
+        assert_eq!(
+            repo.model_names().unwrap(),
+            vec!["echo", "fraud", "heavy", "mixed"]
+        );
     }
 }

@@ -148,7 +148,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
         std::fs::write(&path, "[http]\nlisten_addr = \"0.0.0.0:9000\"\n").unwrap();
-        assert!(NodeConfig::load(&path).unwrap_err().to_string().contains("listen_addr"));
+        assert!(
+            NodeConfig::load(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("listen_addr")
+        );
         std::fs::write(&path, "[http]\ntls_cert = \"c.pem\"\n").unwrap();
         assert!(NodeConfig::load(&path).is_err());
     }

@@ -12,7 +12,11 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "meshserve", version, about = "A model-serving mesh: ONNX Runtime behind the Open Inference Protocol")]
+#[command(
+    name = "meshserve",
+    version,
+    about = "A model-serving mesh: ONNX Runtime behind the Open Inference Protocol"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -87,7 +91,9 @@ enum BenchCommand {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

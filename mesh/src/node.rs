@@ -3,10 +3,10 @@
 use crate::config::NodeConfig;
 use crate::http::routes::{AppState, router};
 use crate::http::server::{self, TlsError};
+use meshserve_host::Engine;
 use meshserve_host::engine::EngineConfig;
 use meshserve_host::metrics::Metrics;
 use meshserve_host::runtime::RuntimeError;
-use meshserve_host::Engine;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,10 +66,11 @@ impl Node {
         let (repository, bundled) = match &config.model_repository {
             Some(path) => (path.clone(), None),
             None => {
-                let dir = crate::bundled::materialize().map_err(|source| NodeError::Repository {
-                    path: "(bundled models)".into(),
-                    source,
-                })?;
+                let dir =
+                    crate::bundled::materialize().map_err(|source| NodeError::Repository {
+                        path: "(bundled models)".into(),
+                        source,
+                    })?;
                 (dir.path().to_path_buf(), Some(dir))
             }
         };
@@ -98,7 +99,9 @@ impl Node {
 
     /// The address the HTTP front door listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.config.http.listen)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.config.http.listen)
     }
 
     /// The node's engine.

@@ -8,7 +8,10 @@ use std::time::Duration;
 use support::{TestNode, copy_examples, metric_sum, workspace_root};
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
 
 fn reference(model: &str) -> Value {
@@ -52,14 +55,30 @@ fn from_binary(datatype: &str, bytes: &[u8]) -> Vec<Value> {
         "BOOL" => bytes.iter().map(|&b| json!(b != 0)).collect(),
         "INT8" => bytes.iter().map(|&b| json!(b as i8)).collect(),
         "UINT8" => bytes.iter().map(|&b| json!(b)).collect(),
-        "INT16" => chunks::<2>(bytes).map(|c| json!(i16::from_le_bytes(c))).collect(),
-        "UINT16" => chunks::<2>(bytes).map(|c| json!(u16::from_le_bytes(c))).collect(),
-        "INT32" => chunks::<4>(bytes).map(|c| json!(i32::from_le_bytes(c))).collect(),
-        "UINT32" => chunks::<4>(bytes).map(|c| json!(u32::from_le_bytes(c))).collect(),
-        "INT64" => chunks::<8>(bytes).map(|c| json!(i64::from_le_bytes(c))).collect(),
-        "UINT64" => chunks::<8>(bytes).map(|c| json!(u64::from_le_bytes(c))).collect(),
-        "FP32" => chunks::<4>(bytes).map(|c| json!(f32::from_le_bytes(c))).collect(),
-        "FP64" => chunks::<8>(bytes).map(|c| json!(f64::from_le_bytes(c))).collect(),
+        "INT16" => chunks::<2>(bytes)
+            .map(|c| json!(i16::from_le_bytes(c)))
+            .collect(),
+        "UINT16" => chunks::<2>(bytes)
+            .map(|c| json!(u16::from_le_bytes(c)))
+            .collect(),
+        "INT32" => chunks::<4>(bytes)
+            .map(|c| json!(i32::from_le_bytes(c)))
+            .collect(),
+        "UINT32" => chunks::<4>(bytes)
+            .map(|c| json!(u32::from_le_bytes(c)))
+            .collect(),
+        "INT64" => chunks::<8>(bytes)
+            .map(|c| json!(i64::from_le_bytes(c)))
+            .collect(),
+        "UINT64" => chunks::<8>(bytes)
+            .map(|c| json!(u64::from_le_bytes(c)))
+            .collect(),
+        "FP32" => chunks::<4>(bytes)
+            .map(|c| json!(f32::from_le_bytes(c)))
+            .collect(),
+        "FP64" => chunks::<8>(bytes)
+            .map(|c| json!(f64::from_le_bytes(c)))
+            .collect(),
         "BYTES" => {
             let mut out = Vec::new();
             let mut rest = bytes;
@@ -79,7 +98,10 @@ fn assert_close(model: &str, name: &str, got: &[Value], want: &[Value]) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         match (g.as_f64(), w.as_f64()) {
             (Some(g), Some(w)) if !(g.fract() == 0.0 && w.fract() == 0.0 && w.abs() > 1e15) => {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{model}/{name}[{i}]: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{model}/{name}[{i}]: {g} vs {w}"
+                );
             }
             _ => assert_eq!(g, w, "{model}/{name}[{i}]"),
         }
@@ -91,13 +113,19 @@ fn check_outputs(model: &str, outputs: &[Value], expected: &[Value], binary: Opt
     let mut offset = 0;
     for want in expected {
         let name = want["name"].as_str().unwrap();
-        let got = outputs.iter().find(|o| o["name"] == name).unwrap_or_else(|| panic!("{model}: no output {name}"));
+        let got = outputs
+            .iter()
+            .find(|o| o["name"] == name)
+            .unwrap_or_else(|| panic!("{model}: no output {name}"));
         assert_eq!(got["datatype"], want["datatype"], "{model}/{name}");
         assert_eq!(got["shape"], want["shape"], "{model}/{name}");
         let values = match binary {
             Some(section) => {
                 let size = got["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
-                let values = from_binary(want["datatype"].as_str().unwrap(), &section[offset..offset + size]);
+                let values = from_binary(
+                    want["datatype"].as_str().unwrap(),
+                    &section[offset..offset + size],
+                );
                 offset += size;
                 values
             }
@@ -117,14 +145,29 @@ async fn every_model_matches_onnxruntime_through_json_and_binary_tensors() {
         for case in reference["cases"].as_array().unwrap() {
             // JSON in, JSON out.
             let body = json!({ "id": "case", "inputs": case["inputs"] });
-            let response = http.post(node.url(&format!("/v2/models/{model}/infer"))).json(&body).send().await.unwrap();
+            let response = http
+                .post(node.url(&format!("/v2/models/{model}/infer")))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200, "{model}");
-            assert!(response.headers()["server-timing"].to_str().unwrap().contains("infer;dur="));
+            assert!(
+                response.headers()["server-timing"]
+                    .to_str()
+                    .unwrap()
+                    .contains("infer;dur=")
+            );
             let answer: Value = response.json().await.unwrap();
             assert_eq!(answer["model_name"], model);
             assert_eq!(answer["model_version"], "1");
             assert_eq!(answer["id"], "case");
-            check_outputs(model, answer["outputs"].as_array().unwrap(), case["outputs"].as_array().unwrap(), None);
+            check_outputs(
+                model,
+                answer["outputs"].as_array().unwrap(),
+                case["outputs"].as_array().unwrap(),
+                None,
+            );
 
             // Binary in, binary out.
             let mut inputs = Vec::new();
@@ -137,7 +180,8 @@ async fn every_model_matches_onnxruntime_through_json_and_binary_tensors() {
                 }));
                 section.extend(bytes);
             }
-            let header = json!({ "inputs": inputs, "parameters": { "binary_data_output": true } }).to_string();
+            let header = json!({ "inputs": inputs, "parameters": { "binary_data_output": true } })
+                .to_string();
             let mut body = header.clone().into_bytes();
             body.extend(&section);
             let response = http
@@ -148,10 +192,19 @@ async fn every_model_matches_onnxruntime_through_json_and_binary_tensors() {
                 .await
                 .unwrap();
             assert_eq!(response.status(), 200, "{model} binary");
-            let json_length: usize = response.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+            let json_length: usize = response.headers()["inference-header-content-length"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
             let bytes = response.bytes().await.unwrap();
             let answer: Value = serde_json::from_slice(&bytes[..json_length]).unwrap();
-            check_outputs(model, answer["outputs"].as_array().unwrap(), case["outputs"].as_array().unwrap(), Some(&bytes[json_length..]));
+            check_outputs(
+                model,
+                answer["outputs"].as_array().unwrap(),
+                case["outputs"].as_array().unwrap(),
+                Some(&bytes[json_length..]),
+            );
         }
     }
 }
@@ -166,34 +219,71 @@ async fn health_metadata_readiness_and_config() {
     assert_eq!(get("/v2/health/ready").await.unwrap().status(), 200);
     let server: Value = get("/v2").await.unwrap().json().await.unwrap();
     assert_eq!(server["name"], "meshserve");
-    assert!(server["extensions"].as_array().unwrap().contains(&json!("binary_tensor_data")));
+    assert!(
+        server["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("binary_tensor_data"))
+    );
 
     for path in ["/v2/models/mixed", "/v2/models/mixed/versions/1"] {
         let meta: Value = get(path).await.unwrap().json().await.unwrap();
         assert_eq!(meta["name"], "mixed");
         assert_eq!(meta["versions"], json!(["1"]));
         assert_eq!(meta["platform"], "onnxruntime_onnx");
-        assert_eq!(meta["inputs"], json!([
-            {"name": "ids", "datatype": "INT64", "shape": [-1, 4]},
-            {"name": "mask", "datatype": "BOOL", "shape": [-1, 4]}
-        ]));
-        assert_eq!(meta["outputs"][2], json!({"name": "mean", "datatype": "FP64", "shape": [-1, 1]}));
+        assert_eq!(
+            meta["inputs"],
+            json!([
+                {"name": "ids", "datatype": "INT64", "shape": [-1, 4]},
+                {"name": "mask", "datatype": "BOOL", "shape": [-1, 4]}
+            ])
+        );
+        assert_eq!(
+            meta["outputs"][2],
+            json!({"name": "mean", "datatype": "FP64", "shape": [-1, 1]})
+        );
     }
     assert_eq!(get("/v2/models/fraud/ready").await.unwrap().status(), 200);
-    assert_eq!(get("/v2/models/fraud/versions/1/ready").await.unwrap().status(), 200);
-    assert_eq!(get("/v2/models/fraud/versions/2/ready").await.unwrap().status(), 404);
+    assert_eq!(
+        get("/v2/models/fraud/versions/1/ready")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        get("/v2/models/fraud/versions/2/ready")
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     assert_eq!(get("/v2/models/nope/ready").await.unwrap().status(), 404);
 
-    let config: Value = get("/v2/models/fraud/config").await.unwrap().json().await.unwrap();
+    let config: Value = get("/v2/models/fraud/config")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(config["max_batch_size"], 64);
-    assert_eq!(config["input"][0], json!({"name": "features", "data_type": "TYPE_FP32", "dims": [32]}));
-    assert_eq!(config["dynamic_batching"]["max_queue_delay_microseconds"], 200);
+    assert_eq!(
+        config["input"][0],
+        json!({"name": "features", "data_type": "TYPE_FP32", "dims": [32]})
+    );
+    assert_eq!(
+        config["dynamic_batching"]["max_queue_delay_microseconds"],
+        200
+    );
 }
 
 async fn error_of(response: reqwest::Response, status: u16) -> String {
     assert_eq!(response.status(), status);
     let body: Value = response.json().await.unwrap();
-    body["error"].as_str().unwrap_or_else(|| panic!("no error field in {body}")).to_string()
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field in {body}"))
+        .to_string()
 }
 
 #[tokio::test]
@@ -207,28 +297,49 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let message = error_of(infer("nope").json(&features(32)).send().await.unwrap(), 404).await;
     assert!(message.contains("unknown model 'nope'"), "{message}");
     let message = error_of(
-        http.post(node.url("/v2/models/fraud/versions/9/infer")).json(&features(32)).send().await.unwrap(),
+        http.post(node.url("/v2/models/fraud/versions/9/infer"))
+            .json(&features(32))
+            .send()
+            .await
+            .unwrap(),
         404,
     )
     .await;
     assert!(message.contains("no version '9'"), "{message}");
 
-    let message = error_of(infer("fraud").json(&features(31)).send().await.unwrap(), 400).await;
-    assert!(message.contains("shape [1, 31]") && message.contains("[-1, 32]"), "{message}");
+    let message = error_of(
+        infer("fraud").json(&features(31)).send().await.unwrap(),
+        400,
+    )
+    .await;
+    assert!(
+        message.contains("shape [1, 31]") && message.contains("[-1, 32]"),
+        "{message}"
+    );
 
     let wrong_name = json!({"inputs": [{"name": "feature", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
     let message = error_of(infer("fraud").json(&wrong_name).send().await.unwrap(), 400).await;
-    assert!(message.contains("no input 'feature'") && message.contains("features"), "{message}");
+    assert!(
+        message.contains("no input 'feature'") && message.contains("features"),
+        "{message}"
+    );
 
     let wrong_type = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP64", "data": vec![0.5; 32]}]});
     let message = error_of(infer("fraud").json(&wrong_type).send().await.unwrap(), 400).await;
-    assert!(message.contains("FP64") && message.contains("expects FP32"), "{message}");
+    assert!(
+        message.contains("FP64") && message.contains("expects FP32"),
+        "{message}"
+    );
 
     let short = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 30]}]});
     let message = error_of(infer("fraud").json(&short).send().await.unwrap(), 400).await;
     assert!(message.contains("needs 32 elements"), "{message}");
 
-    let message = error_of(infer("fraud").body("{\"inputs\": [").send().await.unwrap(), 400).await;
+    let message = error_of(
+        infer("fraud").body("{\"inputs\": [").send().await.unwrap(),
+        400,
+    )
+    .await;
     assert!(message.contains("malformed request JSON"), "{message}");
 
     let missing = json!({"inputs": [{"name": "ids", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]});
@@ -237,31 +348,69 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
 
     let mut unknown_output = features(32);
     unknown_output["outputs"] = json!([{"name": "logits"}]);
-    let message = error_of(infer("fraud").json(&unknown_output).send().await.unwrap(), 400).await;
+    let message = error_of(
+        infer("fraud").json(&unknown_output).send().await.unwrap(),
+        400,
+    )
+    .await;
     assert!(message.contains("no output 'logits'"), "{message}");
 
     let too_many_rows = json!({"inputs": [{"name": "features", "shape": [65, 32], "datatype": "FP32", "data": vec![0.5; 65 * 32]}]});
-    let message = error_of(infer("fraud").json(&too_many_rows).send().await.unwrap(), 400).await;
+    let message = error_of(
+        infer("fraud").json(&too_many_rows).send().await.unwrap(),
+        400,
+    )
+    .await;
     assert!(message.contains("max_batch_size"), "{message}");
 
     let truncated_binary = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "parameters": {"binary_data_size": 128}}]}).to_string();
     let mut body = truncated_binary.clone().into_bytes();
     body.extend([0u8; 100]);
-    let response = infer("fraud").header("Inference-Header-Content-Length", truncated_binary.len()).body(body).send().await.unwrap();
+    let response = infer("fraud")
+        .header("Inference-Header-Content-Length", truncated_binary.len())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     let message = error_of(response, 400).await;
     assert!(message.contains("binary_data_size 128"), "{message}");
 
     let message = error_of(http.get(node.url("/v2/nothing")).send().await.unwrap(), 404).await;
     assert!(message.contains("no route"), "{message}");
-    let response = http.get(node.url("/v2/models/fraud/infer")).send().await.unwrap();
+    let response = http
+        .get(node.url("/v2/models/fraud/infer"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 405);
 
     // After all that, the node still answers correctly.
     let ok = infer("fraud").json(&features(32)).send().await.unwrap();
     assert_eq!(ok.status(), 200);
-    let metrics = http.get(node.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metric_sum(&metrics, "meshserve_requests_total", &[("model", "fraud"), ("status", "400")]) >= 7.0, "{metrics}");
-    assert_eq!(metric_sum(&metrics, "meshserve_requests_total", &[("model", "_unknown"), ("status", "404")]), 1.0);
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric_sum(
+            &metrics,
+            "meshserve_requests_total",
+            &[("model", "fraud"), ("status", "400")]
+        ) >= 7.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "meshserve_requests_total",
+            &[("model", "_unknown"), ("status", "404")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -272,13 +421,29 @@ async fn oversized_bodies_get_413() {
     let node = TestNode::start(repo.path(), &["--config", config.to_str().unwrap()]);
     let http = client();
     let big = json!({"inputs": [{"name": "features", "shape": [64, 32], "datatype": "FP32", "data": vec![0.123456; 64 * 32]}]});
-    let message = error_of(http.post(node.url("/v2/models/fraud/infer")).json(&big).send().await.unwrap(), 413).await;
+    let message = error_of(
+        http.post(node.url("/v2/models/fraud/infer"))
+            .json(&big)
+            .send()
+            .await
+            .unwrap(),
+        413,
+    )
+    .await;
     assert!(message.contains("4096"), "{message}");
     // A chunked body without Content-Length is cut off at the limit too.
     let status = chunked_post_status(node.addr, "/v2/models/fraud/infer", 10, 1000);
     assert_eq!(status, 413);
     let small = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
-    assert_eq!(http.post(node.url("/v2/models/fraud/infer")).json(&small).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.post(node.url("/v2/models/fraud/infer"))
+            .json(&small)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 /// Sends a chunked HTTP/1.1 POST of `chunks` × `size` spaces and returns the status code.
@@ -295,7 +460,11 @@ fn chunked_post_status(addr: std::net::SocketAddr, path: &str, chunks: usize, si
     let _ = stream.write_all(b"0\r\n\r\n");
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -305,8 +474,19 @@ async fn expired_deadlines_are_dropped_unrun_with_504() {
     let http = client();
     let mut body = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
     body["parameters"] = json!({"timeout": 0});
-    let message = error_of(http.post(node.url("/v2/models/fraud/infer")).json(&body).send().await.unwrap(), 504).await;
-    assert!(message.contains("timed out") && message.contains("not run"), "{message}");
+    let message = error_of(
+        http.post(node.url("/v2/models/fraud/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+        504,
+    )
+    .await;
+    assert!(
+        message.contains("timed out") && message.contains("not run"),
+        "{message}"
+    );
     body["parameters"] = json!({});
     let response = http
         .post(node.url("/v2/models/fraud/infer"))
@@ -324,9 +504,24 @@ async fn expired_deadlines_are_dropped_unrun_with_504() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let metrics = http.get(node.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     // The expired requests never reached ONNX Runtime: one batch ran, for the one live request.
-    assert_eq!(metric_sum(&metrics, "meshserve_batch_size_count", &[("model", "fraud")]), 1.0, "{metrics}");
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "meshserve_batch_size_count",
+            &[("model", "fraud")]
+        ),
+        1.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -339,22 +534,49 @@ async fn a_model_that_fails_at_run_time_gets_500_and_others_keep_serving() {
     let node = TestNode::start(repo.path(), &[]);
     let http = client();
     let bad = json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
-    let message = error_of(http.post(node.url("/v2/models/reshape_by_value/infer")).json(&bad).send().await.unwrap(), 500).await;
-    assert!(message.contains("reshape_by_value") && message.contains("failed"), "{message}");
+    let message = error_of(
+        http.post(node.url("/v2/models/reshape_by_value/infer"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap(),
+        500,
+    )
+    .await;
+    assert!(
+        message.contains("reshape_by_value") && message.contains("failed"),
+        "{message}"
+    );
     let good = json!({"inputs": [{"name": "x", "shape": [1, 6], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]});
-    let answer: Value = http.post(node.url("/v2/models/reshape_by_value/infer")).json(&good).send().await.unwrap().json().await.unwrap();
+    let answer: Value = http
+        .post(node.url("/v2/models/reshape_by_value/infer"))
+        .json(&good)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(answer["outputs"][0]["shape"], json!([2, 3]));
 }
 
 #[tokio::test]
 async fn a_full_queue_sheds_with_503_and_retry_after() {
     let repo = copy_examples();
-    std::fs::write(repo.path().join("heavy/config.toml"), "max_batch_size = 1\nqueue_capacity = 2\nintra_op_threads = 1\n").unwrap();
+    std::fs::write(
+        repo.path().join("heavy/config.toml"),
+        "max_batch_size = 1\nqueue_capacity = 2\nintra_op_threads = 1\n",
+    )
+    .unwrap();
     let node = TestNode::start(repo.path(), &[]);
     let http = client();
     let body = json!({"inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.25; 512]}]});
-    let requests = (0..64).map(|_| http.post(node.url("/v2/models/heavy/infer")).json(&body).send());
-    let responses = futures_join_all(requests).await;
+    let requests = (0..64).map(|_| {
+        http.post(node.url("/v2/models/heavy/infer"))
+            .json(&body)
+            .send()
+    });
+    let responses = join_all(requests).await;
     let mut ok = 0;
     let mut shed = 0;
     for response in responses {
@@ -373,9 +595,9 @@ async fn a_full_queue_sheds_with_503_and_retry_after() {
     assert!(ok >= 1 && shed >= 1, "ok {ok}, shed {shed}");
 }
 
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();
@@ -395,32 +617,77 @@ async fn two_hundred_concurrent_requests_are_all_correct_and_batched() {
     let cases = reference["cases"].as_array().unwrap().clone();
     let requests = (0..200).map(|i| {
         let case = cases[i % cases.len()].clone();
-        let request = http.post(node.url("/v2/models/fraud/infer")).json(&json!({"id": i.to_string(), "inputs": case["inputs"]}));
+        let request = http
+            .post(node.url("/v2/models/fraud/infer"))
+            .json(&json!({"id": i.to_string(), "inputs": case["inputs"]}));
         async move {
             let answer: Value = request.send().await.unwrap().json().await.unwrap();
             assert_eq!(answer["id"], i.to_string());
-            check_outputs("fraud", answer["outputs"].as_array().unwrap(), case["outputs"].as_array().unwrap(), None);
+            check_outputs(
+                "fraud",
+                answer["outputs"].as_array().unwrap(),
+                case["outputs"].as_array().unwrap(),
+                None,
+            );
         }
     });
-    futures_join_all(requests).await;
-    let metrics = http.get(node.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let batches = metric_sum(&metrics, "meshserve_batch_size_count", &[("model", "fraud")]);
-    let singles = metric_sum(&metrics, "meshserve_batch_size_bucket", &[("model", "fraud"), ("le", "1.0")]);
-    assert!(batches < 200.0, "every request ran alone: {batches} batches");
+    join_all(requests).await;
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let batches = metric_sum(
+        &metrics,
+        "meshserve_batch_size_count",
+        &[("model", "fraud")],
+    );
+    let singles = metric_sum(
+        &metrics,
+        "meshserve_batch_size_bucket",
+        &[("model", "fraud"), ("le", "1.0")],
+    );
+    assert!(
+        batches < 200.0,
+        "every request ran alone: {batches} batches"
+    );
     assert!(singles < batches, "no batch above size 1:\n{metrics}");
-    assert_eq!(metric_sum(&metrics, "meshserve_requests_total", &[("model", "fraud"), ("status", "200")]), 200.0);
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "meshserve_requests_total",
+            &[("model", "fraud"), ("status", "200")]
+        ),
+        200.0
+    );
 }
 
 #[tokio::test]
 async fn http2_prior_knowledge_serves_the_same_api() {
     let repo = copy_examples();
     let node = TestNode::start(repo.path(), &[]);
-    let http = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
     let body = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
-    let response = http.post(node.url("/v2/models/fraud/infer")).json(&body).send().await.unwrap();
+    let response = http
+        .post(node.url("/v2/models/fraud/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
-    let p: Vec<f64> = answer["outputs"][0]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let p: Vec<f64> = answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     assert!((p[0] + p[1] - 1.0).abs() < 1e-5, "softmax sums to 1: {p:?}");
 }

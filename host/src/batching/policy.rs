@@ -127,8 +127,7 @@ impl<T: Batchable> Batcher<T> {
         };
         let fill_deadline = head.enqueued_at() + self.limits.max_queue_delay;
         let (members, full) = self.plan_batch();
-        let dispatch_now =
-            full || self.closed || self.busy_sessions == 0 || now >= fill_deadline;
+        let dispatch_now = full || self.closed || self.busy_sessions == 0 || now >= fill_deadline;
         if !dispatch_now {
             let wake = self
                 .queue
@@ -249,7 +248,13 @@ mod tests {
         fn push(&mut self, us: u64, rows: usize) -> u32 {
             self.push_full(us, rows, 1, None)
         }
-        fn push_full(&mut self, us: u64, rows: usize, width: usize, deadline_us: Option<u64>) -> u32 {
+        fn push_full(
+            &mut self,
+            us: u64,
+            rows: usize,
+            width: usize,
+            deadline_us: Option<u64>,
+        ) -> u32 {
             let id = self.next_id;
             self.next_id += 1;
             let req = Req {

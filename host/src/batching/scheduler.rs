@@ -192,16 +192,20 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, starte
         return;
     }
     for job in &batch {
-        shared
-            .metrics
-            .queue_seconds
-            .observe(started.saturating_duration_since(job.enqueued_at).as_secs_f64());
+        shared.metrics.queue_seconds.observe(
+            started
+                .saturating_duration_since(job.enqueued_at)
+                .as_secs_f64(),
+        );
     }
     shared.metrics.batch_size.observe(batch.len() as f64);
 
     let outcome = infer(session, &batch);
     let infer_time = started.elapsed();
-    shared.metrics.inference_seconds.observe(infer_time.as_secs_f64());
+    shared
+        .metrics
+        .inference_seconds
+        .observe(infer_time.as_secs_f64());
     let batch_size = batch.len();
     match outcome {
         Ok(per_job) => {

@@ -23,7 +23,10 @@ pub fn stack(parts: &[&Tensor]) -> Tensor {
     if parts.len() == 1 {
         return first.clone();
     }
-    let rows: i64 = parts.iter().map(|t| t.shape.first().copied().unwrap_or(1)).sum();
+    let rows: i64 = parts
+        .iter()
+        .map(|t| t.shape.first().copied().unwrap_or(1))
+        .sum();
     let mut data = BytesMut::with_capacity(parts.iter().map(|t| t.data.len()).sum());
     for part in parts {
         data.extend_from_slice(&part.data);
@@ -105,9 +108,9 @@ fn bytes_row_offsets(data: &Bytes, per_row: usize, rows: usize) -> Option<Vec<us
 /// the first, input by input.
 pub fn same_inner_shapes(a: &[Tensor], b: &[Tensor]) -> bool {
     a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            x.datatype == y.datatype && x.shape.get(1..) == y.shape.get(1..)
-        })
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.datatype == y.datatype && x.shape.get(1..) == y.shape.get(1..))
 }
 
 #[cfg(test)]
@@ -138,7 +141,13 @@ mod tests {
             for w in words {
                 push_bytes_element(&mut data, w.as_bytes());
             }
-            Tensor::new("s", DataType::Bytes, vec![words.len() as i64 / 2, 2], Bytes::from(data)).unwrap()
+            Tensor::new(
+                "s",
+                DataType::Bytes,
+                vec![words.len() as i64 / 2, 2],
+                Bytes::from(data),
+            )
+            .unwrap()
         };
         let a = make(&["a", "bb"]);
         let b = make(&["", "dddd", "e", "ffffff"]);

@@ -18,7 +18,9 @@ pub struct Repository {
 
 /// A name that cannot be a model folder (empty, hidden, or with path separators).
 #[derive(Debug, thiserror::Error)]
-#[error("'{0}' is not a valid model name (letters, digits, '-', '_' and '.' only, not starting with '.')")]
+#[error(
+    "'{0}' is not a valid model name (letters, digits, '-', '_' and '.' only, not starting with '.')"
+)]
 pub struct InvalidName(pub String);
 
 impl Repository {
@@ -75,7 +77,10 @@ impl Repository {
 
     /// The model file of `name` at `version`.
     pub fn model_path(&self, name: &str, version: u64) -> PathBuf {
-        self.root.join(name).join(version.to_string()).join(MODEL_FILE)
+        self.root
+            .join(name)
+            .join(version.to_string())
+            .join(MODEL_FILE)
     }
 
     /// The config of `name`, or the defaults if it has no `config.toml`.
@@ -92,7 +97,13 @@ mod tests {
     fn lists_models_with_versions_and_ignores_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for path in ["a/1/model.onnx", "a/3/model.onnx", "b/2/model.onnx", "c/notes.txt", "d/x/model.onnx"] {
+        for path in [
+            "a/1/model.onnx",
+            "a/3/model.onnx",
+            "b/2/model.onnx",
+            "c/notes.txt",
+            "d/x/model.onnx",
+        ] {
             std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
             std::fs::write(root.join(path), b"").unwrap();
         }

@@ -203,14 +203,22 @@ fn usable_providers(
     Ok(dispatch)
 }
 
-fn spec_of(path: &str, what: &'static str, name: &str, ty: &ValueType) -> Result<TensorSpec, LoadError> {
+fn spec_of(
+    path: &str,
+    what: &'static str,
+    name: &str,
+    ty: &ValueType,
+) -> Result<TensorSpec, LoadError> {
     let unsupported = || LoadError::UnsupportedType {
         path: path.to_string(),
         what,
         name: name.to_string(),
         ty: ty.to_string(),
     };
-    let ValueType::Tensor { ty: element, shape, .. } = ty else {
+    let ValueType::Tensor {
+        ty: element, shape, ..
+    } = ty
+    else {
         return Err(unsupported());
     };
     let datatype = datatype_of(*element).ok_or_else(unsupported)?;
@@ -316,7 +324,11 @@ fn to_value(tensor: &Tensor) -> Result<DynValue, RunError> {
     }
 }
 
-fn typed_tensor<T: Element>(name: &str, datatype: DataType, value: &DynValue) -> Result<Tensor, RunError> {
+fn typed_tensor<T: Element>(
+    name: &str,
+    datatype: DataType,
+    value: &DynValue,
+) -> Result<Tensor, RunError> {
     let (shape, elements) = value.try_extract_tensor::<T>().map_err(runtime_error)?;
     let mut data = Vec::with_capacity(elements.len() * T::SIZE);
     for &e in elements {

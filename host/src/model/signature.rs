@@ -57,7 +57,10 @@ impl Signature {
 
     /// The output named `name`, with its position.
     pub fn output(&self, name: &str) -> Option<(usize, &TensorSpec)> {
-        self.outputs.iter().enumerate().find(|(_, s)| s.name == name)
+        self.outputs
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == name)
     }
 }
 

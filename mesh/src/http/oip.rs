@@ -110,10 +110,17 @@ pub fn decode_request(
     let mut inputs = Vec::with_capacity(parsed.inputs.len());
     for input in parsed.inputs {
         let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-            fail(format!("input '{}': unknown datatype '{}'", input.name, input.datatype))
+            fail(format!(
+                "input '{}': unknown datatype '{}'",
+                input.name, input.datatype
+            ))
         })?;
-        let count = Tensor::element_count_of(&input.shape)
-            .ok_or_else(|| fail(format!("input '{}': invalid shape {:?}", input.name, input.shape)))?;
+        let count = Tensor::element_count_of(&input.shape).ok_or_else(|| {
+            fail(format!(
+                "input '{}': invalid shape {:?}",
+                input.name, input.shape
+            ))
+        })?;
         let data = match (binary_size(&input.parameters, &input.name)?, input.data) {
             (Some(size), None) => {
                 if size > binary.len() {
@@ -134,7 +141,8 @@ pub fn decode_request(
             }
             (None, None) => return Err(fail(format!("input '{}' has no 'data'", input.name))),
         };
-        let tensor = Tensor::new(input.name, datatype, input.shape, data).map_err(|e| fail(e.to_string()))?;
+        let tensor = Tensor::new(input.name, datatype, input.shape, data)
+            .map_err(|e| fail(e.to_string()))?;
         inputs.push(tensor);
     }
     if !binary.is_empty() {
@@ -161,7 +169,12 @@ pub fn decode_request(
                         output.name
                     )));
                 }
-                if output.parameters.get("binary_data").and_then(Value::as_bool) == Some(true) {
+                if output
+                    .parameters
+                    .get("binary_data")
+                    .and_then(Value::as_bool)
+                    == Some(true)
+                {
                     binary_names.push(output.name.clone());
                 }
                 names.push(output.name);
@@ -202,12 +215,23 @@ fn binary_size(parameters: &Map<String, Value>, name: &str) -> Result<Option<usi
             .as_u64()
             .and_then(|n| usize::try_from(n).ok())
             .map(Some)
-            .ok_or_else(|| fail(format!("input '{name}': binary_data_size must be a non-negative integer"))),
+            .ok_or_else(|| {
+                fail(format!(
+                    "input '{name}': binary_data_size must be a non-negative integer"
+                ))
+            }),
     }
 }
 
-fn parse_data(raw: &RawValue, datatype: DataType, count: usize, name: &str) -> Result<Bytes, DecodeError> {
-    let capacity = datatype.element_size().map_or(0, |s| s.saturating_mul(count));
+fn parse_data(
+    raw: &RawValue,
+    datatype: DataType,
+    count: usize,
+    name: &str,
+) -> Result<Bytes, DecodeError> {
+    let capacity = datatype
+        .element_size()
+        .map_or(0, |s| s.saturating_mul(count));
     // Cap the up-front allocation: the shape is client-supplied and may lie.
     let mut sink = Sink {
         datatype,
@@ -254,7 +278,11 @@ impl Sink {
             DataType::Int64 => put!(i64),
             DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
             DataType::Fp64 => self.out.extend_from_slice(&(v as f64).to_le_bytes()),
-            other => return Err(E::custom(format!("a number is not a valid {other} element"))),
+            other => {
+                return Err(E::custom(format!(
+                    "a number is not a valid {other} element"
+                )));
+            }
         }
         self.count += 1;
         Ok(())
@@ -288,7 +316,11 @@ impl<'de> Visitor<'de> for FlatSeed<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} elements, as a flat or nested JSON array", self.0.datatype)
+        write!(
+            f,
+            "{} elements, as a flat or nested JSON array",
+            self.0.datatype
+        )
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
@@ -298,7 +330,10 @@ impl<'de> Visitor<'de> for FlatSeed<'_> {
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
         if self.0.datatype != DataType::Bool {
-            return Err(E::custom(format!("{v} is not a valid {} element", self.0.datatype)));
+            return Err(E::custom(format!(
+                "{v} is not a valid {} element",
+                self.0.datatype
+            )));
         }
         self.0.out.push(u8::from(v));
         self.0.count += 1;
@@ -319,7 +354,10 @@ impl<'de> Visitor<'de> for FlatSeed<'_> {
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         if self.0.datatype != DataType::Bytes {
-            return Err(E::custom(format!("a string is not a valid {} element", self.0.datatype)));
+            return Err(E::custom(format!(
+                "a string is not a valid {} element",
+                self.0.datatype
+            )));
         }
         push_bytes_element(&mut self.0.out, v.as_bytes());
         self.0.count += 1;
@@ -470,18 +508,31 @@ mod tests {
 
     #[test]
     fn nested_and_flat_data_decode_to_the_same_bytes() {
-        let flat = decode(r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,3,4]}]}"#).unwrap();
-        let nested = decode(r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[3,4]]}]}"#).unwrap();
+        let flat = decode(
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2.5,3,4]}]}"#,
+        )
+        .unwrap();
+        let nested = decode(
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[3,4]]}]}"#,
+        )
+        .unwrap();
         assert_eq!(flat.request.inputs, nested.request.inputs);
-        let expected: Vec<u8> = [1.0f32, 2.5, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let expected: Vec<u8> = [1.0f32, 2.5, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         assert_eq!(flat.request.inputs[0].data.as_ref(), expected.as_slice());
     }
 
     #[test]
     fn integer_ranges_are_enforced() {
-        let err = decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[256]}]}"#).unwrap_err();
+        let err =
+            decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[256]}]}"#)
+                .unwrap_err();
         assert!(err.0.contains("out of range for UINT8"), "{err}");
-        let err = decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[1.5]}]}"#).unwrap_err();
+        let err =
+            decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[1.5]}]}"#)
+                .unwrap_err();
         assert!(err.0.contains("INT32"), "{err}");
         let ok = decode(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"UINT64","data":[0,18446744073709551615]}]}"#).unwrap();
         assert_eq!(&ok.request.inputs[0].data[8..], &u64::MAX.to_le_bytes());
@@ -489,22 +540,36 @@ mod tests {
 
     #[test]
     fn element_count_must_match_the_shape() {
-        let err = decode(r#"{"inputs":[{"name":"x","shape":[1,3],"datatype":"INT64","data":[1,2]}]}"#).unwrap_err();
+        let err =
+            decode(r#"{"inputs":[{"name":"x","shape":[1,3],"datatype":"INT64","data":[1,2]}]}"#)
+                .unwrap_err();
         assert!(err.0.contains("needs 3 elements"), "{err}");
     }
 
     #[test]
     fn malformed_bodies_say_what_is_wrong() {
-        assert!(decode("{").unwrap_err().0.contains("malformed request JSON"));
-        assert!(decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#)
-            .unwrap_err()
-            .0
-            .contains("unknown datatype 'FLOAT'"));
-        assert!(decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":["yes"]}]}"#).is_err());
-        assert!(decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL"}]}"#)
-            .unwrap_err()
-            .0
-            .contains("no 'data'"));
+        assert!(
+            decode("{")
+                .unwrap_err()
+                .0
+                .contains("malformed request JSON")
+        );
+        assert!(
+            decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#)
+                .unwrap_err()
+                .0
+                .contains("unknown datatype 'FLOAT'")
+        );
+        assert!(
+            decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":["yes"]}]}"#)
+                .is_err()
+        );
+        assert!(
+            decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL"}]}"#)
+                .unwrap_err()
+                .0
+                .contains("no 'data'")
+        );
     }
 
     #[test]
@@ -512,11 +577,15 @@ mod tests {
         let json = r#"{"inputs":[{"name":"a","shape":[2],"datatype":"INT16","parameters":{"binary_data_size":4}},{"name":"b","shape":[1],"datatype":"UINT8","parameters":{"binary_data_size":1}}],"outputs":[{"name":"y","parameters":{"binary_data":true}}]}"#;
         let mut body = json.as_bytes().to_vec();
         body.extend_from_slice(&[1, 0, 2, 0, 9]);
-        let decoded = decode_request("m", Some("3"), &Bytes::from(body.clone()), Some(json.len())).unwrap();
+        let decoded =
+            decode_request("m", Some("3"), &Bytes::from(body.clone()), Some(json.len())).unwrap();
         assert_eq!(decoded.request.inputs[0].data.as_ref(), &[1, 0, 2, 0]);
         assert_eq!(decoded.request.inputs[1].data.as_ref(), &[9]);
         assert_eq!(decoded.request.version.as_deref(), Some("3"));
-        assert_eq!(decoded.binary_outputs, OutputEncoding::Binary(vec!["y".into()]));
+        assert_eq!(
+            decoded.binary_outputs,
+            OutputEncoding::Binary(vec!["y".into()])
+        );
 
         body.push(0);
         let err = decode_request("m", None, &Bytes::from(body), Some(json.len())).unwrap_err();
@@ -534,7 +603,18 @@ mod tests {
 
     #[test]
     fn responses_encode_json_and_binary_outputs() {
-        let y = Tensor::new("y", DataType::Int64, vec![2], Bytes::from([7i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())).unwrap();
+        let y = Tensor::new(
+            "y",
+            DataType::Int64,
+            vec![2],
+            Bytes::from(
+                [7i64, -1]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+        )
+        .unwrap();
         let mut s = Vec::new();
         push_bytes_element(&mut s, b"hi");
         let z = Tensor::new("z", DataType::Bytes, vec![1], Bytes::from(s)).unwrap();

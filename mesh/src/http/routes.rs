@@ -40,9 +40,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/versions/{version}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready),
+        )
         .route("/v2/models/{model}/config", get(model_config))
-        .route("/v2/models/{model}/versions/{version}/config", get(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config),
+        )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
@@ -61,7 +67,10 @@ struct ModelPath {
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(ErrorClass::NotFound, format!("no route for {method} {}", uri.path()))
+    ApiError::new(
+        ErrorClass::NotFound,
+        format!("no route for {method} {}", uri.path()),
+    )
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
@@ -209,12 +218,15 @@ fn header_number(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiErro
     headers
         .get(name)
         .map(|v| {
-            v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| {
-                ApiError::new(
-                    ErrorClass::InvalidInput,
-                    format!("header {name} must be a non-negative integer"),
-                )
-            })
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorClass::InvalidInput,
+                        format!("header {name} must be a non-negative integer"),
+                    )
+                })
         })
         .transpose()
 }
@@ -262,11 +274,17 @@ async fn run_infer(
     let headers = http.headers_mut();
     match encoded.json_length {
         Some(n) => {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
             headers.insert(HEADER_CONTENT_LENGTH, HeaderValue::from(n));
         }
         None => {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
         }
     }
     if let Ok(timing) = HeaderValue::from_str(&server_timing(&response, started.elapsed())) {
@@ -294,12 +312,19 @@ struct IndexRequest {
     ready: bool,
 }
 
-async fn repository_index(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn repository_index(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let filter: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
         IndexRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(ErrorClass::InvalidInput, format!("malformed index request: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                ErrorClass::InvalidInput,
+                format!("malformed index request: {e}"),
+            )
+        })?
     };
     let engine = state.engine.clone();
     let index = tokio::task::spawn_blocking(move || engine.index())
@@ -353,7 +378,10 @@ async fn unload_model(
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.engine.metrics().encode(),
     )
         .into_response()

@@ -44,7 +44,10 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", cert.display())))?;
     if chain.is_empty() {
-        return Err(TlsError::Invalid(format!("{}: no certificate found", cert.display())));
+        return Err(TlsError::Invalid(format!(
+            "{}: no certificate found",
+            cert.display()
+        )));
     }
     let private_key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", key.display())))?
@@ -92,7 +95,8 @@ pub async fn serve(
         let service = TowerToHyperService::new(app.clone());
         match &acceptor {
             None => {
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let watched = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {
                     if let Err(e) = watched.await {
@@ -112,7 +116,8 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     if let Err(e) = watcher.watch(connection.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -122,7 +127,13 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("no longer accepting connections; draining in-flight requests");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain_timeout,
+            "connections still open after the drain timeout; closing them"
+        );
     }
 }

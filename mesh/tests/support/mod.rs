@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 /// The repository's root (the workspace), from this crate's folder.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// A copy of the example model repository that a test may change.
@@ -75,7 +78,10 @@ impl TestNode {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!("meshserve did not start; log:\n{}", log.lock().unwrap().join("\n"));
+                panic!(
+                    "meshserve did not start; log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
             }
         };
         let addr = line
@@ -97,7 +103,9 @@ impl TestNode {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
         let end = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -126,7 +134,11 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

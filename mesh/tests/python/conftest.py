@@ -1,0 +1,70 @@
+"""Starts a real meshserve node for the Python client tests."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+
+
+def _binary():
+    path = os.environ.get("MESHSERVE_BIN", str(ROOT / "target" / "release" / "meshserve"))
+    if not os.path.exists(path):
+        pytest.fail(f"meshserve binary not found at {path}; build it with `cargo build --release -p meshserve`")
+    return path
+
+
+class Node:
+    def __init__(self, repository):
+        self.process = subprocess.Popen(
+            [_binary(), "serve", "--http", "127.0.0.1:0", "--model-repository", str(repository)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "RUST_LOG": "info"},
+        )
+        self.log = []
+        ready = threading.Event()
+        self.url = None
+
+        def pump():
+            for line in self.process.stderr:
+                self.log.append(line)
+                match = re.search(r"address=http://(\S+)", line)
+                if match and "meshserve serving" in line:
+                    self.url = match.group(1)
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(60):
+            self.process.kill()
+            pytest.fail("meshserve did not start:\n" + "".join(self.log))
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("models")
+    shutil.copytree(ROOT / "examples" / "models", repository, dirs_exist_ok=True)
+    node = Node(repository)
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def references():
+    import json
+
+    def load(model):
+        return json.loads((ROOT / "examples" / "references" / f"{model}.json").read_text())
+
+    return load

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what meshserve needs to build, run and test, idempotently:
+#   - the wasm32-wasip2 Rust target (plugins are built for it),
+#   - .venv: a Python virtual environment with the ONNX Runtime wheel (the library the server
+#     loads; discovery finds it there) and the test clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v rustup >/dev/null 2>&1; then
+  rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# Reinstall only when the requirements changed since the last successful install.
+stamp=.venv/.requirements.sha256
+want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+  echo "$want" > "$stamp"
+fi
