@@ -536,11 +536,6 @@ impl ModelVersion {
             })
             .collect()
     }
-
-    /// Requests waiting for this version now.
-    pub fn queue_depth(&self) -> usize {
-        self.scheduler.depth()
-    }
 }
 
 fn pick(outputs: Vec<Tensor>, selection: &[usize]) -> Vec<Tensor> {

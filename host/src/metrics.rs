@@ -130,11 +130,6 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// The registry, for front doors that add their own metrics.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -196,6 +196,17 @@ async fn a_broken_model_file_is_reported_and_the_node_keeps_serving() {
         "max_batch_size = \"lots\"\n",
     )
     .unwrap();
+    // The CPU wheel has no CUDA provider: without fallback the load must fail and say why.
+    for (name, config) in [
+        ("gpu_only", "execution_providers = [\"cuda\"]\n"),
+        (
+            "gpu_or_cpu",
+            "execution_providers = [\"cuda\"]\nfallback_to_cpu = true\n",
+        ),
+    ] {
+        support::copy_tree(&repo.path().join("fraud"), &repo.path().join(name));
+        std::fs::write(repo.path().join(name).join("config.toml"), config).unwrap();
+    }
     let node = TestNode::start(repo.path(), &[]);
     let http = reqwest::Client::new();
 
@@ -232,6 +243,13 @@ async fn a_broken_model_file_is_reported_and_the_node_keeps_serving() {
         "{index}"
     );
     assert_eq!(entry("fraud")["state"], "READY");
+    let gpu_only = entry("gpu_only")["reason"].as_str().unwrap().to_string();
+    assert!(
+        gpu_only.contains("execution provider 'cuda' is not available")
+            && gpu_only.contains("fallback_to_cpu"),
+        "{gpu_only}"
+    );
+    assert_eq!(entry("gpu_or_cpu")["state"], "READY");
     assert!(node.log_text().contains("model failed to load"));
 
     let response = http
@@ -291,7 +309,7 @@ async fn sigterm_answers_every_in_flight_request_then_exits_cleanly() {
     let mut node = TestNode::start(repo.path(), &[]);
     let body = json!({"inputs": [{"name": "input", "shape": [64, 512], "datatype": "FP32", "data": vec![0.25; 64 * 512]}]});
     let http = reqwest::Client::new();
-    let requests: Vec<_> = (0..128)
+    let requests: Vec<_> = (0..96)
         .map(|_| {
             let request = http
                 .post(node.url("/v2/models/heavy/infer"))
@@ -303,11 +321,38 @@ async fn sigterm_answers_every_in_flight_request_then_exits_cleanly() {
             })
         })
         .collect();
-    // Let the requests reach the server, then ask it to stop while they are queued.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let node_pid = node.pid();
+    // Wait until the node has taken on every request (queued, done, or the one running),
+    // with a real queue still waiting, then SIGTERM.
+    let waiting_since = std::time::Instant::now();
+    let (queued, completed) = loop {
+        let metrics = http
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let queued =
+            support::metric_sum(&metrics, "meshserve_queue_depth", &[("model", "heavy")]) as usize;
+        let completed =
+            support::metric_sum(&metrics, "meshserve_requests_total", &[("model", "heavy")])
+                as usize;
+        if queued + completed + 1 >= 96 {
+            break (queued, completed);
+        }
+        assert!(
+            waiting_since.elapsed() < Duration::from_secs(20),
+            "requests never reached the node"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert!(
+        queued >= 8,
+        "the queue had drained before SIGTERM ({queued} queued); the test would prove nothing"
+    );
     let signalled = std::time::Instant::now();
-    let status = tokio::task::spawn_blocking(move || {
+    let (status, log) = tokio::task::spawn_blocking(move || {
         let status = node.terminate(Duration::from_secs(60));
         (status, node.log_text())
     })
@@ -316,19 +361,46 @@ async fn sigterm_answers_every_in_flight_request_then_exits_cleanly() {
     let mut served = 0;
     let mut served_after_signal = 0;
     for request in requests {
-        let (response, at) = request.await.unwrap();
-        let response =
-            response.unwrap_or_else(|e| panic!("request lost in the drain (pid {node_pid}): {e}"));
-        assert_eq!(response.status(), 200);
-        served += 1;
-        served_after_signal += usize::from(at > signalled);
+        match request.await.unwrap() {
+            (Ok(response), at) => {
+                assert_eq!(response.status(), 200);
+                served += 1;
+                served_after_signal += usize::from(at > signalled);
+            }
+            (Err(e), _) => panic!("a request in flight was lost: {e:?}"),
+        }
     }
     assert!(
-        served_after_signal > 0,
-        "every request finished before SIGTERM; the test proved nothing"
+        served_after_signal >= queued,
+        "{served_after_signal} answered after SIGTERM, {queued} were queued"
     );
-    assert_eq!(served, 128);
-    assert!(status.0.success(), "exit status {:?}", status.0);
-    assert!(status.1.contains("SIGTERM"), "{}", status.1);
-    assert!(status.1.contains("meshserve stopped"), "{}", status.1);
+    assert!(
+        served >= queued + completed,
+        "served {served}, queued {queued}, completed before {completed}"
+    );
+    assert!(status.success(), "exit status {status:?}");
+    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(log.contains("meshserve stopped"), "{log}");
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_fails_the_start_with_the_fix() {
+    let repo = copy_examples();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["serve", "--http", "127.0.0.1:0", "--model-repository"])
+        .arg(repo.path())
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so.1.31.1")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/libonnxruntime.so.1.31.1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ORT_DYLIB_PATH"), "{stderr}");
+    assert!(
+        stderr.contains("pip install onnxruntime==1.31.1"),
+        "{stderr}"
+    );
 }

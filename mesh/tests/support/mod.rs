@@ -85,8 +85,9 @@ impl TestNode {
             }
         };
         let addr = line
-            .split("address=http://")
+            .split("address=")
             .nth(1)
+            .and_then(|rest| rest.split("://").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line}"));
