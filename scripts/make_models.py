@@ -10,6 +10,7 @@ Writes:
   examples/models/<model>/config.toml     (where a model needs more than defaults)
   examples/references/<model>.json        inputs and onnxruntime's outputs per case
   mesh/tests/models/<model>/1/model.onnx  models only the tests serve (e.g. one that fails at run time)
+  examples/images/*.png, *.jpg            small images for the image-preprocess plugin
 
 Run: python3 scripts/make_models.py
 """
@@ -156,6 +157,29 @@ def mixed(_rng):
     return save("mixed", graph)
 
 
+IMAGE_SIZE = 32
+
+
+def image_stats(_rng):
+    """FP32 [N,3,32,32] NCHW image -> per-channel mean [N,3] and the global max [N,1]: the model
+    behind the image-preprocess plugin, whose answers are easy to predict for a solid colour."""
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["channel_mean"], axes=[2, 3], keepdims=0),
+        helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+        helper.make_node("ReduceMax", ["flat"], ["max"], axes=[1], keepdims=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "image_stats",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE])],
+        [
+            helper.make_tensor_value_info("channel_mean", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("max", TensorProto.FLOAT, ["batch", 1]),
+        ],
+    )
+    return save("image_stats", graph)
+
+
 ECHO_TYPES = [
     ("bool", TensorProto.BOOL, np.bool_),
     ("int8", TensorProto.INT8, np.int8),
@@ -245,6 +269,19 @@ def write_references(name, path, cases):
     (REFERENCES / f"{name}.json").write_text(json.dumps({"model": name, "cases": records}, indent=1) + "\n")
 
 
+def images():
+    """Solid red and a left-to-right grey ramp, as PNG and JPEG, for the image plugin's tests."""
+    from PIL import Image
+
+    out = ROOT / "examples" / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    red = Image.new("RGB", (64, 48), (255, 0, 0))
+    red.save(out / "red-64x48.png", optimize=True)
+    red.save(out / "red-64x48.jpg", quality=95)
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 40).astype(np.uint8), (20, 1)), mode="L")
+    ramp.save(out / "ramp-40x20-grey.png", optimize=True)
+
+
 def main():
     rng = np.random.default_rng(20261128)
     path = fraud(rng)
@@ -265,7 +302,14 @@ def main():
     )
     path = echo(rng)
     write_references("echo", path, [echo_inputs(rng, n) for n in (1, 2)])
+    path = image_stats(rng)
+    write_references(
+        "image_stats",
+        path,
+        [{"image": rng.standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)}],
+    )
     reshape_by_value(rng)
+    images()
     print(f"wrote models under {MODELS} and {TEST_MODELS}, references under {REFERENCES}")
 
 

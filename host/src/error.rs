@@ -16,8 +16,10 @@ pub enum ErrorClass {
     Unavailable,
     /// The request's deadline passed before it ran (HTTP 504).
     DeadlineExceeded,
-    /// The model failed while running (HTTP 500).
+    /// The model or a plugin failed while running (HTTP 500).
     Internal,
+    /// A plugin rejected the request with this 4xx status.
+    PluginStatus(u16),
 }
 
 /// A request that failed in the engine.
@@ -66,6 +68,32 @@ pub enum InferError {
         /// The deadline it had.
         timeout_us: u64,
     },
+    /// An endpoint's plugin is not loaded (bad file, failed compile).
+    #[error("endpoint '{endpoint}' is unavailable: {reason}")]
+    EndpointUnavailable {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// A plugin refused the request with its own status.
+    #[error("plugin '{plugin}' rejected the request: {message}")]
+    PluginRejected {
+        /// The plugin.
+        plugin: String,
+        /// The status it chose.
+        status: u16,
+        /// Its message.
+        message: String,
+    },
+    /// A plugin trapped, ran out of time, memory or fuel, or returned nonsense.
+    #[error("plugin '{plugin}' failed: {cause}")]
+    PluginFailed {
+        /// The plugin.
+        plugin: String,
+        /// What happened.
+        cause: String,
+    },
     /// ONNX Runtime failed.
     #[error("model '{model}' failed: {message}")]
     Runtime {
@@ -84,7 +112,15 @@ impl InferError {
                 ErrorClass::NotFound
             }
             InferError::InvalidInput(_) => ErrorClass::InvalidInput,
-            InferError::QueueFull { .. } | InferError::Closed { .. } => ErrorClass::Unavailable,
+            InferError::QueueFull { .. }
+            | InferError::Closed { .. }
+            | InferError::EndpointUnavailable { .. } => ErrorClass::Unavailable,
+            InferError::PluginRejected { status, .. } if (400..500).contains(status) => {
+                ErrorClass::PluginStatus(*status)
+            }
+            InferError::PluginRejected { .. } | InferError::PluginFailed { .. } => {
+                ErrorClass::Internal
+            }
             InferError::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
             InferError::Runtime { .. } => ErrorClass::Internal,
         }

@@ -27,6 +27,33 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Labels of plugin stage timings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    /// The endpoint.
+    pub endpoint: String,
+    /// `pre` or `post`.
+    pub stage: String,
+}
+
+/// Labels of plugin failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// The plugin.
+    pub plugin: String,
+    /// deadline, memory, fuel, panic, trap, output, rejected, busy.
+    pub kind: String,
+}
+
+/// Labels of feature lookups.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// The table (`_unknown` for a name no table has).
+    pub table: String,
+    /// `hit` or `miss`.
+    pub result: String,
+}
+
 type HistogramFamily = Family<ModelLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -47,6 +74,9 @@ pub struct Metrics {
     inference_seconds: HistogramFamily,
     batch_size: HistogramFamily,
     queue_depth: Family<ModelLabels, Gauge>,
+    plugin_seconds: Family<StageLabels, Histogram, fn() -> Histogram>,
+    plugin_failures: Family<FailureLabels, Counter>,
+    feature_lookups: Family<LookupLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +95,27 @@ impl Metrics {
         let inference_seconds = HistogramFamily::new_with_constructor(latency_histogram);
         let batch_size = HistogramFamily::new_with_constructor(batch_histogram);
         let queue_depth = Family::<ModelLabels, Gauge>::default();
+        let plugin_seconds =
+            Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        let plugin_failures = Family::<FailureLabels, Counter>::default();
+        let feature_lookups = Family::<LookupLabels, Counter>::default();
+        registry.register(
+            "plugin_duration_seconds",
+            "Time in a pre- or post-processing plugin call, instantiation included",
+            plugin_seconds.clone(),
+        );
+        registry.register(
+            "plugin_failures",
+            "Plugin calls that failed, by cause",
+            plugin_failures.clone(),
+        );
+        registry.register(
+            "feature_lookups",
+            "Feature-table lookups made by plugins",
+            feature_lookups.clone(),
+        );
         registry.register(
             "requests",
             "Inference requests answered, by model and HTTP status",
@@ -99,7 +150,44 @@ impl Metrics {
             inference_seconds,
             batch_size,
             queue_depth,
+            plugin_seconds,
+            plugin_failures,
+            feature_lookups,
         }
+    }
+
+    /// Records one plugin call's time for `endpoint` at `stage` (`pre` or `post`).
+    pub fn record_plugin_stage(&self, endpoint: &str, stage: &str, elapsed: Duration) {
+        self.plugin_seconds
+            .get_or_create(&StageLabels {
+                endpoint: endpoint.to_string(),
+                stage: stage.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed plugin call.
+    pub fn record_plugin_failure(&self, plugin: &str, kind: &str) {
+        self.plugin_failures
+            .get_or_create(&FailureLabels {
+                plugin: plugin.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a feature lookup; `table_known` keeps plugin-chosen names out of the labels.
+    pub fn record_lookup(&self, table: &str, hit: bool, table_known: bool) {
+        self.feature_lookups
+            .get_or_create(&LookupLabels {
+                table: if table_known {
+                    table.to_string()
+                } else {
+                    "_unknown".to_string()
+                },
+                result: if hit { "hit" } else { "miss" }.to_string(),
+            })
+            .inc();
     }
 
     /// Handles for one model, resolved once.

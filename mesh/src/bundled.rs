@@ -8,6 +8,10 @@ use tempfile::TempDir;
 /// `(path inside the repository, bytes)` of every bundled file.
 const FILES: &[(&str, &[u8])] = &[
     (
+        "image_stats/1/model.onnx",
+        include_bytes!("../../examples/models/image_stats/1/model.onnx"),
+    ),
+    (
         "fraud/1/model.onnx",
         include_bytes!("../../examples/models/fraud/1/model.onnx"),
     ),
@@ -63,7 +67,7 @@ mod tests {
         let repo = meshserve_host::model::repository::Repository::new(dir.path());
         assert_eq!(
             repo.model_names().unwrap(),
-            vec!["echo", "fraud", "heavy", "mixed"]
+            vec!["echo", "fraud", "heavy", "image_stats", "mixed"]
         );
     }
 }

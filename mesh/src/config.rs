@@ -1,7 +1,11 @@
 //! The node's config file. Every field has a default that serves the bundled models on a
 //! laptop; relative paths are taken relative to the config file.
 
+use meshserve_host::endpoint::EndpointConfig;
+use meshserve_host::plugin::features::{self, FeatureTableConfig};
+use meshserve_host::plugin::runtime::PluginRuntimeConfig;
 use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +21,12 @@ pub struct NodeConfig {
     pub drain_timeout_ms: u64,
     /// The HTTP/1.1 + HTTP/2 front door.
     pub http: HttpConfig,
+    /// The WebAssembly plugin runtime.
+    pub plugins: PluginRuntimeConfig,
+    /// Feature tables plugins may query, by name.
+    pub features: HashMap<String, FeatureTableConfig>,
+    /// Endpoints: `[pre-plugin] → model → [post-plugin]`, by name.
+    pub endpoints: BTreeMap<String, EndpointConfig>,
 }
 
 /// The HTTP front door's settings.
@@ -40,6 +50,9 @@ impl Default for NodeConfig {
             onnxruntime_library: None,
             drain_timeout_ms: 30_000,
             http: HttpConfig::default(),
+            plugins: PluginRuntimeConfig::default(),
+            features: HashMap::new(),
+            endpoints: BTreeMap::new(),
         }
     }
 }
@@ -96,12 +109,19 @@ impl NodeConfig {
             &mut config.onnxruntime_library,
             &mut config.http.tls_cert,
             &mut config.http.tls_key,
+            &mut config.plugins.cache_dir,
         ] {
             if let Some(p) = slot.as_mut()
                 && p.is_relative()
             {
                 *p = base.join(&*p);
             }
+        }
+        for table in config.features.values_mut() {
+            features::resolve_path(table, base);
+        }
+        for endpoint in config.endpoints.values_mut() {
+            endpoint.resolve_paths(base);
         }
         config.check()?;
         Ok(config)

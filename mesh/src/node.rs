@@ -4,8 +4,11 @@ use crate::config::NodeConfig;
 use crate::http::routes::{AppState, router};
 use crate::http::server::{self, TlsError};
 use meshserve_host::Engine;
+use meshserve_host::endpoint::Endpoints;
 use meshserve_host::engine::EngineConfig;
 use meshserve_host::metrics::Metrics;
+use meshserve_host::plugin::features::{FeatureError, FeatureTables};
+use meshserve_host::plugin::runtime::{PluginLoadError, PluginRuntime};
 use meshserve_host::runtime::RuntimeError;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,11 +41,18 @@ pub enum NodeError {
     /// The TLS files are unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A feature table could not be loaded.
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    /// The plugin runtime could not start.
+    #[error(transparent)]
+    Plugins(#[from] PluginLoadError),
 }
 
 /// A started node, not yet serving.
 pub struct Node {
     engine: Arc<Engine>,
+    endpoints: Option<Arc<Endpoints>>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     config: NodeConfig,
@@ -88,8 +98,14 @@ impl Node {
                 path: repository.display().to_string(),
                 source,
             })?;
+        let endpoints = if config.endpoints.is_empty() {
+            None
+        } else {
+            Some(start_endpoints(&config, &engine).await?)
+        };
         Ok(Node {
             engine,
+            endpoints,
             listener,
             tls,
             config,
@@ -115,6 +131,7 @@ impl Node {
         let state = AppState {
             engine: self.engine.clone(),
             max_body_bytes: self.config.http.max_body_bytes,
+            endpoints: self.endpoints.clone(),
         };
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let models: Vec<String> = self
@@ -129,6 +146,7 @@ impl Node {
             repository = %self.engine.repository().root().display(),
             onnxruntime = %self.engine.runtime_library().display(),
             models = %models.join(", "),
+            endpoints = %self.endpoints.iter().flat_map(|e| e.all()).map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "),
             "meshserve serving"
         );
         let engine = self.engine.clone();
@@ -149,4 +167,45 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         tracing::info!("meshserve stopped");
     }
+}
+
+/// Loads feature tables, starts the plugin runtime and loads every endpoint's plugins, then
+/// watches the plugin files for changes.
+async fn start_endpoints(
+    config: &NodeConfig,
+    engine: &Arc<Engine>,
+) -> Result<Arc<Endpoints>, NodeError> {
+    let tables = config.features.clone();
+    let plugins = config.plugins.clone();
+    let declared = config.endpoints.clone();
+    let metrics = engine.metrics().clone();
+    let endpoints = tokio::task::spawn_blocking(move || -> Result<Endpoints, NodeError> {
+        let features = Arc::new(FeatureTables::load(&tables)?);
+        let runtime = PluginRuntime::new(plugins, features, metrics)?;
+        Ok(Endpoints::load(&declared, runtime))
+    })
+    .await
+    .map_err(|e| NodeError::Repository {
+        path: "(endpoints)".into(),
+        source: std::io::Error::other(e.to_string()),
+    })??;
+    for endpoint in endpoints.all() {
+        if engine.model(&endpoint.name).is_some() {
+            tracing::warn!(endpoint = %endpoint.name, "an endpoint shadows the model of the same name on /v2/models/{{name}}");
+        }
+        if engine.model(&endpoint.model).is_none() {
+            tracing::warn!(endpoint = %endpoint.name, model = %endpoint.model, "the endpoint's model is not loaded");
+        }
+        if let Err(reason) = endpoint.readiness() {
+            tracing::error!(endpoint = %endpoint.name, %reason, "endpoint unavailable");
+        }
+    }
+    let endpoints = Arc::new(endpoints);
+    endpoints
+        .watch(Duration::from_secs(1))
+        .map_err(|source| NodeError::Repository {
+            path: "(plugin watcher)".into(),
+            source,
+        })?;
+    Ok(endpoints)
 }

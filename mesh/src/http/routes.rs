@@ -1,8 +1,9 @@
 //! The Open Inference Protocol v2 REST API (plus Triton's repository and model-configuration
 //! extensions and `/metrics`) as one axum router, shared by every HTTP version.
 
+use crate::http::endpoints;
 use crate::http::error::ApiError;
-use crate::http::oip::{self, HEADER_CONTENT_LENGTH};
+use crate::http::oip::{self, HEADER_CONTENT_LENGTH, OutputEncoding};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -11,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use meshserve_host::endpoint::{Endpoint, Endpoints};
 use meshserve_host::engine::{IndexEntry, ModelLoadError, ModelVersion};
 use meshserve_host::model::signature::TensorSpec;
 use meshserve_host::{DataType, Engine, ErrorClass, InferError, InferResponse};
@@ -29,6 +31,14 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// The node's endpoints (plugins around models), if any are configured.
+    pub endpoints: Option<Arc<Endpoints>>,
+}
+
+impl AppState {
+    fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints.as_ref()?.get(name).cloned()
+    }
 }
 
 /// Builds the router.
@@ -54,6 +64,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(load_model))
         .route("/v2/repository/models/{model}/unload", post(unload_model))
+        .route(
+            "/v1/endpoints/{endpoint}/invocations",
+            post(endpoints::invocations),
+        )
+        .route("/v1/endpoints/{endpoint}/reload", post(endpoints::reload))
         .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -128,6 +143,30 @@ async fn model_metadata(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
+    if let Some(endpoint) = state.endpoint(&path.model) {
+        let model = ModelPath {
+            model: endpoint.model.clone(),
+            version: path.version.clone().or_else(|| endpoint.version.clone()),
+        };
+        let version = find_version(&state, &model)?;
+        // With a pre-plugin the endpoint takes whatever body the plugin understands.
+        let inputs: Vec<Value> = match endpoint.pre {
+            Some(_) => Vec::new(),
+            None => version.signature.inputs.iter().map(spec_json).collect(),
+        };
+        let outputs: Vec<Value> = match endpoint.post {
+            Some(_) => Vec::new(),
+            None => version.signature.outputs.iter().map(spec_json).collect(),
+        };
+        return Ok(json_response(&json!({
+            "name": endpoint.name,
+            "versions": [version.version.to_string()],
+            "platform": "meshserve_endpoint",
+            "model": endpoint.model,
+            "inputs": inputs,
+            "outputs": outputs,
+        })));
+    }
     let version = find_version(&state, &path)?;
     let versions: Vec<String> = state
         .engine
@@ -147,6 +186,20 @@ async fn model_ready(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
 ) -> Result<StatusCode, ApiError> {
+    if let Some(endpoint) = state.endpoint(&path.model) {
+        endpoint.readiness().map_err(|reason| {
+            ApiError::from(InferError::EndpointUnavailable {
+                endpoint: endpoint.name.clone(),
+                reason,
+            })
+        })?;
+        let model = ModelPath {
+            model: endpoint.model.clone(),
+            version: endpoint.version.clone(),
+        };
+        find_version(&state, &model)?;
+        return Ok(StatusCode::OK);
+    }
     find_version(&state, &path)?;
     Ok(StatusCode::OK)
 }
@@ -190,7 +243,11 @@ async fn model_config(
 }
 
 /// Reads a body of at most `limit` bytes; larger is a 413 before the rest is read.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorClass::TooLarge,
@@ -214,7 +271,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     }
 }
 
-fn header_number(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+pub(crate) fn header_number(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
     headers
         .get(name)
         .map(|v| {
@@ -238,10 +295,14 @@ async fn infer(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let outcome = run_infer(&state, &path, &headers, body, started).await;
+    let endpoint = state.endpoint(&path.model);
+    let outcome = match &endpoint {
+        Some(endpoint) => endpoints::invoke(&state, endpoint, &headers, body, started).await,
+        None => run_infer(&state, &path, &headers, body, started).await,
+    };
     let response = outcome.unwrap_or_else(IntoResponse::into_response);
     // Only loaded models get their own label: client-chosen names must not grow the metrics.
-    let label = if state.engine.model(&path.model).is_some() {
+    let label = if endpoint.is_some() || state.engine.model(&path.model).is_some() {
         path.model.as_str()
     } else {
         "_unknown"
@@ -269,7 +330,23 @@ async fn run_infer(
         decoded.request.timeout = Some(Duration::from_micros(us));
     }
     let response = state.engine.infer(decoded.request).await?;
-    let encoded = oip::encode_response(&response, &decoded.binary_outputs);
+    Ok(oip_response(
+        &response,
+        &decoded.binary_outputs,
+        "",
+        started,
+    ))
+}
+
+/// Encodes an OIP response with its `Server-Timing` header; `extra_timing` holds stages that
+/// ran outside the engine (plugins), already formatted.
+pub(crate) fn oip_response(
+    response: &InferResponse,
+    encoding: &OutputEncoding,
+    extra_timing: &str,
+    started: Instant,
+) -> Response {
+    let encoded = oip::encode_response(response, encoding);
     let mut http = Response::new(Body::from(encoded.body));
     let headers = http.headers_mut();
     match encoded.json_length {
@@ -287,18 +364,20 @@ async fn run_infer(
             );
         }
     }
-    if let Ok(timing) = HeaderValue::from_str(&server_timing(&response, started.elapsed())) {
+    if let Ok(timing) =
+        HeaderValue::from_str(&server_timing(response, extra_timing, started.elapsed()))
+    {
         headers.insert("server-timing", timing);
     }
-    Ok(http)
+    http
 }
 
-/// The W3C `Server-Timing` value for a response: queue wait, inference, and the total.
-fn server_timing(response: &InferResponse, total: Duration) -> String {
+/// The W3C `Server-Timing` value for a response: plugin stages, queue wait, inference, total.
+pub(crate) fn server_timing(response: &InferResponse, extra: &str, total: Duration) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let t = &response.timings;
     format!(
-        "queue;dur={:.3}, infer;dur={:.3};desc=\"batch {}\", total;dur={:.3}",
+        "{extra}queue;dur={:.3}, infer;dur={:.3};desc=\"batch {}\", total;dur={:.3}",
         ms(t.queue),
         ms(t.infer),
         t.batch_size,

@@ -143,3 +143,42 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A first-party plugin component, built by `scripts/build-plugins.sh`.
+pub fn plugin(name: &str) -> PathBuf {
+    let path = workspace_root()
+        .join("plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-plugins.sh",
+        path.display()
+    );
+    path
+}
+
+/// Starts a node over a copy of the example models with `config` (TOML) as its node config;
+/// `{plugins}`, `{examples}` and `{dir}` in it expand to the plugin build folder, the
+/// repository's `examples/` and the node's temporary folder (which holds the model copy).
+pub fn start_with_config(config: &str) -> (TestNode, tempfile::TempDir) {
+    let dir = copy_examples();
+    let plugins = workspace_root().join("plugins/target/wasm32-wasip2/release");
+    let text = config
+        .replace("{plugins}", &plugins.display().to_string())
+        .replace(
+            "{examples}",
+            &workspace_root().join("examples").display().to_string(),
+        )
+        .replace("{dir}", &dir.path().display().to_string());
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        format!("model_repository = \"{}\"\n{text}", dir.path().display()),
+    )
+    .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meshserve"));
+    command
+        .args(["serve", "--http", "127.0.0.1:0", "--config"])
+        .arg(&path);
+    (TestNode::spawn(command), dir)
+}

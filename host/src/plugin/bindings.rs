@@ -1,0 +1,77 @@
+//! Rust bindings of the plugin world (`guest-sdk/wit/plugin.wit`, the one copy of the WIT),
+//! and conversions between its tensor type and the engine's.
+
+use crate::tensor::{DataType, Tensor};
+use bytes::Bytes;
+
+/// The generated bindings, in their own module because the world's types would clash with ours.
+pub mod wit {
+    wasmtime::component::bindgen!({
+        path: "../guest-sdk/wit",
+        world: "plugin",
+        exports: { default: async },
+    });
+}
+
+pub use wit::meshserve::plugin::host::{Host, LogLevel};
+pub use wit::meshserve::plugin::types::{
+    Answer, Body, Context, Datatype, Host as TypesHost, PluginError as WitPluginError, Request,
+    Tensor as WitTensor,
+};
+pub use wit::{Plugin, PluginPre};
+
+impl From<DataType> for Datatype {
+    fn from(d: DataType) -> Datatype {
+        match d {
+            DataType::Bool => Datatype::Bool,
+            DataType::Uint8 => Datatype::Uint8,
+            DataType::Uint16 => Datatype::Uint16,
+            DataType::Uint32 => Datatype::Uint32,
+            DataType::Uint64 => Datatype::Uint64,
+            DataType::Int8 => Datatype::Int8,
+            DataType::Int16 => Datatype::Int16,
+            DataType::Int32 => Datatype::Int32,
+            DataType::Int64 => Datatype::Int64,
+            DataType::Fp16 => Datatype::Fp16,
+            DataType::Fp32 => Datatype::Fp32,
+            DataType::Fp64 => Datatype::Fp64,
+            DataType::Bytes => Datatype::Bytes,
+        }
+    }
+}
+
+impl From<Datatype> for DataType {
+    fn from(d: Datatype) -> DataType {
+        match d {
+            Datatype::Bool => DataType::Bool,
+            Datatype::Uint8 => DataType::Uint8,
+            Datatype::Uint16 => DataType::Uint16,
+            Datatype::Uint32 => DataType::Uint32,
+            Datatype::Uint64 => DataType::Uint64,
+            Datatype::Int8 => DataType::Int8,
+            Datatype::Int16 => DataType::Int16,
+            Datatype::Int32 => DataType::Int32,
+            Datatype::Int64 => DataType::Int64,
+            Datatype::Fp16 => DataType::Fp16,
+            Datatype::Fp32 => DataType::Fp32,
+            Datatype::Fp64 => DataType::Fp64,
+            Datatype::Bytes => DataType::Bytes,
+        }
+    }
+}
+
+impl From<&Tensor> for WitTensor {
+    fn from(t: &Tensor) -> WitTensor {
+        WitTensor {
+            name: t.name.clone(),
+            datatype: t.datatype.into(),
+            shape: t.shape.clone(),
+            data: t.data.to_vec(),
+        }
+    }
+}
+
+/// A plugin's tensor as an engine tensor, checked: a plugin is untrusted, so its byte counts are too.
+pub fn tensor_from_plugin(t: WitTensor) -> Result<Tensor, crate::tensor::TensorError> {
+    Tensor::new(t.name, t.datatype.into(), t.shape, Bytes::from(t.data))
+}

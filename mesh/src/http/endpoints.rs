@@ -1,0 +1,232 @@
+//! Endpoints over HTTP: `[pre-plugin] → model → [post-plugin]`, served both on the OIP route
+//! (`POST /v2/models/{endpoint}/infer`, so OIP clients call endpoints unchanged) and on
+//! `POST /v1/endpoints/{endpoint}/invocations`, which hands any body to the pre-plugin and
+//! returns the post-plugin's body as it is.
+
+use crate::http::error::ApiError;
+use crate::http::oip::{self, OutputEncoding};
+use crate::http::routes::{AppState, TIMEOUT_HEADER, header_number, oip_response, read_body};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use meshserve_host::endpoint::Endpoint;
+use meshserve_host::plugin::bindings::{Context, Request};
+use meshserve_host::plugin::instance::PostAnswer;
+use meshserve_host::{ErrorClass, InferError, InferRequest};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Per-request plugin timings, for the `Server-Timing` header.
+#[derive(Default)]
+struct PluginTimings {
+    pre: Option<Duration>,
+    post: Option<Duration>,
+}
+
+impl PluginTimings {
+    fn header_parts(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut parts = String::new();
+        if let Some(pre) = self.pre {
+            parts.push_str(&format!("pre;dur={:.3}, ", ms(pre)));
+        }
+        if let Some(post) = self.post {
+            parts.push_str(&format!("post;dur={:.3}, ", ms(post)));
+        }
+        parts
+    }
+}
+
+fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+        })
+        .collect()
+}
+
+/// Serves one call of `endpoint`.
+pub async fn invoke(
+    state: &AppState,
+    endpoint: &Arc<Endpoint>,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let body = read_body(headers, body, state.max_body_bytes).await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mut timings = PluginTimings::default();
+    let metrics = state.engine.metrics();
+
+    let (mut request, encoding) = match &endpoint.pre {
+        Some(slot) => {
+            let raw = Request {
+                endpoint: endpoint.name.clone(),
+                content_type: content_type.clone(),
+                headers: header_list(headers),
+                body: body.to_vec(),
+            };
+            let t = Instant::now();
+            let inputs = endpoint.preprocess(slot, &raw).await;
+            let elapsed = t.elapsed();
+            metrics.record_plugin_stage(&endpoint.name, "pre", elapsed);
+            timings.pre = Some(elapsed);
+            let request = InferRequest {
+                model: endpoint.model.clone(),
+                version: endpoint.version.clone(),
+                inputs: inputs?,
+                ..InferRequest::default()
+            };
+            (request, OutputEncoding::Json)
+        }
+        None => decode_oip(endpoint, headers, &body)?,
+    };
+    if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
+        request.timeout = Some(Duration::from_micros(us));
+    }
+    let mut response = state
+        .engine
+        .infer(request)
+        .await
+        .map_err(|e| match (e, &endpoint.pre) {
+            // Tensors a pre-plugin made that the model refuses are the plugin's fault, not the client's.
+            (InferError::InvalidInput(message), Some(slot)) => {
+                ApiError::from(InferError::PluginFailed {
+                    plugin: slot
+                        .current()
+                        .map(|p| p.name().to_string())
+                        .unwrap_or_default(),
+                    cause: format!("returned tensors the model does not accept: {message}"),
+                })
+            }
+            (e, _) => ApiError::from(e),
+        })?;
+    response.model_name = endpoint.name.clone();
+
+    let Some(slot) = &endpoint.post else {
+        let timing = timings.header_parts();
+        return Ok(oip_response(&response, &encoding, &timing, started));
+    };
+    let context = Context {
+        endpoint: endpoint.name.clone(),
+        model: endpoint.model.clone(),
+        content_type,
+        headers: header_list(headers),
+    };
+    let t = Instant::now();
+    let answer = endpoint
+        .postprocess(slot, &context, &response.outputs)
+        .await;
+    let elapsed = t.elapsed();
+    metrics.record_plugin_stage(&endpoint.name, "post", elapsed);
+    timings.post = Some(elapsed);
+    let timing = timings.header_parts();
+    match answer? {
+        PostAnswer::Tensors(outputs) => {
+            response.outputs = outputs;
+            Ok(oip_response(&response, &encoding, &timing, started))
+        }
+        PostAnswer::Body { content_type, data } => {
+            let mut http = Response::new(Body::from(data));
+            let content_type = HeaderValue::from_str(&content_type)
+                .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+            http.headers_mut()
+                .insert(header::CONTENT_TYPE, content_type);
+            let server_timing =
+                crate::http::routes::server_timing(&response, &timing, started.elapsed());
+            if let Ok(value) = HeaderValue::from_str(&server_timing) {
+                http.headers_mut().insert("server-timing", value);
+            }
+            Ok(http)
+        }
+    }
+}
+
+fn decode_oip(
+    endpoint: &Endpoint,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(InferRequest, OutputEncoding), ApiError> {
+    let json_length = header_number(headers, oip::HEADER_CONTENT_LENGTH)?
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let decoded = oip::decode_request(
+        &endpoint.model,
+        endpoint.version.as_deref(),
+        body,
+        json_length,
+    )
+    .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
+    Ok((decoded.request, decoded.binary_outputs))
+}
+
+fn find(state: &AppState, name: &str) -> Result<Arc<Endpoint>, ApiError> {
+    state
+        .endpoints
+        .as_ref()
+        .and_then(|e| e.get(name))
+        .cloned()
+        .ok_or_else(|| ApiError::new(ErrorClass::NotFound, format!("unknown endpoint '{name}'")))
+}
+
+/// `POST /v1/endpoints/{endpoint}/invocations`.
+pub async fn invocations(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let outcome = match find(&state, &name) {
+        Ok(endpoint) => invoke(&state, &endpoint, &headers, body, started).await,
+        Err(e) => Err(e),
+    };
+    let response = outcome.unwrap_or_else(IntoResponse::into_response);
+    let label = if state
+        .endpoints
+        .as_ref()
+        .is_some_and(|e| e.get(&name).is_some())
+    {
+        name.as_str()
+    } else {
+        "_unknown"
+    };
+    state
+        .engine
+        .metrics()
+        .record_request(label, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// `POST /v1/endpoints/{endpoint}/reload`: loads the endpoint's plugin files again now.
+pub async fn reload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let endpoints = state
+        .endpoints
+        .clone()
+        .ok_or_else(|| ApiError::new(ErrorClass::NotFound, format!("unknown endpoint '{name}'")))?;
+    let target = name.clone();
+    tokio::task::spawn_blocking(move || endpoints.reload(&target))
+        .await
+        .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))??;
+    let endpoint = find(&state, &name)?;
+    let digests: Vec<_> = [("pre", &endpoint.pre), ("post", &endpoint.post)]
+        .into_iter()
+        .filter_map(|(stage, slot)| Some((stage, slot.as_ref()?.current().ok()?)))
+        .map(|(stage, plugin)| json!({ "stage": stage, "plugin": plugin.name(), "sha256": plugin.digest() }))
+        .collect();
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "endpoint": name, "plugins": digests }).to_string(),
+    )
+        .into_response())
+}

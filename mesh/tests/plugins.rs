@@ -1,0 +1,633 @@
+//! Endpoints with real WebAssembly plugins built from `plugins/`, in a real node: the
+//! first-party plugins give the right answers, and every promise of the sandbox is attacked.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use support::{TestNode, plugin, start_with_config, workspace_root};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+const FIRST_PARTY: &str = r#"
+[features.cards]
+path = "{examples}/data/cards.csv"
+
+[endpoints.fraud-check]
+model = "fraud"
+pre = { path = "{plugins}/fraud_features.wasm", config = '{"table": "cards"}' }
+post = { path = "{plugins}/threshold.wasm", config = '{"output": "probabilities", "index": 1, "review": 0.4, "block": 0.6}' }
+
+[endpoints.fraud-features]
+model = "fraud"
+pre = { path = "{plugins}/fraud_features.wasm" }
+
+[endpoints.fraud-json]
+model = "fraud"
+pre = { path = "{plugins}/json_features.wasm", config = '{"input": "features", "fields": ["f0","f1","f2","f3","f4","f5","f6","f7","f8","f9","f10","f11","f12","f13","f14","f15","f16","f17","f18","f19","f20","f21","f22","f23","f24","f25","f26","f27","f28","f29","f30","f31"]}' }
+
+[endpoints.fraud-top]
+model = "fraud"
+post = { path = "{plugins}/top_k.wasm", config = '{"labels": ["legit", "fraud"], "k": 2}' }
+
+[endpoints.image]
+model = "image_stats"
+pre = { path = "{plugins}/image_preprocess.wasm", config = '{"input": "image", "width": 32, "height": 32}' }
+"#;
+
+fn first_party() -> (TestNode, tempfile::TempDir) {
+    plugin("fraud_features");
+    start_with_config(FIRST_PARTY)
+}
+
+async fn post_json(http: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
+    let response = http.post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn first_party_plugins_compose_with_the_model() {
+    let (node, _dir) = first_party();
+    let http = client();
+
+    // json-features: the same 32 numbers by name give exactly the plain OIP answer.
+    let values: Vec<f64> = (0..32).map(|i| (i as f64 - 16.0) / 10.0).collect();
+    let named: serde_json::Map<String, Value> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("f{i}"), json!(v)))
+        .collect();
+    let (status, via_plugin) = post_json(
+        &http,
+        node.url("/v2/models/fraud-json/infer"),
+        &Value::Object(named),
+    )
+    .await;
+    assert_eq!(status, 200, "{via_plugin}");
+    let plain = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": values}]});
+    let (_, direct) = post_json(&http, node.url("/v2/models/fraud/infer"), &plain).await;
+    assert_eq!(via_plugin["model_name"], "fraud-json");
+    assert_eq!(
+        via_plugin["outputs"][0]["data"],
+        direct["outputs"][0]["data"]
+    );
+
+    // top-k as a post-plugin on the OIP route: labels ranked by the model's own probabilities.
+    let (status, ranked) = post_json(&http, node.url("/v2/models/fraud-top/infer"), &plain).await;
+    assert_eq!(status, 200, "{ranked}");
+    let p = floats(&direct["outputs"][0]["data"]);
+    let best = if p[1] > p[0] { "fraud" } else { "legit" };
+    assert_eq!(ranked["top"][0]["label"], best);
+    assert!((ranked["top"][0]["score"].as_f64().unwrap() - p[0].max(p[1])).abs() < 1e-6);
+    assert_eq!(ranked["top"].as_array().unwrap().len(), 2);
+
+    // fraud-features + threshold: the decision follows the probability the model gives for the
+    // very features the pre-plugin made; known and unknown cards differ through the lookup.
+    for card in ["card-0003", "card-0005", "no-such-card"] {
+        let transaction = json!({"card": card, "amount": 950.0, "hour": 3, "merchant_risk": 0.8, "foreign": true});
+        let (status, decision) = post_json(
+            &http,
+            node.url("/v1/endpoints/fraud-check/invocations"),
+            &transaction,
+        )
+        .await;
+        assert_eq!(status, 200, "{decision}");
+        let (_, model) = post_json(
+            &http,
+            node.url("/v2/models/fraud-features/infer"),
+            &transaction,
+        )
+        .await;
+        let score = floats(&model["outputs"][0]["data"])[1];
+        assert!(
+            (decision["score"].as_f64().unwrap() - score).abs() < 1e-6,
+            "{decision} vs {score}"
+        );
+        let expected = if score >= 0.6 {
+            "block"
+        } else if score >= 0.4 {
+            "review"
+        } else {
+            "allow"
+        };
+        assert_eq!(decision["decision"], expected);
+    }
+    let known = post_json(
+        &http,
+        node.url("/v2/models/fraud-features/infer"),
+        &json!({"card": "card-0003", "amount": 950.0}),
+    )
+    .await
+    .1;
+    let unknown = post_json(
+        &http,
+        node.url("/v2/models/fraud-features/infer"),
+        &json!({"card": "nobody", "amount": 950.0}),
+    )
+    .await
+    .1;
+    assert_ne!(
+        known["outputs"][0]["data"], unknown["outputs"][0]["data"],
+        "card history must change the features"
+    );
+    let batch =
+        json!([{"card": "card-0001", "amount": 10.0}, {"card": "card-0002", "amount": 20.0}]);
+    let (status, decisions) = post_json(
+        &http,
+        node.url("/v1/endpoints/fraud-check/invocations"),
+        &batch,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(decisions.as_array().unwrap().len(), 2);
+
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        support::metric_sum(
+            &metrics,
+            "meshserve_feature_lookups_total",
+            &[("table", "cards"), ("result", "hit")]
+        ) >= 4.0,
+        "{metrics}"
+    );
+    assert!(
+        support::metric_sum(
+            &metrics,
+            "meshserve_feature_lookups_total",
+            &[("table", "cards"), ("result", "miss")]
+        ) >= 2.0
+    );
+    assert!(
+        support::metric_sum(
+            &metrics,
+            "meshserve_plugin_duration_seconds_count",
+            &[("endpoint", "fraud-check"), ("stage", "pre")]
+        ) >= 4.0
+    );
+
+    // A plugin's own 4xx reaches the client with the plugin's message.
+    let (status, error) = post_json(
+        &http,
+        node.url("/v1/endpoints/fraud-check/invocations"),
+        &json!({"amount": 1}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"].as_str().unwrap().contains("fraud_features"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn image_preprocessing_resizes_and_normalises_png_and_jpeg() {
+    let (node, _dir) = first_party();
+    let http = client();
+    let images = workspace_root().join("examples/images");
+    // Solid red: every pixel is (1, 0, 0) before ImageNet normalisation.
+    let expected = [
+        (1.0 - 0.485) / 0.229,
+        (0.0 - 0.456) / 0.224,
+        (0.0 - 0.406) / 0.225,
+    ];
+    for (file, tolerance) in [("red-64x48.png", 1e-4), ("red-64x48.jpg", 0.05)] {
+        let bytes = std::fs::read(images.join(file)).unwrap();
+        let response = http
+            .post(node.url("/v1/endpoints/image/invocations"))
+            .header(
+                "content-type",
+                if file.ends_with("png") {
+                    "image/png"
+                } else {
+                    "image/jpeg"
+                },
+            )
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{file}");
+        let answer: Value = response.json().await.unwrap();
+        let means = floats(&answer["outputs"][0]["data"]);
+        for (got, want) in means.iter().zip(expected) {
+            assert!(
+                (got - want).abs() < tolerance,
+                "{file}: {means:?} vs {expected:?}"
+            );
+        }
+    }
+    // A grey ramp: channels equal, the mean of a 0..255 ramp is 0.5 before normalisation.
+    let bytes = std::fs::read(images.join("ramp-40x20-grey.png")).unwrap();
+    let answer: Value = http
+        .post(node.url("/v1/endpoints/image/invocations"))
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let means = floats(&answer["outputs"][0]["data"]);
+    assert!(((means[0] * 0.229 + 0.485) - 0.5).abs() < 0.02, "{means:?}");
+    // Not an image: the plugin's 422.
+    let response = http
+        .post(node.url("/v1/endpoints/image/invocations"))
+        .body("not an image")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+}
+
+/// A node whose endpoints each run the sandbox probe with one behaviour.
+fn probe_node(extra: &str) -> (TestNode, tempfile::TempDir) {
+    plugin("sandbox_probe");
+    let mut config = String::new();
+    for (name, behaviour, limits) in [
+        ("ok", "ok", ""),
+        ("loop", "loop", ", deadline_ms = 100"),
+        ("grow", "grow-memory", ", memory_bytes = 16777216"),
+        ("read-denied", "read-file:/etc/hostname", ""),
+        (
+            "read-granted",
+            "read-file:/data/granted.txt",
+            ", dirs = [{ host = \"{dir}/granted\", guest = \"/data\" }]",
+        ),
+        (
+            "write-denied",
+            "write-file:/data/new.txt",
+            ", dirs = [{ host = \"{dir}/granted\", guest = \"/data\" }]",
+        ),
+        ("connect", "connect:127.0.0.1:9", ""),
+        ("env-denied", "env:HOME", ""),
+        ("env-granted", "env:PROBE", ", env = { PROBE = \"yes\" }"),
+        ("panic", "panic", ""),
+        ("bad-shape", "bad-shape", ""),
+        ("bad-datatype", "bad-datatype", ""),
+        ("reject", "reject", ""),
+    ] {
+        config.push_str(&format!(
+            "[endpoints.{name}]\nmodel = \"fraud\"\npre = {{ path = \"{{plugins}}/sandbox_probe.wasm\", config = \"{behaviour}\"{limits} }}\n"
+        ));
+    }
+    config.push_str(extra);
+    let (node, dir) = start_with_config(&config);
+    (node, dir)
+}
+
+async fn call(http: &reqwest::Client, node: &TestNode, endpoint: &str) -> (u16, String) {
+    let response = http
+        .post(node.url(&format!("/v1/endpoints/{endpoint}/invocations")))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_sandbox_holds_every_promise() {
+    // The granted folder must exist before the node opens it per call.
+    let (node, dir) = probe_node("");
+    std::fs::create_dir_all(dir.path().join("granted")).unwrap();
+    std::fs::write(dir.path().join("granted/granted.txt"), "hello").unwrap();
+    let http = client();
+
+    assert_eq!(call(&http, &node, "ok").await.0, 200);
+
+    let started = Instant::now();
+    let (status, message) = call(&http, &node, "loop").await;
+    let took = started.elapsed();
+    assert_eq!(status, 500);
+    assert!(
+        message.contains("sandbox_probe") && message.contains("100 ms deadline"),
+        "{message}"
+    );
+    assert!(
+        took >= Duration::from_millis(90) && took < Duration::from_secs(2),
+        "deadline took {took:?}"
+    );
+
+    let (status, message) = call(&http, &node, "grow").await;
+    assert_eq!(status, 500);
+    assert!(
+        message.contains("memory") && message.contains("16777216"),
+        "{message}"
+    );
+
+    for denied in ["read-denied", "write-denied", "connect", "env-denied"] {
+        let (status, message) = call(&http, &node, denied).await;
+        assert_eq!(status, 400, "{denied}: {message}");
+        assert!(message.contains("denied"), "{denied}: {message}");
+    }
+    assert!(
+        !dir.path().join("granted/new.txt").exists(),
+        "a read-only grant was written to"
+    );
+    assert_eq!(
+        call(&http, &node, "read-granted").await.0,
+        200,
+        "a granted directory must be readable"
+    );
+    assert_eq!(
+        call(&http, &node, "env-granted").await.0,
+        200,
+        "a granted variable must be readable"
+    );
+
+    let (status, message) = call(&http, &node, "panic").await;
+    assert_eq!(status, 500);
+    assert!(
+        message.contains("panicked") && message.contains("sandbox-probe was told to panic"),
+        "{message}"
+    );
+
+    let (status, message) = call(&http, &node, "bad-shape").await;
+    assert_eq!(status, 500);
+    assert!(message.contains("invalid tensor"), "{message}");
+    let (status, message) = call(&http, &node, "bad-datatype").await;
+    assert_eq!(status, 500);
+    assert!(
+        message.contains("does not accept") && message.contains("FP64"),
+        "{message}"
+    );
+
+    let (status, message) = call(&http, &node, "reject").await;
+    assert_eq!(status, 422);
+    assert!(message.contains("rejects this request"), "{message}");
+
+    // After every attack the same plugin and the node still serve.
+    assert_eq!(call(&http, &node, "ok").await.0, 200);
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for kind in ["deadline", "memory", "panic", "output"] {
+        assert!(
+            support::metric_sum(
+                &metrics,
+                "meshserve_plugin_failures_total",
+                &[("plugin", "sandbox_probe"), ("kind", kind)]
+            ) >= 1.0,
+            "{kind}\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_runaway_plugin_does_not_stall_other_endpoints() {
+    let (node, _dir) = probe_node(
+        "[endpoints.slow-loop]\nmodel = \"fraud\"\npre = { path = \"{plugins}/sandbox_probe.wasm\", config = \"loop\", deadline_ms = 1500 }\n",
+    );
+    let http = client();
+    // Two runaways, one per async worker thread, for 1.5 s each.
+    let runaways: Vec<_> = (0..2)
+        .map(|_| {
+            let http = http.clone();
+            let url = node.url("/v1/endpoints/slow-loop/invocations");
+            tokio::spawn(async move {
+                http.post(url)
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(800) {
+        assert_eq!(call(&http, &node, "ok").await.0, 200);
+        served += 1;
+    }
+    for runaway in runaways {
+        assert_eq!(runaway.await.unwrap(), 500);
+    }
+    eprintln!("served {served} requests in 800 ms beside two runaway plugins");
+    // Sequential calls of a few hundred µs each: a stalled node would manage a handful.
+    assert!(
+        served >= 100,
+        "only {served} requests served while plugins ran away"
+    );
+}
+
+#[tokio::test]
+async fn five_hundred_concurrent_requests_through_plugins_are_all_correct() {
+    let (node, _dir) = first_party();
+    let http = client();
+    let values =
+        |i: usize| -> Vec<f64> { (0..32).map(|j| ((i * 7 + j) % 13) as f64 / 13.0).collect() };
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let http = http.clone();
+            let named: serde_json::Map<String, Value> = values(i).iter().enumerate().map(|(j, v)| (format!("f{j}"), json!(v))).collect();
+            let plain = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": values(i)}]});
+            let (via, direct) = (node.url("/v2/models/fraud-json/infer"), node.url("/v2/models/fraud/infer"));
+            tokio::spawn(async move {
+                let a = post_json(&http, via, &Value::Object(named)).await;
+                let b = post_json(&http, direct, &plain).await;
+                assert_eq!(a.0, 200, "{}", a.1);
+                assert_eq!(a.1["outputs"][0]["data"], b.1["outputs"][0]["data"], "request {i}");
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// A component with the same behaviour and a different digest: a custom section appended.
+fn with_custom_section(wasm: &[u8], tag: &str) -> Vec<u8> {
+    let mut section = Vec::new();
+    section.push(tag.len() as u8);
+    section.extend(tag.as_bytes());
+    section.extend(b"hot swap");
+    let mut out = wasm.to_vec();
+    out.push(0); // custom section id
+    out.push(section.len() as u8);
+    out.extend(section);
+    out
+}
+
+#[tokio::test]
+async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read(plugin("sandbox_probe")).unwrap();
+    let live = dir.path().join("probe.wasm");
+    std::fs::write(&live, &original).unwrap();
+    let config = format!(
+        "[endpoints.swapped]\nmodel = \"fraud\"\npre = {{ path = \"{}\", config = \"ok\" }}\n",
+        live.display()
+    );
+    let (node, _models) = start_with_config(&config);
+    let http = client();
+    let digest = |v: &Value| v["plugins"][0]["sha256"].as_str().unwrap().to_string();
+    let first: Value = http
+        .post(node.url("/v1/endpoints/swapped/reload"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url, stop) = (
+                http.clone(),
+                node.url("/v1/endpoints/swapped/invocations"),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    statuses.push(
+                        http.post(&url)
+                            .body("{}")
+                            .send()
+                            .await
+                            .unwrap()
+                            .status()
+                            .as_u16(),
+                    );
+                }
+                statuses
+            })
+        })
+        .collect();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let staged = dir.path().join("staged.wasm");
+        std::fs::write(
+            &staged,
+            with_custom_section(&original, &format!("v{round}")),
+        )
+        .unwrap();
+        std::fs::rename(&staged, &live).unwrap();
+        if round == 1 {
+            // The admin call swaps at once, without waiting for the file watcher.
+            let reloaded: Value = http
+                .post(node.url("/v1/endpoints/swapped/reload"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_ne!(digest(&reloaded), digest(&first));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for task in load {
+        let statuses = task.await.unwrap();
+        total += statuses.len();
+        assert!(
+            statuses.iter().all(|&s| s == 200),
+            "a request failed during the swap: {statuses:?}"
+        );
+    }
+    assert!(total > 100, "too few requests to mean anything: {total}");
+    assert!(
+        node.log_text().contains("plugin hot-swapped"),
+        "{}",
+        node.log_text()
+    );
+
+    // A malformed file: the reload fails with the reason, the previous version keeps serving.
+    std::fs::write(&live, b"\0asm garbage").unwrap();
+    let response = http
+        .post(node.url("/v1/endpoints/swapped/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid meshserve plugin component"),
+        "{error}"
+    );
+    assert_eq!(call(&http, &node, "swapped").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_malformed_plugin_at_start_leaves_only_its_endpoint_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"this is not wasm").unwrap();
+    let config = format!(
+        "[endpoints.broken]\nmodel = \"fraud\"\npre = {{ path = \"{}\" }}\n[endpoints.fine]\nmodel = \"fraud\"\npre = {{ path = \"{{plugins}}/sandbox_probe.wasm\", config = \"ok\" }}\n",
+        broken.display()
+    );
+    let (node, _models) = start_with_config(&config);
+    let http = client();
+    let (status, message) = call(&http, &node, "broken").await;
+    assert_eq!(status, 503);
+    assert!(
+        message.contains("broken.wasm") && message.contains("not a valid"),
+        "{message}"
+    );
+    assert_eq!(
+        http.get(node.url("/v2/models/broken/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(call(&http, &node, "fine").await.0, 200);
+    assert_eq!(
+        http.get(node.url("/v2/models/fine/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(node.url("/v2/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
