@@ -1,6 +1,17 @@
 #!/usr/bin/env bash
-# Builds every first-party plugin as a wasm32-wasip2 component into
-# plugins/target/wasm32-wasip2/release/<name>.wasm.
+# Builds every first-party plugin as a WebAssembly component:
+#   Rust plugins   -> plugins/target/wasm32-wasip2/release/<name>.wasm
+#   Python plugins -> plugins/target/python/<name>.wasm (componentize-py, from .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --manifest-path plugins/Cargo.toml --release --target wasm32-wasip2
+
+mkdir -p plugins/target/python
+for app in plugins/python/*/app.py; do
+  dir=$(dirname "$app")
+  out="plugins/target/python/$(basename "$dir").wasm"
+  # componentize-py takes seconds; rebuild only when the source or the WIT changed.
+  if [ ! -f "$out" ] || [ -n "$(find "$dir" guest-sdk/wit -newer "$out" -type f | head -1)" ]; then
+    .venv/bin/componentize-py -d guest-sdk/wit -w plugin componentize app -p "$dir" -o "$out"
+  fi
+done

@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use meshserve::bench::{self, HttpLoad, SuiteConfig};
+use meshserve::bench::plugins::PluginSuiteConfig;
+use meshserve::bench::suite::SuiteConfig;
+use meshserve::bench::{self, HttpLoad};
 use meshserve::config::NodeConfig;
 use meshserve::node::Node;
 use std::io::IsTerminal;
@@ -56,6 +58,21 @@ enum BenchCommand {
         /// Repository holding the `fraud` and `heavy` models.
         #[arg(long, default_value = "examples/models")]
         model_repository: PathBuf,
+        /// Measured seconds per scenario.
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        /// Warm-up seconds before each scenario.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+    },
+    /// Measure plugin overhead: per call in process, and served with and without plugins.
+    Plugins {
+        /// Repository holding the `fraud` model.
+        #[arg(long, default_value = "examples/models")]
+        model_repository: PathBuf,
+        /// Folder of the built plugins.
+        #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
+        plugins: PathBuf,
         /// Measured seconds per scenario.
         #[arg(long, default_value_t = 5.0)]
         duration_secs: f64,
@@ -184,8 +201,30 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                 duration: Duration::from_secs_f64(duration_secs),
                 warmup: Duration::from_secs_f64(warmup_secs),
             };
-            let table = runtime.block_on(bench::run_suite(&config))?;
+            let table = runtime.block_on(bench::suite::run_suite(&config))?;
             print!("{table}");
+        }
+        BenchCommand::Plugins {
+            model_repository,
+            plugins,
+            duration_secs,
+            warmup_secs,
+        } => {
+            let config = PluginSuiteConfig {
+                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                repository: std::fs::canonicalize(&model_repository)
+                    .with_context(|| format!("model repository {}", model_repository.display()))?,
+                plugins: std::fs::canonicalize(&plugins).with_context(|| {
+                    format!(
+                        "plugin folder {} (run scripts/build-plugins.sh)",
+                        plugins.display()
+                    )
+                })?,
+                duration: Duration::from_secs_f64(duration_secs),
+                warmup: Duration::from_secs_f64(warmup_secs),
+            };
+            let report = runtime.block_on(bench::plugins::run_plugin_suite(&config))?;
+            print!("{report}");
         }
         BenchCommand::Http {
             addr,

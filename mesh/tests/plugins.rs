@@ -563,11 +563,16 @@ async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_ve
         );
     }
     assert!(total > 100, "too few requests to mean anything: {total}");
-    assert!(
-        node.log_text().contains("plugin hot-swapped"),
-        "{}",
-        node.log_text()
-    );
+    // The file watcher polls every second: give it a few rounds to report the swap.
+    let waiting = Instant::now();
+    while !node.log_text().contains("plugin hot-swapped") {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "the watcher never swapped:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A malformed file: the reload fails with the reason, the previous version keeps serving.
     std::fs::write(&live, b"\0asm garbage").unwrap();
@@ -630,4 +635,63 @@ async fn a_malformed_plugin_at_start_leaves_only_its_endpoint_unavailable() {
             .status(),
         200
     );
+}
+
+#[tokio::test]
+async fn a_python_plugin_serves_through_the_same_world_and_is_compiled_once() {
+    let python = workspace_root().join("plugins/target/python/labels.wasm");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/build-plugins.sh",
+        python.display()
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[plugins]\ncache_dir = \"{}\"\n[endpoints.labels]\nmodel = \"fraud\"\npost = {{ path = \"{}\", config = '{{\"labels\": [\"legit\", \"fraud\"]}}' }}\n",
+        cache.path().display(),
+        python.display()
+    );
+    let http = client();
+    let body = json!({"inputs": [{"name": "features", "shape": [2, 32], "datatype": "FP32",
+        "data": (0..64).map(|i| (i % 9) as f64 / 3.0 - 1.0).collect::<Vec<_>>()}]});
+    for (round, source) in [(0, "compiled"), (1, "disk")] {
+        let (node, _models) = start_with_config(&config);
+        assert!(
+            node.log_text().contains(&format!("source=\"{source}\""))
+                || node.log_text().contains(&format!("source={source}")),
+            "round {round}: {}",
+            node.log_text()
+        );
+        let (status, labelled) = post_json(&http, node.url("/v2/models/labels/infer"), &body).await;
+        assert_eq!(status, 200, "{labelled}");
+        let (_, direct) = post_json(&http, node.url("/v2/models/fraud/infer"), &body).await;
+        let p = floats(&direct["outputs"][0]["data"]);
+        for (row, answer) in labelled.as_array().unwrap().iter().enumerate() {
+            let (legit, fraud) = (p[row * 2], p[row * 2 + 1]);
+            assert_eq!(
+                answer["label"],
+                if fraud > legit { "fraud" } else { "legit" }
+            );
+            assert!((answer["probabilities"]["fraud"].as_f64().unwrap() - fraud).abs() < 1e-6);
+        }
+    }
+    assert!(
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+    );
+}
+
+#[tokio::test]
+async fn a_fuel_budget_stops_a_plugin_that_spends_it() {
+    plugin("sandbox_probe");
+    let (node, _dir) = start_with_config(
+        "[plugins]\nfuel = true\n[endpoints.metered]\nmodel = \"fraud\"\npre = { path = \"{plugins}/sandbox_probe.wasm\", config = \"loop\", fuel = 1000000, deadline_ms = 10000 }\n[endpoints.ok]\nmodel = \"fraud\"\npre = { path = \"{plugins}/sandbox_probe.wasm\", config = \"ok\", fuel = 100000000 }\n",
+    );
+    let http = client();
+    let (status, message) = call(&http, &node, "metered").await;
+    assert_eq!(status, 500);
+    assert!(message.contains("fuel budget of 1000000"), "{message}");
+    assert_eq!(call(&http, &node, "ok").await.0, 200);
 }

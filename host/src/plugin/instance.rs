@@ -349,8 +349,18 @@ impl LoadedPlugin {
         })
     }
 
+    /// Waits for a free instance slot, so a burst queues instead of exhausting the pool.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, PluginFailure> {
+        self.runtime
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| self.failed("busy", e.to_string()))
+    }
+
     /// Runs `preprocess`: a request body to input tensors.
     pub async fn preprocess(&self, request: &Request) -> Result<Vec<Tensor>, PluginFailure> {
+        let _slot = self.slot().await?;
         let (mut store, stderr) = self.store()?;
         let instance = self.instantiate(&mut store, &stderr).await?;
         let answer = instance
@@ -373,6 +383,7 @@ impl LoadedPlugin {
         context: &Context,
         outputs: &[Tensor],
     ) -> Result<PostAnswer, PluginFailure> {
+        let _slot = self.slot().await?;
         let (mut store, stderr) = self.store()?;
         let instance = self.instantiate(&mut store, &stderr).await?;
         let wit: Vec<bindings::WitTensor> = outputs.iter().map(Into::into).collect();

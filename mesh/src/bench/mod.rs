@@ -1,18 +1,20 @@
 //! The load generator behind `meshserve bench`: closed-loop HTTP/1.1 load with HDR-histogram
 //! percentiles, the in-process ONNX Runtime loop that bounds what any server can reach, and
-//! the suite that runs both side by side against a freshly started node.
+//! the suites that run them side by side against a freshly started node ([`suite`] for the
+//! engine, [`plugins`] for WebAssembly plugins).
+
+pub mod plugins;
+pub mod suite;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use meshserve_host::model::repository::Repository;
 use meshserve_host::model::session::OnnxSession;
 use meshserve_host::{DataType, Tensor};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,7 +38,7 @@ pub enum BenchError {
     Model(String),
 }
 
-fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let context = context.into();
     move |source| BenchError::Io { context, source }
 }
@@ -252,7 +254,7 @@ pub fn fp32_request_body(input: &str, rows: usize, width: usize) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {
+pub(crate) fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {
     let data: Vec<u8> = sample_values(rows * width, 7)
         .iter()
         .flat_map(|v| v.to_le_bytes())
@@ -265,20 +267,8 @@ fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {
     }
 }
 
-/// Settings of `meshserve bench suite`.
-#[derive(Debug, Clone)]
-pub struct SuiteConfig {
-    /// The `meshserve` binary to start as the server.
-    pub server_binary: PathBuf,
-    /// The model repository to serve and to load in-process (must hold `fraud` and `heavy`).
-    pub repository: PathBuf,
-    /// Measured time per scenario.
-    pub duration: Duration,
-    /// Unmeasured time before each scenario.
-    pub warmup: Duration,
-}
-
-struct ServerProcess(Child);
+/// A `meshserve serve` child process, killed when dropped.
+pub(crate) struct ServerProcess(Child);
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
@@ -296,18 +286,19 @@ fn free_port() -> Result<u16, BenchError> {
         .port())
 }
 
-async fn start_server(config: &SuiteConfig) -> Result<(ServerProcess, SocketAddr), BenchError> {
+/// Starts `binary serve --http <free port> <args>` and waits until it reports ready.
+pub(crate) async fn start_server(
+    binary: &Path,
+    args: &[&std::ffi::OsStr],
+) -> Result<(ServerProcess, SocketAddr), BenchError> {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let child = Command::new(&config.server_binary)
-        .args(["serve", "--http", &addr.to_string(), "--model-repository"])
-        .arg(&config.repository)
+    let child = Command::new(binary)
+        .args(["serve", "--http", &addr.to_string()])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .map_err(io_error(format!(
-            "start {}",
-            config.server_binary.display()
-        )))?;
+        .map_err(io_error(format!("start {}", binary.display())))?;
     let server = ServerProcess(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -341,123 +332,4 @@ async fn health_ok(addr: SocketAddr) -> bool {
         .send_request(request)
         .await
         .is_ok_and(|r| r.status().is_success())
-}
-
-fn load_session(repository: &Path, model: &str) -> Result<OnnxSession, BenchError> {
-    let runtime =
-        meshserve_host::runtime::init(None).map_err(|e| BenchError::Model(e.to_string()))?;
-    let repo = Repository::new(repository);
-    let version = repo.versions(model).last().copied().ok_or_else(|| {
-        BenchError::Model(format!("model '{model}' not in {}", repository.display()))
-    })?;
-    let config = repo
-        .config(model)
-        .map_err(|e| BenchError::Model(e.to_string()))?;
-    OnnxSession::load(runtime, &repo.model_path(model, version), &config)
-        .map_err(|e| BenchError::Model(e.to_string()))
-}
-
-/// One row of the suite's table.
-struct Row {
-    label: String,
-    concurrency: usize,
-    report: Report,
-}
-
-/// Runs the suite of the single-node issue and returns the printed table.
-pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut rows = Vec::new();
-
-    // The in-process limits first, with the machine quiet.
-    let mut fraud = load_session(&config.repository, "fraud")?;
-    let fraud_input = [fp32_tensor("features", 1, 32)];
-    rows.push(Row {
-        label: "fraud  in-process ORT, batch 1".into(),
-        concurrency: 1,
-        report: run_in_process(&mut fraud, &fraud_input, 1, config.warmup, config.duration)?,
-    });
-    drop(fraud);
-    let mut heavy = load_session(&config.repository, "heavy")?;
-    let heavy_input = [fp32_tensor("input", 1, 512)];
-    rows.push(Row {
-        label: "heavy  in-process ORT, batch 1".into(),
-        concurrency: 1,
-        report: run_in_process(&mut heavy, &heavy_input, 1, config.warmup, config.duration)?,
-    });
-    drop(heavy);
-
-    let (_server, addr) = start_server(config).await?;
-    for (model, input, width, concurrency) in [
-        ("fraud", "features", 32, 1),
-        ("fraud", "features", 32, 64),
-        ("heavy", "input", 512, 64),
-    ] {
-        let load = HttpLoad {
-            addr,
-            path: format!("/v2/models/{model}/infer"),
-            body: fp32_request_body(input, 1, width),
-            rows: 1,
-            concurrency,
-            warmup: config.warmup,
-            duration: config.duration,
-        };
-        let report = run_http(&load).await?;
-        if report.errors > 0 {
-            return Err(BenchError::Server(format!(
-                "{} of the {model} requests failed",
-                report.errors
-            )));
-        }
-        rows.push(Row {
-            label: format!("{model}  HTTP/1.1 JSON, batch-1 requests"),
-            concurrency,
-            report,
-        });
-    }
-
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "meshserve bench suite: {cores} cores, closed loop, {} s per row after {} s warm-up; load generator on the same machine",
-        config.duration.as_secs_f64(),
-        config.warmup.as_secs_f64()
-    );
-    let _ = writeln!(
-        out,
-        "{:<40} {:>5} {:>11} {:>11} {:>9} {:>9}",
-        "scenario", "conc", "req/s", "samples/s", "p50 µs", "p99 µs"
-    );
-    for row in &rows {
-        let r = &row.report;
-        let _ = writeln!(
-            out,
-            "{:<40} {:>5} {:>11.0} {:>11.0} {:>9} {:>9}",
-            row.label,
-            row.concurrency,
-            r.requests_per_second(),
-            r.samples_per_second(),
-            r.percentile_us(0.5),
-            r.percentile_us(0.99)
-        );
-    }
-    let fraud_raw = &rows[0].report;
-    let heavy_raw = &rows[1].report;
-    let fraud_c1 = &rows[2].report;
-    let heavy_served = &rows[4].report;
-    let _ = writeln!(
-        out,
-        "fraud: server-added p50 latency at concurrency 1 = {} µs (HTTP p50 {} µs − in-process p50 {} µs)",
-        fraud_c1
-            .percentile_us(0.5)
-            .saturating_sub(fraud_raw.percentile_us(0.5)),
-        fraud_c1.percentile_us(0.5),
-        fraud_raw.percentile_us(0.5)
-    );
-    let _ = writeln!(
-        out,
-        "heavy: served with dynamic batching / in-process single-request loop = {:.2}x samples/s",
-        heavy_served.samples_per_second() / heavy_raw.samples_per_second().max(1e-9)
-    );
-    Ok(out)
 }

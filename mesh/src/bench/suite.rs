@@ -1,0 +1,147 @@
+//! `meshserve bench suite`: the single-node engine next to in-process ONNX Runtime.
+
+use super::{
+    BenchError, HttpLoad, Report, fp32_request_body, fp32_tensor, run_http, run_in_process,
+    start_server,
+};
+use meshserve_host::model::repository::Repository;
+use meshserve_host::model::session::OnnxSession;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Settings of `meshserve bench suite`.
+#[derive(Debug, Clone)]
+pub struct SuiteConfig {
+    /// The `meshserve` binary to start as the server.
+    pub server_binary: PathBuf,
+    /// The model repository to serve and to load in-process (must hold `fraud` and `heavy`).
+    pub repository: PathBuf,
+    /// Measured time per scenario.
+    pub duration: Duration,
+    /// Unmeasured time before each scenario.
+    pub warmup: Duration,
+}
+
+fn load_session(repository: &Path, model: &str) -> Result<OnnxSession, BenchError> {
+    let runtime =
+        meshserve_host::runtime::init(None).map_err(|e| BenchError::Model(e.to_string()))?;
+    let repo = Repository::new(repository);
+    let version = repo.versions(model).last().copied().ok_or_else(|| {
+        BenchError::Model(format!("model '{model}' not in {}", repository.display()))
+    })?;
+    let config = repo
+        .config(model)
+        .map_err(|e| BenchError::Model(e.to_string()))?;
+    OnnxSession::load(runtime, &repo.model_path(model, version), &config)
+        .map_err(|e| BenchError::Model(e.to_string()))
+}
+
+/// One row of the suite's table.
+struct Row {
+    label: String,
+    concurrency: usize,
+    report: Report,
+}
+
+/// Runs the suite of the single-node issue and returns the printed table.
+pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+
+    // The in-process limits first, with the machine quiet.
+    let mut fraud = load_session(&config.repository, "fraud")?;
+    let fraud_input = [fp32_tensor("features", 1, 32)];
+    rows.push(Row {
+        label: "fraud  in-process ORT, batch 1".into(),
+        concurrency: 1,
+        report: run_in_process(&mut fraud, &fraud_input, 1, config.warmup, config.duration)?,
+    });
+    drop(fraud);
+    let mut heavy = load_session(&config.repository, "heavy")?;
+    let heavy_input = [fp32_tensor("input", 1, 512)];
+    rows.push(Row {
+        label: "heavy  in-process ORT, batch 1".into(),
+        concurrency: 1,
+        report: run_in_process(&mut heavy, &heavy_input, 1, config.warmup, config.duration)?,
+    });
+    drop(heavy);
+
+    let (_server, addr) = start_server(
+        &config.server_binary,
+        &["--model-repository".as_ref(), config.repository.as_os_str()],
+    )
+    .await?;
+    for (model, input, width, concurrency) in [
+        ("fraud", "features", 32, 1),
+        ("fraud", "features", 32, 64),
+        ("heavy", "input", 512, 64),
+    ] {
+        let load = HttpLoad {
+            addr,
+            path: format!("/v2/models/{model}/infer"),
+            body: fp32_request_body(input, 1, width),
+            rows: 1,
+            concurrency,
+            warmup: config.warmup,
+            duration: config.duration,
+        };
+        let report = run_http(&load).await?;
+        if report.errors > 0 {
+            return Err(BenchError::Server(format!(
+                "{} of the {model} requests failed",
+                report.errors
+            )));
+        }
+        rows.push(Row {
+            label: format!("{model}  HTTP/1.1 JSON, batch-1 requests"),
+            concurrency,
+            report,
+        });
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "meshserve bench suite: {cores} cores, closed loop, {} s per row after {} s warm-up; load generator on the same machine",
+        config.duration.as_secs_f64(),
+        config.warmup.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "{:<40} {:>5} {:>11} {:>11} {:>9} {:>9}",
+        "scenario", "conc", "req/s", "samples/s", "p50 µs", "p99 µs"
+    );
+    for row in &rows {
+        let r = &row.report;
+        let _ = writeln!(
+            out,
+            "{:<40} {:>5} {:>11.0} {:>11.0} {:>9} {:>9}",
+            row.label,
+            row.concurrency,
+            r.requests_per_second(),
+            r.samples_per_second(),
+            r.percentile_us(0.5),
+            r.percentile_us(0.99)
+        );
+    }
+    let fraud_raw = &rows[0].report;
+    let heavy_raw = &rows[1].report;
+    let fraud_c1 = &rows[2].report;
+    let heavy_served = &rows[4].report;
+    let _ = writeln!(
+        out,
+        "fraud: server-added p50 latency at concurrency 1 = {} µs (HTTP p50 {} µs − in-process p50 {} µs)",
+        fraud_c1
+            .percentile_us(0.5)
+            .saturating_sub(fraud_raw.percentile_us(0.5)),
+        fraud_c1.percentile_us(0.5),
+        fraud_raw.percentile_us(0.5)
+    );
+    let _ = writeln!(
+        out,
+        "heavy: served with dynamic batching / in-process single-request loop = {:.2}x samples/s",
+        heavy_served.samples_per_second() / heavy_raw.samples_per_second().max(1e-9)
+    );
+    Ok(out)
+}
