@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
@@ -41,7 +41,8 @@ pub struct PluginSpec {
     /// The string the plugin reads through the `config` import.
     #[serde(default)]
     pub config: String,
-    /// Wall-clock limit per call, in ms.
+    /// Running-time limit per call, in ms: time the plugin spends executing (instantiation
+    /// included), not time it waits for a thread while the node is busy.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
     /// Linear-memory cap per call, in bytes.
@@ -100,7 +101,49 @@ pub struct CallState {
     config: Arc<str>,
     features: Arc<FeatureTables>,
     metrics: Arc<Metrics>,
-    deadline: Instant,
+    clock: Arc<RunningClock>,
+}
+
+/// The running time of one call. Time spent yielded (waiting in the async run queue) is not
+/// the plugin's doing, so it does not count against the plugin's budget: under a burst, a
+/// wall-clock deadline would fail well-behaved plugins that merely waited their turn.
+struct RunningClock {
+    budget: Duration,
+    state: Mutex<ClockState>,
+}
+
+struct ClockState {
+    used: Duration,
+    resumed_at: Instant,
+}
+
+impl RunningClock {
+    fn new(budget: Duration) -> RunningClock {
+        RunningClock {
+            budget,
+            state: Mutex::new(ClockState {
+                used: Duration::ZERO,
+                resumed_at: Instant::now(),
+            }),
+        }
+    }
+
+    /// Adds the time since the last resumption; true once the budget is spent.
+    fn charge(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let ran = now.saturating_duration_since(state.resumed_at);
+        state.used += ran;
+        state.resumed_at = now;
+        state.used >= self.budget
+    }
+
+    fn resumed(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resumed_at = Instant::now();
+    }
 }
 
 impl WasiView for CallState {
@@ -243,24 +286,29 @@ impl LoadedPlugin {
             config: self.config.clone(),
             features: self.runtime.features.clone(),
             metrics: self.runtime.metrics.clone(),
-            deadline: Instant::now() + Duration::from_millis(self.spec.deadline_ms),
+            clock: Arc::new(RunningClock::new(Duration::from_millis(
+                self.spec.deadline_ms,
+            ))),
         };
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|state| &mut state.limits);
-        // Check the clock every tick and yield the thread in between: a runaway plugin shares
-        // its worker thread with other requests until its deadline traps it.
+        // Charge the running clock every tick and yield the thread in between: a runaway
+        // plugin shares its worker thread with other requests until its budget traps it.
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|context| {
-            if Instant::now() >= context.data().deadline {
-                Err(wasmtime::Error::new(DeadlineExceeded))
-            } else {
-                // tokio's own yield goes to the back of the run queue; a plain wake would let
-                // the runaway task be polled again first.
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+            let clock = context.data().clock.clone();
+            if clock.charge() {
+                return Err(wasmtime::Error::new(DeadlineExceeded));
             }
+            // tokio's own yield goes to the back of the run queue; a plain wake would let the
+            // runaway task be polled again first.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    tokio::task::yield_now().await;
+                    clock.resumed();
+                }),
+            ))
         });
         if self.runtime.config.fuel {
             store
@@ -285,7 +333,7 @@ impl LoadedPlugin {
             return self.failed(
                 "deadline",
                 format!(
-                    "ran past its {} ms deadline and was stopped",
+                    "ran past its {} ms deadline (running time) and was stopped",
                     self.spec.deadline_ms
                 ),
             );
