@@ -1,0 +1,173 @@
+//! Placement: which nodes host a model, computed from membership alone.
+//!
+//! Rendezvous (highest random weight) hashing, after Thaler and Ravishankar, "Using
+//! Name-Based Mappings to Increase Hit Rates" (1998): every node scores every model with a
+//! hash of the pair, and a model's replicas are its `replicas` highest-scoring eligible nodes.
+//! Every node computes the same answer from the same member list with no coordinator, and a
+//! node joining or leaving moves only the models whose top set it enters or leaves: about
+//! `replicas / N` of all assignments. Pure functions; no I/O, no clock.
+
+/// A stable 64-bit hash of `(model, node)`: FNV-1a over both names, then the SplitMix64
+/// finaliser so that similar names spread. Stable across Rust versions and platforms, unlike
+/// `std`'s hasher, because every node of a mesh must compute the same scores.
+pub fn score(model: &str, node: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in model.bytes().chain([0xff]).chain(node.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+/// The `replicas` nodes that host `model`, best first, chosen among `eligible` node ids.
+/// Ties (equal scores) break by node id, so the order is total and the same everywhere.
+pub fn replicas<'a>(
+    model: &str,
+    eligible: impl IntoIterator<Item = &'a str>,
+    replicas: usize,
+) -> Vec<&'a str> {
+    let mut scored: Vec<(u64, &'a str)> = eligible
+        .into_iter()
+        .map(|node| (score(model, node), node))
+        .collect();
+    scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored
+        .into_iter()
+        .take(replicas)
+        .map(|(_, node)| node)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn nodes(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("node-{i:03}")).collect()
+    }
+
+    fn placement<'a>(
+        models: &[String],
+        members: &'a [String],
+        count: usize,
+    ) -> Vec<BTreeSet<&'a str>> {
+        models
+            .iter()
+            .map(|m| {
+                replicas(m, members.iter().map(String::as_str), count)
+                    .into_iter()
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_answer_does_not_depend_on_member_order() {
+        let members = nodes(10);
+        let reversed: Vec<String> = members.iter().rev().cloned().collect();
+        let before = replicas("fraud", members.iter().map(String::as_str), 3);
+        let after = replicas("fraud", reversed.iter().map(String::as_str), 3);
+        assert_eq!(before, after);
+        assert_eq!(before.len(), 3);
+        assert_eq!(
+            before.iter().collect::<BTreeSet<_>>().len(),
+            3,
+            "replicas are distinct"
+        );
+    }
+
+    #[test]
+    fn fewer_members_than_replicas_places_on_all_of_them() {
+        let members = nodes(2);
+        assert_eq!(
+            replicas("m", members.iter().map(String::as_str), 5).len(),
+            2
+        );
+        assert!(replicas("m", std::iter::empty(), 2).is_empty());
+    }
+
+    #[test]
+    fn scores_are_pinned_so_every_version_agrees() {
+        // A changed hash would silently re-place every model of a mixed-version mesh. The
+        // values were computed by an independent implementation of the same definition.
+        assert_eq!(score("fraud", "node-a"), 0x5326_4209_48cd_6ca7);
+        assert_eq!(score("", ""), 0x4f2d_b50f_1240_40cd);
+        assert_ne!(score("fraud", "node-a"), score("node-a", "fraud"));
+    }
+
+    #[test]
+    fn a_join_moves_about_replicas_over_n_of_the_assignments() {
+        let models: Vec<String> = (0..2000).map(|i| format!("model-{i}")).collect();
+        let members = nodes(100);
+        let before = placement(&models, &members, 2);
+        let mut grown = members.clone();
+        grown.push("node-new".to_string());
+        let after = placement(&models, &grown, 2);
+        let moved: usize = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| b.difference(a).count())
+            .sum();
+        let fraction = moved as f64 / (models.len() * 2) as f64;
+        // Expected 1/101 ≈ 0.0099 of assignments; allow sampling noise.
+        assert!(
+            (0.005..0.02).contains(&fraction),
+            "moved fraction {fraction}"
+        );
+        // Every moved assignment went to the new node, none between old nodes.
+        for (b, a) in before.iter().zip(&after) {
+            for gained in a.difference(b) {
+                assert_eq!(*gained, "node-new");
+            }
+        }
+    }
+
+    #[test]
+    fn a_leave_moves_only_the_models_the_leaver_hosted() {
+        let models: Vec<String> = (0..1000).map(|i| format!("model-{i}")).collect();
+        let members = nodes(50);
+        let before = placement(&models, &members, 3);
+        let remaining: Vec<String> = members
+            .iter()
+            .filter(|n| *n != "node-007")
+            .cloned()
+            .collect();
+        let after = placement(&models, &remaining, 3);
+        for (b, a) in before.iter().zip(&after) {
+            if b.contains("node-007") {
+                assert_eq!(
+                    b.intersection(a).count(),
+                    2,
+                    "the two survivors keep the model"
+                );
+            } else {
+                assert_eq!(b, a, "a model the leaver did not host must not move");
+            }
+        }
+    }
+
+    #[test]
+    fn load_spreads_evenly() {
+        let models: Vec<String> = (0..5000).map(|i| format!("model-{i}")).collect();
+        let members = nodes(20);
+        let mut per_node = std::collections::BTreeMap::new();
+        for set in placement(&models, &members, 2) {
+            for node in set {
+                *per_node.entry(node).or_insert(0usize) += 1;
+            }
+        }
+        let expected = 5000.0 * 2.0 / 20.0;
+        for (node, count) in per_node {
+            assert!(
+                (count as f64 - expected).abs() < expected * 0.2,
+                "{node} hosts {count}, expected ~{expected}"
+            );
+        }
+    }
+}
