@@ -210,6 +210,19 @@ pub mod host {
         wit_host::config()
     }
 
+    /// The config string parsed as JSON; an empty string reads as `{}`, so a type whose
+    /// fields all have serde defaults needs no config at all. A bad config is a 500.
+    pub fn config_json<T: serde::de::DeserializeOwned>() -> Result<T, crate::Error> {
+        let text = config();
+        let text = if text.trim().is_empty() {
+            "{}"
+        } else {
+            text.as_str()
+        };
+        serde_json::from_str(text)
+            .map_err(|e| crate::Error::internal(format!("invalid plugin config: {e}")))
+    }
+
     /// The bytes stored under `key` in the feature table `table`.
     pub fn lookup(table: &str, key: &str) -> Option<Vec<u8>> {
         wit_host::lookup(table, key)

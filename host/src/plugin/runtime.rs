@@ -34,6 +34,8 @@ pub struct PluginRuntimeConfig {
     pub max_memory_bytes: usize,
     /// Meter fuel, so that plugins may set a `fuel` budget (costs some speed for every plugin).
     pub fuel: bool,
+    /// Write `/tmp/perf-<pid>.map`, so that `perf` names the plugins' compiled functions.
+    pub perf_map: bool,
 }
 
 impl Default for PluginRuntimeConfig {
@@ -43,6 +45,7 @@ impl Default for PluginRuntimeConfig {
             max_instances: 256,
             max_memory_bytes: 256 << 20,
             fuel: false,
+            perf_map: false,
         }
     }
 }
@@ -131,6 +134,11 @@ impl PluginRuntime {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(config.fuel)
+            .profiler(if config.perf_map {
+                wasmtime::ProfilingStrategy::PerfMap
+            } else {
+                wasmtime::ProfilingStrategy::None
+            })
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(engine_error)?;
         let mut linker = Linker::<CallState>::new(&engine);

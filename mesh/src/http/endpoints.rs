@@ -5,11 +5,13 @@
 
 use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
-use crate::http::routes::{AppState, TIMEOUT_HEADER, header_number, oip_response, read_body};
+use crate::http::routes::{
+    AppState, TIMEOUT_HEADER, counted, header_number, json_response, oip_response, read_body,
+};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use meshserve_host::endpoint::Endpoint;
 use meshserve_host::plugin::bindings::{Context, Request};
@@ -188,21 +190,11 @@ pub async fn invocations(
         Ok(endpoint) => invoke(&state, &endpoint, &headers, body, started).await,
         Err(e) => Err(e),
     };
-    let response = outcome.unwrap_or_else(IntoResponse::into_response);
-    let label = if state
+    let known = state
         .endpoints
         .as_ref()
-        .is_some_and(|e| e.get(&name).is_some())
-    {
-        name.as_str()
-    } else {
-        "_unknown"
-    };
-    state
-        .engine
-        .metrics()
-        .record_request(label, response.status().as_u16(), started.elapsed());
-    response
+        .is_some_and(|e| e.get(&name).is_some());
+    counted(&state, known.then_some(name.as_str()), outcome, started)
 }
 
 /// `POST /v1/endpoints/{endpoint}/reload`: loads the endpoint's plugin files again now.
@@ -224,9 +216,7 @@ pub async fn reload(
         .filter_map(|(stage, slot)| Some((stage, slot.as_ref()?.current().ok()?)))
         .map(|(stage, plugin)| json!({ "stage": stage, "plugin": plugin.name(), "sha256": plugin.digest() }))
         .collect();
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        json!({ "endpoint": name, "plugins": digests }).to_string(),
-    )
-        .into_response())
+    Ok(json_response(
+        &json!({ "endpoint": name, "plugins": digests }),
+    ))
 }

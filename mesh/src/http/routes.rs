@@ -98,7 +98,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         .into_response()
 }
 
-fn json_response(value: &Value) -> Response {
+pub(crate) fn json_response(value: &Value) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         value.to_string(),
@@ -300,17 +300,29 @@ async fn infer(
         Some(endpoint) => endpoints::invoke(&state, endpoint, &headers, body, started).await,
         None => run_infer(&state, &path, &headers, body, started).await,
     };
+    let known = endpoint.is_some() || state.engine.model(&path.model).is_some();
+    counted(
+        &state,
+        known.then_some(path.model.as_str()),
+        outcome,
+        started,
+    )
+}
+
+/// Turns an outcome into the response and counts it under `name`, or under `_unknown` when
+/// the name is not a loaded model or endpoint: client-chosen names must not grow the metrics.
+pub(crate) fn counted(
+    state: &AppState,
+    name: Option<&str>,
+    outcome: Result<Response, ApiError>,
+    started: Instant,
+) -> Response {
     let response = outcome.unwrap_or_else(IntoResponse::into_response);
-    // Only loaded models get their own label: client-chosen names must not grow the metrics.
-    let label = if endpoint.is_some() || state.engine.model(&path.model).is_some() {
-        path.model.as_str()
-    } else {
-        "_unknown"
-    };
-    state
-        .engine
-        .metrics()
-        .record_request(label, response.status().as_u16(), started.elapsed());
+    state.engine.metrics().record_request(
+        name.unwrap_or("_unknown"),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 

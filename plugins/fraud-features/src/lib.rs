@@ -91,13 +91,7 @@ pub struct FraudFeatures;
 
 impl Plugin for FraudFeatures {
     fn preprocess(request: Request) -> Result<Vec<Tensor>, Error> {
-        let text = host::config();
-        let config: Config = if text.trim().is_empty() {
-            Config::default()
-        } else {
-            serde_json::from_str(&text)
-                .map_err(|e| Error::internal(format!("fraud-features: invalid config: {e}")))?
-        };
+        let config: Config = host::config_json()?;
         let transactions = match request.json::<Body>()? {
             Body::One(t) => vec![t],
             Body::Many(ts) => ts,

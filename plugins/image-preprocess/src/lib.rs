@@ -159,13 +159,7 @@ pub struct ImagePreprocess;
 
 impl Plugin for ImagePreprocess {
     fn preprocess(request: Request) -> Result<Vec<Tensor>, Error> {
-        let text = host::config();
-        let config: Config = if text.trim().is_empty() {
-            Config::default()
-        } else {
-            serde_json::from_str(&text)
-                .map_err(|e| Error::internal(format!("image-preprocess: invalid config: {e}")))?
-        };
+        let config: Config = host::config_json()?;
         if config.width == 0 || config.height == 0 {
             return Err(Error::internal(
                 "image-preprocess: width and height must be positive",

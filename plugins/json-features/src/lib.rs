@@ -26,8 +26,7 @@ pub struct JsonFeatures;
 
 impl Plugin for JsonFeatures {
     fn preprocess(request: Request) -> Result<Vec<Tensor>, Error> {
-        let config: Config = serde_json::from_str(&host::config())
-            .map_err(|e| Error::internal(format!("json-features: invalid config: {e}")))?;
+        let config: Config = host::config_json()?;
         let body: Value = request.json()?;
         let rows: Vec<&Value> = match &body {
             Value::Array(rows) => rows.iter().collect(),

@@ -39,13 +39,7 @@ pub struct Threshold;
 
 impl Plugin for Threshold {
     fn postprocess(_context: Context, outputs: Vec<Tensor>) -> Result<Answer, Error> {
-        let text = host::config();
-        let config: Config = if text.trim().is_empty() {
-            Config::default()
-        } else {
-            serde_json::from_str(&text)
-                .map_err(|e| Error::internal(format!("threshold: invalid config: {e}")))?
-        };
+        let config: Config = host::config_json()?;
         let output = outputs
             .iter()
             .find(|t| t.name == config.output)

@@ -37,8 +37,7 @@ pub struct TopK;
 
 impl Plugin for TopK {
     fn postprocess(_context: Context, outputs: Vec<Tensor>) -> Result<Answer, Error> {
-        let config: Config = serde_json::from_str(&host::config())
-            .map_err(|e| Error::internal(format!("top-k: invalid config: {e}")))?;
+        let config: Config = host::config_json()?;
         let output = match &config.output {
             Some(name) => outputs.iter().find(|t| &t.name == name),
             None => outputs.first(),
