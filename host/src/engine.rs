@@ -311,6 +311,20 @@ impl Engine {
         read(&self.models).get(name).cloned()
     }
 
+    /// The names of the loaded models, sorted.
+    pub fn loaded_models(&self) -> Vec<String> {
+        read(&self.models).keys().cloned().collect()
+    }
+
+    /// Requests waiting across every loaded model.
+    pub fn queue_depth(&self) -> usize {
+        read(&self.models)
+            .values()
+            .flat_map(|m| m.versions.values())
+            .map(|v| v.scheduler.depth())
+            .sum()
+    }
+
     /// Every model in the repository or loaded, with its state.
     pub fn index(&self) -> Vec<IndexEntry> {
         let models = read(&self.models);

@@ -27,6 +27,15 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Labels of the mesh counters: a model and what happened to its request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeshLabels {
+    /// The model name.
+    pub model: String,
+    /// The outcome (forwarding) or the sender (requests served from the mesh).
+    pub kind: String,
+}
+
 /// Labels of plugin stage timings.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
@@ -77,6 +86,8 @@ pub struct Metrics {
     plugin_seconds: Family<StageLabels, Histogram, fn() -> Histogram>,
     plugin_failures: Family<FailureLabels, Counter>,
     feature_lookups: Family<LookupLabels, Counter>,
+    forwarded: Family<MeshLabels, Counter>,
+    mesh_served: Family<MeshLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,6 +112,18 @@ impl Metrics {
             );
         let plugin_failures = Family::<FailureLabels, Counter>::default();
         let feature_lookups = Family::<LookupLabels, Counter>::default();
+        let forwarded = Family::<MeshLabels, Counter>::default();
+        let mesh_served = Family::<MeshLabels, Counter>::default();
+        registry.register(
+            "forwarded_requests",
+            "Requests this node forwarded to a replica over the mesh, by outcome (kind)",
+            forwarded.clone(),
+        );
+        registry.register(
+            "mesh_served_requests",
+            "Requests served here that arrived over the mesh, by sender (kind: node or client)",
+            mesh_served.clone(),
+        );
         registry.register(
             "plugin_duration_seconds",
             "Time in a pre- or post-processing plugin call, instantiation included",
@@ -153,7 +176,29 @@ impl Metrics {
             plugin_seconds,
             plugin_failures,
             feature_lookups,
+            forwarded,
+            mesh_served,
         }
+    }
+
+    /// Counts a request forwarded to another node, by outcome.
+    pub fn record_forward(&self, model: &str, outcome: &str) {
+        self.forwarded
+            .get_or_create(&MeshLabels {
+                model: model.to_string(),
+                kind: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a request served here that arrived over the mesh from a `node` or a `client`.
+    pub fn record_mesh_served(&self, model: &str, source: &str) {
+        self.mesh_served
+            .get_or_create(&MeshLabels {
+                model: model.to_string(),
+                kind: source.to_string(),
+            })
+            .inc();
     }
 
     /// Records one plugin call's time for `endpoint` at `stage` (`pre` or `post`).

@@ -27,6 +27,48 @@ pub struct NodeConfig {
     pub features: HashMap<String, FeatureTableConfig>,
     /// Endpoints: `[pre-plugin] → model → [post-plugin]`, by name.
     pub endpoints: BTreeMap<String, EndpointConfig>,
+    /// The QUIC mesh; off unless `mesh.listen` is set.
+    pub mesh: MeshConfig,
+}
+
+/// The node's place in a mesh.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// UDP address of the `meshserve/1` endpoint; `None` runs a standalone node.
+    pub listen: Option<SocketAddr>,
+    /// Address peers and clients use to reach us, when `listen` is not reachable as is.
+    pub advertise: Option<SocketAddr>,
+    /// This node's name, unique in the mesh; default `node-<quic port>`.
+    pub name: Option<String>,
+    /// Nodes to join through, as `host:port` (names are resolved at start).
+    pub seeds: Vec<String>,
+    /// Folder made by `meshserve certs`: `ca.pem` and `node-<name>.pem`/`.key`.
+    pub certs: Option<PathBuf>,
+    /// How often a member probes another, in ms.
+    pub probe_period_ms: u64,
+    /// How long a suspected member has to answer before it is declared down, in ms.
+    pub suspect_timeout_ms: u64,
+    /// Largest `meshserve/1` frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Deadline of a forwarded request that sets none itself, in ms.
+    pub forward_timeout_ms: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            listen: None,
+            advertise: None,
+            name: None,
+            seeds: Vec::new(),
+            certs: None,
+            probe_period_ms: 500,
+            suspect_timeout_ms: 1500,
+            max_frame_bytes: crate::wire::frame::DEFAULT_MAX_FRAME_BYTES,
+            forward_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// The HTTP front door's settings.
@@ -53,6 +95,7 @@ impl Default for NodeConfig {
             plugins: PluginRuntimeConfig::default(),
             features: HashMap::new(),
             endpoints: BTreeMap::new(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -110,6 +153,7 @@ impl NodeConfig {
             &mut config.http.tls_cert,
             &mut config.http.tls_key,
             &mut config.plugins.cache_dir,
+            &mut config.mesh.certs,
         ] {
             if let Some(p) = slot.as_mut()
                 && p.is_relative()
@@ -132,6 +176,11 @@ impl NodeConfig {
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return Err(NodeConfigError::Inconsistent(
                 "http.tls_cert and http.tls_key must be set together".into(),
+            ));
+        }
+        if self.mesh.listen.is_some() && self.mesh.certs.is_none() {
+            return Err(NodeConfigError::Inconsistent(
+                "mesh.listen needs mesh.certs (create them with `meshserve certs`)".into(),
             ));
         }
         if self.http.max_body_bytes == 0 {

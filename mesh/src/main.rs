@@ -2,11 +2,15 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use meshserve::bench::mesh::MeshSuiteConfig;
 use meshserve::bench::plugins::PluginSuiteConfig;
 use meshserve::bench::suite::SuiteConfig;
 use meshserve::bench::{self, HttpLoad};
+use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::config::NodeConfig;
 use meshserve::node::Node;
+use meshserve::transport::MeshIdentity;
+use meshserve::transport::certs::{MeshCa, Role};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +37,39 @@ enum Command {
         #[command(subcommand)]
         kind: BenchCommand,
     },
+    /// Create a mesh CA (if the folder has none) and issue node and client certificates.
+    Certs(CertsArgs),
+    /// Show the mesh as one node sees it: members, their load, and where each model is served.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Folder for the CA and the certificates.
+    #[arg(long, default_value = "certs")]
+    dir: PathBuf,
+    /// Issue a node certificate for this node name (repeatable).
+    #[arg(long = "node", value_name = "NAME")]
+    nodes: Vec<String>,
+    /// Issue a client certificate for this client name (repeatable).
+    #[arg(long = "client", value_name = "NAME")]
+    clients: Vec<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Any node's mesh (QUIC) address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7000")]
+    node: SocketAddr,
+    /// Folder made by `meshserve certs`.
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    /// The client certificate to use (`client-<NAME>.pem` in the folder).
+    #[arg(long, default_value = "ops")]
+    client: String,
+    /// Print the raw status as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Default)]
@@ -49,6 +86,18 @@ struct ServeArgs {
     /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else the onnxruntime Python wheel).
     #[arg(long)]
     onnxruntime_library: Option<PathBuf>,
+    /// UDP address of the mesh endpoint (`meshserve/1` over QUIC); joins or starts a mesh.
+    #[arg(long, value_name = "ADDR:PORT")]
+    quic: Option<SocketAddr>,
+    /// A node to join the mesh through (repeatable).
+    #[arg(long = "seed", value_name = "HOST:PORT")]
+    seeds: Vec<String>,
+    /// Folder made by `meshserve certs` holding the mesh CA and this node's certificate.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// This node's name in the mesh (default `node-<quic port>`).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +128,30 @@ enum BenchCommand {
         /// Warm-up seconds before each scenario.
         #[arg(long, default_value_t = 1.0)]
         warmup_secs: f64,
+    },
+    /// Start a 3-node mesh on loopback and compare direct, forwarded and route-aware requests.
+    Mesh {
+        /// Repository holding the `fraud` model (copied for each node).
+        #[arg(long, default_value = "examples/models")]
+        model_repository: PathBuf,
+        /// Concurrent requests.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Measured seconds per scenario.
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        /// Warm-up seconds before each scenario.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+    },
+    /// Simulate membership and placement of many nodes on virtual time (no sockets).
+    Simulate {
+        /// Nodes in the simulated mesh.
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        /// Seed of the simulation's random choices and latencies.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Closed-loop HTTP/1.1 load against a running node.
     Http {
@@ -129,7 +202,61 @@ fn run() -> Result<()> {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
         Command::Bench { kind } => run_bench(kind),
+        Command::Certs(args) => certs(args),
+        Command::Status(args) => status(args),
     }
+}
+
+fn certs(args: CertsArgs) -> Result<()> {
+    let (ca, created) = MeshCa::open_or_create(&args.dir)?;
+    let ca_path = args.dir.join("ca.pem");
+    if created {
+        println!("created mesh CA {}", ca_path.display());
+    } else {
+        println!("using mesh CA {}", ca_path.display());
+    }
+    for (role, names) in [(Role::Node, &args.nodes), (Role::Client, &args.clients)] {
+        for name in names {
+            let path = ca.issue_to(&args.dir, role, name)?;
+            println!("issued {} certificate {}", role_name(role), path.display());
+        }
+    }
+    Ok(())
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Node => "node",
+        Role::Client => "client",
+    }
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let identity = MeshIdentity::from_dir(&args.certs, Role::Client, &args.client).with_context(|| {
+        format!(
+            "client certificate '{}' in {} (create it with `meshserve certs --dir {} --client {}`)",
+            args.client,
+            args.certs.display(),
+            args.certs.display(),
+            args.client
+        )
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let status = runtime.block_on(async {
+        let mut config = ClientConfig::new(vec![args.node], identity);
+        config.attempt_timeout = Duration::from_secs(5);
+        let client = MeshClient::new(config)?;
+        client.status(args.node).await
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", meshserve::cluster::format_status(&status));
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -145,6 +272,18 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(library) = args.onnxruntime_library {
         config.onnxruntime_library = Some(library);
+    }
+    if let Some(quic) = args.quic {
+        config.mesh.listen = Some(quic);
+    }
+    if !args.seeds.is_empty() {
+        config.mesh.seeds = args.seeds;
+    }
+    if let Some(certs) = args.certs {
+        config.mesh.certs = Some(certs);
+    }
+    if let Some(name) = args.name {
+        config.mesh.name = Some(name);
     }
     config.check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -225,6 +364,36 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             };
             let report = runtime.block_on(bench::plugins::run_plugin_suite(&config))?;
             print!("{report}");
+        }
+        BenchCommand::Mesh {
+            model_repository,
+            concurrency,
+            duration_secs,
+            warmup_secs,
+        } => {
+            let config = MeshSuiteConfig {
+                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                repository: std::fs::canonicalize(&model_repository)
+                    .with_context(|| format!("model repository {}", model_repository.display()))?,
+                concurrency,
+                duration: Duration::from_secs_f64(duration_secs),
+                warmup: Duration::from_secs_f64(warmup_secs),
+            };
+            let table = runtime.block_on(bench::mesh::run_mesh_suite(&config))?;
+            print!("{table}");
+        }
+        BenchCommand::Simulate { nodes, seed } => {
+            let started = std::time::Instant::now();
+            let report = meshserve::membership::sim::run_scenario(
+                nodes,
+                meshserve::membership::DetectorConfig::default(),
+                seed,
+            );
+            print!("{report}");
+            println!(
+                "  (simulated in {:.1} s of real time)",
+                started.elapsed().as_secs_f64()
+            );
         }
         BenchCommand::Http {
             addr,

@@ -1,8 +1,12 @@
 //! One meshserve node: the engine behind the HTTP front door, started from a [`NodeConfig`].
 
-use crate::config::NodeConfig;
+use crate::cluster::{Cluster, ClusterConfig, ClusterError};
+use crate::config::{MeshConfig, NodeConfig};
 use crate::http::routes::{AppState, router};
 use crate::http::server::{self, TlsError};
+use crate::membership::DetectorConfig;
+use crate::transport::MeshIdentity;
+use crate::transport::certs::Role;
 use meshserve_host::Engine;
 use meshserve_host::endpoint::Endpoints;
 use meshserve_host::engine::EngineConfig;
@@ -47,6 +51,29 @@ pub enum NodeError {
     /// The plugin runtime could not start.
     #[error(transparent)]
     Plugins(#[from] PluginLoadError),
+    /// The mesh endpoint could not start.
+    #[error(transparent)]
+    Mesh(#[from] ClusterError),
+    /// A seed address does not resolve.
+    #[error("mesh seed '{seed}': {reason}")]
+    Seed {
+        /// The seed as configured.
+        seed: String,
+        /// Why it does not resolve.
+        reason: String,
+    },
+    /// The node's mesh certificate is missing or unusable.
+    #[error(
+        "mesh certificate of node '{name}' in {dir}: {source} (create it with `meshserve certs --dir {dir} --node {name}`)"
+    )]
+    MeshCertificate {
+        /// The node name.
+        name: String,
+        /// The certificate folder.
+        dir: String,
+        /// What is wrong.
+        source: TlsError,
+    },
 }
 
 /// A started node, not yet serving.
@@ -55,6 +82,7 @@ pub struct Node {
     endpoints: Option<Arc<Endpoints>>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    cluster: Option<Arc<Cluster>>,
     config: NodeConfig,
     // Keeps the bundled models' temporary repository alive while the node runs.
     _bundled: Option<tempfile::TempDir>,
@@ -103,11 +131,19 @@ impl Node {
         } else {
             Some(start_endpoints(&config, &engine).await?)
         };
+        let cluster = match config.mesh.listen {
+            Some(listen) => {
+                let http = listener.local_addr().unwrap_or(config.http.listen);
+                Some(join_mesh(&config.mesh, listen, http, &engine).await?)
+            }
+            None => None,
+        };
         Ok(Node {
             engine,
             endpoints,
             listener,
             tls,
+            cluster,
             config,
             _bundled: bundled,
         })
@@ -125,6 +161,11 @@ impl Node {
         &self.engine
     }
 
+    /// The node's place in the mesh, when it has one.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// Serves until `shutdown` resolves, then drains: the front door finishes in-flight
     /// requests, and the engine answers everything still queued.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
@@ -132,6 +173,7 @@ impl Node {
             engine: self.engine.clone(),
             max_body_bytes: self.config.http.max_body_bytes,
             endpoints: self.endpoints.clone(),
+            cluster: self.cluster.clone(),
         };
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let models: Vec<String> = self
@@ -150,10 +192,15 @@ impl Node {
             "meshserve serving"
         );
         let engine = self.engine.clone();
+        let cluster = self.cluster.clone();
         let shutdown = async move {
             shutdown.await;
             // Readiness drops first, so load balancers stop sending before connections close.
             engine.begin_shutdown();
+            // Peers learn we are leaving and stop routing to us.
+            if let Some(cluster) = cluster {
+                cluster.leave().await;
+            }
         };
         server::serve(
             self.listener,
@@ -167,6 +214,62 @@ impl Node {
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         tracing::info!("meshserve stopped");
     }
+}
+
+/// Starts the node's QUIC endpoint and joins the mesh through the seeds.
+async fn join_mesh(
+    mesh: &MeshConfig,
+    listen: SocketAddr,
+    http: SocketAddr,
+    engine: &Arc<Engine>,
+) -> Result<Arc<Cluster>, NodeError> {
+    let advertised = mesh.advertise.unwrap_or(listen);
+    let name = mesh
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", advertised.port()));
+    let dir = mesh.certs.clone().unwrap_or_default();
+    let identity = MeshIdentity::from_dir(&dir, Role::Node, &name).map_err(|source| {
+        NodeError::MeshCertificate {
+            name: name.clone(),
+            dir: dir.display().to_string(),
+            source,
+        }
+    })?;
+    let mut seeds = Vec::new();
+    for seed in &mesh.seeds {
+        let resolved =
+            tokio::net::lookup_host(seed.as_str())
+                .await
+                .map_err(|e| NodeError::Seed {
+                    seed: seed.clone(),
+                    reason: e.to_string(),
+                })?;
+        seeds.extend(resolved);
+    }
+    // Clients learn the HTTP address from adverts: an unspecified bind address is replaced by
+    // the mesh address's IP, which peers can reach.
+    let http = if http.ip().is_unspecified() {
+        SocketAddr::new(advertised.ip(), http.port())
+    } else {
+        http
+    };
+    let config = ClusterConfig {
+        name,
+        listen,
+        advertise: mesh.advertise,
+        http,
+        seeds,
+        identity,
+        detector: DetectorConfig {
+            probe_period: Duration::from_millis(mesh.probe_period_ms),
+            probe_rtt: Duration::from_millis(mesh.probe_period_ms * 2 / 5),
+            suspect_timeout: Duration::from_millis(mesh.suspect_timeout_ms),
+        },
+        max_frame_bytes: mesh.max_frame_bytes,
+        forward_timeout: Duration::from_millis(mesh.forward_timeout_ms),
+    };
+    Ok(Cluster::start(config, engine.clone()).await?)
 }
 
 /// Loads feature tables, starts the plugin runtime and loads every endpoint's plugins, then

@@ -7,6 +7,9 @@
 //! node joining or leaving moves only the models whose top set it enters or leaves: about
 //! `replicas / N` of all assignments. Pure functions; no I/O, no clock.
 
+use crate::wire::{NodeAdvert, Replica, RouteHint, RouteTable};
+use std::collections::BTreeMap;
+
 /// A stable 64-bit hash of `(model, node)`: FNV-1a over both names, then the SplitMix64
 /// finaliser so that similar names spread. Stable across Rust versions and platforms, unlike
 /// `std`'s hasher, because every node of a mesh must compute the same scores.
@@ -41,6 +44,94 @@ pub fn replicas<'a>(
         .take(replicas)
         .map(|(_, node)| node)
         .collect()
+}
+
+/// The fraction of `(model, replica)` assignments that differ between placing `models` over
+/// `before` and over `after` (node names), with `count` replicas each.
+pub fn moved_fraction(models: &[String], before: &[String], after: &[String], count: usize) -> f64 {
+    let mut moved = 0usize;
+    let mut total = 0usize;
+    for model in models {
+        let old = replicas(model, before.iter().map(String::as_str), count);
+        let new = replicas(model, after.iter().map(String::as_str), count);
+        total += old.len();
+        moved += old.iter().filter(|node| !new.contains(node)).count();
+    }
+    if total == 0 {
+        0.0
+    } else {
+        moved as f64 / total as f64
+    }
+}
+
+/// Where every model of the mesh goes, computed from the adverts of the live members.
+///
+/// A model's eligible nodes are those whose catalog holds it; its replica count is the largest
+/// any of them asks for (0, "every node that holds it", wins over any number). Every node that
+/// sees the same adverts computes the same plan.
+pub fn plan(members: &[&NodeAdvert]) -> RouteTable {
+    let mut wanted: BTreeMap<&str, Option<usize>> = BTreeMap::new();
+    for advert in members {
+        for entry in &advert.catalog {
+            let count = (entry.replicas > 0).then_some(usize::from(entry.replicas));
+            let slot = wanted.entry(entry.model.as_str()).or_insert(count);
+            *slot = match (*slot, count) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+    }
+    let by_name: BTreeMap<&str, &NodeAdvert> =
+        members.iter().map(|a| (a.node.as_str(), *a)).collect();
+    let routes = wanted
+        .into_iter()
+        .map(|(model, count)| {
+            let eligible = members
+                .iter()
+                .filter(|a| a.catalog.iter().any(|e| e.model == model))
+                .map(|a| a.node.as_str());
+            let chosen = replicas(model, eligible, count.unwrap_or(usize::MAX));
+            RouteHint {
+                model: model.to_string(),
+                epoch: 0,
+                replicas: chosen
+                    .into_iter()
+                    .filter_map(|node| by_name.get(node))
+                    .map(|a| Replica {
+                        node: a.node.clone(),
+                        quic: a.quic,
+                        http: a.http,
+                    })
+                    .collect(),
+            }
+        })
+        .collect::<Vec<_>>();
+    let epoch = epoch_of(members);
+    RouteTable {
+        epoch,
+        routes: routes
+            .into_iter()
+            .map(|r| RouteHint { epoch, ..r })
+            .collect(),
+    }
+}
+
+/// A digest of what placement depends on (members, their generations and catalogs): equal on
+/// every node that sees the same mesh, different after any change that can move a model.
+pub fn epoch_of(members: &[&NodeAdvert]) -> u64 {
+    let mut parts: Vec<String> = members
+        .iter()
+        .map(|a| {
+            let catalog: Vec<String> = a
+                .catalog
+                .iter()
+                .map(|e| format!("{}*{}", e.model, e.replicas))
+                .collect();
+            format!("{}@{}:{}", a.node, a.generation, catalog.join(","))
+        })
+        .collect();
+    parts.sort();
+    score(&parts.join(";"), "epoch")
 }
 
 #[cfg(test)]

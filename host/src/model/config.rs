@@ -93,6 +93,8 @@ pub struct ModelConfig {
     pub fallback_to_cpu: bool,
     /// Which version folders to serve.
     pub versions: VersionPolicy,
+    /// In a mesh, how many nodes serve this model; 0 means every node that holds it.
+    pub replicas: u16,
 }
 
 impl Default for ModelConfig {
@@ -107,6 +109,7 @@ impl Default for ModelConfig {
             execution_providers: vec![ExecutionProvider::Cpu],
             fallback_to_cpu: false,
             versions: VersionPolicy::default(),
+            replicas: 0,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! the suites that run them side by side against a freshly started node ([`suite`] for the
 //! engine, [`plugins`] for WebAssembly plugins).
 
+pub mod mesh;
 pub mod plugins;
 pub mod suite;
 

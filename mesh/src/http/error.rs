@@ -1,6 +1,7 @@
 //! The one place where failures become HTTP responses: `{"error": "..."}` with the status of
 //! the failure's [`ErrorClass`], plus `Retry-After` where retrying helps.
 
+use crate::wire::Failure;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meshserve_host::{ErrorClass, InferError};
@@ -54,6 +55,16 @@ impl From<InferError> for ApiError {
             class: e.class(),
             retry_after: e.retry_after(),
             message: e.to_string(),
+        }
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(failure: Failure) -> ApiError {
+        ApiError {
+            class: failure.error_class(),
+            retry_after: failure.retry_after_ms.map(Duration::from_millis),
+            message: failure.message,
         }
     }
 }

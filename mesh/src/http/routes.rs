@@ -1,9 +1,12 @@
 //! The Open Inference Protocol v2 REST API (plus Triton's repository and model-configuration
 //! extensions and `/metrics`) as one axum router, shared by every HTTP version.
 
+use crate::cluster::Cluster;
 use crate::http::endpoints;
 use crate::http::error::ApiError;
 use crate::http::oip::{self, HEADER_CONTENT_LENGTH, OutputEncoding};
+use crate::routing::{ROUTE_HEADER, route_header};
+use crate::wire::InferCall;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -33,6 +36,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// The node's endpoints (plugins around models), if any are configured.
     pub endpoints: Option<Arc<Endpoints>>,
+    /// The node's place in the mesh, if it has one: models it does not serve are forwarded.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl AppState {
@@ -300,7 +305,12 @@ async fn infer(
         Some(endpoint) => endpoints::invoke(&state, endpoint, &headers, body, started).await,
         None => run_infer(&state, &path, &headers, body, started).await,
     };
-    let known = endpoint.is_some() || state.engine.model(&path.model).is_some();
+    let known = endpoint.is_some()
+        || state.engine.model(&path.model).is_some()
+        || state
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.route(&path.model).is_some());
     counted(
         &state,
         known.then_some(path.model.as_str()),
@@ -341,13 +351,79 @@ async fn run_infer(
     if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
         decoded.request.timeout = Some(Duration::from_micros(us));
     }
-    let response = state.engine.infer(decoded.request).await?;
-    Ok(oip_response(
-        &response,
-        &decoded.binary_outputs,
-        "",
-        started,
-    ))
+    let model = decoded.request.model.clone();
+    let mut http = match &state.cluster {
+        Some(cluster) if state.engine.model(&model).is_none() => {
+            forward(
+                cluster,
+                decoded.request,
+                headers,
+                &decoded.binary_outputs,
+                started,
+            )
+            .await?
+        }
+        _ => {
+            let response = state.engine.infer(decoded.request).await?;
+            if let Some(cluster) = &state.cluster {
+                cluster.observe_local(started.elapsed());
+            }
+            oip_response(&response, &decoded.binary_outputs, "", started)
+        }
+    };
+    if let Some(route) = state.cluster.as_ref().and_then(|c| c.route(&model))
+        && let Ok(value) = HeaderValue::from_str(&route_header(&route))
+    {
+        http.headers_mut().insert(ROUTE_HEADER, value);
+    }
+    Ok(http)
+}
+
+/// Runs a request for a model this node does not serve on a replica over the mesh; the hop
+/// joins the `Server-Timing` header and W3C `traceparent` crosses it.
+async fn forward(
+    cluster: &Cluster,
+    request: meshserve_host::InferRequest,
+    headers: &HeaderMap,
+    encoding: &OutputEncoding,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let hop_started = Instant::now();
+    let answer = cluster
+        .forward(InferCall::from_request(request, traceparent))
+        .await?;
+    let hop = hop_started.elapsed();
+    let outputs = answer
+        .outputs
+        .into_iter()
+        .map(meshserve_host::Tensor::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            ApiError::new(
+                ErrorClass::Internal,
+                format!(
+                    "replica '{}' sent a malformed answer: {e}",
+                    answer.served_by
+                ),
+            )
+        })?;
+    let response = InferResponse {
+        model_name: answer.model_name,
+        model_version: answer.model_version,
+        id: answer.id,
+        outputs,
+        timings: answer.timings.into(),
+    };
+    let extra = format!(
+        "forward;dur={:.3};desc=\"{}\", ",
+        hop.as_secs_f64() * 1e3,
+        answer.served_by
+    );
+    Ok(oip_response(&response, encoding, &extra, started))
 }
 
 /// Encodes an OIP response with its `Server-Timing` header; `extra_timing` holds stages that

@@ -7,59 +7,24 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A PEM file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// The files hold no usable certificate or key.
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use crate::pem::TlsError;
 
 /// A rustls server config for HTTP/2 and HTTP/1.1 from PEM certificate chain and key files.
 pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError::Read {
-            path: path.display().to_string(),
-            source,
-        })
-    };
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Invalid(format!("{}: {e}", cert.display())))?;
-    if chain.is_empty() {
-        return Err(TlsError::Invalid(format!(
-            "{}: no certificate found",
-            cert.display()
-        )));
-    }
-    let private_key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| TlsError::Invalid(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| TlsError::Invalid(format!("{}: no private key found", key.display())))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| TlsError::Invalid(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(chain, private_key)
-    .map_err(|e| TlsError::Invalid(format!("certificate and key do not match: {e}")))?;
+    let chain = crate::pem::read_certs(cert)?;
+    let private_key = crate::pem::read_key(key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::pem::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(|e| TlsError::Invalid(format!("certificate and key do not match: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

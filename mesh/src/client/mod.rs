@@ -1,0 +1,281 @@
+//! The route-aware Rust client of a meshserve mesh.
+//!
+//! It connects to any seed node over `meshserve/1` (QUIC, mutual TLS with a client certificate
+//! of the mesh CA), learns where each model lives from the route hints that come back with
+//! every answer (or from [`MeshClient::refresh`]), and from then on sends each request straight
+//! to a replica, chosen by power of two choices over peak-EWMA latency × outstanding requests.
+//! When a replica is unreachable, times out or says it no longer serves the model, the client
+//! drops it from its table and retries another replica or a seed: inference is idempotent.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use meshserve::client::{ClientConfig, MeshClient};
+//! use meshserve::transport::{MeshIdentity, certs::Role};
+//! use meshserve_host::{DataType, InferRequest, Tensor};
+//!
+//! let identity = MeshIdentity::from_dir("certs".as_ref(), Role::Client, "app")?;
+//! let client = MeshClient::new(ClientConfig::new(vec!["127.0.0.1:7000".parse()?], identity))?;
+//! let features = Tensor::new("features", DataType::Fp32, vec![1, 32], vec![0u8; 128].into())?;
+//! let answer = client
+//!     .infer(InferRequest { model: "fraud".into(), inputs: vec![features], ..Default::default() })
+//!     .await?;
+//! println!("{} answered: {:?}", answer.served_by, answer.response.outputs[0].shape);
+//! # Ok(()) }
+//! ```
+
+use crate::routing::balance::Balancer;
+use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
+use crate::wire::{Failure, FailureClass, InferCall, Message, RouteHint, WireTensorError, frame};
+use meshserve_host::{InferRequest, InferResponse, Tensor};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+/// How a client reaches the mesh.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Nodes to start from; any node of the mesh will do.
+    pub seeds: Vec<SocketAddr>,
+    /// The client's certificate, key and the mesh CA.
+    pub identity: MeshIdentity,
+    /// Longest one attempt may take.
+    pub attempt_timeout: Duration,
+    /// Attempts per request, across replicas and seeds.
+    pub max_attempts: usize,
+    /// Largest answer accepted, in bytes.
+    pub max_frame_bytes: usize,
+}
+
+impl ClientConfig {
+    /// Defaults: 10 s per attempt, 4 attempts.
+    pub fn new(seeds: Vec<SocketAddr>, identity: MeshIdentity) -> ClientConfig {
+        ClientConfig {
+            seeds,
+            identity,
+            attempt_timeout: Duration::from_secs(10),
+            max_attempts: 4,
+            max_frame_bytes: frame::DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The client's endpoint could not start.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The mesh answered with a failure.
+    #[error("{}", .0.message)]
+    Failed(Failure),
+    /// Every attempt failed to reach a node; the last reason.
+    #[error("no node could take the request after {attempts} attempts: {last}")]
+    Exhausted {
+        /// Attempts made.
+        attempts: usize,
+        /// The last failure.
+        last: String,
+    },
+    /// An answer whose tensors do not match their shapes.
+    #[error("malformed answer: {0}")]
+    Malformed(#[from] WireTensorError),
+}
+
+/// A successful answer and where it came from.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The inference result.
+    pub response: InferResponse,
+    /// The node that ran the model.
+    pub served_by: String,
+    /// The node the request was sent to (differs from `served_by` when it was forwarded).
+    pub sent_to: SocketAddr,
+}
+
+/// A route-aware client; cheap to share behind an `Arc`, safe to call concurrently.
+pub struct MeshClient {
+    endpoint: MeshEndpoint,
+    config: ClientConfig,
+    routes: RwLock<HashMap<String, RouteHint>>,
+    balancer: Balancer,
+}
+
+impl MeshClient {
+    /// A client; connects lazily, on the first request.
+    pub fn new(config: ClientConfig) -> Result<MeshClient, ClientError> {
+        let endpoint = MeshEndpoint::client(&config.identity, config.max_frame_bytes)?;
+        Ok(MeshClient {
+            endpoint,
+            config,
+            routes: RwLock::default(),
+            balancer: Balancer::default(),
+        })
+    }
+
+    /// The route the client holds for `model`.
+    pub fn route(&self, model: &str) -> Option<RouteHint> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+            .cloned()
+    }
+
+    fn learn(&self, hint: Option<RouteHint>) {
+        let Some(hint) = hint else { return };
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        let stale = routes
+            .get(&hint.model)
+            .is_some_and(|held| held.epoch != hint.epoch || held.replicas != hint.replicas);
+        if stale || !routes.contains_key(&hint.model) {
+            routes.insert(hint.model.clone(), hint);
+        }
+    }
+
+    fn forget_replica(&self, model: &str, addr: SocketAddr) {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(route) = routes.get_mut(model) {
+            route.replicas.retain(|r| r.quic != addr);
+            if route.replicas.is_empty() {
+                routes.remove(model);
+            }
+        }
+    }
+
+    /// Fetches the whole route table from the first seed that answers.
+    pub async fn refresh(&self) -> Result<(), ClientError> {
+        let mut last = String::from("no seeds configured");
+        for seed in &self.config.seeds {
+            match self
+                .endpoint
+                .call(*seed, &Message::RouteQuery, self.config.attempt_timeout)
+                .await
+            {
+                Ok(Message::Routes(table)) => {
+                    for route in table.routes {
+                        self.learn(Some(route));
+                    }
+                    return Ok(());
+                }
+                Ok(other) => last = format!("{seed} answered {other:?}"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(ClientError::Exhausted {
+            attempts: self.config.seeds.len(),
+            last,
+        })
+    }
+
+    // A replica of the model not yet tried, by p2c; else a seed not yet tried.
+    fn target(&self, model: &str, tried: &[SocketAddr]) -> Option<(String, SocketAddr)> {
+        if let Some(route) = self.route(model) {
+            let fresh: Vec<_> = route
+                .replicas
+                .iter()
+                .filter(|r| !tried.contains(&r.quic))
+                .collect();
+            let names: Vec<&str> = fresh.iter().map(|r| r.node.as_str()).collect();
+            if let Some(node) = self.balancer.pick(&names, Instant::now())
+                && let Some(replica) = fresh.iter().find(|r| r.node == node)
+            {
+                return Some((replica.node.clone(), replica.quic));
+            }
+        }
+        self.config
+            .seeds
+            .iter()
+            .find(|s| !tried.contains(s))
+            .map(|s| (s.to_string(), *s))
+    }
+
+    /// Runs `request` on the mesh: straight to a replica when the route is known, else through
+    /// a seed (which forwards and tells us the route).
+    pub async fn infer(&self, request: InferRequest) -> Result<Answer, ClientError> {
+        let model = request.model.clone();
+        let message = Message::Infer(InferCall::from_request(request, None));
+        let mut tried = Vec::new();
+        let mut last = String::from("no replica or seed known");
+        for _ in 0..self.config.max_attempts {
+            let Some((key, addr)) = self.target(&model, &tried) else {
+                break;
+            };
+            tried.push(addr);
+            let started = Instant::now();
+            self.balancer.start(&key, started);
+            let result = self
+                .endpoint
+                .call(addr, &message, self.config.attempt_timeout)
+                .await;
+            let now = Instant::now();
+            match result {
+                Ok(Message::Answer(answer)) => {
+                    self.balancer.finish(&key, Some(now - started), now);
+                    self.learn(answer.route);
+                    let outputs = answer
+                        .outputs
+                        .into_iter()
+                        .map(Tensor::try_from)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    return Ok(Answer {
+                        response: InferResponse {
+                            model_name: answer.model_name,
+                            model_version: answer.model_version,
+                            id: answer.id,
+                            outputs,
+                            timings: answer.timings.into(),
+                        },
+                        served_by: answer.served_by,
+                        sent_to: addr,
+                    });
+                }
+                Ok(Message::Failure(failure))
+                    if matches!(
+                        failure.class,
+                        FailureClass::NotHere | FailureClass::Unavailable
+                    ) =>
+                {
+                    self.balancer.finish(&key, None, now);
+                    self.forget_replica(&model, addr);
+                    self.learn(failure.route.clone());
+                    last = failure.message;
+                }
+                Ok(Message::Failure(failure)) => {
+                    self.balancer.finish(&key, Some(now - started), now);
+                    self.learn(failure.route.clone());
+                    return Err(ClientError::Failed(failure));
+                }
+                Ok(other) => {
+                    self.balancer.finish(&key, None, now);
+                    last = format!("{addr} answered {other:?}");
+                }
+                Err(e) => {
+                    self.balancer.finish(&key, None, now);
+                    self.forget_replica(&model, addr);
+                    last = e.to_string();
+                }
+            }
+        }
+        Err(ClientError::Exhausted {
+            attempts: tried.len(),
+            last,
+        })
+    }
+
+    /// Asks `node` for its view of the mesh.
+    pub async fn status(&self, node: SocketAddr) -> Result<crate::wire::MeshStatus, ClientError> {
+        match self
+            .endpoint
+            .call(node, &Message::StatusQuery, self.config.attempt_timeout)
+            .await?
+        {
+            Message::Status(status) => Ok(status),
+            Message::Failure(failure) => Err(ClientError::Failed(failure)),
+            other => Err(ClientError::Exhausted {
+                attempts: 1,
+                last: format!("{node} answered {other:?}"),
+            }),
+        }
+    }
+}

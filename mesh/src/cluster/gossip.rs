@@ -1,0 +1,176 @@
+//! The membership shell: one task owns the [`Membership`] core and feeds it datagrams, timer
+//! events and our adverts; what the core asks for becomes QUIC datagrams and tokio timers,
+//! and every change of the live members is published as a new [`MeshView`].
+
+use crate::cluster::MeshView;
+use crate::membership::{Change, MemberId, Membership};
+use crate::transport::MeshEndpoint;
+use crate::wire::{NodeAdvert, WIRE_VERSION};
+use bytes::Bytes;
+use foca::Timer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How often an isolated node announces itself to its seeds again.
+const REJOIN_PERIOD: Duration = Duration::from_secs(1);
+
+/// What the shell takes in.
+pub(crate) enum Input {
+    /// A membership datagram from a peer node (version byte already checked and removed).
+    Packet(Bytes),
+    /// A timer the core scheduled.
+    Timer(Timer<MemberId>),
+    /// Our advert, to (re)publish.
+    Advert(NodeAdvert),
+    /// Leave the mesh, then confirm.
+    Leave(oneshot::Sender<()>),
+}
+
+/// Prefixes a membership packet with the wire version, as every datagram is.
+fn datagram(packet: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(packet.len() + 1);
+    out.push(WIRE_VERSION);
+    out.extend_from_slice(packet);
+    Bytes::from(out)
+}
+
+/// Starts the shell; returns its input and the published view.
+pub(crate) fn spawn(
+    core: Membership,
+    endpoint: MeshEndpoint,
+    seeds: Vec<SocketAddr>,
+) -> (mpsc::UnboundedSender<Input>, watch::Receiver<Arc<MeshView>>) {
+    let (input_tx, input_rx) = mpsc::unbounded_channel();
+    let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::from_members(core.live_members())));
+    let shell = Shell {
+        core,
+        endpoint,
+        seeds,
+        input: input_tx.clone(),
+        view: view_tx,
+        started: std::time::Instant::now(),
+    };
+    tokio::spawn(shell.run(input_rx));
+    (input_tx, view_rx)
+}
+
+struct Shell {
+    core: Membership,
+    endpoint: MeshEndpoint,
+    seeds: Vec<SocketAddr>,
+    input: mpsc::UnboundedSender<Input>,
+    view: watch::Sender<Arc<MeshView>>,
+    started: std::time::Instant,
+}
+
+impl Shell {
+    async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
+        self.join_seeds();
+        let mut rejoin = tokio::time::interval(REJOIN_PERIOD);
+        rejoin.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                input = inputs.recv() => {
+                    let Some(input) = input else { break };
+                    let leaving = self.handle(input);
+                    self.flush();
+                    if let Some(done) = leaving {
+                        let _ = done.send(());
+                        break;
+                    }
+                }
+                _ = rejoin.tick() => {
+                    if self.core.is_isolated() && !self.seeds.is_empty() {
+                        self.check_seeds().await;
+                        self.join_seeds();
+                        self.flush();
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
+        let result = match input {
+            Input::Packet(packet) => self.core.handle_packet(&packet),
+            Input::Timer(timer) => self.core.handle_timer(timer),
+            Input::Advert(advert) => self.core.advertise(advert, self.started.elapsed()),
+            Input::Leave(done) => {
+                if let Err(e) = self.core.leave() {
+                    tracing::warn!(error = %e, "could not announce our leave");
+                }
+                return Some(done);
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "membership input refused");
+        }
+        None
+    }
+
+    fn join_seeds(&mut self) {
+        let me = self.core.id().addr;
+        for seed in self.seeds.clone() {
+            if seed != me
+                && let Err(e) = self.core.join(seed)
+            {
+                tracing::warn!(%seed, error = %e, "cannot announce to seed");
+            }
+        }
+    }
+
+    // While isolated, say why the seeds cannot be reached: a wrong certificate or a closed port
+    // is something the operator must see, not a silent retry loop.
+    async fn check_seeds(&self) {
+        let me = self.core.id().addr;
+        for seed in self.seeds.iter().filter(|s| **s != me) {
+            if let Err(e) = self.endpoint.connection(*seed).await {
+                tracing::warn!(%seed, error = %e, "no other member reachable; retrying seed");
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let outbox = self.core.drain();
+        for (addr, packet) in outbox.packets {
+            self.endpoint.send_datagram(addr, datagram(&packet));
+        }
+        for (after, timer) in outbox.timers {
+            let input = self.input.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = input.send(Input::Timer(timer));
+            });
+        }
+        for change in &outbox.changes {
+            match change {
+                Change::Up(id) => {
+                    tracing::info!(member = %id.name, addr = %id.addr, "member up");
+                }
+                Change::Down(id) => {
+                    tracing::warn!(member = %id.name, addr = %id.addr, "member down");
+                    // Calls in flight to it fail now and go to another replica, instead of
+                    // waiting for QUIC's idle timeout.
+                    self.endpoint.drop_peer(id.addr);
+                }
+                Change::Joined => tracing::info!("joined the mesh"),
+                Change::Isolated => {
+                    tracing::warn!("no other member left; announcing to the seeds again");
+                }
+                Change::Rejoined(id) => {
+                    tracing::warn!(
+                        generation = id.generation,
+                        "declared down by the mesh; rejoined"
+                    );
+                }
+            }
+        }
+        let members = self.core.live_members();
+        if self.view.borrow().members != members {
+            self.view
+                .send_replace(Arc::new(MeshView::from_members(members)));
+        }
+    }
+}

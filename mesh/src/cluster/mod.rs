@@ -1,0 +1,434 @@
+//! A node's part in the mesh: its QUIC endpoint, its membership shell ([`gossip`]), the
+//! `meshserve/1` service ([`service`]), forwarding to replicas, and placement-driven loading
+//! and unloading ([`reconcile`]).
+//!
+//! Everything a request needs to route is in one immutable [`MeshView`] (live members, their
+//! adverts, the placement plan), replaced whenever membership changes, so the request path
+//! reads a snapshot and never waits on the membership task.
+
+mod gossip;
+mod reconcile;
+mod service;
+
+use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
+use crate::placement;
+use crate::routing::balance::{Balancer, PeakEwma};
+use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
+use crate::wire::{
+    CatalogEntry, Failure, FailureClass, InferAnswer, InferCall, MemberStatus, MeshStatus, Message,
+    NodeAdvert, Replica, RouteHint, RouteTable,
+};
+use meshserve_host::Engine;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How often a node re-publishes its advert (with fresh load figures) and reconciles placement.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+
+/// What a node needs to join a mesh.
+pub struct ClusterConfig {
+    /// This node's name, unique in the mesh.
+    pub name: String,
+    /// UDP address to bind.
+    pub listen: SocketAddr,
+    /// Address peers reach us at; defaults to the bound address.
+    pub advertise: Option<SocketAddr>,
+    /// The HTTP front door's address, advertised to clients.
+    pub http: SocketAddr,
+    /// Members to announce ourselves to.
+    pub seeds: Vec<SocketAddr>,
+    /// Our certificate, key and the mesh CA.
+    pub identity: MeshIdentity,
+    /// Failure detection timing.
+    pub detector: DetectorConfig,
+    /// Largest frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Longest a forwarded request may take, when it sets no deadline itself.
+    pub forward_timeout: Duration,
+}
+
+/// Why a node could not join a mesh.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The endpoint could not start.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The advertised address cannot be reached by peers.
+    #[error(
+        "mesh address {0} is unspecified; set mesh.advertise (or --quic with a concrete address)"
+    )]
+    UnspecifiedAddress(SocketAddr),
+}
+
+/// A snapshot of the mesh as this node sees it.
+#[derive(Debug, Clone, Default)]
+pub struct MeshView {
+    /// Live members, ourselves first.
+    pub members: Vec<LiveMember>,
+    /// Placement computed from their adverts.
+    pub plan: RouteTable,
+}
+
+impl MeshView {
+    fn from_members(members: Vec<LiveMember>) -> MeshView {
+        let adverts: Vec<&NodeAdvert> = members.iter().filter_map(|m| m.advert.as_ref()).collect();
+        let plan = placement::plan(&adverts);
+        MeshView { members, plan }
+    }
+
+    fn serving(&self, node: &str, model: &str) -> bool {
+        self.members.iter().any(|m| {
+            m.id.name == node
+                && m.advert
+                    .as_ref()
+                    .is_some_and(|a| a.serving.iter().any(|s| s == model))
+        })
+    }
+
+    /// Where `model` can be served now: its placed replicas that have it loaded, else any live
+    /// member that serves it (placement may still be moving it); `None` when nobody does.
+    pub fn route(&self, model: &str) -> Option<RouteHint> {
+        let placed = self.plan.routes.iter().find(|r| r.model == model);
+        let mut replicas: Vec<Replica> = placed
+            .map(|r| {
+                r.replicas
+                    .iter()
+                    .filter(|x| self.serving(&x.node, model))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if replicas.is_empty() {
+            replicas = self
+                .members
+                .iter()
+                .filter_map(|m| m.advert.as_ref())
+                .filter(|a| a.serving.iter().any(|s| s == model))
+                .map(|a| Replica {
+                    node: a.node.clone(),
+                    quic: a.quic,
+                    http: a.http,
+                })
+                .collect();
+        }
+        (!replicas.is_empty()).then(|| RouteHint {
+            model: model.to_string(),
+            epoch: self.plan.epoch,
+            replicas,
+        })
+    }
+
+    /// The route of every model the mesh serves.
+    pub fn routes(&self) -> RouteTable {
+        let mut models: Vec<&str> = self
+            .members
+            .iter()
+            .filter_map(|m| m.advert.as_ref())
+            .flat_map(|a| a.serving.iter().map(String::as_str))
+            .chain(self.plan.routes.iter().map(|r| r.model.as_str()))
+            .collect();
+        models.sort_unstable();
+        models.dedup();
+        RouteTable {
+            epoch: self.plan.epoch,
+            routes: models.into_iter().filter_map(|m| self.route(m)).collect(),
+        }
+    }
+}
+
+/// This node's membership in the mesh.
+pub struct Cluster {
+    name: String,
+    generation: u64,
+    quic: SocketAddr,
+    http: SocketAddr,
+    endpoint: MeshEndpoint,
+    engine: Arc<Engine>,
+    view: watch::Receiver<Arc<MeshView>>,
+    gossip: mpsc::UnboundedSender<gossip::Input>,
+    balancer: Balancer,
+    forward_timeout: Duration,
+    local_latency: Mutex<PeakEwma>,
+}
+
+impl Cluster {
+    /// Binds the endpoint, starts membership (announcing to the seeds), the `meshserve/1`
+    /// service and the housekeeping loop.
+    pub async fn start(
+        config: ClusterConfig,
+        engine: Arc<Engine>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let endpoint = MeshEndpoint::bind(config.listen, &config.identity, config.max_frame_bytes)?;
+        let quic = config
+            .advertise
+            .or_else(|| endpoint.local_addr())
+            .unwrap_or(config.listen);
+        if quic.ip().is_unspecified() {
+            return Err(ClusterError::UnspecifiedAddress(quic));
+        }
+        let generation = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let id = MemberId {
+            name: config.name.clone(),
+            addr: quic,
+            generation,
+        };
+        let expected = (config.seeds.len() as u32 + 1).max(8);
+        let core = Membership::new(
+            id,
+            config.detector,
+            expected,
+            generation ^ placement::score(&config.name, "rng"),
+        );
+        let (gossip, view) = gossip::spawn(core, endpoint.clone(), config.seeds.clone());
+        let cluster = Arc::new(Cluster {
+            name: config.name,
+            generation,
+            quic,
+            http: config.http,
+            endpoint,
+            engine,
+            view,
+            gossip,
+            balancer: Balancer::new(generation),
+            forward_timeout: config.forward_timeout,
+            local_latency: Mutex::new(PeakEwma::new(Instant::now())),
+        });
+        cluster.publish_advert();
+        tokio::spawn(service::serve(cluster.clone()));
+        tokio::spawn(reconcile::run(cluster.clone(), HOUSEKEEPING_PERIOD));
+        tracing::info!(
+            node = %cluster.name,
+            quic = %quic,
+            seeds = ?config.seeds,
+            "mesh endpoint up (meshserve/1, mutual TLS)"
+        );
+        Ok(cluster)
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address peers reach us at.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic
+    }
+
+    /// The current view of the mesh.
+    pub fn view(&self) -> Arc<MeshView> {
+        self.view.borrow().clone()
+    }
+
+    /// Where `model` is served, for route hints.
+    pub fn route(&self, model: &str) -> Option<RouteHint> {
+        self.view().route(model)
+    }
+
+    fn advert(&self) -> NodeAdvert {
+        let repository = self.engine.repository();
+        let mut catalog: Vec<CatalogEntry> = repository
+            .model_names()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|model| CatalogEntry {
+                replicas: repository.config(&model).map_or(0, |c| c.replicas),
+                model,
+            })
+            .collect();
+        catalog.sort();
+        let latency = self
+            .local_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .latency();
+        NodeAdvert {
+            node: self.name.clone(),
+            generation: self.generation,
+            sequence: 0,
+            quic: self.quic,
+            http: self.http,
+            catalog,
+            serving: self.engine.loaded_models(),
+            queue_depth: u32::try_from(self.engine.queue_depth()).unwrap_or(u32::MAX),
+            ewma_latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn publish_advert(&self) {
+        let _ = self.gossip.send(gossip::Input::Advert(self.advert()));
+    }
+
+    /// Records the latency of a request this node served itself, for its advert.
+    pub fn observe_local(&self, latency: Duration) {
+        self.local_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(latency, Instant::now());
+    }
+
+    /// Runs `call` on a replica of its model (never this node), retrying others when one is
+    /// unreachable or no longer serves it. Inference is idempotent, so a retry is safe.
+    pub async fn forward(&self, mut call: InferCall) -> Result<InferAnswer, Failure> {
+        let model = call.model.clone();
+        let metrics = self.engine.metrics().clone();
+        let Some(route) = self.route(&model) else {
+            metrics.record_forward("_unknown", "no_route");
+            return Err(Failure::new(
+                FailureClass::NotFound,
+                format!("unknown model '{model}': no node of the mesh serves it"),
+            ));
+        };
+        let timeout = call
+            .timeout_us
+            .map_or(self.forward_timeout, Duration::from_micros);
+        call.forwarded = true;
+        let request = Message::Infer(call);
+        let mut candidates: Vec<&Replica> = route
+            .replicas
+            .iter()
+            .filter(|r| r.node != self.name)
+            .collect();
+        let mut last = Failure::new(
+            FailureClass::Unavailable,
+            format!("no other replica of '{model}' is reachable"),
+        );
+        while !candidates.is_empty() {
+            let names: Vec<&str> = candidates.iter().map(|r| r.node.as_str()).collect();
+            let Some(chosen) = self.balancer.pick(&names, Instant::now()) else {
+                break;
+            };
+            let index = names.iter().position(|n| *n == chosen).unwrap_or(0);
+            let replica = candidates.remove(index);
+            let started = Instant::now();
+            self.balancer.start(&replica.node, started);
+            let result = self.endpoint.call(replica.quic, &request, timeout).await;
+            let now = Instant::now();
+            match result {
+                Ok(Message::Answer(mut answer)) => {
+                    self.balancer
+                        .finish(&replica.node, Some(now - started), now);
+                    metrics.record_forward(&model, "ok");
+                    answer.route = Some(route.clone());
+                    return Ok(answer);
+                }
+                Ok(Message::Failure(failure))
+                    if matches!(
+                        failure.class,
+                        FailureClass::NotHere | FailureClass::Unavailable
+                    ) =>
+                {
+                    self.balancer.finish(&replica.node, None, now);
+                    tracing::debug!(replica = %replica.node, %model, message = %failure.message, "replica declined; trying another");
+                    last = failure;
+                }
+                Ok(Message::Failure(mut failure)) => {
+                    // The replica ran the request and it failed on its merits: a retry elsewhere
+                    // would fail the same way.
+                    self.balancer
+                        .finish(&replica.node, Some(now - started), now);
+                    metrics.record_forward(&model, "failed");
+                    failure.route = Some(route.clone());
+                    return Err(failure);
+                }
+                Ok(other) => {
+                    self.balancer.finish(&replica.node, None, now);
+                    last = Failure::new(
+                        FailureClass::Internal,
+                        format!("replica {} answered with {other:?}", replica.node),
+                    );
+                }
+                Err(e) => {
+                    self.balancer.finish(&replica.node, None, now);
+                    tracing::warn!(replica = %replica.node, %model, error = %e, "forwarding failed; trying another replica");
+                    last = Failure::new(FailureClass::Unavailable, e.to_string());
+                }
+            }
+        }
+        metrics.record_forward(&model, "unavailable");
+        last.route = Some(route);
+        Err(last)
+    }
+
+    /// This node's view of the mesh, for `meshserve status`.
+    pub fn status(&self) -> MeshStatus {
+        let view = self.view();
+        MeshStatus {
+            node: self.name.clone(),
+            members: view
+                .members
+                .iter()
+                .map(|m| MemberStatus {
+                    node: m.id.name.clone(),
+                    state: if m.suspect { "suspect" } else { "alive" }.to_string(),
+                    advert: m.advert.clone(),
+                })
+                .collect(),
+            routes: view.routes(),
+        }
+    }
+
+    /// Leaves the mesh (peers learn at once) and closes the endpoint.
+    pub async fn leave(&self) {
+        let (done, confirmed) = oneshot::channel();
+        if self.gossip.send(gossip::Input::Leave(done)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), confirmed).await;
+            // Give the goodbye datagrams a moment to leave the socket.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.endpoint.close();
+    }
+}
+
+/// `meshserve status` as a table: members and their load, then where each model is served.
+pub fn format_status(status: &MeshStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "mesh as seen by {} (placement epoch {:016x})\n",
+        status.node, status.routes.epoch
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:<22} {:<22} {:>6} {:>9}  SERVING",
+        "MEMBER", "STATE", "QUIC", "HTTP", "QUEUE", "EWMA µs"
+    );
+    for member in &status.members {
+        let (quic, http, queue, ewma, serving) = match &member.advert {
+            Some(a) => (
+                a.quic.to_string(),
+                a.http.to_string(),
+                a.queue_depth.to_string(),
+                a.ewma_latency_us.to_string(),
+                a.serving.join(","),
+            ),
+            None => (
+                "?".into(),
+                "?".into(),
+                "?".into(),
+                "?".into(),
+                String::new(),
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<22} {:<22} {:>6} {:>9}  {}",
+            member.node, member.state, quic, http, queue, ewma, serving
+        );
+    }
+    let _ = writeln!(out, "\n{:<24} REPLICAS", "MODEL");
+    for route in &status.routes.routes {
+        let replicas: Vec<String> = route
+            .replicas
+            .iter()
+            .map(|r| format!("{} ({})", r.node, r.quic))
+            .collect();
+        let _ = writeln!(out, "{:<24} {}", route.model, replicas.join(", "));
+    }
+    out
+}

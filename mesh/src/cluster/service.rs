@@ -1,0 +1,165 @@
+//! The `meshserve/1` service: accepts connections from nodes and native clients (mutual TLS
+//! already checked by the handshake), reads membership datagrams from nodes, and answers one
+//! frame per bidirectional stream.
+
+use crate::cluster::Cluster;
+use crate::cluster::gossip::Input;
+use crate::http::error::status_of;
+use crate::transport::certs::Role;
+use crate::transport::{TransportError, read_frame, tls, write_frame};
+use crate::wire::{
+    Failure, FailureClass, InferAnswer, InferCall, Message, WIRE_VERSION, WireError, WireTensor,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// Accepts connections until the endpoint closes.
+pub(super) async fn serve(cluster: Arc<Cluster>) {
+    while let Some(incoming) = cluster.endpoint.quinn().accept().await {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    // A peer without a mesh certificate ends here.
+                    tracing::warn!(%peer, error = %e, "mesh connection refused");
+                    return;
+                }
+            };
+            let role = tls::peer_role(&connection);
+            if role == Role::Node {
+                tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
+            }
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                tokio::spawn(answer(cluster.clone(), send, recv, role, peer));
+            }
+        });
+    }
+}
+
+async fn read_datagrams(cluster: Arc<Cluster>, connection: quinn::Connection) {
+    while let Ok(datagram) = connection.read_datagram().await {
+        match datagram.first() {
+            Some(&WIRE_VERSION) => {
+                let _ = cluster.gossip.send(Input::Packet(datagram.slice(1..)));
+            }
+            other => tracing::debug!(
+                peer = %connection.remote_address(),
+                version = ?other,
+                "membership datagram of another wire version dropped"
+            ),
+        }
+    }
+}
+
+async fn answer(
+    cluster: Arc<Cluster>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    role: Role,
+    peer: SocketAddr,
+) {
+    let reply = match read_frame(&mut recv, cluster.endpoint.max_frame_bytes(), peer).await {
+        Ok(Message::Infer(call)) => cluster.serve_call(call, role).await,
+        Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
+        Ok(Message::StatusQuery) => Message::Status(cluster.status()),
+        Ok(other) => Message::Failure(Failure::new(
+            FailureClass::InvalidInput,
+            format!("unexpected message {}", message_kind(&other)),
+        )),
+        Err(TransportError::Frame { source, .. }) => {
+            tracing::warn!(%peer, error = %source, "bad frame refused");
+            let class = match source {
+                WireError::TooLarge { .. } => FailureClass::TooLarge,
+                _ => FailureClass::InvalidInput,
+            };
+            // Nothing more will be read from this stream.
+            let _ = recv.stop(0u32.into());
+            Message::Failure(Failure::new(class, source.to_string()))
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "stream ended before a whole frame");
+            return;
+        }
+    };
+    if let Err(e) = write_frame(&mut send, &reply).await {
+        tracing::debug!(%peer, error = %e, "could not send the answer");
+    }
+}
+
+fn message_kind(message: &Message) -> &'static str {
+    match message {
+        Message::Infer(_) => "Infer",
+        Message::Answer(_) => "Answer",
+        Message::Failure(_) => "Failure",
+        Message::RouteQuery => "RouteQuery",
+        Message::Routes(_) => "Routes",
+        Message::StatusQuery => "StatusQuery",
+        Message::Status(_) => "Status",
+    }
+}
+
+impl Cluster {
+    /// Serves an inference call that arrived over the mesh: here when the model is loaded,
+    /// else forwarded for a client, else refused as "not here" to a forwarding node (which
+    /// then tries another replica), never forwarded twice.
+    async fn serve_call(&self, call: InferCall, role: Role) -> Message {
+        let started = Instant::now();
+        let model = call.model.clone();
+        let metrics = self.engine.metrics().clone();
+        let source = match role {
+            Role::Node => "node",
+            Role::Client => "client",
+        };
+        if self.engine.model(&model).is_none() {
+            if call.forwarded {
+                let mut failure = Failure::new(
+                    FailureClass::NotHere,
+                    format!("node '{}' does not serve '{model}'", self.name),
+                );
+                failure.route = self.route(&model);
+                return Message::Failure(failure);
+            }
+            return match self.forward(call).await {
+                Ok(answer) => Message::Answer(answer),
+                Err(failure) => Message::Failure(failure),
+            };
+        }
+        let route = self.route(&model);
+        let (request, traceparent) = match call.into_request() {
+            Ok(parts) => parts,
+            Err(mut failure) => {
+                failure.route = route;
+                return Message::Failure(failure);
+            }
+        };
+        let span = tracing::debug_span!("mesh_infer", %model, traceparent = traceparent.as_deref().unwrap_or(""));
+        let outcome = self.engine.infer(request).instrument(span).await;
+        let elapsed = started.elapsed();
+        match outcome {
+            Ok(response) => {
+                self.observe_local(elapsed);
+                metrics.record_mesh_served(&model, source);
+                metrics.record_request(&model, 200, elapsed);
+                Message::Answer(InferAnswer {
+                    id: response.id,
+                    model_name: response.model_name,
+                    model_version: response.model_version,
+                    outputs: response.outputs.into_iter().map(WireTensor::from).collect(),
+                    timings: response.timings.into(),
+                    served_by: self.name.clone(),
+                    route,
+                })
+            }
+            Err(e) => {
+                let mut failure = Failure::from(&e);
+                metrics.record_request(&model, status_of(e.class()).as_u16(), elapsed);
+                failure.route = route;
+                Message::Failure(failure)
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Choosing a replica: power of two choices over a peak-EWMA latency × outstanding score.
+//!
+//! The ideas are Finagle's, as linkerd and tower use them: Mitzenmacher's "The Power of Two
+//! Choices in Randomized Load Balancing" (2001) picks two replicas at random and takes the
+//! better, which spreads load nearly as well as examining every replica without herding onto
+//! the single best one; the score is a latency EWMA that jumps up at once on a slow answer
+//! ("peak") and decays slowly, multiplied by the requests already in flight to that replica.
+//! A replica never measured scores a modest default, so a new one is tried but not flooded.
+//! Pure logic on explicit `Instant`s; the caller supplies the time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The latency a never-measured replica is assumed to have.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// How fast old measurements fade.
+pub const DECAY: Duration = Duration::from_secs(10);
+
+/// The latency charged for a failed request: bad enough that p2c avoids the replica for a
+/// while, decaying like any measurement, so it gets retried later.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+/// One replica's load estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct PeakEwma {
+    ewma_ns: f64,
+    stamp: Instant,
+    outstanding: u32,
+}
+
+impl PeakEwma {
+    /// A replica never measured.
+    pub fn new(now: Instant) -> PeakEwma {
+        PeakEwma {
+            ewma_ns: DEFAULT_RTT.as_nanos() as f64,
+            stamp: now,
+            outstanding: 0,
+        }
+    }
+
+    /// Folds in one measured latency.
+    pub fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt_ns = rtt.as_nanos() as f64;
+        if rtt_ns > self.ewma_ns {
+            self.ewma_ns = rtt_ns;
+        } else {
+            let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+            let weight = (-elapsed / DECAY.as_nanos() as f64).exp();
+            self.ewma_ns = self.ewma_ns * weight + rtt_ns * (1.0 - weight);
+        }
+        self.stamp = now;
+    }
+
+    /// The score p2c compares: lower is better.
+    pub fn cost(&self) -> f64 {
+        self.ewma_ns * f64::from(self.outstanding + 1)
+    }
+
+    /// The current latency estimate.
+    pub fn latency(&self) -> Duration {
+        Duration::from_nanos(self.ewma_ns as u64)
+    }
+}
+
+/// Load estimates for every replica a node or client talks to, by node name.
+#[derive(Debug)]
+pub struct Balancer {
+    state: Mutex<BalancerState>,
+}
+
+#[derive(Debug)]
+struct BalancerState {
+    replicas: HashMap<String, PeakEwma>,
+    rng: u64,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer::new(0x853c_49e6_748f_ea9b)
+    }
+}
+
+impl Balancer {
+    /// A balancer whose random choices start from `seed`.
+    pub fn new(seed: u64) -> Balancer {
+        Balancer {
+            state: Mutex::new(BalancerState {
+                replicas: HashMap::new(),
+                rng: seed | 1,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BalancerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Picks one of `candidates` (node names) by power of two choices; `None` when empty.
+    pub fn pick<'a>(&self, candidates: &[&'a str], now: Instant) -> Option<&'a str> {
+        let mut state = self.lock();
+        let (first, second) = match candidates.len() {
+            0 => return None,
+            1 => return Some(candidates[0]),
+            n => {
+                let a = (state.next() % n as u64) as usize;
+                let b = (a + 1 + (state.next() % (n as u64 - 1)) as usize) % n;
+                (candidates[a], candidates[b])
+            }
+        };
+        let cost = |state: &mut BalancerState, node: &str| {
+            state
+                .replicas
+                .entry(node.to_string())
+                .or_insert_with(|| PeakEwma::new(now))
+                .cost()
+        };
+        let (a, b) = (cost(&mut state, first), cost(&mut state, second));
+        Some(if b < a { second } else { first })
+    }
+
+    /// Counts a request sent to `node`; pair with [`Balancer::finish`].
+    pub fn start(&self, node: &str, now: Instant) {
+        let mut state = self.lock();
+        state
+            .replicas
+            .entry(node.to_string())
+            .or_insert_with(|| PeakEwma::new(now))
+            .outstanding += 1;
+    }
+
+    /// Records how the request to `node` ended: its latency, or `None` for a failure.
+    pub fn finish(&self, node: &str, latency: Option<Duration>, now: Instant) {
+        let mut state = self.lock();
+        let entry = state
+            .replicas
+            .entry(node.to_string())
+            .or_insert_with(|| PeakEwma::new(now));
+        entry.outstanding = entry.outstanding.saturating_sub(1);
+        entry.observe(latency.unwrap_or(FAILURE_PENALTY), now);
+    }
+
+    /// The latency estimate of `node`, if it was ever used.
+    pub fn latency(&self, node: &str) -> Option<Duration> {
+        self.lock().replicas.get(node).map(PeakEwma::latency)
+    }
+}
+
+impl BalancerState {
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_answer_counts_at_once_and_fades() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        e.observe(Duration::from_millis(50), t0);
+        assert_eq!(e.latency(), Duration::from_millis(50), "peaks jump");
+        e.observe(Duration::from_millis(1), t0 + Duration::from_millis(1));
+        assert!(
+            e.latency() > Duration::from_millis(45),
+            "one fast answer barely moves it"
+        );
+        e.observe(Duration::from_millis(1), t0 + Duration::from_secs(60));
+        assert!(e.latency() < Duration::from_millis(2), "but time does");
+    }
+
+    #[test]
+    fn outstanding_requests_raise_the_cost() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        let idle = e.cost();
+        e.outstanding = 3;
+        assert_eq!(e.cost(), idle * 4.0);
+    }
+
+    #[test]
+    fn p2c_avoids_a_slow_replica_and_spreads_over_equals() {
+        let t0 = Instant::now();
+        let balancer = Balancer::new(7);
+        balancer.start("slow", t0);
+        balancer.finish("slow", Some(Duration::from_millis(100)), t0);
+        let mut picks: HashMap<&str, i32> = HashMap::new();
+        for _ in 0..3000 {
+            let node = balancer.pick(&["a", "b", "slow"], t0).unwrap();
+            *picks.entry(node).or_insert(0) += 1;
+        }
+        // Two distinct replicas are drawn each time, so "slow" always loses its pair.
+        assert_eq!(picks.get("slow"), None, "{picks:?}");
+        let (a, b) = (picks["a"], picks["b"]);
+        assert!((a - b).abs() < 300, "{picks:?}");
+    }
+
+    #[test]
+    fn a_failure_sends_traffic_elsewhere() {
+        let t0 = Instant::now();
+        let balancer = Balancer::new(3);
+        balancer.start("a", t0);
+        balancer.finish("a", None, t0);
+        for _ in 0..100 {
+            assert_eq!(balancer.pick(&["a", "b"], t0), Some("b"));
+        }
+        assert_eq!(
+            balancer.pick(&["a"], t0),
+            Some("a"),
+            "a lone replica is still used"
+        );
+        assert_eq!(balancer.pick(&[], t0), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! The mesh's certificate authority: `meshserve certs` creates it and issues node and client
+//! certificates, all as PEM files in one folder.
+//!
+//! ```text
+//! DIR/ca.pem, DIR/ca.key              the mesh CA (keep ca.key off the nodes in production)
+//! DIR/node-NAME.pem, node-NAME.key    a node: server and client auth, SAN `node.meshserve`
+//! DIR/client-NAME.pem, client-NAME.key  a native client: client auth, SAN `client.meshserve`
+//! ```
+//!
+//! Nodes are reached by address, not by DNS name, so every node certificate carries the same
+//! mesh-internal name [`NODE_SAN`], which callers verify: what proves a node is the signature of
+//! the mesh CA, and what proves it is a *node* (allowed into membership) rather than a client is
+//! that name. The node's own name is the certificate's common name, for logs.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use std::path::{Path, PathBuf};
+
+/// The DNS name every node certificate carries and every caller verifies.
+pub const NODE_SAN: &str = "node.meshserve";
+
+/// The DNS name every native-client certificate carries.
+pub const CLIENT_SAN: &str = "client.meshserve";
+
+const CA_COMMON_NAME: &str = "meshserve mesh CA";
+
+/// Why certificates could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Key or certificate generation failed, or a stored key is unusable.
+    #[error("{context}: {source}")]
+    Generate {
+        /// What was being made.
+        context: String,
+        /// rcgen's error.
+        source: rcgen::Error,
+    },
+    /// A name that cannot be part of a file name.
+    #[error("invalid name '{0}': use letters, digits, '-', '_' and '.'")]
+    InvalidName(String),
+}
+
+/// The mesh CA, able to issue certificates.
+pub struct MeshCa {
+    key: KeyPair,
+    cert_pem: String,
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A mesh node: may join membership, forward and serve.
+    Node,
+    /// A native client: may send requests and queries.
+    Client,
+}
+
+impl Role {
+    fn prefix(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Client => "client",
+        }
+    }
+}
+
+/// The certificate and key paths of `name` in `role` under `dir`.
+pub fn paths(dir: &Path, role: Role, name: &str) -> (PathBuf, PathBuf) {
+    let stem = format!("{}-{name}", role.prefix());
+    (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    )
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, CA_COMMON_NAME);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+fn generate(context: &str) -> impl Fn(rcgen::Error) -> CertError + '_ {
+    move |source| CertError::Generate {
+        context: context.to_string(),
+        source,
+    }
+}
+
+fn write(path: &Path, text: &str, private: bool) -> Result<(), CertError> {
+    let io = |source| CertError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::write(path, text).map_err(io)?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|source| CertError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl MeshCa {
+    /// A new CA with a fresh key.
+    pub fn create() -> Result<MeshCa, CertError> {
+        let key = KeyPair::generate().map_err(generate("CA key"))?;
+        let cert = ca_params()
+            .self_signed(&key)
+            .map_err(generate("CA certificate"))?;
+        Ok(MeshCa {
+            key,
+            cert_pem: cert.pem(),
+        })
+    }
+
+    /// The CA stored in `dir`, or a new one saved there when there is none.
+    pub fn open_or_create(dir: &Path) -> Result<(MeshCa, bool), CertError> {
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        if cert.exists() && key.exists() {
+            let key_pem = read(&key)?;
+            let key = KeyPair::from_pem(&key_pem).map_err(generate("ca.key"))?;
+            return Ok((
+                MeshCa {
+                    key,
+                    cert_pem: read(&cert)?,
+                },
+                false,
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let ca = MeshCa::create()?;
+        write(&cert, &ca.cert_pem, false)?;
+        write(&key, &ca.key.serialize_pem(), true)?;
+        Ok((ca, true))
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A certificate and key (PEM) for `name` in `role`, signed by this CA.
+    pub fn issue(&self, role: Role, name: &str) -> Result<(String, String), CertError> {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid {
+            return Err(CertError::InvalidName(name.to_string()));
+        }
+        let san = match role {
+            Role::Node => NODE_SAN,
+            Role::Client => CLIENT_SAN,
+        };
+        let mut params =
+            CertificateParams::new(vec![san.to_string()]).map_err(generate("certificate"))?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match role {
+            // A node accepts connections and opens them to peers.
+            Role::Node => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Role::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        let key = KeyPair::generate().map_err(generate("key"))?;
+        // Rebuilding the issuer from the CA's parameters yields the same subject and key
+        // identifier as the stored CA certificate, so chains verify without parsing it.
+        let issuer = Issuer::new(ca_params(), &self.key);
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(generate("certificate"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues `name` in `role` and writes it under `dir`, returning the certificate's path.
+    pub fn issue_to(&self, dir: &Path, role: Role, name: &str) -> Result<PathBuf, CertError> {
+        let (cert, key) = self.issue(role, name)?;
+        let (cert_path, key_path) = paths(dir, role, name);
+        write(&cert_path, &cert, false)?;
+        write(&key_path, &key, true)?;
+        Ok(cert_path)
+    }
+}

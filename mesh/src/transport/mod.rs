@@ -1,0 +1,268 @@
+//! The QUIC transport of the mesh: one quinn endpoint per node (and per native client), mutual
+//! TLS under the mesh CA ([`tls`], [`certs`]), pooled connections, and `meshserve/1` frames on
+//! bidirectional streams (one stream per request). Membership packets travel as QUIC
+//! datagrams on the same connections: SWIM tolerates loss and wants no retransmission.
+
+pub mod certs;
+pub mod tls;
+
+use crate::wire::{self, Message, WireError, frame::HEADER_LEN};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+pub use tls::{ALPN, MeshIdentity};
+
+/// How long a connection attempt may take before the peer counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a mesh exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The UDP socket could not be bound.
+    #[error("cannot bind the QUIC endpoint on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] crate::pem::TlsError),
+    /// The peer could not be reached or refused us.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The connection or stream broke.
+    #[error("connection to {addr} lost: {reason}")]
+    Lost {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The peer sent something that is not a frame.
+    #[error("bad frame from {addr}: {source}")]
+    Frame {
+        /// The peer.
+        addr: SocketAddr,
+        /// What was wrong.
+        source: WireError,
+    },
+    /// No answer in time.
+    #[error("no answer from {addr} within {timeout:?}")]
+    Timeout {
+        /// The peer.
+        addr: SocketAddr,
+        /// The time allowed.
+        timeout: Duration,
+    },
+}
+
+impl TransportError {
+    /// Whether the peer may never have seen the request, so another replica can take it.
+    /// Inference is idempotent, so every transport failure qualifies; only a bad frame (a
+    /// broken peer, not a lost one) does not.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, TransportError::Frame { .. })
+    }
+}
+
+/// One pooled connection per peer address; the inner lock makes concurrent callers share one
+/// handshake.
+type Pool = Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>>;
+
+/// A quinn endpoint with a pool of connections to peers.
+#[derive(Clone)]
+pub struct MeshEndpoint {
+    endpoint: quinn::Endpoint,
+    pool: Pool,
+    max_frame_bytes: usize,
+}
+
+impl MeshEndpoint {
+    /// A node's endpoint: accepts peers on `addr` and connects out from the same socket.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &MeshIdentity,
+        max_frame_bytes: usize,
+    ) -> Result<MeshEndpoint, TransportError> {
+        let mut endpoint = quinn::Endpoint::server(identity.server_config()?, addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        endpoint.set_default_client_config(identity.client_config()?);
+        Ok(MeshEndpoint::wrap(endpoint, max_frame_bytes))
+    }
+
+    /// A client's endpoint: connects out only, from an ephemeral port.
+    pub fn client(
+        identity: &MeshIdentity,
+        max_frame_bytes: usize,
+    ) -> Result<MeshEndpoint, TransportError> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+        let mut endpoint = quinn::Endpoint::client(addr)
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        endpoint.set_default_client_config(identity.client_config()?);
+        Ok(MeshEndpoint::wrap(endpoint, max_frame_bytes))
+    }
+
+    fn wrap(endpoint: quinn::Endpoint, max_frame_bytes: usize) -> MeshEndpoint {
+        MeshEndpoint {
+            endpoint,
+            pool: Arc::default(),
+            max_frame_bytes,
+        }
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// The underlying quinn endpoint, for the accept loop.
+    pub fn quinn(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// The largest frame payload accepted.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
+    /// A live connection to `addr`, reusing the pooled one. Concurrent callers for the same
+    /// peer share one handshake.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        let slot = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.entry(addr).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref()
+            && connection.close_reason().is_none()
+        {
+            return Ok(connection.clone());
+        }
+        *slot = None;
+        let connect_error = |reason: String| TransportError::Connect { addr, reason };
+        let connecting = self
+            .endpoint
+            .connect(addr, crate::transport::certs::NODE_SAN)
+            .map_err(|e| connect_error(e.to_string()))?;
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| connect_error(format!("no handshake within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| connect_error(e.to_string()))?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Forgets the pooled connection to `addr` (after a failure), so the next call reconnects.
+    pub fn forget(&self, addr: SocketAddr) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.remove(&addr);
+    }
+
+    /// Closes the pooled connection to `addr` (a peer declared down), failing its calls in
+    /// flight at once so they can go to another replica.
+    pub fn drop_peer(&self, addr: SocketAddr) {
+        let slot = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.remove(&addr)
+        };
+        if let Some(slot) = slot {
+            tokio::spawn(async move {
+                if let Some(connection) = slot.lock().await.take() {
+                    connection.close(0u32.into(), b"peer declared down");
+                }
+            });
+        }
+    }
+
+    /// Sends `request` to `addr` on a new stream of the pooled connection and reads the answer.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        request: &Message,
+        timeout: Duration,
+    ) -> Result<Message, TransportError> {
+        let exchange = async {
+            let connection = self.connection(addr).await?;
+            let lost = |e: &dyn std::fmt::Display| TransportError::Lost {
+                addr,
+                reason: e.to_string(),
+            };
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+            send.write_all(&wire::encode(request))
+                .await
+                .map_err(|e| lost(&e))?;
+            send.finish().map_err(|e| lost(&e))?;
+            read_frame(&mut recv, self.max_frame_bytes, addr).await
+        };
+        let result = match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout { addr, timeout }),
+        };
+        if matches!(
+            result,
+            Err(TransportError::Lost { .. } | TransportError::Connect { .. })
+        ) {
+            self.forget(addr);
+        }
+        result
+    }
+
+    /// Sends a datagram to `addr` without waiting: connecting happens in the background and a
+    /// failure only drops the datagram, as UDP would.
+    pub fn send_datagram(&self, addr: SocketAddr, datagram: Bytes) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.connection(addr).await {
+                Ok(connection) => {
+                    if let Err(e) = connection.send_datagram(datagram) {
+                        tracing::debug!(%addr, error = %e, "datagram dropped");
+                    }
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "datagram dropped"),
+            }
+        });
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"node stopping");
+    }
+}
+
+/// Reads one whole frame from a stream, refusing oversized or malformed ones.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max_frame_bytes: usize,
+    addr: SocketAddr,
+) -> Result<Message, TransportError> {
+    let lost = |e: &dyn std::fmt::Display| TransportError::Lost {
+        addr,
+        reason: e.to_string(),
+    };
+    let frame_error = |source| TransportError::Frame { addr, source };
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(|e| lost(&e))?;
+    let length = wire::frame::decode_header(&header, max_frame_bytes).map_err(frame_error)?;
+    let mut payload = vec![0u8; length];
+    recv.read_exact(&mut payload).await.map_err(|e| lost(&e))?;
+    wire::frame::decode_payload(&payload).map_err(frame_error)
+}
+
+/// Writes one frame and closes the sending side.
+pub async fn write_frame(
+    send: &mut quinn::SendStream,
+    message: &Message,
+) -> Result<(), quinn::WriteError> {
+    send.write_all(&wire::encode(message)).await?;
+    let _ = send.finish();
+    Ok(())
+}

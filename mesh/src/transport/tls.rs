@@ -1,0 +1,141 @@
+//! Mutual TLS for `meshserve/1`: both ends present a certificate of the mesh CA, TLS 1.3 only
+//! (QUIC requires it), ALPN `meshserve/1`. The ALPN list leaves room for `h3` on the same
+//! endpoint later: a connection's protocol says which service it reaches.
+
+use crate::pem::{self, TlsError};
+use crate::transport::certs::{self, NODE_SAN, Role};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ALPN of node-to-node and native-client traffic.
+pub const ALPN: &[u8] = b"meshserve/1";
+
+/// A member of the mesh's PKI: the CA to trust and our own certificate.
+pub struct MeshIdentity {
+    ca: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for MeshIdentity {
+    fn clone(&self) -> Self {
+        MeshIdentity {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl MeshIdentity {
+    /// Loads the CA certificate, our certificate chain and key from PEM files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<MeshIdentity, TlsError> {
+        Ok(MeshIdentity {
+            ca: pem::read_certs(ca)?,
+            chain: pem::read_certs(cert)?,
+            key: pem::read_key(key)?,
+        })
+    }
+
+    /// Loads `name`'s files from a folder made by `meshserve certs`.
+    pub fn from_dir(dir: &Path, role: Role, name: &str) -> Result<MeshIdentity, TlsError> {
+        let (cert, key) = certs::paths(dir, role, name);
+        MeshIdentity::load(&dir.join("ca.pem"), &cert, &key)
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &self.ca {
+            roots
+                .add(cert.clone())
+                .map_err(|e| TlsError::Invalid(format!("mesh CA certificate: {e}")))?;
+        }
+        Ok(roots)
+    }
+
+    /// The server side: only peers with a certificate of the mesh CA get in.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), pem::provider())
+                .build()
+                .map_err(|e| TlsError::Invalid(format!("mesh CA: {e}")))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(pem::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Invalid(format!("certificate and key do not match: {e}")))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicServerConfig::try_from(tls)
+            .map_err(|e| TlsError::Invalid(format!("QUIC TLS: {e}")))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport());
+        Ok(config)
+    }
+
+    /// The client side: trusts only the mesh CA and presents our certificate.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(pem::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Invalid(format!("certificate and key do not match: {e}")))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls)
+            .map_err(|e| TlsError::Invalid(format!("QUIC TLS: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport());
+        Ok(config)
+    }
+}
+
+/// Transport settings shared by both sides. Keep-alives hold pooled connections open through
+/// idle periods; the idle timeout bounds how long a vanished peer's connection lingers (the
+/// membership layer, not QUIC, decides that a node is dead).
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_millis(500)))
+        .max_idle_timeout(Duration::from_secs(2).try_into().ok())
+        .max_concurrent_bidi_streams(4096u32.into())
+        .datagram_receive_buffer_size(Some(1 << 20));
+    Arc::new(transport)
+}
+
+/// The name callers verify on a node's certificate.
+pub fn node_server_name() -> ServerName<'static> {
+    ServerName::DnsName(
+        rustls::pki_types::DnsName::try_from(NODE_SAN)
+            .expect("the node name is a valid DNS name")
+            .to_owned(),
+    )
+}
+
+/// What the peer of an established connection is, from its certificate: a node carries
+/// [`NODE_SAN`]. Anything else signed by the mesh CA is a client.
+pub fn peer_role(connection: &quinn::Connection) -> Role {
+    let Some(identity) = connection.peer_identity() else {
+        return Role::Client;
+    };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return Role::Client;
+    };
+    let Some(leaf) = chain.first() else {
+        return Role::Client;
+    };
+    match webpki::EndEntityCert::try_from(leaf) {
+        Ok(cert)
+            if cert
+                .verify_is_valid_for_subject_name(&node_server_name())
+                .is_ok() =>
+        {
+            Role::Node
+        }
+        _ => Role::Client,
+    }
+}

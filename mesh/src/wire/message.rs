@@ -1,0 +1,412 @@
+//! What travels in `meshserve/1` frames and membership datagrams.
+//!
+//! Every type is plain data with serde derives; postcard encodes enum variants by their index
+//! and fields in declaration order, so **only append** variants and never reorder fields: the
+//! test vectors in `mesh/tests/wire_vectors.txt` fail when an encoding changes. Tensors travel
+//! as their OIP binary layout (the engine's own), so converting to and from
+//! [`meshserve_host::Tensor`] moves the bytes without touching them.
+
+use bytes::Bytes;
+use meshserve_host::tensor::TensorError;
+use meshserve_host::{DataType, ErrorClass, InferError, InferRequest, StageTimings, Tensor};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One frame's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Run a model (client or forwarding node → serving node).
+    Infer(InferCall),
+    /// A successful inference.
+    Answer(InferAnswer),
+    /// A failed request.
+    Failure(Failure),
+    /// Ask a node for its route table.
+    RouteQuery,
+    /// Which nodes serve which models.
+    Routes(RouteTable),
+    /// Ask a node for its view of the mesh.
+    StatusQuery,
+    /// A node's view of the mesh.
+    Status(MeshStatus),
+}
+
+/// A tensor on the wire: the OIP binary layout of [`Tensor`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTensor {
+    /// Input or output name.
+    pub name: String,
+    /// The datatype's code (see [`datatype_code`]).
+    pub datatype: u8,
+    /// Dimensions.
+    pub shape: Vec<i64>,
+    /// Elements in OIP binary layout.
+    pub data: Bytes,
+}
+
+/// An inference call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferCall {
+    /// The client's request id, echoed.
+    pub id: Option<String>,
+    /// The model.
+    pub model: String,
+    /// The version; `None` means the newest.
+    pub version: Option<String>,
+    /// Inputs.
+    pub inputs: Vec<WireTensor>,
+    /// Outputs wanted; `None` means all.
+    pub outputs: Option<Vec<String>>,
+    /// How long the request may wait before it is dropped unrun, in µs.
+    pub timeout_us: Option<u64>,
+    /// W3C trace context of the caller, carried across the hop.
+    pub traceparent: Option<String>,
+    /// Set by a node that forwards: the receiver must serve it or refuse, never forward again.
+    pub forwarded: bool,
+}
+
+/// A successful inference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferAnswer {
+    /// The request id, echoed.
+    pub id: Option<String>,
+    /// The model that answered.
+    pub model_name: String,
+    /// Its version.
+    pub model_version: String,
+    /// Outputs.
+    pub outputs: Vec<WireTensor>,
+    /// Where the time went on the serving node.
+    pub timings: WireTimings,
+    /// The node that ran the model.
+    pub served_by: String,
+    /// Where the model lives, so the caller can go there directly next time.
+    pub route: Option<RouteHint>,
+}
+
+/// Stage timings of the serving node, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireTimings {
+    /// Waiting in the batcher's queue.
+    pub queue_us: u64,
+    /// Running the batch.
+    pub infer_us: u64,
+    /// Requests in that batch.
+    pub batch_size: u32,
+}
+
+/// The class of a failure, as on the HTTP side, plus the mesh's own "not here".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureClass {
+    /// Unknown model or version (404).
+    NotFound,
+    /// Malformed request (400).
+    InvalidInput,
+    /// Too large (413).
+    TooLarge,
+    /// Overloaded or stopping; retry (503).
+    Unavailable,
+    /// Deadline passed before running (504).
+    DeadlineExceeded,
+    /// The model or a plugin failed (500).
+    Internal,
+    /// A plugin's own 4xx.
+    PluginStatus(u16),
+    /// This node does not serve the model; the failure's route says who does.
+    NotHere,
+}
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// What kind of failure.
+    pub class: FailureClass,
+    /// For the operator and the client.
+    pub message: String,
+    /// When retrying makes sense, after how long, in ms.
+    pub retry_after_ms: Option<u64>,
+    /// Where the model lives, when this node knows.
+    pub route: Option<RouteHint>,
+}
+
+/// A node that serves a model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Replica {
+    /// Its node name.
+    pub node: String,
+    /// Its QUIC (`meshserve/1`) address.
+    pub quic: SocketAddr,
+    /// Its HTTP address.
+    pub http: SocketAddr,
+}
+
+/// Where one model is served, as of a placement epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteHint {
+    /// The model.
+    pub model: String,
+    /// Identifies the membership the placement was computed from; equal on converged nodes.
+    pub epoch: u64,
+    /// Its replicas, in placement order.
+    pub replicas: Vec<Replica>,
+}
+
+/// Routes of every model a node knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    /// The placement epoch.
+    pub epoch: u64,
+    /// One entry per model.
+    pub routes: Vec<RouteHint>,
+}
+
+/// What one node advertises to the mesh through membership gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAdvert {
+    /// The node's name.
+    pub node: String,
+    /// Which start of the node this is (later starts win).
+    pub generation: u64,
+    /// Increases with every advert of one generation, so newer replaces older.
+    pub sequence: u64,
+    /// The QUIC address.
+    pub quic: SocketAddr,
+    /// The HTTP address.
+    pub http: SocketAddr,
+    /// Models whose files this node holds, and their replica counts.
+    pub catalog: Vec<CatalogEntry>,
+    /// Models loaded and serving now.
+    pub serving: Vec<String>,
+    /// Requests queued across its models.
+    pub queue_depth: u32,
+    /// Its EWMA request latency, in µs.
+    pub ewma_latency_us: u32,
+}
+
+/// A model a node holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// The model's name.
+    pub model: String,
+    /// How many nodes should serve it; 0 means every node that holds it.
+    pub replicas: u16,
+}
+
+/// A member as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Its name.
+    pub node: String,
+    /// `alive`, `suspect` or `down`.
+    pub state: String,
+    /// Its last advert, if one arrived.
+    pub advert: Option<NodeAdvert>,
+}
+
+/// A node's view of the mesh, for `meshserve status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    /// The answering node.
+    pub node: String,
+    /// Every member it knows, itself included.
+    pub members: Vec<MemberStatus>,
+    /// Placement: the routes of every model.
+    pub routes: RouteTable,
+}
+
+/// The stable code of each datatype on the wire.
+pub fn datatype_code(datatype: DataType) -> u8 {
+    match datatype {
+        DataType::Bool => 0,
+        DataType::Uint8 => 1,
+        DataType::Uint16 => 2,
+        DataType::Uint32 => 3,
+        DataType::Uint64 => 4,
+        DataType::Int8 => 5,
+        DataType::Int16 => 6,
+        DataType::Int32 => 7,
+        DataType::Int64 => 8,
+        DataType::Fp16 => 9,
+        DataType::Fp32 => 10,
+        DataType::Fp64 => 11,
+        DataType::Bytes => 12,
+    }
+}
+
+/// The datatype of a wire code.
+pub fn datatype_of(code: u8) -> Option<DataType> {
+    DataType::ALL
+        .into_iter()
+        .find(|d| datatype_code(*d) == code)
+}
+
+impl From<Tensor> for WireTensor {
+    fn from(tensor: Tensor) -> WireTensor {
+        WireTensor {
+            name: tensor.name,
+            datatype: datatype_code(tensor.datatype),
+            shape: tensor.shape,
+            data: tensor.data,
+        }
+    }
+}
+
+/// Why a wire tensor is not a valid tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum WireTensorError {
+    /// Unknown datatype code.
+    #[error("tensor '{name}': unknown datatype code {code}")]
+    UnknownDatatype {
+        /// The tensor.
+        name: String,
+        /// The code.
+        code: u8,
+    },
+    /// Bytes that do not match the shape.
+    #[error(transparent)]
+    Invalid(#[from] TensorError),
+}
+
+impl TryFrom<WireTensor> for Tensor {
+    type Error = WireTensorError;
+
+    fn try_from(wire: WireTensor) -> Result<Tensor, WireTensorError> {
+        let datatype = datatype_of(wire.datatype).ok_or(WireTensorError::UnknownDatatype {
+            name: wire.name.clone(),
+            code: wire.datatype,
+        })?;
+        Ok(Tensor::new(wire.name, datatype, wire.shape, wire.data)?)
+    }
+}
+
+impl InferCall {
+    /// The engine request this call asks for; a tensor that does not match its shape is an
+    /// invalid-input failure.
+    pub fn into_request(self) -> Result<(InferRequest, Option<String>), Failure> {
+        let inputs = self
+            .inputs
+            .into_iter()
+            .map(Tensor::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Failure::new(FailureClass::InvalidInput, e.to_string()))?;
+        let request = InferRequest {
+            model: self.model,
+            version: self.version,
+            id: self.id,
+            inputs,
+            outputs: self.outputs,
+            timeout: self.timeout_us.map(Duration::from_micros),
+        };
+        Ok((request, self.traceparent))
+    }
+
+    /// The call that carries `request` over the mesh.
+    pub fn from_request(request: InferRequest, traceparent: Option<String>) -> InferCall {
+        InferCall {
+            id: request.id,
+            model: request.model,
+            version: request.version,
+            inputs: request.inputs.into_iter().map(WireTensor::from).collect(),
+            outputs: request.outputs,
+            timeout_us: request
+                .timeout
+                .map(|t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX)),
+            traceparent,
+            forwarded: false,
+        }
+    }
+}
+
+impl From<StageTimings> for WireTimings {
+    fn from(t: StageTimings) -> WireTimings {
+        WireTimings {
+            queue_us: u64::try_from(t.queue.as_micros()).unwrap_or(u64::MAX),
+            infer_us: u64::try_from(t.infer.as_micros()).unwrap_or(u64::MAX),
+            batch_size: u32::try_from(t.batch_size).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl From<WireTimings> for StageTimings {
+    fn from(t: WireTimings) -> StageTimings {
+        StageTimings {
+            queue: Duration::from_micros(t.queue_us),
+            infer: Duration::from_micros(t.infer_us),
+            batch_size: t.batch_size as usize,
+        }
+    }
+}
+
+impl Failure {
+    /// A failure without retry advice or route.
+    pub fn new(class: FailureClass, message: impl Into<String>) -> Failure {
+        Failure {
+            class,
+            message: message.into(),
+            retry_after_ms: None,
+            route: None,
+        }
+    }
+
+    /// The error class a front door reports; "not here" is a 404 to an HTTP client, since a
+    /// node only says it after it could not forward.
+    pub fn error_class(&self) -> ErrorClass {
+        match self.class {
+            FailureClass::NotFound | FailureClass::NotHere => ErrorClass::NotFound,
+            FailureClass::InvalidInput => ErrorClass::InvalidInput,
+            FailureClass::TooLarge => ErrorClass::TooLarge,
+            FailureClass::Unavailable => ErrorClass::Unavailable,
+            FailureClass::DeadlineExceeded => ErrorClass::DeadlineExceeded,
+            FailureClass::Internal => ErrorClass::Internal,
+            FailureClass::PluginStatus(code) => ErrorClass::PluginStatus(code),
+        }
+    }
+}
+
+impl From<&InferError> for Failure {
+    fn from(e: &InferError) -> Failure {
+        let class = match e.class() {
+            ErrorClass::NotFound => FailureClass::NotFound,
+            ErrorClass::InvalidInput => FailureClass::InvalidInput,
+            ErrorClass::TooLarge => FailureClass::TooLarge,
+            ErrorClass::Unavailable => FailureClass::Unavailable,
+            ErrorClass::DeadlineExceeded => FailureClass::DeadlineExceeded,
+            ErrorClass::Internal => FailureClass::Internal,
+            ErrorClass::PluginStatus(code) => FailureClass::PluginStatus(code),
+        };
+        Failure {
+            class,
+            message: e.to_string(),
+            retry_after_ms: e
+                .retry_after()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            route: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_datatype_has_a_distinct_code() {
+        for datatype in DataType::ALL {
+            assert_eq!(datatype_of(datatype_code(datatype)), Some(datatype));
+        }
+        assert_eq!(datatype_of(13), None);
+    }
+
+    #[test]
+    fn a_wire_tensor_with_wrong_bytes_is_refused() {
+        let wire = WireTensor {
+            name: "x".into(),
+            datatype: datatype_code(DataType::Fp32),
+            shape: vec![1, 2],
+            data: Bytes::from_static(&[0; 4]),
+        };
+        let e = Tensor::try_from(wire).unwrap_err();
+        assert!(e.to_string().contains("needs 8 bytes"), "{e}");
+    }
+}

@@ -1,0 +1,549 @@
+//! The QUIC mesh with real `meshserve` processes on loopback: forming from one seed,
+//! placement agreed by every node, forwarding, the route-aware client going direct, `kill -9`
+//! of a replica under load, rejoining, a foreign CA refused, and garbage frames.
+
+mod support;
+
+use meshserve::client::{ClientConfig, MeshClient};
+use meshserve::routing::{ROUTE_HEADER, parse_route_header};
+use meshserve::transport::certs::Role;
+use meshserve::transport::{MeshEndpoint, MeshIdentity, read_frame};
+use meshserve::wire::{self, FailureClass, MeshStatus, Message};
+use meshserve_host::{DataType, InferRequest, Tensor};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use support::{TestNode, copy_tree, metric_sum, workspace_root};
+
+/// Makes a mesh CA in `dir` with node and client certificates, through the real binary.
+fn make_certs(dir: &Path, nodes: &[&str], clients: &[&str]) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meshserve"));
+    command.arg("certs").arg("--dir").arg(dir);
+    for node in nodes {
+        command.args(["--node", node]);
+    }
+    for client in clients {
+        command.args(["--client", client]);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
+
+/// One node's own model repository (as on its own machine): the examples, with `fraud`
+/// placed on 2 replicas.
+fn repository(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join(format!("models-{name}"));
+    copy_tree(&workspace_root().join("examples/models"), &dir);
+    let config = dir.join("fraud/config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("replicas = 2\n");
+    std::fs::write(config, text).unwrap();
+    dir
+}
+
+struct MeshNode {
+    name: String,
+    node: TestNode,
+    quic: SocketAddr,
+}
+
+fn start_node(
+    root: &Path,
+    certs: &Path,
+    name: &str,
+    quic: &str,
+    seed: Option<SocketAddr>,
+) -> MeshNode {
+    let repo = repository(root, name);
+    let mut args = vec![
+        "--quic".to_string(),
+        quic.to_string(),
+        "--certs".to_string(),
+        certs.display().to_string(),
+        "--name".to_string(),
+        name.to_string(),
+    ];
+    if let Some(seed) = seed {
+        args.push("--seed".into());
+        args.push(seed.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let node = TestNode::start(&repo, &args);
+    let log = node.log_text();
+    let quic = log
+        .lines()
+        .find(|l| l.contains("mesh endpoint up"))
+        .and_then(|l| l.split("quic=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no mesh address in the log:\n{log}"));
+    MeshNode {
+        name: name.to_string(),
+        node,
+        quic,
+    }
+}
+
+fn client(certs: &Path, seeds: Vec<SocketAddr>) -> MeshClient {
+    let identity = MeshIdentity::from_dir(certs, Role::Client, "app").unwrap();
+    let mut config = ClientConfig::new(seeds, identity);
+    config.attempt_timeout = Duration::from_secs(5);
+    config.max_attempts = 4;
+    MeshClient::new(config).unwrap()
+}
+
+async fn wait_for<T>(what: &str, limit: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn serving(status: &MeshStatus, model: &str) -> BTreeSet<String> {
+    status
+        .members
+        .iter()
+        .filter_map(|m| m.advert.as_ref())
+        .filter(|a| a.serving.iter().any(|s| s == model))
+        .map(|a| a.node.clone())
+        .collect()
+}
+
+fn placed(status: &MeshStatus, model: &str) -> BTreeSet<String> {
+    status
+        .routes
+        .routes
+        .iter()
+        .filter(|r| r.model == model)
+        .flat_map(|r| r.replicas.iter().map(|x| x.node.clone()))
+        .collect()
+}
+
+/// Waits until every node sees exactly `names` alive, agrees on the placement epoch, and
+/// exactly the placed replicas serve `fraud`; returns that replica set.
+async fn settled(client: &MeshClient, nodes: &[&MeshNode], names: &[&str]) -> BTreeSet<String> {
+    let expected: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+    wait_for("the mesh to settle", Duration::from_secs(30), async || {
+        let mut statuses = Vec::new();
+        for node in nodes {
+            statuses.push(client.status(node.quic).await.ok()?);
+        }
+        let first = &statuses[0];
+        let owners = placed(first, "fraud");
+        let agreed = statuses.iter().all(|s| {
+            let members: BTreeSet<String> = s.members.iter().map(|m| m.node.clone()).collect();
+            members == expected
+                && s.members
+                    .iter()
+                    .all(|m| m.advert.is_some() && m.state == "alive")
+                && s.routes.epoch == first.routes.epoch
+                && placed(s, "fraud") == owners
+                && serving(s, "fraud") == owners
+        });
+        (agreed && owners.len() == 2).then_some(owners)
+    })
+    .await
+}
+
+fn fraud_case() -> (Value, Vec<f64>) {
+    let text =
+        std::fs::read_to_string(workspace_root().join("examples/references/fraud.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let case = &reference["cases"][0];
+    let expected = case["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    (serde_json::json!({ "inputs": case["inputs"] }), expected)
+}
+
+fn fraud_request() -> InferRequest {
+    let (body, _) = fraud_case();
+    let values: Vec<f32> = body["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    InferRequest {
+        model: "fraud".into(),
+        inputs: vec![Tensor::new("features", DataType::Fp32, vec![1, 32], bytes.into()).unwrap()],
+        ..Default::default()
+    }
+}
+
+fn assert_close(actual: &[f64], expected: &[f64]) {
+    assert_eq!(actual.len(), expected.len());
+    for (a, e) in actual.iter().zip(expected) {
+        assert!((a - e).abs() <= 1e-5, "{actual:?} vs {expected:?}");
+    }
+}
+
+async fn metrics(node: &TestNode) -> String {
+    reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"]);
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
+    let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
+    let nodes = [&a, &b, &c];
+    let probe = client(&certs, vec![a.quic]);
+    let owners = settled(&probe, &nodes, &["a", "b", "c"]).await;
+    let outsider = *nodes.iter().find(|n| !owners.contains(&n.name)).unwrap();
+
+    // HTTP at the node that does not serve the model: forwarded, correct, with the route.
+    let (body, expected) = fraud_case();
+    let http = reqwest::Client::new();
+    let response = http
+        .post(outsider.node.url("/v2/models/fraud/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let route = parse_route_header(response.headers()[ROUTE_HEADER].to_str().unwrap()).unwrap();
+    let hinted: BTreeSet<String> = route.replicas.iter().map(|r| r.node.clone()).collect();
+    assert_eq!(hinted, owners);
+    let timing = response.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(timing.starts_with("forward;dur="), "{timing}");
+    let answer: Value = response.json().await.unwrap();
+    let data: Vec<f64> = answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_close(&data, &expected);
+
+    // A request the replica rejects on its merits comes back with the replica's status.
+    let mut wrong = body.clone();
+    wrong["inputs"][0]["shape"] = serde_json::json!([1, 31]);
+    wrong["inputs"][0]["data"].as_array_mut().unwrap().pop();
+    let response = http
+        .post(outsider.node.url("/v2/models/fraud/infer"))
+        .json(&wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let response = http
+        .post(outsider.node.url("/v2/models/nonexistent/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("nonexistent"),
+        "{error}"
+    );
+
+    // The route-aware client starts at the outsider: the first call is forwarded, then it
+    // goes straight to the owners.
+    let app = client(&certs, vec![outsider.quic]);
+    let first = app.infer(fraud_request()).await.unwrap();
+    assert_eq!(first.sent_to, outsider.quic);
+    assert!(owners.contains(&first.served_by));
+    let forwarded_before = metric_sum(
+        &metrics(&outsider.node).await,
+        "meshserve_forwarded_requests_total",
+        &[("model", "fraud")],
+    );
+    let owner_nodes: Vec<&&MeshNode> = nodes.iter().filter(|n| owners.contains(&n.name)).collect();
+    let mut served_before = 0.0;
+    for node in &owner_nodes {
+        served_before += metric_sum(
+            &metrics(&node.node).await,
+            "meshserve_mesh_served_requests_total",
+            &[("model", "fraud"), ("kind", "client")],
+        );
+    }
+    let mut used = BTreeSet::new();
+    for _ in 0..60 {
+        let answer = app.infer(fraud_request()).await.unwrap();
+        assert_ne!(answer.sent_to, outsider.quic, "went through the outsider");
+        assert_eq!(
+            answer.sent_to,
+            nodes
+                .iter()
+                .find(|n| n.name == answer.served_by)
+                .unwrap()
+                .quic
+        );
+        used.insert(answer.served_by.clone());
+        let data: Vec<f64> = bytemuck_f32(&answer.response.outputs[0].data);
+        assert_close(&data, &expected);
+    }
+    assert_eq!(used, owners, "p2c spreads over both replicas");
+    let forwarded_after = metric_sum(
+        &metrics(&outsider.node).await,
+        "meshserve_forwarded_requests_total",
+        &[("model", "fraud")],
+    );
+    assert_eq!(
+        forwarded_after, forwarded_before,
+        "no request was forwarded"
+    );
+    let mut served_after = 0.0;
+    for node in &owner_nodes {
+        served_after += metric_sum(
+            &metrics(&node.node).await,
+            "meshserve_mesh_served_requests_total",
+            &[("model", "fraud"), ("kind", "client")],
+        );
+    }
+    assert_eq!(served_after - served_before, 60.0);
+
+    // The operator's view, from the binary.
+    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args([
+            "status",
+            "--node",
+            &b.quic.to_string(),
+            "--client",
+            "app",
+            "--certs",
+        ])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    for name in ["a", "b", "c"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{name} ")) && l.contains("alive")),
+            "{text}"
+        );
+    }
+    assert!(text.lines().any(|l| l.starts_with("fraud")), "{text}");
+}
+
+fn bytemuck_f32(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replica_under_load_loses_no_request_and_it_rejoins() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"]);
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
+    let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
+    let probe = client(&certs, vec![a.quic]);
+    let owners = settled(&probe, &[&a, &b, &c], &["a", "b", "c"]).await;
+    let mut nodes = vec![a, b, c];
+    // Kill an owner that is not the seed, so the seed can report on it.
+    let victim_index = nodes
+        .iter()
+        .position(|n| owners.contains(&n.name) && n.name != "a")
+        .unwrap();
+
+    let app = Arc::new(client(&certs, nodes.iter().map(|n| n.quic).collect()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (app, stop, ok) = (app.clone(), stop.clone(), ok.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match app.infer(fraud_request()).await {
+                    Ok(_) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let victim = nodes.remove(victim_index);
+    let victim_name = victim.name.clone();
+    let victim_quic = victim.quic;
+    let killed_at = Instant::now();
+    let status = Command::new("kill")
+        .args(["-9", &victim.node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(victim);
+    let seed = nodes.iter().find(|n| n.name == "a").unwrap().quic;
+    wait_for(
+        "the victim to be declared down",
+        Duration::from_secs(10),
+        async || {
+            let status = probe.status(seed).await.ok()?;
+            status
+                .members
+                .iter()
+                .all(|m| m.node != victim_name)
+                .then_some(())
+        },
+    )
+    .await;
+    let detected = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for worker in workers {
+        failures.extend(worker.await.unwrap());
+    }
+    let served = ok.load(Ordering::Relaxed);
+    eprintln!(
+        "failover: {served} requests answered, {} lost, victim declared down after {detected:?}",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "lost requests: {failures:?}");
+    assert!(served > 100, "the load ran ({served} requests)");
+    assert!(
+        detected < Duration::from_secs(6),
+        "detection took {detected:?}"
+    );
+
+    // The victim restarts on its address with the same name and certificate: it rejoins and
+    // placement returns to what it was.
+    let restarted = start_node(
+        root.path(),
+        &certs,
+        &victim_name,
+        &victim_quic.to_string(),
+        Some(seed),
+    );
+    nodes.push(restarted);
+    let refs: Vec<&MeshNode> = nodes.iter().collect();
+    let again = settled(&probe, &refs, &["a", "b", "c"]).await;
+    assert_eq!(again, owners, "placement returns after the rejoin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_from_another_ca_cannot_join() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let rogue_certs = root.path().join("rogue-certs");
+    make_certs(&certs, &["a"], &["app"]);
+    make_certs(&rogue_certs, &["rogue"], &["app"]);
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
+    let rogue = start_node(
+        root.path(),
+        &rogue_certs,
+        "rogue",
+        "127.0.0.1:0",
+        Some(a.quic),
+    );
+    let probe = client(&certs, vec![a.quic]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = probe.status(a.quic).await.unwrap();
+    assert_eq!(status.members.len(), 1, "{status:?}");
+    assert!(
+        rogue.node.log_text().contains("no other member reachable"),
+        "{}",
+        rogue.node.log_text()
+    );
+    assert!(
+        a.node.log_text().contains("mesh connection refused"),
+        "{}",
+        a.node.log_text()
+    );
+    // A client of the other CA is refused too.
+    let outsider = client(&rogue_certs, vec![a.quic]);
+    assert!(outsider.status(a.quic).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a"], &["app"]);
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
+    let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
+    let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
+    let connection = endpoint.connection(a.quic).await.unwrap();
+
+    async fn exchange(connection: &quinn::Connection, bytes: &[u8], peer: SocketAddr) -> Message {
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        let _ = send.finish();
+        read_frame(&mut recv, 1 << 20, peer).await.unwrap()
+    }
+    let failure = |message: Message| match message {
+        Message::Failure(f) => f,
+        other => panic!("expected a failure, got {other:?}"),
+    };
+    let garbage = failure(exchange(&connection, &[1, 3, 0, 0, 0, 0xff, 0xff, 0xff], a.quic).await);
+    assert_eq!(garbage.class, FailureClass::InvalidInput);
+    assert!(garbage.message.contains("malformed"), "{}", garbage.message);
+    let mut huge = vec![1u8];
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    let oversized = failure(exchange(&connection, &huge, a.quic).await);
+    assert_eq!(oversized.class, FailureClass::TooLarge);
+    let other_version = failure(exchange(&connection, &[7, 0, 0, 0, 0], a.quic).await);
+    assert!(
+        other_version.message.contains("version 7"),
+        "{}",
+        other_version.message
+    );
+    let answer = failure(
+        exchange(
+            &connection,
+            &wire::encode(&Message::Status(MeshStatus {
+                node: "x".into(),
+                members: vec![],
+                routes: Default::default(),
+            })),
+            a.quic,
+        )
+        .await,
+    );
+    assert!(
+        answer.message.contains("unexpected message"),
+        "{}",
+        answer.message
+    );
+
+    // Still serving, on the same connection and over HTTP.
+    let call = wire::InferCall::from_request(fraud_request(), None);
+    match exchange(&connection, &wire::encode(&Message::Infer(call)), a.quic).await {
+        Message::Answer(answer) => assert_eq!(answer.served_by, "a"),
+        other => panic!("{other:?}"),
+    }
+    let (body, _) = fraud_case();
+    let response = reqwest::Client::new()
+        .post(a.node.url("/v2/models/fraud/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
