@@ -120,7 +120,13 @@ def heavy(rng):
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 16])],
         [numpy_helper.from_array(a, n) for a, n in [(w, "w"), (b, "b"), (w_out, "w_out"), (b_out, "b_out")]],
     )
-    return save("heavy", graph, "max_batch_size = 64\nmax_queue_delay_us = 500\n")
+    return save(
+        "heavy",
+        graph,
+        "max_batch_size = 64\nmax_queue_delay_us = 500\n"
+        "# In a mesh, one node serves it and the others forward (ignored by a standalone node).\n"
+        "replicas = 1\n",
+    )
 
 
 def mixed(_rng):

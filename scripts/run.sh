@@ -1,10 +1,35 @@
 #!/usr/bin/env bash
-# Sets up, builds, and runs a meshserve node on 127.0.0.1:8000: the bundled models, with the
-# first-party WebAssembly plugins around them (examples/node.toml). Extra arguments go to
-# `meshserve serve` (e.g. --http 0.0.0.0:8000).
+# Sets up, builds, and runs a three-node meshserve mesh on loopback:
+#   node a: HTTP 127.0.0.1:8000, QUIC 127.0.0.1:7000, the bundled models with the first-party
+#           WebAssembly plugins around them (examples/node.toml);
+#   nodes b and c: HTTP :8001/:8002, QUIC :7001/:7002, the bundled models, joining through a.
+# Mesh certificates are made once in target/demo-certs. Extra arguments go to node a's
+# `meshserve serve`. Ctrl-C (or SIGTERM) drains and stops all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build-plugins.sh
-cargo build --release -p meshserve
-exec target/release/meshserve serve --config examples/node.toml "$@"
+# The same build as scripts/test.sh, so running both builds once.
+cargo build --release --workspace --all-targets
+bin=target/release/meshserve
+certs=target/demo-certs
+if [ ! -f "$certs/client-ops.pem" ]; then
+    "$bin" certs --dir "$certs" --node a --node b --node c --client ops
+fi
+pids=()
+stop() {
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait
+}
+trap stop EXIT INT TERM
+start_peer() {
+    RUST_LOG=${RUST_LOG:-warn} "$bin" serve --model-repository examples/models \
+        --http "127.0.0.1:800$2" --quic "127.0.0.1:700$2" --certs "$certs" --name "$1" \
+        --seed 127.0.0.1:7000 &
+    pids+=($!)
+}
+start_peer b 1
+start_peer c 2
+"$bin" serve --config examples/node.toml --quic 127.0.0.1:7000 --certs "$certs" --name a "$@" &
+pids+=($!)
+wait "${pids[-1]}"

@@ -72,6 +72,18 @@ fn start_node(
         args.push("--seed".into());
         args.push(seed.to_string());
     }
+    // Every node has an endpoint whose post-plugin turns fraud scores into decisions.
+    let config = root.join(format!("node-{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[endpoints.fraud-check]\nmodel = \"fraud\"\npost = {{ path = \"{}\", config = '{{\"output\": \"probabilities\", \"index\": 1, \"review\": 0.5, \"block\": 0.9}}' }}\n",
+            support::plugin("threshold").display()
+        ),
+    )
+    .unwrap();
+    args.push("--config".into());
+    args.push(config.display().to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let node = TestNode::start(&repo, &args);
     let log = node.log_text();
@@ -239,6 +251,19 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
         .map(|v| v.as_f64().unwrap())
         .collect();
     assert_close(&data, &expected);
+
+    // The endpoint on the outsider runs its plugin here and the model on a replica.
+    let response = http
+        .post(outsider.node.url("/v1/endpoints/fraud-check/invocations"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let timing = response.headers()["server-timing"].to_str().unwrap().to_string();
+    assert!(timing.contains("forward;dur=") && timing.contains("post;dur="), "{timing}");
+    let decision: Value = response.json().await.unwrap();
+    assert!(decision["decision"].is_string(), "{decision}");
 
     // A request the replica rejects on its merits comes back with the replica's status.
     let mut wrong = body.clone();

@@ -150,7 +150,7 @@ impl Shell {
                     tracing::info!(member = %id.name, addr = %id.addr, "member up");
                 }
                 Change::Down(id) => {
-                    tracing::warn!(member = %id.name, addr = %id.addr, "member down");
+                    tracing::warn!(member = %id.name, addr = %id.addr, "member down (left or failed)");
                     // Calls in flight to it fail now and go to another replica, instead of
                     // waiting for QUIC's idle timeout.
                     self.endpoint.drop_peer(id.addr);

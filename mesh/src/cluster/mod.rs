@@ -195,7 +195,7 @@ impl Cluster {
             gossip,
             balancer: Balancer::new(generation),
             forward_timeout: config.forward_timeout,
-            local_latency: Mutex::new(PeakEwma::new(Instant::now())),
+            local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),
         });
         cluster.publish_advert();
         tokio::spawn(service::serve(cluster.clone()));

@@ -23,9 +23,15 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
             let peer = incoming.remote_address();
             let connection = match incoming.await {
                 Ok(connection) => connection,
-                Err(e) => {
-                    // A peer without a mesh certificate ends here.
+                // A TLS failure either way: the peer has no certificate of our mesh CA, or
+                // does not trust ours (a node of another mesh).
+                Err(e) if is_tls_refusal(&e) => {
                     tracing::warn!(%peer, error = %e, "mesh connection refused");
+                    return;
+                }
+                // The peer gave up (a connect timeout while we were starting, a restart).
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "mesh handshake abandoned");
                     return;
                 }
             };
@@ -37,6 +43,16 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                 tokio::spawn(answer(cluster.clone(), send, recv, role, peer));
             }
         });
+    }
+}
+
+fn is_tls_refusal(error: &quinn::ConnectionError) -> bool {
+    // QUIC carries TLS alerts as error codes 0x100..=0x1ff (RFC 9001, section 4.8).
+    let is_alert = |code: quinn::TransportErrorCode| (0x100..=0x1ff).contains(&u64::from(code));
+    match error {
+        quinn::ConnectionError::TransportError(e) => is_alert(e.code),
+        quinn::ConnectionError::ConnectionClosed(close) => is_alert(close.error_code),
+        _ => false,
     }
 }
 

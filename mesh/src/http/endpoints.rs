@@ -7,6 +7,7 @@ use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
 use crate::http::routes::{
     AppState, TIMEOUT_HEADER, counted, header_number, json_response, oip_response, read_body,
+    run_model,
 };
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -26,6 +27,8 @@ use std::time::{Duration, Instant};
 struct PluginTimings {
     pre: Option<Duration>,
     post: Option<Duration>,
+    /// The mesh hop, already formatted, when the model ran on another node.
+    hop: String,
 }
 
 impl PluginTimings {
@@ -35,6 +38,7 @@ impl PluginTimings {
         if let Some(pre) = self.pre {
             parts.push_str(&format!("pre;dur={:.3}, ", ms(pre)));
         }
+        parts.push_str(&self.hop);
         if let Some(post) = self.post {
             parts.push_str(&format!("post;dur={:.3}, ", ms(post)));
         }
@@ -94,23 +98,21 @@ pub async fn invoke(
     if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
         request.timeout = Some(Duration::from_micros(us));
     }
-    let mut response = state
-        .engine
-        .infer(request)
+    let ran = run_model(state, request, headers)
         .await
-        .map_err(|e| match (e, &endpoint.pre) {
+        .map_err(|e| match (e.invalid_input(), &endpoint.pre) {
             // Tensors a pre-plugin made that the model refuses are the plugin's fault, not the client's.
-            (InferError::InvalidInput(message), Some(slot)) => {
-                ApiError::from(InferError::PluginFailed {
-                    plugin: slot
-                        .current()
-                        .map(|p| p.name().to_string())
-                        .unwrap_or_default(),
-                    cause: format!("returned tensors the model does not accept: {message}"),
-                })
-            }
-            (e, _) => ApiError::from(e),
+            (Some(message), Some(slot)) => ApiError::from(InferError::PluginFailed {
+                plugin: slot
+                    .current()
+                    .map(|p| p.name().to_string())
+                    .unwrap_or_default(),
+                cause: format!("returned tensors the model does not accept: {message}"),
+            }),
+            _ => ApiError::from(e),
         })?;
+    timings.hop = ran.hop_timing();
+    let mut response = ran.response;
     response.model_name = endpoint.name.clone();
 
     let Some(slot) = &endpoint.post else {

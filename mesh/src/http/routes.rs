@@ -352,42 +352,84 @@ async fn run_infer(
         decoded.request.timeout = Some(Duration::from_micros(us));
     }
     let model = decoded.request.model.clone();
-    let mut http = match &state.cluster {
-        Some(cluster) if state.engine.model(&model).is_none() => {
-            forward(
-                cluster,
-                decoded.request,
-                headers,
-                &decoded.binary_outputs,
-                started,
-            )
-            .await?
-        }
-        _ => {
-            let response = state.engine.infer(decoded.request).await?;
-            if let Some(cluster) = &state.cluster {
-                cluster.observe_local(started.elapsed());
-            }
-            oip_response(&response, &decoded.binary_outputs, "", started)
-        }
-    };
-    if let Some(route) = state.cluster.as_ref().and_then(|c| c.route(&model))
-        && let Ok(value) = HeaderValue::from_str(&route_header(&route))
-    {
-        http.headers_mut().insert(ROUTE_HEADER, value);
-    }
+    let ran = run_model(state, decoded.request, headers).await?;
+    let mut http = oip_response(&ran.response, &decoded.binary_outputs, &ran.hop_timing(), started);
+    add_route_header(state, &model, &mut http);
     Ok(http)
 }
 
-/// Runs a request for a model this node does not serve on a replica over the mesh; the hop
-/// joins the `Server-Timing` header and W3C `traceparent` crosses it.
-async fn forward(
-    cluster: &Cluster,
+/// A model's answer, and the mesh hop it took when it ran on another node.
+pub(crate) struct Ran {
+    /// The answer.
+    pub response: InferResponse,
+    /// Time spent on the forwarded call, and the node that served it.
+    pub hop: Option<(Duration, String)>,
+}
+
+impl Ran {
+    /// The hop as a `Server-Timing` part (empty when served here).
+    pub(crate) fn hop_timing(&self) -> String {
+        match &self.hop {
+            Some((hop, node)) => format!(
+                "forward;dur={:.3};desc=\"{node}\", ",
+                hop.as_secs_f64() * 1e3
+            ),
+            None => String::new(),
+        }
+    }
+}
+
+/// Why a model did not answer: here in the engine, or on the replica it was forwarded to.
+pub(crate) enum RunError {
+    /// The local engine refused or failed.
+    Local(InferError),
+    /// The mesh could not serve it, or the replica refused or failed.
+    Remote(crate::wire::Failure),
+}
+
+impl RunError {
+    /// Whether the request's tensors did not fit the model.
+    pub(crate) fn invalid_input(&self) -> Option<&str> {
+        match self {
+            RunError::Local(InferError::InvalidInput(message)) => Some(message),
+            RunError::Remote(f) if f.class == crate::wire::FailureClass::InvalidInput => {
+                Some(&f.message)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> ApiError {
+        match e {
+            RunError::Local(e) => e.into(),
+            RunError::Remote(f) => f.into(),
+        }
+    }
+}
+
+/// Runs `request` on the local engine when the node serves the model, else on a replica over
+/// the mesh (W3C `traceparent` crosses the hop).
+pub(crate) async fn run_model(
+    state: &AppState,
     request: meshserve_host::InferRequest,
     headers: &HeaderMap,
-    encoding: &OutputEncoding,
-    started: Instant,
-) -> Result<Response, ApiError> {
+) -> Result<Ran, RunError> {
+    let cluster = match &state.cluster {
+        Some(cluster) if state.engine.model(&request.model).is_none() => cluster,
+        _ => {
+            let started = Instant::now();
+            let response = state.engine.infer(request).await.map_err(RunError::Local)?;
+            if let Some(cluster) = &state.cluster {
+                cluster.observe_local(started.elapsed());
+            }
+            return Ok(Ran {
+                response,
+                hop: None,
+            });
+        }
+    };
     let traceparent = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -395,7 +437,8 @@ async fn forward(
     let hop_started = Instant::now();
     let answer = cluster
         .forward(InferCall::from_request(request, traceparent))
-        .await?;
+        .await
+        .map_err(RunError::Remote)?;
     let hop = hop_started.elapsed();
     let outputs = answer
         .outputs
@@ -403,27 +446,30 @@ async fn forward(
         .map(meshserve_host::Tensor::try_from)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
-            ApiError::new(
-                ErrorClass::Internal,
-                format!(
-                    "replica '{}' sent a malformed answer: {e}",
-                    answer.served_by
-                ),
-            )
+            RunError::Remote(crate::wire::Failure::new(
+                crate::wire::FailureClass::Internal,
+                format!("replica '{}' sent a malformed answer: {e}", answer.served_by),
+            ))
         })?;
-    let response = InferResponse {
-        model_name: answer.model_name,
-        model_version: answer.model_version,
-        id: answer.id,
-        outputs,
-        timings: answer.timings.into(),
-    };
-    let extra = format!(
-        "forward;dur={:.3};desc=\"{}\", ",
-        hop.as_secs_f64() * 1e3,
-        answer.served_by
-    );
-    Ok(oip_response(&response, encoding, &extra, started))
+    Ok(Ran {
+        response: InferResponse {
+            model_name: answer.model_name,
+            model_version: answer.model_version,
+            id: answer.id,
+            outputs,
+            timings: answer.timings.into(),
+        },
+        hop: Some((hop, answer.served_by)),
+    })
+}
+
+/// Adds the `meshserve-route` hint for `model` when the node is in a mesh that serves it.
+pub(crate) fn add_route_header(state: &AppState, model: &str, response: &mut Response) {
+    if let Some(route) = state.cluster.as_ref().and_then(|c| c.route(model))
+        && let Ok(value) = HeaderValue::from_str(&route_header(&route))
+    {
+        response.headers_mut().insert(ROUTE_HEADER, value);
+    }
 }
 
 /// Encodes an OIP response with its `Server-Timing` header; `extra_timing` holds stages that

@@ -40,6 +40,15 @@ impl PeakEwma {
         }
     }
 
+    /// An estimate that starts at `latency` instead of the default.
+    pub fn starting_at(latency: Duration, now: Instant) -> PeakEwma {
+        PeakEwma {
+            ewma_ns: latency.as_nanos() as f64,
+            stamp: now,
+            outstanding: 0,
+        }
+    }
+
     /// Folds in one measured latency.
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_nanos() as f64;
