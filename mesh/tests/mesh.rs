@@ -260,8 +260,14 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let timing = response.headers()["server-timing"].to_str().unwrap().to_string();
-    assert!(timing.contains("forward;dur=") && timing.contains("post;dur="), "{timing}");
+    let timing = response.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        timing.contains("forward;dur=") && timing.contains("post;dur="),
+        "{timing}"
+    );
     let decision: Value = response.json().await.unwrap();
     assert!(decision["decision"].is_string(), "{decision}");
 

@@ -98,9 +98,8 @@ pub async fn invoke(
     if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
         request.timeout = Some(Duration::from_micros(us));
     }
-    let ran = run_model(state, request, headers)
-        .await
-        .map_err(|e| match (e.invalid_input(), &endpoint.pre) {
+    let ran = run_model(state, request, headers).await.map_err(|e| {
+        match (e.invalid_input(), &endpoint.pre) {
             // Tensors a pre-plugin made that the model refuses are the plugin's fault, not the client's.
             (Some(message), Some(slot)) => ApiError::from(InferError::PluginFailed {
                 plugin: slot
@@ -110,7 +109,8 @@ pub async fn invoke(
                 cause: format!("returned tensors the model does not accept: {message}"),
             }),
             _ => ApiError::from(e),
-        })?;
+        }
+    })?;
     timings.hop = ran.hop_timing();
     let mut response = ran.response;
     response.model_name = endpoint.name.clone();

@@ -353,7 +353,12 @@ async fn run_infer(
     }
     let model = decoded.request.model.clone();
     let ran = run_model(state, decoded.request, headers).await?;
-    let mut http = oip_response(&ran.response, &decoded.binary_outputs, &ran.hop_timing(), started);
+    let mut http = oip_response(
+        &ran.response,
+        &decoded.binary_outputs,
+        &ran.hop_timing(),
+        started,
+    );
     add_route_header(state, &model, &mut http);
     Ok(http)
 }
@@ -448,7 +453,10 @@ pub(crate) async fn run_model(
         .map_err(|e| {
             RunError::Remote(crate::wire::Failure::new(
                 crate::wire::FailureClass::Internal,
-                format!("replica '{}' sent a malformed answer: {e}", answer.served_by),
+                format!(
+                    "replica '{}' sent a malformed answer: {e}",
+                    answer.served_by
+                ),
             ))
         })?;
     Ok(Ran {
