@@ -66,9 +66,9 @@ pub fn moved_fraction(models: &[String], before: &[String], after: &[String], co
 
 /// Where every model of the mesh goes, computed from the adverts of the live members.
 ///
-/// A model's eligible nodes are those whose catalog holds it; its replica count is the largest
-/// any of them asks for (0, "every node that holds it", wins over any number). Every node that
-/// sees the same adverts computes the same plan.
+/// Every live member is eligible for every model (one that lacks the files fetches them from
+/// a holder); a model's replica count is the largest any holder asks for (0, "every node",
+/// wins over any number). Every node that sees the same adverts computes the same plan.
 pub fn plan(members: &[&NodeAdvert]) -> RouteTable {
     let mut wanted: BTreeMap<&str, Option<usize>> = BTreeMap::new();
     for advert in members {
@@ -86,10 +86,7 @@ pub fn plan(members: &[&NodeAdvert]) -> RouteTable {
     let routes = wanted
         .into_iter()
         .map(|(model, count)| {
-            let eligible = members
-                .iter()
-                .filter(|a| a.catalog.iter().any(|e| e.model == model))
-                .map(|a| a.node.as_str());
+            let eligible = members.iter().map(|a| a.node.as_str());
             let chosen = replicas(model, eligible, count.unwrap_or(usize::MAX));
             RouteHint {
                 model: model.to_string(),

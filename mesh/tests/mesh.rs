@@ -59,7 +59,20 @@ fn start_node(
     quic: &str,
     seed: Option<SocketAddr>,
 ) -> MeshNode {
+    start_node_with(root, certs, name, quic, seed, |_| {})
+}
+
+/// Starts a node after `prepare` has changed its model repository.
+fn start_node_with(
+    root: &Path,
+    certs: &Path,
+    name: &str,
+    quic: &str,
+    seed: Option<SocketAddr>,
+    prepare: impl FnOnce(&Path),
+) -> MeshNode {
     let repo = repository(root, name);
+    prepare(&repo);
     let mut args = vec![
         "--quic".to_string(),
         quic.to_string(),
@@ -374,6 +387,17 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
         );
     }
     assert!(text.lines().any(|l| l.starts_with("fraud")), "{text}");
+
+    // A graceful stop is a leave: the others know at once, without suspicion and timeouts.
+    let mut c = c;
+    let stopped_at = Instant::now();
+    assert!(c.node.terminate(Duration::from_secs(10)).success());
+    wait_for("c's leave to reach a", Duration::from_secs(2), async || {
+        let status = probe.status(a.quic).await.ok()?;
+        status.members.iter().all(|m| m.node != "c").then_some(())
+    })
+    .await;
+    assert!(stopped_at.elapsed() < Duration::from_secs(2));
 }
 
 fn bytemuck_f32(bytes: &[u8]) -> Vec<f64> {
@@ -577,4 +601,57 @@ async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_deployed_to_one_node_reaches_its_replicas() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"]);
+    // Only a holds `fraud-v2`, which wants two replicas.
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, |repo| {
+        copy_tree(&repo.join("fraud"), &repo.join("fraud-v2"));
+    });
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
+    let probe = client(&certs, vec![a.quic]);
+    wait_for(
+        "b to fetch and serve fraud-v2",
+        Duration::from_secs(30),
+        async || {
+            let status = probe.status(b.quic).await.ok()?;
+            serving(&status, "fraud-v2").contains("b").then_some(())
+        },
+    )
+    .await;
+    let original = std::fs::read(root.path().join("models-a/fraud-v2/1/model.onnx")).unwrap();
+    let fetched = std::fs::read(root.path().join("models-b/fraud-v2/1/model.onnx")).unwrap();
+    assert_eq!(original, fetched);
+    assert!(
+        b.node.log_text().contains("fetched the model's files"),
+        "{}",
+        b.node.log_text()
+    );
+
+    // b now serves it itself: no forwarding hop.
+    let (body, expected) = fraud_case();
+    let response = reqwest::Client::new()
+        .post(b.node.url("/v2/models/fraud-v2/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let timing = response.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(!timing.contains("forward"), "{timing}");
+    let answer: Value = response.json().await.unwrap();
+    let data: Vec<f64> = answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_close(&data, &expected);
 }

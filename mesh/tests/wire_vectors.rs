@@ -46,6 +46,8 @@ fn vectors() -> Vec<(&'static str, Message)> {
         catalog: vec![CatalogEntry {
             model: "fraud".into(),
             replicas: 2,
+            digest: [0xab; 32],
+            bytes: 9_000,
         }],
         serving: vec!["fraud".into()],
         queue_depth: 3,
@@ -121,6 +123,24 @@ fn vectors() -> Vec<(&'static str, Message)> {
                     epoch: 42,
                     routes: vec![],
                 },
+            }),
+        ),
+        (
+            "fetch-model",
+            Message::FetchModel(FetchModel {
+                model: "fraud".into(),
+                digest: [7; 32],
+            }),
+        ),
+        (
+            "model-files",
+            Message::ModelFiles(ModelFiles {
+                model: "fraud".into(),
+                digest: [7; 32],
+                files: vec![ModelFile {
+                    path: "1/model.onnx".into(),
+                    data: Bytes::from_static(b"\x08\x07onnx"),
+                }],
             }),
         ),
     ]

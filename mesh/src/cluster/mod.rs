@@ -6,6 +6,7 @@
 //! adverts, the placement plan), replaced whenever membership changes, so the request path
 //! reads a snapshot and never waits on the membership task.
 
+pub mod bundle;
 mod gossip;
 mod reconcile;
 mod service;
@@ -151,6 +152,7 @@ pub struct Cluster {
     balancer: Balancer,
     forward_timeout: Duration,
     local_latency: Mutex<PeakEwma>,
+    digests: bundle::DigestCache,
 }
 
 impl Cluster {
@@ -196,8 +198,9 @@ impl Cluster {
             balancer: Balancer::new(generation),
             forward_timeout: config.forward_timeout,
             local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),
+            digests: bundle::DigestCache::default(),
         });
-        cluster.publish_advert();
+        cluster.publish_advert().await;
         tokio::spawn(service::serve(cluster.clone()));
         tokio::spawn(reconcile::run(cluster.clone(), HOUSEKEEPING_PERIOD));
         tracing::info!(
@@ -235,9 +238,18 @@ impl Cluster {
             .model_names()
             .unwrap_or_default()
             .into_iter()
-            .map(|model| CatalogEntry {
-                replicas: repository.config(&model).map_or(0, |c| c.replicas),
-                model,
+            .filter_map(|model| {
+                let (digest, bytes) = self
+                    .digests
+                    .get(repository.root(), &model)
+                    .map_err(|e| tracing::warn!(%model, error = %e, "cannot hash model files"))
+                    .ok()?;
+                Some(CatalogEntry {
+                    replicas: repository.config(&model).map_or(0, |c| c.replicas),
+                    model,
+                    digest,
+                    bytes,
+                })
             })
             .collect();
         catalog.sort();
@@ -259,8 +271,12 @@ impl Cluster {
         }
     }
 
-    fn publish_advert(&self) {
-        let _ = self.gossip.send(gossip::Input::Advert(self.advert()));
+    // Hashing model files (cached, but the first time reads them all) is blocking work.
+    async fn publish_advert(self: &Arc<Self>) {
+        let this = self.clone();
+        if let Ok(advert) = tokio::task::spawn_blocking(move || this.advert()).await {
+            let _ = self.gossip.send(gossip::Input::Advert(advert));
+        }
     }
 
     /// Records the latency of a request this node served itself, for its advert.

@@ -1,15 +1,20 @@
 //! Placement-driven loading: every period the node re-publishes its advert and compares the
-//! plan with what it has loaded. A model placed here is loaded at once; a model no longer
-//! placed here is unloaded (the engine drains its queue first) only once the plan has been
-//! stable for a while and another replica already serves it, so no request loses its replica.
+//! plan with what it has loaded. A model placed here is loaded at once, after fetching its
+//! files from a holder (by digest) when this node lacks them; a model no longer placed here is
+//! unloaded (the engine drains its queue first) only once the plan has been stable for a while
+//! and another replica already serves it, so no request loses its replica.
 
-use crate::cluster::Cluster;
-use std::collections::BTreeSet;
+use crate::cluster::{Cluster, MeshView, bundle};
+use crate::wire::{FetchModel, Message};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the placement epoch must stay unchanged before models are unloaded.
 const SETTLE: Duration = Duration::from_secs(3);
+
+/// How long fetching one model's files may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
     let mut tick = tokio::time::interval(period);
@@ -20,41 +25,23 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
         if cluster.gossip.is_closed() {
             break;
         }
-        cluster.publish_advert();
+        cluster.publish_advert().await;
         let view = cluster.view();
         if view.plan.epoch != epoch.0 {
             epoch = (view.plan.epoch, Instant::now());
         }
         let settled = epoch.1.elapsed() >= SETTLE;
-        let placed_here: BTreeSet<&str> = view
-            .plan
-            .routes
-            .iter()
-            .filter(|r| r.replicas.iter().any(|x| x.node == cluster.name))
-            .map(|r| r.model.as_str())
-            .collect();
         let loaded: BTreeSet<String> = cluster.engine.loaded_models().into_iter().collect();
-        let managed: BTreeSet<&str> = view.plan.routes.iter().map(|r| r.model.as_str()).collect();
-        for model in managed {
-            let here = placed_here.contains(model);
+        for route in &view.plan.routes {
+            let model = route.model.as_str();
+            let here = route.replicas.iter().any(|r| r.node == cluster.name);
             let is_loaded = loaded.contains(model);
             if here && !is_loaded {
-                tracing::info!(%model, epoch = format!("{:016x}", view.plan.epoch), "placement: loading");
-                let engine = cluster.engine.clone();
-                let name = model.to_string();
-                let result = tokio::task::spawn_blocking(move || engine.load(&name)).await;
-                match result {
-                    Ok(Ok(())) => cluster.publish_advert(),
-                    Ok(Err(e)) => tracing::error!(%model, error = %e, "placement: load failed"),
-                    Err(e) => tracing::error!(%model, error = %e, "placement: load panicked"),
-                }
+                load(&cluster, &view, model).await;
             } else if !here && is_loaded && settled {
-                let others: Vec<&str> = view
-                    .plan
-                    .routes
+                let others: Vec<&str> = route
+                    .replicas
                     .iter()
-                    .filter(|r| r.model == model)
-                    .flat_map(|r| r.replicas.iter())
                     .filter(|r| r.node != cluster.name && view.serving(&r.node, model))
                     .map(|r| r.node.as_str())
                     .collect();
@@ -65,8 +52,99 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
                 if let Err(e) = cluster.engine.unload(model) {
                     tracing::warn!(%model, error = %e, "placement: unload failed");
                 }
-                cluster.publish_advert();
+                cluster.publish_advert().await;
             }
         }
     }
+}
+
+/// Loads `model`, fetching its files first when this node lacks them.
+async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
+    let repository = cluster.engine.repository();
+    if repository.versions(model).is_empty()
+        && let Err(e) = fetch(cluster, view, model).await
+    {
+        tracing::warn!(%model, error = %e, "placement: cannot fetch the model's files yet");
+        return;
+    }
+    tracing::info!(%model, epoch = format!("{:016x}", view.plan.epoch), "placement: loading");
+    let engine = cluster.engine.clone();
+    let name = model.to_string();
+    match tokio::task::spawn_blocking(move || engine.load(&name)).await {
+        Ok(Ok(())) => cluster.publish_advert().await,
+        Ok(Err(e)) => tracing::error!(%model, error = %e, "placement: load failed"),
+        Err(e) => tracing::error!(%model, error = %e, "placement: load panicked"),
+    }
+}
+
+/// The digest the mesh agrees on for `model`: the one most holders advertise (ties: the
+/// highest), and the holders of it.
+fn agreed_digest<'a>(
+    view: &'a MeshView,
+    model: &str,
+) -> Option<([u8; 32], Vec<&'a crate::wire::NodeAdvert>)> {
+    let mut by_digest: BTreeMap<[u8; 32], Vec<&crate::wire::NodeAdvert>> = BTreeMap::new();
+    for advert in view.members.iter().filter_map(|m| m.advert.as_ref()) {
+        if let Some(entry) = advert.catalog.iter().find(|e| e.model == model) {
+            by_digest.entry(entry.digest).or_default().push(advert);
+        }
+    }
+    by_digest
+        .into_iter()
+        .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(a.0.cmp(&b.0)))
+}
+
+async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(), String> {
+    let (digest, holders) =
+        agreed_digest(view, model).ok_or_else(|| "no live member holds its files".to_string())?;
+    let request = Message::FetchModel(FetchModel {
+        model: model.to_string(),
+        digest,
+    });
+    let mut last = String::from("no other holder");
+    for holder in holders.iter().filter(|h| h.node != cluster.name) {
+        let started = Instant::now();
+        let files = match cluster
+            .endpoint
+            .call(holder.quic, &request, FETCH_TIMEOUT)
+            .await
+        {
+            Ok(Message::ModelFiles(files)) if files.model == model => files,
+            Ok(Message::Failure(f)) => {
+                last = format!("{}: {}", holder.node, f.message);
+                continue;
+            }
+            Ok(other) => {
+                last = format!("{} answered {other:?}", holder.node);
+                continue;
+            }
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let root = cluster.engine.repository().root().to_path_buf();
+        let name = model.to_string();
+        let size: usize = files.files.iter().map(|f| f.data.len()).sum();
+        let installed = tokio::task::spawn_blocking(move || {
+            bundle::install(&root, &name, &files.files, &digest)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match installed {
+            Ok(()) => {
+                tracing::info!(
+                    %model,
+                    from = %holder.node,
+                    bytes = size,
+                    digest = %bundle::hex(&digest),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "placement: fetched the model's files"
+                );
+                return Ok(());
+            }
+            Err(e) => last = format!("{}: {e}", holder.node),
+        }
+    }
+    Err(last)
 }

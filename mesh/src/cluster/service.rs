@@ -2,13 +2,14 @@
 //! already checked by the handshake), reads membership datagrams from nodes, and answers one
 //! frame per bidirectional stream.
 
-use crate::cluster::Cluster;
 use crate::cluster::gossip::Input;
+use crate::cluster::{Cluster, bundle};
 use crate::http::error::status_of;
 use crate::transport::certs::Role;
 use crate::transport::{TransportError, read_frame, tls, write_frame};
 use crate::wire::{
-    Failure, FailureClass, InferAnswer, InferCall, Message, WIRE_VERSION, WireError, WireTensor,
+    Failure, FailureClass, FetchModel, InferAnswer, InferCall, Message, ModelFiles, WIRE_VERSION,
+    WireError, WireTensor,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,6 +83,7 @@ async fn answer(
         Ok(Message::Infer(call)) => cluster.serve_call(call, role).await,
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
+        Ok(Message::FetchModel(fetch)) if role == Role::Node => cluster.model_files(fetch).await,
         Ok(other) => Message::Failure(Failure::new(
             FailureClass::InvalidInput,
             format!("unexpected message {}", message_kind(&other)),
@@ -115,10 +117,62 @@ fn message_kind(message: &Message) -> &'static str {
         Message::Routes(_) => "Routes",
         Message::StatusQuery => "StatusQuery",
         Message::Status(_) => "Status",
+        Message::FetchModel(_) => "FetchModel",
+        Message::ModelFiles(_) => "ModelFiles",
     }
 }
 
 impl Cluster {
+    /// A model's files for a peer that was placed the model, if ours have the digest it asks
+    /// for and fit in a frame.
+    async fn model_files(&self, fetch: FetchModel) -> Message {
+        let root = self.engine.repository().root().to_path_buf();
+        let model = fetch.model.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            meshserve_host::model::repository::Repository::check_name(&model)
+                .map_err(|e| e.to_string())?;
+            bundle::read(&root, &model).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let files = match read {
+            Ok(files) => files,
+            Err(e) => {
+                return Message::Failure(Failure::new(
+                    FailureClass::NotFound,
+                    format!("model '{}' is not here: {e}", fetch.model),
+                ));
+            }
+        };
+        if bundle::digest(&files) != fetch.digest {
+            return Message::Failure(Failure::new(
+                FailureClass::NotFound,
+                format!(
+                    "model '{}' here is not version {}",
+                    fetch.model,
+                    bundle::hex(&fetch.digest)
+                ),
+            ));
+        }
+        let size: usize = files.iter().map(|f| f.data.len() + f.path.len()).sum();
+        if size + 1024 > self.endpoint.max_frame_bytes() {
+            return Message::Failure(Failure::new(
+                FailureClass::TooLarge,
+                format!(
+                    "model '{}' ({size} bytes) exceeds the frame limit of {} bytes (mesh.max_frame_bytes)",
+                    fetch.model,
+                    self.endpoint.max_frame_bytes()
+                ),
+            ));
+        }
+        Message::ModelFiles(ModelFiles {
+            model: fetch.model,
+            digest: fetch.digest,
+            files,
+        })
+    }
+
     /// Serves an inference call that arrived over the mesh: here when the model is loaded,
     /// else forwarded for a client, else refused as "not here" to a forwarding node (which
     /// then tries another replica), never forwarded twice.

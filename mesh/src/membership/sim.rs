@@ -284,7 +284,7 @@ impl std::fmt::Display for SimReport {
         )?;
         writeln!(
             f,
-            "  join convergence (all join via one seed): {}",
+            "  join convergence (all join via one seed): {} (checked every 10 ms)",
             ms(self.join_convergence)
         )?;
         writeln!(

@@ -30,6 +30,39 @@ pub enum Message {
     StatusQuery,
     /// A node's view of the mesh.
     Status(MeshStatus),
+    /// Ask a node for a model's files, by digest (nodes only).
+    FetchModel(FetchModel),
+    /// A model's files.
+    ModelFiles(ModelFiles),
+}
+
+/// A request for a model's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchModel {
+    /// The model.
+    pub model: String,
+    /// The SHA-256 of its files, as advertised (see `cluster::bundle::digest`).
+    pub digest: [u8; 32],
+}
+
+/// Every file of a model's folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFiles {
+    /// The model.
+    pub model: String,
+    /// Their digest.
+    pub digest: [u8; 32],
+    /// The files.
+    pub files: Vec<ModelFile>,
+}
+
+/// One file of a model's folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFile {
+    /// Path relative to the model's folder, `/`-separated.
+    pub path: String,
+    /// Its bytes.
+    pub data: Bytes,
 }
 
 /// A tensor on the wire: the OIP binary layout of [`Tensor`].
@@ -189,8 +222,12 @@ pub struct NodeAdvert {
 pub struct CatalogEntry {
     /// The model's name.
     pub model: String,
-    /// How many nodes should serve it; 0 means every node that holds it.
+    /// How many nodes should serve it; 0 means every node of the mesh.
     pub replicas: u16,
+    /// The SHA-256 of its files, by which other nodes fetch them.
+    pub digest: [u8; 32],
+    /// The files' total size, in bytes.
+    pub bytes: u64,
 }
 
 /// A member as one node sees it.
