@@ -265,6 +265,24 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
         .collect();
     assert_close(&data, &expected);
 
+    // Metadata and readiness of a model served elsewhere come from the mesh too.
+    let metadata: Value = http
+        .get(outsider.node.url("/v2/models/fraud"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metadata["name"], "fraud", "{metadata}");
+    assert_eq!(metadata["inputs"][0]["name"], "features", "{metadata}");
+    let ready = http
+        .get(outsider.node.url("/v2/models/fraud/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
     // The endpoint on the outsider runs its plugin here and the model on a replica.
     let response = http
         .post(outsider.node.url("/v1/endpoints/fraud-check/invocations"))
@@ -654,4 +672,43 @@ async fn a_model_deployed_to_one_node_reaches_its_replicas() {
         .map(|v| v.as_f64().unwrap())
         .collect();
     assert_close(&data, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_every_peer_rejoins_through_its_seed() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"]);
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", None);
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", Some(b.quic));
+    let probe = client(&certs, vec![a.quic]);
+    let members = async |node: SocketAddr| -> Option<usize> {
+        probe.status(node).await.ok().map(|s| s.members.len())
+    };
+    wait_for("a and b to meet", Duration::from_secs(10), async || {
+        (members(a.quic).await? == 2).then_some(())
+    })
+    .await;
+    let b_quic = b.quic;
+    let status = Command::new("kill")
+        .args(["-9", &b.node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(b);
+    wait_for("a to be alone", Duration::from_secs(10), async || {
+        (members(a.quic).await? == 1).then_some(())
+    })
+    .await;
+    // b comes back with no seed of its own: only a's announcements can bring them together.
+    let b = start_node(root.path(), &certs, "b", &b_quic.to_string(), None);
+    wait_for("a to rejoin b", Duration::from_secs(10), async || {
+        (members(b.quic).await? == 2 && members(a.quic).await? == 2).then_some(())
+    })
+    .await;
+    assert!(
+        a.node.log_text().contains("no other member left"),
+        "{}",
+        a.node.log_text()
+    );
 }

@@ -143,6 +143,14 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 }],
             }),
         ),
+        (
+            "metadata-query",
+            Message::MetadataQuery(MetadataQuery {
+                model: "fraud".into(),
+                version: Some("1".into()),
+            }),
+        ),
+        ("metadata", Message::Metadata("{\"name\":\"fraud\"}".into())),
     ]
 }
 

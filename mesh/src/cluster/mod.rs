@@ -17,7 +17,7 @@ use crate::routing::balance::{Balancer, PeakEwma};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
     CatalogEntry, Failure, FailureClass, InferAnswer, InferCall, MemberStatus, MeshStatus, Message,
-    NodeAdvert, Replica, RouteHint, RouteTable,
+    MetadataQuery, NodeAdvert, Replica, RouteHint, RouteTable,
 };
 use meshserve_host::Engine;
 use std::net::SocketAddr;
@@ -367,6 +367,50 @@ impl Cluster {
         }
         metrics.record_forward(&model, "unavailable");
         last.route = Some(route);
+        Err(last)
+    }
+
+    /// The OIP metadata of a model served elsewhere, from one of its replicas.
+    pub async fn remote_metadata(
+        &self,
+        model: &str,
+        version: Option<String>,
+    ) -> Result<serde_json::Value, Failure> {
+        let route = self.route(model).ok_or_else(|| {
+            Failure::new(
+                FailureClass::NotFound,
+                format!("unknown model '{model}': no node of the mesh serves it"),
+            )
+        })?;
+        let query = Message::MetadataQuery(MetadataQuery {
+            model: model.to_string(),
+            version,
+        });
+        let mut last = Failure::new(
+            FailureClass::Unavailable,
+            format!("no replica of '{model}' answered"),
+        );
+        for replica in route.replicas.iter().filter(|r| r.node != self.name) {
+            match self
+                .endpoint
+                .call(replica.quic, &query, self.forward_timeout)
+                .await
+            {
+                Ok(Message::Metadata(text)) => {
+                    return serde_json::from_str(&text).map_err(|e| {
+                        Failure::new(
+                            FailureClass::Internal,
+                            format!("replica '{}' sent malformed metadata: {e}", replica.node),
+                        )
+                    });
+                }
+                Ok(Message::Failure(failure)) if failure.class != FailureClass::NotHere => {
+                    return Err(failure);
+                }
+                Ok(_) => {}
+                Err(e) => last = Failure::new(FailureClass::Unavailable, e.to_string()),
+            }
+        }
         Err(last)
     }
 

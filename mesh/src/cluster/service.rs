@@ -5,6 +5,7 @@
 use crate::cluster::gossip::Input;
 use crate::cluster::{Cluster, bundle};
 use crate::http::error::status_of;
+use crate::http::routes::model_metadata_json;
 use crate::transport::certs::Role;
 use crate::transport::{TransportError, read_frame, tls, write_frame};
 use crate::wire::{
@@ -84,6 +85,16 @@ async fn answer(
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
         Ok(Message::FetchModel(fetch)) if role == Role::Node => cluster.model_files(fetch).await,
+        Ok(Message::MetadataQuery(query)) => {
+            match model_metadata_json(&cluster.engine, &query.model, query.version.as_deref()) {
+                Ok(metadata) => Message::Metadata(metadata.to_string()),
+                Err(e) => {
+                    let mut failure = Failure::from(&e);
+                    failure.route = cluster.route(&query.model);
+                    Message::Failure(failure)
+                }
+            }
+        }
         Ok(other) => Message::Failure(Failure::new(
             FailureClass::InvalidInput,
             format!("unexpected message {}", message_kind(&other)),
@@ -119,6 +130,8 @@ fn message_kind(message: &Message) -> &'static str {
         Message::Status(_) => "Status",
         Message::FetchModel(_) => "FetchModel",
         Message::ModelFiles(_) => "ModelFiles",
+        Message::MetadataQuery(_) => "MetadataQuery",
+        Message::Metadata(_) => "Metadata",
     }
 }
 

@@ -172,19 +172,45 @@ async fn model_metadata(
             "outputs": outputs,
         })));
     }
-    let version = find_version(&state, &path)?;
-    let versions: Vec<String> = state
-        .engine
-        .model(&path.model)
-        .map(|m| m.versions.keys().map(u64::to_string).collect())
-        .unwrap_or_default();
-    Ok(json_response(&json!({
-        "name": version.name,
+    if let Some(cluster) = remote(&state, &path.model) {
+        let metadata = cluster
+            .remote_metadata(&path.model, path.version.clone())
+            .await?;
+        return Ok(json_response(&metadata));
+    }
+    Ok(json_response(&model_metadata_json(
+        &state.engine,
+        &path.model,
+        path.version.as_deref(),
+    )?))
+}
+
+/// The cluster, when `model` is not served here but the mesh serves it.
+fn remote<'a>(state: &'a AppState, model: &str) -> Option<&'a Arc<Cluster>> {
+    let cluster = state.cluster.as_ref()?;
+    (state.engine.model(model).is_none() && cluster.route(model).is_some()).then_some(cluster)
+}
+
+/// OIP model metadata of a model loaded here.
+pub(crate) fn model_metadata_json(
+    engine: &Engine,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Value, InferError> {
+    let loaded = engine
+        .model(model)
+        .ok_or_else(|| InferError::ModelNotFound {
+            model: model.to_string(),
+        })?;
+    let chosen = loaded.version(version)?;
+    let versions: Vec<String> = loaded.versions.keys().map(u64::to_string).collect();
+    Ok(json!({
+        "name": chosen.name,
         "versions": versions,
         "platform": "onnxruntime_onnx",
-        "inputs": version.signature.inputs.iter().map(spec_json).collect::<Vec<_>>(),
-        "outputs": version.signature.outputs.iter().map(spec_json).collect::<Vec<_>>(),
-    })))
+        "inputs": chosen.signature.inputs.iter().map(spec_json).collect::<Vec<_>>(),
+        "outputs": chosen.signature.outputs.iter().map(spec_json).collect::<Vec<_>>(),
+    }))
 }
 
 async fn model_ready(
@@ -203,6 +229,10 @@ async fn model_ready(
             version: endpoint.version.clone(),
         };
         find_version(&state, &model)?;
+        return Ok(StatusCode::OK);
+    }
+    // In a mesh, a model is ready wherever it is asked when some replica serves it.
+    if remote(&state, &path.model).is_some() && path.version.is_none() {
         return Ok(StatusCode::OK);
     }
     find_version(&state, &path)?;

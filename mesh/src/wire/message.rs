@@ -34,6 +34,19 @@ pub enum Message {
     FetchModel(FetchModel),
     /// A model's files.
     ModelFiles(ModelFiles),
+    /// Ask a node for a model's OIP metadata.
+    MetadataQuery(MetadataQuery),
+    /// A model's OIP metadata document, as JSON text.
+    Metadata(String),
+}
+
+/// Which model's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataQuery {
+    /// The model.
+    pub model: String,
+    /// Its version; `None` means the newest.
+    pub version: Option<String>,
 }
 
 /// A request for a model's files.
