@@ -26,7 +26,7 @@
 use crate::routing::balance::Balancer;
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{Failure, FailureClass, InferCall, Message, RouteHint, WireTensorError, frame};
-use meshserve_host::{InferRequest, InferResponse, Tensor};
+use meshserve_host::{InferRequest, InferResponse};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::RwLock;
@@ -212,21 +212,11 @@ impl MeshClient {
             match result {
                 Ok(Message::Answer(answer)) => {
                     self.balancer.finish(&key, Some(now - started), now);
-                    self.learn(answer.route);
-                    let outputs = answer
-                        .outputs
-                        .into_iter()
-                        .map(Tensor::try_from)
-                        .collect::<Result<Vec<_>, _>>()?;
+                    self.learn(answer.route.clone());
+                    let (response, served_by) = answer.into_response()?;
                     return Ok(Answer {
-                        response: InferResponse {
-                            model_name: answer.model_name,
-                            model_version: answer.model_version,
-                            id: answer.id,
-                            outputs,
-                            timings: answer.timings.into(),
-                        },
-                        served_by: answer.served_by,
+                        response,
+                        served_by,
                         sent_to: addr,
                     });
                 }

@@ -475,29 +475,16 @@ pub(crate) async fn run_model(
         .await
         .map_err(RunError::Remote)?;
     let hop = hop_started.elapsed();
-    let outputs = answer
-        .outputs
-        .into_iter()
-        .map(meshserve_host::Tensor::try_from)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            RunError::Remote(crate::wire::Failure::new(
-                crate::wire::FailureClass::Internal,
-                format!(
-                    "replica '{}' sent a malformed answer: {e}",
-                    answer.served_by
-                ),
-            ))
-        })?;
+    let from = answer.served_by.clone();
+    let (response, served_by) = answer.into_response().map_err(|e| {
+        RunError::Remote(crate::wire::Failure::new(
+            crate::wire::FailureClass::Internal,
+            format!("replica '{from}' sent a malformed answer: {e}"),
+        ))
+    })?;
     Ok(Ran {
-        response: InferResponse {
-            model_name: answer.model_name,
-            model_version: answer.model_version,
-            id: answer.id,
-            outputs,
-            timings: answer.timings.into(),
-        },
-        hop: Some((hop, answer.served_by)),
+        response,
+        hop: Some((hop, served_by)),
     })
 }
 

@@ -8,7 +8,9 @@
 
 use bytes::Bytes;
 use meshserve_host::tensor::TensorError;
-use meshserve_host::{DataType, ErrorClass, InferError, InferRequest, StageTimings, Tensor};
+use meshserve_host::{
+    DataType, ErrorClass, InferError, InferRequest, InferResponse, StageTimings, Tensor,
+};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -365,6 +367,26 @@ impl InferCall {
             traceparent,
             forwarded: false,
         }
+    }
+}
+
+impl InferAnswer {
+    /// The engine response this answer carries, and the node that served it; tensors that do
+    /// not match their shapes are refused.
+    pub fn into_response(self) -> Result<(InferResponse, String), WireTensorError> {
+        let outputs = self
+            .outputs
+            .into_iter()
+            .map(Tensor::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let response = InferResponse {
+            model_name: self.model_name,
+            model_version: self.model_version,
+            id: self.id,
+            outputs,
+            timings: self.timings.into(),
+        };
+        Ok((response, self.served_by))
     }
 }
 
