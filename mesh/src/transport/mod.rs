@@ -252,8 +252,24 @@ pub async fn read_frame(
     let mut header = [0u8; HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(|e| lost(&e))?;
     let length = wire::frame::decode_header(&header, max_frame_bytes).map_err(frame_error)?;
-    let mut payload = vec![0u8; length];
-    recv.read_exact(&mut payload).await.map_err(|e| lost(&e))?;
+    // Grow with what actually arrives: a peer announcing a large frame and sending nothing
+    // must not make us allocate it.
+    let mut payload = Vec::with_capacity(length.min(64 * 1024));
+    while payload.len() < length {
+        match recv.read_chunk(length - payload.len(), true).await {
+            Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(TransportError::Lost {
+                    addr,
+                    reason: format!(
+                        "stream ended after {} of {length} payload bytes",
+                        payload.len()
+                    ),
+                });
+            }
+            Err(e) => return Err(lost(&e)),
+        }
+    }
     wire::frame::decode_payload(&payload).map_err(frame_error)
 }
 
