@@ -83,7 +83,7 @@ impl Shell {
                 }
                 _ = rejoin.tick() => {
                     if self.core.is_isolated() && !self.seeds.is_empty() {
-                        self.check_seeds().await;
+                        self.check_seeds();
                         self.join_seeds();
                         self.flush();
                     }
@@ -122,14 +122,19 @@ impl Shell {
     }
 
     // While isolated, say why the seeds cannot be reached: a wrong certificate or a closed port
-    // is something the operator must see, not a silent retry loop.
-    async fn check_seeds(&self) {
+    // is something the operator must see, not a silent retry loop. In a task of its own, so a
+    // slow handshake never holds up membership packets.
+    fn check_seeds(&self) {
         let me = self.core.id().addr;
-        for seed in self.seeds.iter().filter(|s| **s != me) {
-            if let Err(e) = self.endpoint.connection(*seed).await {
-                tracing::warn!(%seed, error = %e, "no other member reachable; retrying seed");
+        let seeds: Vec<SocketAddr> = self.seeds.iter().copied().filter(|s| *s != me).collect();
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            for seed in seeds {
+                if let Err(e) = endpoint.connection(seed).await {
+                    tracing::warn!(%seed, error = %e, "no other member reachable; retrying seed");
+                }
             }
-        }
+        });
     }
 
     fn flush(&mut self) {
