@@ -20,6 +20,7 @@ use crate::wire::{
     MetadataQuery, NodeAdvert, Replica, RouteHint, RouteTable,
 };
 use meshserve_host::Engine;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -63,20 +64,37 @@ pub enum ClusterError {
     UnspecifiedAddress(SocketAddr),
 }
 
-/// A snapshot of the mesh as this node sees it.
+/// A snapshot of the mesh as this node sees it. Routes are computed once per snapshot, since
+/// every request reads them and membership changes rarely.
 #[derive(Debug, Clone, Default)]
 pub struct MeshView {
     /// Live members, ourselves first.
     pub members: Vec<LiveMember>,
     /// Placement computed from their adverts.
     pub plan: RouteTable,
+    /// Where each model can be served now (see [`MeshView::route`]).
+    served: BTreeMap<String, RouteHint>,
 }
 
 impl MeshView {
     fn from_members(members: Vec<LiveMember>) -> MeshView {
         let adverts: Vec<&NodeAdvert> = members.iter().filter_map(|m| m.advert.as_ref()).collect();
         let plan = placement::plan(&adverts);
-        MeshView { members, plan }
+        let models: BTreeSet<String> = adverts
+            .iter()
+            .flat_map(|a| a.serving.iter().cloned())
+            .chain(plan.routes.iter().map(|r| r.model.clone()))
+            .collect();
+        let mut view = MeshView {
+            members,
+            plan,
+            served: BTreeMap::new(),
+        };
+        view.served = models
+            .into_iter()
+            .filter_map(|model| Some((model.clone(), view.compute_route(&model)?)))
+            .collect();
+        view
     }
 
     fn serving(&self, node: &str, model: &str) -> bool {
@@ -88,9 +106,9 @@ impl MeshView {
         })
     }
 
-    /// Where `model` can be served now: its placed replicas that have it loaded, else any live
-    /// member that serves it (placement may still be moving it); `None` when nobody does.
-    pub fn route(&self, model: &str) -> Option<RouteHint> {
+    // Its placed replicas that have it loaded, else any live member that serves it (placement
+    // may still be moving it); `None` when nobody does.
+    fn compute_route(&self, model: &str) -> Option<RouteHint> {
         let placed = self.plan.routes.iter().find(|r| r.model == model);
         let mut replicas: Vec<Replica> = placed
             .map(|r| {
@@ -121,20 +139,17 @@ impl MeshView {
         })
     }
 
+    /// Where `model` can be served now: its placed replicas that have it loaded, else any live
+    /// member that serves it (placement may still be moving it); `None` when nobody does.
+    pub fn route(&self, model: &str) -> Option<RouteHint> {
+        self.served.get(model).cloned()
+    }
+
     /// The route of every model the mesh serves.
     pub fn routes(&self) -> RouteTable {
-        let mut models: Vec<&str> = self
-            .members
-            .iter()
-            .filter_map(|m| m.advert.as_ref())
-            .flat_map(|a| a.serving.iter().map(String::as_str))
-            .chain(self.plan.routes.iter().map(|r| r.model.as_str()))
-            .collect();
-        models.sort_unstable();
-        models.dedup();
         RouteTable {
             epoch: self.plan.epoch,
-            routes: models.into_iter().filter_map(|m| self.route(m)).collect(),
+            routes: self.served.values().cloned().collect(),
         }
     }
 }
