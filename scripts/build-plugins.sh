@@ -12,6 +12,8 @@ for app in plugins/python/*/app.py; do
   out="plugins/target/python/$(basename "$dir").wasm"
   # componentize-py takes seconds; rebuild only when the source or the WIT changed.
   if [ ! -f "$out" ] || [ -n "$(find "$dir" guest-sdk/wit -newer "$out" -type f | head -1)" ]; then
-    .venv/bin/componentize-py -d guest-sdk/wit -w plugin componentize app -p "$dir" -o "$out"
+    # The WIT world the plugin implements (pre, post or pre-post) is named in its folder.
+    world=$(cat "$dir/world")
+    .venv/bin/componentize-py -d guest-sdk/wit -w "$world" componentize app -p "$dir" -o "$out"
   fi
 done

@@ -1,29 +1,40 @@
-//! The SDK for meshserve WebAssembly plugins.
+//! The SDK for meshserve WebAssembly plugins (`meshserve:plugin@0.2.0`).
 //!
-//! A plugin turns a request body into a model's input tensors before inference
-//! (`preprocess`), and the model's output tensors into the answer after it (`postprocess`).
-//! The node runs it sandboxed: no files, network or environment unless the endpoint's config
-//! grants them, a deadline and a memory cap per call, and a fresh instance every call.
+//! A plugin turns a request into a model's input tensors before inference ([`Preprocess`]),
+//! and the model's output tensors into the answer after it ([`Postprocess`]). The node runs it
+//! sandboxed: no files, network or environment unless the endpoint's config grants them, a
+//! deadline and a memory cap per call, and bounds on everything it returns.
+//!
+//! [`Plugin::init`] runs once per instance with the endpoint's config string: parse it there.
+//! The node reuses a warm instance for many calls (unless the endpoint asks for
+//! `isolation = "per-call"`), so `&mut self` may keep caches between calls; it must not keep
+//! anything one request must not see of another.
 //!
 //! A complete plugin that feeds a JSON `{"amount": 12.5, "hour": 3}` to a model with one
 //! `[1, 2]` FP32 input called `features`:
 //!
 //! ```no_run
-//! use meshserve_guest::{Error, Plugin, Request, Tensor};
+//! use meshserve_guest::{Error, Plugin, Pre, Preprocess, Request, Tensor};
 //!
 //! struct Features;
 //!
 //! impl Plugin for Features {
-//!     fn preprocess(request: Request) -> Result<Vec<Tensor>, Error> {
+//!     fn init(_config: &str) -> Result<Self, Error> {
+//!         Ok(Features)
+//!     }
+//! }
+//!
+//! impl Preprocess for Features {
+//!     fn preprocess(&mut self, request: &Request) -> Result<Pre, Error> {
 //!         let body: serde_json::Value = request.json()?;
 //!         let field = |name: &str| {
 //!             body[name].as_f64().map(|v| v as f32).ok_or_else(|| Error::bad_request(format!("'{name}' must be a number")))
 //!         };
-//!         Ok(vec![Tensor::fp32("features", vec![1, 2], vec![field("amount")?, field("hour")?])])
+//!         Ok(vec![Tensor::fp32("features", vec![1, 2], vec![field("amount")?, field("hour")?])].into())
 //!     }
 //! }
 //!
-//! meshserve_guest::export_plugin!(Features);
+//! meshserve_guest::export_plugin!(Features: pre);
 //! ```
 //!
 //! Build it with `cargo build --target wasm32-wasip2 --release` (crate type `cdylib`), and
@@ -35,92 +46,197 @@
 //! pre = { path = "target/wasm32-wasip2/release/features.wasm", config = "" }
 //! ```
 //!
-//! The WIT world (`wit/plugin.wit`) is the contract; plugins in other languages implement the
-//! same world with their own bindings generator.
+//! The WIT (`wit/plugin.wit`) is the contract; plugins in other languages implement one of its
+//! worlds (`pre`, `post`, `pre-post`) with their own bindings generator.
 
 mod tensor;
 
 pub use tensor::{Tensor, TensorData};
 
+/// Bindings of the three worlds. `pre` owns the shared interfaces (`types`, `host`); the other
+/// two reuse them, so one `Tensor` or `Request` type serves every world.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub mod bindings {
-    wit_bindgen::generate!({
-        path: "wit",
-        world: "plugin",
-        pub_export_macro: true,
-        export_macro_name: "__export_plugin_world",
-        default_bindings_module: "meshserve_guest::bindings",
-    });
-}
-
-use bindings::meshserve::plugin::{host as wit_host, types as wit};
-
-/// The request a pre-processing plugin receives.
-#[derive(Debug, Clone)]
-pub struct Request {
-    /// The endpoint called.
-    pub endpoint: String,
-    /// The request's Content-Type ("" when absent).
-    pub content_type: String,
-    /// Headers, names in lower case.
-    pub headers: Vec<(String, String)>,
-    /// The body as sent.
-    pub body: Vec<u8>,
-}
-
-impl Request {
-    /// Parses the body as JSON; a malformed body becomes a 400 naming the problem.
-    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| Error::bad_request(format!("malformed JSON body: {e}")))
+    /// World `pre`.
+    pub mod pre {
+        wit_bindgen::generate!({
+            path: "wit",
+            world: "pre",
+            pub_export_macro: true,
+            export_macro_name: "__export_pre_world",
+            default_bindings_module: "meshserve_guest::bindings::pre",
+        });
     }
 
-    /// The first header called `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+    /// World `post`. (A plugin for both stages exports both worlds: the component then
+    /// implements `pre-post`.)
+    pub mod post {
+        wit_bindgen::generate!({
+            path: "wit",
+            world: "post",
+            pub_export_macro: true,
+            export_macro_name: "__export_post_world",
+            default_bindings_module: "meshserve_guest::bindings::post",
+            with: {
+                "meshserve:plugin/types@0.2.0": crate::bindings::pre::meshserve::plugin::types,
+                "meshserve:plugin/host@0.2.0": crate::bindings::pre::meshserve::plugin::host,
+            },
+        });
+    }
+}
+
+pub(crate) use bindings::pre::meshserve::plugin::host as wit_host;
+#[doc(hidden)]
+pub use bindings::pre::meshserve::plugin::types as wit;
+
+/// The request a pre-processing plugin receives. Every accessor asks the node, so read what you
+/// need once.
+pub struct Request<'a> {
+    inner: &'a wit::Request,
+}
+
+impl Request<'_> {
+    /// The endpoint called.
+    pub fn endpoint(&self) -> String {
+        self.inner.endpoint()
+    }
+
+    /// The request's Content-Type ("" when absent).
+    pub fn content_type(&self) -> String {
+        self.inner.content_type()
+    }
+
+    /// The first value of header `name`, if the endpoint lets this plugin see it.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.inner.header(name)
+    }
+
+    /// Every header this plugin may see, names in lower case.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.inner.headers()
+    }
+
+    /// The body as sent.
+    pub fn body(&self) -> Vec<u8> {
+        self.inner.body()
+    }
+
+    /// Parses the body as JSON; a malformed body becomes a 400 naming the problem.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_slice(&self.body())
+            .map_err(|e| Error::bad_request(format!("malformed JSON body: {e}")))
     }
 }
 
 /// What a post-processing plugin knows about the request it answers.
-#[derive(Debug, Clone)]
-pub struct Context {
+pub struct Context<'a> {
+    inner: &'a wit::Context,
+}
+
+impl Context<'_> {
     /// The endpoint called.
-    pub endpoint: String,
+    pub fn endpoint(&self) -> String {
+        self.inner.endpoint()
+    }
+
     /// The model that ran.
-    pub model: String,
-    /// The request's Content-Type.
-    pub content_type: String,
-    /// The request's headers.
+    pub fn model(&self) -> String {
+        self.inner.model()
+    }
+
+    /// The request's Content-Type ("" when absent).
+    pub fn content_type(&self) -> String {
+        self.inner.content_type()
+    }
+
+    /// The first value of request header `name`, if the endpoint lets this plugin see it.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.inner.header(name)
+    }
+
+    /// Every request header this plugin may see.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.inner.headers()
+    }
+}
+
+/// A finished HTTP answer: status, headers and body, sent to the client as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// 200 to 599.
+    pub status: u16,
+    /// Extra headers (not framing headers, nor `server-timing` or `meshserve-*`).
     pub headers: Vec<(String, String)>,
+    /// The Content-Type.
+    pub content_type: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A 200 JSON reply.
+    pub fn json<T: serde::Serialize>(value: &T) -> Result<Reply, Error> {
+        let body = serde_json::to_vec(value)
+            .map_err(|e| Error::internal(format!("cannot encode the answer: {e}")))?;
+        Ok(Reply {
+            status: 200,
+            headers: Vec::new(),
+            content_type: "application/json".into(),
+            body,
+        })
+    }
+
+    /// The same reply with another status.
+    pub fn with_status(mut self, status: u16) -> Reply {
+        self.status = status;
+        self
+    }
+
+    /// The same reply with one more header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn into_wit(self) -> wit::Reply {
+        wit::Reply {
+            status: self.status,
+            headers: self.headers,
+            content_type: self.content_type,
+            body: self.body,
+        }
+    }
+}
+
+/// What pre-processing decided.
+#[derive(Debug, Clone)]
+pub enum Pre {
+    /// Run the model on these input tensors.
+    Infer(Vec<Tensor>),
+    /// Answer now, without running the model.
+    Reply(Reply),
+}
+
+impl From<Vec<Tensor>> for Pre {
+    fn from(tensors: Vec<Tensor>) -> Pre {
+        Pre::Infer(tensors)
+    }
 }
 
 /// Post-processing's answer.
 #[derive(Debug, Clone)]
 pub enum Answer {
-    /// A finished response body.
-    Body {
-        /// Its Content-Type.
-        content_type: String,
-        /// Its bytes.
-        data: Vec<u8>,
-    },
     /// Tensors, which the node encodes as an Open Inference Protocol response.
     Tensors(Vec<Tensor>),
+    /// A finished reply.
+    Reply(Reply),
 }
 
 impl Answer {
-    /// A JSON body.
+    /// A 200 JSON body.
     pub fn json<T: serde::Serialize>(value: &T) -> Result<Answer, Error> {
-        let data = serde_json::to_vec(value)
-            .map_err(|e| Error::internal(format!("cannot encode the answer: {e}")))?;
-        Ok(Answer::Body {
-            content_type: "application/json".into(),
-            data,
-        })
+        Reply::json(value).map(Answer::Reply)
     }
 }
 
@@ -129,7 +245,7 @@ impl Answer {
 pub struct Error {
     /// The HTTP status to answer with.
     pub status: u16,
-    /// The message, sent to the client as `{"error": ...}`.
+    /// The message, sent to the client as `{"error": ...}` for a 4xx.
     pub message: String,
 }
 
@@ -157,26 +273,47 @@ impl Error {
             message: message.into(),
         }
     }
-}
 
-/// A meshserve plugin. Implement the stage you need; the other answers 500 "not implemented".
-pub trait Plugin {
-    /// Request to input tensors.
-    fn preprocess(request: Request) -> Result<Vec<Tensor>, Error> {
-        let _ = request;
-        Err(Error::internal("this plugin does not implement preprocess"))
-    }
-
-    /// Output tensors to the answer.
-    fn postprocess(context: Context, outputs: Vec<Tensor>) -> Result<Answer, Error> {
-        let _ = (context, outputs);
-        Err(Error::internal(
-            "this plugin does not implement postprocess",
-        ))
+    fn into_wit(self) -> wit::PluginError {
+        wit::PluginError {
+            status: self.status,
+            message: self.message,
+        }
     }
 }
 
-/// What the node offers: its log, a clock, the plugin's config string, and feature lookups.
+/// A meshserve plugin: made once per instance from the endpoint's config string.
+pub trait Plugin: Sized + 'static {
+    /// Parses `config` (the endpoint's `config` string for this plugin). [`config_json`] does
+    /// it for JSON configs.
+    fn init(config: &str) -> Result<Self, Error>;
+}
+
+/// The pre stage: a request to the model's input tensors, or a direct reply.
+pub trait Preprocess: Plugin {
+    /// Handles one request.
+    fn preprocess(&mut self, request: &Request) -> Result<Pre, Error>;
+}
+
+/// The post stage: the model's output tensors to the answer.
+pub trait Postprocess: Plugin {
+    /// Handles one answer.
+    fn postprocess(&mut self, context: &Context, outputs: Vec<Tensor>) -> Result<Answer, Error>;
+}
+
+/// Parses a JSON config string; an empty string reads as `{}`, so a type whose fields all have
+/// serde defaults needs no config at all. A bad config is a 500 naming the problem.
+pub fn config_json<T: serde::de::DeserializeOwned>(config: &str) -> Result<T, Error> {
+    let text = if config.trim().is_empty() {
+        "{}"
+    } else {
+        config
+    };
+    serde_json::from_str(text).map_err(|e| Error::internal(format!("invalid plugin config: {e}")))
+}
+
+/// What the node offers beyond WASI: its log and feature lookups. (Time is WASI's:
+/// `std::time::Instant` works.)
 pub mod host {
     use super::wit_host;
 
@@ -200,29 +337,6 @@ pub mod host {
         wit_host::log(wit_host::LogLevel::Debug, message);
     }
 
-    /// Monotonic nanoseconds since an arbitrary start.
-    pub fn monotonic_now() -> u64 {
-        wit_host::monotonic_now()
-    }
-
-    /// The config string the endpoint gives this plugin.
-    pub fn config() -> String {
-        wit_host::config()
-    }
-
-    /// The config string parsed as JSON; an empty string reads as `{}`, so a type whose
-    /// fields all have serde defaults needs no config at all. A bad config is a 500.
-    pub fn config_json<T: serde::de::DeserializeOwned>() -> Result<T, crate::Error> {
-        let text = config();
-        let text = if text.trim().is_empty() {
-            "{}"
-        } else {
-            text.as_str()
-        };
-        serde_json::from_str(text)
-            .map_err(|e| crate::Error::internal(format!("invalid plugin config: {e}")))
-    }
-
     /// The bytes stored under `key` in the feature table `table`.
     pub fn lookup(table: &str, key: &str) -> Option<Vec<u8>> {
         wit_host::lookup(table, key)
@@ -240,77 +354,110 @@ pub mod host {
     }
 }
 
+/// Where an instance keeps its plugin value between calls (one per instance; wasm has one thread).
 #[doc(hidden)]
-pub fn __preprocess<P: Plugin>(
-    request: wit::Request,
-) -> Result<Vec<wit::Tensor>, wit::PluginError> {
-    let request = Request {
-        endpoint: request.endpoint,
-        content_type: request.content_type,
-        headers: request.headers,
-        body: request.body,
-    };
-    P::preprocess(request)
-        .map(|tensors| tensors.into_iter().map(Tensor::into_wit).collect())
-        .map_err(into_wit_error)
+pub type Slot<P> = std::thread::LocalKey<std::cell::RefCell<Option<P>>>;
+
+fn with_plugin<P: Plugin, R>(
+    slot: &'static Slot<P>,
+    run: impl FnOnce(&mut P) -> Result<R, Error>,
+) -> Result<R, wit::PluginError> {
+    slot.with_borrow_mut(|plugin| match plugin {
+        Some(plugin) => run(plugin),
+        None => Err(Error::internal("the plugin was called before init")),
+    })
+    .map_err(Error::into_wit)
 }
 
 #[doc(hidden)]
-pub fn __postprocess<P: Plugin>(
-    context: wit::Context,
-    outputs: Vec<wit::Tensor>,
-) -> Result<wit::Answer, wit::PluginError> {
-    let context = Context {
-        endpoint: context.endpoint,
-        model: context.model,
-        content_type: context.content_type,
-        headers: context.headers,
-    };
-    let outputs = outputs.into_iter().map(Tensor::from_wit).collect();
-    match P::postprocess(context, outputs).map_err(into_wit_error)? {
-        Answer::Body { content_type, data } => {
-            Ok(wit::Answer::Body(wit::Body { content_type, data }))
+pub fn __init<P: Plugin>(slot: &'static Slot<P>, config: String) -> Result<(), wit::PluginError> {
+    let plugin = P::init(&config).map_err(Error::into_wit)?;
+    slot.set(Some(plugin));
+    Ok(())
+}
+
+#[doc(hidden)]
+pub fn __preprocess<P: Preprocess>(
+    slot: &'static Slot<P>,
+    request: &wit::Request,
+) -> Result<wit::PreOutcome, wit::PluginError> {
+    with_plugin(slot, |plugin| {
+        plugin.preprocess(&Request { inner: request })
+    })
+    .map(|pre| match pre {
+        Pre::Infer(tensors) => {
+            wit::PreOutcome::Infer(tensors.into_iter().map(Tensor::into_wit).collect())
         }
-        Answer::Tensors(tensors) => Ok(wit::Answer::Tensors(
-            tensors.into_iter().map(Tensor::into_wit).collect(),
-        )),
-    }
+        Pre::Reply(reply) => wit::PreOutcome::Reply(reply.into_wit()),
+    })
 }
 
-fn into_wit_error(error: Error) -> wit::PluginError {
-    wit::PluginError {
-        status: error.status,
-        message: error.message,
-    }
+#[doc(hidden)]
+pub fn __postprocess<P: Postprocess>(
+    slot: &'static Slot<P>,
+    context: &wit::Context,
+    outputs: Vec<wit::Tensor>,
+) -> Result<wit::PostOutcome, wit::PluginError> {
+    let outputs = outputs.into_iter().map(Tensor::from_wit).collect();
+    with_plugin(slot, |plugin| {
+        plugin.postprocess(&Context { inner: context }, outputs)
+    })
+    .map(|answer| match answer {
+        Answer::Tensors(tensors) => {
+            wit::PostOutcome::Tensors(tensors.into_iter().map(Tensor::into_wit).collect())
+        }
+        Answer::Reply(reply) => wit::PostOutcome::Reply(reply.into_wit()),
+    })
 }
 
-/// Exports `$plugin` (a type implementing [`Plugin`]) as the component's plugin world.
+/// Exports `$plugin` for the stages named: `export_plugin!(MyPlugin: pre)`, `(MyPlugin: post)`
+/// or `(MyPlugin: pre, post)`. The type implements [`Plugin`] and the stages' traits.
 #[macro_export]
 macro_rules! export_plugin {
-    ($plugin:ty) => {
+    ($plugin:ty: $($stage:ident),+) => {
+        ::std::thread_local! {
+            static __MESHSERVE_PLUGIN: ::core::cell::RefCell<::core::option::Option<$plugin>> =
+                const { ::core::cell::RefCell::new(::core::option::Option::None) };
+        }
+
         struct __MeshserveExport;
 
-        impl $crate::bindings::Guest for __MeshserveExport {
-            fn preprocess(
-                request: $crate::bindings::meshserve::plugin::types::Request,
-            ) -> ::core::result::Result<
-                ::std::vec::Vec<$crate::bindings::meshserve::plugin::types::Tensor>,
-                $crate::bindings::meshserve::plugin::types::PluginError,
-            > {
-                $crate::__preprocess::<$plugin>(request)
+        $( $crate::__export_stage!($plugin, $stage); )+
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_stage {
+    ($plugin:ty, pre) => {
+        impl $crate::bindings::pre::exports::meshserve::plugin::preprocess::Guest for __MeshserveExport {
+            fn init(config: ::std::string::String) -> ::core::result::Result<(), $crate::wit::PluginError> {
+                $crate::__init::<$plugin>(&__MESHSERVE_PLUGIN, config)
             }
 
-            fn postprocess(
-                context: $crate::bindings::meshserve::plugin::types::Context,
-                outputs: ::std::vec::Vec<$crate::bindings::meshserve::plugin::types::Tensor>,
-            ) -> ::core::result::Result<
-                $crate::bindings::meshserve::plugin::types::Answer,
-                $crate::bindings::meshserve::plugin::types::PluginError,
-            > {
-                $crate::__postprocess::<$plugin>(context, outputs)
+            fn handle(
+                request: &$crate::wit::Request,
+            ) -> ::core::result::Result<$crate::wit::PreOutcome, $crate::wit::PluginError> {
+                $crate::__preprocess::<$plugin>(&__MESHSERVE_PLUGIN, request)
             }
         }
 
-        $crate::bindings::__export_plugin_world!(__MeshserveExport with_types_in $crate::bindings);
+        $crate::bindings::pre::__export_pre_world!(__MeshserveExport with_types_in $crate::bindings::pre);
+    };
+    ($plugin:ty, post) => {
+        impl $crate::bindings::post::exports::meshserve::plugin::postprocess::Guest for __MeshserveExport {
+            fn init(config: ::std::string::String) -> ::core::result::Result<(), $crate::wit::PluginError> {
+                $crate::__init::<$plugin>(&__MESHSERVE_PLUGIN, config)
+            }
+
+            fn handle(
+                context: &$crate::wit::Context,
+                outputs: ::std::vec::Vec<$crate::wit::Tensor>,
+            ) -> ::core::result::Result<$crate::wit::PostOutcome, $crate::wit::PluginError> {
+                $crate::__postprocess::<$plugin>(&__MESHSERVE_PLUGIN, context, outputs)
+            }
+        }
+
+        $crate::bindings::post::__export_post_world!(__MeshserveExport with_types_in $crate::bindings::post);
     };
 }

@@ -1,6 +1,6 @@
 //! Tensors with typed data, so a plugin reads `&[f32]` or `&[i64]` instead of bytes.
 
-use crate::bindings::meshserve::plugin::types::{Datatype, Tensor as WitTensor};
+use crate::wit::{Datatype, Tensor as WitTensor};
 
 /// A tensor's elements, typed.
 #[derive(Debug, Clone, PartialEq)]

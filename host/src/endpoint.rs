@@ -1,21 +1,26 @@
 //! Endpoints: what a client calls, `[pre-plugin] → model → [post-plugin]`.
 //!
-//! Each plugin sits in a slot that can be swapped atomically: a changed plugin file (polled)
-//! or an admin call loads the new version, and requests already running keep the `Arc` of the
-//! old one until they finish. A plugin that fails to load leaves the previous version serving
-//! (or the endpoint unavailable, with the reason, if there was none).
+//! An endpoint's plugins are one unit: a request takes the pre and post versions together at
+//! its start ([`Endpoint::plugins`]), and a reload swaps both or neither. A changed plugin file
+//! is noticed by its content digest (file metadata only says when to hash it again), or an
+//! admin call reloads now; requests already running keep the versions they took. A reload
+//! that fails leaves the previous versions serving (or the endpoint unavailable, with the
+//! reason, if there were none), and a replaced version's compiled code is evicted.
 
 use crate::error::InferError;
-use crate::plugin::bindings::{Context, Request};
-use crate::plugin::instance::{LoadedPlugin, PluginFailure, PluginSpec, PostAnswer};
+use crate::plugin::instance::{LoadedPlugin, PluginFailure, PostAnswer, PreAnswer, Stage};
 use crate::plugin::runtime::PluginRuntime;
+use crate::plugin::sandbox::{ContextView, RequestView};
+use crate::plugin::spec::PluginSpec;
 use crate::tensor::Tensor;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// An endpoint as the node config declares it (`[endpoints.NAME]`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -50,91 +55,44 @@ impl EndpointConfig {
     }
 }
 
-type FileStamp = (SystemTime, u64);
+/// What says a file may have changed: cheap to read, and it moves on every write or replace
+/// (ctime cannot be set back by a user), so the digest is recomputed only then.
+type FileStamp = (u64, u64, i64, i64, i64, i64);
 
 fn stamp(path: &Path) -> Option<FileStamp> {
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    Some((
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    ))
 }
 
-/// One plugin position of an endpoint, swappable at run time.
-pub struct PluginSlot {
-    name: String,
-    spec: PluginSpec,
-    current: RwLock<Option<Arc<LoadedPlugin>>>,
-    error: RwLock<Option<String>>,
-    stamp: Mutex<Option<FileStamp>>,
+fn file_digest(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
-impl PluginSlot {
-    fn new(spec: PluginSpec) -> PluginSlot {
-        let name = spec.path.file_stem().map_or_else(
-            || spec.path.display().to_string(),
-            |s| s.to_string_lossy().into_owned(),
-        );
-        PluginSlot {
-            name,
-            spec,
-            current: RwLock::new(None),
-            error: RwLock::new(None),
-            stamp: Mutex::new(None),
-        }
-    }
+/// The plugins one request runs with, taken together at its start.
+#[derive(Default)]
+pub struct EndpointPlugins {
+    /// The pre stage, if the endpoint has one.
+    pub pre: Option<Arc<LoadedPlugin>>,
+    /// The post stage, if the endpoint has one.
+    pub post: Option<Arc<LoadedPlugin>>,
+}
 
-    /// The plugin serving now, or why there is none.
-    pub fn current(&self) -> Result<Arc<LoadedPlugin>, String> {
-        if let Some(plugin) = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Ok(plugin);
-        }
-        Err(self
-            .error
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_else(|| format!("plugin '{}' is not loaded", self.name)))
-    }
-
-    /// The last load error, if the last load failed.
-    pub fn last_error(&self) -> Option<String> {
-        self.error.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Loads the plugin file if it changed since the last load (or always, with `force`).
-    /// Returns whether a new version now serves.
-    fn refresh(&self, runtime: &Arc<PluginRuntime>, force: bool) -> Result<bool, String> {
-        let now = stamp(&self.spec.path);
-        let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
-        if !force && now == *last {
-            return Ok(false);
-        }
-        *last = now;
-        match runtime.load(&self.name, &self.spec) {
-            Ok(plugin) => {
-                let previous = self
-                    .current
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .replace(Arc::new(plugin));
-                *self.error.write().unwrap_or_else(|p| p.into_inner()) = None;
-                Ok(previous.is_some())
-            }
-            Err(e) => {
-                let message = e.to_string();
-                let keeps = self
-                    .current
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some();
-                tracing::error!(plugin = %self.name, error = %message, keeps_previous_version = keeps, "plugin failed to load");
-                *self.error.write().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
-                Err(message)
-            }
-        }
+impl EndpointPlugins {
+    fn loaded(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
+        self.pre.iter().chain(self.post.iter())
     }
 }
 
@@ -146,20 +104,70 @@ pub struct Endpoint {
     pub model: String,
     /// The model version; newest when `None`.
     pub version: Option<String>,
-    /// Pre-processing, if any.
-    pub pre: Option<PluginSlot>,
-    /// Post-processing, if any.
-    pub post: Option<PluginSlot>,
+    /// Pre-processing as configured, if any.
+    pub pre: Option<PluginSpec>,
+    /// Post-processing as configured, if any.
+    pub post: Option<PluginSpec>,
+    label: Arc<str>,
+    current: RwLock<Option<Arc<EndpointPlugins>>>,
+    error: RwLock<Option<String>>,
+    stamps: Mutex<Vec<Option<FileStamp>>>,
+}
+
+fn plugin_name(spec: &PluginSpec) -> String {
+    spec.path.file_stem().map_or_else(
+        || spec.path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
 }
 
 impl Endpoint {
-    fn slots(&self) -> impl Iterator<Item = &PluginSlot> {
-        self.pre.iter().chain(self.post.iter())
+    fn new(name: &str, config: &EndpointConfig) -> Endpoint {
+        Endpoint {
+            name: name.to_string(),
+            model: config.model.clone(),
+            version: config.version.clone(),
+            pre: config.pre.clone(),
+            post: config.post.clone(),
+            label: name.into(),
+            current: RwLock::new(None),
+            error: RwLock::new(None),
+            stamps: Mutex::new(Vec::new()),
+        }
     }
 
-    /// `Ok` when every plugin of the endpoint is loaded, else the first reason it is not.
+    fn specs(&self) -> impl Iterator<Item = (Stage, &PluginSpec)> {
+        let pre = self.pre.iter().map(|s| (Stage::Pre, s));
+        pre.chain(self.post.iter().map(|s| (Stage::Post, s)))
+    }
+
+    /// The plugins serving now, taken together, or why there are none.
+    pub fn plugins(&self) -> Result<Arc<EndpointPlugins>, InferError> {
+        if let Some(plugins) = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Ok(plugins);
+        }
+        let reason = self
+            .last_error()
+            .unwrap_or_else(|| "its plugins are not loaded".into());
+        Err(self.unavailable(reason))
+    }
+
+    /// `Ok` when every plugin of the endpoint is loaded, else the reason it is not.
     pub fn readiness(&self) -> Result<(), String> {
-        self.slots().try_for_each(|slot| slot.current().map(|_| ()))
+        self.plugins().map(|_| ()).map_err(|e| match e {
+            InferError::EndpointUnavailable { reason, .. } => reason,
+            other => other.to_string(),
+        })
+    }
+
+    /// The last load error, if the last load failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.error.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn unavailable(&self, reason: String) -> InferError {
@@ -169,29 +177,122 @@ impl Endpoint {
         }
     }
 
-    /// Runs the pre-plugin on a raw request, giving the model's input tensors.
-    pub async fn preprocess(
-        &self,
-        slot: &PluginSlot,
-        request: &Request,
-    ) -> Result<Vec<Tensor>, InferError> {
-        let plugin = slot.current().map_err(|reason| self.unavailable(reason))?;
-        plugin.preprocess(request).await.map_err(plugin_error)
+    /// Whether a plugin file changed since the last load: by metadata first, then by digest.
+    fn changed(&self) -> bool {
+        let now: Vec<_> = self.specs().map(|(_, spec)| stamp(&spec.path)).collect();
+        let mut seen = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == now {
+            return false;
+        }
+        *seen = now;
+        let Ok(current) = self.plugins() else {
+            return true;
+        };
+        let digests = current.loaded().map(|p| Some(p.digest().to_string()));
+        let on_disk = self.specs().map(|(_, spec)| file_digest(&spec.path));
+        !digests.eq(on_disk)
     }
 
-    /// Runs the post-plugin on the model's outputs.
-    pub async fn postprocess(
-        &self,
-        slot: &PluginSlot,
-        context: &Context,
-        outputs: &[Tensor],
-    ) -> Result<PostAnswer, InferError> {
-        let plugin = slot.current().map_err(|reason| self.unavailable(reason))?;
-        plugin
-            .postprocess(context, outputs)
-            .await
-            .map_err(plugin_error)
+    /// Loads every plugin of the endpoint and swaps them in together, if a file changed (or
+    /// always, with `force`). Returns whether new versions now serve.
+    fn refresh(&self, runtime: &Arc<PluginRuntime>, force: bool) -> Result<bool, String> {
+        if !force && !self.changed() {
+            return Ok(false);
+        }
+        if force {
+            let now = self.specs().map(|(_, spec)| stamp(&spec.path)).collect();
+            *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        }
+        let mut fresh = EndpointPlugins::default();
+        let mut failure = None;
+        for (stage, spec) in self.specs() {
+            match runtime.load(&plugin_name(spec), stage, spec) {
+                Ok(plugin) => {
+                    let slot = match stage {
+                        Stage::Pre => &mut fresh.pre,
+                        Stage::Post => &mut fresh.post,
+                    };
+                    *slot = Some(Arc::new(plugin));
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(message) = failure {
+            for plugin in fresh.loaded() {
+                runtime.retire(plugin.digest());
+            }
+            let keeps = self.plugins().is_ok();
+            tracing::error!(endpoint = %self.name, error = %message, keeps_previous_version = keeps, "plugin failed to load");
+            *self.error.write().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+            return Err(message);
+        }
+        let previous = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(Arc::new(fresh));
+        *self.error.write().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(previous) = &previous {
+            for plugin in previous.loaded() {
+                runtime.retire(plugin.digest());
+            }
+        }
+        Ok(previous.is_some())
     }
+
+    /// The request as `plugin` may see it.
+    pub fn request_view<'a>(
+        &self,
+        plugin: &LoadedPlugin,
+        content_type: &str,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        body: bytes::Bytes,
+    ) -> RequestView {
+        RequestView {
+            endpoint: self.label.clone(),
+            content_type: content_type.to_string(),
+            headers: plugin.spec().visible_headers(headers),
+            body,
+        }
+    }
+
+    /// What `plugin` may know of the request it post-processes.
+    pub fn context_view<'a>(
+        &self,
+        plugin: &LoadedPlugin,
+        content_type: &str,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> ContextView {
+        ContextView {
+            endpoint: self.label.clone(),
+            model: self.model.clone(),
+            content_type: content_type.to_string(),
+            headers: plugin.spec().visible_headers(headers),
+        }
+    }
+}
+
+/// Runs a pre stage, as an engine error on failure.
+pub async fn preprocess(
+    plugin: &LoadedPlugin,
+    request: RequestView,
+) -> Result<PreAnswer, InferError> {
+    plugin.preprocess(request).await.map_err(plugin_error)
+}
+
+/// Runs a post stage, as an engine error on failure.
+pub async fn postprocess(
+    plugin: &LoadedPlugin,
+    context: ContextView,
+    outputs: &[Tensor],
+) -> Result<PostAnswer, InferError> {
+    plugin
+        .postprocess(context, outputs)
+        .await
+        .map_err(plugin_error)
 }
 
 fn plugin_error(failure: PluginFailure) -> InferError {
@@ -206,6 +307,7 @@ fn plugin_error(failure: PluginFailure) -> InferError {
             message,
         },
         PluginFailure::Failed { plugin, cause, .. } => InferError::PluginFailed { plugin, cause },
+        PluginFailure::Busy { plugin, cause } => InferError::PluginBusy { plugin, cause },
     }
 }
 
@@ -226,16 +328,8 @@ impl Endpoints {
         let endpoints = configs
             .iter()
             .map(|(name, config)| {
-                let endpoint = Endpoint {
-                    name: name.clone(),
-                    model: config.model.clone(),
-                    version: config.version.clone(),
-                    pre: config.pre.clone().map(PluginSlot::new),
-                    post: config.post.clone().map(PluginSlot::new),
-                };
-                for slot in endpoint.slots() {
-                    let _ = slot.refresh(&runtime, true);
-                }
+                let endpoint = Endpoint::new(name, config);
+                let _ = endpoint.refresh(&runtime, true);
                 (name.clone(), Arc::new(endpoint))
             })
             .collect();
@@ -256,6 +350,11 @@ impl Endpoints {
         self.endpoints.values()
     }
 
+    /// The plugin runtime the endpoints share.
+    pub fn runtime(&self) -> &Arc<PluginRuntime> {
+        &self.runtime
+    }
+
     /// Reloads every plugin of `name` from disk now (the admin call). Blocking: compiles.
     pub fn reload(&self, name: &str) -> Result<(), InferError> {
         let endpoint = self
@@ -264,11 +363,10 @@ impl Endpoints {
             .ok_or_else(|| InferError::ModelNotFound {
                 model: name.to_string(),
             })?;
-        for slot in endpoint.slots() {
-            slot.refresh(&self.runtime, true)
-                .map_err(|reason| endpoint.unavailable(reason))?;
-        }
-        Ok(())
+        endpoint
+            .refresh(&self.runtime, true)
+            .map(|_| ())
+            .map_err(|reason| endpoint.unavailable(reason))
     }
 
     /// Checks every plugin file for changes every `interval` and swaps in new versions, on a
@@ -276,19 +374,24 @@ impl Endpoints {
     pub fn watch(self: &Arc<Self>, interval: Duration) -> std::io::Result<()> {
         let weak = Arc::downgrade(self);
         let stop = self.stop.clone();
-        std::thread::Builder::new().name("plugin-watch".into()).spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(interval);
-                let Some(endpoints) = weak.upgrade() else { return };
-                for endpoint in endpoints.endpoints.values() {
-                    for slot in endpoint.slots() {
-                        if let Ok(true) = slot.refresh(&endpoints.runtime, false) {
-                            tracing::info!(endpoint = %endpoint.name, plugin = %slot.name, "plugin hot-swapped");
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        std::thread::Builder::new()
+            .name("plugin-watch".into())
+            .spawn(move || {
+                // Inside the runtime's context, so a new version's pool can warm up in the background.
+                let _context = runtime.as_ref().map(|r| r.enter());
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(interval);
+                    let Some(endpoints) = weak.upgrade() else {
+                        return;
+                    };
+                    for endpoint in endpoints.endpoints.values() {
+                        if let Ok(true) = endpoint.refresh(&endpoints.runtime, false) {
+                            tracing::info!(endpoint = %endpoint.name, "plugins hot-swapped");
                         }
                     }
                 }
-            }
-        })?;
+            })?;
         Ok(())
     }
 }

@@ -94,6 +94,14 @@ pub enum InferError {
         /// What happened.
         cause: String,
     },
+    /// A plugin could not get an instance in time, or the node's plugin memory is spent.
+    #[error("plugin '{plugin}' is busy: {cause}; retry later")]
+    PluginBusy {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        cause: String,
+    },
     /// ONNX Runtime failed.
     #[error("model '{model}' failed: {message}")]
     Runtime {
@@ -114,7 +122,8 @@ impl InferError {
             InferError::InvalidInput(_) => ErrorClass::InvalidInput,
             InferError::QueueFull { .. }
             | InferError::Closed { .. }
-            | InferError::EndpointUnavailable { .. } => ErrorClass::Unavailable,
+            | InferError::EndpointUnavailable { .. }
+            | InferError::PluginBusy { .. } => ErrorClass::Unavailable,
             InferError::PluginRejected { status, .. } if (400..500).contains(status) => {
                 ErrorClass::PluginStatus(*status)
             }
@@ -129,9 +138,9 @@ impl InferError {
     /// When a client should retry an `Unavailable` error.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            InferError::QueueFull { .. } | InferError::Closed { .. } => {
-                Some(Duration::from_secs(1))
-            }
+            InferError::QueueFull { .. }
+            | InferError::Closed { .. }
+            | InferError::PluginBusy { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -7,7 +7,7 @@
 //! [`endpoint`]. [`tensor`] is the one tensor type every layer shares; [`metrics`]
 //! records what happened. Networking lives in the `meshserve` crate, not here.
 
-// The one exception is loading plugins compiled by this node from its own cache (plugin::runtime).
+// The one exception is loading plugins compiled by this node from its own cache (plugin::cache).
 #![deny(unsafe_code)]
 
 pub mod batching;

@@ -50,8 +50,15 @@ pub struct StageLabels {
 pub struct FailureLabels {
     /// The plugin.
     pub plugin: String,
-    /// deadline, memory, fuel, panic, trap, output, rejected, busy.
+    /// deadline, wall-clock, memory, fuel, limit, panic, trap, output, init, rejected, busy.
     pub kind: String,
+}
+
+/// Labels of per-plugin counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// The plugin.
+    pub plugin: String,
 }
 
 /// Labels of feature lookups.
@@ -86,6 +93,7 @@ pub struct Metrics {
     plugin_seconds: Family<StageLabels, Histogram, fn() -> Histogram>,
     plugin_failures: Family<FailureLabels, Counter>,
     feature_lookups: Family<LookupLabels, Counter>,
+    plugin_log_dropped: Family<PluginLabels, Counter>,
     forwarded: Family<MeshLabels, Counter>,
     mesh_served: Family<MeshLabels, Counter>,
 }
@@ -112,6 +120,12 @@ impl Metrics {
             );
         let plugin_failures = Family::<FailureLabels, Counter>::default();
         let feature_lookups = Family::<LookupLabels, Counter>::default();
+        let plugin_log_dropped = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "plugin_log_dropped",
+            "Log lines of plugins dropped by their rate limit",
+            plugin_log_dropped.clone(),
+        );
         let forwarded = Family::<MeshLabels, Counter>::default();
         let mesh_served = Family::<MeshLabels, Counter>::default();
         registry.register(
@@ -176,6 +190,7 @@ impl Metrics {
             plugin_seconds,
             plugin_failures,
             feature_lookups,
+            plugin_log_dropped,
             forwarded,
             mesh_served,
         }
@@ -217,6 +232,15 @@ impl Metrics {
             .get_or_create(&FailureLabels {
                 plugin: plugin.to_string(),
                 kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a plugin log line dropped by the plugin's rate limit.
+    pub fn record_plugin_log_dropped(&self, plugin: &str) {
+        self.plugin_log_dropped
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_string(),
             })
             .inc();
     }

@@ -122,6 +122,12 @@ enum BenchCommand {
         /// Folder of the built plugins.
         #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
         plugins: PathBuf,
+        /// The Python plugin to time (skipped when missing).
+        #[arg(long, default_value = "plugins/target/python/labels.wasm")]
+        python_plugin: PathBuf,
+        /// Feature table of the fraud-check endpoint.
+        #[arg(long, default_value = "examples/data/cards.csv")]
+        cards: PathBuf,
         /// Measured seconds per scenario.
         #[arg(long, default_value_t = 5.0)]
         duration_secs: f64,
@@ -346,6 +352,8 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
         BenchCommand::Plugins {
             model_repository,
             plugins,
+            python_plugin,
+            cards,
             duration_secs,
             warmup_secs,
         } => {
@@ -359,6 +367,9 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                         plugins.display()
                     )
                 })?,
+                python_plugin: std::fs::canonicalize(&python_plugin).ok(),
+                cards: std::fs::canonicalize(&cards)
+                    .with_context(|| format!("feature table {}", cards.display()))?,
                 duration: Duration::from_secs_f64(duration_secs),
                 warmup: Duration::from_secs_f64(warmup_secs),
             };

@@ -4,21 +4,31 @@
 use crate::tensor::{DataType, Tensor};
 use bytes::Bytes;
 
-/// The generated bindings, in their own module because the world's types would clash with ours.
+/// The generated bindings of world `pre-post`, in their own module because the world's types
+/// would clash with ours. A plugin needs only the stage it serves: [`crate::plugin::instance`]
+/// loads each stage's exports on their own, so a `pre` or `post` component loads too.
 pub mod wit {
     wasmtime::component::bindgen!({
         path: "../guest-sdk/wit",
-        world: "plugin",
+        world: "pre-post",
+        imports: { default: trappable },
         exports: { default: async },
+        with: {
+            "meshserve:plugin/types.request": crate::plugin::sandbox::RequestView,
+            "meshserve:plugin/types.context": crate::plugin::sandbox::ContextView,
+        },
     });
 }
 
+pub use wit::exports::meshserve::plugin::{postprocess, preprocess};
 pub use wit::meshserve::plugin::host::{Host, LogLevel};
 pub use wit::meshserve::plugin::types::{
-    Answer, Body, Context, Datatype, Host as TypesHost, PluginError as WitPluginError, Request,
-    Tensor as WitTensor,
+    Datatype, Host as TypesHost, HostContext, HostRequest, PluginError as WitPluginError,
+    PostOutcome, PreOutcome, Reply, Tensor as WitTensor,
 };
-pub use wit::{Plugin, PluginPre};
+
+/// The package every 0.2 plugin is built against, as it appears in export names.
+pub const PACKAGE: &str = "meshserve:plugin@0.2.0";
 
 impl From<DataType> for Datatype {
     fn from(d: DataType) -> Datatype {

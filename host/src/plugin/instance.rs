@@ -1,70 +1,54 @@
-//! One loaded plugin and its calls. Every call gets a fresh `Store` with its own WASI context
-//! (nothing granted unless the spec says so), memory cap, deadline and optional fuel; a trap
-//! ends that call only.
+//! One loaded plugin at one endpoint stage, its pool of instances, and its calls.
+//!
+//! With `isolation = "reuse"` (the default) a call takes a warm instance from the pool: its
+//! deadline, fuel, randomness allowance and captured stderr are reset, and after the call it
+//! goes back, unless it trapped, served `max_calls_per_instance` calls or grew past
+//! `recycle_memory_bytes`; a discarded instance is replaced off the request path. With
+//! `"per-call"` every call instantiates a fresh instance (fast, from the pooling allocator)
+//! and drops it. Instances never cross endpoints or stages: each stage of each endpoint loads
+//! its own [`LoadedPlugin`].
+//!
+//! Every call is bounded in running time (epoch ticks charge a clock that stops while the call
+//! is yielded), in wall-clock time (a call blocked in WASI is dropped), in concurrency (per
+//! plugin, then node-wide instance slots; a call that waits too long is answered 503), and in
+//! what it returns ([`crate::plugin::limits`]). The client sees a short failure; wasm
+//! backtraces and host details go to the log.
 
-use crate::metrics::Metrics;
 use crate::plugin::bindings::{
-    self, Answer, Context, LogLevel, Request, WitPluginError, tensor_from_plugin,
+    self, PostOutcome, PreOutcome, Reply, WitPluginError, WitTensor, postprocess, preprocess,
+    tensor_from_plugin,
 };
-use crate::plugin::features::FeatureTables;
 use crate::plugin::runtime::PluginRuntime;
+use crate::plugin::sandbox::{
+    CallState, ContextView, MemoryBudget, PluginShared, RequestView, RunningClock, StderrCapture,
+    Stopped,
+};
+use crate::plugin::spec::{Isolation, PluginSpec};
 use crate::tensor::Tensor;
-use serde::Deserialize;
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
-use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::{InstancePre, Resource};
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, WasiCtx};
 
-/// A directory a plugin may read (or write) through WASI.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DirGrant {
-    /// The directory on the node.
-    pub host: PathBuf,
-    /// Where the plugin sees it.
-    pub guest: String,
-    /// Whether the plugin may write.
-    #[serde(default)]
-    pub writable: bool,
+/// Which side of the model a plugin serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Request to input tensors.
+    Pre,
+    /// Output tensors to the answer.
+    Post,
 }
 
-/// A plugin as an endpoint's config names it, with its sandbox.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PluginSpec {
-    /// The component file (`.wasm`, built for wasm32-wasip2).
-    pub path: PathBuf,
-    /// The string the plugin reads through the `config` import.
-    #[serde(default)]
-    pub config: String,
-    /// Running-time limit per call, in ms: time the plugin spends executing (instantiation
-    /// included), not time it waits for a thread while the node is busy.
-    #[serde(default = "default_deadline_ms")]
-    pub deadline_ms: u64,
-    /// Linear-memory cap per call, in bytes.
-    #[serde(default = "default_memory_bytes")]
-    pub memory_bytes: usize,
-    /// Fuel budget per call (needs `plugins.fuel = true`); `None` means unmetered.
-    #[serde(default)]
-    pub fuel: Option<u64>,
-    /// Directories granted; none by default.
-    #[serde(default)]
-    pub dirs: Vec<DirGrant>,
-    /// Environment variables granted; none by default.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-}
-
-fn default_deadline_ms() -> u64 {
-    50
-}
-
-fn default_memory_bytes() -> usize {
-    64 << 20
+impl Stage {
+    /// `pre` or `post`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Pre => "pre",
+            Stage::Post => "post",
+        }
+    }
 }
 
 /// Why a plugin call failed.
@@ -80,181 +64,336 @@ pub enum PluginFailure {
         /// Its message.
         message: String,
     },
-    /// The plugin broke: trap, panic, deadline, memory cap, fuel, or bad output.
+    /// The plugin broke: trap, panic, deadline, memory cap, fuel, a limit, or bad output.
     #[error("plugin '{plugin}' failed: {cause}")]
     Failed {
         /// The plugin.
         plugin: String,
-        /// What happened, for the operator and the client.
+        /// What happened, short, for the client.
         cause: String,
-        /// A short label for metrics: deadline, memory, fuel, trap, output, busy.
+        /// A short label for metrics: deadline, wall-clock, memory, fuel, limit, panic, trap,
+        /// output, init.
         kind: &'static str,
+    },
+    /// No instance could be had in time, or the node's plugin memory is spent: retry later.
+    #[error("plugin '{plugin}' is busy: {cause}")]
+    Busy {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        cause: String,
     },
 }
 
-/// The per-call state a plugin's host imports see.
-pub struct CallState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
-    plugin: Arc<str>,
-    config: Arc<str>,
-    features: Arc<FeatureTables>,
-    metrics: Arc<Metrics>,
-    clock: Arc<RunningClock>,
+/// A reply a plugin built, checked against its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginReply {
+    /// 200 to 599.
+    pub status: u16,
+    /// Extra headers (never framing or meshserve's own).
+    pub headers: Vec<(String, String)>,
+    /// The Content-Type.
+    pub content_type: String,
+    /// The body.
+    pub body: Vec<u8>,
 }
 
-/// The running time of one call. Time spent yielded (waiting in the async run queue) is not
-/// the plugin's doing, so it does not count against the plugin's budget: under a burst, a
-/// wall-clock deadline would fail well-behaved plugins that merely waited their turn.
-struct RunningClock {
-    budget: Duration,
-    state: Mutex<ClockState>,
-}
-
-struct ClockState {
-    used: Duration,
-    resumed_at: Instant,
-}
-
-impl RunningClock {
-    fn new(budget: Duration) -> RunningClock {
-        RunningClock {
-            budget,
-            state: Mutex::new(ClockState {
-                used: Duration::ZERO,
-                resumed_at: Instant::now(),
-            }),
-        }
-    }
-
-    /// Adds the time since the last resumption; true once the budget is spent.
-    fn charge(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let ran = now.saturating_duration_since(state.resumed_at);
-        state.used += ran;
-        state.resumed_at = now;
-        state.used >= self.budget
-    }
-
-    fn resumed(&self) {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .resumed_at = Instant::now();
-    }
-}
-
-impl WasiView for CallState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl bindings::TypesHost for CallState {}
-
-fn process_start() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
-}
-
-impl bindings::Host for CallState {
-    fn log(&mut self, level: LogLevel, message: String) {
-        let plugin = &*self.plugin;
-        match level {
-            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
-    }
-
-    fn monotonic_now(&mut self) -> u64 {
-        process_start().elapsed().as_nanos() as u64
-    }
-
-    fn config(&mut self) -> String {
-        self.config.to_string()
-    }
-
-    fn lookup(&mut self, table: String, key: String) -> Option<Vec<u8>> {
-        let found = self.features.lookup(&table, &key);
-        self.metrics
-            .record_lookup(&table, found.is_some(), self.features.has_table(&table));
-        found.map(|b| b.to_vec())
-    }
-}
-
-/// Raised by the epoch callback when a call runs past its deadline.
+/// What pre-processing produced.
 #[derive(Debug)]
-struct DeadlineExceeded;
-
-impl std::fmt::Display for DeadlineExceeded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("deadline exceeded")
-    }
+pub enum PreAnswer {
+    /// The model's input tensors.
+    Infer(Vec<Tensor>),
+    /// A reply to send without running the model.
+    Reply(PluginReply),
 }
 
-impl std::error::Error for DeadlineExceeded {}
-
-/// A plugin ready to be called: compiled, linked, and pre-instantiated.
-pub struct LoadedPlugin {
-    name: Arc<str>,
-    digest: String,
-    pre: bindings::PluginPre<CallState>,
-    spec: PluginSpec,
-    config: Arc<str>,
-    runtime: Arc<PluginRuntime>,
+/// What post-processing produced.
+#[derive(Debug)]
+pub enum PostAnswer {
+    /// Tensors for the front door to encode.
+    Tensors(Vec<Tensor>),
+    /// A finished reply.
+    Reply(PluginReply),
 }
 
-/// Stderr kept per call, to quote a panic message in the error.
+/// Stderr kept per call, to quote a panic message in the log.
 const STDERR_CAPTURE_BYTES: usize = 4096;
+
+/// How long a long call rests after each slice it runs: it then runs about a third of the time.
+const LONG_CALL_REST: Duration = Duration::from_millis(3);
+
+/// The longest panic message quoted to a client.
+const CLIENT_PANIC_CHARS: usize = 200;
+
+pub(crate) enum StageIndices {
+    Pre(preprocess::GuestIndices),
+    Post(postprocess::GuestIndices),
+}
+
+enum StageGuest {
+    Pre(preprocess::Guest),
+    Post(postprocess::Guest),
+}
+
+/// A live instance with its store, and the node-wide slot it holds.
+struct Instance {
+    store: Store<CallState>,
+    guest: StageGuest,
+    calls: u64,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Everything one loaded plugin's calls and its refill tasks share.
+pub(crate) struct Core {
+    name: Arc<str>,
+    stage: Stage,
+    digest: String,
+    pre: InstancePre<CallState>,
+    indices: StageIndices,
+    spec: PluginSpec,
+    shared: Arc<PluginShared>,
+    runtime: Arc<PluginRuntime>,
+    idle: Mutex<Vec<Instance>>,
+    calls: Arc<Semaphore>,
+}
+
+/// A plugin ready to be called at one endpoint stage: compiled, linked, pre-instantiated,
+/// with its pool of instances.
+pub struct LoadedPlugin {
+    core: Arc<Core>,
+}
 
 impl LoadedPlugin {
     pub(crate) fn new(
         name: &str,
+        stage: Stage,
         digest: String,
-        pre: bindings::PluginPre<CallState>,
+        pre: InstancePre<CallState>,
+        indices: StageIndices,
         spec: PluginSpec,
         runtime: Arc<PluginRuntime>,
     ) -> LoadedPlugin {
-        LoadedPlugin {
-            name: name.into(),
-            config: spec.config.as_str().into(),
+        let name: Arc<str> = name.into();
+        let shared = Arc::new(PluginShared::new(
+            name.clone(),
+            spec.limits.clone(),
+            runtime.features.clone(),
+            runtime.metrics.clone(),
+        ));
+        let core = Arc::new(Core {
+            name,
+            stage,
             digest,
             pre,
+            indices,
+            calls: Arc::new(Semaphore::new(spec.max_instances.max(1) as usize)),
             spec,
+            shared,
             runtime,
+            idle: Mutex::new(Vec::new()),
+        });
+        core.runtime.register_pool(&core);
+        if core.spec.isolation == Isolation::Reuse {
+            core.refill();
         }
+        LoadedPlugin { core }
     }
 
-    /// The plugin's name (its file stem unless configured).
+    /// The plugin's name (its file stem).
     pub fn name(&self) -> &str {
-        &self.name
+        &self.core.name
+    }
+
+    /// The stage it serves.
+    pub fn stage(&self) -> Stage {
+        self.core.stage
     }
 
     /// SHA-256 of the component file this was compiled from.
     pub fn digest(&self) -> &str {
-        &self.digest
+        &self.core.digest
     }
 
     /// The spec it was loaded from.
     pub fn spec(&self) -> &PluginSpec {
-        &self.spec
+        &self.core.spec
     }
 
-    fn store(&self) -> Result<(Store<CallState>, MemoryOutputPipe), PluginFailure> {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
+    /// Warm instances waiting for a call now.
+    pub fn idle_instances(&self) -> usize {
+        self.core.idle_len()
+    }
+
+    /// Runs the pre stage on a request.
+    pub async fn preprocess(&self, request: RequestView) -> Result<PreAnswer, PluginFailure> {
+        let core = &self.core;
+        let (_permit, mut instance) = core.checkout().await?;
+        let handle = core.begin(&mut instance, request)?;
+        let borrowed = Resource::new_borrow(handle.rep());
+        let StageGuest::Pre(guest) = &instance.guest else {
+            return Err(core.failed("load", "is not a pre-processing plugin", None));
+        };
+        let guest = guest.clone();
+        let clock = instance.store.data().clock.clone();
+        let call = guest.call_handle(&mut instance.store, borrowed);
+        let ended = call_within(core, clock, call).await;
+        let outcome = core.finish(instance, handle, ended)?;
+        match outcome.map_err(|e| core.rejected(e))? {
+            PreOutcome::Infer(tensors) => core.tensors(tensors).map(PreAnswer::Infer),
+            PreOutcome::Reply(reply) => core.reply(reply).map(PreAnswer::Reply),
+        }
+    }
+
+    /// Runs the post stage on the model's outputs.
+    pub async fn postprocess(
+        &self,
+        context: ContextView,
+        outputs: &[Tensor],
+    ) -> Result<PostAnswer, PluginFailure> {
+        let core = &self.core;
+        let (_permit, mut instance) = core.checkout().await?;
+        let handle = core.begin(&mut instance, context)?;
+        let borrowed = Resource::new_borrow(handle.rep());
+        let StageGuest::Post(guest) = &instance.guest else {
+            return Err(core.failed("load", "is not a post-processing plugin", None));
+        };
+        let guest = guest.clone();
+        let wit: Vec<WitTensor> = outputs.iter().map(Into::into).collect();
+        let clock = instance.store.data().clock.clone();
+        let call = guest.call_handle(&mut instance.store, borrowed, &wit);
+        let ended = call_within(core, clock, call).await;
+        let outcome = core.finish(instance, handle, ended)?;
+        match outcome.map_err(|e| core.rejected(e))? {
+            PostOutcome::Tensors(tensors) => core.tensors(tensors).map(PostAnswer::Tensors),
+            PostOutcome::Reply(reply) => core.reply(reply).map(PostAnswer::Reply),
+        }
+    }
+}
+
+/// How a bounded call ended: its result, or the wall-clock cap.
+enum Ended<T> {
+    Returned(wasmtime::Result<T>),
+    WallClock,
+}
+
+/// Runs one guest call (or instantiation) under its wall-clock cap, charging `clock` only for
+/// the time it is being polled: time yielded to other tasks, or spent waiting in an async WASI
+/// call (a sleep, a poll), is not the plugin's running time.
+async fn call_within<T>(
+    core: &Core,
+    clock: Arc<RunningClock>,
+    call: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> Ended<T> {
+    let mut call = std::pin::pin!(call);
+    let running = std::future::poll_fn(|cx| {
+        clock.resumed();
+        let poll = call.as_mut().poll(cx);
+        clock.paused();
+        poll
+    });
+    match tokio::time::timeout(core.wall_timeout(), running).await {
+        Ok(result) => Ended::Returned(result),
+        Err(_) => Ended::WallClock,
+    }
+}
+
+impl Core {
+    fn deadline(&self) -> Duration {
+        Duration::from_millis(self.spec.deadline_ms)
+    }
+
+    fn wall_timeout(&self) -> Duration {
+        self.spec.wall_timeout()
+    }
+
+    fn idle_len(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Drops one idle instance, to give its node-wide slot to another plugin. True if it had one.
+    pub(crate) fn release_idle(&self) -> bool {
+        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        taken.is_some()
+    }
+
+    /// A call permit of this plugin and an instance to run on.
+    async fn checkout(self: &Arc<Self>) -> Result<(OwnedSemaphorePermit, Instance), PluginFailure> {
+        let wait = Duration::from_millis(self.spec.queue_timeout_ms);
+        let permit = match tokio::time::timeout(wait, self.calls.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(self.busy(format!(
+                    "all {} of its instances stayed in use for {} ms",
+                    self.spec.max_instances, self.spec.queue_timeout_ms
+                )));
+            }
+        };
+        let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let instance = match reused {
+            Some(instance) => instance,
+            None => self.instantiate().await?,
+        };
+        Ok((permit, instance))
+    }
+
+    /// Creates an instance and runs its `init`: a store with the plugin's sandbox, a node-wide
+    /// slot, and the guest's exports of this stage.
+    async fn instantiate(self: &Arc<Self>) -> Result<Instance, PluginFailure> {
+        let wait = Duration::from_millis(self.spec.queue_timeout_ms);
+        let slot = self
+            .runtime
+            .instance_slot(wait)
+            .await
+            .map_err(|()| self.busy("the node has no free plugin instance slot".into()))?;
+        let mut store = self.store()?;
+        self.reset_budgets(&mut store)?;
+        let clock = store.data().clock.clone();
+        let instance =
+            match call_within(self, clock.clone(), self.pre.instantiate_async(&mut store)).await {
+                Ended::Returned(Ok(instance)) => instance,
+                Ended::Returned(Err(e)) => return Err(self.trapped(e, &store)),
+                Ended::WallClock => return Err(self.wall_clock_exceeded(&store)),
+            };
+        let guest = match &self.indices {
+            StageIndices::Pre(indices) => indices.load(&mut store, &instance).map(StageGuest::Pre),
+            StageIndices::Post(indices) => {
+                indices.load(&mut store, &instance).map(StageGuest::Post)
+            }
+        }
+        .map_err(|e| self.failed("load", "does not export its stage", Some(format!("{e:#}"))))?;
+        let config = self.spec.config.clone();
+        let init = match &guest {
+            StageGuest::Pre(g) => call_within(self, clock, g.call_init(&mut store, &config)).await,
+            StageGuest::Post(g) => call_within(self, clock, g.call_init(&mut store, &config)).await,
+        };
+        match init {
+            Ended::Returned(Ok(Ok(()))) => {}
+            Ended::Returned(Ok(Err(e))) => {
+                return Err(self.failed(
+                    "init",
+                    &format!("init refused its config: {}", short(&e.message)),
+                    Some(e.message),
+                ));
+            }
+            Ended::Returned(Err(e)) => return Err(self.trapped(e, &store)),
+            Ended::WallClock => return Err(self.wall_clock_exceeded(&store)),
+        }
+        Ok(Instance {
+            store,
+            guest,
+            calls: 0,
+            _slot: slot,
+        })
+    }
+
+    fn store(&self) -> Result<Store<CallState>, PluginFailure> {
+        let stderr = StderrCapture::new(STDERR_CAPTURE_BYTES);
         let mut wasi = WasiCtx::builder();
         wasi.stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            .max_random_size(self.spec.limits.random_bytes);
         for (key, value) in &self.spec.env {
             wasi.env(key, value);
         }
@@ -268,107 +407,196 @@ impl LoadedPlugin {
                 .map_err(|e| {
                     self.failed(
                         "grant",
-                        format!(
-                            "cannot open granted directory {}: {e}",
-                            grant.host.display()
-                        ),
+                        "cannot open a granted directory",
+                        Some(format!("{}: {e}", grant.host.display())),
                     )
                 })?;
         }
-        let state = CallState {
-            wasi: wasi.build(),
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.spec.memory_bytes)
-                .trap_on_grow_failure(true)
-                .build(),
-            plugin: self.name.clone(),
-            config: self.config.clone(),
-            features: self.runtime.features.clone(),
-            metrics: self.runtime.metrics.clone(),
-            clock: Arc::new(RunningClock::new(Duration::from_millis(
-                self.spec.deadline_ms,
-            ))),
-        };
+        let state = CallState::new(
+            wasi.build(),
+            MemoryBudget::new(self.runtime.node_memory.clone(), self.spec.memory_bytes),
+            self.shared.clone(),
+            stderr,
+        );
         let mut store = Store::new(&self.runtime.engine, state);
-        store.limiter(|state| &mut state.limits);
+        store.limiter(|state| &mut state.memory);
         // Charge the running clock every tick and yield the thread in between: a runaway
-        // plugin shares its worker thread with other requests until its budget traps it.
+        // plugin shares its worker thread with other requests until its budget traps it. A
+        // call that has run longer than `long_call_after_ms` also rests between its slices, so
+        // a few long calls cannot take the node's threads from many short requests (a slice is
+        // a tick, about a millisecond, while a short request needs tens of microseconds).
+        let long_call = Duration::from_millis(self.runtime.config.long_call_after_ms);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|context| {
+        store.epoch_deadline_callback(move |context| {
             let clock = context.data().clock.clone();
             if clock.charge() {
-                return Err(wasmtime::Error::new(DeadlineExceeded));
+                return Err(wasmtime::Error::new(Stopped::new(
+                    "deadline",
+                    "ran past its deadline (running time) and was stopped",
+                )));
             }
-            // tokio's own yield goes to the back of the run queue; a plain wake would let the
-            // runaway task be polled again first.
+            let rest = clock.used() >= long_call;
+            // After a rest the next tick comes at a random phase; two ticks make a whole slice.
+            let slice = if rest { 2 } else { 1 };
             Ok(UpdateDeadline::YieldCustom(
-                1,
+                slice,
                 Box::pin(async move {
-                    tokio::task::yield_now().await;
-                    clock.resumed();
+                    if rest {
+                        tokio::time::sleep(LONG_CALL_REST).await;
+                    } else {
+                        // tokio's own yield goes to the back of the run queue; a plain wake
+                        // would let the runaway task be polled again first.
+                        tokio::task::yield_now().await;
+                    }
                 }),
             ))
         });
+        Ok(store)
+    }
+
+    /// Gives a store a fresh running-time budget, randomness allowance, fuel and stderr.
+    fn reset_budgets(&self, store: &mut Store<CallState>) -> Result<(), PluginFailure> {
+        store.data_mut().begin_call(self.deadline());
         if self.runtime.config.fuel {
             store
                 .set_fuel(self.spec.fuel.unwrap_or(u64::MAX))
-                .map_err(|e| self.failed("fuel", e.to_string()))?;
+                .map_err(|e| self.failed("fuel", "cannot set its fuel", Some(e.to_string())))?;
         }
-        Ok((store, stderr))
+        Ok(())
     }
 
-    fn failed(&self, kind: &'static str, cause: String) -> PluginFailure {
+    /// Resets the instance's per-call budgets and hands it the call's resource.
+    fn begin<T: Send + 'static>(
+        &self,
+        instance: &mut Instance,
+        view: T,
+    ) -> Result<Resource<T>, PluginFailure> {
+        self.reset_budgets(&mut instance.store)?;
+        instance
+            .store
+            .data_mut()
+            .table
+            .push(view)
+            .map_err(|e| self.failed("trap", "cannot take the request", Some(e.to_string())))
+    }
+
+    /// Ends a call: a trapped or timed-out instance is discarded (and replaced off the request
+    /// path); a healthy one goes back to the pool unless it is due for recycling.
+    fn finish<T: Send + 'static, R>(
+        self: &Arc<Self>,
+        mut instance: Instance,
+        handle: Resource<T>,
+        ended: Ended<R>,
+    ) -> Result<R, PluginFailure> {
+        let result = match ended {
+            Ended::Returned(Ok(value)) => Ok(value),
+            Ended::Returned(Err(e)) => Err(self.trapped(e, &instance.store)),
+            Ended::WallClock => Err(self.wall_clock_exceeded(&instance.store)),
+        };
+        if result.is_err() {
+            drop(instance);
+            if self.spec.isolation == Isolation::Reuse {
+                self.refill();
+            }
+            return result;
+        }
+        // The guest only borrowed the resource; the table entry is ours to remove.
+        let _ = instance.store.data_mut().table.delete(handle);
+        instance.calls += 1;
+        let worn = instance.calls >= self.spec.max_calls_per_instance
+            || instance.store.data().memory.used() > self.spec.recycle_memory();
+        match self.spec.isolation {
+            Isolation::PerCall => drop(instance),
+            Isolation::Reuse if worn => {
+                drop(instance);
+                self.refill();
+            }
+            Isolation::Reuse => self.put_back(instance),
+        }
+        result
+    }
+
+    /// Returns a used instance to the pool; when the pool is full, the longest idle one goes.
+    fn put_back(&self, instance: Instance) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= self.spec.max_instances as usize {
+            idle.remove(0);
+        }
+        idle.push(instance);
+    }
+
+    /// Starts one instance in the background when none is idle, so the next call finds one
+    /// warm. Needs a tokio runtime; without one the next call instantiates inline.
+    fn refill(self: &Arc<Self>) {
+        if self.idle_len() > 0 {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let core = Arc::downgrade(self);
+        handle.spawn(async move {
+            let Some(core) = core.upgrade() else { return };
+            if let Ok(instance) = core.instantiate().await {
+                // Only into an empty pool: a fresh instance never displaces a used one.
+                let mut idle = core.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.is_empty() {
+                    idle.push(instance);
+                }
+            }
+        });
+    }
+
+    fn tensors(&self, tensors: Vec<WitTensor>) -> Result<Vec<Tensor>, PluginFailure> {
+        let budget = self.spec.limits.output_budget(self.spec.memory_bytes);
+        self.spec
+            .limits
+            .check_tensors(&tensors, budget)
+            .map_err(|e| self.failed("output", &e, None))?;
+        tensors
+            .into_iter()
+            .map(|t| {
+                tensor_from_plugin(t).map_err(|e| {
+                    self.failed("output", &format!("returned an invalid tensor: {e}"), None)
+                })
+            })
+            .collect()
+    }
+
+    fn reply(&self, reply: Reply) -> Result<PluginReply, PluginFailure> {
+        let budget = self.spec.limits.output_budget(self.spec.memory_bytes);
+        self.spec
+            .limits
+            .check_reply(&reply, budget)
+            .map_err(|e| self.failed("output", &e, None))?;
+        Ok(PluginReply {
+            status: reply.status,
+            headers: reply.headers,
+            content_type: reply.content_type,
+            body: reply.body,
+        })
+    }
+
+    /// A failure: counted, logged with its detail, and returned with only the short cause.
+    fn failed(&self, kind: &'static str, cause: &str, detail: Option<String>) -> PluginFailure {
         self.runtime.metrics.record_plugin_failure(&self.name, kind);
+        tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), kind, cause, detail = detail.as_deref().unwrap_or(""), "plugin call failed");
         PluginFailure::Failed {
             plugin: self.name.to_string(),
-            cause,
+            cause: cause.to_string(),
             kind,
         }
     }
 
-    /// Turns a trap into a failure that says what happened.
-    fn trapped(&self, error: wasmtime::Error, stderr: &MemoryOutputPipe) -> PluginFailure {
-        if error.downcast_ref::<DeadlineExceeded>().is_some() {
-            return self.failed(
-                "deadline",
-                format!(
-                    "ran past its {} ms deadline (running time) and was stopped",
-                    self.spec.deadline_ms
-                ),
-            );
+    fn busy(&self, cause: String) -> PluginFailure {
+        self.runtime
+            .metrics
+            .record_plugin_failure(&self.name, "busy");
+        tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), cause, "plugin call refused: busy");
+        PluginFailure::Busy {
+            plugin: self.name.to_string(),
+            cause,
         }
-        let text = format!("{error:#}");
-        if error.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel) {
-            return self.failed(
-                "fuel",
-                format!("used up its fuel budget of {}", self.spec.fuel.unwrap_or(0)),
-            );
-        }
-        // StoreLimits with trap_on_grow_failure reports the cap as an error message only.
-        if text.contains("growing memory") {
-            return self.failed(
-                "memory",
-                format!(
-                    "tried to grow its memory past the {} byte cap",
-                    self.spec.memory_bytes
-                ),
-            );
-        }
-        let said = String::from_utf8_lossy(&stderr.contents())
-            .trim()
-            .to_string();
-        if said.contains("panicked") {
-            return self.failed("panic", said);
-        }
-        self.failed(
-            "trap",
-            if said.is_empty() {
-                text
-            } else {
-                format!("{text}; stderr: {said}")
-            },
-        )
     }
 
     fn rejected(&self, error: WitPluginError) -> PluginFailure {
@@ -378,95 +606,138 @@ impl LoadedPlugin {
         PluginFailure::Rejected {
             plugin: self.name.to_string(),
             status: error.status,
-            message: error.message,
+            message: short(&error.message),
         }
     }
 
-    async fn instantiate(
-        &self,
-        store: &mut Store<CallState>,
-        stderr: &MemoryOutputPipe,
-    ) -> Result<bindings::Plugin, PluginFailure> {
-        self.pre.instantiate_async(store).await.map_err(|e| {
-            let text = format!("{e:#}");
-            if text.contains("maximum concurrent") || text.contains("pooling") {
-                self.failed("busy", format!("no free instance slot ({text})"))
-            } else {
-                self.trapped(e, stderr)
+    fn wall_clock_exceeded(&self, store: &Store<CallState>) -> PluginFailure {
+        let ran = store.data().clock.used();
+        self.failed(
+            "wall-clock",
+            &format!(
+                "ran past its {} ms wall-clock limit (it had run {} ms; it was blocked or sleeping) and was stopped",
+                self.wall_timeout().as_millis(),
+                ran.as_millis()
+            ),
+            None,
+        )
+    }
+
+    /// Turns a trap into a failure that says what happened, short for the client.
+    fn trapped(&self, error: wasmtime::Error, store: &Store<CallState>) -> PluginFailure {
+        let detail = format!("{error:#}");
+        let stderr = store.data().stderr.text();
+        let detail = if stderr.is_empty() {
+            detail
+        } else {
+            format!("{detail}; stderr: {stderr}")
+        };
+        if let Some(stopped) = error.downcast_ref::<Stopped>() {
+            return match stopped.kind {
+                "node-memory" => self.busy(stopped.message.clone()),
+                "deadline" => self.failed(
+                    "deadline",
+                    &format!(
+                        "ran past its {} ms deadline (running time) and was stopped",
+                        self.spec.deadline_ms
+                    ),
+                    None,
+                ),
+                kind => self.failed(kind, &stopped.message, Some(detail)),
+            };
+        }
+        if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            return self.failed("trap", &format!("exited with status {}", exit.0), None);
+        }
+        if detail.contains("maximum concurrent") || detail.contains("pooling allocator") {
+            return self.busy("the node has no free plugin instance slot".into());
+        }
+        if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+            if *trap == wasmtime::Trap::OutOfFuel {
+                return self.failed(
+                    "fuel",
+                    &format!("used up its fuel budget of {}", self.spec.fuel.unwrap_or(0)),
+                    None,
+                );
             }
-        })
-    }
-
-    /// Waits for a free instance slot, so a burst queues instead of exhausting the pool.
-    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, PluginFailure> {
-        self.runtime
-            .slots
-            .acquire()
-            .await
-            .map_err(|e| self.failed("busy", e.to_string()))
-    }
-
-    /// Runs `preprocess`: a request body to input tensors.
-    pub async fn preprocess(&self, request: &Request) -> Result<Vec<Tensor>, PluginFailure> {
-        let _slot = self.slot().await?;
-        let (mut store, stderr) = self.store()?;
-        let instance = self.instantiate(&mut store, &stderr).await?;
-        let answer = instance
-            .call_preprocess(&mut store, request)
-            .await
-            .map_err(|e| self.trapped(e, &stderr))?;
-        let tensors = answer.map_err(|e| self.rejected(e))?;
-        tensors
-            .into_iter()
-            .map(|t| {
-                tensor_from_plugin(t)
-                    .map_err(|e| self.failed("output", format!("returned an invalid tensor: {e}")))
-            })
-            .collect()
-    }
-
-    /// Runs `postprocess`: output tensors to the answer.
-    pub async fn postprocess(
-        &self,
-        context: &Context,
-        outputs: &[Tensor],
-    ) -> Result<PostAnswer, PluginFailure> {
-        let _slot = self.slot().await?;
-        let (mut store, stderr) = self.store()?;
-        let instance = self.instantiate(&mut store, &stderr).await?;
-        let wit: Vec<bindings::WitTensor> = outputs.iter().map(Into::into).collect();
-        let answer = instance
-            .call_postprocess(&mut store, context, &wit)
-            .await
-            .map_err(|e| self.trapped(e, &stderr))?;
-        match answer.map_err(|e| self.rejected(e))? {
-            Answer::Body(body) => Ok(PostAnswer::Body {
-                content_type: body.content_type,
-                data: body.data,
-            }),
-            Answer::Tensors(tensors) => tensors
-                .into_iter()
-                .map(|t| {
-                    tensor_from_plugin(t).map_err(|e| {
-                        self.failed("output", format!("returned an invalid tensor: {e}"))
-                    })
-                })
-                .collect::<Result<_, _>>()
-                .map(PostAnswer::Tensors),
+            if let Some(message) = panic_message(&stderr) {
+                return self.failed("panic", &format!("panicked: {message}"), Some(detail));
+            }
+            return self.failed("trap", &format!("trapped: {trap}"), Some(detail));
         }
+        self.failed("trap", "trapped", Some(detail))
     }
 }
 
-/// What post-processing produced.
-#[derive(Debug)]
-pub enum PostAnswer {
-    /// A finished body to return as it is.
-    Body {
-        /// Its Content-Type.
-        content_type: String,
-        /// The bytes.
-        data: Vec<u8>,
-    },
-    /// Tensors for the front door to encode.
-    Tensors(Vec<Tensor>),
+/// The message of a Rust panic as std prints it to stderr (`thread '…' panicked at FILE:LINE:`
+/// then the message), cut for a client.
+fn panic_message(stderr: &str) -> Option<String> {
+    let (_, after) = stderr.split_once("panicked at ")?;
+    let message = after.lines().nth(1).unwrap_or("").trim();
+    Some(short(message))
+}
+
+/// A guest's text cut to a length fit for an error response, control characters escaped.
+fn short(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(CLIENT_PANIC_CHARS)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if text.chars().count() > CLIENT_PANIC_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+/// Loads the exports `stage` needs from a pre-instantiated component, or says why it cannot.
+pub(crate) fn stage_indices(
+    pre: &InstancePre<CallState>,
+    stage: Stage,
+) -> Result<StageIndices, String> {
+    let missing = |interface: &str, world: &str, e: wasmtime::Error| {
+        format!(
+            "is configured as a {} stage but does not export {}/{interface}: build it for world '{world}' \
+             (Rust: meshserve_guest::export_plugin!(T: {})) ({e:#})",
+            stage.as_str(),
+            bindings::PACKAGE.replace("@0.2.0", ""),
+            stage.as_str(),
+        )
+    };
+    match stage {
+        Stage::Pre => preprocess::GuestIndices::new(pre)
+            .map(StageIndices::Pre)
+            .map_err(|e| missing("preprocess@0.2.0", "pre", e)),
+        Stage::Post => postprocess::GuestIndices::new(pre)
+            .map(StageIndices::Post)
+            .map_err(|e| missing("postprocess@0.2.0", "post", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_quoted_short_and_without_its_location() {
+        let stderr = "thread '<unnamed>' panicked at src/lib.rs:95:24:\nsandbox-probe was told to panic\nnote: run with `RUST_BACKTRACE=1`";
+        assert_eq!(
+            panic_message(stderr).as_deref(),
+            Some("sandbox-probe was told to panic")
+        );
+        let long = format!(
+            "thread 'x' panicked at a.rs:1:1:\n{}\u{1b}",
+            "y".repeat(500)
+        );
+        let quoted = panic_message(&long).unwrap();
+        assert_eq!(quoted.chars().count(), CLIENT_PANIC_CHARS + 1);
+        assert!(panic_message("no panic here").is_none());
+        assert_eq!(short("a\nb"), "a\\nb");
+    }
 }

@@ -1,8 +1,14 @@
-//! WebAssembly pre- and post-processing plugins: the bindings of the one WIT world
-//! ([`bindings`]), the wasmtime engine and compile cache ([`runtime`]), a loaded plugin and its
-//! sandboxed calls ([`instance`]), and the feature tables plugins may query ([`features`]).
+//! WebAssembly pre- and post-processing plugins: the bindings of the WIT ([`bindings`]), the
+//! wasmtime engine and linker ([`runtime`]) with its on-disk compile cache ([`cache`]), a plugin
+//! entry of an endpoint ([`spec`]), a loaded plugin with its instance pool and bounded calls
+//! ([`instance`]), the state and host functions its guest sees ([`sandbox`]), the checks of what
+//! it returns ([`limits`]), and the feature tables plugins may query ([`features`]).
 
 pub mod bindings;
+pub mod cache;
 pub mod features;
 pub mod instance;
+pub mod limits;
 pub mod runtime;
+pub mod sandbox;
+pub mod spec;

@@ -6,16 +6,19 @@
 //! give every call a fresh `Store` from the pooling allocator.
 
 use crate::metrics::Metrics;
-use crate::plugin::bindings::{self, Plugin as PluginWorld};
+use crate::plugin::bindings::{self, PACKAGE};
+use crate::plugin::cache::DiskCache;
 use crate::plugin::features::FeatureTables;
-use crate::plugin::instance::{CallState, LoadedPlugin, PluginSpec};
+use crate::plugin::instance::{Core, LoadedPlugin, Stage, stage_indices};
+use crate::plugin::sandbox::{CallState, NodeMemory, RandomBudget};
+use crate::plugin::spec::PluginSpec;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -28,10 +31,20 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub struct PluginRuntimeConfig {
     /// Where compiled plugins are cached; `None` keeps them in memory only.
     pub cache_dir: Option<PathBuf>,
-    /// Plugin instances that may run at once (pooling-allocator slots).
+    /// Plugin instances that may exist at once, warm or running, over all plugins
+    /// (pooling-allocator slots).
     pub max_instances: u32,
     /// Largest linear memory any plugin may be granted, in bytes (a pool slot's size).
     pub max_memory_bytes: usize,
+    /// Linear memory all plugin instances together may hold, in bytes.
+    pub memory_budget_bytes: usize,
+    /// Bytes of each instance's memory kept resident when its slot is reused, so a fresh
+    /// instance does not page-fault its image back in.
+    pub keep_resident_bytes: usize,
+    /// Running time, in ms, after which a call rests between its slices (runs about a quarter
+    /// of the time), so long or runaway calls cannot starve short requests. Running time, and
+    /// so the deadline, does not count the rests; the wall-clock limit does.
+    pub long_call_after_ms: u64,
     /// Meter fuel, so that plugins may set a `fuel` budget (costs some speed for every plugin).
     pub fuel: bool,
     /// Write `/tmp/perf-<pid>.map`, so that `perf` names the plugins' compiled functions.
@@ -44,6 +57,9 @@ impl Default for PluginRuntimeConfig {
             cache_dir: None,
             max_instances: 256,
             max_memory_bytes: 256 << 20,
+            memory_budget_bytes: 4 << 30,
+            keep_resident_bytes: 2 << 20,
+            long_call_after_ms: 10,
             fuel: false,
             perf_map: false,
         }
@@ -99,9 +115,13 @@ pub struct PluginRuntime {
     pub(crate) features: Arc<FeatureTables>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: PluginRuntimeConfig,
-    /// One permit per pooling-allocator slot: a call waits for a free slot instead of failing.
-    pub(crate) slots: tokio::sync::Semaphore,
-    compiled: Mutex<HashMap<String, Component>>,
+    pub(crate) node_memory: Arc<NodeMemory>,
+    /// One permit per pooling-allocator slot, held by every live instance.
+    slots: Arc<Semaphore>,
+    /// Every loaded plugin's pool, so an idle instance of one can give its slot to another.
+    pools: Mutex<Vec<Weak<Core>>>,
+    compiled: Mutex<HashMap<String, (Component, usize)>>,
+    disk: Option<DiskCache>,
     _ticker: Ticker,
 }
 
@@ -123,11 +143,12 @@ impl PluginRuntime {
             .max_tables_per_component(32)
             .max_core_instances_per_component(64)
             .max_memory_size(config.max_memory_bytes)
-            // Every call gets a fresh instance, so resetting a slot is on the hot path. Keeping
-            // the first MiB of a memory resident (reset by pagemap scan where the kernel has
-            // it, else memset) avoids the madvise, TLB shootdown and page faults that halved
-            // per-call throughput in `meshserve bench plugins`.
-            .linear_memory_keep_resident(1 << 20)
+            // Keep every slot warm for reuse, and the first pages of each memory resident
+            // (reset by pagemap scan where the kernel has it, else memset): a fresh instance
+            // then costs no madvise, TLB shootdown or page faults.
+            .max_unused_warm_slots(config.max_instances)
+            .linear_memory_keep_resident(config.keep_resident_bytes)
+            .table_keep_resident(64 << 10)
             .async_stack_keep_resident(256 << 10)
             .pagemap_scan(wasmtime::Enabled::Auto);
         let mut wasm = Config::new();
@@ -141,12 +162,18 @@ impl PluginRuntime {
             })
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(engine_error)?;
-        let mut linker = Linker::<CallState>::new(&engine);
-        // Guests built for wasm32-wasip2 import wasi:cli and wasi:io even when granted nothing;
-        // the sandbox is the WASI context each call gets, not a missing import.
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
-        PluginWorld::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |state| state)
-            .map_err(engine_error)?;
+        let linker = Self::linker(&engine).map_err(engine_error)?;
+        let disk =
+            config
+                .cache_dir
+                .as_deref()
+                .and_then(|dir| match DiskCache::open(dir, &engine) {
+                    Ok(cache) => Some(cache),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "plugin cache not used");
+                        None
+                    }
+                });
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticking = engine.clone();
@@ -165,35 +192,63 @@ impl PluginRuntime {
             linker,
             features,
             metrics,
-            slots: tokio::sync::Semaphore::new(config.max_instances as usize),
+            node_memory: Arc::new(NodeMemory::new(config.memory_budget_bytes)),
+            slots: Arc::new(Semaphore::new(config.max_instances as usize)),
+            pools: Mutex::new(Vec::new()),
             config,
             compiled: Mutex::new(HashMap::new()),
+            disk,
             _ticker: Ticker { stop },
         }))
     }
 
-    /// Loads the plugin `spec` names: reads it, compiles it (or reuses the compiled form of
-    /// the same bytes), and checks it against the plugin world.
+    /// The linker every plugin is instantiated with: WASI, with randomness replaced by a
+    /// per-call budget, and the meshserve host interfaces.
+    fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
+        use wasmtime_wasi::p2::bindings::random;
+        let mut linker = Linker::<CallState>::new(engine);
+        // Guests built for wasm32-wasip2 import wasi:cli and wasi:io even when granted nothing;
+        // the sandbox is the WASI context each instance gets, not a missing import.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        linker.allow_shadowing(true);
+        random::random::add_to_linker::<CallState, HasSelf<RandomBudget>>(&mut linker, |s| {
+            &mut s.random
+        })?;
+        random::insecure::add_to_linker::<CallState, HasSelf<RandomBudget>>(&mut linker, |s| {
+            &mut s.random
+        })?;
+        linker.allow_shadowing(false);
+        bindings::wit::PrePost::add_to_linker::<CallState, HasSelf<CallState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        Ok(linker)
+    }
+
+    /// Loads the plugin `spec` names for `stage`: reads it, compiles it (or reuses the
+    /// compiled form of the same bytes), and checks that it exports that stage.
     pub fn load(
         self: &Arc<Self>,
         name: &str,
+        stage: Stage,
         spec: &PluginSpec,
     ) -> Result<LoadedPlugin, PluginLoadError> {
         let shown = spec.path.display().to_string();
+        let refuse = |message: String| PluginLoadError::Spec {
+            path: shown.clone(),
+            message,
+        };
         if spec.memory_bytes > self.config.max_memory_bytes {
-            return Err(PluginLoadError::Spec {
-                path: shown,
-                message: format!(
-                    "memory_bytes {} exceeds the node's plugins.max_memory_bytes {}",
-                    spec.memory_bytes, self.config.max_memory_bytes
-                ),
-            });
+            return Err(refuse(format!(
+                "memory_bytes {} exceeds the node's plugins.max_memory_bytes {}",
+                spec.memory_bytes, self.config.max_memory_bytes
+            )));
         }
         if spec.fuel.is_some() && !self.config.fuel {
-            return Err(PluginLoadError::Spec {
-                path: shown,
-                message: "sets fuel, but fuel metering is off; set plugins.fuel = true in the node config".into(),
-            });
+            return Err(refuse(
+                "sets fuel, but fuel metering is off; set plugins.fuel = true in the node config"
+                    .into(),
+            ));
         }
         let bytes = std::fs::read(&spec.path).map_err(|source| PluginLoadError::Read {
             path: shown.clone(),
@@ -201,24 +256,66 @@ impl PluginRuntime {
         })?;
         let digest = hex(&Sha256::digest(&bytes));
         let (component, source) = self.component(&digest, &bytes, &shown)?;
-        let invalid = |e: wasmtime::Error| PluginLoadError::Invalid {
+        let invalid = |message: String| PluginLoadError::Invalid {
             path: shown.clone(),
-            message: format!("{e:#}"),
+            message,
         };
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
-        let pre = bindings::PluginPre::new(instance_pre).map_err(invalid)?;
-        tracing::info!(plugin = name, path = %shown, %digest, source, "plugin loaded");
+        self.check_version(&component).map_err(invalid)?;
+        let loaded = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| invalid(format!("{e:#}")))
+            .and_then(|pre| {
+                let indices = stage_indices(&pre, stage).map_err(invalid)?;
+                Ok((pre, indices))
+            });
+        let (pre, indices) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                self.retire(&digest);
+                return Err(e);
+            }
+        };
+        tracing::info!(plugin = name, stage = stage.as_str(), path = %shown, %digest, source, "plugin loaded");
         Ok(LoadedPlugin::new(
             name,
+            stage,
             digest,
             pre,
+            indices,
             spec.clone(),
             self.clone(),
         ))
     }
 
+    /// Refuses components built against another major version of the plugin interface, with
+    /// what to do about it.
+    fn check_version(&self, component: &Component) -> Result<(), String> {
+        let ty = component.component_type();
+        let names: Vec<String> = ty
+            .imports(&self.engine)
+            .chain(ty.exports(&self.engine))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let old = names
+            .iter()
+            .any(|n| n == "preprocess" || n == "postprocess")
+            || names
+                .iter()
+                .any(|n| n.starts_with("meshserve:plugin/") && n.ends_with("@0.1.0"));
+        if old {
+            return Err(format!(
+                "it was built against meshserve:plugin@0.1.0, and this node serves {PACKAGE}: \
+                 rebuild it with meshserve-guest 0.2 (export_plugin!(T: pre) or (T: post); see \
+                 docs/plugins.md, 'Moving from 0.1')"
+            ));
+        }
+        Ok(())
+    }
+
     /// The compiled component for `digest`, and where it came from: `memory` (compiled earlier
-    /// in this process), `disk` (the cache directory) or `compiled` (just now).
+    /// in this process), `disk` (the cache directory) or `compiled` (just now). Each call
+    /// counts one more user of the digest, until [`PluginRuntime::retire`].
     fn component(
         &self,
         digest: &str,
@@ -226,11 +323,15 @@ impl PluginRuntime {
         shown: &str,
     ) -> Result<(Component, &'static str), PluginLoadError> {
         let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(component) = compiled.get(digest) {
+        if let Some((component, users)) = compiled.get_mut(digest) {
+            *users += 1;
             return Ok((component.clone(), "memory"));
         }
-        let cached = self.cache_path(digest);
-        let (component, source) = match cached.as_deref().and_then(|path| self.read_cached(path)) {
+        let cached = self
+            .disk
+            .as_ref()
+            .and_then(|disk| disk.read(digest, &self.engine));
+        let (component, source) = match cached {
             Some(component) => (component, "disk"),
             None => {
                 let component =
@@ -238,59 +339,69 @@ impl PluginRuntime {
                         path: shown.to_string(),
                         message: format!("{e:#}"),
                     })?;
-                if let Some(path) = &cached {
-                    self.write_cached(path, &component);
+                if let Some(disk) = &self.disk {
+                    disk.write(digest, &component);
                 }
                 (component, "compiled")
             }
         };
-        compiled.insert(digest.to_string(), component.clone());
+        compiled.insert(digest.to_string(), (component.clone(), 1));
         Ok((component, source))
     }
 
-    /// The cache file for `digest`: the source digest plus the engine's compatibility hash,
-    /// so an upgraded wasmtime or changed settings never read an old artifact.
-    fn cache_path(&self, digest: &str) -> Option<PathBuf> {
-        let dir = self.config.cache_dir.as_ref()?;
-        let mut hasher = DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
-        Some(dir.join(format!("{digest}-{:016x}.cwasm", hasher.finish())))
-    }
-
-    #[allow(unsafe_code)]
-    fn read_cached(&self, path: &Path) -> Option<Component> {
-        if !path.is_file() {
-            return None;
-        }
-        // SAFETY: deserializing runs no checks on the machine code, so the file must be one we
-        // wrote. It lives in the node's own cache directory, is named by the SHA-256 of the
-        // source it was compiled from and by this engine's compatibility hash, and is only ever
-        // written by `write_cached` below (atomically, by rename).
-        match unsafe { Component::deserialize_file(&self.engine, path) } {
-            Ok(component) => Some(component),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable compiled plugin; recompiling");
-                None
-            }
-        }
-    }
-
-    fn write_cached(&self, path: &Path, component: &Component) {
-        let write = || -> std::io::Result<()> {
-            let bytes = component
-                .serialize()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let partial = path.with_extension(format!("partial-{}", std::process::id()));
-            std::fs::write(&partial, bytes)?;
-            std::fs::rename(&partial, path)
+    /// Says that one user of `digest` is gone (a version replaced by a hot swap); the last one
+    /// takes its compiled form out of memory and off the disk. Calls still running on it keep
+    /// what they hold until they finish.
+    pub fn retire(&self, digest: &str) {
+        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, users)) = compiled.get_mut(digest) else {
+            return;
         };
-        if let Err(e) = write() {
-            tracing::warn!(path = %path.display(), error = %e, "could not cache a compiled plugin");
+        *users -= 1;
+        if *users == 0 {
+            compiled.remove(digest);
+            if let Some(disk) = &self.disk {
+                disk.evict(digest);
+            }
+            tracing::info!(%digest, "compiled plugin version evicted");
+        }
+    }
+
+    /// Compiled versions held now.
+    pub fn compiled_versions(&self) -> usize {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    pub(crate) fn register_pool(&self, core: &Arc<Core>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|pool| pool.strong_count() > 0);
+        pools.push(Arc::downgrade(core));
+    }
+
+    /// A node-wide instance slot: free now, or freed by dropping another plugin's idle
+    /// instance, or within `wait`.
+    pub(crate) async fn instance_slot(&self, wait: Duration) -> Result<OwnedSemaphorePermit, ()> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let pools: Vec<Arc<Core>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for pool in pools {
+            if pool.release_idle() {
+                break;
+            }
+        }
+        match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(()),
         }
     }
 }

@@ -1,10 +1,12 @@
 //! `meshserve bench plugins`: what WebAssembly pre/post-processing costs.
 //!
-//! 1. Per-call overhead, in process: `json-features` (pre) on a ~1 KiB JSON body and
-//!    `threshold` (post) on the fraud model's output, each call with a fresh instance.
-//! 2. Served throughput of the fraud model through both plugins, next to the same model called
-//!    with plain OIP JSON, from one freshly started node.
-//! 3. That plugin endpoint's throughput while two requests keep a runaway plugin looping until
+//! 1. Per-call overhead, in process, in both isolation modes: a no-op plugin
+//!    (`sandbox-probe` answering a fixed tensor), `json-features` (pre) on a ~1 KiB JSON body
+//!    and `threshold` (post) on the fraud model's output; and the Python `labels` plugin.
+//! 2. Served throughput at concurrency 64 of the plain fraud model next to `fraud-ranked`
+//!    (json-features + top-k) and `fraud-check` (fraud-features with a feature lookup +
+//!    threshold), from one freshly started node.
+//! 3. A plugin endpoint's throughput while two requests keep a runaway plugin looping until
 //!    its deadline, next to the same load without them.
 
 use super::{BenchError, HttpLoad, Report, fp32_request_body, io_error, run_http, start_server};
@@ -12,12 +14,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use meshserve_host::metrics::Metrics;
-use meshserve_host::plugin::bindings::{Context, Request};
 use meshserve_host::plugin::features::FeatureTables;
-use meshserve_host::plugin::instance::PluginSpec;
+use meshserve_host::plugin::instance::{LoadedPlugin, Stage};
 use meshserve_host::plugin::runtime::{PluginRuntime, PluginRuntimeConfig};
+use meshserve_host::plugin::sandbox::{ContextView, RequestView};
+use meshserve_host::plugin::spec::{Isolation, PluginSpec};
 use meshserve_host::{DataType, Tensor};
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,8 +33,13 @@ pub struct PluginSuiteConfig {
     pub server_binary: PathBuf,
     /// The model repository (must hold `fraud`).
     pub repository: PathBuf,
-    /// Where the built plugins are (`json_features.wasm`, `threshold.wasm`, `sandbox_probe.wasm`).
+    /// Where the built plugins are (`json_features.wasm`, `threshold.wasm`, `sandbox_probe.wasm`,
+    /// `top_k.wasm`, `fraud_features.wasm`).
     pub plugins: PathBuf,
+    /// The Python `labels` plugin, if built.
+    pub python_plugin: Option<PathBuf>,
+    /// The card feature table the fraud-check endpoint looks up.
+    pub cards: PathBuf,
     /// Measured time per scenario.
     pub duration: Duration,
     /// Unmeasured time before each scenario.
@@ -57,18 +64,6 @@ fn json_body() -> Bytes {
         .map(|(i, v)| format!("\"feature_{i:02}\": {v:.9}"))
         .collect();
     Bytes::from(format!("{{{}}}", fields.join(", ")))
-}
-
-fn spec(path: PathBuf, config: String, deadline_ms: u64) -> PluginSpec {
-    PluginSpec {
-        path,
-        config,
-        deadline_ms,
-        memory_bytes: 64 << 20,
-        fuel: None,
-        dirs: Vec::new(),
-        env: BTreeMap::new(),
-    }
 }
 
 fn plugin_path(config: &PluginSuiteConfig, name: &str) -> Result<PathBuf, BenchError> {
@@ -104,75 +99,130 @@ where
         report.ok += 1;
         let _ = report
             .latency_us
-            .record(t.elapsed().as_micros().max(1) as u64);
+            .record(t.elapsed().as_nanos().max(1) as u64);
     }
     report.elapsed = start.elapsed();
     Ok(report)
 }
 
+/// One row of the per-call table: latencies recorded in nanoseconds.
+struct CallRow {
+    label: String,
+    report: Report,
+}
+
+fn request(body: &Bytes) -> RequestView {
+    RequestView::new("bench", "application/json", Vec::new(), body.clone())
+}
+
+fn context() -> ContextView {
+    ContextView::new("bench", "fraud", "application/json", Vec::new())
+}
+
+fn fraud_output() -> Vec<Tensor> {
+    let probabilities: Vec<u8> = [0.25f32, 0.75]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    vec![Tensor {
+        name: "probabilities".into(),
+        datatype: DataType::Fp32,
+        shape: vec![1, 2],
+        data: Bytes::from(probabilities),
+    }]
+}
+
+async fn time_pre(
+    config: &PluginSuiteConfig,
+    plugin: &LoadedPlugin,
+    body: &Bytes,
+) -> Result<Report, BenchError> {
+    time_calls(config.warmup, config.duration, || async {
+        plugin
+            .preprocess(request(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
+async fn time_post(
+    config: &PluginSuiteConfig,
+    plugin: &LoadedPlugin,
+    outputs: &[Tensor],
+) -> Result<Report, BenchError> {
+    time_calls(config.warmup, config.duration, || async {
+        plugin
+            .postprocess(context(), outputs)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
 async fn per_call_overhead(
     config: &PluginSuiteConfig,
-) -> Result<(Report, Report, usize), BenchError> {
+) -> Result<(Vec<CallRow>, usize), BenchError> {
+    let failed =
+        |e: meshserve_host::plugin::runtime::PluginLoadError| BenchError::Model(e.to_string());
     let runtime = PluginRuntime::new(
         PluginRuntimeConfig::default(),
         Arc::new(FeatureTables::default()),
         Arc::new(Metrics::new()),
     )
-    .map_err(|e| BenchError::Model(e.to_string()))?;
-    let pre = runtime
-        .load(
-            "json_features",
-            &spec(
-                plugin_path(config, "json_features")?,
-                json_features_config(),
-                50,
-            ),
-        )
-        .map_err(|e| BenchError::Model(e.to_string()))?;
-    let post = runtime
-        .load(
-            "threshold",
-            &spec(plugin_path(config, "threshold")?, String::new(), 50),
-        )
-        .map_err(|e| BenchError::Model(e.to_string()))?;
+    .map_err(failed)?;
     let body = json_body();
-    let request = Request {
-        endpoint: "bench".into(),
-        content_type: "application/json".into(),
-        headers: Vec::new(),
-        body: body.to_vec(),
-    };
-    let context = Context {
-        endpoint: "bench".into(),
-        model: "fraud".into(),
-        content_type: "application/json".into(),
-        headers: Vec::new(),
-    };
-    let probabilities: Vec<u8> = [0.25f32, 0.75]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let outputs = vec![Tensor {
-        name: "probabilities".into(),
-        datatype: DataType::Fp32,
-        shape: vec![1, 2],
-        data: Bytes::from(probabilities),
-    }];
-    let pre_report = time_calls(config.warmup, config.duration, || async {
-        pre.preprocess(&request)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await?;
-    let post_report = time_calls(config.warmup, config.duration, || async {
-        post.postprocess(&context, &outputs)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await?;
-    Ok((pre_report, post_report, body.len()))
+    let outputs = fraud_output();
+    let mut rows = Vec::new();
+    for (mode, isolation) in [
+        ("reuse", Isolation::Reuse),
+        ("per-call", Isolation::PerCall),
+    ] {
+        let spec = |name: &str, plugin_config: String| -> Result<PluginSpec, BenchError> {
+            let mut spec = PluginSpec::new(plugin_path(config, name)?);
+            spec.config = plugin_config;
+            spec.isolation = isolation;
+            Ok(spec)
+        };
+        let noop = runtime
+            .load("noop", Stage::Pre, &spec("sandbox_probe", "ok".into())?)
+            .map_err(failed)?;
+        let pre = runtime
+            .load(
+                "json_features",
+                Stage::Pre,
+                &spec("json_features", json_features_config())?,
+            )
+            .map_err(failed)?;
+        let post = runtime
+            .load("threshold", Stage::Post, &spec("threshold", String::new())?)
+            .map_err(failed)?;
+        rows.push(CallRow {
+            label: format!("no-op (pre), {mode}"),
+            report: time_pre(config, &noop, &body).await?,
+        });
+        rows.push(CallRow {
+            label: format!("threshold (post), {mode}"),
+            report: time_post(config, &post, &outputs).await?,
+        });
+        rows.push(CallRow {
+            label: format!("json-features (pre), {mode}"),
+            report: time_pre(config, &pre, &body).await?,
+        });
+    }
+    if let Some(python) = &config.python_plugin {
+        let mut spec = PluginSpec::new(python);
+        spec.config = r#"{"labels": ["legit", "fraud"]}"#.into();
+        spec.deadline_ms = 1000;
+        let labels = runtime.load("labels", Stage::Post, &spec).map_err(failed)?;
+        rows.push(CallRow {
+            label: "Python labels (post), reuse".into(),
+            report: time_post(config, &labels, &outputs).await?,
+        });
+    }
+    Ok((rows, body.len()))
 }
 
 /// Sends requests one after another on one connection until `stop`, whatever they answer.
@@ -207,27 +257,42 @@ async fn send_until(
 }
 
 fn node_config(config: &PluginSuiteConfig, dir: &Path) -> Result<PathBuf, BenchError> {
+    let path = |name: &str| plugin_path(config, name).map(|p| p.display().to_string());
     let text = format!(
         "model_repository = {repo:?}\n\
-         [endpoints.fraud-plugins]\nmodel = \"fraud\"\n\
-         pre = {{ path = {pre:?}, config = {pre_config:?} }}\n\
-         post = {{ path = {post:?}, config = '{{\"output\": \"probabilities\", \"index\": 1}}' }}\n\
+         [features.cards]\npath = {cards:?}\n\
+         [endpoints.fraud-ranked]\nmodel = \"fraud\"\n\
+         pre = {{ path = {json:?}, config = {json_config:?} }}\n\
+         post = {{ path = {top_k:?}, config = '{{\"labels\": [\"legit\", \"fraud\"], \"k\": 2}}' }}\n\
+         [endpoints.fraud-check]\nmodel = \"fraud\"\n\
+         pre = {{ path = {features:?}, config = '{{\"table\": \"cards\"}}' }}\n\
+         post = {{ path = {threshold:?}, config = '{{\"output\": \"probabilities\", \"index\": 1}}' }}\n\
          [endpoints.runaway]\nmodel = \"fraud\"\n\
          pre = {{ path = {probe:?}, config = \"loop\", deadline_ms = 200 }}\n",
         repo = config.repository.display().to_string(),
-        pre = plugin_path(config, "json_features")?.display().to_string(),
-        pre_config = json_features_config(),
-        post = plugin_path(config, "threshold")?.display().to_string(),
-        probe = plugin_path(config, "sandbox_probe")?.display().to_string(),
+        cards = config.cards.display().to_string(),
+        json = path("json_features")?,
+        json_config = json_features_config(),
+        top_k = path("top_k")?,
+        features = path("fraud_features")?,
+        threshold = path("threshold")?,
+        probe = path("sandbox_probe")?,
     );
     let path = dir.join("node.toml");
     std::fs::write(&path, text).map_err(io_error("write the bench node config"))?;
     Ok(path)
 }
 
+/// A card transaction as fraud-features reads it.
+fn transaction_body() -> Bytes {
+    Bytes::from_static(
+        br#"{"card": "card-0001", "amount": 120.5, "hour": 23, "merchant_risk": 0.3, "foreign": true, "online": false}"#,
+    )
+}
+
 /// Runs the plugin suite and returns the printed report.
 pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, BenchError> {
-    let (pre, post, body_bytes) = per_call_overhead(config).await?;
+    let (calls, body_bytes) = per_call_overhead(config).await?;
 
     let dir = tempfile::tempdir().map_err(io_error("create a temporary folder"))?;
     let node_config = node_config(config, dir.path())?;
@@ -251,14 +316,20 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
         64,
     ))
     .await?;
-    let with_plugins = run_http(&load(
-        "/v1/endpoints/fraud-plugins/invocations",
+    let ranked = run_http(&load(
+        "/v1/endpoints/fraud-ranked/invocations",
         json_body(),
         64,
     ))
     .await?;
+    let checked = run_http(&load(
+        "/v1/endpoints/fraud-check/invocations",
+        transaction_body(),
+        64,
+    ))
+    .await?;
     let calm = run_http(&load(
-        "/v1/endpoints/fraud-plugins/invocations",
+        "/v1/endpoints/fraud-ranked/invocations",
         json_body(),
         16,
     ))
@@ -276,7 +347,7 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
         })
         .collect();
     let stormy = run_http(&load(
-        "/v1/endpoints/fraud-plugins/invocations",
+        "/v1/endpoints/fraud-ranked/invocations",
         json_body(),
         16,
     ))
@@ -299,17 +370,17 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
     );
     let _ = writeln!(
         out,
-        "per-call overhead, fresh instance each call ({body_bytes}-byte JSON body for pre):"
+        "per-call overhead in process, one call at a time ({body_bytes}-byte JSON body for pre):"
     );
-    for (label, r) in [
-        ("json-features preprocess", &pre),
-        ("threshold postprocess", &post),
-    ] {
+    let us = |ns: u64| ns as f64 / 1000.0;
+    for row in &calls {
+        let r = &row.report;
         let _ = writeln!(
             out,
-            "  {label:<26} p50 {:>6} µs   p99 {:>6} µs   ({:.0} calls/s on one thread)",
-            r.percentile_us(0.5),
-            r.percentile_us(0.99),
+            "  {:<34} p50 {:>8.1} µs   p99 {:>8.1} µs   ({:.0} calls/s)",
+            row.label,
+            us(r.percentile_us(0.5)),
+            us(r.percentile_us(0.99)),
             r.requests_per_second()
         );
     }
@@ -320,10 +391,15 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
     );
     for (label, concurrency, r) in [
         ("fraud, plain OIP JSON", 64, &plain),
-        ("fraud through json-features + threshold", 64, &with_plugins),
-        ("same, alone", 16, &calm),
+        ("fraud-ranked: json-features + top-k", 64, &ranked),
         (
-            "same, while 2 requests loop in a runaway plugin",
+            "fraud-check: fraud-features (lookup) + threshold",
+            64,
+            &checked,
+        ),
+        ("fraud-ranked alone", 16, &calm),
+        (
+            "fraud-ranked while 2 requests loop in a runaway",
             16,
             &stormy,
         ),
@@ -337,11 +413,14 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
             r.errors
         );
     }
+    let ratio =
+        |a: &Report, b: &Report| a.requests_per_second() / b.requests_per_second().max(1e-9);
     let _ = writeln!(
         out,
-        "with plugins / without: {:.2}x req/s; beside a runaway plugin / alone: {:.2}x req/s",
-        with_plugins.requests_per_second() / plain.requests_per_second().max(1e-9),
-        stormy.requests_per_second() / calm.requests_per_second().max(1e-9)
+        "req/s with plugins / plain model: fraud-ranked {:.2}x, fraud-check {:.2}x; beside a runaway / alone: {:.2}x",
+        ratio(&ranked, &plain),
+        ratio(&checked, &plain),
+        ratio(&stormy, &calm)
     );
     Ok(out)
 }

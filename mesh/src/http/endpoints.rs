@@ -11,14 +11,13 @@ use crate::http::routes::{
 };
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use meshserve_host::endpoint::Endpoint;
-use meshserve_host::plugin::bindings::{Context, Request};
-use meshserve_host::plugin::instance::PostAnswer;
+use meshserve_host::endpoint::{Endpoint, postprocess, preprocess};
+use meshserve_host::plugin::instance::{PluginReply, PostAnswer, PreAnswer};
 use meshserve_host::{ErrorClass, InferError, InferRequest};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,13 +45,32 @@ impl PluginTimings {
     }
 }
 
-fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
+fn header_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
         .iter()
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
-        })
-        .collect()
+        .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+}
+
+/// A plugin's own reply as an HTTP response (its headers were checked when it returned them).
+fn reply_response(reply: PluginReply, server_timing: &str) -> Response {
+    let mut http = Response::new(Body::from(reply.body));
+    *http.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+    let headers = http.headers_mut();
+    for (name, value) in &reply.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    let content_type = HeaderValue::from_str(&reply.content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    if let Ok(value) = HeaderValue::from_str(server_timing) {
+        headers.insert("server-timing", value);
+    }
+    http
 }
 
 /// Serves one call of `endpoint`.
@@ -63,32 +81,39 @@ pub async fn invoke(
     body: Body,
     started: Instant,
 ) -> Result<Response, ApiError> {
+    // The pre and post versions this request runs with, taken together.
+    let plugins = endpoint.plugins()?;
     let body = read_body(headers, body, state.max_body_bytes).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+        .unwrap_or_default();
     let mut timings = PluginTimings::default();
     let metrics = state.engine.metrics();
 
-    let (mut request, encoding) = match &endpoint.pre {
-        Some(slot) => {
-            let raw = Request {
-                endpoint: endpoint.name.clone(),
-                content_type: content_type.clone(),
-                headers: header_list(headers),
-                body: body.to_vec(),
-            };
+    let (mut request, encoding) = match &plugins.pre {
+        Some(pre) => {
+            let view = endpoint.request_view(pre, content_type, header_pairs(headers), body);
             let t = Instant::now();
-            let inputs = endpoint.preprocess(slot, &raw).await;
+            let answer = preprocess(pre, view).await;
             let elapsed = t.elapsed();
             metrics.record_plugin_stage(&endpoint.name, "pre", elapsed);
             timings.pre = Some(elapsed);
+            let inputs = match answer? {
+                PreAnswer::Infer(inputs) => inputs,
+                PreAnswer::Reply(reply) => {
+                    let timing = format!(
+                        "{}total;dur={:.3}",
+                        timings.header_parts(),
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                    return Ok(reply_response(reply, &timing));
+                }
+            };
             let request = InferRequest {
                 model: endpoint.model.clone(),
                 version: endpoint.version.clone(),
-                inputs: inputs?,
+                inputs,
                 ..InferRequest::default()
             };
             (request, OutputEncoding::Json)
@@ -99,13 +124,10 @@ pub async fn invoke(
         request.timeout = Some(Duration::from_micros(us));
     }
     let ran = run_model(state, request, headers).await.map_err(|e| {
-        match (e.invalid_input(), &endpoint.pre) {
+        match (e.invalid_input(), &plugins.pre) {
             // Tensors a pre-plugin made that the model refuses are the plugin's fault, not the client's.
-            (Some(message), Some(slot)) => ApiError::from(InferError::PluginFailed {
-                plugin: slot
-                    .current()
-                    .map(|p| p.name().to_string())
-                    .unwrap_or_default(),
+            (Some(message), Some(pre)) => ApiError::from(InferError::PluginFailed {
+                plugin: pre.name().to_string(),
                 cause: format!("returned tensors the model does not accept: {message}"),
             }),
             _ => ApiError::from(e),
@@ -115,20 +137,13 @@ pub async fn invoke(
     let mut response = ran.response;
     response.model_name = endpoint.name.clone();
 
-    let Some(slot) = &endpoint.post else {
+    let Some(post) = &plugins.post else {
         let timing = timings.header_parts();
         return Ok(oip_response(&response, &encoding, &timing, started));
     };
-    let context = Context {
-        endpoint: endpoint.name.clone(),
-        model: endpoint.model.clone(),
-        content_type,
-        headers: header_list(headers),
-    };
+    let context = endpoint.context_view(post, content_type, header_pairs(headers));
     let t = Instant::now();
-    let answer = endpoint
-        .postprocess(slot, &context, &response.outputs)
-        .await;
+    let answer = postprocess(post, context, &response.outputs).await;
     let elapsed = t.elapsed();
     metrics.record_plugin_stage(&endpoint.name, "post", elapsed);
     timings.post = Some(elapsed);
@@ -138,18 +153,10 @@ pub async fn invoke(
             response.outputs = outputs;
             Ok(oip_response(&response, &encoding, &timing, started))
         }
-        PostAnswer::Body { content_type, data } => {
-            let mut http = Response::new(Body::from(data));
-            let content_type = HeaderValue::from_str(&content_type)
-                .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
-            http.headers_mut()
-                .insert(header::CONTENT_TYPE, content_type);
+        PostAnswer::Reply(reply) => {
             let server_timing =
                 crate::http::routes::server_timing(&response, &timing, started.elapsed());
-            if let Ok(value) = HeaderValue::from_str(&server_timing) {
-                http.headers_mut().insert("server-timing", value);
-            }
-            Ok(http)
+            Ok(reply_response(reply, &server_timing))
         }
     }
 }
@@ -169,6 +176,18 @@ fn decode_oip(
     )
     .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
     Ok((decoded.request, decoded.binary_outputs))
+}
+
+/// The plugin versions an endpoint serves now, for operators: stage, name and SHA-256.
+pub(crate) fn plugin_versions(endpoint: &Endpoint) -> Vec<Value> {
+    let Ok(plugins) = endpoint.plugins() else {
+        return Vec::new();
+    };
+    [&plugins.pre, &plugins.post]
+        .into_iter()
+        .flatten()
+        .map(|plugin| json!({ "stage": plugin.stage().as_str(), "plugin": plugin.name(), "sha256": plugin.digest() }))
+        .collect()
 }
 
 fn find(state: &AppState, name: &str) -> Result<Arc<Endpoint>, ApiError> {
@@ -212,12 +231,7 @@ pub async fn reload(
     tokio::task::spawn_blocking(move || endpoints.reload(&target))
         .await
         .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))??;
-    let endpoint = find(&state, &name)?;
-    let digests: Vec<_> = [("pre", &endpoint.pre), ("post", &endpoint.post)]
-        .into_iter()
-        .filter_map(|(stage, slot)| Some((stage, slot.as_ref()?.current().ok()?)))
-        .map(|(stage, plugin)| json!({ "stage": stage, "plugin": plugin.name(), "sha256": plugin.digest() }))
-        .collect();
+    let digests = plugin_versions(&*find(&state, &name)?);
     Ok(json_response(
         &json!({ "endpoint": name, "plugins": digests }),
     ))

@@ -170,6 +170,7 @@ async fn model_metadata(
             "model": endpoint.model,
             "inputs": inputs,
             "outputs": outputs,
+            "plugins": crate::http::endpoints::plugin_versions(&endpoint),
         })));
     }
     if let Some(cluster) = remote(&state, &path.model) {

@@ -68,10 +68,11 @@ impl TestNode {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Logged before it is announced, so a caller woken by it finds it in the log.
+                sink.lock().unwrap().push(line.clone());
                 if line.contains("meshserve serving") {
-                    let _ = tx.send(line.clone());
+                    let _ = tx.send(line);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let line = match rx.recv_timeout(Duration::from_secs(60)) {

@@ -7,7 +7,7 @@
 //! holds four numbers: average amount, transactions in 30 days, chargebacks, days since first
 //! seen. An unknown card is not an error: its history is zero and feature 8 says so.
 
-use meshserve_guest::{Error, Plugin, Request, Tensor, host};
+use meshserve_guest::{Error, Plugin, Pre, Preprocess, Request, Tensor, config_json, host};
 use serde::Deserialize;
 
 /// Features the fraud model takes per transaction.
@@ -86,12 +86,22 @@ pub fn features(
     out
 }
 
-/// The plugin.
-pub struct FraudFeatures;
+/// The plugin: its config, parsed once per instance.
+pub struct FraudFeatures {
+    config: Config,
+}
 
 impl Plugin for FraudFeatures {
-    fn preprocess(request: Request) -> Result<Vec<Tensor>, Error> {
-        let config: Config = host::config_json()?;
+    fn init(config: &str) -> Result<Self, Error> {
+        Ok(FraudFeatures {
+            config: config_json(config)?,
+        })
+    }
+}
+
+impl Preprocess for FraudFeatures {
+    fn preprocess(&mut self, request: &Request) -> Result<Pre, Error> {
+        let config = &self.config;
         let transactions = match request.json::<Body>()? {
             Body::One(t) => vec![t],
             Body::Many(ts) => ts,
@@ -112,11 +122,12 @@ impl Plugin for FraudFeatures {
             ));
         }
         Ok(vec![Tensor::fp32(
-            config.input,
+            config.input.clone(),
             vec![transactions.len() as i64, FEATURES as i64],
             values,
-        )])
+        )]
+        .into())
     }
 }
 
-meshserve_guest::export_plugin!(FraudFeatures);
+meshserve_guest::export_plugin!(FraudFeatures: pre);

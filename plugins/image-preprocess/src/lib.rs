@@ -6,7 +6,7 @@
 //! resized bilinearly, then normalised per channel as `(x - mean) / std`; the result has shape
 //! `[1, 3, height, width]`. Grey images are expanded to three channels and alpha is dropped.
 
-use meshserve_guest::{Error, Plugin, Request, Tensor, host};
+use meshserve_guest::{Error, Plugin, Pre, Preprocess, Request, Tensor, config_json};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -154,28 +154,38 @@ fn to_nchw(image: &Rgb, config: &Config) -> Vec<f32> {
     out
 }
 
-/// The plugin.
-pub struct ImagePreprocess;
+/// The plugin: its config, checked once per instance.
+pub struct ImagePreprocess {
+    config: Config,
+}
 
 impl Plugin for ImagePreprocess {
-    fn preprocess(request: Request) -> Result<Vec<Tensor>, Error> {
-        let config: Config = host::config_json()?;
+    fn init(config: &str) -> Result<Self, Error> {
+        let config: Config = config_json(config)?;
         if config.width == 0 || config.height == 0 {
             return Err(Error::internal(
                 "image-preprocess: width and height must be positive",
             ));
         }
-        let image = decode(&request.body)?;
-        if image.width == 0 || image.height == 0 {
-            return Err(Error::unprocessable("image has no pixels"));
-        }
-        let data = to_nchw(&image, &config);
-        Ok(vec![Tensor::fp32(
-            config.input,
-            vec![1, 3, config.height as i64, config.width as i64],
-            data,
-        )])
+        Ok(ImagePreprocess { config })
     }
 }
 
-meshserve_guest::export_plugin!(ImagePreprocess);
+impl Preprocess for ImagePreprocess {
+    fn preprocess(&mut self, request: &Request) -> Result<Pre, Error> {
+        let config = &self.config;
+        let image = decode(&request.body())?;
+        if image.width == 0 || image.height == 0 {
+            return Err(Error::unprocessable("image has no pixels"));
+        }
+        let data = to_nchw(&image, config);
+        Ok(vec![Tensor::fp32(
+            config.input.clone(),
+            vec![1, 3, config.height as i64, config.width as i64],
+            data,
+        )]
+        .into())
+    }
+}
+
+meshserve_guest::export_plugin!(ImagePreprocess: pre);

@@ -5,7 +5,7 @@
 //! output, `score` is the element at `index`; the decision is `block` at or above `block`,
 //! `review` at or above `review`, else `allow`. One row answers an object, several an array.
 
-use meshserve_guest::{Answer, Context, Error, Plugin, Tensor, host};
+use meshserve_guest::{Answer, Context, Error, Plugin, Postprocess, Tensor, config_json};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -34,12 +34,22 @@ struct Decision {
     score: f32,
 }
 
-/// The plugin.
-pub struct Threshold;
+/// The plugin: its config, parsed once per instance.
+pub struct Threshold {
+    config: Config,
+}
 
 impl Plugin for Threshold {
-    fn postprocess(_context: Context, outputs: Vec<Tensor>) -> Result<Answer, Error> {
-        let config: Config = host::config_json()?;
+    fn init(config: &str) -> Result<Self, Error> {
+        Ok(Threshold {
+            config: config_json(config)?,
+        })
+    }
+}
+
+impl Postprocess for Threshold {
+    fn postprocess(&mut self, _context: &Context, outputs: Vec<Tensor>) -> Result<Answer, Error> {
+        let config = &self.config;
         let output = outputs
             .iter()
             .find(|t| t.name == config.output)
@@ -80,4 +90,4 @@ impl Plugin for Threshold {
     }
 }
 
-meshserve_guest::export_plugin!(Threshold);
+meshserve_guest::export_plugin!(Threshold: post);

@@ -5,7 +5,7 @@
 //! scores with their labels, best first: `{"top": [{"label": "b", "score": 0.9}, ...]}`; several
 //! rows answer an array of those.
 
-use meshserve_guest::{Answer, Context, Error, Plugin, Tensor, host};
+use meshserve_guest::{Answer, Context, Error, Plugin, Postprocess, Tensor, config_json};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -32,12 +32,22 @@ struct Row<'a> {
     top: Vec<Ranked<'a>>,
 }
 
-/// The plugin.
-pub struct TopK;
+/// The plugin: its config, parsed once per instance.
+pub struct TopK {
+    config: Config,
+}
 
 impl Plugin for TopK {
-    fn postprocess(_context: Context, outputs: Vec<Tensor>) -> Result<Answer, Error> {
-        let config: Config = host::config_json()?;
+    fn init(config: &str) -> Result<Self, Error> {
+        Ok(TopK {
+            config: config_json(config)?,
+        })
+    }
+}
+
+impl Postprocess for TopK {
+    fn postprocess(&mut self, _context: &Context, outputs: Vec<Tensor>) -> Result<Answer, Error> {
+        let config = &self.config;
         let output = match &config.output {
             Some(name) => outputs.iter().find(|t| &t.name == name),
             None => outputs.first(),
@@ -77,4 +87,4 @@ impl Plugin for TopK {
     }
 }
 
-meshserve_guest::export_plugin!(TopK);
+meshserve_guest::export_plugin!(TopK: post);
