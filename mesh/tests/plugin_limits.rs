@@ -516,11 +516,24 @@ async fn a_reload_swaps_an_endpoints_plugins_together_or_not_at_all() {
     let (pre, post) = (dir.path().join("pre.wasm"), dir.path().join("post.wasm"));
     std::fs::write(&pre, &probe).unwrap();
     std::fs::write(&post, &probe).unwrap();
+    let cache = dir.path().join("cache");
     let (node, _models) = start_with_config(&format!(
-        "[endpoints.pair]\nmodel = \"fraud\"\npre = {{ path = \"{}\", config = \"ok\" }}\npost = {{ path = \"{}\", config = \"ok\" }}\n",
+        "[plugins]\ncache_dir = \"{}\"\n[endpoints.pair]\nmodel = \"fraud\"\npre = {{ path = \"{}\", config = \"ok\" }}\npost = {{ path = \"{}\", config = \"ok\" }}\n",
+        cache.display(),
         pre.display(),
         post.display()
     ));
+    let cached = || {
+        let mut names: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".cwasm"))
+            .map(|name| name[..64].to_string())
+            .collect();
+        names.sort();
+        names
+    };
     let http = client();
     let versions = || async {
         let metadata: Value = http
@@ -562,6 +575,24 @@ async fn a_reload_swaps_an_endpoints_plugins_together_or_not_at_all() {
     assert_ne!(after[0]["sha256"], before[0]["sha256"]);
     assert_eq!(after[1]["sha256"], before[1]["sha256"]);
     assert_eq!(call(&http, &node, "pair").await.status, 200);
+
+    // Compiled code is kept for the versions that serve: the probe (post) and the new pre.
+    let serving = |v: &Value| v["sha256"].as_str().unwrap().to_string();
+    let mut expected = vec![serving(&after[0]), serving(&after[1])];
+    expected.sort();
+    assert_eq!(cached(), expected);
+
+    // Both stages on the new version: the old one is evicted from the disk cache.
+    std::fs::write(&post, &changed).unwrap();
+    let reload = http
+        .post(node.url("/v1/endpoints/pair/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let after = versions().await;
+    assert_eq!(after[1]["sha256"], after[0]["sha256"]);
+    assert_eq!(cached(), vec![serving(&after[0])]);
 
     // Touching a file without changing its bytes is not a new version.
     let stamp = after.clone();

@@ -368,7 +368,8 @@ impl PluginRuntime {
     }
 
     /// Compiled versions held now.
-    pub fn compiled_versions(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn compiled_versions(&self) -> usize {
         self.compiled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -408,4 +409,90 @@ impl PluginRuntime {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime(cache: Option<PathBuf>) -> Arc<PluginRuntime> {
+        let config = PluginRuntimeConfig {
+            cache_dir: cache,
+            max_instances: 4,
+            ..PluginRuntimeConfig::default()
+        };
+        PluginRuntime::new(config, Arc::default(), Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// A component in text form, written to `dir`.
+    fn component(dir: &std::path::Path, name: &str, text: &str) -> PluginSpec {
+        let path = dir.join(format!("{name}.wat"));
+        std::fs::write(&path, text).unwrap();
+        PluginSpec::new(path)
+    }
+
+    #[test]
+    fn a_plugin_built_against_the_0_1_interface_is_refused_with_how_to_rebuild_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = component(
+            dir.path(),
+            "old",
+            r#"(component
+                (core module $m (func (export "f") (result i32) i32.const 0))
+                (core instance $i (instantiate $m))
+                (func (export "preprocess") (result u32) (canon lift (core func $i "f"))))"#,
+        );
+        let err = runtime(None)
+            .load("old", Stage::Pre, &old)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("meshserve:plugin@0.1.0")
+                && err.contains("rebuild it with meshserve-guest 0.2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_component_without_the_stage_is_refused_and_its_compiled_code_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let empty = component(dir.path(), "empty", "(component)");
+        let runtime = runtime(Some(cache.clone()));
+        let err = runtime
+            .load("empty", Stage::Post, &empty)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("configured as a post stage")
+                && err.contains("meshserve:plugin/postprocess@0.2.0"),
+            "{err}"
+        );
+        // Nothing serves that version, so nothing of it is kept.
+        assert_eq!(runtime.compiled_versions(), 0);
+        let cached = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .count();
+        assert_eq!(cached, 0);
+    }
+
+    #[test]
+    fn a_compiled_version_stays_while_any_user_has_it() {
+        let runtime = runtime(None);
+        let component = Component::new(&runtime.engine, "(component)").unwrap();
+        let digest = "d".repeat(64);
+        runtime
+            .compiled
+            .lock()
+            .unwrap()
+            .insert(digest.clone(), (component, 2));
+        runtime.retire(&digest);
+        assert_eq!(runtime.compiled_versions(), 1);
+        runtime.retire(&digest);
+        assert_eq!(runtime.compiled_versions(), 0);
+    }
 }
