@@ -194,7 +194,8 @@ impl Endpoint {
     }
 
     /// Loads every plugin of the endpoint and swaps them in together, if a file changed (or
-    /// always, with `force`). Returns whether new versions now serve.
+    /// always, with `force`). Returns whether new versions now serve. Blocking: call it off
+    /// the async worker threads.
     fn refresh(&self, runtime: &Arc<PluginRuntime>, force: bool) -> Result<bool, String> {
         if !force && !self.changed() {
             return Ok(false);
@@ -205,19 +206,27 @@ impl Endpoint {
         }
         let mut fresh = EndpointPlugins::default();
         let mut failure = None;
+        // Off the async workers (this compiles): the runtime's handle runs each new version's
+        // first `init`, so a config it refuses fails the load, not the first request.
+        let runtime_handle = tokio::runtime::Handle::try_current().ok();
         for (stage, spec) in self.specs() {
-            match runtime.load(&plugin_name(spec), stage, spec) {
-                Ok(plugin) => {
-                    let slot = match stage {
-                        Stage::Pre => &mut fresh.pre,
-                        Stage::Post => &mut fresh.post,
-                    };
-                    *slot = Some(Arc::new(plugin));
-                }
+            let plugin = match runtime.load(&plugin_name(spec), stage, spec) {
+                Ok(plugin) => Arc::new(plugin),
                 Err(e) => {
                     failure = Some(e.to_string());
                     break;
                 }
+            };
+            let slot = match stage {
+                Stage::Pre => &mut fresh.pre,
+                Stage::Post => &mut fresh.post,
+            };
+            *slot = Some(plugin.clone());
+            if let Some(handle) = &runtime_handle
+                && let Err(e) = handle.block_on(plugin.warm_up())
+            {
+                failure = Some(e.to_string());
+                break;
             }
         }
         if let Some(message) = failure {

@@ -385,11 +385,18 @@ async fn clients_get_short_errors_and_the_log_gets_the_details() {
         500,
         "exited with status 1",
     );
+    // A config the plugin refuses is found at load: the endpoint is unavailable, saying why.
     assert_fails(
         &call(&http, &node, "init-fail").await,
-        500,
+        503,
         "init refused its config: sandbox-probe was told to fail init",
     );
+    let ready = http
+        .get(node.url("/v2/models/init-fail/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
     let log = node.log_text();
     assert!(log.contains("wasm backtrace"), "{log}");
     assert_eq!(call(&http, &node, "ok").await.status, 200);

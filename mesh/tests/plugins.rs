@@ -260,8 +260,9 @@ async fn image_preprocessing_resizes_and_normalises_png_and_jpeg() {
     assert_eq!(response.status(), 422);
 }
 
-/// A node whose endpoints each run the sandbox probe with one behaviour.
-fn probe_node(extra: &str) -> (TestNode, tempfile::TempDir) {
+/// A node whose endpoints each run the sandbox probe with one behaviour; `granted` is the
+/// folder some of them are granted (it must exist when the node loads them).
+fn probe_node(extra: &str, granted: &std::path::Path) -> (TestNode, tempfile::TempDir) {
     plugin("sandbox_probe");
     let mut config = String::new();
     for (name, behaviour, limits) in [
@@ -272,12 +273,12 @@ fn probe_node(extra: &str) -> (TestNode, tempfile::TempDir) {
         (
             "read-granted",
             "read-file:/data/granted.txt",
-            ", dirs = [{ host = \"{dir}/granted\", guest = \"/data\" }]",
+            ", dirs = [{ host = \"{granted}\", guest = \"/data\" }]",
         ),
         (
             "write-denied",
             "write-file:/data/new.txt",
-            ", dirs = [{ host = \"{dir}/granted\", guest = \"/data\" }]",
+            ", dirs = [{ host = \"{granted}\", guest = \"/data\" }]",
         ),
         ("connect", "connect:127.0.0.1:9", ""),
         ("env-denied", "env:HOME", ""),
@@ -292,8 +293,7 @@ fn probe_node(extra: &str) -> (TestNode, tempfile::TempDir) {
         ));
     }
     config.push_str(extra);
-    let (node, dir) = start_with_config(&config);
-    (node, dir)
+    start_with_config(&config.replace("{granted}", &granted.display().to_string()))
 }
 
 async fn call(http: &reqwest::Client, node: &TestNode, endpoint: &str) -> (u16, String) {
@@ -313,10 +313,10 @@ async fn call(http: &reqwest::Client, node: &TestNode, endpoint: &str) -> (u16, 
 
 #[tokio::test]
 async fn the_sandbox_holds_every_promise() {
-    // The granted folder must exist before the node opens it per call.
-    let (node, dir) = probe_node("");
-    std::fs::create_dir_all(dir.path().join("granted")).unwrap();
-    std::fs::write(dir.path().join("granted/granted.txt"), "hello").unwrap();
+    // The granted folder must exist before the node loads the plugins it is granted to.
+    let granted = tempfile::tempdir().unwrap();
+    std::fs::write(granted.path().join("granted.txt"), "hello").unwrap();
+    let (node, _dir) = probe_node("", granted.path());
     let http = client();
 
     assert_eq!(call(&http, &node, "ok").await.0, 200);
@@ -347,7 +347,7 @@ async fn the_sandbox_holds_every_promise() {
         assert!(message.contains("denied"), "{denied}: {message}");
     }
     assert!(
-        !dir.path().join("granted/new.txt").exists(),
+        !granted.path().join("new.txt").exists(),
         "a read-only grant was written to"
     );
     assert_eq!(
@@ -406,8 +406,10 @@ async fn the_sandbox_holds_every_promise() {
 
 #[tokio::test]
 async fn a_runaway_plugin_does_not_stall_other_endpoints() {
+    let granted = tempfile::tempdir().unwrap();
     let (node, _dir) = probe_node(
         "[endpoints.slow-loop]\nmodel = \"fraud\"\npre = { path = \"{plugins}/sandbox_probe.wasm\", config = \"loop\", deadline_ms = 1500 }\n",
+        granted.path(),
     );
     let http = client();
     // Two runaways, one per async worker thread, for 1.5 s each.

@@ -193,10 +193,17 @@ impl LoadedPlugin {
             idle: Mutex::new(Vec::new()),
         });
         core.runtime.register_pool(&core);
-        if core.spec.isolation == Isolation::Reuse {
-            core.refill();
-        }
         LoadedPlugin { core }
+    }
+
+    /// Creates one instance and runs its `init`, so a config the plugin refuses is found at
+    /// load rather than by the first request; with `reuse` the instance then waits warm.
+    pub async fn warm_up(&self) -> Result<(), PluginFailure> {
+        let instance = self.core.instantiate().await?;
+        if self.core.spec.isolation == Isolation::Reuse {
+            self.core.put_back(instance);
+        }
+        Ok(())
     }
 
     /// The plugin's name (its file stem).

@@ -1,7 +1,7 @@
 //! `meshserve bench plugins`: what WebAssembly pre/post-processing costs.
 //!
-//! 1. Per-call overhead, in process, in both isolation modes: a no-op plugin
-//!    (`sandbox-probe` answering a fixed tensor), `json-features` (pre) on a ~1 KiB JSON body
+//! 1. Per-call overhead, in process, in both isolation modes: the `noop` plugin (what the
+//!    plugin machinery itself costs), `json-features` (pre) on a ~1 KiB JSON body
 //!    and `threshold` (post) on the fraud model's output; and the Python `labels` plugin.
 //! 2. Served throughput at concurrency 64 of the plain fraud model next to `fraud-ranked`
 //!    (json-features + top-k) and `fraud-check` (fraud-features with a feature lookup +
@@ -33,8 +33,8 @@ pub struct PluginSuiteConfig {
     pub server_binary: PathBuf,
     /// The model repository (must hold `fraud`).
     pub repository: PathBuf,
-    /// Where the built plugins are (`json_features.wasm`, `threshold.wasm`, `sandbox_probe.wasm`,
-    /// `top_k.wasm`, `fraud_features.wasm`).
+    /// Where the built plugins are (`noop.wasm`, `json_features.wasm`, `threshold.wasm`,
+    /// `sandbox_probe.wasm`, `top_k.wasm`, `fraud_features.wasm`).
     pub plugins: PathBuf,
     /// The Python `labels` plugin, if built.
     pub python_plugin: Option<PathBuf>,
@@ -187,7 +187,7 @@ async fn per_call_overhead(
             Ok(spec)
         };
         let noop = runtime
-            .load("noop", Stage::Pre, &spec("sandbox_probe", "ok".into())?)
+            .load("noop", Stage::Pre, &spec("noop", String::new())?)
             .map_err(failed)?;
         let pre = runtime
             .load(
