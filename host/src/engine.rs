@@ -142,6 +142,9 @@ pub struct Engine {
     /// Loads and unloads are serialised so two reloads of a model cannot interleave.
     admin: Mutex<()>,
     ready: AtomicBool,
+    /// Set once the engine drains for good: a model missing then is gone because the node is
+    /// stopping, which is a 503 to retry elsewhere, not a 404.
+    stopping: AtomicBool,
 }
 
 impl Engine {
@@ -156,6 +159,7 @@ impl Engine {
             metrics,
             admin: Mutex::new(()),
             ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -359,11 +363,14 @@ impl Engine {
         // A reload swaps the model while a request may hold the old one: one retry picks up the new.
         let mut retried = false;
         let (version, selection, deadline, receiver) = loop {
-            let model = self
-                .model(&request.model)
-                .ok_or_else(|| InferError::ModelNotFound {
-                    model: request.model.clone(),
-                })?;
+            let model = self.model(&request.model).ok_or_else(|| {
+                let model = request.model.clone();
+                if self.stopping.load(Ordering::Acquire) {
+                    InferError::Closed { model }
+                } else {
+                    InferError::ModelNotFound { model }
+                }
+            })?;
             let version = model.version(request.version.as_deref())?.clone();
             let (inputs, rows) = version.order_inputs(&request.inputs)?;
             let selection = version.select_outputs(request.outputs.as_deref())?;
@@ -446,6 +453,7 @@ impl Engine {
     /// Stops taking requests and waits until every queued request is answered.
     pub fn shutdown(&self) {
         self.ready.store(false, Ordering::Release);
+        self.stopping.store(true, Ordering::Release);
         let models: Vec<Arc<LoadedModel>> = std::mem::take(&mut *write(&self.models))
             .into_values()
             .collect();

@@ -12,6 +12,8 @@ pub enum ErrorClass {
     InvalidInput,
     /// The body is larger than the node accepts (HTTP 413).
     TooLarge,
+    /// The client did not send its request in time (HTTP 408).
+    RequestTimeout,
     /// The node cannot take the request now; retry later (HTTP 503 with `Retry-After`).
     Unavailable,
     /// The request's deadline passed before it ran (HTTP 504).

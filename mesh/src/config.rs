@@ -8,6 +8,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A node's configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -17,7 +18,11 @@ pub struct NodeConfig {
     pub model_repository: Option<PathBuf>,
     /// The ONNX Runtime shared library; `None` means `ORT_DYLIB_PATH`, then discovery.
     pub onnxruntime_library: Option<PathBuf>,
-    /// How long SIGTERM waits for in-flight requests before closing connections, in ms.
+    /// After SIGTERM, how long the node keeps serving while reporting not-ready, so load
+    /// balancers stop sending before it stops accepting, in ms.
+    pub shutdown_grace_ms: u64,
+    /// After the grace period, how long in-flight requests may take before connections are
+    /// closed, in ms.
     pub drain_timeout_ms: u64,
     /// The HTTP/1.1 + HTTP/2 front door.
     pub http: HttpConfig,
@@ -83,6 +88,32 @@ pub struct HttpConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Time a client has to send a request's headers, in ms; on HTTP/1.1 the clock also runs
+    /// while a kept-alive connection waits for its next request.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a request's body once its headers arrived, in ms; slower is 408.
+    pub body_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed, in ms (HTTP/1.1 and
+    /// HTTP/2; a request still arriving does not count as in flight).
+    pub idle_timeout_ms: u64,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Request body bytes buffered at once over all requests; past it, 503 with `Retry-After`.
+    pub max_body_bytes_in_flight: usize,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: u32,
+}
+
+impl HttpConfig {
+    /// The connection limits the server enforces.
+    pub fn limits(&self) -> crate::http::server::ConnectionLimits {
+        crate::http::server::ConnectionLimits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            max_concurrent_streams: self.max_concurrent_streams,
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -90,6 +121,7 @@ impl Default for NodeConfig {
         NodeConfig {
             model_repository: None,
             onnxruntime_library: None,
+            shutdown_grace_ms: 2_000,
             drain_timeout_ms: 30_000,
             http: HttpConfig::default(),
             plugins: PluginRuntimeConfig::default(),
@@ -107,6 +139,12 @@ impl Default for HttpConfig {
             max_body_bytes: 32 * 1024 * 1024,
             tls_cert: None,
             tls_key: None,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4096,
+            max_body_bytes_in_flight: 512 * 1024 * 1024,
+            max_concurrent_streams: 256,
         }
     }
 }

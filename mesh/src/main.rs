@@ -299,7 +299,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let node = Node::start(config).await?;
-        node.serve(shutdown_signal()).await;
+        node.serve(async {
+            shutdown_signal().await;
+            // A second signal means "now": no grace period, no drain.
+            tokio::spawn(async {
+                shutdown_signal().await;
+                tracing::warn!("second signal; exiting without draining");
+                std::process::exit(1);
+            });
+        })
+        .await;
         Ok(())
     })
 }

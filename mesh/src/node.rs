@@ -171,7 +171,11 @@ impl Node {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let state = AppState {
             engine: self.engine.clone(),
-            max_body_bytes: self.config.http.max_body_bytes,
+            bodies: crate::http::routes::BodyLimits::new(
+                self.config.http.max_body_bytes,
+                Duration::from_millis(self.config.http.body_read_timeout_ms),
+                self.config.http.max_body_bytes_in_flight,
+            ),
             endpoints: self.endpoints.clone(),
             cluster: self.cluster.clone(),
         };
@@ -193,19 +197,27 @@ impl Node {
         );
         let engine = self.engine.clone();
         let cluster = self.cluster.clone();
+        let grace = Duration::from_millis(self.config.shutdown_grace_ms);
         let shutdown = async move {
             shutdown.await;
-            // Readiness drops first, so load balancers stop sending before connections close.
+            // Readiness drops first, and the node keeps serving for the grace period, so load
+            // balancers stop sending before it stops accepting.
             engine.begin_shutdown();
+            tracing::info!(
+                ?grace,
+                "reporting not-ready; serving until the grace period ends"
+            );
             // Peers learn we are leaving and stop routing to us.
             if let Some(cluster) = cluster {
                 cluster.leave().await;
             }
+            tokio::time::sleep(grace).await;
         };
         server::serve(
             self.listener,
             router(state),
             self.tls,
+            self.config.http.limits(),
             shutdown,
             Duration::from_millis(self.config.drain_timeout_ms),
         )

@@ -83,7 +83,8 @@ pub async fn invoke(
 ) -> Result<Response, ApiError> {
     // The pre and post versions this request runs with, taken together.
     let plugins = endpoint.plugins()?;
-    let body = read_body(headers, body, state.max_body_bytes).await?;
+    let read = read_body(headers, body, &state.bodies).await?;
+    let body = read.bytes.clone();
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -40,6 +40,7 @@ pub fn status_of(class: ErrorClass) -> StatusCode {
         ErrorClass::NotFound => StatusCode::NOT_FOUND,
         ErrorClass::InvalidInput => StatusCode::BAD_REQUEST,
         ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorClass::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorClass::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,

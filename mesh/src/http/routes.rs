@@ -32,8 +32,8 @@ pub const TIMEOUT_HEADER: &str = "meshserve-timeout-us";
 pub struct AppState {
     /// The node's engine.
     pub engine: Arc<Engine>,
-    /// Largest request body accepted, in bytes.
-    pub max_body_bytes: usize,
+    /// How request bodies are read: size, time and the node-wide byte budget.
+    pub bodies: BodyLimits,
     /// The node's endpoints (plugins around models), if any are configured.
     pub endpoints: Option<Arc<Endpoints>>,
     /// The node's place in the mesh, if it has one: models it does not serve are forwarded.
@@ -278,12 +278,45 @@ async fn model_config(
     })))
 }
 
-/// Reads a body of at most `limit` bytes; larger is a 413 before the rest is read.
+/// How request bodies are read.
+#[derive(Clone)]
+pub struct BodyLimits {
+    /// Largest request body accepted, in bytes; larger is 413.
+    pub max_bytes: usize,
+    /// Time to receive a body once its headers arrived; slower is 408.
+    pub read_timeout: Duration,
+    /// Bytes buffered at once over all requests; one permit a byte.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl BodyLimits {
+    /// Limits of `max_bytes` per body, `read_timeout`, and `max_in_flight` bytes node-wide.
+    pub fn new(max_bytes: usize, read_timeout: Duration, max_in_flight: usize) -> BodyLimits {
+        BodyLimits {
+            max_bytes,
+            read_timeout,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                max_in_flight.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+        }
+    }
+}
+
+/// A request body and its share of the node's body budget, given back when dropped: keep it
+/// while the body (or what was decoded from it) is in use.
+pub(crate) struct ReadBody {
+    pub(crate) bytes: Bytes,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Reads a body within `limits`: larger than `max_bytes` is a 413 before the rest is read,
+/// slower than `read_timeout` a 408, and past the node's in-flight byte budget a 503.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
+    limits: &BodyLimits,
+) -> Result<ReadBody, ApiError> {
+    let limit = limits.max_bytes;
     let too_large = || {
         ApiError::new(
             ErrorClass::TooLarge,
@@ -297,12 +330,64 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::new(
-            ErrorClass::InvalidInput,
-            format!("could not read the request body: {e}"),
+    let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut take = |bytes: usize| -> Result<(), ApiError> {
+        let Ok(bytes) = u32::try_from(bytes) else {
+            return Err(too_large());
+        };
+        let permit = limits
+            .in_flight
+            .clone()
+            .try_acquire_many_owned(bytes)
+            .map_err(|_| {
+                let mut error = ApiError::new(
+                    ErrorClass::Unavailable,
+                    "the node is buffering too many request bytes (max_body_bytes_in_flight); retry later",
+                );
+                error.retry_after = Some(Duration::from_secs(1));
+                error
+            })?;
+        match &mut budget {
+            Some(held) => held.merge(permit),
+            None => budget = Some(permit),
+        }
+        Ok(())
+    };
+    let mut body = Limited::new(body, limit);
+    let mut collected = bytes::BytesMut::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                    return Err(too_large());
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        ErrorClass::InvalidInput,
+                        format!("could not read the request body: {e}"),
+                    ));
+                }
+            };
+            if let Ok(data) = frame.into_data() {
+                take(data.len())?;
+                collected.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(limits.read_timeout, read).await {
+        Ok(Ok(())) => Ok(ReadBody {
+            bytes: collected.freeze(),
+            _budget: budget,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ApiError::new(
+            ErrorClass::RequestTimeout,
+            format!(
+                "the request body did not arrive within {} ms (body_read_timeout_ms)",
+                limits.read_timeout.as_millis()
+            ),
         )),
     }
 }
@@ -374,10 +459,11 @@ async fn run_infer(
     body: Body,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let body = read_body(headers, body, state.max_body_bytes).await?;
+    let read = read_body(headers, body, &state.bodies).await?;
+    let body = &read.bytes;
     let json_length = header_number(headers, HEADER_CONTENT_LENGTH)?
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    let mut decoded = oip::decode_request(&path.model, path.version.as_deref(), &body, json_length)
+    let mut decoded = oip::decode_request(&path.model, path.version.as_deref(), body, json_length)
         .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
     if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
         decoded.request.timeout = Some(Duration::from_micros(us));

@@ -442,6 +442,8 @@ impl From<&InferError> for Failure {
             ErrorClass::NotFound => FailureClass::NotFound,
             ErrorClass::InvalidInput => FailureClass::InvalidInput,
             ErrorClass::TooLarge => FailureClass::TooLarge,
+            // Only the HTTP front door reads bodies; were it ever sent, the client was at fault.
+            ErrorClass::RequestTimeout => FailureClass::InvalidInput,
             ErrorClass::Unavailable => FailureClass::Unavailable,
             ErrorClass::DeadlineExceeded => FailureClass::DeadlineExceeded,
             ErrorClass::Internal => FailureClass::Internal,

@@ -42,6 +42,8 @@ pub struct TestNode {
     child: Child,
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Disconnects when the log reader has read the process's last line.
+    log_done: std::sync::mpsc::Receiver<()>,
 }
 
 impl TestNode {
@@ -66,6 +68,7 @@ impl TestNode {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
+        let (done_tx, log_done) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 // Logged before it is announced, so a caller woken by it finds it in the log.
@@ -74,6 +77,7 @@ impl TestNode {
                     let _ = tx.send(line);
                 }
             }
+            drop(done_tx);
         });
         let line = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => line,
@@ -92,7 +96,12 @@ impl TestNode {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line}"));
-        TestNode { child, addr, log }
+        TestNode {
+            child,
+            addr,
+            log,
+            log_done,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -108,9 +117,16 @@ impl TestNode {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
+        self.wait_for_exit(within)
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let end = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
+                // Everything the process wrote is in the log before the caller reads it.
+                let _ = self.log_done.recv_timeout(Duration::from_secs(2));
                 return status;
             }
             assert!(Instant::now() < end, "meshserve did not exit after SIGTERM");
