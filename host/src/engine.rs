@@ -5,7 +5,7 @@
 //! and the old one drains its queue before its workers exit, so no request is dropped.
 
 use crate::batching::policy::{BatchLimits, Refused};
-use crate::batching::scheduler::{Job, JobError, Scheduler};
+use crate::batching::scheduler::{Claim, Job, JobError, Scheduler};
 use crate::error::InferError;
 use crate::metrics::Metrics;
 use crate::model::config::ModelConfig;
@@ -362,7 +362,7 @@ impl Engine {
         let enqueued_at = Instant::now();
         // A reload swaps the model while a request may hold the old one: one retry picks up the new.
         let mut retried = false;
-        let (version, selection, deadline, receiver) = loop {
+        let (version, selection, deadline, receiver, claim) = loop {
             let model = self.model(&request.model).ok_or_else(|| {
                 let model = request.model.clone();
                 if self.stopping.load(Ordering::Acquire) {
@@ -374,21 +374,26 @@ impl Engine {
             let version = model.version(request.version.as_deref())?.clone();
             let (inputs, rows) = version.order_inputs(&request.inputs)?;
             let selection = version.select_outputs(request.outputs.as_deref())?;
-            let timeout = request.timeout.or_else(|| {
-                (version.config.default_timeout_us > 0)
-                    .then(|| Duration::from_micros(version.config.default_timeout_us))
-            });
+            // 0 means "no deadline" wherever a timeout is given: the request, the config.
+            let timeout = request
+                .timeout
+                .or(Some(Duration::from_micros(
+                    version.config.default_timeout_us,
+                )))
+                .filter(|t| !t.is_zero());
             let deadline = timeout.map(|t| enqueued_at + t);
             let (reply, receiver) = oneshot::channel();
+            let claim = Arc::new(Claim::default());
             let job = Job {
                 inputs,
                 rows,
                 enqueued_at,
                 deadline,
                 reply,
+                claim: claim.clone(),
             };
             match version.scheduler.submit(job) {
-                Ok(()) => break (version, selection, deadline.zip(timeout), receiver),
+                Ok(()) => break (version, selection, deadline.zip(timeout), receiver, claim),
                 Err(Refused::Full(_)) => {
                     return Err(InferError::QueueFull {
                         model: request.model.clone(),
@@ -403,24 +408,33 @@ impl Engine {
                 }
             }
         };
-        let expired = |waited: Duration, timeout: Duration| InferError::DeadlineExceeded {
-            model: version.name.clone(),
-            waited_us: waited.as_micros() as u64,
-            timeout_us: timeout.as_micros() as u64,
-        };
+        let expired =
+            |waited: Duration, timeout: Duration, ran: bool| InferError::DeadlineExceeded {
+                model: version.name.clone(),
+                waited_us: waited.as_micros() as u64,
+                timeout_us: timeout.as_micros() as u64,
+                ran,
+            };
         let answer = match deadline {
-            // Answer at the deadline even when every session is busy; the queued job is then
-            // skipped by its worker because its receiver is gone.
+            // Answer at the deadline even when every session is busy. A job still queued is
+            // abandoned (its worker skips it); one a worker took ran, and its result is dropped.
             Some((at, timeout)) => match tokio::time::timeout_at(at.into(), receiver).await {
                 Ok(answer) => answer,
-                Err(_) => return Err(expired(enqueued_at.elapsed(), timeout)),
+                Err(_) => {
+                    let ran = !claim.abandon();
+                    return Err(expired(enqueued_at.elapsed(), timeout, ran));
+                }
             },
             None => receiver.await,
         };
         let (outputs, timings) = match answer {
             Ok(Ok(done)) => done,
             Ok(Err(JobError::Expired { waited })) => {
-                return Err(expired(waited, deadline.map(|d| d.1).unwrap_or_default()));
+                return Err(expired(
+                    waited,
+                    deadline.map(|d| d.1).unwrap_or_default(),
+                    false,
+                ));
             }
             Ok(Err(JobError::BadInput(message))) => return Err(InferError::InvalidInput(message)),
             Ok(Err(JobError::Run(message))) => {
@@ -524,11 +538,13 @@ impl ModelVersion {
                 complete[0].name, rows, other.name, other.shape[0]
             )));
         }
+        // max_batch_size bounds what the batcher merges: a larger request runs on its own.
         let rows = rows as usize;
-        if rows == 0 || rows > self.max_batch_size {
+        let most = self.config.max_request_rows.unwrap_or(usize::MAX);
+        if rows == 0 || rows > most {
             return Err(invalid(format!(
-                "a request must have between 1 and {} rows (max_batch_size of '{}'), got {rows}",
-                self.max_batch_size, self.name
+                "a request must have between 1 and {most} rows (max_request_rows of '{}'), got {rows}",
+                self.name
             )));
         }
         Ok((complete, rows))

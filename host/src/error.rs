@@ -58,17 +58,20 @@ pub enum InferError {
         /// The model.
         model: String,
     },
-    /// The deadline passed before the model ran.
+    /// The deadline passed before the model answered.
     #[error(
-        "request to '{model}' timed out after {waited_us} µs in the queue (timeout {timeout_us} µs); it was not run"
+        "request to '{model}' passed its deadline of {timeout_us} µs after {waited_us} µs; {}",
+        if *ran { "it was running, and its result was discarded" } else { "it was not run" }
     )]
     DeadlineExceeded {
         /// The model.
         model: String,
-        /// Time spent waiting.
+        /// Time from queueing to the deadline.
         waited_us: u64,
         /// The deadline it had.
         timeout_us: u64,
+        /// Whether a session had started it.
+        ran: bool,
     },
     /// An endpoint's plugin is not loaded (bad file, failed compile).
     #[error("endpoint '{endpoint}' is unavailable: {reason}")]

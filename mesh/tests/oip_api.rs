@@ -4,7 +4,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::{TestNode, copy_examples, metric_sum, workspace_root};
 
 fn client() -> reqwest::Client {
@@ -355,13 +355,10 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     .await;
     assert!(message.contains("no output 'logits'"), "{message}");
 
-    let too_many_rows = json!({"inputs": [{"name": "features", "shape": [65, 32], "datatype": "FP32", "data": vec![0.5; 65 * 32]}]});
-    let message = error_of(
-        infer("fraud").json(&too_many_rows).send().await.unwrap(),
-        400,
-    )
-    .await;
-    assert!(message.contains("max_batch_size"), "{message}");
+    let no_rows =
+        json!({"inputs": [{"name": "features", "shape": [0, 32], "datatype": "FP32", "data": []}]});
+    let message = error_of(infer("fraud").json(&no_rows).send().await.unwrap(), 400).await;
+    assert!(message.contains("between 1 and"), "{message}");
 
     let truncated_binary = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "parameters": {"binary_data_size": 128}}]}).to_string();
     let mut body = truncated_binary.clone().into_bytes();
@@ -473,7 +470,7 @@ async fn expired_deadlines_are_dropped_unrun_with_504() {
     let node = TestNode::start(repo.path(), &[]);
     let http = client();
     let mut body = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
-    body["parameters"] = json!({"timeout": 0});
+    body["parameters"] = json!({"timeout": 1});
     let message = error_of(
         http.post(node.url("/v2/models/fraud/infer"))
             .json(&body)
@@ -484,13 +481,13 @@ async fn expired_deadlines_are_dropped_unrun_with_504() {
     )
     .await;
     assert!(
-        message.contains("timed out") && message.contains("not run"),
+        message.contains("deadline of 1 µs") && message.contains("it was not run"),
         "{message}"
     );
     body["parameters"] = json!({});
     let response = http
         .post(node.url("/v2/models/fraud/infer"))
-        .header("meshserve-timeout-us", "0")
+        .header("meshserve-timeout-us", "1")
         .json(&body)
         .send()
         .await
@@ -690,4 +687,160 @@ async fn http2_prior_knowledge_serves_the_same_api() {
         .map(|v| v.as_f64().unwrap())
         .collect();
     assert!((p[0] + p[1] - 1.0).abs() < 1e-5, "softmax sums to 1: {p:?}");
+}
+
+#[tokio::test]
+async fn a_timeout_of_zero_means_no_deadline_in_the_body_and_in_the_header() {
+    let repo = copy_examples();
+    let node = TestNode::start(repo.path(), &[]);
+    let http = client();
+    let mut body = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
+    body["parameters"] = json!({"timeout": 0});
+    let url = node.url("/v2/models/fraud/infer");
+    assert_eq!(
+        http.post(&url).json(&body).send().await.unwrap().status(),
+        200
+    );
+    body["parameters"] = json!({});
+    let response = http
+        .post(&url)
+        .header("meshserve-timeout-us", "0")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_deadline_says_whether_the_request_ran_and_sub_millisecond_ones_are_honoured() {
+    let repo = copy_examples();
+    std::fs::write(
+        repo.path().join("heavy/config.toml"),
+        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\n",
+    )
+    .unwrap();
+    let node = TestNode::start(repo.path(), &[]);
+    let http = client();
+    let url = node.url("/v2/models/heavy/infer");
+    // 1024 rows take about 20 ms here; sent as binary tensors, they are queued at once.
+    let big = |timeout_us: &str| {
+        let header = json!({"inputs": [{"name": "input", "shape": [1024, 512], "datatype": "FP32",
+            "parameters": {"binary_data_size": 1024 * 512 * 4}}]})
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend(std::iter::repeat_n(0.25f32.to_le_bytes(), 1024 * 512).flatten());
+        http.post(&url)
+            .header("Inference-Header-Content-Length", header.len())
+            .header("meshserve-timeout-us", timeout_us)
+            .body(body)
+            .send()
+    };
+    // A 5 ms deadline passes while its request runs; a second big request queues behind it.
+    let running = tokio::spawn(big("5000"));
+    let queued = tokio::spawn(big("0"));
+    let waiting = Instant::now();
+    loop {
+        let metrics = http
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric_sum(&metrics, "meshserve_queue_depth", &[("model", "heavy")]) >= 1.0 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(5),
+            "the big requests never queued"
+        );
+    }
+    // Behind them, a request with a 300 µs deadline: answered at once, never run.
+    let small = json!({"inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.25; 512]}]});
+    let started = Instant::now();
+    let response = http
+        .post(&url)
+        .header("meshserve-timeout-us", "300")
+        .json(&small)
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let message = error_of(response, 504).await;
+    assert!(
+        message.contains("deadline of 300 µs") && message.contains("it was not run"),
+        "{message}"
+    );
+    assert!(
+        took < Duration::from_millis(12),
+        "a 300 µs deadline answered after {took:?}"
+    );
+    let message = error_of(running.await.unwrap().unwrap(), 504).await;
+    assert!(
+        message.contains("deadline of 5000 µs") && message.contains("it was running"),
+        "{message}"
+    );
+    assert_eq!(queued.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_request_larger_than_max_batch_size_runs_alone_up_to_max_request_rows() {
+    let repo = copy_examples();
+    // No config at all: the batch dimension is dynamic, so batching defaults to 64 rows.
+    std::fs::remove_file(repo.path().join("fraud/config.toml")).unwrap();
+    let node = TestNode::start(repo.path(), &[]);
+    let http = client();
+    let url = node.url("/v2/models/fraud/infer");
+    let rows = 1024;
+    let data: Vec<f64> = (0..rows * 32)
+        .map(|i| ((i * 7) % 23) as f64 / 23.0 - 0.5)
+        .collect();
+    let body = json!({"inputs": [{"name": "features", "shape": [rows, 32], "datatype": "FP32", "data": data}]});
+    let response = http.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let output = &answer["outputs"][0];
+    assert_eq!(output["shape"], json!([rows, 2]));
+    let all = output["data"].as_array().unwrap();
+    // Each row answers as it does alone.
+    for row in [0, 1, 511, 1023] {
+        let one = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": data[row * 32..row * 32 + 32]}]});
+        let alone: Value = http
+            .post(&url)
+            .json(&one)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let alone = alone["outputs"][0]["data"].as_array().unwrap();
+        for k in 0..2 {
+            let (a, b) = (
+                all[row * 2 + k].as_f64().unwrap(),
+                alone[k].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-5, "row {row}: {a} vs {b}");
+        }
+    }
+
+    // max_request_rows bounds what a client may send.
+    std::fs::write(
+        repo.path().join("fraud/config.toml"),
+        "max_request_rows = 100\n",
+    )
+    .unwrap();
+    let reload = http
+        .post(node.url("/v2/repository/models/fraud/load"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let message = error_of(http.post(&url).json(&body).send().await.unwrap(), 400).await;
+    assert!(
+        message.contains("between 1 and 100 rows (max_request_rows"),
+        "{message}"
+    );
 }

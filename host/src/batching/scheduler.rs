@@ -44,6 +44,36 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// Where the answer goes.
     pub reply: oneshot::Sender<JobResult>,
+    /// Whether a worker took it, or its waiter gave up first: exactly one of them wins.
+    pub claim: Arc<Claim>,
+}
+
+/// Decides, once, whether a queued request runs or is abandoned by its waiter (deadline): the
+/// waiter can then say truthfully whether the request ran.
+#[derive(Debug, Default)]
+pub struct Claim(std::sync::atomic::AtomicU8);
+
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Claim {
+    /// The worker takes the request; false if its waiter already gave up.
+    fn run(&self) -> bool {
+        self.swap_from_queued(RUNNING)
+    }
+
+    /// The waiter gives up; false if a worker already took the request (it ran, or runs).
+    pub fn abandon(&self) -> bool {
+        self.swap_from_queued(ABANDONED)
+    }
+
+    fn swap_from_queued(&self, to: u8) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .compare_exchange(QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 impl Batchable for Job {
@@ -186,8 +216,11 @@ fn worker(shared: &Shared, mut session: OnnxSession) {
 }
 
 fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, started: Instant) {
-    // A client that gave up (its receiver dropped) costs no compute.
-    let batch: Vec<Job> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+    // A client that gave up (its deadline passed, or it went away) costs no compute.
+    let batch: Vec<Job> = batch
+        .into_iter()
+        .filter(|j| !j.reply.is_closed() && j.claim.run())
+        .collect();
     if batch.is_empty() {
         return;
     }

@@ -74,9 +74,12 @@ impl VersionPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Largest batch (rows along dimension 0) the batcher forms; 0 disables batching.
-    /// `None` means: 64 if every input's first dimension is dynamic, else 0.
+    /// Largest batch (rows along dimension 0) the batcher merges requests into; 0 disables
+    /// batching. `None` means: 64 if every input's first dimension is dynamic, else 0. A
+    /// request with more rows than this runs on its own, as one batch.
     pub max_batch_size: Option<usize>,
+    /// Most rows one request may carry; `None` leaves it to the front door's `max_body_bytes`.
+    pub max_request_rows: Option<usize>,
     /// Longest a partial batch may wait to fill while another session is busy, in µs.
     pub max_queue_delay_us: u64,
     /// ONNX Runtime sessions (each on its own worker thread).
@@ -85,7 +88,7 @@ pub struct ModelConfig {
     pub intra_op_threads: usize,
     /// Requests that may wait in the queue before new ones are shed with 503.
     pub queue_capacity: usize,
-    /// Deadline for a request that sets none, in µs; 0 = no deadline.
+    /// Deadline for a request that sets none, in µs; 0 = no deadline (as a request's own 0).
     pub default_timeout_us: u64,
     /// Execution providers in order of preference; CPU is always the last resort.
     pub execution_providers: Vec<ExecutionProvider>,
@@ -101,6 +104,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             max_batch_size: None,
+            max_request_rows: None,
             max_queue_delay_us: 100,
             instances: 1,
             intra_op_threads: 0,

@@ -314,8 +314,10 @@ impl Cluster {
                 format!("unknown model '{model}': no node of the mesh serves it"),
             ));
         };
+        // 0 means "no deadline", as it does in the engine.
         let timeout = call
             .timeout_us
+            .filter(|&us| us > 0)
             .map_or(self.forward_timeout, Duration::from_micros);
         call.forwarded = true;
         let request = Message::Infer(call);
