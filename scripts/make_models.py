@@ -227,6 +227,33 @@ def reshape_by_value(_rng):
     return save("reshape_by_value", graph, "max_batch_size = 0\n", root=TEST_MODELS)
 
 
+def gather_rows(_rng):
+    """INT64 ids [N,1] looked up in a 10-row table: an id past 9 fails in ONNX Runtime. The
+    tests' model where one poisoned request would fail every request batched with it."""
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        "gather_rows",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 1, 4])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    return save("gather_rows", graph, "max_queue_delay_us = 50000\n", root=TEST_MODELS)
+
+
+def flatten_rows(_rng):
+    """FP32 [N,4] flattened to [4N], declared with a dynamic first dimension: its outputs do not
+    follow the inputs' batch dimension, which only shows when requests are batched."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "flat"], ["y"])],
+        "flatten_rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        [numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")],
+    )
+    return save("flatten_rows", graph, "max_queue_delay_us = 50000\n", root=TEST_MODELS)
+
+
 def echo_inputs(rng, rows):
     inputs = {}
     for name, _, dtype in ECHO_TYPES:
@@ -315,6 +342,8 @@ def main():
         [{"image": rng.standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)}],
     )
     reshape_by_value(rng)
+    gather_rows(rng)
+    flatten_rows(rng)
     images()
     print(f"wrote models under {MODELS} and {TEST_MODELS}, references under {REFERENCES}")
 

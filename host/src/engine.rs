@@ -331,9 +331,10 @@ impl Engine {
 
     /// Every model in the repository or loaded, with its state.
     pub fn index(&self) -> Vec<IndexEntry> {
+        // The directory is read before the map is locked: no disk I/O under the model lock.
+        let mut names: Vec<String> = self.repository.model_names().unwrap_or_default();
         let models = read(&self.models);
         let failures = read(&self.failures);
-        let mut names: Vec<String> = self.repository.model_names().unwrap_or_default();
         names.extend(models.keys().cloned());
         names.sort();
         names.dedup();
@@ -517,6 +518,7 @@ impl ModelVersion {
                 )));
             }
             tensor.validate().map_err(|e| invalid(e.to_string()))?;
+            check_text(tensor).map_err(invalid)?;
             ordered[position] = Some(tensor.clone());
         }
         let mut complete = Vec::with_capacity(ordered.len());
@@ -584,6 +586,29 @@ fn pick(outputs: Vec<Tensor>, selection: &[usize]) -> Vec<Tensor> {
         .iter()
         .filter_map(|&i| outputs.get(i).cloned())
         .collect()
+}
+
+/// BYTES inputs become ONNX string tensors, which hold text: each element must be UTF-8
+/// without NUL, checked here so one such request fails alone, before it is batched.
+fn check_text(tensor: &Tensor) -> Result<(), String> {
+    for (i, element) in tensor.bytes_elements().enumerate() {
+        match std::str::from_utf8(element) {
+            Err(_) => {
+                return Err(format!(
+                    "input '{}': BYTES element {i} is not valid UTF-8 (the model takes text)",
+                    tensor.name
+                ));
+            }
+            Ok(text) if text.contains('\0') => {
+                return Err(format!(
+                    "input '{}': BYTES element {i} holds a NUL byte (the model takes text)",
+                    tensor.name
+                ));
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn drain_in_background(model: Arc<LoadedModel>) {

@@ -117,6 +117,17 @@ impl<T: Batchable> Batcher<T> {
     }
 
     /// Decides what an idle worker does at `now`.
+    /// From now on every request runs on its own: the model's outputs turned out not to share
+    /// the inputs' batch dimension.
+    pub fn stop_batching(&mut self) {
+        self.limits.max_batch_rows = 0;
+    }
+
+    /// Whether requests are still merged into batches.
+    pub fn batching(&self) -> bool {
+        self.limits.max_batch_rows > 0
+    }
+
     pub fn next(&mut self, now: Instant) -> Step<T> {
         let expired = self.take_expired(now);
         if !expired.is_empty() {

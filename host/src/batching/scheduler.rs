@@ -92,6 +92,7 @@ impl Batchable for Job {
 }
 
 struct Shared {
+    label: String,
     batcher: Mutex<Batcher<Job>>,
     wake: Condvar,
     metrics: ModelMetrics,
@@ -119,6 +120,7 @@ impl Scheduler {
         metrics: ModelMetrics,
     ) -> std::io::Result<Scheduler> {
         let shared = Arc::new(Shared {
+            label: label.to_string(),
             batcher: Mutex::new(Batcher::new(limits)),
             wake: Condvar::new(),
             metrics,
@@ -233,14 +235,14 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, starte
     }
     shared.metrics.batch_size.observe(batch.len() as f64);
 
-    let outcome = infer(session, &batch);
+    let outcome = guarded(|| infer(session, &batch));
     let infer_time = started.elapsed();
     shared
         .metrics
         .inference_seconds
         .observe(infer_time.as_secs_f64());
     let batch_size = batch.len();
-    match outcome {
+    let failure = match outcome {
         Ok(per_job) => {
             for (job, outputs) in batch.into_iter().zip(per_job) {
                 let timings = StageTimings {
@@ -250,33 +252,90 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, starte
                 };
                 let _ = job.reply.send(Ok((outputs, timings)));
             }
+            return;
         }
-        Err(error) => {
-            for job in batch {
-                let _ = job.reply.send(Err(match &error {
-                    RunError::BadInput(m) => JobError::BadInput(m.clone()),
-                    RunError::Runtime(m) => JobError::Run(m.clone()),
-                }));
+        Err(failure) => failure,
+    };
+    if batch_size == 1 {
+        for job in batch {
+            let _ = job.reply.send(Err(failure.job_error()));
+        }
+        return;
+    }
+    if let BatchFailure::Misaligned(reason) = &failure {
+        let mut batcher = shared.lock();
+        if batcher.batching() {
+            batcher.stop_batching();
+            tracing::warn!(model = %shared.label, %reason, "the model's outputs do not follow its inputs' batch dimension; serving each request on its own from now on");
+        }
+    }
+    // One request may have failed the whole batch: each runs alone, so only it fails.
+    for job in batch {
+        let started = Instant::now();
+        let alone = guarded(|| infer(session, std::slice::from_ref(&job)));
+        let timings = StageTimings {
+            queue: started.saturating_duration_since(job.enqueued_at),
+            infer: started.elapsed(),
+            batch_size: 1,
+        };
+        let _ = job.reply.send(match alone {
+            Ok(mut outputs) => Ok((outputs.pop().unwrap_or_default(), timings)),
+            Err(failure) => Err(failure.job_error()),
+        });
+    }
+}
+
+/// Why a batch produced no outputs.
+enum BatchFailure {
+    /// ONNX Runtime refused or failed the run.
+    Run(RunError),
+    /// The outputs could not be split back along the requests' rows.
+    Misaligned(String),
+    /// The run panicked; the worker caught it and keeps serving.
+    Panicked(String),
+}
+
+impl BatchFailure {
+    fn job_error(&self) -> JobError {
+        match self {
+            BatchFailure::Run(RunError::BadInput(m)) => JobError::BadInput(m.clone()),
+            BatchFailure::Run(RunError::Runtime(m)) | BatchFailure::Misaligned(m) => {
+                JobError::Run(m.clone())
             }
+            BatchFailure::Panicked(m) => JobError::Run(format!("the model's worker panicked: {m}")),
         }
     }
 }
 
+/// Runs `run`, turning a panic into a failure of this batch instead of a dead worker whose
+/// requests would wait for ever.
+fn guarded<T>(run: impl FnOnce() -> Result<T, BatchFailure>) -> Result<T, BatchFailure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(%message, "an inference worker panicked; failing its batch and serving on");
+        Err(BatchFailure::Panicked(message))
+    })
+}
+
 /// Runs one batch and returns each job's outputs.
-fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, RunError> {
+fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, BatchFailure> {
     if let [job] = batch {
-        return Ok(vec![session.run(&job.inputs)?]);
+        return Ok(vec![session.run(&job.inputs).map_err(BatchFailure::Run)?]);
     }
     let inputs: Vec<Tensor> = (0..batch[0].inputs.len())
         .map(|i| stack(&batch.iter().map(|j| &j.inputs[i]).collect::<Vec<_>>()))
         .collect();
-    let outputs = session.run(&inputs)?;
+    let outputs = session.run(&inputs).map_err(BatchFailure::Run)?;
     let rows: Vec<usize> = batch.iter().map(|j| j.rows).collect();
     let mut per_job: Vec<Vec<Tensor>> = (0..batch.len())
         .map(|_| Vec::with_capacity(outputs.len()))
         .collect();
     for output in &outputs {
-        let pieces = split(output, &rows).map_err(|e| RunError::Runtime(e.to_string()))?;
+        let pieces = split(output, &rows).map_err(|e| BatchFailure::Misaligned(e.to_string()))?;
         for (job_outputs, piece) in per_job.iter_mut().zip(pieces) {
             job_outputs.push(piece);
         }

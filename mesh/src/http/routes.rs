@@ -697,7 +697,11 @@ async fn unload_model(
     State(state): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.engine.unload(&model)?;
+    // Off the async workers: an unload waits for a load of another model to finish.
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || engine.unload(&model))
+        .await
+        .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))??;
     Ok(json_response(&json!({})))
 }
 
