@@ -183,13 +183,6 @@ async fn the_body_budget_refuses_new_bodies_with_503_while_it_is_spent() {
     assert_eq!(infer_ok(&http, &node).await, 200);
 }
 
-fn sigterm(pid: u32) {
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-}
-
 async fn status(http: &reqwest::Client, url: &str) -> Option<u16> {
     http.get(url).send().await.ok().map(|r| r.status().as_u16())
 }
@@ -202,7 +195,7 @@ async fn sigterm_reports_not_ready_serves_through_the_grace_period_then_exits() 
     let ready = node.url("/v2/health/ready");
     assert_eq!(status(&http, &ready).await, Some(200));
     let signalled = Instant::now();
-    sigterm(node.pid());
+    node.signal_term();
     // Readiness turns first...
     loop {
         if status(&http, &ready).await == Some(503) {
@@ -241,11 +234,10 @@ async fn sigterm_reports_not_ready_serves_through_the_grace_period_then_exits() 
 async fn a_second_signal_exits_at_once() {
     let (mut node, _repo) =
         node_with("shutdown_grace_ms = 60000\n[http]\nlisten = \"127.0.0.1:0\"\n");
-    let pid = node.pid();
-    sigterm(pid);
+    node.signal_term();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let signalled = Instant::now();
-    sigterm(pid);
+    node.signal_term();
     let (status, log) = tokio::task::spawn_blocking(move || {
         let status = node.wait_for_exit(Duration::from_secs(10));
         (status, node.log_text())

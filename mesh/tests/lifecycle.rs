@@ -352,10 +352,7 @@ async fn sigterm_answers_every_in_flight_request_then_exits_cleanly() {
         "the queue had drained before SIGTERM ({queued} queued); the test would prove nothing"
     );
     let signalled = std::time::Instant::now();
-    std::process::Command::new("kill")
-        .args(["-TERM", &node.pid().to_string()])
-        .status()
-        .unwrap();
+    node.signal_term();
     // Readiness turns first, while the queue is still being served.
     let ready_url = node.url("/v2/health/ready");
     loop {

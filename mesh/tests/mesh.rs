@@ -406,16 +406,18 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     }
     assert!(text.lines().any(|l| l.starts_with("fraud")), "{text}");
 
-    // A graceful stop is a leave: the others know at once, without suspicion and timeouts.
+    // A graceful stop is a leave, sent when the stop begins (before the grace period and the
+    // drain): the others know at once, without suspicion and timeouts.
     let mut c = c;
     let stopped_at = Instant::now();
-    assert!(c.node.terminate(Duration::from_secs(10)).success());
+    c.node.signal_term();
     wait_for("c's leave to reach a", Duration::from_secs(2), async || {
         let status = probe.status(a.quic).await.ok()?;
         status.members.iter().all(|m| m.node != "c").then_some(())
     })
     .await;
     assert!(stopped_at.elapsed() < Duration::from_secs(2));
+    assert!(c.node.wait_for_exit(Duration::from_secs(10)).success());
 }
 
 fn bytemuck_f32(bytes: &[u8]) -> Vec<f64> {

@@ -114,10 +114,16 @@ impl TestNode {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal_term();
+        self.wait_for_exit(within)
+    }
+
+    /// Sends SIGTERM without waiting: the node turns not-ready and leaves its mesh at once,
+    /// and exits after its grace period and drain.
+    pub fn signal_term(&self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
-        self.wait_for_exit(within)
     }
 
     /// Waits for the process to exit by itself.
