@@ -227,31 +227,76 @@ def reshape_by_value(_rng):
     return save("reshape_by_value", graph, "max_batch_size = 0\n", root=TEST_MODELS)
 
 
-def gather_rows(_rng):
+def busy_zeros(rng, source, prefix):
+    """Nodes that turn float `source` [N,1] into zeros [N,1] after about a millisecond of
+    matrix work that ONNX Runtime cannot fold away (it depends on the input): a test model's
+    runs then overlap requests that arrive together, so they are batched."""
+    width, layers = 512, 8
+    nodes = [helper.make_node("Expand", [source, f"{prefix}_wide"], [f"{prefix}_h0"])]
+    weights = [numpy_helper.from_array(np.array([1, width], dtype=np.int64), f"{prefix}_wide")]
+    # One weight matrix for every layer keeps the file small (1 MiB).
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    weights.append(numpy_helper.from_array(w, f"{prefix}_w"))
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"{prefix}_h{i}", f"{prefix}_w"], [f"{prefix}_m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"{prefix}_m{i}"], [f"{prefix}_h{i + 1}"]))
+    weights.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}_axis"))
+    weights.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), f"{prefix}_zero"))
+    nodes.append(helper.make_node("ReduceSum", [f"{prefix}_h{layers}", f"{prefix}_axis"], [f"{prefix}_sum"], keepdims=1))
+    nodes.append(helper.make_node("Mul", [f"{prefix}_sum", f"{prefix}_zero"], [f"{prefix}_zeros"]))
+    return nodes, weights, f"{prefix}_zeros"
+
+
+def gather_rows(rng):
     """INT64 ids [N,1] looked up in a 10-row table: an id past 9 fails in ONNX Runtime. The
     tests' model where one poisoned request would fail every request batched with it."""
     table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    busy, weights, zeros = busy_zeros(rng, "ids_f", "busy")
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+        *busy,
+        helper.make_node("Gather", ["table", "ids"], ["picked"], axis=0),
+        helper.make_node("Unsqueeze", [zeros, "last"], ["zeros3"]),
+        helper.make_node("Add", ["picked", "zeros3"], ["rows"]),
+    ]
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        nodes,
         "gather_rows",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 1])],
         [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 1, 4])],
-        [numpy_helper.from_array(table, "table")],
+        [
+            numpy_helper.from_array(table, "table"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "last"),
+            *weights,
+        ],
     )
-    return save("gather_rows", graph, "max_queue_delay_us = 50000\n", root=TEST_MODELS)
+    return save("gather_rows", graph, "intra_op_threads = 1\n", root=TEST_MODELS)
 
 
-def flatten_rows(_rng):
+def flatten_rows(rng):
     """FP32 [N,4] flattened to [4N], declared with a dynamic first dimension: its outputs do not
     follow the inputs' batch dimension, which only shows when requests are batched."""
+    busy, weights, zeros = busy_zeros(rng, "first", "busy")
+    nodes = [
+        helper.make_node("Slice", ["x", "start", "stop", "axis1"], ["first"]),
+        *busy,
+        helper.make_node("Add", ["x", zeros], ["same"]),
+        helper.make_node("Reshape", ["same", "flat"], ["y"]),
+    ]
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "flat"], ["y"])],
+        nodes,
         "flatten_rows",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
-        [numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")],
+        [
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "start"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "stop"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+            *weights,
+        ],
     )
-    return save("flatten_rows", graph, "max_queue_delay_us = 50000\n", root=TEST_MODELS)
+    return save("flatten_rows", graph, "intra_op_threads = 1\n", root=TEST_MODELS)
 
 
 def echo_inputs(rng, rows):
@@ -342,8 +387,10 @@ def main():
         [{"image": rng.standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)}],
     )
     reshape_by_value(rng)
-    gather_rows(rng)
-    flatten_rows(rng)
+    # Their own generator, so the models above stay byte-for-byte what they were.
+    test_rng = np.random.default_rng(20261129)
+    gather_rows(test_rng)
+    flatten_rows(test_rng)
     images()
     print(f"wrote models under {MODELS} and {TEST_MODELS}, references under {REFERENCES}")
 

@@ -4,7 +4,8 @@
 #           WebAssembly plugins around them (examples/node.toml);
 #   nodes b and c: HTTP :8001/:8002, QUIC :7001/:7002, the bundled models, joining through a.
 # Mesh certificates are made once in target/demo-certs. Extra arguments go to node a's
-# `meshserve serve`. Ctrl-C (or SIGTERM) drains and stops all three.
+# `meshserve serve`. Ctrl-C (or SIGTERM) stops all three after their grace period and drain;
+# a second Ctrl-C stops them at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -21,7 +22,9 @@ stop() {
     kill -TERM "${pids[@]}" 2>/dev/null || true
     wait
 }
-trap stop EXIT INT TERM
+trap stop EXIT TERM
+# Ctrl-C already reaches every node (they share the terminal's process group): just wait.
+trap wait INT
 start_peer() {
     RUST_LOG=${RUST_LOG:-warn} "$bin" serve --model-repository examples/models \
         --http "127.0.0.1:800$2" --quic "127.0.0.1:700$2" --certs "$certs" --name "$1" \

@@ -47,7 +47,15 @@ async fn a_poisoned_request_batched_with_good_ones_fails_alone() {
     let (node, _repo) = node_with_test_models(&["gather_rows"]);
     let http = reqwest::Client::new();
     let url = node.url("/v2/models/gather_rows/infer");
-    // Sixteen requests inside one 50 ms batching window; the eighth asks for row 99 of 10.
+    // A long request keeps the session busy, so the next sixteen queue and are batched.
+    let long = {
+        let ids: Vec<i64> = (0..2000).map(|i| i % 10).collect();
+        let body = json!({"inputs": [{"name": "ids", "shape": [2000, 1], "datatype": "INT64", "data": ids}]});
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move { post(&http, &url, body).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // The eighth of the sixteen asks for row 99 of 10.
     let tasks: Vec<_> = (0..16i64)
         .map(|i| {
             let id = if i == 7 { 99 } else { i % 10 };
@@ -70,6 +78,7 @@ async fn a_poisoned_request_batched_with_good_ones_fails_alone() {
             assert_eq!(answer["outputs"][0]["data"], json!(row), "id {id}");
         }
     }
+    assert_eq!(long.await.unwrap().0, 200);
     // They really were batched: some batch held more than one request.
     let (sum, count) = batched_max(&http, &node, "gather_rows").await;
     assert!(
@@ -83,6 +92,13 @@ async fn a_model_whose_outputs_do_not_follow_the_batch_is_served_request_by_requ
     let (node, _repo) = node_with_test_models(&["flatten_rows"]);
     let http = reqwest::Client::new();
     let url = node.url("/v2/models/flatten_rows/infer");
+    // A long request keeps the session busy, so the first round queues and is batched.
+    let long = {
+        let body = json!({"inputs": [{"name": "x", "shape": [2000, 4], "datatype": "FP32", "data": vec![0.5; 8000]}]});
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move { post(&http, &url, body).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     for round in 0..2 {
         let tasks: Vec<_> = (0..12)
             .map(|i| {
@@ -98,6 +114,9 @@ async fn a_model_whose_outputs_do_not_follow_the_batch_is_served_request_by_requ
             assert_eq!(answer["outputs"][0]["data"], json!(data));
         }
     }
+    let (status, answer) = long.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(answer["outputs"][0]["shape"], json!([8000]));
     assert!(
         node.log_text()
             .contains("do not follow its inputs' batch dimension"),
@@ -169,4 +188,66 @@ async fn bytes_the_model_cannot_take_as_text_are_refused_at_decode() {
         "{answer}"
     );
     assert_eq!(post(&http, &url, json!({"inputs": inputs})).await.0, 200);
+}
+
+#[tokio::test]
+async fn unloads_during_a_long_load_do_not_stall_other_models() {
+    let repo = copy_examples();
+    // Thirty versions of `heavy`, two sessions each: a load of it takes a while.
+    for version in 2..=30 {
+        copy_tree(
+            &repo.path().join("heavy/1"),
+            &repo.path().join(format!("heavy/{version}")),
+        );
+    }
+    std::fs::write(
+        repo.path().join("heavy/config.toml"),
+        "versions = \"all\"\ninstances = 2\nintra_op_threads = 1\n",
+    )
+    .unwrap();
+    let node = TestNode::start(repo.path(), &[]);
+    let http = reqwest::Client::new();
+    let load = {
+        let (http, url) = (http.clone(), node.url("/v2/repository/models/heavy/load"));
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let status = http.post(url).send().await.unwrap().status();
+            (status, started.elapsed())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // Unloads wait for the load's lock: four of them would hold every async worker.
+    let unloads: Vec<_> = ["echo", "mixed", "image_stats", "echo"]
+        .into_iter()
+        .map(|model| {
+            let (http, url) = (
+                http.clone(),
+                node.url(&format!("/v2/repository/models/{model}/unload")),
+            );
+            tokio::spawn(async move { http.post(url).send().await.unwrap().status() })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let url = node.url("/v2/models/fraud/infer");
+    let body = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
+    let mut slowest = std::time::Duration::ZERO;
+    while !load.is_finished() {
+        let started = std::time::Instant::now();
+        assert_eq!(post(&http, &url, body.clone()).await.0, 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    let (status, took) = load.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        took > std::time::Duration::from_millis(200),
+        "the load took only {took:?}: the test would prove nothing"
+    );
+    assert!(
+        slowest < std::time::Duration::from_millis(150),
+        "fraud took {slowest:?} while a load and unloads ran"
+    );
+    for unload in unloads {
+        let status = unload.await.unwrap();
+        assert!(status == 200 || status == 404, "{status}");
+    }
 }

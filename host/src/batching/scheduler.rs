@@ -342,3 +342,20 @@ fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, B
     }
     Ok(per_job)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_run_becomes_a_failure_of_its_batch() {
+        let failed = guarded::<()>(|| panic!("boom in a run"));
+        match failed {
+            Err(BatchFailure::Panicked(message)) => assert_eq!(message, "boom in a run"),
+            _ => panic!("the panic escaped the guard"),
+        }
+        let error = BatchFailure::Panicked("boom".into()).job_error();
+        assert!(matches!(error, JobError::Run(m) if m.contains("worker panicked: boom")));
+        assert!(matches!(guarded(|| Ok(7)), Ok(7)));
+    }
+}
