@@ -779,8 +779,9 @@ async fn a_deadline_says_whether_the_request_ran_and_sub_millisecond_ones_are_ho
         message.contains("deadline of 300 µs") && message.contains("it was not run"),
         "{message}"
     );
+    // Had it waited its turn, it would have come after two runs of about 20 ms.
     assert!(
-        took < Duration::from_millis(12),
+        took < Duration::from_millis(15),
         "a 300 µs deadline answered after {took:?}"
     );
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
