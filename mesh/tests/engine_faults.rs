@@ -27,15 +27,10 @@ async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn batched_max(http: &reqwest::Client, node: &TestNode, model: &str) -> (f64, f64) {
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+/// The sum and the count of a model's batch sizes: a sum above the count means some batch
+/// held more than one request.
+async fn batch_sizes(node: &TestNode, model: &str) -> (f64, f64) {
+    let metrics = node.metrics().await;
     (
         metric_sum(&metrics, "meshserve_batch_size_sum", &[("model", model)]),
         metric_sum(&metrics, "meshserve_batch_size_count", &[("model", model)]),
@@ -80,7 +75,7 @@ async fn a_poisoned_request_batched_with_good_ones_fails_alone() {
     }
     assert_eq!(long.await.unwrap().0, 200);
     // They really were batched: some batch held more than one request.
-    let (sum, count) = batched_max(&http, &node, "gather_rows").await;
+    let (sum, count) = batch_sizes(&node, "gather_rows").await;
     assert!(
         sum > count,
         "no batch held more than one request (sum {sum}, count {count})"

@@ -325,14 +325,7 @@ async fn sigterm_answers_every_in_flight_request_then_exits_cleanly() {
     // with a real queue still waiting, then SIGTERM.
     let waiting_since = std::time::Instant::now();
     let queued = loop {
-        let metrics = http
-            .get(node.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = node.metrics().await;
         let queued =
             support::metric_sum(&metrics, "meshserve_queue_depth", &[("model", "heavy")]) as usize;
         let completed =

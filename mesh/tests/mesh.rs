@@ -216,15 +216,6 @@ fn assert_close(actual: &[f64], expected: &[f64]) {
     }
 }
 
-async fn metrics(node: &TestNode) -> String {
-    reqwest::get(node.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     let root = tempfile::tempdir().unwrap();
@@ -333,7 +324,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     assert_eq!(first.sent_to, outsider.quic);
     assert!(owners.contains(&first.served_by));
     let forwarded_before = metric_sum(
-        &metrics(&outsider.node).await,
+        &outsider.node.metrics().await,
         "meshserve_forwarded_requests_total",
         &[("model", "fraud")],
     );
@@ -341,7 +332,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     let mut served_before = 0.0;
     for node in &owner_nodes {
         served_before += metric_sum(
-            &metrics(&node.node).await,
+            &node.node.metrics().await,
             "meshserve_mesh_served_requests_total",
             &[("model", "fraud"), ("kind", "client")],
         );
@@ -364,7 +355,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     }
     assert_eq!(used, owners, "p2c spreads over both replicas");
     let forwarded_after = metric_sum(
-        &metrics(&outsider.node).await,
+        &outsider.node.metrics().await,
         "meshserve_forwarded_requests_total",
         &[("model", "fraud")],
     );
@@ -375,7 +366,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     let mut served_after = 0.0;
     for node in &owner_nodes {
         served_after += metric_sum(
-            &metrics(&node.node).await,
+            &node.node.metrics().await,
             "meshserve_mesh_served_requests_total",
             &[("model", "fraud"), ("kind", "client")],
         );

@@ -384,14 +384,7 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     // After all that, the node still answers correctly.
     let ok = infer("fraud").json(&features(32)).send().await.unwrap();
     assert_eq!(ok.status(), 200);
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     assert!(
         metric_sum(
             &metrics,
@@ -501,14 +494,7 @@ async fn expired_deadlines_are_dropped_unrun_with_504() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     // The expired requests never reached ONNX Runtime: one batch ran, for the one live request.
     assert_eq!(
         metric_sum(
@@ -629,14 +615,7 @@ async fn two_hundred_concurrent_requests_are_all_correct_and_batched() {
         }
     });
     join_all(requests).await;
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     let batches = metric_sum(
         &metrics,
         "meshserve_batch_size_count",
@@ -747,14 +726,7 @@ async fn a_deadline_says_whether_the_request_ran_and_sub_millisecond_ones_are_ho
     let queued = tokio::spawn(big("0"));
     let waiting = Instant::now();
     loop {
-        let metrics = http
-            .get(node.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = node.metrics().await;
         if metric_sum(&metrics, "meshserve_queue_depth", &[("model", "heavy")]) >= 1.0 {
             break;
         }

@@ -75,16 +75,6 @@ async fn call(http: &reqwest::Client, node: &TestNode, endpoint: &str) -> Answer
     call_with(http, node, endpoint, &[]).await
 }
 
-async fn metrics(http: &reqwest::Client, node: &TestNode) -> String {
-    http.get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Asserts a failed call's status and that its error names the plugin and says `what`.
 fn assert_fails(answer: &Answer, status: u16, what: &str) {
     assert_eq!(answer.status, status, "{}", answer.body);
@@ -125,7 +115,7 @@ async fn a_log_flood_is_rate_limited_and_cannot_forge_log_lines() {
         log.len() - before
     );
     let dropped = support::metric_sum(
-        &metrics(&http, &node).await,
+        &node.metrics().await,
         "meshserve_plugin_log_dropped_total",
         &[("plugin", "sandbox_probe")],
     );
@@ -180,7 +170,7 @@ async fn oversized_lookup_keys_and_table_names_fail_only_their_call() {
     );
     assert_eq!(call(&http, &node, "fine-key").await.status, 200);
     assert_eq!(call(&http, &node, "ok").await.status, 200);
-    let exposition = metrics(&http, &node).await;
+    let exposition = node.metrics().await;
     assert!(
         support::metric_sum(
             &exposition,

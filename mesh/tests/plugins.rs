@@ -155,14 +155,7 @@ async fn first_party_plugins_compose_with_the_model() {
     assert_eq!(status, 200);
     assert_eq!(decisions.as_array().unwrap().len(), 2);
 
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     assert!(
         support::metric_sum(
             &metrics,
@@ -384,14 +377,7 @@ async fn the_sandbox_holds_every_promise() {
 
     // After every attack the same plugin and the node still serve.
     assert_eq!(call(&http, &node, "ok").await.0, 200);
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await;
     for kind in ["deadline", "memory", "panic", "output"] {
         assert!(
             support::metric_sum(
