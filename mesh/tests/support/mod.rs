@@ -44,6 +44,8 @@ pub struct TestNode {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Disconnects when the log reader has read the process's last line.
     log_done: std::sync::mpsc::Receiver<()>,
+    /// Keeps a connection open for the node's own reads (metrics), so polling them is cheap.
+    http: reqwest::Client,
 }
 
 impl TestNode {
@@ -101,6 +103,7 @@ impl TestNode {
             addr,
             log,
             log_done,
+            http: reqwest::Client::new(),
         }
     }
 
@@ -142,7 +145,9 @@ impl TestNode {
 
     /// The node's Prometheus exposition, fetched now.
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
+        self.http
+            .get(self.url("/metrics"))
+            .send()
             .await
             .expect("GET /metrics")
             .text()
