@@ -11,10 +11,10 @@ use crate::error::InferError;
 use crate::plugin::instance::{LoadedPlugin, PluginFailure, PostAnswer, PreAnswer, Stage};
 use crate::plugin::runtime::PluginRuntime;
 use crate::plugin::sandbox::{ContextView, RequestView};
+use crate::plugin::sha256_hex;
 use crate::plugin::spec::PluginSpec;
 use crate::tensor::Tensor;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -72,13 +72,7 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 }
 
 fn file_digest(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
-    Some(
-        Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    std::fs::read(path).ok().map(|bytes| sha256_hex(&bytes))
 }
 
 /// The plugins one request runs with, taken together at its start.

@@ -11,7 +11,7 @@
 //! engines are removed when the cache opens, and a version replaced by a hot swap is removed
 //! by [`DiskCache::evict`].
 
-use sha2::{Digest, Sha256};
+use crate::plugin::sha256_hex;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -54,10 +54,6 @@ fn own_uid(dir: &Path) -> std::io::Result<u32> {
     let uid = std::fs::File::create(&probe).and_then(|file| file.metadata());
     let _ = std::fs::remove_file(&probe);
     Ok(uid?.uid())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl DiskCache {
@@ -129,7 +125,7 @@ impl DiskCache {
         let path = self.artifact(digest);
         let bytes = std::fs::read(&path).ok()?;
         let recorded = std::fs::read_to_string(Self::checksum(&path)).ok()?;
-        if hex(&Sha256::digest(&bytes)) != recorded.trim() {
+        if sha256_hex(&bytes) != recorded.trim() {
             tracing::warn!(path = %path.display(), "compiled plugin does not match its recorded checksum; recompiling");
             return None;
         }
@@ -156,7 +152,7 @@ impl DiskCache {
             let bytes = component
                 .serialize()
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let sum = hex(&Sha256::digest(&bytes));
+            let sum = sha256_hex(&bytes);
             self.write_atomically(&path, &bytes)?;
             self.write_atomically(&Self::checksum(&path), sum.as_bytes())?;
             std::fs::File::open(&self.dir)?.sync_all()

@@ -15,7 +15,7 @@
 //! backtraces and host details go to the log.
 
 use crate::plugin::bindings::{
-    self, PostOutcome, PreOutcome, Reply, WitPluginError, WitTensor, postprocess, preprocess,
+    PostOutcome, PreOutcome, Reply, WitPluginError, WitTensor, postprocess, preprocess,
     tensor_from_plugin,
 };
 use crate::plugin::runtime::PluginRuntime;
@@ -708,22 +708,21 @@ pub(crate) fn stage_indices(
     pre: &InstancePre<CallState>,
     stage: Stage,
 ) -> Result<StageIndices, String> {
-    let missing = |interface: &str, world: &str, e: wasmtime::Error| {
+    // The world a plugin is built for is named after its stage.
+    let missing = |interface: &str, e: wasmtime::Error| {
+        let stage = stage.as_str();
         format!(
-            "is configured as a {} stage but does not export {}/{interface}: build it for world '{world}' \
-             (Rust: meshserve_guest::export_plugin!(T: {})) ({e:#})",
-            stage.as_str(),
-            bindings::PACKAGE.replace("@0.2.0", ""),
-            stage.as_str(),
+            "is configured as a {stage} stage but does not export {interface}: build it for world \
+             '{stage}' (Rust: meshserve_guest::export_plugin!(T: {stage})) ({e:#})"
         )
     };
     match stage {
         Stage::Pre => preprocess::GuestIndices::new(pre)
             .map(StageIndices::Pre)
-            .map_err(|e| missing("preprocess@0.2.0", "pre", e)),
+            .map_err(|e| missing("meshserve:plugin/preprocess@0.2.0", e)),
         Stage::Post => postprocess::GuestIndices::new(pre)
             .map(StageIndices::Post)
-            .map_err(|e| missing("postprocess@0.2.0", "post", e)),
+            .map_err(|e| missing("meshserve:plugin/postprocess@0.2.0", e)),
     }
 }
 

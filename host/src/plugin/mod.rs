@@ -12,3 +12,12 @@ pub mod limits;
 pub mod runtime;
 pub mod sandbox;
 pub mod spec;
+
+/// The SHA-256 of `bytes` in lower-case hex: how plugin versions and compiled artifacts are named.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

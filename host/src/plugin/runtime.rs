@@ -11,8 +11,8 @@ use crate::plugin::cache::DiskCache;
 use crate::plugin::features::FeatureTables;
 use crate::plugin::instance::{Core, LoadedPlugin, Stage, stage_indices};
 use crate::plugin::sandbox::{CallState, NodeMemory, RandomBudget};
+use crate::plugin::sha256_hex;
 use crate::plugin::spec::PluginSpec;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -254,7 +254,7 @@ impl PluginRuntime {
             path: shown.clone(),
             source,
         })?;
-        let digest = hex(&Sha256::digest(&bytes));
+        let digest = sha256_hex(&bytes);
         let (component, source) = self.component(&digest, &bytes, &shown)?;
         let invalid = |message: String| PluginLoadError::Invalid {
             path: shown.clone(),
@@ -405,10 +405,6 @@ impl PluginRuntime {
             _ => Err(()),
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
