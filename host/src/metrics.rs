@@ -36,6 +36,16 @@ pub struct MeshLabels {
     pub kind: String,
 }
 
+/// Labels of front-door connection counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `h3`.
+    pub protocol: String,
+    /// `accepted`, `refused` (over the connection cap), `retry` (address validation sent),
+    /// `handshake_failed`.
+    pub outcome: String,
+}
+
 /// Labels of plugin stage timings.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
@@ -96,6 +106,7 @@ pub struct Metrics {
     plugin_log_dropped: Family<PluginLabels, Counter>,
     forwarded: Family<MeshLabels, Counter>,
     mesh_served: Family<MeshLabels, Counter>,
+    connections: Family<ConnectionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -137,6 +148,12 @@ impl Metrics {
             "mesh_served_requests",
             "Requests served here that arrived over the mesh, by sender (kind: node or client)",
             mesh_served.clone(),
+        );
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Connections to a front door, by protocol and outcome",
+            connections.clone(),
         );
         registry.register(
             "plugin_duration_seconds",
@@ -193,7 +210,18 @@ impl Metrics {
             plugin_log_dropped,
             forwarded,
             mesh_served,
+            connections,
         }
+    }
+
+    /// Counts a front-door connection of `protocol` by what happened to it.
+    pub fn record_connection(&self, protocol: &str, outcome: &str) {
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                protocol: protocol.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a request forwarded to another node, by outcome.

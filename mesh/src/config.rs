@@ -26,6 +26,8 @@ pub struct NodeConfig {
     pub drain_timeout_ms: u64,
     /// The HTTP/1.1 + HTTP/2 front door.
     pub http: HttpConfig,
+    /// The HTTP/3 front door; off unless `http3.listen` is set.
+    pub http3: Http3Config,
     /// The WebAssembly plugin runtime.
     pub plugins: PluginRuntimeConfig,
     /// Feature tables plugins may query, by name.
@@ -116,6 +118,78 @@ impl HttpConfig {
     }
 }
 
+/// The HTTP/3 front door's settings: its own UDP port and QUIC endpoint, so public clients
+/// never share the mesh port's mutual TLS. Request bodies follow `[http]`'s body limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http3Config {
+    /// UDP address and port to listen on; `None` serves no HTTP/3.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain presented to clients (HTTP/3 is always TLS).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates whose client certificates are accepted; clients without one are
+    /// still served unless `require_client_cert`.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate of `client_ca`.
+    pub require_client_cert: bool,
+    /// Time a stream has to send its request headers (and a connection its handshake), in ms.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed, in ms.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once; more are refused.
+    pub max_connections: usize,
+    /// Request streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Bytes a client may send on one stream ahead of the server reading them.
+    pub stream_receive_window_bytes: u32,
+    /// Bytes a client may send on all streams of a connection ahead of the server reading them.
+    pub receive_window_bytes: u32,
+    /// Largest request header section accepted, in bytes (larger gets 431).
+    pub max_header_bytes: u64,
+    /// Once this many connections are open, a new client must first prove its address with a
+    /// retry token (one extra round trip), so spoofed sources cannot make the node do
+    /// handshakes; 0 validates every client.
+    pub validate_addresses_above: usize,
+}
+
+impl Default for Http3Config {
+    fn default() -> Self {
+        Http3Config {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            require_client_cert: false,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4096,
+            max_concurrent_streams: 256,
+            stream_receive_window_bytes: 1024 * 1024,
+            receive_window_bytes: 8 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            validate_addresses_above: 256,
+        }
+    }
+}
+
+impl Http3Config {
+    /// The limits the HTTP/3 server enforces.
+    pub fn limits(&self) -> crate::http::http3::Http3Limits {
+        crate::http::http3::Http3Limits {
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            max_concurrent_streams: self.max_concurrent_streams,
+            stream_receive_window: self.stream_receive_window_bytes,
+            receive_window: self.receive_window_bytes,
+            max_header_bytes: self.max_header_bytes,
+            validate_addresses_above: self.validate_addresses_above,
+        }
+    }
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
@@ -124,6 +198,7 @@ impl Default for NodeConfig {
             shutdown_grace_ms: 2_000,
             drain_timeout_ms: 30_000,
             http: HttpConfig::default(),
+            http3: Http3Config::default(),
             plugins: PluginRuntimeConfig::default(),
             features: HashMap::new(),
             endpoints: BTreeMap::new(),
@@ -190,6 +265,9 @@ impl NodeConfig {
             &mut config.onnxruntime_library,
             &mut config.http.tls_cert,
             &mut config.http.tls_key,
+            &mut config.http3.tls_cert,
+            &mut config.http3.tls_key,
+            &mut config.http3.client_ca,
             &mut config.plugins.cache_dir,
             &mut config.mesh.certs,
         ] {
@@ -214,6 +292,20 @@ impl NodeConfig {
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return Err(NodeConfigError::Inconsistent(
                 "http.tls_cert and http.tls_key must be set together".into(),
+            ));
+        }
+        if self.http3.listen.is_some()
+            && (self.http3.tls_cert.is_none() || self.http3.tls_key.is_none())
+        {
+            return Err(NodeConfigError::Inconsistent(
+                "http3.listen needs http3.tls_cert and http3.tls_key (HTTP/3 is always TLS; \
+                 issue a server certificate with `meshserve certs --server <dns name or ip>`)"
+                    .into(),
+            ));
+        }
+        if self.http3.require_client_cert && self.http3.client_ca.is_none() {
+            return Err(NodeConfigError::Inconsistent(
+                "http3.require_client_cert needs http3.client_ca".into(),
             ));
         }
         if self.mesh.listen.is_some() && self.mesh.certs.is_none() {

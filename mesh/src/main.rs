@@ -30,14 +30,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve models over HTTP/1.1 and HTTP/2 (the default: the bundled models on 127.0.0.1:8000).
+    /// Serve models over HTTP/1.1 and HTTP/2, and HTTP/3 when asked (the default: the bundled
+    /// models on 127.0.0.1:8000).
     Serve(ServeArgs),
     /// Measure throughput and latency.
     Bench {
         #[command(subcommand)]
         kind: BenchCommand,
     },
-    /// Create a mesh CA (if the folder has none) and issue node and client certificates.
+    /// Create a mesh CA (if the folder has none) and issue node, client and server certificates.
     Certs(CertsArgs),
     /// Show the mesh as one node sees it: members, their load, and where each model is served.
     Status(StatusArgs),
@@ -54,6 +55,10 @@ struct CertsArgs {
     /// Issue a client certificate for this client name (repeatable).
     #[arg(long = "client", value_name = "NAME")]
     clients: Vec<String>,
+    /// Issue the front-door (HTTP/3, HTTPS) certificate `server.pem` for this DNS name or IP
+    /// (repeatable: one certificate names them all).
+    #[arg(long = "server", value_name = "NAME")]
+    servers: Vec<String>,
 }
 
 #[derive(Args)]
@@ -83,6 +88,15 @@ struct ServeArgs {
     /// Address for HTTP/1.1 and HTTP/2.
     #[arg(long, value_name = "ADDR:PORT")]
     http: Option<SocketAddr>,
+    /// UDP address for HTTP/3 (needs a certificate: --http3-cert and --http3-key).
+    #[arg(long, value_name = "ADDR:PORT")]
+    http3: Option<SocketAddr>,
+    /// PEM certificate chain of the HTTP/3 front door (`meshserve certs --server NAME`).
+    #[arg(long, value_name = "PEM")]
+    http3_cert: Option<PathBuf>,
+    /// PEM private key of the HTTP/3 front door.
+    #[arg(long, value_name = "PEM")]
+    http3_key: Option<PathBuf>,
     /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else the onnxruntime Python wheel).
     #[arg(long)]
     onnxruntime_library: Option<PathBuf>,
@@ -227,6 +241,14 @@ fn certs(args: CertsArgs) -> Result<()> {
             println!("issued {} certificate {}", role_name(role), path.display());
         }
     }
+    if !args.servers.is_empty() {
+        let path = ca.issue_server_to(&args.dir, &args.servers)?;
+        println!(
+            "issued server certificate {} for {}",
+            path.display(),
+            args.servers.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -275,6 +297,15 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(http) = args.http {
         config.http.listen = http;
+    }
+    if let Some(http3) = args.http3 {
+        config.http3.listen = Some(http3);
+    }
+    if let Some(cert) = args.http3_cert {
+        config.http3.tls_cert = Some(cert);
+    }
+    if let Some(key) = args.http3_key {
+        config.http3.tls_key = Some(key);
     }
     if let Some(library) = args.onnxruntime_library {
         config.onnxruntime_library = Some(library);

@@ -2,6 +2,7 @@
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{MeshConfig, NodeConfig};
+use crate::http::http3::{self, ClientAuth};
 use crate::http::routes::{AppState, router};
 use crate::http::server::{self, TlsError};
 use crate::membership::DetectorConfig;
@@ -26,7 +27,7 @@ pub enum NodeError {
     /// ONNX Runtime is missing or broken.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    /// The HTTP port could not be bound.
+    /// The HTTP or HTTP/3 port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
@@ -82,6 +83,7 @@ pub struct Node {
     endpoints: Option<Arc<Endpoints>>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    http3: Option<quinn::Endpoint>,
     cluster: Option<Arc<Cluster>>,
     config: NodeConfig,
     // Keeps the bundled models' temporary repository alive while the node runs.
@@ -101,6 +103,10 @@ impl Node {
                 addr: config.http.listen,
                 source,
             })?;
+        let http3 = match config.http3.listen {
+            Some(listen) => Some(bind_http3(&config.http3, listen)?),
+            None => None,
+        };
         let (repository, bundled) = match &config.model_repository {
             Some(path) => (path.clone(), None),
             None => {
@@ -134,7 +140,8 @@ impl Node {
         let cluster = match config.mesh.listen {
             Some(listen) => {
                 let http = listener.local_addr().unwrap_or(config.http.listen);
-                Some(join_mesh(&config.mesh, listen, http, &engine).await?)
+                let http3 = http3.as_ref().and_then(|e| e.local_addr().ok());
+                Some(join_mesh(&config.mesh, listen, http, http3, &engine).await?)
             }
             None => None,
         };
@@ -143,6 +150,7 @@ impl Node {
             endpoints,
             listener,
             tls,
+            http3,
             cluster,
             config,
             _bundled: bundled,
@@ -154,6 +162,11 @@ impl Node {
         self.listener
             .local_addr()
             .unwrap_or(self.config.http.listen)
+    }
+
+    /// The UDP address the HTTP/3 front door listens on, when it is on.
+    pub fn http3_addr(&self) -> Option<SocketAddr> {
+        self.http3.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     /// The node's engine.
@@ -187,8 +200,13 @@ impl Node {
             .filter(|e| e.ready)
             .map(|e| e.name)
             .collect();
+        let http3 = self
+            .http3_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into());
         tracing::info!(
             address = %format!("{scheme}://{}", self.local_addr()),
+            %http3,
             repository = %self.engine.repository().root().display(),
             onnxruntime = %self.engine.runtime_library().display(),
             models = %models.join(", "),
@@ -198,6 +216,12 @@ impl Node {
         let engine = self.engine.clone();
         let cluster = self.cluster.clone();
         let grace = Duration::from_millis(self.config.shutdown_grace_ms);
+        // One shutdown, seen by both front doors.
+        let (stop, stopped_rx) = tokio::sync::watch::channel(false);
+        let stopped_h3 = stopped_rx.clone();
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
         let shutdown = async move {
             shutdown.await;
             // Readiness drops first, and the node keeps serving for the grace period, so load
@@ -212,20 +236,77 @@ impl Node {
                 cluster.leave().await;
             }
             tokio::time::sleep(grace).await;
+            let _ = stop.send(true);
         };
-        server::serve(
+        let app = router(state);
+        let drain = Duration::from_millis(self.config.drain_timeout_ms);
+        // Clients of the TCP door learn that HTTP/3 is on, and where.
+        let http3_endpoint = self.http3.clone();
+        let h3_app = app.clone();
+        let tcp_app = match self.http3_addr() {
+            Some(addr) => {
+                let value = http3::alt_svc(addr.port());
+                app.layer(tower::util::MapResponseLayer::new(
+                    move |mut response: axum::response::Response| {
+                        response
+                            .headers_mut()
+                            .insert(http::header::ALT_SVC, value.clone());
+                        response
+                    },
+                ))
+            }
+            None => app,
+        };
+        let http3_limits = self.config.http3.limits();
+        let metrics = self.engine.metrics().clone();
+        let http3 = async move {
+            if let Some(endpoint) = http3_endpoint {
+                http3::serve(
+                    endpoint,
+                    h3_app,
+                    http3_limits,
+                    metrics,
+                    stopped(stopped_h3),
+                    drain,
+                )
+                .await;
+            }
+        };
+        let tcp = server::serve(
             self.listener,
-            router(state),
+            tcp_app,
             self.tls,
             self.config.http.limits(),
-            shutdown,
-            Duration::from_millis(self.config.drain_timeout_ms),
-        )
-        .await;
+            stopped(stopped_rx),
+            drain,
+        );
+        tokio::join!(shutdown, tcp, http3);
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         tracing::info!("meshserve stopped");
     }
+}
+
+/// Binds the HTTP/3 front door's own QUIC endpoint.
+fn bind_http3(
+    config: &crate::config::Http3Config,
+    listen: SocketAddr,
+) -> Result<quinn::Endpoint, NodeError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Err(NodeError::Tls(TlsError::Invalid(
+            "http3 needs tls_cert and tls_key".into(),
+        )));
+    };
+    let clients = match (&config.client_ca, config.require_client_cert) {
+        (None, _) => ClientAuth::Anyone,
+        (Some(ca), false) => ClientAuth::Optional(ca.clone()),
+        (Some(ca), true) => ClientAuth::Required(ca.clone()),
+    };
+    let server_config = http3::server_config(cert, key, &clients, &config.limits())?;
+    quinn::Endpoint::server(server_config, listen).map_err(|source| NodeError::Bind {
+        addr: listen,
+        source,
+    })
 }
 
 /// Starts the node's QUIC endpoint and joins the mesh through the seeds.
@@ -233,6 +314,7 @@ async fn join_mesh(
     mesh: &MeshConfig,
     listen: SocketAddr,
     http: SocketAddr,
+    http3: Option<SocketAddr>,
     engine: &Arc<Engine>,
 ) -> Result<Arc<Cluster>, NodeError> {
     let advertised = mesh.advertise.unwrap_or(listen);
@@ -259,18 +341,22 @@ async fn join_mesh(
                 })?;
         seeds.extend(resolved);
     }
-    // Clients learn the HTTP address from adverts: an unspecified bind address is replaced by
-    // the mesh address's IP, which peers can reach.
-    let http = if http.ip().is_unspecified() {
-        SocketAddr::new(advertised.ip(), http.port())
-    } else {
-        http
+    // Clients learn the HTTP addresses from adverts: an unspecified bind address is replaced
+    // by the mesh address's IP, which peers can reach.
+    let reachable = |addr: SocketAddr| {
+        if addr.ip().is_unspecified() {
+            SocketAddr::new(advertised.ip(), addr.port())
+        } else {
+            addr
+        }
     };
+    let (http, http3) = (reachable(http), http3.map(reachable));
     let config = ClusterConfig {
         name,
         listen,
         advertise: mesh.advertise,
         http,
+        http3,
         seeds,
         identity,
         detector: DetectorConfig {

@@ -94,11 +94,7 @@ pub fn plan(members: &[&NodeAdvert]) -> RouteTable {
                 replicas: chosen
                     .into_iter()
                     .filter_map(|node| by_name.get(node))
-                    .map(|a| Replica {
-                        node: a.node.clone(),
-                        quic: a.quic,
-                        http: a.http,
-                    })
+                    .map(|a| Replica::from(*a))
                     .collect(),
             }
         })

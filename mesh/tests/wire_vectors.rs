@@ -19,6 +19,7 @@ fn replica(node: &str, port: u16) -> Replica {
         node: node.into(),
         quic: addr(&format!("10.0.0.1:{port}")),
         http: addr(&format!("[::1]:{}", port + 1)),
+        http3: (port == 7000).then(|| addr(&format!("[::1]:{}", port + 443))),
     }
 }
 
@@ -43,6 +44,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
         sequence: 7,
         quic: addr("127.0.0.1:7000"),
         http: addr("127.0.0.1:8000"),
+        http3: Some(addr("127.0.0.1:8443")),
         catalog: vec![CatalogEntry {
             model: "fraud".into(),
             replicas: 2,

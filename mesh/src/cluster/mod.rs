@@ -39,6 +39,8 @@ pub struct ClusterConfig {
     pub advertise: Option<SocketAddr>,
     /// The HTTP front door's address, advertised to clients.
     pub http: SocketAddr,
+    /// The HTTP/3 front door's address, when it is on.
+    pub http3: Option<SocketAddr>,
     /// Members to announce ourselves to.
     pub seeds: Vec<SocketAddr>,
     /// Our certificate, key and the mesh CA.
@@ -125,11 +127,7 @@ impl MeshView {
                 .iter()
                 .filter_map(|m| m.advert.as_ref())
                 .filter(|a| a.serving.iter().any(|s| s == model))
-                .map(|a| Replica {
-                    node: a.node.clone(),
-                    quic: a.quic,
-                    http: a.http,
-                })
+                .map(Replica::from)
                 .collect();
         }
         (!replicas.is_empty()).then(|| RouteHint {
@@ -160,6 +158,7 @@ pub struct Cluster {
     generation: u64,
     quic: SocketAddr,
     http: SocketAddr,
+    http3: Option<SocketAddr>,
     endpoint: MeshEndpoint,
     engine: Arc<Engine>,
     view: watch::Receiver<Arc<MeshView>>,
@@ -206,6 +205,7 @@ impl Cluster {
             generation,
             quic,
             http: config.http,
+            http3: config.http3,
             endpoint,
             engine,
             view,
@@ -279,6 +279,7 @@ impl Cluster {
             sequence: 0,
             quic: self.quic,
             http: self.http,
+            http3: self.http3,
             catalog,
             serving: self.engine.loaded_models(),
             queue_depth: u32::try_from(self.engine.queue_depth()).unwrap_or(u32::MAX),

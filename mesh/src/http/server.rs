@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -54,22 +54,36 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
 /// How long an idle connection asked to close may take to do so before it is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// When a connection last had no request in flight, and how many it has now.
-struct Activity {
+/// When a connection last had no request in flight, and how many it has now (shared by the
+/// HTTP/1.1+2 and HTTP/3 servers).
+pub(crate) struct Activity {
     in_flight: AtomicUsize,
     idle_since: Mutex<Instant>,
+    became_idle: Notify,
 }
 
 impl Activity {
-    fn new() -> Arc<Activity> {
+    pub(crate) fn new() -> Arc<Activity> {
         Arc::new(Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            became_idle: Notify::new(),
         })
     }
 
+    /// Resolves once no request is in flight.
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            let notified = self.became_idle.notified();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// How long the connection has been without a request, or `None` while one runs.
-    fn idle_for(&self) -> Option<Duration> {
+    pub(crate) fn idle_for(&self) -> Option<Duration> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -83,10 +97,10 @@ impl Activity {
 }
 
 /// Counts a request in flight on its connection until dropped.
-struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn enter(activity: &Arc<Activity>) -> InFlight {
+    pub(crate) fn enter(activity: &Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(activity.clone())
     }
@@ -95,7 +109,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.became_idle.notify_waiters();
+        }
     }
 }
 

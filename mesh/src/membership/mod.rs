@@ -437,6 +437,7 @@ mod tests {
             sequence: 0,
             quic: id("a", 1, 1).addr,
             http: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            http3: None,
             catalog: vec![],
             serving: vec!["fraud".into()],
             queue_depth: 0,

@@ -133,6 +133,7 @@ impl Simulation {
                 sequence: 0,
                 quic: id.addr,
                 http: id.addr,
+                http3: None,
                 catalog: vec![],
                 serving: vec![],
                 queue_depth: 0,

@@ -5,7 +5,12 @@
 //! DIR/ca.pem, DIR/ca.key              the mesh CA (keep ca.key off the nodes in production)
 //! DIR/node-NAME.pem, node-NAME.key    a node: server and client auth, SAN `node.meshserve`
 //! DIR/client-NAME.pem, client-NAME.key  a native client: client auth, SAN `client.meshserve`
+//! DIR/server.pem, server.key          the HTTP/3 (and HTTPS) front door: server auth, SANs the
+//!                                     DNS names and IPs clients use (`--server NAME`)
 //! ```
+//!
+//! The front-door certificate is signed by the same CA for tests and demos, where clients
+//! trust `ca.pem`; in production it usually comes from the organisation's public PKI.
 //!
 //! Nodes are reached by address, not by DNS name, so every node certificate carries the same
 //! mesh-internal name [`NODE_SAN`], which callers verify: what proves a node is the signature of
@@ -198,6 +203,37 @@ impl MeshCa {
             .signed_by(&key, &issuer)
             .map_err(generate("certificate"))?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A server certificate and key (PEM) for a front door reached as `names` (DNS names or IP
+    /// addresses), signed by this CA.
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), CertError> {
+        if names.is_empty() {
+            return Err(CertError::InvalidName(String::new()));
+        }
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(generate("server certificate"))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().map_err(generate("key"))?;
+        let issuer = Issuer::new(ca_params(), &self.key);
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(generate("server certificate"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues the front-door certificate for `names` as `dir/server.pem` and `server.key`,
+    /// returning the certificate's path.
+    pub fn issue_server_to(&self, dir: &Path, names: &[String]) -> Result<PathBuf, CertError> {
+        let (cert, key) = self.issue_server(names)?;
+        let cert_path = dir.join("server.pem");
+        write(&cert_path, &cert, false)?;
+        write(&dir.join("server.key"), &key, true)?;
+        Ok(cert_path)
     }
 
     /// Issues `name` in `role` and writes it under `dir`, returning the certificate's path.

@@ -187,6 +187,19 @@ pub struct Replica {
     pub quic: SocketAddr,
     /// Its HTTP address.
     pub http: SocketAddr,
+    /// Its HTTP/3 address, when it serves HTTP/3.
+    pub http3: Option<SocketAddr>,
+}
+
+impl From<&NodeAdvert> for Replica {
+    fn from(advert: &NodeAdvert) -> Replica {
+        Replica {
+            node: advert.node.clone(),
+            quic: advert.quic,
+            http: advert.http,
+            http3: advert.http3,
+        }
+    }
 }
 
 /// Where one model is served, as of a placement epoch.
@@ -222,6 +235,8 @@ pub struct NodeAdvert {
     pub quic: SocketAddr,
     /// The HTTP address.
     pub http: SocketAddr,
+    /// The HTTP/3 address, when the node serves HTTP/3.
+    pub http3: Option<SocketAddr>,
     /// Models whose files this node holds, and their replica counts.
     pub catalog: Vec<CatalogEntry>,
     /// Models loaded and serving now.

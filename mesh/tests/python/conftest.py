@@ -21,9 +21,14 @@ def _binary():
 
 
 class Node:
-    def __init__(self, repository):
+    """A `meshserve serve` process on free loopback ports, killed by `stop`.
+
+    `url` is its HTTP address; `http3` and `quic` its HTTP/3 and mesh addresses when it has them.
+    """
+
+    def __init__(self, repository, *args):
         self.process = subprocess.Popen(
-            [_binary(), "serve", "--http", "127.0.0.1:0", "--model-repository", str(repository)],
+            [_binary(), "serve", "--http", "127.0.0.1:0", "--model-repository", str(repository), *map(str, args)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -32,13 +37,20 @@ class Node:
         self.log = []
         ready = threading.Event()
         self.url = None
+        self.http3 = None
+        self.quic = None
 
         def pump():
             for line in self.process.stderr:
                 self.log.append(line)
+                quic = re.search(r"mesh endpoint up.* quic=(\S+)", line)
+                if quic:
+                    self.quic = quic.group(1)
                 match = re.search(r"address=http://(\S+)", line)
                 if match and "meshserve serving" in line:
                     self.url = match.group(1)
+                    http3 = re.search(r"http3=(\d\S+)", line)
+                    self.http3 = http3.group(1) if http3 else None
                     ready.set()
 
         threading.Thread(target=pump, daemon=True).start()
