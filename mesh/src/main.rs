@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use meshserve::bench::mesh::MeshSuiteConfig;
 use meshserve::bench::plugins::PluginSuiteConfig;
 use meshserve::bench::suite::SuiteConfig;
-use meshserve::bench::{self, HttpLoad};
+use meshserve::bench::{self, HttpLoad, Protocol};
 use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::config::NodeConfig;
 use meshserve::node::Node;
@@ -173,11 +173,24 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Closed-loop HTTP/1.1 load against a running node.
+    /// Closed-loop HTTP load against a running node (or any OIP server), over HTTP/1.1,
+    /// HTTP/2 or HTTP/3.
     Http {
-        /// The node.
+        /// The server (its UDP address for HTTP/3).
         #[arg(long, default_value = "127.0.0.1:8000")]
         addr: SocketAddr,
+        /// h1 (HTTP/1.1), h2 (HTTP/2: h2c, or TLS with --tls) or h3 (HTTP/3, always TLS).
+        #[arg(long, value_enum, default_value_t = ProtocolArg::H1)]
+        protocol: ProtocolArg,
+        /// Speak TLS over TCP (h1 and h2).
+        #[arg(long)]
+        tls: bool,
+        /// CA certificate that signed the server's certificate (TLS and h3).
+        #[arg(long, default_value = "certs/ca.pem")]
+        ca: PathBuf,
+        /// Connections the concurrent requests share (h2 and h3; h1 opens one per request).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
         /// Model to call; its single FP32 input is filled with generated values.
         #[arg(long, default_value = "fraud")]
         model: String,
@@ -197,6 +210,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10.0)]
         duration_secs: f64,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProtocolArg {
+    H1,
+    H2,
+    H3,
 }
 
 fn main() -> std::process::ExitCode {
@@ -448,6 +468,10 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
         }
         BenchCommand::Http {
             addr,
+            protocol,
+            tls,
+            ca,
+            connections,
             model,
             input,
             width,
@@ -455,8 +479,27 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             concurrency,
             duration_secs,
         } => {
+            let protocol = match (protocol, tls) {
+                (ProtocolArg::H1, false) => Protocol::Http1,
+                (ProtocolArg::H1, true) => Protocol::Http1Tls(bench::tls_client(&ca, b"http/1.1")?),
+                (ProtocolArg::H2, tls) => Protocol::Http2 {
+                    connections,
+                    tls: if tls {
+                        Some(bench::tls_client(&ca, b"h2")?)
+                    } else {
+                        None
+                    },
+                },
+                (ProtocolArg::H3, _) => Protocol::Http3 {
+                    connections,
+                    roots: meshserve::pem::read_certs(&ca)
+                        .with_context(|| format!("CA certificate {}", ca.display()))?,
+                },
+            };
+            let label = format!("{protocol:?}");
             let load = HttpLoad {
                 addr,
+                protocol,
                 path: format!("/v2/models/{model}/infer"),
                 body: bench::fp32_request_body(&input, rows, width),
                 rows: rows as u64,
@@ -466,7 +509,7 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             };
             let report = runtime.block_on(bench::run_http(&load))?;
             println!(
-                "{model}: concurrency {concurrency}, {:.0} req/s, {:.0} samples/s, p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, {} errors",
+                "{model} over {label}: concurrency {concurrency}, {:.0} req/s, {:.0} samples/s, p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, {} errors",
                 report.requests_per_second(),
                 report.samples_per_second(),
                 report.percentile_us(0.5),

@@ -567,10 +567,11 @@ async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
         Message::Failure(f) => f,
         other => panic!("expected a failure, got {other:?}"),
     };
-    let garbage = failure(exchange(&connection, &[1, 3, 0, 0, 0, 0xff, 0xff, 0xff], a.quic).await);
+    let v = wire::WIRE_VERSION;
+    let garbage = failure(exchange(&connection, &[v, 3, 0, 0, 0, 0xff, 0xff, 0xff], a.quic).await);
     assert_eq!(garbage.class, FailureClass::InvalidInput);
     assert!(garbage.message.contains("malformed"), "{}", garbage.message);
-    let mut huge = vec![1u8];
+    let mut huge = vec![v];
     huge.extend_from_slice(&u32::MAX.to_le_bytes());
     let oversized = failure(exchange(&connection, &huge, a.quic).await);
     assert_eq!(oversized.class, FailureClass::TooLarge);

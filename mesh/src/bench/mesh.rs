@@ -235,6 +235,7 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     let route_aware = closed_loop(c, warmup, duration, aware_call).await;
 
     let http = |addr: SocketAddr| HttpLoad {
+        protocol: super::Protocol::Http1,
         addr,
         path: "/v2/models/fraud/infer".into(),
         body: fp32_request_body("features", 1, 32),

@@ -7,10 +7,12 @@ pub mod mesh;
 pub mod plugins;
 pub mod suite;
 
+use crate::client::http3::{Http3Client, Http3ClientConfig};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
+use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use meshserve_host::model::session::OnnxSession;
 use meshserve_host::{DataType, Tensor};
@@ -93,19 +95,73 @@ impl Report {
     }
 }
 
-/// A closed-loop HTTP load: `concurrency` connections, each sending its next request as soon
-/// as the previous one is answered.
+/// Which HTTP a load speaks, and over how many connections.
+#[derive(Clone, Default)]
+pub enum Protocol {
+    /// HTTP/1.1, one connection per concurrent request; TLS with this client config.
+    #[default]
+    Http1,
+    /// HTTP/1.1 over TLS.
+    Http1Tls(Arc<rustls::ClientConfig>),
+    /// HTTP/2 (h2c, prior knowledge), the concurrent requests spread over `connections`.
+    Http2 {
+        /// Connections to open.
+        connections: usize,
+        /// TLS (ALPN `h2`) with this client config; `None` for h2c.
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
+    /// HTTP/3, the concurrent requests spread over `connections`.
+    Http3 {
+        /// Connections to open.
+        connections: usize,
+        /// CA certificates that signed the server's certificate.
+        roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    },
+}
+
+impl std::fmt::Debug for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Http1 => "HTTP/1.1",
+            Protocol::Http1Tls(_) => "HTTP/1.1 over TLS",
+            Protocol::Http2 { tls: None, .. } => "HTTP/2 (h2c)",
+            Protocol::Http2 { tls: Some(_), .. } => "HTTP/2 over TLS",
+            Protocol::Http3 { .. } => "HTTP/3",
+        })
+    }
+}
+
+/// A TLS client config that trusts the CA certificates in `ca` and offers `alpn`.
+pub fn tls_client(ca: &Path, alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, BenchError> {
+    let invalid = |e: String| BenchError::Server(format!("TLS client: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::pem::read_certs(ca).map_err(|e| invalid(e.to_string()))? {
+        roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::pem::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A closed-loop HTTP load: `concurrency` requests in flight, each sending its next request as
+/// soon as the previous one is answered.
 #[derive(Debug, Clone)]
 pub struct HttpLoad {
     /// The server.
     pub addr: SocketAddr,
+    /// The protocol, TLS and connections.
+    pub protocol: Protocol,
     /// Request path, e.g. `/v2/models/fraud/infer`.
     pub path: String,
     /// Request body (OIP JSON).
     pub body: Bytes,
     /// Rows per request, for samples/s.
     pub rows: u64,
-    /// Connections, each with one request in flight.
+    /// Requests in flight at once.
     pub concurrency: usize,
     /// Unmeasured time first, to warm caches, connections and the batcher.
     pub warmup: Duration,
@@ -119,12 +175,27 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
     let measure_from = start + load.warmup;
     let end = measure_from + load.duration;
     let total = Arc::new(Mutex::new(Report::new(load.rows)));
+    // HTTP/2 and HTTP/3 share their connections among the concurrent requests.
+    let shared = match &load.protocol {
+        Protocol::Http2 { connections, .. } | Protocol::Http3 { connections, .. } => {
+            let mut senders = Vec::new();
+            for _ in 0..(*connections).max(1) {
+                senders.push(Sender::connect(load).await?);
+            }
+            senders
+        }
+        Protocol::Http1 | Protocol::Http1Tls(_) => Vec::new(),
+    };
     let mut tasks = Vec::with_capacity(load.concurrency);
-    for _ in 0..load.concurrency {
+    for worker in 0..load.concurrency {
         let load = load.clone();
         let total = total.clone();
+        let sender = match shared.get(worker % shared.len().max(1)) {
+            Some(sender) => sender.clone(),
+            None => Sender::connect(&load).await?,
+        };
         tasks.push(tokio::spawn(async move {
-            let report = connection_loop(&load, measure_from, end).await?;
+            let report = request_loop(&load, sender, measure_from, end).await?;
             total
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -144,37 +215,118 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-async fn connection_loop(
-    load: &HttpLoad,
-    measure_from: Instant,
-    end: Instant,
-) -> Result<Report, BenchError> {
-    let stream = tokio::net::TcpStream::connect(load.addr)
-        .await
-        .map_err(io_error(format!("connect to {}", load.addr)))?;
-    stream
-        .set_nodelay(true)
-        .map_err(io_error("set TCP_NODELAY"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| BenchError::Server(format!("HTTP handshake: {e}")))?;
-    tokio::spawn(connection);
-    let mut report = Report::new(load.rows);
-    let host = load.addr.to_string();
-    loop {
-        let sent = Instant::now();
-        if sent >= end {
-            break;
-        }
-        let request = Request::post(load.path.as_str())
-            .header(hyper::header::HOST, host.as_str())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(load.body.clone()))
-            .map_err(|e| BenchError::Server(e.to_string()))?;
-        let response = sender
-            .send_request(request)
+/// Boxed TCP or TLS stream, so one HTTP handshake serves both.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// One connection's way of sending a request (HTTP/2 and HTTP/3 ones are shared).
+#[derive(Clone)]
+enum Sender {
+    Http1(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    Http3(Arc<Http3Client>),
+}
+
+impl Sender {
+    async fn tcp(
+        addr: SocketAddr,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Box<dyn Io>, BenchError> {
+        let stream = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|e| BenchError::Server(format!("request failed: {e}")))?;
+            .map_err(io_error(format!("connect to {addr}")))?;
+        stream
+            .set_nodelay(true)
+            .map_err(io_error("set TCP_NODELAY"))?;
+        let Some(tls) = tls else {
+            return Ok(Box::new(stream));
+        };
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, stream)
+            .await
+            .map_err(io_error(format!("TLS handshake with {addr}")))?;
+        Ok(Box::new(stream))
+    }
+
+    async fn connect(load: &HttpLoad) -> Result<Sender, BenchError> {
+        let handshake = |e: hyper::Error| BenchError::Server(format!("HTTP handshake: {e}"));
+        match &load.protocol {
+            Protocol::Http1 | Protocol::Http1Tls(_) => {
+                let tls = match &load.protocol {
+                    Protocol::Http1Tls(tls) => Some(tls),
+                    _ => None,
+                };
+                let io = Sender::tcp(load.addr, tls).await?;
+                let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(handshake)?;
+                tokio::spawn(connection);
+                Ok(Sender::Http1(Arc::new(tokio::sync::Mutex::new(sender))))
+            }
+            Protocol::Http2 { tls, .. } => {
+                let io = Sender::tcp(load.addr, tls.as_ref()).await?;
+                let (sender, connection) =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(handshake)?;
+                tokio::spawn(connection);
+                Ok(Sender::Http2(sender))
+            }
+            Protocol::Http3 { roots, .. } => {
+                let mut config = Http3ClientConfig::new_with_roots(vec![load.addr], roots.clone());
+                config.max_attempts = 1;
+                let client = Http3Client::new(config)
+                    .map_err(|e| BenchError::Server(format!("HTTP/3 client: {e}")))?;
+                Ok(Sender::Http3(Arc::new(client)))
+            }
+        }
+    }
+
+    /// Sends `load`'s request and returns the answer's status and body.
+    async fn send(&self, load: &HttpLoad) -> Result<(StatusCode, Bytes), BenchError> {
+        let failed = |e: String| BenchError::Server(format!("request failed: {e}"));
+        let response = match self {
+            Sender::Http3(client) => {
+                let mut headers = hyper::HeaderMap::new();
+                headers.insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                let answer = client
+                    .request(
+                        load.addr,
+                        hyper::Method::POST,
+                        &load.path,
+                        headers,
+                        load.body.clone(),
+                    )
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                return Ok((answer.status, answer.body));
+            }
+            Sender::Http1(sender) => {
+                let request = Request::post(load.path.as_str())
+                    .header(hyper::header::HOST, load.addr.to_string())
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(load.body.clone()))
+                    .map_err(|e| failed(e.to_string()))?;
+                sender.lock().await.send_request(request).await
+            }
+            Sender::Http2(sender) => {
+                let scheme = match &load.protocol {
+                    Protocol::Http2 { tls: Some(_), .. } => "https",
+                    _ => "http",
+                };
+                let request = Request::post(format!("{scheme}://{}{}", load.addr, load.path))
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(load.body.clone()))
+                    .map_err(|e| failed(e.to_string()))?;
+                sender.clone().send_request(request).await
+            }
+        }
+        .map_err(|e| failed(e.to_string()))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -182,6 +334,23 @@ async fn connection_loop(
             .await
             .map_err(|e| BenchError::Server(format!("reading response: {e}")))?
             .to_bytes();
+        Ok((status, body))
+    }
+}
+
+async fn request_loop(
+    load: &HttpLoad,
+    sender: Sender,
+    measure_from: Instant,
+    end: Instant,
+) -> Result<Report, BenchError> {
+    let mut report = Report::new(load.rows);
+    loop {
+        let sent = Instant::now();
+        if sent >= end {
+            break;
+        }
+        let (status, body) = sender.send(load).await?;
         if sent < measure_from {
             continue;
         }

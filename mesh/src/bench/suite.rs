@@ -78,6 +78,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         ("heavy", "input", 512, 64),
     ] {
         let load = HttpLoad {
+            protocol: super::Protocol::Http1,
             addr,
             path: format!("/v2/models/{model}/infer"),
             body: fp32_request_body(input, 1, width),

@@ -23,13 +23,14 @@
 //! # Ok(()) }
 //! ```
 
-use crate::routing::balance::Balancer;
+pub mod http3;
+mod routes;
+
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{Failure, FailureClass, InferCall, Message, RouteHint, WireTensorError, frame};
 use meshserve_host::{InferRequest, InferResponse};
-use std::collections::HashMap;
+use routes::RouteBook;
 use std::net::SocketAddr;
-use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 /// How a client reaches the mesh.
@@ -97,8 +98,7 @@ pub struct Answer {
 pub struct MeshClient {
     endpoint: MeshEndpoint,
     config: ClientConfig,
-    routes: RwLock<HashMap<String, RouteHint>>,
-    balancer: Balancer,
+    routes: RouteBook,
 }
 
 impl MeshClient {
@@ -108,39 +108,13 @@ impl MeshClient {
         Ok(MeshClient {
             endpoint,
             config,
-            routes: RwLock::default(),
-            balancer: Balancer::default(),
+            routes: RouteBook::new(|replica| Some(replica.quic)),
         })
     }
 
     /// The route the client holds for `model`.
     pub fn route(&self, model: &str) -> Option<RouteHint> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(model)
-            .cloned()
-    }
-
-    fn learn(&self, hint: Option<RouteHint>) {
-        let Some(hint) = hint else { return };
-        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
-        let stale = routes
-            .get(&hint.model)
-            .is_some_and(|held| held.epoch != hint.epoch || held.replicas != hint.replicas);
-        if stale || !routes.contains_key(&hint.model) {
-            routes.insert(hint.model.clone(), hint);
-        }
-    }
-
-    fn forget_replica(&self, model: &str, addr: SocketAddr) {
-        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(route) = routes.get_mut(model) {
-            route.replicas.retain(|r| r.quic != addr);
-            if route.replicas.is_empty() {
-                routes.remove(model);
-            }
-        }
+        self.routes.route(model)
     }
 
     /// Fetches the whole route table from the first seed that answers.
@@ -154,7 +128,7 @@ impl MeshClient {
             {
                 Ok(Message::Routes(table)) => {
                     for route in table.routes {
-                        self.learn(Some(route));
+                        self.routes.learn(Some(route));
                     }
                     return Ok(());
                 }
@@ -168,28 +142,6 @@ impl MeshClient {
         })
     }
 
-    // A replica of the model not yet tried, by p2c; else a seed not yet tried.
-    fn target(&self, model: &str, tried: &[SocketAddr]) -> Option<(String, SocketAddr)> {
-        if let Some(route) = self.route(model) {
-            let fresh: Vec<_> = route
-                .replicas
-                .iter()
-                .filter(|r| !tried.contains(&r.quic))
-                .collect();
-            let names: Vec<&str> = fresh.iter().map(|r| r.node.as_str()).collect();
-            if let Some(node) = self.balancer.pick(&names, Instant::now())
-                && let Some(replica) = fresh.iter().find(|r| r.node == node)
-            {
-                return Some((replica.node.clone(), replica.quic));
-            }
-        }
-        self.config
-            .seeds
-            .iter()
-            .find(|s| !tried.contains(s))
-            .map(|s| (s.to_string(), *s))
-    }
-
     /// Runs `request` on the mesh: straight to a replica when the route is known, else through
     /// a seed (which forwards and tells us the route).
     pub async fn infer(&self, request: InferRequest) -> Result<Answer, ClientError> {
@@ -198,12 +150,12 @@ impl MeshClient {
         let mut tried = Vec::new();
         let mut last = String::from("no replica or seed known");
         for _ in 0..self.config.max_attempts {
-            let Some((key, addr)) = self.target(&model, &tried) else {
+            let Some((key, addr)) = self.routes.target(&model, &tried, &self.config.seeds) else {
                 break;
             };
             tried.push(addr);
             let started = Instant::now();
-            self.balancer.start(&key, started);
+            self.routes.start(&key, started);
             let result = self
                 .endpoint
                 .call(addr, &message, self.config.attempt_timeout)
@@ -211,8 +163,8 @@ impl MeshClient {
             let now = Instant::now();
             match result {
                 Ok(Message::Answer(answer)) => {
-                    self.balancer.finish(&key, Some(now - started), now);
-                    self.learn(answer.route.clone());
+                    self.routes.finish(&key, Some(now - started), now);
+                    self.routes.learn(answer.route.clone());
                     let (response, served_by) = answer.into_response()?;
                     return Ok(Answer {
                         response,
@@ -226,23 +178,23 @@ impl MeshClient {
                         FailureClass::NotHere | FailureClass::Unavailable
                     ) =>
                 {
-                    self.balancer.finish(&key, None, now);
-                    self.forget_replica(&model, addr);
-                    self.learn(failure.route.clone());
+                    self.routes.finish(&key, None, now);
+                    self.routes.forget(&model, addr);
+                    self.routes.learn(failure.route.clone());
                     last = failure.message;
                 }
                 Ok(Message::Failure(failure)) => {
-                    self.balancer.finish(&key, Some(now - started), now);
-                    self.learn(failure.route.clone());
+                    self.routes.finish(&key, Some(now - started), now);
+                    self.routes.learn(failure.route.clone());
                     return Err(ClientError::Failed(failure));
                 }
                 Ok(other) => {
-                    self.balancer.finish(&key, None, now);
+                    self.routes.finish(&key, None, now);
                     last = format!("{addr} answered {other:?}");
                 }
                 Err(e) => {
-                    self.balancer.finish(&key, None, now);
-                    self.forget_replica(&model, addr);
+                    self.routes.finish(&key, None, now);
+                    self.routes.forget(&model, addr);
                     last = e.to_string();
                 }
             }

@@ -9,7 +9,12 @@
 //! `max_concurrent_streams` request streams per connection, a cap on the header section, and
 //! connections with no request in flight for `idle_timeout` closed. The ALPN is `h3` only, so
 //! a `meshserve/1` client cannot speak the mesh protocol here. No 0-RTT: rustls' early data
-//! stays off, so a request can never be replayed.
+//! stays off, so a request can never be replayed. Every received stream goes through a
+//! [`frames::FrameGuard`] ([`guarded`]), so no frame but DATA can be longer than
+//! `max_header_bytes`: h3 would otherwise buffer whatever length a peer announces.
+
+pub mod frames;
+mod guarded;
 
 use crate::http::server::{Activity, InFlight};
 use crate::pem::{self, TlsError};
@@ -230,7 +235,10 @@ async fn serve_connection(
     let quic = connection.clone();
     let mut h3 = h3::server::builder()
         .max_field_section_size(limits.max_header_bytes)
-        .build::<_, Bytes>(h3_quinn::Connection::new(connection))
+        .build::<_, Bytes>(guarded::GuardedConnection::new(
+            connection,
+            limits.max_header_bytes,
+        ))
         .await?;
     let activity = Activity::new();
     let mut closing = false;
@@ -272,7 +280,7 @@ async fn serve_connection(
     }
 }
 
-type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
+type Resolver = h3::server::RequestResolver<guarded::GuardedConnection, Bytes>;
 
 /// Reads one request's headers (within the deadline), runs it through the router and streams
 /// the answer back.
@@ -328,7 +336,7 @@ async fn serve_request(resolver: Resolver, app: Router, header_read_timeout: Dur
 }
 
 /// A request body read from an HTTP/3 stream as it arrives.
-struct RecvBody(RequestStream<h3_quinn::RecvStream, Bytes>);
+struct RecvBody(RequestStream<guarded::GuardedRecv, Bytes>);
 
 impl http_body::Body for RecvBody {
     type Data = Bytes;

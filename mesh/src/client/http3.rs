@@ -1,0 +1,364 @@
+//! The route-aware client's HTTP/3 mode: the Open Inference Protocol over HTTP/3, with no
+//! mesh certificate. It trusts the CA that signed the nodes' front-door certificates, sends
+//! its first request for a model to a seed, reads the `meshserve-route` header of the answer
+//! and from then on goes straight to a replica's HTTP/3 address (p2c over latency and load,
+//! as [`super::MeshClient`] does over `meshserve/1`). One connection per node, many streams
+//! on it. A replica that cannot be reached, or that answers 404 for the model, is dropped from
+//! the table and the request retried elsewhere (inference is idempotent).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use meshserve::client::http3::{Http3Client, Http3ClientConfig};
+//!
+//! let config = Http3ClientConfig::new(vec!["127.0.0.1:8443".parse()?], "certs/ca.pem".as_ref())?;
+//! let client = Http3Client::new(config)?;
+//! let body = r#"{"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": [0.0]}]}"#;
+//! let answer = client.infer("fraud", body.into(), None).await?;
+//! println!("{} from {}: {}", answer.status, answer.sent_to, String::from_utf8_lossy(&answer.body));
+//! # Ok(()) }
+//! ```
+
+use super::routes::RouteBook;
+use crate::pem::{self, TlsError};
+use crate::routing::{ROUTE_HEADER, parse_route_header};
+use crate::wire::RouteHint;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, StatusCode};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+/// How an HTTP/3 client reaches the mesh.
+#[derive(Clone)]
+pub struct Http3ClientConfig {
+    /// Nodes' HTTP/3 addresses to start from; any node will do.
+    pub seeds: Vec<SocketAddr>,
+    /// CA certificates that signed the nodes' front-door certificates.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The name to verify on every node's certificate; `None` verifies the address's IP.
+    pub server_name: Option<String>,
+    /// Longest one attempt may take.
+    pub attempt_timeout: Duration,
+    /// Attempts per request, across replicas and seeds.
+    pub max_attempts: usize,
+    /// Largest answer body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Http3ClientConfig {
+    /// Defaults: 10 s per attempt, 3 attempts, answers up to 64 MiB; trusts the CA in `ca`.
+    pub fn new(seeds: Vec<SocketAddr>, ca: &Path) -> Result<Http3ClientConfig, TlsError> {
+        Ok(Http3ClientConfig::new_with_roots(
+            seeds,
+            pem::read_certs(ca)?,
+        ))
+    }
+
+    /// The same defaults, trusting `roots`.
+    pub fn new_with_roots(
+        seeds: Vec<SocketAddr>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Http3ClientConfig {
+        Http3ClientConfig {
+            seeds,
+            roots,
+            server_name: None,
+            attempt_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            max_body_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why an HTTP/3 request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Http3Error {
+    /// The TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The client's UDP socket could not be opened.
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    /// A node could not be reached or the exchange broke off.
+    #[error("{addr}: {message}")]
+    Exchange {
+        /// The node.
+        addr: SocketAddr,
+        /// What went wrong.
+        message: String,
+    },
+    /// Every attempt failed; the last reason.
+    #[error("no node could take the request after {attempts} attempts: {last}")]
+    Exhausted {
+        /// Attempts made.
+        attempts: usize,
+        /// The last failure.
+        last: String,
+    },
+}
+
+/// An answer, whatever its status, and the node it came from.
+#[derive(Debug, Clone)]
+pub struct Http3Response {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// The HTTP/3 address the request was sent to.
+    pub sent_to: SocketAddr,
+}
+
+/// An HTTP/3 client of a meshserve mesh; share it behind an `Arc` and call it concurrently.
+pub struct Http3Client {
+    endpoint: quinn::Endpoint,
+    config: Http3ClientConfig,
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, SendRequest>>,
+    routes: RouteBook,
+}
+
+impl Http3Client {
+    /// A client; connects lazily, on the first request to each node.
+    pub fn new(config: Http3ClientConfig) -> Result<Http3Client, Http3Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &config.roots {
+            roots
+                .add(cert.clone())
+                .map_err(|e| TlsError::Invalid(format!("CA certificate: {e}")))?;
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(pem::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![crate::http::http3::ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls)
+            .map_err(|e| TlsError::Invalid(format!("QUIC TLS: {e}")))?;
+        let bind: SocketAddr = if config.seeds.iter().any(SocketAddr::is_ipv6) {
+            "[::]:0".parse().expect("a valid literal")
+        } else {
+            "0.0.0.0:0".parse().expect("a valid literal")
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(Http3Error::Socket)?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        Ok(Http3Client {
+            endpoint,
+            config,
+            connections: tokio::sync::Mutex::default(),
+            routes: RouteBook::new(|replica| replica.http3),
+        })
+    }
+
+    /// The route the client holds for `model`.
+    pub fn route(&self, model: &str) -> Option<RouteHint> {
+        self.routes.route(model)
+    }
+
+    /// The open HTTP/3 connection to `addr`, or a new one.
+    async fn connection(&self, addr: SocketAddr) -> Result<SendRequest, Http3Error> {
+        let mut connections = self.connections.lock().await;
+        if let Some(send) = connections.get(&addr) {
+            return Ok(send.clone());
+        }
+        let exchange = |message: String| Http3Error::Exchange { addr, message };
+        let name = match &self.config.server_name {
+            Some(name) => name.clone(),
+            None => addr.ip().to_string(),
+        };
+        ServerName::try_from(name.as_str()).map_err(|e| exchange(format!("server name: {e}")))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, &name)
+            .map_err(|e| exchange(e.to_string()))?;
+        let connection = tokio::time::timeout(self.config.attempt_timeout, connecting)
+            .await
+            .map_err(|_| exchange("handshake timed out".into()))?
+            .map_err(|e| exchange(e.to_string()))?;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection))
+            .await
+            .map_err(|e| exchange(e.to_string()))?;
+        tokio::spawn(async move {
+            let closed = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            tracing::debug!(%addr, reason = %closed, "HTTP/3 connection closed");
+        });
+        connections.insert(addr, send.clone());
+        Ok(send)
+    }
+
+    fn forget_connection(&self, addr: SocketAddr) {
+        if let Ok(mut connections) = self.connections.try_lock() {
+            connections.remove(&addr);
+        }
+    }
+
+    /// Sends one request to `addr` and reads the whole answer.
+    pub async fn request(
+        &self,
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Http3Response, Http3Error> {
+        let attempt = self.exchange(addr, method, path, headers, body);
+        let result = match tokio::time::timeout(self.config.attempt_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(Http3Error::Exchange {
+                addr,
+                message: format!("no answer within {:?}", self.config.attempt_timeout),
+            }),
+        };
+        if result.is_err() {
+            self.forget_connection(addr);
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Http3Response, Http3Error> {
+        let exchange = |message: String| Http3Error::Exchange { addr, message };
+        let mut send = self.connection(addr).await?;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("https://{addr}{path}"))
+            .body(())
+            .map_err(|e| exchange(e.to_string()))?;
+        *request.headers_mut() = headers;
+        let mut stream = send
+            .send_request(request)
+            .await
+            .map_err(|e| exchange(e.to_string()))?;
+        if !body.is_empty() {
+            stream
+                .send_data(body)
+                .await
+                .map_err(|e| exchange(e.to_string()))?;
+        }
+        stream.finish().await.map_err(|e| exchange(e.to_string()))?;
+        let response = stream
+            .recv_response()
+            .await
+            .map_err(|e| exchange(e.to_string()))?;
+        let mut body = BytesMut::new();
+        while let Some(mut chunk) = stream
+            .recv_data()
+            .await
+            .map_err(|e| exchange(e.to_string()))?
+        {
+            if body.len() + chunk.remaining() > self.config.max_body_bytes {
+                return Err(exchange(format!(
+                    "answer larger than {} bytes",
+                    self.config.max_body_bytes
+                )));
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                body.extend_from_slice(part);
+                let taken = part.len();
+                chunk.advance(taken);
+            }
+        }
+        let (parts, ()) = response.into_parts();
+        Ok(Http3Response {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.freeze(),
+            sent_to: addr,
+        })
+    }
+
+    /// Runs an OIP inference on `model` (`body` is JSON, or binary tensors when
+    /// `binary_header_length` says where the JSON header ends): straight to a replica when the
+    /// route is known, else through a seed, which forwards and names the replicas.
+    pub async fn infer(
+        &self,
+        model: &str,
+        body: Bytes,
+        binary_header_length: Option<usize>,
+    ) -> Result<Http3Response, Http3Error> {
+        let mut headers = HeaderMap::new();
+        match binary_header_length {
+            Some(length) => {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/octet-stream"),
+                );
+                headers.insert(
+                    crate::http::oip::HEADER_CONTENT_LENGTH,
+                    http::HeaderValue::from(length),
+                );
+            }
+            None => {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+            }
+        }
+        let path = format!("/v2/models/{model}/infer");
+        let mut tried = Vec::new();
+        let mut last = String::from("no replica or seed known");
+        for _ in 0..self.config.max_attempts {
+            let Some((key, addr)) = self.routes.target(model, &tried, &self.config.seeds) else {
+                break;
+            };
+            tried.push(addr);
+            let started = Instant::now();
+            self.routes.start(&key, started);
+            let result = self
+                .request(addr, Method::POST, &path, headers.clone(), body.clone())
+                .await;
+            let now = Instant::now();
+            match result {
+                Ok(response) => {
+                    let hint = response
+                        .headers
+                        .get(ROUTE_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_route_header);
+                    // A replica that no longer serves the model: try another. (A 503 is an
+                    // overloaded replica saying when to come back; retrying it elsewhere at
+                    // once would only spread the overload.)
+                    let moved = response.status == StatusCode::NOT_FOUND
+                        && self.routes.route(model).is_some();
+                    if moved {
+                        self.routes.finish(&key, None, now);
+                        self.routes.forget(model, addr);
+                        self.routes.learn(hint);
+                        last = format!(
+                            "{addr} answered {}: {}",
+                            response.status,
+                            String::from_utf8_lossy(&response.body)
+                        );
+                        continue;
+                    }
+                    self.routes.finish(&key, Some(now - started), now);
+                    self.routes.learn(hint);
+                    return Ok(response);
+                }
+                Err(e) => {
+                    self.routes.finish(&key, None, now);
+                    self.routes.forget(model, addr);
+                    last = e.to_string();
+                }
+            }
+        }
+        Err(Http3Error::Exhausted {
+            attempts: tried.len(),
+            last,
+        })
+    }
+}
