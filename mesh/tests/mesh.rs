@@ -18,21 +18,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{TestNode, copy_tree, metric_sum, workspace_root};
-
-/// Makes a mesh CA in `dir` with node and client certificates, through the real binary.
-fn make_certs(dir: &Path, nodes: &[&str], clients: &[&str]) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_meshserve"));
-    command.arg("certs").arg("--dir").arg(dir);
-    for node in nodes {
-        command.args(["--node", node]);
-    }
-    for client in clients {
-        command.args(["--client", client]);
-    }
-    let output = command.output().unwrap();
-    assert!(output.status.success(), "{output:?}");
-}
+use support::{TestNode, copy_tree, make_certs, metric_sum, workspace_root};
 
 /// One node's own model repository (as on its own machine): the examples, with `fraud`
 /// placed on 2 replicas.
@@ -220,7 +206,7 @@ fn assert_close(actual: &[f64], expected: &[f64]) {
 async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
-    make_certs(&certs, &["a", "b", "c"], &["app"]);
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
     let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
     let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
     let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
@@ -422,7 +408,7 @@ fn bytemuck_f32(bytes: &[u8]) -> Vec<f64> {
 async fn killing_a_replica_under_load_loses_no_request_and_it_rejoins() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
-    make_certs(&certs, &["a", "b", "c"], &["app"]);
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
     let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
     let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
     let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
@@ -518,8 +504,8 @@ async fn a_node_from_another_ca_cannot_join() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     let rogue_certs = root.path().join("rogue-certs");
-    make_certs(&certs, &["a"], &["app"]);
-    make_certs(&rogue_certs, &["rogue"], &["app"]);
+    make_certs(&certs, &["a"], &["app"], &[]);
+    make_certs(&rogue_certs, &["rogue"], &["app"], &[]);
     let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
     let rogue = start_node(
         root.path(),
@@ -551,7 +537,7 @@ async fn a_node_from_another_ca_cannot_join() {
 async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
-    make_certs(&certs, &["a"], &["app"]);
+    make_certs(&certs, &["a"], &["app"], &[]);
     let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
     let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
     let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
@@ -619,7 +605,7 @@ async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
 async fn a_model_deployed_to_one_node_reaches_its_replicas() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
-    make_certs(&certs, &["a", "b"], &["app"]);
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
     // Only a holds `fraud-v2`, which wants two replicas.
     let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, |repo| {
         copy_tree(&repo.join("fraud"), &repo.join("fraud-v2"));
@@ -672,7 +658,7 @@ async fn a_model_deployed_to_one_node_reaches_its_replicas() {
 async fn a_node_that_lost_every_peer_rejoins_through_its_seed() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
-    make_certs(&certs, &["a", "b"], &["app"]);
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
     let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", None);
     let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", Some(b.quic));
     let probe = client(&certs, vec![a.quic]);

@@ -41,6 +41,8 @@ pub fn copy_tree(from: &Path, to: &Path) {
 pub struct TestNode {
     child: Child,
     pub addr: SocketAddr,
+    /// The HTTP/3 address, when the node serves HTTP/3.
+    pub http3: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
     /// Disconnects when the log reader has read the process's last line.
     log_done: std::sync::mpsc::Receiver<()>,
@@ -98,9 +100,15 @@ impl TestNode {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line}"));
+        let http3 = line
+            .split("http3=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok());
         TestNode {
             child,
             addr,
+            http3,
             log,
             log_done,
             http: reqwest::Client::new(),
@@ -219,4 +227,22 @@ pub fn start_with_config(config: &str) -> (TestNode, tempfile::TempDir) {
         .args(["serve", "--http", "127.0.0.1:0", "--config"])
         .arg(&path);
     (TestNode::spawn(command), dir)
+}
+
+/// Makes a mesh CA in `dir` with node, client and front-door (`--server`) certificates,
+/// through the real binary.
+pub fn make_certs(dir: &Path, nodes: &[&str], clients: &[&str], servers: &[&str]) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_meshserve"));
+    command.arg("certs").arg("--dir").arg(dir);
+    for (flag, names) in [
+        ("--node", nodes),
+        ("--client", clients),
+        ("--server", servers),
+    ] {
+        for name in names {
+            command.args([flag, name]);
+        }
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
 }

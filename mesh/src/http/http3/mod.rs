@@ -180,10 +180,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let peer = incoming.remote_address();
+            // The client's first flight is processed here: a ClientHello without ALPN `h3`
+            // (a `meshserve/1` client, say) fails already.
             let connecting = match incoming.accept() {
                 Ok(connecting) => connecting,
                 Err(e) => {
-                    tracing::debug!(%peer, error = %e, "HTTP/3 connection failed");
+                    metrics.record_connection("h3", "handshake_failed");
+                    tracing::debug!(%peer, error = %e, "HTTP/3 handshake failed");
                     return;
                 }
             };
@@ -352,6 +355,30 @@ impl http_body::Body for RecvBody {
             )))),
             Ok(None) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_control_windows_are_finite_and_follow_the_config() {
+        let mut limits = crate::config::Http3Config::default().limits();
+        // quinn's own default connection window is unbounded (2^62 - 1).
+        assert!(u64::from(limits.receive_window) < 1 << 30);
+        limits.stream_receive_window = 65_536;
+        limits.receive_window = 131_072;
+        limits.max_concurrent_streams = 7;
+        let described = format!("{:?}", transport(&limits));
+        for expected in [
+            "stream_receive_window: 65536",
+            "receive_window: 131072",
+            "max_concurrent_bidi_streams: 7",
+            "max_concurrent_uni_streams: 8",
+        ] {
+            assert!(described.contains(expected), "{expected} in {described}");
         }
     }
 }

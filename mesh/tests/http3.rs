@@ -1,0 +1,445 @@
+//! The HTTP/3 front door's limits for internet-facing QUIC, each attacked with a raw QUIC
+//! client on loopback; the port's separation from the mesh; and the Rust client's HTTP/3 mode
+//! following route hints. (The OIP surface over HTTP/3 is covered with a third-party client in
+//! `mesh/tests/python/test_http3.py`.)
+
+mod support;
+
+use bytes::{Buf, Bytes};
+use meshserve::client::http3::{Http3Client, Http3ClientConfig};
+use meshserve::client::{ClientConfig, MeshClient};
+use meshserve::transport::MeshIdentity;
+use meshserve::transport::certs::Role;
+use quinn::crypto::rustls::QuicClientConfig;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{TestNode, make_certs, metric_sum, start_with_config, workspace_root};
+
+/// A CA with a front-door certificate for 127.0.0.1, a node `a` and a client `app`.
+fn certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), &["a", "b"], &["app"], &["127.0.0.1"]);
+    dir
+}
+
+/// A node over the example models serving HTTP/3 with `settings` added to `[http3]`.
+fn h3_node(certs: &Path, settings: &str) -> (TestNode, tempfile::TempDir) {
+    let (node, dir) = start_with_config(&format!(
+        "[http3]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{settings}\n",
+        certs.join("server.pem").display(),
+        certs.join("server.key").display(),
+    ));
+    assert!(
+        node.http3.is_some(),
+        "the node announces its HTTP/3 address"
+    );
+    (node, dir)
+}
+
+/// A raw QUIC client speaking ALPN `h3`, trusting the test CA, optionally with a client
+/// certificate.
+fn quic_client(certs: &Path, client_cert: Option<&str>) -> quinn::Endpoint {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(certs, client_cert));
+    endpoint
+}
+
+fn client_config(certs: &Path, client_cert: Option<&str>) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in meshserve::pem::read_certs(&certs.join("ca.pem")).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(meshserve::pem::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut tls = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some(name) => builder
+            .with_client_auth_cert(
+                meshserve::pem::read_certs(&certs.join(format!("client-{name}.pem"))).unwrap(),
+                meshserve::pem::read_key(&certs.join(format!("client-{name}.key"))).unwrap(),
+            )
+            .unwrap(),
+    };
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()))
+}
+
+async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
+    endpoint
+        .connect(addr, "127.0.0.1")
+        .unwrap()
+        .await
+        .expect("handshake")
+}
+
+/// GET `path` over HTTP/3 on an established QUIC connection; the status, or why it failed.
+async fn h3_get(connection: quinn::Connection, path: &str) -> Result<u16, String> {
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(connection))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let request = http::Request::get(format!("https://127.0.0.1{path}"))
+        .body(())
+        .unwrap();
+    let mut stream = send
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.finish().await.map_err(|e| e.to_string())?;
+    let response = stream.recv_response().await.map_err(|e| e.to_string())?;
+    while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
+        chunk.advance(chunk.remaining());
+    }
+    Ok(response.status().as_u16())
+}
+
+fn h3_client(certs: &Path, seeds: Vec<SocketAddr>) -> Http3Client {
+    let mut config = Http3ClientConfig::new(seeds, &certs.join("ca.pem")).unwrap();
+    config.attempt_timeout = Duration::from_secs(5);
+    Http3Client::new(config).unwrap()
+}
+
+fn fraud_body() -> Bytes {
+    let text =
+        std::fs::read_to_string(workspace_root().join("examples/references/fraud.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    Bytes::from(serde_json::json!({ "inputs": reference["cases"][0]["inputs"] }).to_string())
+}
+
+/// A QUIC variable-length integer, 4-byte form.
+fn varint4(value: u32) -> [u8; 4] {
+    (value | 0x8000_0000).to_be_bytes()
+}
+
+#[tokio::test]
+async fn streams_past_the_per_connection_cap_wait_and_are_then_served() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "max_concurrent_streams = 4");
+    let addr = node.http3.unwrap();
+    let connection = connect(&quic_client(certs.path(), None), addr).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(connection.open_bi().await.unwrap());
+    }
+    let fifth = tokio::time::timeout(Duration::from_millis(500), connection.open_bi()).await;
+    assert!(
+        fifth.is_err(),
+        "a fifth stream must wait for the server's credit"
+    );
+    drop(open);
+
+    // A client that wants 32 requests at once gets them all answered, four at a time.
+    let client = Arc::new(h3_client(certs.path(), vec![addr]));
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.infer("fraud", fraud_body(), None).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().status, 200);
+    }
+}
+
+#[tokio::test]
+async fn request_headers_that_trickle_are_dropped_at_the_deadline() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "header_read_timeout_ms = 400");
+    let addr = node.http3.unwrap();
+    let connection = connect(&quic_client(certs.path(), None), addr).await;
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    // A HEADERS frame announcing 32 bytes, of which 5 arrive.
+    send.write_all(&[0x01, 0x20, 1, 2, 3, 4, 5]).await.unwrap();
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1024)).await;
+    let waited = started.elapsed();
+    let answer = ended.expect("the server ends the stream");
+    assert!(
+        answer.as_ref().map_or(true, |bytes| bytes.is_empty()),
+        "no response on a stream without headers: {answer:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "ended after {waited:?}, deadline 400 ms"
+    );
+    // The connection itself keeps serving.
+    assert_eq!(h3_get(connection, "/v2/health/live").await, Ok(200));
+}
+
+#[tokio::test]
+async fn an_oversized_header_frame_is_stopped_before_it_is_buffered() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "");
+    let addr = node.http3.unwrap();
+    let connection = connect(&quic_client(certs.path(), None), addr).await;
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    // HEADERS, announcing 512 MiB (the limit is 64 KiB), then as much of it as will go.
+    let mut frame = vec![0x01];
+    frame.extend(varint4(512 << 20));
+    send.write_all(&frame).await.unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let written = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Err(e) = send.write_all(&chunk).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the server stops the stream instead of reading 512 MiB");
+    assert_eq!(
+        written,
+        quinn::WriteError::Stopped(quinn::VarInt::from_u32(0x107)),
+        "stopped with H3_EXCESSIVE_LOAD"
+    );
+    assert_eq!(h3_get(connection, "/v2/health/live").await, Ok(200));
+}
+
+#[tokio::test]
+async fn connections_without_requests_are_closed_even_when_kept_alive() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "idle_timeout_ms = 500");
+    // QUIC keep-alives hold the transport open; only the server's watchdog can end it.
+    let mut config = client_config(certs.path(), None);
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(100)));
+    config.transport_config(Arc::new(transport));
+    let connection = quic_client(certs.path(), None)
+        .connect_with(config, node.http3.unwrap(), "127.0.0.1")
+        .unwrap()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(5), connection.closed())
+        .await
+        .expect("an idle connection is closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.error_code == quinn::VarInt::from_u32(0x100)),
+        "closed with H3_NO_ERROR, got {reason:?}"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_refused_until_one_closes() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "max_connections = 2");
+    let addr = node.http3.unwrap();
+    let client = quic_client(certs.path(), None);
+    let first = connect(&client, addr).await;
+    let _second = connect(&client, addr).await;
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.connect(addr, "127.0.0.1").unwrap(),
+    )
+    .await
+    .expect("refused, not ignored");
+    assert!(
+        matches!(third, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "{third:?}"
+    );
+    first.close(quinn::VarInt::from_u32(0x100), b"done");
+    let mut served = Err(String::new());
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(Ok(connection)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.connect(addr, "127.0.0.1").unwrap(),
+        )
+        .await
+        else {
+            continue;
+        };
+        served = h3_get(connection, "/v2/health/live").await;
+        break;
+    }
+    assert_eq!(served, Ok(200), "a slot frees when a connection closes");
+    let metrics = node.metrics().await;
+    let count = |outcome| {
+        metric_sum(
+            &metrics,
+            "meshserve_connections_total",
+            &[("protocol", "h3"), ("outcome", outcome)],
+        )
+    };
+    assert!(count("refused") >= 1.0);
+    assert_eq!(count("retry"), 0.0, "below validate_addresses_above");
+}
+
+#[tokio::test]
+async fn under_load_clients_prove_their_address_with_a_retry_token() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "validate_addresses_above = 0");
+    let client = h3_client(certs.path(), vec![node.http3.unwrap()]);
+    let answer = client.infer("fraud", fraud_body(), None).await.unwrap();
+    assert_eq!(answer.status, 200);
+    let metrics = node.metrics().await;
+    let count = |outcome| {
+        metric_sum(
+            &metrics,
+            "meshserve_connections_total",
+            &[("protocol", "h3"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(count("retry"), 1.0, "one retry token sent");
+    assert_eq!(count("accepted"), 1.0, "then the validated connection");
+}
+
+#[tokio::test]
+async fn a_client_certificate_can_be_required() {
+    let certs = certs();
+    let (node, _dir) = h3_node(
+        certs.path(),
+        &format!(
+            "client_ca = \"{}\"\nrequire_client_cert = true",
+            certs.path().join("ca.pem").display()
+        ),
+    );
+    let addr = node.http3.unwrap();
+    let anonymous = quic_client(certs.path(), None);
+    let refused = match anonymous.connect(addr, "127.0.0.1").unwrap().await {
+        // TLS 1.3: the client may finish its side before the server refuses it.
+        Ok(connection) => h3_get(connection, "/v2/health/live").await,
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(refused.is_err(), "{refused:?}");
+    let holder = quic_client(certs.path(), Some("app"));
+    let connection = connect(&holder, addr).await;
+    assert_eq!(h3_get(connection, "/v2/health/live").await, Ok(200));
+}
+
+#[tokio::test]
+async fn the_http3_port_speaks_neither_meshserve_1_nor_membership() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "");
+    let addr = node.http3.unwrap();
+    // A mesh client with a valid client certificate asks for the mesh's status...
+    let identity = MeshIdentity::from_dir(certs.path(), Role::Client, "app").unwrap();
+    let mut config = ClientConfig::new(vec![addr], identity);
+    config.attempt_timeout = Duration::from_secs(3);
+    let status = MeshClient::new(config).unwrap().status(addr).await;
+    assert!(
+        status.is_err(),
+        "meshserve/1 over the HTTP/3 port: {status:?}"
+    );
+    // ...and a node certificate tries to join through it.
+    let node_identity = MeshIdentity::from_dir(certs.path(), Role::Node, "b").unwrap();
+    let endpoint = meshserve::transport::MeshEndpoint::client(&node_identity, 1 << 20).unwrap();
+    let joined = endpoint.connection(addr).await;
+    assert!(joined.is_err(), "a node cannot connect to the HTTP/3 port");
+    let metrics = node.metrics().await;
+    assert!(
+        metric_sum(
+            &metrics,
+            "meshserve_connections_total",
+            &[("protocol", "h3"), ("outcome", "handshake_failed")]
+        ) >= 2.0,
+        "both refused in the handshake (no common ALPN)"
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "meshserve_connections_total",
+            &[("protocol", "h3"), ("outcome", "accepted")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn the_http3_client_follows_route_hints_to_the_replica() {
+    let certs = certs();
+    let root = tempfile::tempdir().unwrap();
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let owner_models = root.path().join("models");
+    support::copy_tree(
+        &workspace_root().join("examples/models/fraud"),
+        &owner_models.join("fraud"),
+    );
+    let cert = certs.path().join("server.pem");
+    let key = certs.path().join("server.key");
+    let common = |name: &'static str| {
+        vec![
+            "--quic".to_string(),
+            "127.0.0.1:0".into(),
+            "--certs".into(),
+            certs.path().display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--http3".into(),
+            "127.0.0.1:0".into(),
+            "--http3-cert".into(),
+            cert.display().to_string(),
+            "--http3-key".into(),
+            key.display().to_string(),
+        ]
+    };
+    let args = common("a");
+    let front = TestNode::start(&empty, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let front_quic = front
+        .log_text()
+        .lines()
+        .find(|l| l.contains("mesh endpoint up"))
+        .and_then(|l| l.split("quic=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .unwrap();
+    let mut args = common("b");
+    args.extend(["--seed".to_string(), front_quic]);
+    let owner = TestNode::start(
+        &owner_models,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (front_h3, owner_h3) = (front.http3.unwrap(), owner.http3.unwrap());
+
+    let client = h3_client(certs.path(), vec![front_h3]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let answer = client.infer("fraud", fraud_body(), None).await.unwrap();
+        if answer.status == 200 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(
+        first.sent_to, front_h3,
+        "the first request goes to the seed"
+    );
+    let route = client
+        .route("fraud")
+        .expect("the answer's route hint is kept");
+    assert_eq!(route.replicas.len(), 1);
+    assert_eq!(route.replicas[0].http3, Some(owner_h3));
+
+    let mesh_served = |metrics: &str| {
+        metric_sum(
+            metrics,
+            "meshserve_mesh_served_requests_total",
+            &[("model", "fraud")],
+        )
+    };
+    let before = mesh_served(&owner.metrics().await);
+    for _ in 0..5 {
+        let answer = client.infer("fraud", fraud_body(), None).await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.sent_to, owner_h3,
+            "later requests go straight to the replica"
+        );
+    }
+    assert_eq!(
+        mesh_served(&owner.metrics().await),
+        before,
+        "none of them crossed the mesh"
+    );
+}
