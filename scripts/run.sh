@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets up, builds, and runs a three-node meshserve mesh on loopback:
-#   node a: HTTP 127.0.0.1:8000, QUIC 127.0.0.1:7000, the bundled models with the first-party
-#           WebAssembly plugins around them (examples/node.toml);
-#   nodes b and c: HTTP :8001/:8002, QUIC :7001/:7002, the bundled models, joining through a.
-# Mesh certificates are made once in target/demo-certs. Extra arguments go to node a's
+#   node a: HTTP 127.0.0.1:8000, HTTP/3 :8443, QUIC (mesh) :7000, the bundled models with the
+#           first-party WebAssembly plugins around them (examples/node.toml);
+#   nodes b and c: HTTP :8001/:8002, HTTP/3 :8444/:8445, QUIC :7001/:7002, the bundled models,
+#           joining through a.
+# Certificates (the mesh CA, node and client certificates, and the front door's certificate for
+# 127.0.0.1 and localhost) are made once in target/demo-certs. Extra arguments go to node a's
 # `meshserve serve`. Ctrl-C (or SIGTERM) stops all three after their grace period and drain;
 # a second Ctrl-C stops them at once.
 set -euo pipefail
@@ -14,9 +16,13 @@ scripts/build-plugins.sh
 cargo build --release --workspace --all-targets
 bin=target/release/meshserve
 certs=target/demo-certs
-if [ ! -f "$certs/client-ops.pem" ]; then
-    "$bin" certs --dir "$certs" --node a --node b --node c --client ops
+if [ ! -f "$certs/client-ops.pem" ] || [ ! -f "$certs/server.pem" ]; then
+    "$bin" certs --dir "$certs" --node a --node b --node c --client ops \
+        --server 127.0.0.1 --server localhost
 fi
+http3() {
+    echo --http3 "127.0.0.1:$1" --http3-cert "$certs/server.pem" --http3-key "$certs/server.key"
+}
 pids=()
 stop() {
     kill -TERM "${pids[@]}" 2>/dev/null || true
@@ -27,12 +33,13 @@ trap stop EXIT TERM
 trap wait INT
 start_peer() {
     RUST_LOG=${RUST_LOG:-warn} "$bin" serve --model-repository examples/models \
-        --http "127.0.0.1:800$2" --quic "127.0.0.1:700$2" --certs "$certs" --name "$1" \
-        --seed 127.0.0.1:7000 &
+        --http "127.0.0.1:800$2" $(http3 "844$((3 + $2))") --quic "127.0.0.1:700$2" \
+        --certs "$certs" --name "$1" --seed 127.0.0.1:7000 &
     pids+=($!)
 }
 start_peer b 1
 start_peer c 2
-"$bin" serve --config examples/node.toml --quic 127.0.0.1:7000 --certs "$certs" --name a "$@" &
+"$bin" serve --config examples/node.toml $(http3 8443) --quic 127.0.0.1:7000 --certs "$certs" \
+    --name a "$@" &
 pids+=($!)
 wait "${pids[-1]}"

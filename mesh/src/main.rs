@@ -42,6 +42,28 @@ enum Command {
     Certs(CertsArgs),
     /// Show the mesh as one node sees it: members, their load, and where each model is served.
     Status(StatusArgs),
+    /// Send an inference request over HTTP/3 and print the answer and the route it took.
+    Infer(InferArgs),
+}
+
+#[derive(Args)]
+struct InferArgs {
+    /// Any node's HTTP/3 address.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8443")]
+    http3: SocketAddr,
+    /// CA certificate that signed the nodes' front-door certificates.
+    #[arg(long, default_value = "certs/ca.pem")]
+    ca: PathBuf,
+    /// The model to call.
+    #[arg(long, default_value = "fraud")]
+    model: String,
+    /// The OIP JSON request, or @FILE; default: zeros shaped after the model's metadata.
+    #[arg(long)]
+    data: Option<String>,
+    /// Requests to send one after another (the second goes where the first one's route hint
+    /// points).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
 }
 
 #[derive(Args)]
@@ -149,6 +171,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         warmup_secs: f64,
     },
+    /// Start a node and compare HTTP/1.1, HTTP/1.1 over TLS, HTTP/2 and HTTP/3 in one run.
+    Protocols {
+        /// Repository holding the `fraud` model.
+        #[arg(long, default_value = "examples/models")]
+        model_repository: PathBuf,
+        /// Measured seconds per row.
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        /// Warm-up seconds before each row.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+    },
     /// Start a 3-node mesh on loopback and compare direct, forwarded and route-aware requests.
     Mesh {
         /// Repository holding the `fraud` model (copied for each node).
@@ -244,7 +278,77 @@ fn run() -> Result<()> {
         Command::Bench { kind } => run_bench(kind),
         Command::Certs(args) => certs(args),
         Command::Status(args) => status(args),
+        Command::Infer(args) => infer(args),
     }
+}
+
+fn infer(args: InferArgs) -> Result<()> {
+    use meshserve::client::http3::{Http3Client, Http3ClientConfig};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let config = Http3ClientConfig::new(vec![args.http3], &args.ca).with_context(|| {
+            format!(
+                "CA certificate {} (made by `meshserve certs`; scripts/run.sh keeps it in target/demo-certs)",
+                args.ca.display()
+            )
+        })?;
+        let client = Http3Client::new(config)?;
+        let body = match &args.data {
+            Some(file) if file.starts_with('@') => std::fs::read(&file[1..])
+                .with_context(|| format!("request file {}", &file[1..]))?,
+            Some(json) => json.clone().into_bytes(),
+            None => {
+                let path = format!("/v2/models/{}", args.model);
+                let answer = client
+                    .request(args.http3, http::Method::GET, &path, Default::default(), Default::default())
+                    .await?;
+                anyhow::ensure!(
+                    answer.status.is_success(),
+                    "metadata of '{}': {} {}",
+                    args.model,
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                );
+                let metadata: serde_json::Value = serde_json::from_slice(&answer.body)?;
+                let request = meshserve::http::oip::example_request(&metadata)
+                    .context("the model's metadata lists no inputs to fill; pass --data")?;
+                serde_json::to_vec(&request)?
+            }
+        };
+        for _ in 0..args.repeat.max(1) {
+            let answer = client.infer(&args.model, body.clone().into(), None).await?;
+            let header = |name: &str| {
+                answer
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            println!(
+                "HTTP/3 {} from {} (server-timing: {})",
+                answer.status,
+                answer.sent_to,
+                header("server-timing")
+            );
+            if let Some(route) = client.route(&args.model) {
+                let replicas: Vec<String> = route
+                    .replicas
+                    .iter()
+                    .map(|r| match r.http3 {
+                        Some(addr) => format!("{} at {addr}", r.node),
+                        None => format!("{} (no HTTP/3)", r.node),
+                    })
+                    .collect();
+                println!("route: {} lives on {}", args.model, replicas.join(", "));
+            }
+            println!("{}", String::from_utf8_lossy(&answer.body));
+        }
+        Ok(())
+    })
 }
 
 fn certs(args: CertsArgs) -> Result<()> {
@@ -435,6 +539,21 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             };
             let report = runtime.block_on(bench::plugins::run_plugin_suite(&config))?;
             print!("{report}");
+        }
+        BenchCommand::Protocols {
+            model_repository,
+            duration_secs,
+            warmup_secs,
+        } => {
+            let config = meshserve::bench::protocols::ProtocolSuiteConfig {
+                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                repository: std::fs::canonicalize(&model_repository)
+                    .with_context(|| format!("model repository {}", model_repository.display()))?,
+                duration: Duration::from_secs_f64(duration_secs),
+                warmup: Duration::from_secs_f64(warmup_secs),
+            };
+            let table = runtime.block_on(bench::protocols::run_protocol_suite(&config))?;
+            print!("{table}");
         }
         BenchCommand::Mesh {
             model_repository,

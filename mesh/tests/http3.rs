@@ -443,3 +443,93 @@ async fn the_http3_client_follows_route_hints_to_the_replica() {
         "none of them crossed the mesh"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_every_http3_request_in_flight_then_exits() {
+    let certs = certs();
+    let repo = support::copy_examples();
+    // One thread and no batching across requests: 64-row requests queue up behind each other.
+    std::fs::write(
+        repo.path().join("heavy/config.toml"),
+        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\n",
+    )
+    .unwrap();
+    let (cert, key) = (
+        certs.path().join("server.pem"),
+        certs.path().join("server.key"),
+    );
+    // No grace period: the queue is answered by the drain alone, after GOAWAY.
+    let config = repo.path().join("node.toml");
+    std::fs::write(&config, "shutdown_grace_ms = 0\n").unwrap();
+    let mut node = TestNode::start(
+        repo.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http3",
+            "127.0.0.1:0",
+            "--http3-cert",
+            cert.to_str().unwrap(),
+            "--http3-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let client = Arc::new(h3_client(certs.path(), vec![node.http3.unwrap()]));
+    let body = Bytes::from(
+        serde_json::json!({"inputs": [{"name": "input", "shape": [64, 512], "datatype": "FP32", "data": vec![0.25; 64 * 512]}]})
+            .to_string(),
+    );
+    let requests: Vec<_> = (0..48)
+        .map(|_| {
+            let (client, body) = (client.clone(), body.clone());
+            tokio::spawn(async move {
+                let answer = client.infer("heavy", body, None).await;
+                (answer, Instant::now())
+            })
+        })
+        .collect();
+    let waiting_since = Instant::now();
+    let queued = loop {
+        let metrics = node.metrics().await;
+        let queued = metric_sum(&metrics, "meshserve_queue_depth", &[("model", "heavy")]);
+        let done = metric_sum(&metrics, "meshserve_requests_total", &[("model", "heavy")]);
+        if queued + done + 1.0 >= 48.0 {
+            break queued;
+        }
+        assert!(
+            waiting_since.elapsed() < Duration::from_secs(20),
+            "requests never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert!(
+        queued >= 8.0,
+        "only {queued} queued at SIGTERM: the test would prove nothing"
+    );
+    let signalled = Instant::now();
+    node.signal_term();
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let status = node.wait_for_exit(Duration::from_secs(60));
+        (status, node.log_text())
+    })
+    .await
+    .unwrap();
+    let mut answered_after_signal = 0.0;
+    for request in requests {
+        let (answer, at) = request.await.unwrap();
+        assert_eq!(answer.expect("a request in flight was lost").status, 200);
+        if at > signalled {
+            answered_after_signal += 1.0;
+        }
+    }
+    assert!(
+        answered_after_signal >= queued,
+        "{answered_after_signal} answered after SIGTERM, {queued} were queued"
+    );
+    assert!(status.success(), "exit status {status:?}");
+    assert!(log.contains("HTTP/3: no longer accepting"), "{log}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(15),
+        "drained, not timed out"
+    );
+}

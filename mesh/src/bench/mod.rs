@@ -1,10 +1,12 @@
-//! The load generator behind `meshserve bench`: closed-loop HTTP/1.1 load with HDR-histogram
+//! The load generator behind `meshserve bench`: closed-loop HTTP/1.1, HTTP/2 and HTTP/3 load with HDR-histogram
 //! percentiles, the in-process ONNX Runtime loop that bounds what any server can reach, and
 //! the suites that run them side by side against a freshly started node ([`suite`] for the
-//! engine, [`plugins`] for WebAssembly plugins).
+//! engine, [`plugins`] for WebAssembly plugins, [`protocols`] for HTTP/1.1, HTTP/2 and
+//! HTTP/3).
 
 pub mod mesh;
 pub mod plugins;
+pub mod protocols;
 pub mod suite;
 
 use crate::client::http3::{Http3Client, Http3ClientConfig};
