@@ -97,6 +97,15 @@ async fn h3_get(connection: quinn::Connection, path: &str) -> Result<u16, String
     Ok(response.status().as_u16())
 }
 
+/// `meshserve_connections_total{protocol="h3", outcome}` in a metrics exposition.
+fn h3_connections(metrics: &str, outcome: &str) -> f64 {
+    metric_sum(
+        metrics,
+        "meshserve_connections_total",
+        &[("protocol", "h3"), ("outcome", outcome)],
+    )
+}
+
 fn h3_client(certs: &Path, seeds: Vec<SocketAddr>) -> Http3Client {
     let mut config = Http3ClientConfig::new(seeds, &certs.join("ca.pem")).unwrap();
     config.attempt_timeout = Duration::from_secs(5);
@@ -263,13 +272,7 @@ async fn connections_past_the_cap_are_refused_until_one_closes() {
     }
     assert_eq!(served, Ok(200), "a slot frees when a connection closes");
     let metrics = node.metrics().await;
-    let count = |outcome| {
-        metric_sum(
-            &metrics,
-            "meshserve_connections_total",
-            &[("protocol", "h3"), ("outcome", outcome)],
-        )
-    };
+    let count = |outcome| h3_connections(&metrics, outcome);
     assert!(count("refused") >= 1.0);
     assert_eq!(count("retry"), 0.0, "below validate_addresses_above");
 }
@@ -282,13 +285,7 @@ async fn under_load_clients_prove_their_address_with_a_retry_token() {
     let answer = client.infer("fraud", fraud_body(), None).await.unwrap();
     assert_eq!(answer.status, 200);
     let metrics = node.metrics().await;
-    let count = |outcome| {
-        metric_sum(
-            &metrics,
-            "meshserve_connections_total",
-            &[("protocol", "h3"), ("outcome", outcome)],
-        )
-    };
+    let count = |outcome| h3_connections(&metrics, outcome);
     assert_eq!(count("retry"), 1.0, "one retry token sent");
     assert_eq!(count("accepted"), 1.0, "then the validated connection");
 }
@@ -337,21 +334,10 @@ async fn the_http3_port_speaks_neither_meshserve_1_nor_membership() {
     assert!(joined.is_err(), "a node cannot connect to the HTTP/3 port");
     let metrics = node.metrics().await;
     assert!(
-        metric_sum(
-            &metrics,
-            "meshserve_connections_total",
-            &[("protocol", "h3"), ("outcome", "handshake_failed")]
-        ) >= 2.0,
+        h3_connections(&metrics, "handshake_failed") >= 2.0,
         "both refused in the handshake (no common ALPN)"
     );
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "meshserve_connections_total",
-            &[("protocol", "h3"), ("outcome", "accepted")]
-        ),
-        0.0
-    );
+    assert_eq!(h3_connections(&metrics, "accepted"), 0.0);
 }
 
 #[tokio::test]

@@ -120,8 +120,15 @@ pub struct Http3Response {
 pub struct Http3Client {
     endpoint: quinn::Endpoint,
     config: Http3ClientConfig,
-    connections: tokio::sync::Mutex<HashMap<SocketAddr, SendRequest>>,
+    /// Open connections by node, each with an id so a closed one removes only itself.
+    connections: Arc<tokio::sync::Mutex<Connections>>,
     routes: RouteBook,
+}
+
+#[derive(Default)]
+struct Connections {
+    open: HashMap<SocketAddr, (u64, SendRequest)>,
+    next_id: u64,
 }
 
 impl Http3Client {
@@ -151,7 +158,7 @@ impl Http3Client {
         Ok(Http3Client {
             endpoint,
             config,
-            connections: tokio::sync::Mutex::default(),
+            connections: Arc::default(),
             routes: RouteBook::new(|replica| replica.http3),
         })
     }
@@ -163,8 +170,9 @@ impl Http3Client {
 
     /// The open HTTP/3 connection to `addr`, or a new one.
     async fn connection(&self, addr: SocketAddr) -> Result<SendRequest, Http3Error> {
+        // Held while connecting, so concurrent first requests share one connection.
         let mut connections = self.connections.lock().await;
-        if let Some(send) = connections.get(&addr) {
+        if let Some((_, send)) = connections.open.get(&addr) {
             return Ok(send.clone());
         }
         let exchange = |message: String| Http3Error::Exchange { addr, message };
@@ -184,18 +192,18 @@ impl Http3Client {
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection))
             .await
             .map_err(|e| exchange(e.to_string()))?;
+        let id = connections.next_id;
+        connections.next_id += 1;
+        connections.open.insert(addr, (id, send.clone()));
+        let registry = Arc::downgrade(&self.connections);
         tokio::spawn(async move {
             let closed = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
             tracing::debug!(%addr, reason = %closed, "HTTP/3 connection closed");
+            if let Some(registry) = registry.upgrade() {
+                forget(&registry, addr, Some(id)).await;
+            }
         });
-        connections.insert(addr, send.clone());
         Ok(send)
-    }
-
-    fn forget_connection(&self, addr: SocketAddr) {
-        if let Ok(mut connections) = self.connections.try_lock() {
-            connections.remove(&addr);
-        }
     }
 
     /// Sends one request to `addr` and reads the whole answer.
@@ -216,7 +224,7 @@ impl Http3Client {
             }),
         };
         if result.is_err() {
-            self.forget_connection(addr);
+            forget(&self.connections, addr, None).await;
         }
         result
     }
@@ -360,5 +368,18 @@ impl Http3Client {
             attempts: tried.len(),
             last,
         })
+    }
+}
+
+/// Drops the connection to `addr` (only if it is still connection `id`, when given).
+async fn forget(connections: &tokio::sync::Mutex<Connections>, addr: SocketAddr, id: Option<u64>) {
+    let mut connections = connections.lock().await;
+    if id.is_none_or(|id| {
+        connections
+            .open
+            .get(&addr)
+            .is_some_and(|(open, _)| *open == id)
+    }) {
+        connections.open.remove(&addr);
     }
 }
