@@ -255,7 +255,12 @@ impl NodeConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| NodeConfigError::Parse {
+        NodeConfig::load_from_str(&text, path)
+    }
+
+    /// Parses `text` as the config file at `path` (for its relative paths and errors).
+    pub fn load_from_str(text: &str, path: &Path) -> Result<NodeConfig, NodeConfigError> {
+        let mut config: NodeConfig = toml::from_str(text).map_err(|e| NodeConfigError::Parse {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
@@ -302,6 +307,35 @@ impl NodeConfig {
                  issue a server certificate with `meshserve certs --server <dns name or ip>`)"
                     .into(),
             ));
+        }
+        let h3 = &self.http3;
+        for (key, value, least) in [
+            ("header_read_timeout_ms", h3.header_read_timeout_ms, 1),
+            ("idle_timeout_ms", h3.idle_timeout_ms, 1),
+            ("max_connections", h3.max_connections as u64, 1),
+            (
+                "max_concurrent_streams",
+                u64::from(h3.max_concurrent_streams),
+                1,
+            ),
+            // Smaller windows or header sections than these stall ordinary requests.
+            (
+                "stream_receive_window_bytes",
+                u64::from(h3.stream_receive_window_bytes),
+                16 * 1024,
+            ),
+            (
+                "receive_window_bytes",
+                u64::from(h3.receive_window_bytes),
+                16 * 1024,
+            ),
+            ("max_header_bytes", h3.max_header_bytes, 1024),
+        ] {
+            if value < least {
+                return Err(NodeConfigError::Inconsistent(format!(
+                    "http3.{key} must be at least {least}"
+                )));
+            }
         }
         if self.http3.require_client_cert && self.http3.client_ca.is_none() {
             return Err(NodeConfigError::Inconsistent(
@@ -355,5 +389,26 @@ mod tests {
         );
         std::fs::write(&path, "[http]\ntls_cert = \"c.pem\"\n").unwrap();
         assert!(NodeConfig::load(&path).is_err());
+    }
+
+    #[test]
+    fn http3_needs_a_certificate_and_sane_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let refused = |text: &str| {
+            NodeConfig::load_from_str(text, &path)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            refused("[http3]\nlisten = \"127.0.0.1:8443\"\n").contains("meshserve certs --server")
+        );
+        let base =
+            "[http3]\nlisten = \"127.0.0.1:8443\"\ntls_cert = \"s.pem\"\ntls_key = \"s.key\"\n";
+        assert!(refused(&format!("{base}idle_timeout_ms = 0\n")).contains("http3.idle_timeout_ms"));
+        assert!(refused(&format!("{base}receive_window_bytes = 10\n")).contains("at least 16384"));
+        assert!(refused(&format!("{base}require_client_cert = true\n")).contains("client_ca"));
+        let config = NodeConfig::load_from_str(base, &path).unwrap();
+        assert_eq!(config.http3.tls_cert, Some(dir.path().join("s.pem")));
     }
 }
