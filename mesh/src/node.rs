@@ -55,6 +55,9 @@ pub enum NodeError {
     /// The mesh endpoint could not start.
     #[error(transparent)]
     Mesh(#[from] ClusterError),
+    /// The node's mesh name is one peers would refuse.
+    #[error("'{0}' is not a valid node name: use up to 128 letters, digits, '-', '_' and '.'")]
+    NodeName(String),
     /// A seed address does not resolve.
     #[error("mesh seed '{seed}': {reason}")]
     Seed {
@@ -322,6 +325,9 @@ async fn join_mesh(
         .name
         .clone()
         .unwrap_or_else(|| format!("node-{}", advertised.port()));
+    if !crate::membership::adverts::valid_node_name(&name) {
+        return Err(NodeError::NodeName(name));
+    }
     let dir = mesh.certs.clone().unwrap_or_default();
     let identity = MeshIdentity::from_dir(&dir, Role::Node, &name).map_err(|source| {
         NodeError::MeshCertificate {

@@ -692,3 +692,38 @@ async fn a_node_that_lost_every_peer_rejoins_through_its_seed() {
         a.node.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_config_that_does_not_parse_stays_out_of_placement() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, |repo| {
+        copy_tree(&repo.join("fraud"), &repo.join("fraud-typo"));
+        std::fs::write(repo.join("fraud-typo/config.toml"), "replicas = [2\n").unwrap();
+    });
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
+    let probe = client(&certs, vec![a.quic]);
+    // Once `fraud` is placed on both nodes, the mesh has seen both catalogs.
+    let status = wait_for("fraud placed on a and b", Duration::from_secs(30), async || {
+        let status = probe.status(a.quic).await.ok()?;
+        (placed(&status, "fraud").len() == 2).then_some(status)
+    })
+    .await;
+    assert!(
+        placed(&status, "fraud-typo").is_empty(),
+        "a broken config must not mean `replicas = 0`: {:?}",
+        status.routes
+    );
+    assert!(!root.path().join("models-b/fraud-typo").exists());
+    // Give housekeeping a few rounds: the error is logged once, not every second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = a.node.log_text();
+    let reports = log
+        .lines()
+        .filter(|l| l.contains("model config unusable") && l.contains("fraud-typo"))
+        .count();
+    assert_eq!(reports, 1, "{log}");
+    assert!(log.contains("config.toml"), "the parse error names the file: {log}");
+    drop(b);
+}

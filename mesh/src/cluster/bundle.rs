@@ -3,6 +3,7 @@
 //! a model it lacks fetches exactly what the holders advertise, and verifies it.
 
 use crate::wire::ModelFile;
+use meshserve_host::model::repository::{InvalidName, Repository};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -37,6 +38,9 @@ pub enum BundleError {
     /// The model already exists here.
     #[error("model folder {0} already exists")]
     Exists(String),
+    /// A model name that is not a plain folder name (from a peer: hostile until checked).
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
@@ -85,6 +89,7 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 
 /// Every file of `root/model`, with paths relative to it (`/`-separated), sorted.
 pub fn read(root: &Path, model: &str) -> Result<Vec<ModelFile>, BundleError> {
+    Repository::check_name(model)?;
     let base = root.join(model);
     let mut files = Vec::new();
     let mut pending = vec![(base.clone(), String::new(), 0usize)];
@@ -122,6 +127,7 @@ pub fn install(
     files: &[ModelFile],
     expected: &[u8; 32],
 ) -> Result<(), BundleError> {
+    Repository::check_name(model)?;
     let actual = digest(files);
     if &actual != expected {
         return Err(BundleError::DigestMismatch {
@@ -266,6 +272,23 @@ mod tests {
             );
         }
         assert!(!root.path().join("m").exists());
+        // A model name from the mesh is a folder name, never a path.
+        let inside = root.path().join("repo");
+        std::fs::create_dir_all(&inside).unwrap();
+        let files = vec![file("1/model.onnx", b"onnx")];
+        let expected = digest(&files);
+        for name in ["../escaped", "/tmp/abs", "a/b", "..", ".hidden", ""] {
+            assert!(
+                matches!(
+                    install(&inside, name, &files, &expected),
+                    Err(BundleError::InvalidName(_))
+                ),
+                "{name}"
+            );
+            assert!(matches!(read(&inside, name), Err(BundleError::InvalidName(_))), "{name}");
+        }
+        assert!(!root.path().join("escaped").exists());
+        assert_eq!(std::fs::read_dir(&inside).unwrap().count(), 0, "nothing staged");
         assert_ne!(
             digest(&[file("a", b"bc")]),
             digest(&[file("ab", b"c")]),

@@ -20,7 +20,7 @@ use crate::wire::{
     MetadataQuery, NodeAdvert, Replica, RouteHint, RouteTable,
 };
 use meshserve_host::Engine;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -167,6 +167,8 @@ pub struct Cluster {
     forward_timeout: Duration,
     local_latency: Mutex<PeakEwma>,
     digests: bundle::DigestCache,
+    /// Config errors already logged, by model.
+    config_errors: Mutex<HashMap<String, String>>,
 }
 
 impl Cluster {
@@ -214,6 +216,7 @@ impl Cluster {
             forward_timeout: config.forward_timeout,
             local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),
             digests: bundle::DigestCache::default(),
+            config_errors: Mutex::default(),
         });
         cluster.publish_advert().await;
         tokio::spawn(service::serve(cluster.clone()));
@@ -254,13 +257,23 @@ impl Cluster {
             .unwrap_or_default()
             .into_iter()
             .filter_map(|model| {
+                // A config that does not parse must not advertise as `replicas = 0` ("every
+                // holder"): the model stays out of placement until it is fixed, and the
+                // engine's load reports the parse error.
+                let replicas = match repository.config(&model) {
+                    Ok(config) => config.replicas,
+                    Err(e) => {
+                        self.report_config_error(&model, &e.to_string());
+                        return None;
+                    }
+                };
                 let (digest, bytes) = self
                     .digests
                     .get(repository.root(), &model)
                     .map_err(|e| tracing::warn!(%model, error = %e, "cannot hash model files"))
                     .ok()?;
                 Some(CatalogEntry {
-                    replicas: repository.config(&model).map_or(0, |c| c.replicas),
+                    replicas,
                     model,
                     digest,
                     bytes,
@@ -284,6 +297,19 @@ impl Cluster {
             serving: self.engine.loaded_models(),
             queue_depth: u32::try_from(self.engine.queue_depth()).unwrap_or(u32::MAX),
             ewma_latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Logs a model's config error once per distinct message (adverts are rebuilt every
+    /// second).
+    fn report_config_error(&self, model: &str, error: &str) {
+        let mut reported = self
+            .config_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if reported.get(model).map(String::as_str) != Some(error) {
+            tracing::error!(%model, %error, "model config unusable; the model stays out of placement");
+            reported.insert(model.to_string(), error.to_string());
         }
     }
 

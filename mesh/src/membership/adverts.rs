@@ -2,6 +2,7 @@
 //! spreading one as soon as a newer one of the same node arrives.
 
 use crate::wire::NodeAdvert;
+use meshserve_host::model::repository::Repository;
 use foca::{BroadcastHandler, Invalidates};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,37 @@ impl AdvertTable {
         }
         newer
     }
+}
+
+/// Longest node name an advert may carry.
+const MAX_NODE_NAME: usize = 128;
+
+/// Whether `name` can name a node: what peers accept in adverts (and `meshserve certs` in
+/// certificate names).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NODE_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Refuses an advert whose names could reach outside a model repository or grow without bound:
+/// model names end up in paths (fetch, install) and node names in logs and headers.
+fn check(advert: &NodeAdvert) -> Result<(), AdvertError> {
+    if !valid_node_name(&advert.node) {
+        return Err(AdvertError(format!("invalid node name {:?}", advert.node)));
+    }
+    let models = advert
+        .catalog
+        .iter()
+        .map(|entry| entry.model.as_str())
+        .chain(advert.serving.iter().map(String::as_str));
+    for model in models {
+        Repository::check_name(model)
+            .map_err(|e| AdvertError(format!("from node '{}': {e}", advert.node)))?;
+    }
+    Ok(())
 }
 
 /// Which advert a broadcast carries.
@@ -80,11 +112,63 @@ impl<T> BroadcastHandler<T> for AdvertHandler {
     ) -> Result<Option<AdvertKey>, AdvertError> {
         let advert: NodeAdvert =
             postcard::from_bytes(data).map_err(|e| AdvertError(e.to_string()))?;
+        check(&advert)?;
         let key = AdvertKey {
             node: advert.node.clone(),
             version: (advert.generation, advert.sequence),
         };
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         Ok(table.offer(advert).then_some(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::CatalogEntry;
+
+    fn advert(node: &str, model: &str) -> Vec<u8> {
+        let advert = NodeAdvert {
+            node: node.into(),
+            generation: 1,
+            sequence: 1,
+            quic: "127.0.0.1:7000".parse().unwrap(),
+            http: "127.0.0.1:8000".parse().unwrap(),
+            http3: None,
+            catalog: vec![CatalogEntry {
+                model: model.into(),
+                replicas: 1,
+                digest: [1; 32],
+                bytes: 10,
+            }],
+            serving: vec![],
+            queue_depth: 0,
+            ewma_latency_us: 0,
+        };
+        postcard::to_allocvec(&advert).unwrap()
+    }
+
+    #[test]
+    fn adverts_naming_paths_or_odd_nodes_are_refused_and_not_kept() {
+        let table = Arc::new(Mutex::new(AdvertTable::default()));
+        let mut handler = AdvertHandler::new(table.clone());
+        let mut receive =
+            |bytes: &[u8]| BroadcastHandler::<()>::receive_item(&mut handler, bytes, None);
+        for (node, model) in [
+            ("evil", "../../x"),
+            ("evil", "/etc"),
+            ("evil", "a/b"),
+            ("evil", ".."),
+            ("evil", ""),
+            ("../evil", "fraud"),
+            ("", "fraud"),
+        ] {
+            assert!(receive(&advert(node, model)).is_err(), "{node} / {model}");
+        }
+        let long = "n".repeat(MAX_NODE_NAME + 1);
+        assert!(receive(&advert(&long, "fraud")).is_err());
+        assert!(table.lock().unwrap().by_node.is_empty());
+        assert!(receive(&advert("b", "fraud")).unwrap().is_some());
+        assert!(table.lock().unwrap().get("b").is_some());
     }
 }

@@ -13,7 +13,7 @@
 //! re-broadcasting every advert whenever anyone joins would swamp a 100-node mesh. [`sim`] drives many of them
 //! on virtual time; `crate::cluster` drives one over QUIC datagrams and tokio timers.
 
-mod adverts;
+pub(crate) mod adverts;
 pub mod sim;
 
 use crate::wire::NodeAdvert;
