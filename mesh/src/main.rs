@@ -81,6 +81,9 @@ struct CertsArgs {
     /// (repeatable: one certificate names them all).
     #[arg(long = "server", value_name = "NAME")]
     servers: Vec<String>,
+    /// Days the issued certificates are valid (the CA itself: 10 years).
+    #[arg(long, default_value_t = meshserve::transport::certs::DEFAULT_VALIDITY_DAYS)]
+    valid_days: u32,
 }
 
 #[derive(Args)]
@@ -353,6 +356,7 @@ fn infer(args: InferArgs) -> Result<()> {
 
 fn certs(args: CertsArgs) -> Result<()> {
     let (ca, created) = MeshCa::open_or_create(&args.dir)?;
+    let ca = ca.with_validity_days(args.valid_days);
     let ca_path = args.dir.join("ca.pem");
     if created {
         println!("created mesh CA {}", ca_path.display());

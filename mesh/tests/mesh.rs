@@ -705,10 +705,14 @@ async fn a_model_config_that_does_not_parse_stays_out_of_placement() {
     let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
     let probe = client(&certs, vec![a.quic]);
     // Once `fraud` is placed on both nodes, the mesh has seen both catalogs.
-    let status = wait_for("fraud placed on a and b", Duration::from_secs(30), async || {
-        let status = probe.status(a.quic).await.ok()?;
-        (placed(&status, "fraud").len() == 2).then_some(status)
-    })
+    let status = wait_for(
+        "fraud placed on a and b",
+        Duration::from_secs(30),
+        async || {
+            let status = probe.status(a.quic).await.ok()?;
+            (placed(&status, "fraud").len() == 2).then_some(status)
+        },
+    )
     .await;
     assert!(
         placed(&status, "fraud-typo").is_empty(),
@@ -724,6 +728,9 @@ async fn a_model_config_that_does_not_parse_stays_out_of_placement() {
         .filter(|l| l.contains("model config unusable") && l.contains("fraud-typo"))
         .count();
     assert_eq!(reports, 1, "{log}");
-    assert!(log.contains("config.toml"), "the parse error names the file: {log}");
+    assert!(
+        log.contains("config.toml"),
+        "the parse error names the file: {log}"
+    );
     drop(b);
 }

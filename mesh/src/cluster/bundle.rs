@@ -285,10 +285,17 @@ mod tests {
                 ),
                 "{name}"
             );
-            assert!(matches!(read(&inside, name), Err(BundleError::InvalidName(_))), "{name}");
+            assert!(
+                matches!(read(&inside, name), Err(BundleError::InvalidName(_))),
+                "{name}"
+            );
         }
         assert!(!root.path().join("escaped").exists());
-        assert_eq!(std::fs::read_dir(&inside).unwrap().count(), 0, "nothing staged");
+        assert_eq!(
+            std::fs::read_dir(&inside).unwrap().count(),
+            0,
+            "nothing staged"
+        );
         assert_ne!(
             digest(&[file("a", b"bc")]),
             digest(&[file("ab", b"c")]),

@@ -303,10 +303,7 @@ impl Cluster {
     /// Logs a model's config error once per distinct message (adverts are rebuilt every
     /// second).
     fn report_config_error(&self, model: &str, error: &str) {
-        let mut reported = self
-            .config_errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut reported = self.config_errors.lock().unwrap_or_else(|e| e.into_inner());
         if reported.get(model).map(String::as_str) != Some(error) {
             tracing::error!(%model, %error, "model config unusable; the model stays out of placement");
             reported.insert(model.to_string(), error.to_string());

@@ -2,8 +2,8 @@
 //! spreading one as soon as a newer one of the same node arrives.
 
 use crate::wire::NodeAdvert;
-use meshserve_host::model::repository::Repository;
 use foca::{BroadcastHandler, Invalidates};
+use meshserve_host::model::repository::Repository;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -31,6 +31,19 @@ pub const CLIENT_SAN: &str = "client.meshserve";
 
 const CA_COMMON_NAME: &str = "meshserve mesh CA";
 
+/// Days a node, client or server certificate is valid by default.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+
+/// Days the CA certificate is valid: it outlives many rounds of the certificates it signs.
+const CA_VALIDITY_DAYS: u32 = 3650;
+
+/// Sets a validity window of `days` from now (starting an hour ago, for clock skew).
+fn valid_for(params: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+}
+
 /// Why certificates could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -53,12 +66,23 @@ pub enum CertError {
     /// A name that cannot be part of a file name.
     #[error("invalid name '{0}': use letters, digits, '-', '_' and '.'")]
     InvalidName(String),
+    /// Half a CA in the folder: issuing would replace the CA every node trusts.
+    #[error(
+        "{present} exists but {missing} does not: certificates are issued where the CA key lives (a node's folder holds only ca.pem); refusing to create a new CA over it"
+    )]
+    PartialCa {
+        /// The file that exists.
+        present: String,
+        /// The file that is missing.
+        missing: String,
+    },
 }
 
 /// The mesh CA, able to issue certificates.
 pub struct MeshCa {
     key: KeyPair,
     cert_pem: String,
+    validity_days: u32,
 }
 
 /// What a certificate is for.
@@ -132,18 +156,39 @@ impl MeshCa {
     /// A new CA with a fresh key.
     pub fn create() -> Result<MeshCa, CertError> {
         let key = KeyPair::generate().map_err(generate("CA key"))?;
-        let cert = ca_params()
+        let mut params = ca_params();
+        valid_for(&mut params, CA_VALIDITY_DAYS);
+        let cert = params
             .self_signed(&key)
             .map_err(generate("CA certificate"))?;
         Ok(MeshCa {
             key,
             cert_pem: cert.pem(),
+            validity_days: DEFAULT_VALIDITY_DAYS,
         })
     }
 
-    /// The CA stored in `dir`, or a new one saved there when there is none.
+    /// Issues certificates valid for `days` from now instead of [`DEFAULT_VALIDITY_DAYS`].
+    pub fn with_validity_days(mut self, days: u32) -> MeshCa {
+        self.validity_days = days;
+        self
+    }
+
+    /// The CA stored in `dir`, or a new one saved there when there is none. Never replaces a
+    /// CA certificate: a folder with only one of `ca.pem` and `ca.key` is an error.
     pub fn open_or_create(dir: &Path) -> Result<(MeshCa, bool), CertError> {
         let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        if cert.exists() != key.exists() {
+            let (present, missing) = if cert.exists() {
+                (&cert, &key)
+            } else {
+                (&key, &cert)
+            };
+            return Err(CertError::PartialCa {
+                present: present.display().to_string(),
+                missing: missing.display().to_string(),
+            });
+        }
         if cert.exists() && key.exists() {
             let key_pem = read(&key)?;
             let key = KeyPair::from_pem(&key_pem).map_err(generate("ca.key"))?;
@@ -151,6 +196,7 @@ impl MeshCa {
                 MeshCa {
                     key,
                     cert_pem: read(&cert)?,
+                    validity_days: DEFAULT_VALIDITY_DAYS,
                 },
                 false,
             ));
@@ -186,6 +232,7 @@ impl MeshCa {
         let mut params =
             CertificateParams::new(vec![san.to_string()]).map_err(generate("certificate"))?;
         params.distinguished_name.push(DnType::CommonName, name);
+        valid_for(&mut params, self.validity_days);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match role {
             // A node accepts connections and opens them to peers.
@@ -216,6 +263,7 @@ impl MeshCa {
         params
             .distinguished_name
             .push(DnType::CommonName, names[0].as_str());
+        valid_for(&mut params, self.validity_days);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().map_err(generate("key"))?;
@@ -243,5 +291,69 @@ impl MeshCa {
         write(&cert_path, &cert, false)?;
         write(&key_path, &key, true)?;
         Ok(cert_path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use std::time::{Duration, SystemTime};
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Whether `cert` chains to `ca` as a server certificate at `at`.
+    fn valid_at(ca: &str, cert: &str, at: SystemTime) -> bool {
+        let ca = der(ca);
+        let anchors = [webpki::anchor_from_trusted_cert(&ca).unwrap()];
+        let cert = der(cert);
+        let leaf = webpki::EndEntityCert::try_from(&cert).unwrap();
+        let time = UnixTime::since_unix_epoch(at.duration_since(SystemTime::UNIX_EPOCH).unwrap());
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &[],
+            time,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .is_ok()
+    }
+
+    #[test]
+    fn certificates_expire_after_their_validity() {
+        let ca = MeshCa::create().unwrap();
+        let (node, _) = ca.issue(Role::Node, "a").unwrap();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        assert!(valid_at(ca.cert_pem(), &node, now));
+        assert!(valid_at(ca.cert_pem(), &node, now + 364 * day));
+        assert!(!valid_at(ca.cert_pem(), &node, now + 366 * day));
+        let short = ca.with_validity_days(7);
+        let (server, _) = short.issue_server(&["127.0.0.1".into()]).unwrap();
+        assert!(valid_at(short.cert_pem(), &server, now + 6 * day));
+        assert!(!valid_at(short.cert_pem(), &server, now + 8 * day));
+    }
+
+    #[test]
+    fn a_ca_certificate_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, created) = MeshCa::open_or_create(dir.path()).unwrap();
+        assert!(created);
+        let original = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let (_, created) = MeshCa::open_or_create(dir.path()).unwrap();
+        assert!(!created, "reused");
+        // A node's folder: the CA certificate without its key.
+        std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+        let refused = MeshCa::open_or_create(dir.path()).err().unwrap();
+        assert!(matches!(refused, CertError::PartialCa { .. }), "{refused}");
+        assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), original);
+        assert!(!dir.path().join("ca.key").exists());
     }
 }
