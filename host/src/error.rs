@@ -22,6 +22,10 @@ pub enum ErrorClass {
     Internal,
     /// A plugin rejected the request with this 4xx status.
     PluginStatus(u16),
+    /// An admin operation without valid credentials (HTTP 401).
+    Unauthorized,
+    /// An admin operation from where it is not allowed (HTTP 403).
+    Forbidden,
 }
 
 /// A request that failed in the engine.

@@ -104,6 +104,9 @@ pub struct HttpConfig {
     pub max_body_bytes_in_flight: usize,
     /// Streams one HTTP/2 connection may have open at once.
     pub max_concurrent_streams: u32,
+    /// File holding the bearer token for admin operations (load, unload, plugin reload) from
+    /// anywhere; without it they are allowed from loopback clients only.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl HttpConfig {
@@ -220,6 +223,7 @@ impl Default for HttpConfig {
             max_connections: 4096,
             max_body_bytes_in_flight: 512 * 1024 * 1024,
             max_concurrent_streams: 256,
+            admin_token_file: None,
         }
     }
 }
@@ -270,6 +274,7 @@ impl NodeConfig {
             &mut config.onnxruntime_library,
             &mut config.http.tls_cert,
             &mut config.http.tls_key,
+            &mut config.http.admin_token_file,
             &mut config.http3.tls_cert,
             &mut config.http3.tls_key,
             &mut config.http3.client_ca,

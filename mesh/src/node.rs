@@ -2,6 +2,7 @@
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{MeshConfig, NodeConfig};
+use crate::http::admin::{AdminAccess, AdminTokenError};
 use crate::http::http3::{self, ClientAuth};
 use crate::http::routes::{AppState, router};
 use crate::http::server::{self, TlsError};
@@ -46,6 +47,9 @@ pub enum NodeError {
     /// The TLS files are unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The admin token file is unusable.
+    #[error(transparent)]
+    AdminToken(#[from] AdminTokenError),
     /// A feature table could not be loaded.
     #[error(transparent)]
     Features(#[from] FeatureError),
@@ -87,6 +91,7 @@ pub struct Node {
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     http3: Option<quinn::Endpoint>,
+    admin: AdminAccess,
     cluster: Option<Arc<Cluster>>,
     config: NodeConfig,
     // Keeps the bundled models' temporary repository alive while the node runs.
@@ -106,6 +111,10 @@ impl Node {
                 addr: config.http.listen,
                 source,
             })?;
+        let admin = match &config.http.admin_token_file {
+            Some(path) => AdminAccess::from_token_file(path)?,
+            None => AdminAccess::LoopbackOnly,
+        };
         let http3 = match config.http3.listen {
             Some(listen) => Some(bind_http3(&config.http3, listen)?),
             None => None,
@@ -154,6 +163,7 @@ impl Node {
             listener,
             tls,
             http3,
+            admin,
             cluster,
             config,
             _bundled: bundled,
@@ -194,6 +204,7 @@ impl Node {
             ),
             endpoints: self.endpoints.clone(),
             cluster: self.cluster.clone(),
+            admin: self.admin.clone(),
         };
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let models: Vec<String> = self

@@ -252,3 +252,80 @@ async fn a_second_signal_exits_at_once() {
     assert!(!status.success());
     assert!(log.contains("second signal"), "{log}");
 }
+
+#[tokio::test]
+async fn admin_operations_need_the_configured_token() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, "s3cret-token-of-some-length\n").unwrap();
+    let (node, _repo) = node_with(&format!(
+        "[http]\nadmin_token_file = \"{}\"\n",
+        token_file.display()
+    ));
+    let http = reqwest::Client::new();
+    let unload = node.url("/v2/repository/models/echo/unload");
+    let refused = http.post(&unload).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["www-authenticate"], "Bearer");
+    let wrong = http
+        .post(&unload)
+        .bearer_auth("s3cret-token-of-some-lengtH")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    // Still loaded: nothing happened.
+    let ready = http
+        .get(node.url("/v2/models/echo/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let done = http
+        .post(&unload)
+        .bearer_auth("s3cret-token-of-some-length")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    let ready = http
+        .get(node.url("/v2/models/echo/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(ready.status(), 200);
+    // Reading and inference need no token.
+    let answer = http
+        .post(node.url("/v2/models/fraud/infer"))
+        .json(&fraud_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+}
+
+#[test]
+fn a_short_admin_token_fails_the_start_with_the_fix() {
+    let repo = copy_examples();
+    let token_file = repo.path().join("token");
+    std::fs::write(&token_file, "short").unwrap();
+    let config = repo.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!("[http]\nadmin_token_file = \"{}\"\n", token_file.display()),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["serve", "--http", "127.0.0.1:0", "--model-repository"])
+        .arg(repo.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("shorter than 16 bytes") && stderr.contains("/dev/urandom"),
+        "{stderr}"
+    );
+}

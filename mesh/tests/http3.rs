@@ -474,24 +474,21 @@ async fn sigterm_answers_every_http3_request_in_flight_then_exits() {
             })
         })
         .collect();
+    // SIGTERM once a real queue waits (some requests may still be uploading: their streams
+    // are open, so the drain must serve them too).
     let waiting_since = Instant::now();
     let queued = loop {
         let metrics = node.metrics().await;
         let queued = metric_sum(&metrics, "meshserve_queue_depth", &[("model", "heavy")]);
-        let done = metric_sum(&metrics, "meshserve_requests_total", &[("model", "heavy")]);
-        if queued + done + 1.0 >= 48.0 {
+        if queued >= 8.0 {
             break queued;
         }
         assert!(
             waiting_since.elapsed() < Duration::from_secs(20),
-            "requests never arrived"
+            "no queue formed"
         );
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     };
-    assert!(
-        queued >= 8.0,
-        "only {queued} queued at SIGTERM: the test would prove nothing"
-    );
     let signalled = Instant::now();
     node.signal_term();
     let (status, log) = tokio::task::spawn_blocking(move || {

@@ -44,6 +44,8 @@ pub fn status_of(class: ErrorClass) -> StatusCode {
         ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorClass::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorClass::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorClass::Forbidden => StatusCode::FORBIDDEN,
         ErrorClass::PluginStatus(code) => {
             StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
         }

@@ -3,6 +3,7 @@
 //! mapping ([`error`]), the TCP server for HTTP/1.1 and HTTP/2 ([`server`]) and the QUIC
 //! server for HTTP/3 ([`http3`]), both serving the same router.
 
+pub mod admin;
 pub mod endpoints;
 pub mod error;
 pub mod http3;

@@ -2,6 +2,7 @@
 //! extensions and `/metrics`) as one axum router, shared by every HTTP version.
 
 use crate::cluster::Cluster;
+use crate::http::admin::{self, AdminAccess};
 use crate::http::endpoints;
 use crate::http::error::ApiError;
 use crate::http::oip::{self, HEADER_CONTENT_LENGTH, OutputEncoding};
@@ -38,6 +39,8 @@ pub struct AppState {
     pub endpoints: Option<Arc<Endpoints>>,
     /// The node's place in the mesh, if it has one: models it does not serve are forwarded.
     pub cluster: Option<Arc<Cluster>>,
+    /// Who may load and unload models and reload plugins.
+    pub admin: AdminAccess,
 }
 
 impl AppState {
@@ -48,7 +51,16 @@ impl AppState {
 
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/v2/repository/models/{model}/load", post(load_model))
+        .route("/v2/repository/models/{model}/unload", post(unload_model))
+        .route("/v1/endpoints/{endpoint}/reload", post(endpoints::reload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.admin.clone(),
+            admin::require_admin,
+        ));
     Router::new()
+        .merge(admin)
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(server_ready))
@@ -67,13 +79,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
-        .route("/v2/repository/models/{model}/load", post(load_model))
-        .route("/v2/repository/models/{model}/unload", post(unload_model))
         .route(
             "/v1/endpoints/{endpoint}/invocations",
             post(endpoints::invocations),
         )
-        .route("/v1/endpoints/{endpoint}/reload", post(endpoints::reload))
         .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

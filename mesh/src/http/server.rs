@@ -8,6 +8,7 @@
 //! connection are capped, and at most `max_connections` are open: the rest wait in the
 //! kernel's backlog. The permits of that cap are also how shutdown knows every connection ended.
 
+use crate::http::admin::ClientAddr;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -134,6 +135,7 @@ fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
 /// Serves one accepted connection until it ends, is idle too long, or the node shuts down.
 async fn serve_connection<I>(
     io: I,
+    peer: std::net::SocketAddr,
     builder: auto::Builder<TokioExecutor>,
     app: Router,
     idle_timeout: Duration,
@@ -146,7 +148,9 @@ where
     let counted = activity.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let guard = InFlight::enter(&counted);
-        let response = app.clone().oneshot(request.map(axum::body::Body::new));
+        let mut request = request.map(axum::body::Body::new);
+        request.extensions_mut().insert(ClientAddr(peer));
+        let response = app.clone().oneshot(request);
         async move {
             let response = response.await;
             drop(guard);
@@ -231,15 +235,24 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let ended = match acceptor {
-                None => serve_connection(stream, builder, app, limits.idle_timeout, closing).await,
+                None => {
+                    serve_connection(stream, peer, builder, app, limits.idle_timeout, closing).await
+                }
                 Some(acceptor) => {
                     // The handshake is bounded like a request's headers.
                     let handshake =
                         tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
                     match handshake.await {
                         Ok(Ok(stream)) => {
-                            serve_connection(stream, builder, app, limits.idle_timeout, closing)
-                                .await
+                            serve_connection(
+                                stream,
+                                peer,
+                                builder,
+                                app,
+                                limits.idle_timeout,
+                                closing,
+                            )
+                            .await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");

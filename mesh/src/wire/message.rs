@@ -457,8 +457,11 @@ impl From<&InferError> for Failure {
             ErrorClass::NotFound => FailureClass::NotFound,
             ErrorClass::InvalidInput => FailureClass::InvalidInput,
             ErrorClass::TooLarge => FailureClass::TooLarge,
-            // Only the HTTP front door reads bodies; were it ever sent, the client was at fault.
-            ErrorClass::RequestTimeout => FailureClass::InvalidInput,
+            // Only the HTTP front door reads bodies and checks admin authority; were one of
+            // these ever sent, the client was at fault.
+            ErrorClass::RequestTimeout | ErrorClass::Unauthorized | ErrorClass::Forbidden => {
+                FailureClass::InvalidInput
+            }
             ErrorClass::Unavailable => FailureClass::Unavailable,
             ErrorClass::DeadlineExceeded => FailureClass::DeadlineExceeded,
             ErrorClass::Internal => FailureClass::Internal,

@@ -236,6 +236,7 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), h3::error::ConnectionError> {
     let quic = connection.clone();
+    let peer = connection.remote_address();
     let mut h3 = h3::server::builder()
         .max_field_section_size(limits.max_header_bytes)
         .build::<_, Bytes>(guarded::GuardedConnection::new(
@@ -250,13 +251,19 @@ async fn serve_connection(
             Some(idle) => limits.idle_timeout.saturating_sub(idle),
             None => limits.idle_timeout,
         };
+        // While closing: once no request has been in flight for `CLOSE_LINGER`, close. The
+        // linger lets the last answers' bytes be acknowledged (closing discards unsent data)
+        // and lets requests the client sent before it saw GOAWAY arrive and be served.
+        let linger = activity
+            .idle_for()
+            .map(|idle| CLOSE_LINGER.saturating_sub(idle));
         tokio::select! {
-            accepted = h3.accept(), if !closing => match accepted? {
+            accepted = h3.accept() => match accepted? {
                 Some(resolver) => {
                     let guard = InFlight::enter(&activity);
                     let app = app.clone();
                     tokio::spawn(async move {
-                        serve_request(resolver, app, limits.header_read_timeout).await;
+                        serve_request(resolver, peer, app, limits.header_read_timeout).await;
                         drop(guard);
                     });
                 }
@@ -271,23 +278,38 @@ async fn serve_connection(
             changed = shutdown.changed(), if !closing => {
                 if changed.is_err() || *shutdown.borrow() {
                     closing = true;
-                    // Requests already sent are served; the client opens no new ones here.
-                    h3.shutdown(0).await?;
+                    // Streams the client may already have opened (at most the stream cap) are
+                    // still served; later ones are refused with H3_REQUEST_REJECTED, which
+                    // tells the client they were not processed.
+                    h3.shutdown(limits.max_concurrent_streams as usize).await?;
                 }
             }
-            () = activity.wait_idle(), if closing => {
-                quic.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"shutting down");
-                return Ok(());
+            _ = quic.closed(), if closing => return Ok(()),
+            // Wakes the loop when the last request ends, to start the linger.
+            () = activity.wait_idle(), if closing && linger.is_none() => {}
+            () = tokio::time::sleep(linger.unwrap_or_default()), if closing && linger.is_some() => {
+                if activity.idle_for().is_some_and(|idle| idle >= CLOSE_LINGER) {
+                    quic.close(quinn::VarInt::from_u32(H3_NO_ERROR), b"shutting down");
+                    return Ok(());
+                }
             }
         }
     }
 }
 
+/// How long a closing connection stays open after its last answer.
+const CLOSE_LINGER: Duration = Duration::from_millis(250);
+
 type Resolver = h3::server::RequestResolver<guarded::GuardedConnection, Bytes>;
 
 /// Reads one request's headers (within the deadline), runs it through the router and streams
 /// the answer back.
-async fn serve_request(resolver: Resolver, app: Router, header_read_timeout: Duration) {
+async fn serve_request(
+    resolver: Resolver,
+    peer: std::net::SocketAddr,
+    app: Router,
+    header_read_timeout: Duration,
+) {
     let (request, stream) =
         match tokio::time::timeout(header_read_timeout, resolver.resolve_request()).await {
             Ok(Ok(resolved)) => resolved,
@@ -302,7 +324,10 @@ async fn serve_request(resolver: Resolver, app: Router, header_read_timeout: Dur
             }
         };
     let (mut send, recv) = stream.split();
-    let request = request.map(|()| axum::body::Body::new(RecvBody(recv)));
+    let mut request = request.map(|()| axum::body::Body::new(RecvBody(recv)));
+    request
+        .extensions_mut()
+        .insert(crate::http::admin::ClientAddr(peer));
     let Ok(response) = app.oneshot(request).await;
     let (parts, mut body) = response.into_parts();
     if let Err(e) = send
