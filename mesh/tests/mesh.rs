@@ -734,3 +734,48 @@ async fn a_model_config_that_does_not_parse_stays_out_of_placement() {
     );
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_restarted_alone_is_found_again_by_the_mesh() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
+    let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
+    let probe = client(&certs, vec![b.quic]);
+    let members = async |node: SocketAddr| -> Option<usize> {
+        probe.status(node).await.ok().map(|s| s.members.len())
+    };
+    wait_for("three members", Duration::from_secs(15), async || {
+        (members(b.quic).await? == 3 && members(c.quic).await? == 3).then_some(())
+    })
+    .await;
+    let a_quic = a.quic;
+    let status = Command::new("kill")
+        .args(["-9", &a.node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(a);
+    wait_for(
+        "b and c to see a down",
+        Duration::from_secs(15),
+        async || (members(b.quic).await? == 2 && members(c.quic).await? == 2).then_some(()),
+    )
+    .await;
+    // The seed comes back on its address with no seeds of its own; b and c are not alone, so
+    // only their announcements to seeds and departed members can merge the two meshes.
+    let a = start_node(root.path(), &certs, "a", &a_quic.to_string(), None);
+    wait_for(
+        "one mesh of three again",
+        Duration::from_secs(20),
+        async || {
+            (members(a.quic).await? == 3
+                && members(b.quic).await? == 3
+                && members(c.quic).await? == 3)
+                .then_some(())
+        },
+    )
+    .await;
+}

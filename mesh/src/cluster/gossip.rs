@@ -16,6 +16,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// How often an isolated node announces itself to its seeds again.
 const REJOIN_PERIOD: Duration = Duration::from_secs(1);
 
+/// Every this many rejoin periods, a node that is not alone announces itself to the seeds and
+/// departed members that are not live members now (see [`Membership::rejoin_targets`]).
+const REANNOUNCE_EVERY: u32 = 5;
+
 /// What the shell takes in.
 pub(crate) enum Input {
     /// A membership datagram from a peer node (version byte already checked and removed).
@@ -70,6 +74,7 @@ impl Shell {
         self.join_seeds();
         let mut rejoin = tokio::time::interval(REJOIN_PERIOD);
         rejoin.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 input = inputs.recv() => {
@@ -82,9 +87,17 @@ impl Shell {
                     }
                 }
                 _ = rejoin.tick() => {
-                    if self.core.is_isolated() && !self.seeds.is_empty() {
+                    ticks = ticks.wrapping_add(1);
+                    let isolated = self.core.is_isolated();
+                    if isolated && !self.seeds.is_empty() {
                         self.check_seeds();
-                        self.join_seeds();
+                    }
+                    if isolated || ticks.is_multiple_of(REANNOUNCE_EVERY) {
+                        for addr in self.core.rejoin_targets(&self.seeds) {
+                            if let Err(e) = self.core.join(addr) {
+                                tracing::debug!(%addr, error = %e, "cannot announce");
+                            }
+                        }
                         self.flush();
                     }
                 }

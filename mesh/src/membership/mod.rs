@@ -207,7 +207,13 @@ pub struct Membership {
     last_broadcast: Option<Duration>,
     outbox: Outbox,
     changes_handled: usize,
+    /// Addresses of members that went down, newest first: where the rest of a partitioned
+    /// mesh, or a restarted node, may be found again.
+    departed: std::collections::VecDeque<SocketAddr>,
 }
+
+/// How many departed members' addresses a node keeps announcing to.
+const MAX_DEPARTED: usize = 32;
 
 impl Membership {
     /// A core for `id`; `rng_seed` makes its random choices reproducible.
@@ -232,7 +238,24 @@ impl Membership {
             last_broadcast: None,
             outbox: Outbox::default(),
             changes_handled: 0,
+            departed: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Where to announce ourselves again although we are not alone: the seeds and the last
+    /// members that went down, unless a live member (or we) answers at that address. Someone
+    /// on the other side of a healed partition, or a seed that restarted alone, is found
+    /// this way; a mesh that only rejoined when fully isolated would stay split for good.
+    pub fn rejoin_targets(&self, seeds: &[SocketAddr]) -> Vec<SocketAddr> {
+        let mut live: Vec<SocketAddr> = vec![self.foca.identity().addr];
+        live.extend(self.foca.iter_members().map(|m| m.id().addr));
+        let mut targets = Vec::new();
+        for addr in seeds.iter().chain(&self.departed) {
+            if !live.contains(addr) && !targets.contains(addr) {
+                targets.push(*addr);
+            }
+        }
+        targets
     }
 
     /// Our identity now (it changes when we rejoin after being declared down).
@@ -391,8 +414,14 @@ impl Membership {
         let mut adverts = self.adverts.lock().unwrap_or_else(|e| e.into_inner());
         for change in &self.outbox.changes[self.changes_handled..] {
             match change {
-                Change::Down(id) => adverts.forget(&id.name, id.generation),
+                Change::Down(id) => {
+                    adverts.forget(&id.name, id.generation);
+                    self.departed.retain(|a| *a != id.addr);
+                    self.departed.push_front(id.addr);
+                    self.departed.truncate(MAX_DEPARTED);
+                }
                 Change::Up(id) => {
+                    self.departed.retain(|a| *a != id.addr);
                     if let Some(packet) = &own {
                         self.outbox.packets.push((id.addr, packet.clone()));
                     }
@@ -461,6 +490,53 @@ mod tests {
         assert_eq!(seen_by_b[1].id.name, "a");
         assert_eq!(seen_by_b[1].advert.as_ref().unwrap().serving, vec!["fraud"]);
         assert_eq!(a.live_members()[1].id.name, "b");
+    }
+
+    #[test]
+    fn rejoin_targets_are_seeds_and_departed_members_not_answering_now() {
+        let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
+        let mut b = Membership::new(id("b", 2, 1), DetectorConfig::default(), 2, 2);
+        let seeds = [id("a", 1, 1).addr, id("b", 2, 1).addr, id("s", 3, 1).addr];
+        assert_eq!(
+            a.rejoin_targets(&seeds),
+            vec![seeds[1], seeds[2]],
+            "never ourselves"
+        );
+        b.join(seeds[0]).unwrap();
+        for _ in 0..10 {
+            for (_, packet) in b.drain().packets {
+                a.handle_packet(&packet).unwrap();
+            }
+            for (_, packet) in a.drain().packets {
+                b.handle_packet(&packet).unwrap();
+            }
+        }
+        assert_eq!(
+            a.rejoin_targets(&seeds),
+            vec![seeds[2]],
+            "b answers at its address"
+        );
+        // Members that went down are tried again, seeds or not, newest first and bounded;
+        // one that answers at that address again is not.
+        let down = |a: &mut Membership, member: MemberId| {
+            a.outbox.changes.push(Change::Down(member));
+            a.after_changes();
+        };
+        down(&mut a, id("c", 4, 1));
+        down(&mut a, id("d", 5, 1));
+        assert_eq!(
+            a.rejoin_targets(&[]),
+            vec![id("d", 5, 1).addr, id("c", 4, 1).addr]
+        );
+        down(&mut a, id("b", 2, 1));
+        assert!(
+            !a.rejoin_targets(&[]).contains(&seeds[1]),
+            "b still answers"
+        );
+        for n in 0..40u16 {
+            down(&mut a, id("x", 100 + n, 1));
+        }
+        assert_eq!(a.departed.len(), MAX_DEPARTED, "bounded");
     }
 
     #[test]
