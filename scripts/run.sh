@@ -3,7 +3,8 @@
 #   node a: HTTP 127.0.0.1:8000, HTTP/3 :8443, QUIC (mesh) :7000, the bundled models with the
 #           first-party WebAssembly plugins around them (examples/node.toml);
 #   nodes b and c: HTTP :8001/:8002, HTTP/3 :8444/:8445, QUIC :7001/:7002, the bundled models,
-#           joining through a.
+#           joining through a. Every node lists all three as seeds (its own address is skipped),
+#           so any of them restarted finds the others again.
 # Certificates (the mesh CA, node and client certificates, and the front door's certificate for
 # 127.0.0.1 and localhost) are made once in target/demo-certs. Extra arguments go to node a's
 # `meshserve serve`. Ctrl-C (or SIGTERM) stops all three after their grace period and drain;
@@ -20,6 +21,7 @@ if [ ! -f "$certs/client-ops.pem" ] || [ ! -f "$certs/server.pem" ]; then
     "$bin" certs --dir "$certs" --node a --node b --node c --client ops \
         --server 127.0.0.1 --server localhost
 fi
+seeds=(--seed 127.0.0.1:7000 --seed 127.0.0.1:7001 --seed 127.0.0.1:7002)
 http3() {
     echo --http3 "127.0.0.1:$1" --http3-cert "$certs/server.pem" --http3-key "$certs/server.key"
 }
@@ -34,12 +36,12 @@ trap wait INT
 start_peer() {
     RUST_LOG=${RUST_LOG:-warn} "$bin" serve --model-repository examples/models \
         --http "127.0.0.1:800$2" $(http3 "844$((3 + $2))") --quic "127.0.0.1:700$2" \
-        --certs "$certs" --name "$1" --seed 127.0.0.1:7000 &
+        --certs "$certs" --name "$1" "${seeds[@]}" &
     pids+=($!)
 }
 start_peer b 1
 start_peer c 2
 "$bin" serve --config examples/node.toml $(http3 8443) --quic 127.0.0.1:7000 --certs "$certs" \
-    --name a "$@" &
+    --name a "${seeds[@]}" "$@" &
 pids+=($!)
 wait "${pids[-1]}"
