@@ -325,7 +325,7 @@ impl Http3Client {
             };
             tried.push(addr);
             let started = Instant::now();
-            self.routes.start(&key, started);
+            let pending = self.routes.start(&key, started);
             let result = self
                 .request(addr, Method::POST, &path, headers.clone(), body.clone())
                 .await;
@@ -343,7 +343,7 @@ impl Http3Client {
                     let moved = response.status == StatusCode::NOT_FOUND
                         && self.routes.route(model).is_some();
                     if moved {
-                        self.routes.finish(&key, None, now);
+                        pending.finish(None, now);
                         self.routes.forget(model, addr);
                         self.routes.learn(hint);
                         last = format!(
@@ -353,12 +353,12 @@ impl Http3Client {
                         );
                         continue;
                     }
-                    self.routes.finish(&key, Some(now - started), now);
+                    pending.finish(Some(now - started), now);
                     self.routes.learn(hint);
                     return Ok(response);
                 }
                 Err(e) => {
-                    self.routes.finish(&key, None, now);
+                    pending.finish(None, now);
                     self.routes.forget(model, addr);
                     last = e.to_string();
                 }

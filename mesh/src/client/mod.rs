@@ -155,7 +155,7 @@ impl MeshClient {
             };
             tried.push(addr);
             let started = Instant::now();
-            self.routes.start(&key, started);
+            let pending = self.routes.start(&key, started);
             let result = self
                 .endpoint
                 .call(addr, &message, self.config.attempt_timeout)
@@ -163,7 +163,7 @@ impl MeshClient {
             let now = Instant::now();
             match result {
                 Ok(Message::Answer(answer)) => {
-                    self.routes.finish(&key, Some(now - started), now);
+                    pending.finish(Some(now - started), now);
                     self.routes.learn(answer.route.clone());
                     let (response, served_by) = answer.into_response()?;
                     return Ok(Answer {
@@ -178,22 +178,22 @@ impl MeshClient {
                         FailureClass::NotHere | FailureClass::Unavailable
                     ) =>
                 {
-                    self.routes.finish(&key, None, now);
+                    pending.finish(None, now);
                     self.routes.forget(&model, addr);
                     self.routes.learn(failure.route.clone());
                     last = failure.message;
                 }
                 Ok(Message::Failure(failure)) => {
-                    self.routes.finish(&key, Some(now - started), now);
+                    pending.finish(Some(now - started), now);
                     self.routes.learn(failure.route.clone());
                     return Err(ClientError::Failed(failure));
                 }
                 Ok(other) => {
-                    self.routes.finish(&key, None, now);
+                    pending.finish(None, now);
                     last = format!("{addr} answered {other:?}");
                 }
                 Err(e) => {
-                    self.routes.finish(&key, None, now);
+                    pending.finish(None, now);
                     self.routes.forget(&model, addr);
                     last = e.to_string();
                 }

@@ -1,12 +1,12 @@
 //! The route table both clients keep: what each answer's route hint says about where a model
 //! lives, and which replica (or seed) to try next, by power of two choices.
 
-use crate::routing::balance::Balancer;
+use crate::routing::balance::{Balancer, Pending};
 use crate::wire::{Replica, RouteHint};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::RwLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Which of a replica's addresses a client speaks to (`meshserve/1` or HTTP/3).
 pub(crate) type AddressOf = fn(&Replica) -> Option<SocketAddr>;
@@ -88,13 +88,8 @@ impl RouteBook {
             .map(|s| (s.to_string(), *s))
     }
 
-    /// A request to `key` starts.
-    pub(crate) fn start(&self, key: &str, now: Instant) {
-        self.balancer.start(key, now);
-    }
-
-    /// A request to `key` ended, after `latency` when it was answered.
-    pub(crate) fn finish(&self, key: &str, latency: Option<Duration>, now: Instant) {
-        self.balancer.finish(key, latency, now);
+    /// A request to `key` starts; finish the guard with its outcome.
+    pub(crate) fn start(&self, key: &str, now: Instant) -> Pending<'_> {
+        self.balancer.start(key, now)
     }
 }

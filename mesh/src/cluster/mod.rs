@@ -356,19 +356,20 @@ impl Cluster {
         );
         while !candidates.is_empty() {
             let names: Vec<&str> = candidates.iter().map(|r| r.node.as_str()).collect();
-            let Some(chosen) = self.balancer.pick(&names, Instant::now()) else {
+            let view = self.view();
+            let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
+            let Some(chosen) = self.balancer.pick_avoiding(&names, suspect, Instant::now()) else {
                 break;
             };
             let index = names.iter().position(|n| *n == chosen).unwrap_or(0);
             let replica = candidates.remove(index);
             let started = Instant::now();
-            self.balancer.start(&replica.node, started);
+            let pending = self.balancer.start(&replica.node, started);
             let result = self.endpoint.call(replica.quic, &request, timeout).await;
             let now = Instant::now();
             match result {
                 Ok(Message::Answer(mut answer)) => {
-                    self.balancer
-                        .finish(&replica.node, Some(now - started), now);
+                    pending.finish(Some(now - started), now);
                     metrics.record_forward(&model, "ok");
                     answer.route = Some(route.clone());
                     return Ok(answer);
@@ -379,28 +380,27 @@ impl Cluster {
                         FailureClass::NotHere | FailureClass::Unavailable
                     ) =>
                 {
-                    self.balancer.finish(&replica.node, None, now);
+                    pending.finish(None, now);
                     tracing::debug!(replica = %replica.node, %model, message = %failure.message, "replica declined; trying another");
                     last = failure;
                 }
                 Ok(Message::Failure(mut failure)) => {
                     // The replica ran the request and it failed on its merits: a retry elsewhere
                     // would fail the same way.
-                    self.balancer
-                        .finish(&replica.node, Some(now - started), now);
+                    pending.finish(Some(now - started), now);
                     metrics.record_forward(&model, "failed");
                     failure.route = Some(route.clone());
                     return Err(failure);
                 }
                 Ok(other) => {
-                    self.balancer.finish(&replica.node, None, now);
+                    pending.finish(None, now);
                     last = Failure::new(
                         FailureClass::Internal,
                         format!("replica {} answered with {other:?}", replica.node),
                     );
                 }
                 Err(e) => {
-                    self.balancer.finish(&replica.node, None, now);
+                    pending.finish(None, now);
                     tracing::warn!(replica = %replica.node, %model, error = %e, "forwarding failed; trying another replica");
                     last = Failure::new(FailureClass::Unavailable, e.to_string());
                 }

@@ -6,6 +6,12 @@
 //! the single best one; the score is a latency EWMA that jumps up at once on a slow answer
 //! ("peak") and decays slowly, multiplied by the requests already in flight to that replica.
 //! A replica never measured scores a modest default, so a new one is tried but not flooded.
+//! As in tower's `PeakEwma`, the estimate also decays while nothing is measured (at read
+//! time): a replica that failed or was slow once, and so stopped being picked, looks better
+//! with time and gets traffic again instead of being shunned for good. A request's place in
+//! the outstanding count is a guard ([`Pending`]), so a caller that gives up (its future
+//! dropped) cannot leave a replica looking busy forever. Replicas the caller knows to be in
+//! doubt (SWIM suspects) are picked only when no other is left.
 //! Pure logic on explicit `Instant`s; the caller supplies the time.
 
 use std::collections::HashMap;
@@ -62,9 +68,15 @@ impl PeakEwma {
         self.stamp = now;
     }
 
-    /// The score p2c compares: lower is better.
-    pub fn cost(&self) -> f64 {
-        self.ewma_ns * f64::from(self.outstanding + 1)
+    /// The estimate at `now`: the last one, faded by the time since it was made.
+    fn decayed_ns(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+        self.ewma_ns * (-elapsed / DECAY.as_nanos() as f64).exp()
+    }
+
+    /// The score p2c compares at `now`: lower is better.
+    pub fn cost(&self, now: Instant) -> f64 {
+        self.decayed_ns(now) * f64::from(self.outstanding + 1)
     }
 
     /// The current latency estimate.
@@ -108,6 +120,27 @@ impl Balancer {
 
     /// Picks one of `candidates` (node names) by power of two choices; `None` when empty.
     pub fn pick<'a>(&self, candidates: &[&'a str], now: Instant) -> Option<&'a str> {
+        self.pick_avoiding(candidates, |_| false, now)
+    }
+
+    /// As [`Balancer::pick`], but among the candidates `in_doubt` does not flag whenever there
+    /// are any.
+    pub fn pick_avoiding<'a>(
+        &self,
+        candidates: &[&'a str],
+        in_doubt: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> Option<&'a str> {
+        let trusted: Vec<&'a str> = candidates
+            .iter()
+            .copied()
+            .filter(|c| !in_doubt(c))
+            .collect();
+        let candidates = if trusted.is_empty() {
+            candidates
+        } else {
+            &trusted
+        };
         let mut state = self.lock();
         let (first, second) = match candidates.len() {
             0 => return None,
@@ -123,36 +156,64 @@ impl Balancer {
                 .replicas
                 .entry(node.to_string())
                 .or_insert_with(|| PeakEwma::new(now))
-                .cost()
+                .cost(now)
         };
         let (a, b) = (cost(&mut state, first), cost(&mut state, second));
         Some(if b < a { second } else { first })
     }
 
-    /// Counts a request sent to `node`; pair with [`Balancer::finish`].
-    pub fn start(&self, node: &str, now: Instant) {
+    /// Counts a request sent to `node` until the returned guard is finished or dropped.
+    pub fn start(&self, node: &str, now: Instant) -> Pending<'_> {
         let mut state = self.lock();
         state
             .replicas
             .entry(node.to_string())
             .or_insert_with(|| PeakEwma::new(now))
             .outstanding += 1;
+        Pending {
+            balancer: self,
+            node: Some(node.to_string()),
+        }
     }
 
-    /// Records how the request to `node` ended: its latency, or `None` for a failure.
-    pub fn finish(&self, node: &str, latency: Option<Duration>, now: Instant) {
+    fn end(&self, node: &str, latency: Option<Option<Duration>>, now: Instant) {
         let mut state = self.lock();
-        let entry = state
-            .replicas
-            .entry(node.to_string())
-            .or_insert_with(|| PeakEwma::new(now));
-        entry.outstanding = entry.outstanding.saturating_sub(1);
-        entry.observe(latency.unwrap_or(FAILURE_PENALTY), now);
+        if let Some(entry) = state.replicas.get_mut(node) {
+            entry.outstanding = entry.outstanding.saturating_sub(1);
+            if let Some(latency) = latency {
+                entry.observe(latency.unwrap_or(FAILURE_PENALTY), now);
+            }
+        }
     }
 
     /// The latency estimate of `node`, if it was ever used.
     pub fn latency(&self, node: &str) -> Option<Duration> {
         self.lock().replicas.get(node).map(PeakEwma::latency)
+    }
+}
+
+/// A request counted as outstanding at one replica.
+#[must_use = "finish it with the outcome; dropping it only stops counting the request"]
+pub struct Pending<'a> {
+    balancer: &'a Balancer,
+    node: Option<String>,
+}
+
+impl Pending<'_> {
+    /// Records how the request ended: its latency, or `None` for a failure.
+    pub fn finish(mut self, latency: Option<Duration>, now: Instant) {
+        if let Some(node) = self.node.take() {
+            self.balancer.end(&node, Some(latency), now);
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    // A caller that gave up: the request no longer counts, and says nothing about latency.
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            self.balancer.end(&node, None, Instant::now());
+        }
     }
 }
 
@@ -188,17 +249,18 @@ mod tests {
     fn outstanding_requests_raise_the_cost() {
         let t0 = Instant::now();
         let mut e = PeakEwma::new(t0);
-        let idle = e.cost();
+        let idle = e.cost(t0);
         e.outstanding = 3;
-        assert_eq!(e.cost(), idle * 4.0);
+        assert_eq!(e.cost(t0), idle * 4.0);
     }
 
     #[test]
     fn p2c_avoids_a_slow_replica_and_spreads_over_equals() {
         let t0 = Instant::now();
         let balancer = Balancer::new(7);
-        balancer.start("slow", t0);
-        balancer.finish("slow", Some(Duration::from_millis(100)), t0);
+        balancer
+            .start("slow", t0)
+            .finish(Some(Duration::from_millis(100)), t0);
         let mut picks: HashMap<&str, i32> = HashMap::new();
         for _ in 0..3000 {
             let node = balancer.pick(&["a", "b", "slow"], t0).unwrap();
@@ -214,8 +276,7 @@ mod tests {
     fn a_failure_sends_traffic_elsewhere() {
         let t0 = Instant::now();
         let balancer = Balancer::new(3);
-        balancer.start("a", t0);
-        balancer.finish("a", None, t0);
+        balancer.start("a", t0).finish(None, t0);
         for _ in 0..100 {
             assert_eq!(balancer.pick(&["a", "b"], t0), Some("b"));
         }
@@ -225,5 +286,71 @@ mod tests {
             "a lone replica is still used"
         );
         assert_eq!(balancer.pick(&[], t0), None);
+    }
+
+    #[test]
+    fn a_shunned_replica_is_forgiven_with_time() {
+        let t0 = Instant::now();
+        let balancer = Balancer::new(5);
+        balancer.start("a", t0).finish(None, t0);
+        balancer
+            .start("b", t0)
+            .finish(Some(Duration::from_millis(1)), t0);
+        assert_eq!(balancer.pick(&["a", "b"], t0), Some("b"));
+        // Nothing measured "a" since (it was never picked); its penalty fades at read time
+        // until it looks no worse than "b" does after its own last answer.
+        let later = t0 + Duration::from_secs(120);
+        balancer
+            .start("b", later)
+            .finish(Some(Duration::from_millis(1)), later);
+        let picks_a = (0..200)
+            .filter(|_| balancer.pick(&["a", "b"], later) == Some("a"))
+            .count();
+        assert!(picks_a > 0, "a once-failed replica gets traffic again");
+    }
+
+    #[test]
+    fn a_request_given_up_stops_counting() {
+        let t0 = Instant::now();
+        let balancer = Balancer::new(9);
+        let idle = balancer.lock().replicas.get("a").map(|e| e.cost(t0));
+        assert_eq!(idle, None);
+        {
+            let _abandoned = balancer.start("a", t0);
+            let busy = balancer.lock().replicas["a"].outstanding;
+            assert_eq!(busy, 1);
+        }
+        let state = balancer.lock();
+        assert_eq!(state.replicas["a"].outstanding, 0, "dropped, not leaked");
+        assert_eq!(
+            state.replicas["a"].latency(),
+            DEFAULT_RTT,
+            "a cancelled request is no latency sample"
+        );
+    }
+
+    #[test]
+    fn replicas_in_doubt_are_picked_only_when_none_else_is_left() {
+        let t0 = Instant::now();
+        let balancer = Balancer::new(11);
+        // "s" looks fastest, but is a suspect.
+        balancer
+            .start("a", t0)
+            .finish(Some(Duration::from_millis(5)), t0);
+        balancer
+            .start("b", t0)
+            .finish(Some(Duration::from_millis(5)), t0);
+        balancer
+            .start("s", t0)
+            .finish(Some(Duration::from_micros(10)), t0);
+        for _ in 0..200 {
+            let pick = balancer.pick_avoiding(&["a", "b", "s"], |n| n == "s", t0);
+            assert_ne!(pick, Some("s"));
+        }
+        assert_eq!(
+            balancer.pick_avoiding(&["s"], |n| n == "s", t0),
+            Some("s"),
+            "the last resort"
+        );
     }
 }
