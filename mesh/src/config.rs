@@ -60,6 +60,8 @@ pub struct MeshConfig {
     pub max_frame_bytes: usize,
     /// Deadline of a forwarded request that sets none itself, in ms.
     pub forward_timeout_ms: u64,
+    /// Time a peer has to send a whole `meshserve/1` frame on a stream, in ms.
+    pub frame_read_timeout_ms: u64,
 }
 
 impl Default for MeshConfig {
@@ -74,6 +76,7 @@ impl Default for MeshConfig {
             suspect_timeout_ms: 1500,
             max_frame_bytes: crate::wire::frame::DEFAULT_MAX_FRAME_BYTES,
             forward_timeout_ms: 30_000,
+            frame_read_timeout_ms: 10_000,
         }
     }
 }

@@ -383,6 +383,7 @@ async fn join_mesh(
         },
         max_frame_bytes: mesh.max_frame_bytes,
         forward_timeout: Duration::from_millis(mesh.forward_timeout_ms),
+        frame_read_timeout: Duration::from_millis(mesh.frame_read_timeout_ms.max(1)),
     };
     Ok(Cluster::start(config, engine.clone()).await?)
 }

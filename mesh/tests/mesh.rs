@@ -779,3 +779,72 @@ async fn a_seed_restarted_alone_is_found_again_by_the_mesh() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_trickles_in_is_dropped_at_the_deadline() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a"], &["app"], &[]);
+    let repo = repository(root.path(), "a");
+    let config = root.path().join("node-a.toml");
+    std::fs::write(&config, "[mesh]\nframe_read_timeout_ms = 500\n").unwrap();
+    let config = config.display().to_string();
+    let certs_arg = certs.display().to_string();
+    let node = TestNode::start(
+        &repo,
+        &[
+            "--quic",
+            "127.0.0.1:0",
+            "--certs",
+            &certs_arg,
+            "--name",
+            "a",
+            "--config",
+            &config,
+        ],
+    );
+    let quic: SocketAddr = node
+        .log_text()
+        .lines()
+        .find(|l| l.contains("mesh endpoint up"))
+        .and_then(|l| l.split("quic=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
+    let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
+    let connection = endpoint.connection(quic).await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    // A frame header announcing 30 MiB, then a byte now and then.
+    let mut header = vec![wire::WIRE_VERSION];
+    header.extend_from_slice(&(30u32 << 20).to_le_bytes());
+    send.write_all(&header).await.unwrap();
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if send.write_all(&[0]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(4), read_frame(&mut recv, 1 << 20, quic))
+        .await
+        .expect("the node answers instead of waiting for the whole frame");
+    let waited = started.elapsed();
+    match answer {
+        Ok(Message::Failure(failure)) => {
+            assert!(
+                failure.message.contains("frame_read_timeout_ms"),
+                "{}",
+                failure.message
+            );
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(waited >= Duration::from_millis(400), "after {waited:?}");
+    trickle.abort();
+    // The connection and the node keep serving.
+    let status = client(&certs, vec![quic]).status(quic).await.unwrap();
+    assert_eq!(status.node, "a");
+}

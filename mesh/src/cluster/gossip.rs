@@ -32,6 +32,10 @@ pub(crate) enum Input {
     Leave(oneshot::Sender<()>),
 }
 
+/// Membership datagrams waiting for the shell; past this, new ones are dropped (as a full
+/// socket buffer would), so a peer flooding datagrams cannot grow the node's memory.
+pub(crate) const PACKET_QUEUE: usize = 1024;
+
 /// Prefixes a membership packet with the wire version, as every datagram is.
 fn datagram(packet: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(packet.len() + 1);
@@ -40,13 +44,19 @@ fn datagram(packet: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Starts the shell; returns its input and the published view.
+/// Starts the shell; returns its input, the bounded queue for peers' datagrams, and the
+/// published view.
 pub(crate) fn spawn(
     core: Membership,
     endpoint: MeshEndpoint,
     seeds: Vec<SocketAddr>,
-) -> (mpsc::UnboundedSender<Input>, watch::Receiver<Arc<MeshView>>) {
+) -> (
+    mpsc::UnboundedSender<Input>,
+    mpsc::Sender<Bytes>,
+    watch::Receiver<Arc<MeshView>>,
+) {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
+    let (packet_tx, packet_rx) = mpsc::channel(PACKET_QUEUE);
     let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::from_members(core.live_members())));
     let shell = Shell {
         core,
@@ -56,8 +66,8 @@ pub(crate) fn spawn(
         view: view_tx,
         started: std::time::Instant::now(),
     };
-    tokio::spawn(shell.run(input_rx));
-    (input_tx, view_rx)
+    tokio::spawn(shell.run(input_rx, packet_rx));
+    (input_tx, packet_tx, view_rx)
 }
 
 struct Shell {
@@ -70,7 +80,11 @@ struct Shell {
 }
 
 impl Shell {
-    async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
+        mut packets: mpsc::Receiver<Bytes>,
+    ) {
         self.join_seeds();
         let mut rejoin = tokio::time::interval(REJOIN_PERIOD);
         rejoin.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,6 +99,10 @@ impl Shell {
                         let _ = done.send(());
                         break;
                     }
+                }
+                Some(packet) = packets.recv() => {
+                    self.handle(Input::Packet(packet));
+                    self.flush();
                 }
                 _ = rejoin.tick() => {
                     ticks = ticks.wrapping_add(1);

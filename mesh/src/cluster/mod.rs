@@ -51,6 +51,8 @@ pub struct ClusterConfig {
     pub max_frame_bytes: usize,
     /// Longest a forwarded request may take, when it sets no deadline itself.
     pub forward_timeout: Duration,
+    /// Time a peer has to send a whole frame on a stream it opened.
+    pub frame_read_timeout: Duration,
 }
 
 /// Why a node could not join a mesh.
@@ -163,6 +165,10 @@ pub struct Cluster {
     engine: Arc<Engine>,
     view: watch::Receiver<Arc<MeshView>>,
     gossip: mpsc::UnboundedSender<gossip::Input>,
+    /// Peers' membership datagrams, bounded (see [`gossip::PACKET_QUEUE`]).
+    packets: mpsc::Sender<bytes::Bytes>,
+    /// Time a peer has to send a whole `meshserve/1` frame on a stream.
+    frame_read_timeout: Duration,
     balancer: Balancer,
     forward_timeout: Duration,
     local_latency: Mutex<PeakEwma>,
@@ -201,7 +207,7 @@ impl Cluster {
             expected,
             generation ^ placement::score(&config.name, "rng"),
         );
-        let (gossip, view) = gossip::spawn(core, endpoint.clone(), config.seeds.clone());
+        let (gossip, packets, view) = gossip::spawn(core, endpoint.clone(), config.seeds.clone());
         let cluster = Arc::new(Cluster {
             name: config.name,
             generation,
@@ -212,6 +218,8 @@ impl Cluster {
             engine,
             view,
             gossip,
+            packets,
+            frame_read_timeout: config.frame_read_timeout,
             balancer: Balancer::new(generation),
             forward_timeout: config.forward_timeout,
             local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),

@@ -2,7 +2,6 @@
 //! already checked by the handshake), reads membership datagrams from nodes, and answers one
 //! frame per bidirectional stream.
 
-use crate::cluster::gossip::Input;
 use crate::cluster::{Cluster, bundle};
 use crate::http::error::status_of;
 use crate::http::routes::model_metadata_json;
@@ -62,7 +61,12 @@ async fn read_datagrams(cluster: Arc<Cluster>, connection: quinn::Connection) {
     while let Ok(datagram) = connection.read_datagram().await {
         match datagram.first() {
             Some(&WIRE_VERSION) => {
-                let _ = cluster.gossip.send(Input::Packet(datagram.slice(1..)));
+                if cluster.packets.try_send(datagram.slice(1..)).is_err() {
+                    tracing::debug!(
+                        peer = %connection.remote_address(),
+                        "membership queue full; datagram dropped"
+                    );
+                }
             }
             other => tracing::debug!(
                 peer = %connection.remote_address(),
@@ -80,7 +84,26 @@ async fn answer(
     role: Role,
     peer: SocketAddr,
 ) {
-    let reply = match read_frame(&mut recv, cluster.endpoint.max_frame_bytes(), peer).await {
+    // A peer that announces a frame and trickles it must not hold the stream (and its
+    // buffer) for long.
+    let read = tokio::time::timeout(
+        cluster.frame_read_timeout,
+        read_frame(&mut recv, cluster.endpoint.max_frame_bytes(), peer),
+    );
+    let Ok(read) = read.await else {
+        tracing::warn!(%peer, "frame not received in time; stream dropped");
+        let _ = recv.stop(0u32.into());
+        let failure = Failure::new(
+            FailureClass::InvalidInput,
+            format!(
+                "the frame did not arrive within {} ms (mesh.frame_read_timeout_ms)",
+                cluster.frame_read_timeout.as_millis()
+            ),
+        );
+        let _ = write_frame(&mut send, &Message::Failure(failure)).await;
+        return;
+    };
+    let reply = match read {
         Ok(Message::Infer(call)) => cluster.serve_call(call, role).await,
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),

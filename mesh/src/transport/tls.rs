@@ -96,16 +96,29 @@ impl MeshIdentity {
 
 /// Transport settings shared by both sides. Keep-alives hold pooled connections open through
 /// idle periods; the idle timeout bounds how long a vanished peer's connection lingers (the
-/// membership layer, not QUIC, decides that a node is dead).
+/// membership layer, not QUIC, decides that a node is dead). Every resource a peer can make
+/// us hold is finite: no unidirectional streams (`meshserve/1` uses none), a cap on
+/// concurrent request streams, and flow-control windows per stream and per connection
+/// (quinn's default connection window is unbounded).
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(Duration::from_millis(500)))
         .max_idle_timeout(Duration::from_secs(2).try_into().ok())
-        .max_concurrent_bidi_streams(4096u32.into())
+        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
         .datagram_receive_buffer_size(Some(1 << 20));
     Arc::new(transport)
 }
+
+/// Concurrent request streams a peer may open on one connection.
+const MAX_STREAMS: u32 = 1024;
+/// Bytes a peer may send on one stream ahead of our reading them.
+const STREAM_WINDOW: u32 = 2 << 20;
+/// Bytes a peer may send on all streams of a connection ahead of our reading them.
+const CONNECTION_WINDOW: u32 = 32 << 20;
 
 /// The name callers verify on a node's certificate.
 pub fn node_server_name() -> ServerName<'static> {
@@ -137,5 +150,21 @@ pub fn peer_role(connection: &quinn::Connection) -> Role {
             Role::Node
         }
         _ => Role::Client,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_resource_a_peer_can_make_us_hold_is_finite() {
+        let described = format!("{:?}", super::transport());
+        for expected in [
+            "max_concurrent_uni_streams: 0",
+            "max_concurrent_bidi_streams: 1024",
+            "stream_receive_window: 2097152",
+            "receive_window: 33554432",
+        ] {
+            assert!(described.contains(expected), "{expected} in {described}");
+        }
     }
 }
