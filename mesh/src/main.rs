@@ -457,12 +457,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Listening starts before the node announces it serves: a SIGTERM sent the moment it
+        // is up must drain it, not kill it.
+        let mut signals = StopSignals::install()?;
         let node = Node::start(config).await?;
-        node.serve(async {
-            shutdown_signal().await;
+        node.serve(async move {
+            signals.next().await;
             // A second signal means "now": no grace period, no drain.
-            tokio::spawn(async {
-                shutdown_signal().await;
+            tokio::spawn(async move {
+                signals.next().await;
                 tracing::warn!("second signal; exiting without draining");
                 std::process::exit(1);
             });
@@ -472,27 +475,39 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// The operator's stop signals (SIGTERM, SIGINT), caught from the moment this exists.
+struct StopSignals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("interrupted; shutting down"),
-        () = terminate => tracing::info!("SIGTERM; shutting down"),
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("interrupted; shutting down"),
+            _ = self.terminate.recv() => tracing::info!("SIGTERM; shutting down"),
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("interrupted; shutting down");
+        }
     }
 }
 

@@ -371,14 +371,7 @@ async fn the_http3_client_follows_route_hints_to_the_replica() {
     };
     let args = common("a");
     let front = TestNode::start(&empty, &args.iter().map(String::as_str).collect::<Vec<_>>());
-    let front_quic = front
-        .log_text()
-        .lines()
-        .find(|l| l.contains("mesh endpoint up"))
-        .and_then(|l| l.split("quic=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(str::to_string)
-        .unwrap();
+    let front_quic = front.mesh_addr().unwrap().to_string();
     let mut args = common("b");
     args.extend(["--seed".to_string(), front_quic]);
     let owner = TestNode::start(

@@ -85,14 +85,9 @@ fn start_node_with(
     args.push(config.display().to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let node = TestNode::start(&repo, &args);
-    let log = node.log_text();
-    let quic = log
-        .lines()
-        .find(|l| l.contains("mesh endpoint up"))
-        .and_then(|l| l.split("quic=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no mesh address in the log:\n{log}"));
+    let quic = node
+        .mesh_addr()
+        .unwrap_or_else(|| panic!("no mesh address in the log:\n{}", node.log_text()));
     MeshNode {
         name: name.to_string(),
         node,
@@ -803,14 +798,7 @@ async fn a_frame_that_trickles_in_is_dropped_at_the_deadline() {
             &config,
         ],
     );
-    let quic: SocketAddr = node
-        .log_text()
-        .lines()
-        .find(|l| l.contains("mesh endpoint up"))
-        .and_then(|l| l.split("quic=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
+    let quic = node.mesh_addr().unwrap();
     let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
     let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
     let connection = endpoint.connection(quic).await.unwrap();

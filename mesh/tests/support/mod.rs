@@ -115,6 +115,16 @@ impl TestNode {
         }
     }
 
+    /// The node's mesh (QUIC) address, from its log, when it is in a mesh.
+    pub fn mesh_addr(&self) -> Option<SocketAddr> {
+        self.log_text()
+            .lines()
+            .find(|l| l.contains("mesh endpoint up"))
+            .and_then(|l| l.split("quic=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
