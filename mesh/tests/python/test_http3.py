@@ -131,6 +131,17 @@ def test_health_metadata_and_alt_svc(h3node, h3):
     assert plain.headers["alt-svc"] == f'h3=":{port}"; ma=86400'
 
 
+def test_repository_over_http3(h3node, h3):
+    index = h3.post(h3_url(h3node, "/v2/repository/index"), json={})
+    assert index.status_code == 200
+    assert "fraud" in {entry["name"] for entry in index.json()}
+    # Admin operations from loopback (no token configured): unload, then load back.
+    assert h3.post(h3_url(h3node, "/v2/repository/models/mixed/unload")).status_code == 200
+    assert h3.get(h3_url(h3node, "/v2/models/mixed/ready")).status_code != 200
+    assert h3.post(h3_url(h3node, "/v2/repository/models/mixed/load")).status_code == 200
+    assert h3.get(h3_url(h3node, "/v2/models/mixed/ready")).status_code == 200
+
+
 def test_json_inference_matches_onnxruntime(h3node, h3):
     body, expected = fraud_case()
     response = h3.post(h3_url(h3node, "/v2/models/fraud/infer"), json=body)
