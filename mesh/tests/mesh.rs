@@ -836,3 +836,59 @@ async fn a_frame_that_trickles_in_is_dropped_at_the_deadline() {
     let status = client(&certs, vec![quic]).status(quic).await.unwrap();
     assert_eq!(status.node, "a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_held_but_served_nowhere_is_503_with_retry_after_not_404() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
+    // a holds `fraud-corrupt`, whose file does not load: the mesh knows it, nobody serves it.
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, |repo| {
+        copy_tree(&repo.join("fraud"), &repo.join("fraud-corrupt"));
+        std::fs::write(repo.join("fraud-corrupt/1/model.onnx"), b"not an onnx file").unwrap();
+    });
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
+    let probe = client(&certs, vec![b.quic]);
+    wait_for(
+        "b to see a's catalog",
+        Duration::from_secs(20),
+        async || {
+            let status = probe.status(b.quic).await.ok()?;
+            status
+                .members
+                .iter()
+                .filter_map(|m| m.advert.as_ref())
+                .any(|a| a.catalog.iter().any(|e| e.model == "fraud-corrupt"))
+                .then_some(())
+        },
+    )
+    .await;
+    let (body, _) = fraud_case();
+    let http = reqwest::Client::new();
+    for node in [&a, &b] {
+        let response = http
+            .post(node.node.url("/v2/models/fraud-corrupt/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503, "asked {}", node.name);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let error: Value = response.json().await.unwrap();
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .contains("no replica serves it right now"),
+            "{error}"
+        );
+    }
+    // A model nobody holds is still unknown.
+    let response = http
+        .post(b.node.url("/v2/models/no-such-model/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}

@@ -336,7 +336,14 @@ async fn one_plugins_runaway_calls_cannot_take_every_slot() {
 async fn the_node_wide_memory_budget_refuses_growth_with_503() {
     let (node, _dir) = probe_node(
         "[plugins]\nmemory_budget_bytes = 41943040\n",
-        &[("hoard", "pre", "grow-memory", ", memory_bytes = 134217728")],
+        // A generous running-time deadline: growing memory is slow on a busy machine, and
+        // only the memory budget may stop this guest.
+        &[(
+            "hoard",
+            "pre",
+            "grow-memory",
+            ", memory_bytes = 134217728, deadline_ms = 5000",
+        )],
     );
     let http = client();
     let answer = call(&http, &node, "hoard").await;

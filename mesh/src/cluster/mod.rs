@@ -29,6 +29,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// How often a node re-publishes its advert (with fresh load figures) and reconciles placement.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 
+/// When to retry a model the mesh holds but no replica serves at the moment, in ms.
+const NO_REPLICA_RETRY_MS: u64 = 1000;
+
 /// What a node needs to join a mesh.
 pub struct ClusterConfig {
     /// This node's name, unique in the mesh.
@@ -99,6 +102,11 @@ impl MeshView {
             .filter_map(|model| Some((model.clone(), view.compute_route(&model)?)))
             .collect();
         view
+    }
+
+    /// Whether any live member holds or serves `model`, whether or not one serves it now.
+    pub fn knows(&self, model: &str) -> bool {
+        self.plan.routes.iter().any(|r| r.model == model) || self.served.contains_key(model)
     }
 
     fn serving(&self, node: &str, model: &str) -> bool {
@@ -339,7 +347,21 @@ impl Cluster {
     pub async fn forward(&self, mut call: InferCall) -> Result<InferAnswer, Failure> {
         let model = call.model.clone();
         let metrics = self.engine.metrics().clone();
-        let Some(route) = self.route(&model) else {
+        let view = self.view();
+        let Some(route) = view.route(&model) else {
+            if view.knows(&model) {
+                // Held by a member, served by none right now (loading, restarting, failing to
+                // load): come back, rather than "no such model".
+                metrics.record_forward(&model, "no_replica");
+                let mut failure = Failure::new(
+                    FailureClass::Unavailable,
+                    format!(
+                        "model '{model}' is in the mesh but no replica serves it right now; retry shortly"
+                    ),
+                );
+                failure.retry_after_ms = Some(NO_REPLICA_RETRY_MS);
+                return Err(failure);
+            }
             metrics.record_forward("_unknown", "no_route");
             return Err(Failure::new(
                 FailureClass::NotFound,
@@ -364,7 +386,6 @@ impl Cluster {
         );
         while !candidates.is_empty() {
             let names: Vec<&str> = candidates.iter().map(|r| r.node.as_str()).collect();
-            let view = self.view();
             let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
             let Some(chosen) = self.balancer.pick_avoiding(&names, suspect, Instant::now()) else {
                 break;
