@@ -138,26 +138,77 @@ fn placed(status: &MeshStatus, model: &str) -> BTreeSet<String> {
 /// exactly the placed replicas serve `fraud`; returns that replica set.
 async fn settled(client: &MeshClient, nodes: &[&MeshNode], names: &[&str]) -> BTreeSet<String> {
     let expected: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
-    wait_for("the mesh to settle", Duration::from_secs(30), async || {
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    loop {
         let mut statuses = Vec::new();
         for node in nodes {
-            statuses.push(client.status(node.quic).await.ok()?);
+            if let Ok(status) = client.status(node.quic).await {
+                statuses.push(status);
+            }
         }
-        let first = &statuses[0];
-        let owners = placed(first, "fraud");
-        let agreed = statuses.iter().all(|s| {
-            let members: BTreeSet<String> = s.members.iter().map(|m| m.node.clone()).collect();
-            members == expected
-                && s.members
-                    .iter()
-                    .all(|m| m.advert.is_some() && m.state == "alive")
-                && s.routes.epoch == first.routes.epoch
-                && placed(s, "fraud") == owners
-                && serving(s, "fraud") == owners
-        });
-        (agreed && owners.len() == 2).then_some(owners)
-    })
-    .await
+        if statuses.len() == nodes.len() {
+            let first = &statuses[0];
+            let owners = placed(first, "fraud");
+            let agreed = statuses.iter().all(|s| {
+                let members: BTreeSet<String> = s.members.iter().map(|m| m.node.clone()).collect();
+                members == expected
+                    && s.members
+                        .iter()
+                        .all(|m| m.advert.is_some() && m.state == "alive")
+                    && s.routes.epoch == first.routes.epoch
+                    && placed(s, "fraud") == owners
+                    && serving(s, "fraud") == owners
+            });
+            if agreed && owners.len() == 2 {
+                return owners;
+            }
+            seen = statuses
+                .iter()
+                .map(|s| {
+                    let members: Vec<String> = s
+                        .members
+                        .iter()
+                        .map(|m| format!("{}:{}", m.node, m.state))
+                        .collect();
+                    format!(
+                        "{} sees {members:?}, epoch {:016x}, fraud placed on {:?}, served by {:?}",
+                        s.node,
+                        s.routes.epoch,
+                        placed(s, "fraud"),
+                        serving(s, "fraud")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        if Instant::now() >= end {
+            // Say what was seen, and what the nodes said about placement, so a failure here
+            // can be diagnosed from the test output alone.
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    let log = n.node.log_text();
+                    let lines: Vec<&str> = log
+                        .lines()
+                        .filter(|l| {
+                            l.contains("placement") || l.contains("WARN") || l.contains("ERROR")
+                        })
+                        .collect();
+                    format!(
+                        "--- {}:\n{}",
+                        n.name,
+                        lines[lines.len().saturating_sub(12)..].join("\n")
+                    )
+                })
+                .collect();
+            panic!(
+                "the mesh did not settle in 30 s:\n{seen}\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn fraud_case() -> (Value, Vec<f64>) {
