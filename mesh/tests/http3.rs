@@ -332,7 +332,16 @@ async fn the_http3_port_speaks_neither_meshserve_1_nor_membership() {
     let endpoint = meshserve::transport::MeshEndpoint::client(&node_identity, 1 << 20).unwrap();
     let joined = endpoint.connection(addr).await;
     assert!(joined.is_err(), "a node cannot connect to the HTTP/3 port");
-    let metrics = node.metrics().await;
+    // The node counts each refusal once its side of the handshake ends, which may be just
+    // after the client saw it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = node.metrics().await;
+        if h3_connections(&metrics, "handshake_failed") >= 2.0 || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         h3_connections(&metrics, "handshake_failed") >= 2.0,
         "both refused in the handshake (no common ALPN)"
