@@ -338,12 +338,14 @@ impl Membership {
                 &old.generation,
                 &old.quic,
                 &old.http,
+                &old.http3,
                 &old.catalog,
                 &old.serving,
             ) != (
                 &advert.generation,
                 &advert.quic,
                 &advert.http,
+                &advert.http3,
                 &advert.catalog,
                 &advert.serving,
             )
@@ -368,6 +370,15 @@ impl Membership {
         self.own_advert = Some(advert);
         self.last_broadcast = Some(now);
         self.foca.add_broadcast(&encoded)?;
+        // Gossip reaches each member only with high probability (a broadcast rides a few
+        // messages to random members); a change placement depends on also goes straight to
+        // every live member, so no one acts on our old catalog or serving list for up to the
+        // refresh period.
+        if material && let Some(packet) = self.own_advert_packet() {
+            for member in self.foca.iter_members() {
+                self.outbox.packets.push((member.id().addr, packet.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -537,6 +548,61 @@ mod tests {
             down(&mut a, id("x", 100 + n, 1));
         }
         assert_eq!(a.departed.len(), MAX_DEPARTED, "bounded");
+    }
+
+    #[test]
+    fn a_material_change_goes_straight_to_every_member() {
+        let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
+        let mut b = Membership::new(id("b", 2, 1), DetectorConfig::default(), 2, 2);
+        let advert = |serving: &[&str]| NodeAdvert {
+            node: "a".into(),
+            generation: 1,
+            sequence: 0,
+            quic: id("a", 1, 1).addr,
+            http: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            http3: None,
+            catalog: vec![],
+            serving: serving.iter().map(|s| s.to_string()).collect(),
+            queue_depth: 0,
+            ewma_latency_us: 0,
+        };
+        a.advertise(advert(&["fraud"]), Duration::ZERO).unwrap();
+        b.join(id("a", 1, 1).addr).unwrap();
+        for _ in 0..10 {
+            for (_, packet) in b.drain().packets {
+                a.handle_packet(&packet).unwrap();
+            }
+            for (_, packet) in a.drain().packets {
+                b.handle_packet(&packet).unwrap();
+            }
+        }
+        // a unloads fraud: the new advert leaves at once as a packet addressed to b...
+        a.advertise(advert(&[]), Duration::from_millis(10)).unwrap();
+        let direct: Vec<_> = a
+            .drain()
+            .packets
+            .into_iter()
+            .filter(|(to, packet)| {
+                *to == id("b", 2, 1).addr && packet.first() == Some(&ADVERT_PACKET)
+            })
+            .collect();
+        assert_eq!(direct.len(), 1, "one direct advert to the one member");
+        // ...and b takes it, without waiting for gossip.
+        b.handle_packet(&direct[0].1).unwrap();
+        let seen = b.live_members();
+        let a_seen = seen.iter().find(|m| m.id.name == "a").unwrap();
+        assert!(a_seen.advert.as_ref().unwrap().serving.is_empty());
+        // A load-only change does not go direct.
+        let mut busier = advert(&[]);
+        busier.queue_depth = 9;
+        a.advertise(busier, Duration::from_secs(10)).unwrap();
+        assert!(
+            a.drain()
+                .packets
+                .iter()
+                .all(|(_, packet)| packet.first() != Some(&ADVERT_PACKET)),
+            "load alone rides gossip"
+        );
     }
 
     #[test]
