@@ -95,6 +95,23 @@ fn start_node_with(
     }
 }
 
+/// Nodes a, b and c, the last two joining through a.
+fn three_nodes(root: &Path, certs: &Path) -> [MeshNode; 3] {
+    let a = start_node(root, certs, "a", "127.0.0.1:0", None);
+    let b = start_node(root, certs, "b", "127.0.0.1:0", Some(a.quic));
+    let c = start_node(root, certs, "c", "127.0.0.1:0", Some(a.quic));
+    [a, b, c]
+}
+
+/// Kills a node's process at once (SIGKILL: no leave, no drain).
+fn kill(node: MeshNode) {
+    let status = Command::new("kill")
+        .args(["-9", &node.node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 fn client(certs: &Path, seeds: Vec<SocketAddr>) -> MeshClient {
     let identity = MeshIdentity::from_dir(certs, Role::Client, "app").unwrap();
     let mut config = ClientConfig::new(seeds, identity);
@@ -255,9 +272,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
-    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
-    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
-    let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
+    let [a, b, c] = three_nodes(root.path(), &certs);
     let nodes = [&a, &b, &c];
     let probe = client(&certs, vec![a.quic]);
     let owners = settled(&probe, &nodes, &["a", "b", "c"]).await;
@@ -457,9 +472,7 @@ async fn killing_a_replica_under_load_loses_no_request_and_it_rejoins() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
-    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
-    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
-    let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
+    let [a, b, c] = three_nodes(root.path(), &certs);
     let probe = client(&certs, vec![a.quic]);
     let owners = settled(&probe, &[&a, &b, &c], &["a", "b", "c"]).await;
     let mut nodes = vec![a, b, c];
@@ -493,12 +506,7 @@ async fn killing_a_replica_under_load_loses_no_request_and_it_rejoins() {
     let victim_name = victim.name.clone();
     let victim_quic = victim.quic;
     let killed_at = Instant::now();
-    let status = Command::new("kill")
-        .args(["-9", &victim.node.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    drop(victim);
+    kill(victim);
     let seed = nodes.iter().find(|n| n.name == "a").unwrap().quic;
     wait_for(
         "the victim to be declared down",
@@ -718,12 +726,7 @@ async fn a_node_that_lost_every_peer_rejoins_through_its_seed() {
     })
     .await;
     let b_quic = b.quic;
-    let status = Command::new("kill")
-        .args(["-9", &b.node.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    drop(b);
+    kill(b);
     wait_for("a to be alone", Duration::from_secs(10), async || {
         (members(a.quic).await? == 1).then_some(())
     })
@@ -788,9 +791,7 @@ async fn a_seed_restarted_alone_is_found_again_by_the_mesh() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
-    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
-    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
-    let c = start_node(root.path(), &certs, "c", "127.0.0.1:0", Some(a.quic));
+    let [a, b, c] = three_nodes(root.path(), &certs);
     let probe = client(&certs, vec![b.quic]);
     let members = async |node: SocketAddr| -> Option<usize> {
         probe.status(node).await.ok().map(|s| s.members.len())
@@ -800,12 +801,7 @@ async fn a_seed_restarted_alone_is_found_again_by_the_mesh() {
     })
     .await;
     let a_quic = a.quic;
-    let status = Command::new("kill")
-        .args(["-9", &a.node.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    drop(a);
+    kill(a);
     wait_for(
         "b and c to see a down",
         Duration::from_secs(15),
