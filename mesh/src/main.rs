@@ -287,10 +287,7 @@ fn run() -> Result<()> {
 
 fn infer(args: InferArgs) -> Result<()> {
     use meshserve::client::http3::{Http3Client, Http3ClientConfig};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = current_thread_runtime()?;
     runtime.block_on(async {
         let config = Http3ClientConfig::new(vec![args.http3], &args.ca).with_context(|| {
             format!(
@@ -397,10 +394,7 @@ fn status(args: StatusArgs) -> Result<()> {
             args.client
         )
     })?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = current_thread_runtime()?;
     let status = runtime.block_on(async {
         let mut config = ClientConfig::new(vec![args.node], identity);
         config.attempt_timeout = Duration::from_secs(5);
@@ -511,12 +505,18 @@ impl StopSignals {
     }
 }
 
-fn run_bench(kind: BenchCommand) -> Result<()> {
-    // The load generator gets one thread, so the node under test keeps the rest of the machine.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// A runtime on this thread alone: clients and the load generator leave the rest of the
+/// machine to the node they talk to.
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .context("cannot start the async runtime")
+}
+
+fn run_bench(kind: BenchCommand) -> Result<()> {
+    // The load generator gets one thread, so the node under test keeps the rest of the machine.
+    let runtime = current_thread_runtime()?;
     match kind {
         BenchCommand::Suite {
             model_repository,

@@ -458,6 +458,37 @@ mod tests {
         }
     }
 
+    /// Carries packets between `a` (port 1) and `b` (port 2) until both are quiet; timers are
+    /// not needed for a join.
+    fn shuttle(a: &mut Membership, b: &mut Membership) {
+        for _ in 0..10 {
+            for (to, packet) in b.drain().packets {
+                assert_eq!(to.port(), 1);
+                a.handle_packet(&packet).unwrap();
+            }
+            for (to, packet) in a.drain().packets {
+                assert_eq!(to.port(), 2);
+                b.handle_packet(&packet).unwrap();
+            }
+        }
+    }
+
+    /// Node a's advert, serving `serving`.
+    fn advert_of_a(serving: &[&str]) -> NodeAdvert {
+        NodeAdvert {
+            node: "a".into(),
+            generation: 1,
+            sequence: 0,
+            quic: id("a", 1, 1).addr,
+            http: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            http3: None,
+            catalog: vec![],
+            serving: serving.iter().map(|s| s.to_string()).collect(),
+            queue_depth: 0,
+            ewma_latency_us: 0,
+        }
+    }
+
     #[test]
     fn a_later_generation_wins_the_address() {
         let old = id("a", 1, 10);
@@ -471,31 +502,10 @@ mod tests {
     fn two_cores_join_and_exchange_adverts() {
         let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
         let mut b = Membership::new(id("b", 2, 1), DetectorConfig::default(), 2, 2);
-        let advert = NodeAdvert {
-            node: "a".into(),
-            generation: 1,
-            sequence: 0,
-            quic: id("a", 1, 1).addr,
-            http: SocketAddr::from(([127, 0, 0, 1], 8000)),
-            http3: None,
-            catalog: vec![],
-            serving: vec!["fraud".into()],
-            queue_depth: 0,
-            ewma_latency_us: 0,
-        };
-        a.advertise(advert.clone(), Duration::ZERO).unwrap();
+        a.advertise(advert_of_a(&["fraud"]), Duration::ZERO)
+            .unwrap();
         b.join(id("a", 1, 1).addr).unwrap();
-        // Shuttle packets until both are quiet; timers are not needed for a join.
-        for _ in 0..10 {
-            for (to, packet) in b.drain().packets {
-                assert_eq!(to.port(), 1);
-                a.handle_packet(&packet).unwrap();
-            }
-            for (to, packet) in a.drain().packets {
-                assert_eq!(to.port(), 2);
-                b.handle_packet(&packet).unwrap();
-            }
-        }
+        shuttle(&mut a, &mut b);
         let seen_by_b = b.live_members();
         assert_eq!(seen_by_b.len(), 2);
         assert_eq!(seen_by_b[1].id.name, "a");
@@ -514,14 +524,7 @@ mod tests {
             "never ourselves"
         );
         b.join(seeds[0]).unwrap();
-        for _ in 0..10 {
-            for (_, packet) in b.drain().packets {
-                a.handle_packet(&packet).unwrap();
-            }
-            for (_, packet) in a.drain().packets {
-                b.handle_packet(&packet).unwrap();
-            }
-        }
+        shuttle(&mut a, &mut b);
         assert_eq!(
             a.rejoin_targets(&seeds),
             vec![seeds[2]],
@@ -554,30 +557,13 @@ mod tests {
     fn a_material_change_goes_straight_to_every_member() {
         let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
         let mut b = Membership::new(id("b", 2, 1), DetectorConfig::default(), 2, 2);
-        let advert = |serving: &[&str]| NodeAdvert {
-            node: "a".into(),
-            generation: 1,
-            sequence: 0,
-            quic: id("a", 1, 1).addr,
-            http: SocketAddr::from(([127, 0, 0, 1], 8000)),
-            http3: None,
-            catalog: vec![],
-            serving: serving.iter().map(|s| s.to_string()).collect(),
-            queue_depth: 0,
-            ewma_latency_us: 0,
-        };
-        a.advertise(advert(&["fraud"]), Duration::ZERO).unwrap();
+        a.advertise(advert_of_a(&["fraud"]), Duration::ZERO)
+            .unwrap();
         b.join(id("a", 1, 1).addr).unwrap();
-        for _ in 0..10 {
-            for (_, packet) in b.drain().packets {
-                a.handle_packet(&packet).unwrap();
-            }
-            for (_, packet) in a.drain().packets {
-                b.handle_packet(&packet).unwrap();
-            }
-        }
+        shuttle(&mut a, &mut b);
         // a unloads fraud: the new advert leaves at once as a packet addressed to b...
-        a.advertise(advert(&[]), Duration::from_millis(10)).unwrap();
+        a.advertise(advert_of_a(&[]), Duration::from_millis(10))
+            .unwrap();
         let direct: Vec<_> = a
             .drain()
             .packets
@@ -593,7 +579,7 @@ mod tests {
         let a_seen = seen.iter().find(|m| m.id.name == "a").unwrap();
         assert!(a_seen.advert.as_ref().unwrap().serving.is_empty());
         // A load-only change does not go direct.
-        let mut busier = advert(&[]);
+        let mut busier = advert_of_a(&[]);
         busier.queue_depth = 9;
         a.advertise(busier, Duration::from_secs(10)).unwrap();
         assert!(
