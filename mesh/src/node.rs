@@ -336,7 +336,7 @@ async fn join_mesh(
         .name
         .clone()
         .unwrap_or_else(|| format!("node-{}", advertised.port()));
-    if !crate::membership::adverts::valid_node_name(&name) {
+    if !crate::transport::certs::valid_node_name(&name) {
         return Err(NodeError::NodeName(name));
     }
     let dir = mesh.certs.clone().unwrap_or_default();

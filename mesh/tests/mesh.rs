@@ -155,8 +155,8 @@ fn placed(status: &MeshStatus, model: &str) -> BTreeSet<String> {
 /// exactly the placed replicas serve `fraud`; returns that replica set.
 async fn settled(client: &MeshClient, nodes: &[&MeshNode], names: &[&str]) -> BTreeSet<String> {
     let expected: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
-    // A lost advert broadcast is healed by the full re-broadcast every 30 s (docs/mesh.md), and
-    // an unplaced replica unloads 3 s after placement settles: the bound covers both.
+    // A lost advert notice is repaired by the next one (every 5 s, docs/mesh.md), and an
+    // unplaced replica unloads 3 s after placement settles: the bound covers both with room.
     let end = Instant::now() + Duration::from_secs(45);
     let mut seen = String::new();
     loop {
@@ -940,4 +940,136 @@ async fn a_model_held_but_served_nowhere_is_503_with_retry_after_not_404() {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
+}
+
+/// Sends what a membership core made up as `name` (at `endpoint`'s address) to `target`, the
+/// way a node sends its membership datagrams.
+fn announce_as(endpoint: &MeshEndpoint, name: &str, target: SocketAddr) {
+    let id = meshserve::membership::MemberId {
+        name: name.into(),
+        addr: endpoint.local_addr().unwrap(),
+        generation: u64::MAX / 2,
+    };
+    let mut core = meshserve::membership::Membership::new(id, Default::default(), 7);
+    core.join(target).unwrap();
+    for (to, packet) in core.drain().packets {
+        let mut datagram = vec![wire::WIRE_VERSION];
+        datagram.extend_from_slice(&packet);
+        endpoint.send_datagram(to, datagram.into());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_speaks_only_for_its_own_node() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "evil"], &["app"], &[]);
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
+    let probe = client(&certs, vec![a.quic]);
+    // A holder of evil's certificate announces itself as node "b", then as itself.
+    let evil = MeshIdentity::from_dir(&certs, Role::Node, "evil").unwrap();
+    let endpoint = MeshEndpoint::bind("127.0.0.1:0".parse().unwrap(), &evil, 1 << 20).unwrap();
+    let members = |status: &MeshStatus| -> BTreeSet<String> {
+        status.members.iter().map(|m| m.node.clone()).collect()
+    };
+    for _ in 0..10 {
+        announce_as(&endpoint, "b", a.quic);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let status = probe.status(a.quic).await.unwrap();
+        assert!(!members(&status).contains("b"), "{status:?}");
+    }
+    assert!(
+        a.node
+            .log_text()
+            .contains("claims a node its sender's certificate does not name"),
+        "{}",
+        a.node.log_text()
+    );
+    // The same packets under its own name are taken: the check is the name, not the sender.
+    announce_as(&endpoint, "evil", a.quic);
+    wait_for("a to list evil", Duration::from_secs(5), async || {
+        let status = probe.status(a.quic).await.ok()?;
+        members(&status).contains("evil").then_some(())
+    })
+    .await;
+
+    // A node whose own certificate is another node's refuses to start, saying so.
+    let (cert, key) = meshserve::transport::certs::paths(&certs, Role::Node, "evil");
+    let (b_cert, b_key) = meshserve::transport::certs::paths(&certs, Role::Node, "b");
+    std::fs::copy(cert, b_cert).unwrap();
+    std::fs::copy(key, b_key).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
+            "--name",
+            "b",
+        ])
+        .arg("--certs")
+        .arg(&certs)
+        .arg("--model-repository")
+        .arg(repository(root.path(), "b"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("does not name node 'b'"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_200_models_stays_in_placement() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
+    let models: Vec<String> = (0..200).map(|i| format!("scorer-{i:03}")).collect();
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, |repo| {
+        for model in &models {
+            copy_tree(&repo.join("fraud"), &repo.join(model));
+            std::fs::write(repo.join(model).join("config.toml"), "replicas = 1\n").unwrap();
+        }
+    });
+    let b = start_node(root.path(), &certs, "b", "127.0.0.1:0", Some(a.quic));
+    let probe = client(&certs, vec![b.quic]);
+    // b learns a's whole catalog, fetches and serves the models placed on it (about half),
+    // and a unloads those once b serves them: each model ends up served by one node.
+    let served = wait_for(
+        "200 models spread and served",
+        Duration::from_secs(120),
+        async || {
+            let from_b = probe.status(b.quic).await.ok()?;
+            let from_a = probe.status(a.quic).await.ok()?;
+            let catalog = from_b
+                .members
+                .iter()
+                .find(|m| m.node == "a")?
+                .advert
+                .as_ref()?
+                .catalog
+                .len();
+            let served: Vec<BTreeSet<String>> =
+                models.iter().map(|m| serving(&from_b, m)).collect();
+            let on_b = served.iter().filter(|nodes| nodes.contains("b")).count();
+            let done = catalog >= 200
+                && (50..150).contains(&on_b)
+                && models
+                    .iter()
+                    .zip(&served)
+                    .all(|(model, nodes)| nodes.len() == 1 && *nodes == serving(&from_a, model));
+            done.then_some(served)
+        },
+    )
+    .await;
+    // A model b fetched from a answers through a.
+    let index = served.iter().position(|nodes| nodes.contains("b")).unwrap();
+    let url = a.node.url(&format!("/v2/models/{}/infer", models[index]));
+    let answer = reqwest::Client::new()
+        .post(url)
+        .json(&fraud_case().0)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
 }

@@ -119,7 +119,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 members: vec![MemberStatus {
                     node: "node-a".into(),
                     state: "alive".into(),
-                    advert: Some(advert),
+                    advert: Some(advert.clone()),
                 }],
                 routes: RouteTable {
                     epoch: 42,
@@ -153,6 +153,8 @@ fn vectors() -> Vec<(&'static str, Message)> {
             }),
         ),
         ("metadata", Message::Metadata("{\"name\":\"fraud\"}".into())),
+        ("advert-query", Message::AdvertQuery),
+        ("advert", Message::Advert(advert)),
     ]
 }
 

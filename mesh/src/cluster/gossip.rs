@@ -1,11 +1,12 @@
-//! The membership shell: one task owns the [`Membership`] core and feeds it datagrams, timer
-//! events and our adverts; what the core asks for becomes QUIC datagrams and tokio timers,
-//! and every change of the live members is published as a new [`MeshView`].
+//! The membership shell: one task owns the [`Membership`] core and feeds it datagrams (with
+//! the node name their sender's certificate proves), timer events, fetched adverts and our
+//! own; what the core asks for becomes QUIC datagrams, advert fetches over streams and tokio
+//! timers, and every change of the live members is published as a new [`MeshView`].
 
 use crate::cluster::MeshView;
-use crate::membership::{Change, MemberId, Membership};
+use crate::membership::{AdvertFetch, Change, MemberId, Membership};
 use crate::transport::MeshEndpoint;
-use crate::wire::{NodeAdvert, WIRE_VERSION};
+use crate::wire::{Message, NodeAdvert, WIRE_VERSION};
 use bytes::Bytes;
 use foca::Timer;
 use std::net::SocketAddr;
@@ -20,10 +21,19 @@ const REJOIN_PERIOD: Duration = Duration::from_secs(1);
 /// departed members that are not live members now (see [`Membership::rejoin_targets`]).
 const REANNOUNCE_EVERY: u32 = 5;
 
+/// How long fetching one advert may take.
+const ADVERT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A membership datagram from a peer (version byte removed), with the node its certificate
+/// names.
+pub(crate) type Packet = (Arc<str>, Bytes);
+
 /// What the shell takes in.
 pub(crate) enum Input {
-    /// A membership datagram from a peer node (version byte already checked and removed).
-    Packet(Bytes),
+    /// A membership datagram from a peer node.
+    Packet(Packet),
+    /// The answer to an advert fetch, from a peer whose certificate names the fetched node.
+    Fetched(AdvertFetch, Result<NodeAdvert, String>),
     /// A timer the core scheduled.
     Timer(Timer<MemberId>),
     /// Our advert, to (re)publish.
@@ -52,7 +62,7 @@ pub(crate) fn spawn(
     seeds: Vec<SocketAddr>,
 ) -> (
     mpsc::UnboundedSender<Input>,
-    mpsc::Sender<Bytes>,
+    mpsc::Sender<Packet>,
     watch::Receiver<Arc<MeshView>>,
 ) {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
@@ -83,7 +93,7 @@ impl Shell {
     async fn run(
         mut self,
         mut inputs: mpsc::UnboundedReceiver<Input>,
-        mut packets: mpsc::Receiver<Bytes>,
+        mut packets: mpsc::Receiver<Packet>,
     ) {
         self.join_seeds();
         let mut rejoin = tokio::time::interval(REJOIN_PERIOD);
@@ -125,7 +135,15 @@ impl Shell {
 
     fn handle(&mut self, input: Input) -> Option<oneshot::Sender<()>> {
         let result = match input {
-            Input::Packet(packet) => self.core.handle_packet(&packet),
+            Input::Packet((sender, packet)) => self.core.handle_packet(&sender, &packet),
+            Input::Fetched(fetch, answer) => {
+                // The transport checked the answering certificate names the fetched node.
+                let result = self.core.advert_fetched(&fetch, &fetch.node, answer);
+                if let Err(e) = &result {
+                    tracing::debug!(node = %fetch.node, addr = %fetch.addr, error = %e, "advert not taken");
+                }
+                result
+            }
             Input::Timer(timer) => self.core.handle_timer(timer),
             Input::Advert(advert) => self.core.advertise(advert, self.started.elapsed()),
             Input::Leave(done) => {
@@ -172,6 +190,32 @@ impl Shell {
         let outbox = self.core.drain();
         for (addr, packet) in outbox.packets {
             self.endpoint.send_datagram(addr, datagram(&packet));
+        }
+        for fetch in outbox.fetches {
+            let endpoint = self.endpoint.clone();
+            let input = self.input.clone();
+            tokio::spawn(async move {
+                let answer = match endpoint
+                    .call_node(
+                        fetch.addr,
+                        &fetch.node,
+                        &Message::AdvertQuery,
+                        ADVERT_FETCH_TIMEOUT,
+                    )
+                    .await
+                {
+                    Ok(Message::Advert(advert)) => Ok(advert),
+                    Ok(Message::Failure(failure)) => Err(failure.message),
+                    Ok(other) => Err(format!("answered an advert query with {other:?}")),
+                    Err(e) => {
+                        if matches!(e, crate::transport::TransportError::NotThatNode { .. }) {
+                            tracing::warn!(error = %e, "advert refused");
+                        }
+                        Err(e.to_string())
+                    }
+                };
+                let _ = input.send(Input::Fetched(fetch, answer));
+            });
         }
         for (after, timer) in outbox.timers {
             let input = self.input.clone();

@@ -64,6 +64,11 @@ pub enum ClusterError {
     /// The endpoint could not start.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// Our certificate is not this node's: peers would refuse everything we say.
+    #[error(
+        "the node certificate does not name node '{0}' (it must carry the DNS name {0}.node.meshserve); issue one with `meshserve certs --node {0}`"
+    )]
+    CertificateName(String),
     /// The advertised address cannot be reached by peers.
     #[error(
         "mesh address {0} is unspecified; set mesh.advertise (or --quic with a concrete address)"
@@ -174,7 +179,7 @@ pub struct Cluster {
     view: watch::Receiver<Arc<MeshView>>,
     gossip: mpsc::UnboundedSender<gossip::Input>,
     /// Peers' membership datagrams, bounded (see [`gossip::PACKET_QUEUE`]).
-    packets: mpsc::Sender<bytes::Bytes>,
+    packets: mpsc::Sender<gossip::Packet>,
     /// Time a peer has to send a whole `meshserve/1` frame on a stream.
     frame_read_timeout: Duration,
     balancer: Balancer,
@@ -192,6 +197,9 @@ impl Cluster {
         config: ClusterConfig,
         engine: Arc<Engine>,
     ) -> Result<Arc<Cluster>, ClusterError> {
+        if !config.identity.is_node(&config.name) {
+            return Err(ClusterError::CertificateName(config.name));
+        }
         let endpoint = MeshEndpoint::bind(config.listen, &config.identity, config.max_frame_bytes)?;
         let quic = config
             .advertise
@@ -208,11 +216,9 @@ impl Cluster {
             addr: quic,
             generation,
         };
-        let expected = (config.seeds.len() as u32 + 1).max(8);
         let core = Membership::new(
             id,
             config.detector,
-            expected,
             generation ^ placement::score(&config.name, "rng"),
         );
         let (gossip, packets, view) = gossip::spawn(core, endpoint.clone(), config.seeds.clone());

@@ -5,8 +5,8 @@
 //! and another replica already serves it, so no request loses its replica.
 
 use crate::cluster::{Cluster, MeshView, bundle};
-use crate::wire::{FetchModel, Message};
-use std::collections::{BTreeMap, BTreeSet};
+use crate::wire::{FetchModel, Message, NodeAdvert};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,36 +77,38 @@ async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
     }
 }
 
-/// The digest the mesh agrees on for `model`: the one most holders advertise (ties: the
-/// highest), and the holders of it.
-fn agreed_digest<'a>(
-    view: &'a MeshView,
-    model: &str,
-) -> Option<([u8; 32], Vec<&'a crate::wire::NodeAdvert>)> {
-    let mut by_digest: BTreeMap<[u8; 32], Vec<&crate::wire::NodeAdvert>> = BTreeMap::new();
-    for advert in view.members.iter().filter_map(|m| m.advert.as_ref()) {
-        if let Some(entry) = advert.catalog.iter().find(|e| e.model == model) {
-            by_digest.entry(entry.digest).or_default().push(advert);
-        }
-    }
-    by_digest
-        .into_iter()
-        .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(a.0.cmp(&b.0)))
+/// The members that hold `model`'s files, each with the digest it advertises: those serving
+/// it first, then by name. Each is asked for its own digest over a connection whose certificate
+/// names it, so what is installed is what one identified member holds, never a version that
+/// extra members could vote in.
+fn holders<'a>(view: &'a MeshView, model: &str) -> Vec<(&'a NodeAdvert, [u8; 32])> {
+    let mut holders: Vec<(&NodeAdvert, [u8; 32])> = view
+        .members
+        .iter()
+        .filter_map(|m| m.advert.as_ref())
+        .filter_map(|advert| {
+            let entry = advert.catalog.iter().find(|e| e.model == model)?;
+            Some((advert, entry.digest))
+        })
+        .collect();
+    holders.sort_by_key(|(advert, _)| (!advert.serving.iter().any(|s| s == model), &advert.node));
+    holders
 }
 
 async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(), String> {
-    let (digest, holders) =
-        agreed_digest(view, model).ok_or_else(|| "no live member holds its files".to_string())?;
-    let request = Message::FetchModel(FetchModel {
-        model: model.to_string(),
-        digest,
-    });
-    let mut last = String::from("no other holder");
-    for holder in holders.iter().filter(|h| h.node != cluster.name) {
+    let mut last = String::from("no other live member holds its files");
+    for (holder, digest) in holders(view, model)
+        .into_iter()
+        .filter(|(h, _)| h.node != cluster.name)
+    {
+        let request = Message::FetchModel(FetchModel {
+            model: model.to_string(),
+            digest,
+        });
         let started = Instant::now();
         let files = match cluster
             .endpoint
-            .call(holder.quic, &request, FETCH_TIMEOUT)
+            .call_node(holder.quic, &holder.node, &request, FETCH_TIMEOUT)
             .await
         {
             Ok(Message::ModelFiles(files)) if files.model == model => files,
@@ -147,4 +149,65 @@ async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{LiveMember, MemberId};
+    use crate::wire::CatalogEntry;
+
+    fn member(node: &str, port: u16, digest: u8, serving: bool) -> LiveMember {
+        let quic = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        LiveMember {
+            id: MemberId {
+                name: node.into(),
+                addr: quic,
+                generation: 1,
+            },
+            suspect: false,
+            advert: Some(NodeAdvert {
+                node: node.into(),
+                generation: 1,
+                sequence: 0,
+                quic,
+                http: quic,
+                http3: None,
+                catalog: vec![CatalogEntry {
+                    model: "fraud".into(),
+                    replicas: 1,
+                    digest: [digest; 32],
+                    bytes: 1,
+                }],
+                serving: if serving {
+                    vec!["fraud".into()]
+                } else {
+                    vec![]
+                },
+                queue_depth: 0,
+                ewma_latency_us: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_files_come_from_a_serving_holder_with_its_own_digest_not_a_vote() {
+        // Three members that joined with another version of fraud do not outvote the one
+        // member serving it.
+        let view = MeshView::from_members(vec![
+            member("x1", 1, 0xee, false),
+            member("x2", 2, 0xee, false),
+            member("x3", 3, 0xee, false),
+            member("owner", 4, 0x01, true),
+        ]);
+        let order: Vec<(&str, u8)> = holders(&view, "fraud")
+            .iter()
+            .map(|(advert, digest)| (advert.node.as_str(), digest[0]))
+            .collect();
+        assert_eq!(
+            order,
+            vec![("owner", 0x01), ("x1", 0xee), ("x2", 0xee), ("x3", 0xee)]
+        );
+        assert!(holders(&view, "other").is_empty());
+    }
 }

@@ -5,6 +5,7 @@
 use crate::cluster::{Cluster, bundle};
 use crate::http::error::status_of;
 use crate::http::routes::model_metadata_json;
+use crate::membership::Membership;
 use crate::transport::certs::Role;
 use crate::transport::{TransportError, read_frame, tls, write_frame};
 use crate::wire::{
@@ -57,15 +58,40 @@ fn is_tls_refusal(error: &quinn::ConnectionError) -> bool {
     }
 }
 
+// A datagram counts only as the word of the node the peer's certificate names (checked once
+// per claimed name and connection); the first refusal on a connection is logged.
 async fn read_datagrams(cluster: Arc<Cluster>, connection: quinn::Connection) {
+    let peer = connection.remote_address();
+    let mut certified: Option<Arc<str>> = None;
+    let mut refusal_logged = false;
     while let Ok(datagram) = connection.read_datagram().await {
         match datagram.first() {
             Some(&WIRE_VERSION) => {
-                if cluster.packets.try_send(datagram.slice(1..)).is_err() {
-                    tracing::debug!(
-                        peer = %connection.remote_address(),
-                        "membership queue full; datagram dropped"
-                    );
+                let packet = datagram.slice(1..);
+                let claimed = match Membership::claimed_sender(&packet) {
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "membership datagram dropped");
+                        continue;
+                    }
+                };
+                let sender = match certified.as_ref().filter(|name| ***name == *claimed) {
+                    Some(name) => name.clone(),
+                    None if tls::peer_is_node(&connection, &claimed) => {
+                        let name: Arc<str> = claimed.into();
+                        certified = Some(name.clone());
+                        name
+                    }
+                    None => {
+                        if !refusal_logged {
+                            tracing::warn!(%peer, %claimed, "membership datagram claims a node its sender's certificate does not name; dropped");
+                            refusal_logged = true;
+                        }
+                        continue;
+                    }
+                };
+                if cluster.packets.try_send((sender, packet)).is_err() {
+                    tracing::debug!(%peer, "membership queue full; datagram dropped");
                 }
             }
             other => tracing::debug!(
@@ -108,6 +134,20 @@ async fn answer(
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
         Ok(Message::FetchModel(fetch)) if role == Role::Node => cluster.model_files(fetch).await,
+        Ok(Message::AdvertQuery) if role == Role::Node => {
+            match cluster
+                .view()
+                .members
+                .first()
+                .and_then(|me| me.advert.clone())
+            {
+                Some(advert) => Message::Advert(advert),
+                None => Message::Failure(Failure::new(
+                    FailureClass::Unavailable,
+                    "this node has not made its advert yet",
+                )),
+            }
+        }
         Ok(Message::MetadataQuery(query)) => {
             match model_metadata_json(&cluster.engine, &query.model, query.version.as_deref()) {
                 Ok(metadata) => Message::Metadata(metadata.to_string()),
@@ -155,6 +195,8 @@ fn message_kind(message: &Message) -> &'static str {
         Message::ModelFiles(_) => "ModelFiles",
         Message::MetadataQuery(_) => "MetadataQuery",
         Message::Metadata(_) => "Metadata",
+        Message::AdvertQuery => "AdvertQuery",
+        Message::Advert(_) => "Advert",
     }
 }
 

@@ -1,11 +1,10 @@
-//! Node adverts as foca custom broadcasts: the newest advert of each node wins, and foca stops
-//! spreading one as soon as a newer one of the same node arrives.
+//! The adverts a node holds about its members: the newest fetched from each, and the checks
+//! every advert passes before it counts.
 
-use crate::wire::NodeAdvert;
-use foca::{BroadcastHandler, Invalidates};
+use crate::transport::certs::valid_node_name;
+use crate::wire::{AdvertNotice, NodeAdvert};
 use meshserve_host::model::repository::Repository;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 /// The newest advert of every node heard from.
 #[derive(Debug, Default)]
@@ -29,6 +28,23 @@ impl AdvertTable {
         }
     }
 
+    /// The (generation, sequence) of `node`'s advert we hold.
+    pub(crate) fn version(&self, node: &str) -> Option<(u64, u64)> {
+        self.by_node
+            .get(node)
+            .map(|advert| (advert.generation, advert.sequence))
+    }
+
+    /// Takes the load figures of a notice about the advert version we hold.
+    pub(crate) fn update_load(&mut self, notice: &AdvertNotice) {
+        if let Some(advert) = self.by_node.get_mut(&notice.node)
+            && (advert.generation, advert.sequence) == (notice.generation, notice.sequence)
+        {
+            advert.queue_depth = notice.queue_depth;
+            advert.ewma_latency_us = notice.ewma_latency_us;
+        }
+    }
+
     /// Keeps `advert` if it is newer than what we hold; says whether it was.
     pub(crate) fn offer(&mut self, advert: NodeAdvert) -> bool {
         let newer = self.by_node.get(&advert.node).is_none_or(|held| {
@@ -41,24 +57,21 @@ impl AdvertTable {
     }
 }
 
-/// Longest node name an advert may carry.
-const MAX_NODE_NAME: usize = 128;
-
-/// Whether `name` can name a node: what peers accept in adverts (and `meshserve certs` in
-/// certificate names).
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NODE_NAME
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
+/// Most models one advert may list (in its catalog, and again in what it serves). Far above
+/// a real repository; the frame limit bounds the bytes as well.
+pub const MAX_ADVERT_MODELS: usize = 65_536;
 
 /// Refuses an advert whose names could reach outside a model repository or grow without bound:
 /// model names end up in paths (fetch, install) and node names in logs and headers.
-fn check(advert: &NodeAdvert) -> Result<(), AdvertError> {
+pub(crate) fn check(advert: &NodeAdvert) -> Result<(), AdvertError> {
     if !valid_node_name(&advert.node) {
         return Err(AdvertError(format!("invalid node name {:?}", advert.node)));
+    }
+    if advert.catalog.len() > MAX_ADVERT_MODELS || advert.serving.len() > MAX_ADVERT_MODELS {
+        return Err(AdvertError(format!(
+            "node '{}' lists more than {MAX_ADVERT_MODELS} models",
+            advert.node
+        )));
     }
     let models = advert
         .catalog
@@ -72,88 +85,42 @@ fn check(advert: &NodeAdvert) -> Result<(), AdvertError> {
     Ok(())
 }
 
-/// Which advert a broadcast carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct AdvertKey {
-    node: String,
-    version: (u64, u64),
-}
-
-impl Invalidates for AdvertKey {
-    fn invalidates(&self, other: &Self) -> bool {
-        self.node == other.node && self.version >= other.version
-    }
-}
-
-/// Decodes adverts for foca and keeps the newest in the shared table.
-pub(crate) struct AdvertHandler {
-    table: Arc<Mutex<AdvertTable>>,
-}
-
-impl AdvertHandler {
-    pub(crate) fn new(table: Arc<Mutex<AdvertTable>>) -> AdvertHandler {
-        AdvertHandler { table }
-    }
-}
-
-/// An advert that does not decode.
+/// An advert that breaks the rules.
 #[derive(Debug, thiserror::Error)]
-#[error("malformed node advert: {0}")]
+#[error("refused node advert: {0}")]
 pub(crate) struct AdvertError(String);
-
-impl<T> BroadcastHandler<T> for AdvertHandler {
-    type Key = AdvertKey;
-    type Error = AdvertError;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        _sender: Option<&T>,
-    ) -> Result<Option<AdvertKey>, AdvertError> {
-        let advert: NodeAdvert =
-            postcard::from_bytes(data).map_err(|e| AdvertError(e.to_string()))?;
-        check(&advert)?;
-        let key = AdvertKey {
-            node: advert.node.clone(),
-            version: (advert.generation, advert.sequence),
-        };
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(table.offer(advert).then_some(key))
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::certs::MAX_NODE_NAME;
     use crate::wire::CatalogEntry;
 
-    fn advert(node: &str, model: &str) -> Vec<u8> {
-        let advert = NodeAdvert {
+    fn advert(node: &str, models: &[&str]) -> NodeAdvert {
+        NodeAdvert {
             node: node.into(),
             generation: 1,
             sequence: 1,
             quic: "127.0.0.1:7000".parse().unwrap(),
             http: "127.0.0.1:8000".parse().unwrap(),
             http3: None,
-            catalog: vec![CatalogEntry {
-                model: model.into(),
-                replicas: 1,
-                digest: [1; 32],
-                bytes: 10,
-            }],
+            catalog: models
+                .iter()
+                .map(|model| CatalogEntry {
+                    model: model.to_string(),
+                    replicas: 1,
+                    digest: [1; 32],
+                    bytes: 10,
+                })
+                .collect(),
             serving: vec![],
             queue_depth: 0,
             ewma_latency_us: 0,
-        };
-        postcard::to_allocvec(&advert).unwrap()
+        }
     }
 
     #[test]
-    fn adverts_naming_paths_or_odd_nodes_are_refused_and_not_kept() {
-        let table = Arc::new(Mutex::new(AdvertTable::default()));
-        let mut handler = AdvertHandler::new(table.clone());
-        let mut receive =
-            |bytes: &[u8]| BroadcastHandler::<()>::receive_item(&mut handler, bytes, None);
+    fn adverts_naming_paths_odd_nodes_or_too_many_models_are_refused() {
         for (node, model) in [
             ("evil", "../../x"),
             ("evil", "/etc"),
@@ -162,13 +129,19 @@ mod tests {
             ("evil", ""),
             ("../evil", "fraud"),
             ("", "fraud"),
+            ("Evil", "fraud"),
+            ("a..b", "fraud"),
+            (".a", "fraud"),
         ] {
-            assert!(receive(&advert(node, model)).is_err(), "{node} / {model}");
+            assert!(check(&advert(node, &[model])).is_err(), "{node} / {model}");
         }
         let long = "n".repeat(MAX_NODE_NAME + 1);
-        assert!(receive(&advert(&long, "fraud")).is_err());
-        assert!(table.lock().unwrap().by_node.is_empty());
-        assert!(receive(&advert("b", "fraud")).unwrap().is_some());
-        assert!(table.lock().unwrap().get("b").is_some());
+        assert!(check(&advert(&long, &["fraud"])).is_err());
+        let names: Vec<String> = (0..=MAX_ADVERT_MODELS).map(|i| format!("m{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let error = check(&advert("b", &names)).unwrap_err().to_string();
+        assert!(error.contains("more than 65536 models"), "{error}");
+        assert!(check(&advert("b", &names[..200])).is_ok());
+        assert!(check(&advert("node-b.rack_1", &["fraud"])).is_ok());
     }
 }

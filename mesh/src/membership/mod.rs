@@ -1,43 +1,50 @@
 //! Membership and failure detection: SWIM, by the `foca` crate, plus each node's advert
-//! (addresses, model catalog, what it serves, its load) disseminated as foca custom broadcasts.
+//! (addresses, model catalog, what it serves, its load).
 //!
-//! [`Membership`] is the sans-IO core: it takes packets, timer events and adverts (with the
-//! time, so it needs no clock), and leaves what to send, what to schedule and what changed in
-//! its [`Outbox`].
+//! [`Membership`] is the sans-IO core: it takes packets (with the node name the sender's
+//! certificate proves), timer events, fetched adverts and our own advert (with the time, so it
+//! needs no clock), and leaves what to send, what to schedule, which adverts to fetch and what
+//! changed in its [`Outbox`].
 //!
-//! Adverts spread two ways. A change that matters for placement (catalog, served models,
-//! addresses, a new generation) is broadcast through foca's piggybacked dissemination at once;
-//! load figures alone at most every [`LOAD_ADVERT_PERIOD`], and everything again every
-//! [`REFRESH_PERIOD`] to heal losses. A member that comes up is sent our advert directly, so a
-//! newcomer learns the whole mesh in one round trip instead of waiting for the next broadcast:
-//! re-broadcasting every advert whenever anyone joins would swamp a 100-node mesh. [`sim`] drives many of them
-//! on virtual time; `crate::cluster` drives one over QUIC datagrams and tokio timers.
+//! Who may say what: a SWIM packet counts only when its sender's identity is the node its
+//! certificate names (third-party updates inside it are SWIM's own business: suspicion is
+//! refuted by its subject). Adverts are never relayed: each node sends every member a small
+//! [`AdvertNotice`] directly (when its advert changes, and every [`NOTICE_PERIOD`] with its load
+//! figures), and a member holding an older advert fetches the new one from the node itself,
+//! over a connection whose certificate names it. So a node certificate speaks only for its own
+//! node, and an advert's size is bounded by the frame limit, not by a datagram. A member that
+//! comes up is fetched from at once. [`sim`] drives many cores on virtual time;
+//! `crate::cluster` drives one over QUIC datagrams, streams and tokio timers.
 
 pub(crate) mod adverts;
 pub mod sim;
 
-use crate::wire::NodeAdvert;
-use adverts::{AdvertHandler, AdvertTable};
-use foca::{Foca, Identity, Notification, PostcardCodec, Runtime, State, Timer};
+use crate::wire::{AdvertNotice, NodeAdvert};
+use adverts::AdvertTable;
+use foca::{
+    Codec, Foca, Identity, NoCustomBroadcast, Notification, PostcardCodec, Runtime, State, Timer,
+};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Largest membership packet: below the smallest QUIC datagram payload on common paths.
 pub const MAX_PACKET_BYTES: usize = 1150;
 
-/// Least time between broadcasts that only carry new load figures.
-pub const LOAD_ADVERT_PERIOD: Duration = Duration::from_secs(5);
+/// Longest time between two notices of a node to each member (they carry its load figures,
+/// and repair a lost notice of a changed advert).
+pub const NOTICE_PERIOD: Duration = Duration::from_secs(5);
 
-/// Longest time between broadcasts of an unchanged advert.
-pub const REFRESH_PERIOD: Duration = Duration::from_secs(30);
+/// Adverts fetched at once; more wait their turn, so a burst of notices (a large mesh
+/// starting, or a peer that sends many) opens a bounded number of streams.
+pub const MAX_FETCHES: usize = 16;
 
 /// First byte of a membership packet: what follows.
 const SWIM_PACKET: u8 = 0;
-const ADVERT_PACKET: u8 = 1;
+const NOTICE_PACKET: u8 = 1;
 
 /// A member's identity in SWIM: its name, its QUIC address, and which start of it this is.
 ///
@@ -125,6 +132,10 @@ impl DetectorConfig {
     }
 }
 
+/// The mesh size foca's dissemination is first sized for; it grows with the members seen
+/// (see [`Membership::resize`]).
+const INITIAL_MESH_SIZE: u32 = 8;
+
 /// What changed in the membership, for logs and for whoever recomputes placement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -140,6 +151,16 @@ pub enum Change {
     Rejoined(MemberId),
 }
 
+/// An advert to fetch: ask the member at `addr` for its own advert, over a connection whose
+/// certificate names `node`, and hand the answer to [`Membership::advert_fetched`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertFetch {
+    /// The node whose advert is wanted.
+    pub node: String,
+    /// Its QUIC address, as membership knows it.
+    pub addr: SocketAddr,
+}
+
 /// What the core wants done after a call.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -150,6 +171,8 @@ pub struct Outbox {
     pub timers: Vec<(Duration, Timer<MemberId>)>,
     /// Membership changes.
     pub changes: Vec<Change>,
+    /// Adverts to fetch.
+    pub fetches: Vec<AdvertFetch>,
 }
 
 impl Runtime<MemberId> for Outbox {
@@ -199,46 +222,54 @@ pub struct LiveMember {
     pub advert: Option<NodeAdvert>,
 }
 
+/// Advert fetches in flight and waiting their turn.
+#[derive(Debug, Default)]
+struct Fetches {
+    in_flight: BTreeSet<String>,
+    waiting: VecDeque<AdvertFetch>,
+}
+
 /// The sans-IO membership core of one node.
 pub struct Membership {
-    foca: Foca<MemberId, PostcardCodec, StdRng, AdvertHandler>,
-    adverts: Arc<Mutex<AdvertTable>>,
+    foca: Foca<MemberId, PostcardCodec, StdRng, NoCustomBroadcast>,
+    detector: DetectorConfig,
+    /// The mesh size foca is configured for.
+    sized_for: u32,
+    adverts: AdvertTable,
     own_advert: Option<NodeAdvert>,
-    last_broadcast: Option<Duration>,
+    last_notice: Option<Duration>,
+    fetches: Fetches,
     outbox: Outbox,
     changes_handled: usize,
     /// Addresses of members that went down, newest first: where the rest of a partitioned
     /// mesh, or a restarted node, may be found again.
-    departed: std::collections::VecDeque<SocketAddr>,
+    departed: VecDeque<SocketAddr>,
 }
 
 /// How many departed members' addresses a node keeps announcing to.
 const MAX_DEPARTED: usize = 32;
 
 impl Membership {
-    /// A core for `id`; `rng_seed` makes its random choices reproducible.
-    pub fn new(
-        id: MemberId,
-        detector: DetectorConfig,
-        expected_members: u32,
-        rng_seed: u64,
-    ) -> Membership {
-        let adverts = Arc::new(Mutex::new(AdvertTable::default()));
-        let foca = Foca::with_custom_broadcast(
+    /// A core for `id`; `rng_seed` makes its random choices reproducible. Real nodes and the
+    /// simulation build their cores this one way.
+    pub fn new(id: MemberId, detector: DetectorConfig, rng_seed: u64) -> Membership {
+        let foca = Foca::new(
             id,
-            detector.foca(expected_members),
+            detector.foca(INITIAL_MESH_SIZE),
             StdRng::seed_from_u64(rng_seed),
             PostcardCodec,
-            AdvertHandler::new(adverts.clone()),
         );
         Membership {
             foca,
-            adverts,
+            detector,
+            sized_for: INITIAL_MESH_SIZE,
+            adverts: AdvertTable::default(),
             own_advert: None,
-            last_broadcast: None,
+            last_notice: None,
+            fetches: Fetches::default(),
             outbox: Outbox::default(),
             changes_handled: 0,
-            departed: std::collections::VecDeque::new(),
+            departed: VecDeque::new(),
         }
     }
 
@@ -263,25 +294,49 @@ impl Membership {
         self.foca.identity()
     }
 
+    /// Our current advert, as members fetch it.
+    pub fn own_advert(&self) -> Option<&NodeAdvert> {
+        self.own_advert.as_ref()
+    }
+
     /// Asks the member at `seed` to let us in.
     pub fn join(&mut self, seed: SocketAddr) -> Result<(), MembershipError> {
         Ok(self.foca.announce(MemberId::seed(seed), &mut self.outbox)?)
     }
 
-    /// Handles a packet from the network.
-    pub fn handle_packet(&mut self, packet: &[u8]) -> Result<(), MembershipError> {
+    /// The node a packet says it comes from: what the receiver checks against the sender's
+    /// certificate before the packet counts (see [`Membership::handle_packet`]).
+    pub fn claimed_sender(packet: &[u8]) -> Result<String, MembershipError> {
         match packet.split_first() {
             Some((&SWIM_PACKET, data)) => {
+                let header: foca::Header<MemberId> = PostcardCodec
+                    .decode_header(data)
+                    .map_err(|e| MembershipError(format!("malformed SWIM packet: {e}")))?;
+                Ok(header.src.name)
+            }
+            Some((&NOTICE_PACKET, data)) => Ok(decode_notice(data)?.node),
+            Some((kind, _)) => Err(MembershipError(format!("unknown packet kind {kind}"))),
+            None => Err(MembershipError("empty packet".into())),
+        }
+    }
+
+    /// Handles a packet from the network, sent by a peer whose certificate names node
+    /// `certified`. A packet that claims to come from another node is refused: one node's
+    /// certificate cannot speak for another node.
+    pub fn handle_packet(&mut self, certified: &str, packet: &[u8]) -> Result<(), MembershipError> {
+        let claimed = Membership::claimed_sender(packet)?;
+        if claimed != certified {
+            return Err(MembershipError(format!(
+                "packet from the certificate of node '{certified}' claims to come from '{claimed}'"
+            )));
+        }
+        match packet.split_first() {
+            Some((&NOTICE_PACKET, data)) => self.receive_notice(decode_notice(data)?),
+            Some((_, data)) => {
                 let result = self.foca.handle_data(data, &mut self.outbox);
                 self.after_changes();
                 Ok(result?)
             }
-            Some((&ADVERT_PACKET, data)) => {
-                let advert: NodeAdvert = postcard::from_bytes(data)
-                    .map_err(|e| MembershipError(format!("malformed advert: {e}")))?;
-                self.receive_direct_advert(advert)
-            }
-            Some((kind, _)) => Err(MembershipError(format!("unknown packet kind {kind}"))),
             None => Err(MembershipError("empty packet".into())),
         }
     }
@@ -293,47 +348,117 @@ impl Membership {
         Ok(result?)
     }
 
-    // A member sent us its advert directly. If it was news, answer with ours, so knowledge is
-    // symmetric; if the sender is not yet a member we know, announce to it: its feed teaches us
-    // it and more of the mesh sooner than gossip would. (A feed packet holds only a few dozen
-    // members, so a node joining a large mesh learns most members this way.)
-    fn receive_direct_advert(&mut self, advert: NodeAdvert) -> Result<(), MembershipError> {
+    // A member told us its current advert version (checked: the notice is about its sender).
+    // Fetch the advert if ours is older; take the load figures if it is the same. A sender we
+    // do not know yet is announced to: it then teaches us itself and more of the mesh sooner
+    // than SWIM's gossip would.
+    fn receive_notice(&mut self, notice: AdvertNotice) -> Result<(), MembershipError> {
         let me = self.foca.identity().clone();
-        if advert.node == me.name {
+        if notice.node == me.name {
             return Ok(());
         }
-        let sender = advert.quic;
-        let news = self
-            .adverts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .offer(advert);
-        if news && let Some(packet) = self.own_advert_packet() {
-            self.outbox.packets.push((sender, packet));
-        }
-        let known = self.foca.iter_members().any(|m| m.id().addr == sender);
-        if !known && sender != me.addr {
-            self.foca
-                .announce(MemberId::seed(sender), &mut self.outbox)?;
-            self.after_changes();
+        let member = self
+            .foca
+            .iter_members()
+            .find(|m| m.id().name == notice.node && m.id().addr == notice.quic)
+            .map(|m| m.id().clone());
+        let Some(member) = member else {
+            if notice.quic != me.addr {
+                self.foca
+                    .announce(MemberId::seed(notice.quic), &mut self.outbox)?;
+                self.after_changes();
+            }
+            return Ok(());
+        };
+        let held = self.adverts.version(&notice.node);
+        if held.is_none_or(|held| held < (notice.generation, notice.sequence)) {
+            self.fetch(AdvertFetch {
+                node: member.name,
+                addr: member.addr,
+            });
+        } else {
+            self.adverts.update_load(&notice);
         }
         Ok(())
     }
 
-    fn own_advert_packet(&self) -> Option<Vec<u8>> {
+    fn fetch(&mut self, fetch: AdvertFetch) {
+        let fetches = &mut self.fetches;
+        if fetches.in_flight.contains(&fetch.node) || fetches.waiting.contains(&fetch) {
+            return;
+        }
+        if fetches.in_flight.len() < MAX_FETCHES {
+            fetches.in_flight.insert(fetch.node.clone());
+            self.outbox.fetches.push(fetch);
+        } else {
+            fetches.waiting.push_back(fetch);
+        }
+    }
+
+    /// Takes the answer to an [`AdvertFetch`]: `certified` is the node the answering peer's
+    /// certificate names. The advert counts only when it is that node's own, at the address
+    /// we asked, with names that pass the repository's rules; an error or a refused advert is
+    /// fetched again at the node's next notice.
+    pub fn advert_fetched(
+        &mut self,
+        fetch: &AdvertFetch,
+        certified: &str,
+        answer: Result<NodeAdvert, String>,
+    ) -> Result<(), MembershipError> {
+        self.fetches.in_flight.remove(&fetch.node);
+        while self.fetches.in_flight.len() < MAX_FETCHES
+            && let Some(next) = self.fetches.waiting.pop_front()
+        {
+            self.fetch(next);
+        }
+        let advert = answer.map_err(MembershipError)?;
+        if certified != fetch.node || advert.node != fetch.node {
+            return Err(MembershipError(format!(
+                "asked for node '{}', the certificate of '{certified}' answered with the advert of '{}'",
+                fetch.node, advert.node
+            )));
+        }
+        if advert.quic != fetch.addr {
+            return Err(MembershipError(format!(
+                "node '{}' at {} advertised the address {}",
+                fetch.node, fetch.addr, advert.quic
+            )));
+        }
+        adverts::check(&advert).map_err(|e| MembershipError(e.to_string()))?;
+        let still_member = self
+            .foca
+            .iter_members()
+            .any(|m| m.id().name == advert.node && m.id().addr == advert.quic);
+        if still_member {
+            self.adverts.offer(advert);
+        }
+        Ok(())
+    }
+
+    fn notice_packet(&self) -> Option<Vec<u8>> {
         let advert = self.own_advert.as_ref()?;
-        postcard::to_extend(advert, vec![ADVERT_PACKET]).ok()
+        postcard::to_extend(&AdvertNotice::from(advert), vec![NOTICE_PACKET]).ok()
+    }
+
+    fn notify_members(&mut self) {
+        if let Some(packet) = self.notice_packet() {
+            for member in self.foca.iter_members() {
+                self.outbox.packets.push((member.id().addr, packet.clone()));
+            }
+        }
     }
 
     /// Takes our current advert (addresses, catalog, load) at time `now` (any monotonic
-    /// origin) and broadcasts it when the policy in the module docs says so.
+    /// origin). A change other than load figures makes a new sequence and is noticed to every
+    /// member at once; otherwise a notice goes out every [`NOTICE_PERIOD`].
     pub fn advertise(
         &mut self,
         mut advert: NodeAdvert,
         now: Duration,
     ) -> Result<(), MembershipError> {
+        adverts::check(&advert).map_err(|e| MembershipError(e.to_string()))?;
         let previous = self.own_advert.as_ref();
-        let material = previous.is_none_or(|old| {
+        let changed = previous.is_none_or(|old| {
             (
                 &old.generation,
                 &old.quic,
@@ -350,34 +475,17 @@ impl Membership {
                 &advert.serving,
             )
         });
-        let load_changed = previous.is_some_and(|old| {
-            (old.queue_depth, old.ewma_latency_us) != (advert.queue_depth, advert.ewma_latency_us)
-        });
-        let since = self.last_broadcast.map(|at| now.saturating_sub(at));
-        let due = match since {
-            None => true,
-            Some(since) => {
-                material || (load_changed && since >= LOAD_ADVERT_PERIOD) || since >= REFRESH_PERIOD
-            }
+        advert.sequence = match previous {
+            Some(old) if old.generation == advert.generation => old.sequence + u64::from(changed),
+            _ => 0,
         };
-        if !due {
-            return Ok(());
-        }
-        advert.sequence = previous
-            .filter(|old| old.generation == advert.generation)
-            .map_or(0, |old| old.sequence + 1);
-        let encoded = postcard::to_allocvec(&advert).map_err(|e| MembershipError(e.to_string()))?;
         self.own_advert = Some(advert);
-        self.last_broadcast = Some(now);
-        self.foca.add_broadcast(&encoded)?;
-        // Gossip reaches each member only with high probability (a broadcast rides a few
-        // messages to random members); a change placement depends on also goes straight to
-        // every live member, so no one acts on our old catalog or serving list for up to the
-        // refresh period.
-        if material && let Some(packet) = self.own_advert_packet() {
-            for member in self.foca.iter_members() {
-                self.outbox.packets.push((member.id().addr, packet.clone()));
-            }
+        let due = self
+            .last_notice
+            .is_none_or(|at| now.saturating_sub(at) >= NOTICE_PERIOD);
+        if changed || due {
+            self.last_notice = Some(now);
+            self.notify_members();
         }
         Ok(())
     }
@@ -400,50 +508,72 @@ impl Membership {
 
     /// Every active member (alive or suspect), ourselves first, with their adverts.
     pub fn live_members(&self) -> Vec<LiveMember> {
-        let adverts = self.adverts.lock().unwrap_or_else(|e| e.into_inner());
-        let me = self.foca.identity();
-        let mut members = vec![LiveMember {
-            id: me.clone(),
-            suspect: false,
-            advert: self.own_advert.clone(),
-        }];
-        for member in self.foca.iter_members() {
-            let id = member.id();
-            members.push(LiveMember {
+        self.members()
+            .map(|(id, suspect, advert)| LiveMember {
                 id: id.clone(),
-                suspect: member.state() == State::Suspect,
-                advert: adverts.get(&id.name).cloned(),
-            });
+                suspect,
+                advert: advert.cloned(),
+            })
+            .collect()
+    }
+
+    /// As [`Membership::live_members`], borrowed: each member's identity, whether it is
+    /// suspect, and its advert (the one fetched from it at its current address).
+    pub fn members(&self) -> impl Iterator<Item = (&MemberId, bool, Option<&NodeAdvert>)> {
+        let me = (self.foca.identity(), false, self.own_advert.as_ref());
+        let others = self.foca.iter_members().map(|member| {
+            let id = member.id();
+            let advert = self.adverts.get(&id.name).filter(|a| a.quic == id.addr);
+            (id, member.state() == State::Suspect, advert)
+        });
+        std::iter::once(me).chain(others)
+    }
+
+    // Foca's dissemination (how many times an update is retransmitted) depends on the mesh
+    // size; a node only knows its seeds when it starts, so the size follows what it sees.
+    fn resize(&mut self) {
+        let seen = u32::try_from(self.foca.num_members() + 1).unwrap_or(u32::MAX);
+        let size = seen.checked_next_power_of_two().unwrap_or(u32::MAX);
+        if size > self.sized_for && self.foca.set_config(self.detector.foca(size)).is_ok() {
+            self.sized_for = size;
         }
-        members
     }
 
     // Forget the adverts of members that went down, so placement stops counting them even
-    // before their identity is reaped; send ours straight to members that came up.
+    // before their identity is reaped; a member that comes up gets our notice and is fetched
+    // from.
     fn after_changes(&mut self) {
-        let own = self.own_advert_packet();
-        let mut adverts = self.adverts.lock().unwrap_or_else(|e| e.into_inner());
-        for change in &self.outbox.changes[self.changes_handled..] {
+        let changes = self.outbox.changes[self.changes_handled..].to_vec();
+        self.changes_handled = self.outbox.changes.len();
+        let notice = self.notice_packet();
+        for change in changes {
             match change {
                 Change::Down(id) => {
-                    adverts.forget(&id.name, id.generation);
+                    self.adverts.forget(&id.name, id.generation);
                     self.departed.retain(|a| *a != id.addr);
                     self.departed.push_front(id.addr);
                     self.departed.truncate(MAX_DEPARTED);
+                    self.fetches.waiting.retain(|f| f.node != id.name);
                 }
                 Change::Up(id) => {
                     self.departed.retain(|a| *a != id.addr);
-                    if let Some(packet) = &own {
+                    if let Some(packet) = &notice {
                         self.outbox.packets.push((id.addr, packet.clone()));
                     }
+                    self.fetch(AdvertFetch {
+                        node: id.name,
+                        addr: id.addr,
+                    });
                 }
-                // The mesh forgot our advert when it declared us down: broadcast it again.
-                Change::Rejoined(_) => self.last_broadcast = None,
-                Change::Joined | Change::Isolated => {}
+                Change::Rejoined(_) | Change::Joined | Change::Isolated => {}
             }
         }
-        self.changes_handled = self.outbox.changes.len();
+        self.resize();
     }
+}
+
+fn decode_notice(data: &[u8]) -> Result<AdvertNotice, MembershipError> {
+    postcard::from_bytes(data).map_err(|e| MembershipError(format!("malformed advert notice: {e}")))
 }
 
 #[cfg(test)]
@@ -458,18 +588,31 @@ mod tests {
         }
     }
 
-    /// Carries packets between `a` (port 1) and `b` (port 2) until both are quiet; timers are
-    /// not needed for a join.
+    /// Carries packets and advert fetches between `a` (port 1) and `b` (port 2) until both
+    /// are quiet, each packet certified as its sender's; timers are not needed for a join.
     fn shuttle(a: &mut Membership, b: &mut Membership) {
         for _ in 0..10 {
-            for (to, packet) in b.drain().packets {
-                assert_eq!(to.port(), 1);
-                a.handle_packet(&packet).unwrap();
-            }
-            for (to, packet) in a.drain().packets {
-                assert_eq!(to.port(), 2);
-                b.handle_packet(&packet).unwrap();
-            }
+            deliver(b, a);
+            deliver(a, b);
+        }
+    }
+
+    /// Hands what `from` wants sent to `to`, answering its fetches with `to`'s advert.
+    fn deliver(from: &mut Membership, to: &mut Membership) {
+        let sender = from.id().name.clone();
+        let outbox = from.drain();
+        for (addr, packet) in outbox.packets {
+            assert_eq!(addr, to.id().addr);
+            to.handle_packet(&sender, &packet).unwrap();
+        }
+        for fetch in outbox.fetches {
+            assert_eq!(fetch.addr, to.id().addr);
+            let advert = to
+                .own_advert()
+                .cloned()
+                .ok_or_else(|| "none yet".to_string());
+            let certified = to.id().name.clone();
+            let _ = from.advert_fetched(&fetch, &certified, advert);
         }
     }
 
@@ -489,6 +632,27 @@ mod tests {
         }
     }
 
+    fn core(name: &str, port: u16) -> Membership {
+        Membership::new(
+            id(name, port, 1),
+            DetectorConfig::default(),
+            u64::from(port),
+        )
+    }
+
+    /// a (serving `serving`) and b, joined through a.
+    fn joined_pair(serving: &[&str]) -> (Membership, Membership) {
+        let (mut a, mut b) = (core("a", 1), core("b", 2));
+        a.advertise(advert_of_a(serving), Duration::ZERO).unwrap();
+        b.join(id("a", 1, 1).addr).unwrap();
+        shuttle(&mut a, &mut b);
+        (a, b)
+    }
+
+    fn seen<'a>(members: &'a [LiveMember], name: &str) -> Option<&'a NodeAdvert> {
+        members.iter().find(|m| m.id.name == name)?.advert.as_ref()
+    }
+
     #[test]
     fn a_later_generation_wins_the_address() {
         let old = id("a", 1, 10);
@@ -500,23 +664,17 @@ mod tests {
 
     #[test]
     fn two_cores_join_and_exchange_adverts() {
-        let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
-        let mut b = Membership::new(id("b", 2, 1), DetectorConfig::default(), 2, 2);
-        a.advertise(advert_of_a(&["fraud"]), Duration::ZERO)
-            .unwrap();
-        b.join(id("a", 1, 1).addr).unwrap();
-        shuttle(&mut a, &mut b);
+        let (a, b) = joined_pair(&["fraud"]);
         let seen_by_b = b.live_members();
         assert_eq!(seen_by_b.len(), 2);
         assert_eq!(seen_by_b[1].id.name, "a");
-        assert_eq!(seen_by_b[1].advert.as_ref().unwrap().serving, vec!["fraud"]);
+        assert_eq!(seen(&seen_by_b, "a").unwrap().serving, vec!["fraud"]);
         assert_eq!(a.live_members()[1].id.name, "b");
     }
 
     #[test]
     fn rejoin_targets_are_seeds_and_departed_members_not_answering_now() {
-        let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
-        let mut b = Membership::new(id("b", 2, 1), DetectorConfig::default(), 2, 2);
+        let (mut a, mut b) = (core("a", 1), core("b", 2));
         let seeds = [id("a", 1, 1).addr, id("b", 2, 1).addr, id("s", 3, 1).addr];
         assert_eq!(
             a.rejoin_targets(&seeds),
@@ -554,48 +712,155 @@ mod tests {
     }
 
     #[test]
-    fn a_material_change_goes_straight_to_every_member() {
-        let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
-        let mut b = Membership::new(id("b", 2, 1), DetectorConfig::default(), 2, 2);
-        a.advertise(advert_of_a(&["fraud"]), Duration::ZERO)
-            .unwrap();
-        b.join(id("a", 1, 1).addr).unwrap();
-        shuttle(&mut a, &mut b);
-        // a unloads fraud: the new advert leaves at once as a packet addressed to b...
+    fn a_changed_advert_is_noticed_to_every_member_and_fetched_from_its_node() {
+        let (mut a, mut b) = joined_pair(&["fraud"]);
+        // a unloads fraud: a notice leaves at once for b...
         a.advertise(advert_of_a(&[]), Duration::from_millis(10))
             .unwrap();
-        let direct: Vec<_> = a
-            .drain()
-            .packets
-            .into_iter()
-            .filter(|(to, packet)| {
-                *to == id("b", 2, 1).addr && packet.first() == Some(&ADVERT_PACKET)
-            })
-            .collect();
-        assert_eq!(direct.len(), 1, "one direct advert to the one member");
-        // ...and b takes it, without waiting for gossip.
-        b.handle_packet(&direct[0].1).unwrap();
-        let seen = b.live_members();
-        let a_seen = seen.iter().find(|m| m.id.name == "a").unwrap();
-        assert!(a_seen.advert.as_ref().unwrap().serving.is_empty());
-        // A load-only change does not go direct.
+        let notices: Vec<_> = a.drain().packets;
+        assert_eq!(notices.len(), 1, "one notice to the one member");
+        assert_eq!(notices[0].0, id("b", 2, 1).addr);
+        assert_eq!(notices[0].1.first(), Some(&NOTICE_PACKET));
+        // ...b asks a for the new advert, and takes it.
+        b.handle_packet("a", &notices[0].1).unwrap();
+        let fetches = b.drain().fetches;
+        assert_eq!(
+            fetches,
+            vec![AdvertFetch {
+                node: "a".into(),
+                addr: id("a", 1, 1).addr
+            }]
+        );
+        b.advert_fetched(&fetches[0], "a", Ok(a.own_advert().unwrap().clone()))
+            .unwrap();
+        assert!(seen(&b.live_members(), "a").unwrap().serving.is_empty());
+        // A load-only change makes no new sequence and waits for the notice period; its
+        // notice carries the load, which b takes without fetching.
         let mut busier = advert_of_a(&[]);
         busier.queue_depth = 9;
-        a.advertise(busier, Duration::from_secs(10)).unwrap();
+        a.advertise(busier.clone(), Duration::from_secs(1)).unwrap();
+        assert!(a.drain().packets.is_empty(), "load alone waits");
+        a.advertise(busier, NOTICE_PERIOD + Duration::from_millis(10))
+            .unwrap();
+        let notice = a.drain().packets.remove(0).1;
+        b.handle_packet("a", &notice).unwrap();
         assert!(
-            a.drain()
+            b.drain().fetches.is_empty(),
+            "same sequence: nothing to fetch"
+        );
+        assert_eq!(seen(&b.live_members(), "a").unwrap().queue_depth, 9);
+    }
+
+    #[test]
+    fn packets_claiming_another_node_than_the_certificate_are_refused() {
+        let (mut a, mut b) = joined_pair(&["fraud"]);
+        // A member with the certificate of "evil" announces itself as "a2" and as "a".
+        for name in ["a2", "a"] {
+            let mut impostor = Membership::new(id(name, 9, 99), DetectorConfig::default(), 9);
+            impostor.join(id("b", 2, 1).addr).unwrap();
+            let (_, join) = impostor.drain().packets.remove(0);
+            let error = b.handle_packet("evil", &join).unwrap_err().to_string();
+            assert!(error.contains("claims to come from"), "{error}");
+        }
+        assert_eq!(b.live_members().len(), 2, "no member was added");
+        // A notice about a, sent by a's peer b: refused too.
+        a.advertise(advert_of_a(&[]), Duration::from_millis(10))
+            .unwrap();
+        let notice = a.drain().packets.remove(0).1;
+        assert!(b.handle_packet("c", &notice).is_err());
+        assert!(b.drain().fetches.is_empty());
+        // The same notice with a's certificate counts.
+        b.handle_packet("a", &notice).unwrap();
+        assert_eq!(b.drain().fetches.len(), 1);
+    }
+
+    #[test]
+    fn a_fetched_advert_counts_only_from_its_node_at_its_address() {
+        let (a, mut b) = joined_pair(&[]);
+        let fetch = AdvertFetch {
+            node: "a".into(),
+            addr: id("a", 1, 1).addr,
+        };
+        let mut forged = advert_of_a(&["fraud"]);
+        forged.sequence = 99;
+        // Answered by the certificate of another node.
+        assert!(b.advert_fetched(&fetch, "c", Ok(forged.clone())).is_err());
+        // a's certificate, but another node's advert.
+        let mut other = forged.clone();
+        other.node = "c".into();
+        assert!(b.advert_fetched(&fetch, "a", Ok(other)).is_err());
+        // Another address than the member's.
+        let mut moved = forged.clone();
+        moved.quic = id("a", 9, 1).addr;
+        assert!(b.advert_fetched(&fetch, "a", Ok(moved)).is_err());
+        // A path for a model name.
+        let mut path = forged.clone();
+        path.serving = vec!["../../x".into()];
+        assert!(b.advert_fetched(&fetch, "a", Ok(path)).is_err());
+        assert!(seen(&b.live_members(), "a").unwrap().serving.is_empty());
+        // From a itself: taken.
+        b.advert_fetched(&fetch, "a", Ok(forged)).unwrap();
+        assert_eq!(seen(&b.live_members(), "a").unwrap().serving, vec!["fraud"]);
+        drop(a);
+    }
+
+    #[test]
+    fn an_advert_of_200_models_reaches_the_mesh() {
+        let (mut a, mut b) = (core("a", 1), core("b", 2));
+        let mut advert = advert_of_a(&[]);
+        advert.catalog = (0..200)
+            .map(|i| crate::wire::CatalogEntry {
+                model: format!("model-with-a-long-name-{i:04}"),
+                replicas: 2,
+                digest: [7; 32],
+                bytes: 1 << 20,
+            })
+            .collect();
+        advert.serving = advert.catalog.iter().map(|e| e.model.clone()).collect();
+        assert!(postcard::to_allocvec(&advert).unwrap().len() > 4 * MAX_PACKET_BYTES);
+        a.advertise(advert, Duration::ZERO).unwrap();
+        b.join(id("a", 1, 1).addr).unwrap();
+        shuttle(&mut a, &mut b);
+        let held = seen(&b.live_members(), "a").cloned().unwrap();
+        assert_eq!((held.catalog.len(), held.serving.len()), (200, 200));
+        assert!(
+            b.drain()
                 .packets
                 .iter()
-                .all(|(_, packet)| packet.first() != Some(&ADVERT_PACKET)),
-            "load alone rides gossip"
+                .chain(&a.drain().packets)
+                .all(|(_, p)| p.len() <= MAX_PACKET_BYTES),
+            "every datagram still fits"
         );
     }
 
     #[test]
+    fn advert_fetches_in_flight_are_bounded() {
+        let mut b = core("b", 2);
+        for n in 0..(MAX_FETCHES as u16 + 4) {
+            let fetch = AdvertFetch {
+                node: format!("n{n}"),
+                addr: id("n", 100 + n, 1).addr,
+            };
+            b.fetch(fetch.clone());
+            b.fetch(fetch);
+        }
+        let issued = b.drain().fetches;
+        assert_eq!(
+            issued.len(),
+            MAX_FETCHES,
+            "the rest wait; duplicates are one fetch"
+        );
+        b.advert_fetched(&issued[0], "n0", Err("gone".into()))
+            .unwrap_err();
+        assert_eq!(b.drain().fetches.len(), 1, "an answer lets the next one go");
+    }
+
+    #[test]
     fn garbage_packets_are_refused() {
-        let mut a = Membership::new(id("a", 1, 1), DetectorConfig::default(), 2, 1);
-        assert!(a.handle_packet(&[0xff; 40]).is_err());
-        assert!(a.handle_packet(&[]).is_err());
+        let mut a = core("a", 1);
+        assert!(a.handle_packet("b", &[0xff; 40]).is_err());
+        assert!(a.handle_packet("b", &[0, 0xff, 0xff]).is_err());
+        assert!(a.handle_packet("b", &[]).is_err());
         assert!(a.live_members().len() == 1);
     }
 }

@@ -3,9 +3,9 @@
 //! how long a mesh takes to converge after nodes join, how long a crash takes to be detected
 //! everywhere, and how much placement moves when a node joins.
 
-use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
+use crate::membership::{AdvertFetch, DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement;
-use crate::wire::NodeAdvert;
+use crate::wire::{CatalogEntry, NodeAdvert};
 use foca::Timer;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -15,10 +15,28 @@ use std::time::Duration;
 /// How often every simulated node re-publishes its advert, as the real node does.
 const ADVERT_PERIOD: Duration = Duration::from_secs(1);
 
+/// Models in every simulated node's catalog: a large repository, so adverts are far larger
+/// than a membership datagram, as real ones are.
+pub const CATALOG_MODELS: usize = 200;
+
 enum Event {
-    Deliver { to: usize, packet: Vec<u8> },
-    Timer { node: usize, timer: Timer<MemberId> },
-    Advertise { node: usize },
+    Deliver {
+        to: usize,
+        from: usize,
+        packet: Vec<u8>,
+    },
+    /// The answer to `node`'s fetch reaches it (read from the target when it arrives).
+    Fetched {
+        node: usize,
+        fetch: AdvertFetch,
+    },
+    Timer {
+        node: usize,
+        timer: Timer<MemberId>,
+    },
+    Advertise {
+        node: usize,
+    },
 }
 
 struct Node {
@@ -32,7 +50,7 @@ pub struct Simulation {
     sequence: u64,
     rng: u64,
     detector: DetectorConfig,
-    expected: u32,
+    catalog: Vec<CatalogEntry>,
     nodes: Vec<Option<Node>>,
     queue: BinaryHeap<Reverse<(Duration, u64)>>,
     events: std::collections::HashMap<u64, Event>,
@@ -59,14 +77,21 @@ pub fn node_name(index: usize) -> String {
 }
 
 impl Simulation {
-    /// An empty simulation; `expected` sizes foca's dissemination for that many members.
-    pub fn new(detector: DetectorConfig, expected: u32, seed: u64) -> Simulation {
+    /// An empty simulation whose nodes are configured as real nodes are.
+    pub fn new(detector: DetectorConfig, seed: u64) -> Simulation {
         Simulation {
             now: Duration::ZERO,
             sequence: 0,
             rng: seed | 1,
             detector,
-            expected,
+            catalog: (0..CATALOG_MODELS)
+                .map(|i| CatalogEntry {
+                    model: format!("model-{i:04}"),
+                    replicas: 2,
+                    digest: [1; 32],
+                    bytes: 1 << 20,
+                })
+                .collect(),
             nodes: Vec::new(),
             queue: BinaryHeap::new(),
             events: std::collections::HashMap::new(),
@@ -104,7 +129,7 @@ impl Simulation {
             generation,
         };
         let rng_seed = self.random();
-        let mut core = Membership::new(id, self.detector, self.expected, rng_seed);
+        let mut core = Membership::new(id, self.detector, rng_seed);
         if let Some(seed) = seed {
             let _ = core.join(addr_of(seed));
         }
@@ -134,7 +159,7 @@ impl Simulation {
                 quic: id.addr,
                 http: id.addr,
                 http3: None,
-                catalog: vec![],
+                catalog: self.catalog.clone(),
                 serving: vec![],
                 queue_depth: 0,
                 ewma_latency_us: 0,
@@ -152,13 +177,43 @@ impl Simulation {
         let outbox = node.core.drain();
         for (to, packet) in outbox.packets {
             if let Some(to) = index_of(to) {
-                // 100 µs to 1 ms one way: a data-centre network with some jitter.
-                let latency = Duration::from_micros(100 + self.random() % 900);
-                self.schedule(latency, Event::Deliver { to, packet });
+                let latency = self.latency();
+                self.schedule(
+                    latency,
+                    Event::Deliver {
+                        to,
+                        from: index,
+                        packet,
+                    },
+                );
             }
+        }
+        for fetch in outbox.fetches {
+            let round_trip = self.latency() + self.latency();
+            self.schedule(round_trip, Event::Fetched { node: index, fetch });
         }
         for (after, timer) in outbox.timers {
             self.schedule(after, Event::Timer { node: index, timer });
+        }
+    }
+
+    /// 100 µs to 1 ms one way: a data-centre network with some jitter.
+    fn latency(&mut self) -> Duration {
+        Duration::from_micros(100 + self.random() % 900)
+    }
+
+    /// A running node's current advert, as a fetch reads it; in the simulation every node's
+    /// certificate names it, so the answer is certified as `node_name(index)`.
+    fn advert_at(&self, addr: SocketAddr) -> Result<(String, NodeAdvert), String> {
+        let index = index_of(addr).ok_or("not a simulated address")?;
+        match self.nodes.get(index) {
+            Some(Some(node)) if node.up => node
+                .core
+                .own_advert()
+                .cloned()
+                .map(|advert| (node_name(index), advert))
+                .ok_or_else(|| "no advert yet".to_string()),
+            _ => Err(format!("{addr} does not answer")),
         }
     }
 
@@ -175,16 +230,28 @@ impl Simulation {
             };
             let index = match &event {
                 Event::Deliver { to, .. } => *to,
-                Event::Timer { node, .. } | Event::Advertise { node } => *node,
+                Event::Fetched { node, .. }
+                | Event::Timer { node, .. }
+                | Event::Advertise { node } => *node,
             };
             let up = matches!(self.nodes.get(index), Some(Some(node)) if node.up);
             if !up {
                 continue;
             }
             match event {
-                Event::Deliver { packet, .. } => {
+                Event::Deliver { from, packet, .. } => {
                     if let Some(Some(node)) = self.nodes.get_mut(index) {
-                        let _ = node.core.handle_packet(&packet);
+                        let _ = node.core.handle_packet(&node_name(from), &packet);
+                    }
+                }
+                Event::Fetched { fetch, .. } => {
+                    let answer = self.advert_at(fetch.addr);
+                    let (certified, answer) = match answer {
+                        Ok((certified, advert)) => (certified, Ok(advert)),
+                        Err(e) => (String::new(), Err(e)),
+                    };
+                    if let Some(Some(node)) = self.nodes.get_mut(index) {
+                        let _ = node.core.advert_fetched(&fetch, &certified, answer);
                     }
                 }
                 Event::Timer { timer, .. } => {
@@ -224,15 +291,15 @@ impl Simulation {
         })
     }
 
-    /// Whether every running node sees exactly the running nodes, each with its advert.
+    /// Whether every running node sees exactly the running nodes, each with its whole advert.
     pub fn converged(&self) -> bool {
         let running: BTreeSet<String> = self.up_nodes().map(|(i, _)| node_name(i)).collect();
         self.up_nodes().all(|(_, core)| {
-            let live = core.live_members();
-            live.len() == running.len()
-                && live
-                    .iter()
-                    .all(|m| running.contains(&m.id.name) && m.advert.is_some())
+            core.members().count() == running.len()
+                && core.members().all(|(id, _, advert)| {
+                    running.contains(&id.name)
+                        && advert.is_some_and(|a| a.catalog.len() == CATALOG_MODELS)
+                })
         })
     }
 
@@ -240,7 +307,7 @@ impl Simulation {
     pub fn everyone_dropped(&self, index: usize) -> bool {
         let name = node_name(index);
         self.up_nodes()
-            .all(|(_, core)| core.live_members().iter().all(|m| m.id.name != name))
+            .all(|(_, core)| core.members().all(|(id, _, _)| id.name != name))
     }
 
     /// What node `index` sees.
@@ -312,7 +379,7 @@ impl std::fmt::Display for SimReport {
 pub fn run_scenario(nodes: usize, detector: DetectorConfig, seed: u64) -> SimReport {
     let limit = Duration::from_secs(120);
     let step = Duration::from_millis(10);
-    let mut sim = Simulation::new(detector, nodes as u32, seed);
+    let mut sim = Simulation::new(detector, seed);
     sim.start(0, None);
     for i in 1..nodes {
         sim.start(i, Some(0));
@@ -324,7 +391,7 @@ pub fn run_scenario(nodes: usize, detector: DetectorConfig, seed: u64) -> SimRep
     sim.crash(victim);
     let crash_first_detected = sim.run_until_true(step, limit, |s| {
         s.up_nodes()
-            .any(|(_, core)| core.live_members().iter().all(|m| m.id.name != victim_name))
+            .any(|(_, core)| core.members().all(|(id, _, _)| id.name != victim_name))
     });
     let crash_detected_everywhere = crash_first_detected.and_then(|first| {
         sim.run_until_true(step, limit, |s| s.everyone_dropped(victim))

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! DIR/ca.pem, DIR/ca.key              the mesh CA (keep ca.key off the nodes in production)
-//! DIR/node-NAME.pem, node-NAME.key    a node: server and client auth, SAN `node.meshserve`
+//! DIR/node-NAME.pem, node-NAME.key    a node: server and client auth, SANs `node.meshserve`
+//!                                     and `NAME.node.meshserve`
 //! DIR/client-NAME.pem, client-NAME.key  a native client: client auth, SAN `client.meshserve`
 //! DIR/server.pem, server.key          the HTTP/3 (and HTTPS) front door: server auth, SANs the
 //!                                     DNS names and IPs clients use (`--server NAME`)
@@ -15,7 +16,9 @@
 //! Nodes are reached by address, not by DNS name, so every node certificate carries the same
 //! mesh-internal name [`NODE_SAN`], which callers verify: what proves a node is the signature of
 //! the mesh CA, and what proves it is a *node* (allowed into membership) rather than a client is
-//! that name. The node's own name is the certificate's common name, for logs.
+//! that name. A node certificate also carries [`node_san`] of the node's own name: peers accept
+//! membership packets and adverts about node `NAME` only from a certificate that names it, so
+//! one node's certificate cannot speak for another node.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -25,6 +28,29 @@ use std::path::{Path, PathBuf};
 
 /// The DNS name every node certificate carries and every caller verifies.
 pub const NODE_SAN: &str = "node.meshserve";
+
+/// Longest node name: with [`NODE_SAN`] appended it stays a valid DNS name.
+pub const MAX_NODE_NAME: usize = 128;
+
+/// Whether `name` can name a node: lower-case letters, digits, `-` and `_`, in dot-separated
+/// labels of at most 63 characters, at most [`MAX_NODE_NAME`] in all. So [`node_san`] is a DNS
+/// name, and no two node names match the same one (DNS names ignore case). What peers accept
+/// in adverts and `meshserve certs` in node certificates.
+pub fn valid_node_name(name: &str) -> bool {
+    name.len() <= MAX_NODE_NAME
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_'))
+        })
+}
+
+/// The DNS name that binds a node certificate to node `name`.
+pub fn node_san(name: &str) -> String {
+    format!("{name}.{NODE_SAN}")
+}
 
 /// The DNS name every native-client certificate carries.
 pub const CLIENT_SAN: &str = "client.meshserve";
@@ -218,19 +244,23 @@ impl MeshCa {
 
     /// A certificate and key (PEM) for `name` in `role`, signed by this CA.
     pub fn issue(&self, role: Role, name: &str) -> Result<(String, String), CertError> {
-        let valid = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let valid = match role {
+            Role::Node => valid_node_name(name),
+            Role::Client => {
+                !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            }
+        };
         if !valid {
             return Err(CertError::InvalidName(name.to_string()));
         }
-        let san = match role {
-            Role::Node => NODE_SAN,
-            Role::Client => CLIENT_SAN,
+        let sans = match role {
+            Role::Node => vec![NODE_SAN.to_string(), node_san(name)],
+            Role::Client => vec![CLIENT_SAN.to_string()],
         };
-        let mut params =
-            CertificateParams::new(vec![san.to_string()]).map_err(generate("certificate"))?;
+        let mut params = CertificateParams::new(sans).map_err(generate("certificate"))?;
         params.distinguished_name.push(DnType::CommonName, name);
         valid_for(&mut params, self.validity_days);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -55,6 +55,14 @@ pub enum TransportError {
         /// What was wrong.
         source: WireError,
     },
+    /// The peer at the address holds another node's certificate.
+    #[error("the peer at {addr} is not node '{node}' (its certificate does not name it)")]
+    NotThatNode {
+        /// The peer.
+        addr: SocketAddr,
+        /// The node expected there.
+        node: String,
+    },
     /// No answer in time.
     #[error("no answer from {addr} within {timeout:?}")]
     Timeout {
@@ -190,8 +198,38 @@ impl MeshEndpoint {
         request: &Message,
         timeout: Duration,
     ) -> Result<Message, TransportError> {
+        self.exchange(addr, None, request, timeout).await
+    }
+
+    /// As [`MeshEndpoint::call`], on a connection whose certificate names node `node`: for
+    /// what only that node may tell (its advert, the files of a model it advertises).
+    pub async fn call_node(
+        &self,
+        addr: SocketAddr,
+        node: &str,
+        request: &Message,
+        timeout: Duration,
+    ) -> Result<Message, TransportError> {
+        self.exchange(addr, Some(node), request, timeout).await
+    }
+
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        node: Option<&str>,
+        request: &Message,
+        timeout: Duration,
+    ) -> Result<Message, TransportError> {
         let exchange = async {
             let connection = self.connection(addr).await?;
+            if let Some(node) = node
+                && !tls::peer_is_node(&connection, node)
+            {
+                return Err(TransportError::NotThatNode {
+                    addr,
+                    node: node.to_string(),
+                });
+            }
             let lost = |e: &dyn std::fmt::Display| TransportError::Lost {
                 addr,
                 reason: e.to_string(),

@@ -41,6 +41,13 @@ impl MeshIdentity {
         })
     }
 
+    /// Whether our own certificate is node `name`'s (see [`is_node_certificate`]).
+    pub fn is_node(&self, name: &str) -> bool {
+        self.chain
+            .first()
+            .is_some_and(|leaf| is_node_certificate(leaf, name))
+    }
+
     /// Loads `name`'s files from a folder made by `meshserve certs`.
     pub fn from_dir(dir: &Path, role: Role, name: &str) -> Result<MeshIdentity, TlsError> {
         let (cert, key) = certs::paths(dir, role, name);
@@ -120,37 +127,41 @@ const STREAM_WINDOW: u32 = 2 << 20;
 /// Bytes a peer may send on all streams of a connection ahead of our reading them.
 const CONNECTION_WINDOW: u32 = 32 << 20;
 
-/// The name callers verify on a node's certificate.
-pub fn node_server_name() -> ServerName<'static> {
-    ServerName::DnsName(
-        rustls::pki_types::DnsName::try_from(NODE_SAN)
-            .expect("the node name is a valid DNS name")
-            .to_owned(),
-    )
-}
-
 /// What the peer of an established connection is, from its certificate: a node carries
 /// [`NODE_SAN`]. Anything else signed by the mesh CA is a client.
 pub fn peer_role(connection: &quinn::Connection) -> Role {
-    let Some(identity) = connection.peer_identity() else {
-        return Role::Client;
-    };
-    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
-        return Role::Client;
-    };
-    let Some(leaf) = chain.first() else {
-        return Role::Client;
-    };
-    match webpki::EndEntityCert::try_from(leaf) {
-        Ok(cert)
-            if cert
-                .verify_is_valid_for_subject_name(&node_server_name())
-                .is_ok() =>
-        {
-            Role::Node
-        }
-        _ => Role::Client,
+    if peer_leaf(connection).is_some_and(|leaf| valid_for(&leaf, NODE_SAN)) {
+        Role::Node
+    } else {
+        Role::Client
     }
+}
+
+/// Whether the peer of an established connection holds the certificate of node `name`
+/// ([`certs::node_san`]): the only peer whose word about node `name` counts.
+pub fn peer_is_node(connection: &quinn::Connection, name: &str) -> bool {
+    peer_leaf(connection).is_some_and(|leaf| is_node_certificate(&leaf, name))
+}
+
+/// Whether `leaf` is the certificate of node `name`: a node certificate that names it.
+pub fn is_node_certificate(leaf: &CertificateDer<'_>, name: &str) -> bool {
+    certs::valid_node_name(name)
+        && valid_for(leaf, NODE_SAN)
+        && valid_for(leaf, &certs::node_san(name))
+}
+
+fn peer_leaf(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
+fn valid_for(leaf: &CertificateDer<'_>, dns_name: &str) -> bool {
+    let Ok(name) = ServerName::try_from(dns_name) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(leaf)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use crate::wire::message::Message;
 
 /// The revision of `meshserve/1` frames this build speaks.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 
 /// Bytes before the payload: the version and the payload length.
 pub const HEADER_LEN: usize = 5;

@@ -40,6 +40,10 @@ pub enum Message {
     MetadataQuery(MetadataQuery),
     /// A model's OIP metadata document, as JSON text.
     Metadata(String),
+    /// Ask a node for its own advert (nodes only).
+    AdvertQuery,
+    /// A node's own advert, answering [`Message::AdvertQuery`].
+    Advert(NodeAdvert),
 }
 
 /// Which model's metadata.
@@ -222,14 +226,16 @@ pub struct RouteTable {
     pub routes: Vec<RouteHint>,
 }
 
-/// What one node advertises to the mesh through membership gossip.
+/// What one node advertises to the mesh: fetched from the node itself when its
+/// [`AdvertNotice`] announces a newer sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeAdvert {
     /// The node's name.
     pub node: String,
     /// Which start of the node this is (later starts win).
     pub generation: u64,
-    /// Increases with every advert of one generation, so newer replaces older.
+    /// Increases with every change of one generation's advert other than its load figures, so
+    /// newer replaces older.
     pub sequence: u64,
     /// The QUIC address.
     pub quic: SocketAddr,
@@ -245,6 +251,39 @@ pub struct NodeAdvert {
     pub queue_depth: u32,
     /// Its EWMA request latency, in µs.
     pub ewma_latency_us: u32,
+}
+
+/// What a node tells each member directly (a membership datagram): which version of its
+/// advert is current, and its load now. A member holding an older version fetches the advert
+/// from the node itself ([`Message::AdvertQuery`]), so an advert's content only ever comes
+/// from the node its certificate names, and a catalog of any size fits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertNotice {
+    /// The node's name.
+    pub node: String,
+    /// Its generation.
+    pub generation: u64,
+    /// The sequence of its current advert.
+    pub sequence: u64,
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// Requests queued across its models.
+    pub queue_depth: u32,
+    /// Its EWMA request latency, in µs.
+    pub ewma_latency_us: u32,
+}
+
+impl From<&NodeAdvert> for AdvertNotice {
+    fn from(advert: &NodeAdvert) -> AdvertNotice {
+        AdvertNotice {
+            node: advert.node.clone(),
+            generation: advert.generation,
+            sequence: advert.sequence,
+            quic: advert.quic,
+            queue_depth: advert.queue_depth,
+            ewma_latency_us: advert.ewma_latency_us,
+        }
+    }
 }
 
 /// A model a node holds.
