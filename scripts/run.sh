@@ -5,8 +5,9 @@
 #   nodes b and c: HTTP :8001/:8002, HTTP/3 :8444/:8445, QUIC :7001/:7002, the bundled models,
 #           joining through a. Every node lists all three as seeds (its own address is skipped),
 #           so any of them restarted finds the others again.
-# Certificates (the mesh CA, node and client certificates, and the front door's certificate for
-# 127.0.0.1 and localhost) are made once in target/demo-certs. Extra arguments go to node a's
+# Certificates: the mesh CA is made once in target/demo-certs; node and client certificates and
+# the front door's (for 127.0.0.1 and localhost) are issued again on every run, so certificates
+# from an older build never linger. Extra arguments go to node a's
 # `meshserve serve`. Ctrl-C (or SIGTERM) stops all three after their grace period and drain;
 # a second Ctrl-C stops them at once.
 set -euo pipefail
@@ -17,10 +18,8 @@ scripts/build-plugins.sh
 cargo build --release --workspace --all-targets
 bin=target/release/meshserve
 certs=target/demo-certs
-if [ ! -f "$certs/client-ops.pem" ] || [ ! -f "$certs/server.pem" ]; then
-    "$bin" certs --dir "$certs" --node a --node b --node c --client ops \
-        --server 127.0.0.1 --server localhost
-fi
+"$bin" certs --dir "$certs" --node a --node b --node c --client ops \
+    --server 127.0.0.1 --server localhost >/dev/null
 seeds=(--seed 127.0.0.1:7000 --seed 127.0.0.1:7001 --seed 127.0.0.1:7002)
 http3() {
     echo --http3 "127.0.0.1:$1" --http3-cert "$certs/server.pem" --http3-key "$certs/server.key"
