@@ -397,7 +397,7 @@ fn status(args: StatusArgs) -> Result<()> {
     let runtime = current_thread_runtime()?;
     let status = runtime.block_on(async {
         let mut config = ClientConfig::new(vec![args.node], identity);
-        config.attempt_timeout = Duration::from_secs(5);
+        config.timeout = Duration::from_secs(5);
         let client = MeshClient::new(config)?;
         client.status(args.node).await
     })?;

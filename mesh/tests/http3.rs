@@ -108,7 +108,7 @@ fn h3_connections(metrics: &str, outcome: &str) -> f64 {
 
 fn h3_client(certs: &Path, seeds: Vec<SocketAddr>) -> Http3Client {
     let mut config = Http3ClientConfig::new(seeds, &certs.join("ca.pem")).unwrap();
-    config.attempt_timeout = Duration::from_secs(5);
+    config.timeout = Duration::from_secs(5);
     Http3Client::new(config).unwrap()
 }
 
@@ -321,7 +321,7 @@ async fn the_http3_port_speaks_neither_meshserve_1_nor_membership() {
     // A mesh client with a valid client certificate asks for the mesh's status...
     let identity = MeshIdentity::from_dir(certs.path(), Role::Client, "app").unwrap();
     let mut config = ClientConfig::new(vec![addr], identity);
-    config.attempt_timeout = Duration::from_secs(3);
+    config.timeout = Duration::from_secs(3);
     let status = MeshClient::new(config).unwrap().status(addr).await;
     assert!(
         status.is_err(),

@@ -115,8 +115,7 @@ fn kill(node: MeshNode) {
 fn client(certs: &Path, seeds: Vec<SocketAddr>) -> MeshClient {
     let identity = MeshIdentity::from_dir(certs, Role::Client, "app").unwrap();
     let mut config = ClientConfig::new(seeds, identity);
-    config.attempt_timeout = Duration::from_secs(5);
-    config.max_attempts = 4;
+    config.timeout = Duration::from_secs(5);
     MeshClient::new(config).unwrap()
 }
 
@@ -482,25 +481,7 @@ async fn killing_a_replica_under_load_loses_no_request_and_it_rejoins() {
         .position(|n| owners.contains(&n.name) && n.name != "a")
         .unwrap();
 
-    let app = Arc::new(client(&certs, nodes.iter().map(|n| n.quic).collect()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let (app, stop, ok) = (app.clone(), stop.clone(), ok.clone());
-        workers.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match app.infer(fraud_request()).await {
-                    Ok(_) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => failures.push(e.to_string()),
-                }
-            }
-            failures
-        }));
-    }
+    let load = Load::start(client(&certs, nodes.iter().map(|n| n.quic).collect()));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let victim = nodes.remove(victim_index);
     let victim_name = victim.name.clone();
@@ -523,12 +504,7 @@ async fn killing_a_replica_under_load_loses_no_request_and_it_rejoins() {
     .await;
     let detected = killed_at.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for worker in workers {
-        failures.extend(worker.await.unwrap());
-    }
-    let served = ok.load(Ordering::Relaxed);
+    let (served, failures) = load.stop().await;
     eprintln!(
         "failover: {served} requests answered, {} lost, victim declared down after {detected:?}",
         failures.len()
@@ -942,6 +918,53 @@ async fn a_model_held_but_served_nowhere_is_503_with_retry_after_not_404() {
     assert_eq!(response.status(), 404);
 }
 
+/// Four route-aware clients sending `fraud` requests back to back until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    workers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(app: MeshClient) -> Load {
+        let app = Arc::new(app);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let workers = (0..4)
+            .map(|_| {
+                let (app, stop, ok) = (app.clone(), stop.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match app.infer(fraud_request()).await {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.push(e.to_string()),
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Load { stop, ok, workers }
+    }
+
+    fn served(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; the requests answered and the failures.
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for worker in self.workers {
+            failures.extend(worker.await.unwrap());
+        }
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
 /// Sends what a membership core made up as `name` (at `endpoint`'s address) to `target`, the
 /// way a node sends its membership datagrams.
 fn announce_as(endpoint: &MeshEndpoint, name: &str, target: SocketAddr) {
@@ -1072,4 +1095,74 @@ async fn a_node_holding_200_models_stays_in_placement() {
         .await
         .unwrap();
     assert_eq!(answer.status(), 200);
+}
+
+/// Sends `signal` (`STOP`, `CONT`, `KILL`) to a node's process.
+fn signal(node: &MeshNode, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &node.node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for `load` to answer `more` requests beyond what it had answered.
+async fn load_runs(load: &Load, more: usize) {
+    let from = load.served();
+    wait_for(
+        "the load to keep being answered",
+        Duration::from_secs(20),
+        async || (load.served() >= from + more).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_under_load_loses_no_request_and_the_mesh_heals() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
+    let [a, b, c] = three_nodes(root.path(), &certs);
+    let probe = client(&certs, vec![a.quic, b.quic, c.quic]);
+    let owners = settled(&probe, &[&a, &b, &c], &["a", "b", "c"]).await;
+    let load = Load::start(client(&certs, vec![a.quic, b.quic, c.quic]));
+    load_runs(&load, 50).await;
+
+    // 1. The seed dies and comes back on its address, with no seeds of its own.
+    let seed_quic = a.quic;
+    kill(a);
+    load_runs(&load, 50).await;
+    let a = start_node(root.path(), &certs, "a", &seed_quic.to_string(), None);
+    settled(&probe, &[&a, &b, &c], &["a", "b", "c"]).await;
+    load_runs(&load, 50).await;
+
+    // 2. An owner of fraud freezes for longer than the suspicion timeout, then wakes up.
+    let mut nodes = [a, b, c];
+    let frozen = nodes.iter().position(|n| owners.contains(&n.name)).unwrap();
+    signal(&nodes[frozen], "STOP");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    load_runs(&load, 50).await;
+    signal(&nodes[frozen], "CONT");
+    let refs: Vec<&MeshNode> = nodes.iter().collect();
+    settled(&probe, &refs, &["a", "b", "c"]).await;
+    load_runs(&load, 50).await;
+
+    // 3. A node restarts on the same address (a new generation wins it at once).
+    let index = nodes.iter().position(|n| n.name == "c").unwrap();
+    let c_quic = nodes[index].quic;
+    let [a, b, c] = nodes;
+    kill(c);
+    let c = start_node(root.path(), &certs, "c", &c_quic.to_string(), Some(a.quic));
+    nodes = [a, b, c];
+    let refs: Vec<&MeshNode> = nodes.iter().collect();
+    let after = settled(&probe, &refs, &["a", "b", "c"]).await;
+    load_runs(&load, 50).await;
+
+    let (served, failures) = load.stop().await;
+    eprintln!(
+        "chaos: {served} requests answered, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(after, owners, "the same placement as before, on every node");
 }

@@ -222,7 +222,7 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     let direct = closed_loop(c, warmup, duration, plain(owner_node.quic)).await;
     let forwarded = closed_loop(c, warmup, duration, plain(other.quic)).await;
     let mut route_config = ClientConfig::new(vec![other.quic], identity);
-    route_config.attempt_timeout = Duration::from_secs(10);
+    route_config.timeout = Duration::from_secs(10);
     let aware =
         Arc::new(MeshClient::new(route_config).map_err(|e| BenchError::Server(e.to_string()))?);
     let aware_call = {

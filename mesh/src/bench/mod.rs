@@ -277,8 +277,7 @@ impl Sender {
                 Ok(Sender::Http2(sender))
             }
             Protocol::Http3 { roots, .. } => {
-                let mut config = Http3ClientConfig::new_with_roots(vec![load.addr], roots.clone());
-                config.max_attempts = 1;
+                let config = Http3ClientConfig::new_with_roots(vec![load.addr], roots.clone());
                 let client = Http3Client::new(config)
                     .map_err(|e| BenchError::Server(format!("HTTP/3 client: {e}")))?;
                 Ok(Sender::Http3(Arc::new(client)))

@@ -59,7 +59,7 @@ async fn start_node(
     let server = ServerProcess(child);
     let mut probe = Http3ClientConfig::new(vec![h3], &dir.join("ca.pem"))
         .map_err(|e| BenchError::Server(e.to_string()))?;
-    probe.attempt_timeout = Duration::from_millis(500);
+    probe.timeout = Duration::from_millis(500);
     let probe = Http3Client::new(probe).map_err(|e| BenchError::Server(e.to_string()))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {

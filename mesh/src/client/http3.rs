@@ -20,6 +20,7 @@
 
 use super::routes::RouteBook;
 use crate::pem::{self, TlsError};
+use crate::routing::retry::{Decision, RetryPolicy};
 use crate::routing::{ROUTE_HEADER, parse_route_header};
 use crate::wire::RouteHint;
 use bytes::{Buf, Bytes, BytesMut};
@@ -43,16 +44,14 @@ pub struct Http3ClientConfig {
     pub roots: Vec<CertificateDer<'static>>,
     /// The name to verify on every node's certificate; `None` verifies the address's IP.
     pub server_name: Option<String>,
-    /// Longest one attempt may take.
-    pub attempt_timeout: Duration,
-    /// Attempts per request, across replicas and seeds.
-    pub max_attempts: usize,
+    /// Longest a request may take, all its attempts together.
+    pub timeout: Duration,
     /// Largest answer body accepted, in bytes.
     pub max_body_bytes: usize,
 }
 
 impl Http3ClientConfig {
-    /// Defaults: 10 s per attempt, 3 attempts, answers up to 64 MiB; trusts the CA in `ca`.
+    /// Defaults: 10 s per request, answers up to 64 MiB; trusts the CA in `ca`.
     pub fn new(seeds: Vec<SocketAddr>, ca: &Path) -> Result<Http3ClientConfig, TlsError> {
         Ok(Http3ClientConfig::new_with_roots(
             seeds,
@@ -69,8 +68,7 @@ impl Http3ClientConfig {
             seeds,
             roots,
             server_name: None,
-            attempt_timeout: Duration::from_secs(10),
-            max_attempts: 3,
+            timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024 * 1024,
         }
     }
@@ -92,6 +90,14 @@ pub enum Http3Error {
         addr: SocketAddr,
         /// What went wrong.
         message: String,
+    },
+    /// No answer within the time the request had left.
+    #[error("{addr}: no answer within {timeout:?}")]
+    Timeout {
+        /// The node.
+        addr: SocketAddr,
+        /// The time it had.
+        timeout: Duration,
     },
     /// Every attempt failed; the last reason.
     #[error("no node could take the request after {attempts} attempts: {last}")]
@@ -123,6 +129,7 @@ pub struct Http3Client {
     /// Open connections by node, each with an id so a closed one removes only itself.
     connections: Arc<tokio::sync::Mutex<Connections>>,
     routes: RouteBook,
+    retry: RetryPolicy,
 }
 
 #[derive(Default)]
@@ -159,6 +166,7 @@ impl Http3Client {
             endpoint,
             config,
             connections: Arc::default(),
+            retry: RetryPolicy::default(),
             routes: RouteBook::new(|replica| replica.http3),
         })
     }
@@ -185,7 +193,7 @@ impl Http3Client {
             .endpoint
             .connect(addr, &name)
             .map_err(|e| exchange(e.to_string()))?;
-        let connection = tokio::time::timeout(self.config.attempt_timeout, connecting)
+        let connection = tokio::time::timeout(self.config.timeout, connecting)
             .await
             .map_err(|_| exchange("handshake timed out".into()))?
             .map_err(|e| exchange(e.to_string()))?;
@@ -215,13 +223,23 @@ impl Http3Client {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Http3Response, Http3Error> {
+        self.request_within(addr, method, path, headers, body, self.config.timeout)
+            .await
+    }
+
+    async fn request_within(
+        &self,
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Http3Response, Http3Error> {
         let attempt = self.exchange(addr, method, path, headers, body);
-        let result = match tokio::time::timeout(self.config.attempt_timeout, attempt).await {
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(Http3Error::Exchange {
-                addr,
-                message: format!("no answer within {:?}", self.config.attempt_timeout),
-            }),
+            Err(_) => Err(Http3Error::Timeout { addr, timeout }),
         };
         if result.is_err() {
             forget(&self.connections, addr, None).await;
@@ -319,17 +337,26 @@ impl Http3Client {
         let path = format!("/v2/models/{model}/infer");
         let mut tried = Vec::new();
         let mut last = String::from("no replica or seed known");
-        for _ in 0..self.config.max_attempts {
-            let Some((key, addr)) = self.routes.target(model, &tried, &self.config.seeds) else {
-                break;
-            };
+        let deadline = Instant::now() + self.config.timeout;
+        self.retry.started();
+        let mut retries = 0;
+        while let Some((key, addr)) = self.routes.target(model, &tried, &self.config.seeds) {
             tried.push(addr);
             let started = Instant::now();
             let pending = self.routes.start(&key, started);
+            let left = deadline.saturating_duration_since(started);
             let result = self
-                .request(addr, Method::POST, &path, headers.clone(), body.clone())
+                .request_within(
+                    addr,
+                    Method::POST,
+                    &path,
+                    headers.clone(),
+                    body.clone(),
+                    left,
+                )
                 .await;
             let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
             match result {
                 Ok(response) => {
                     let hint = response
@@ -337,12 +364,12 @@ impl Http3Client {
                         .get(ROUTE_HEADER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_route_header);
-                    // A replica that no longer serves the model: try another. (A 503 is an
-                    // overloaded replica saying when to come back; retrying it elsewhere at
-                    // once would only spread the overload.)
+                    // A replica that no longer serves the model: retry another, under the mesh's
+                    // rule (a 503 is returned as is: `crate::routing::retry`).
                     let moved = response.status == StatusCode::NOT_FOUND
                         && self.routes.route(model).is_some();
-                    if moved {
+                    if moved && self.retry.decide(true, retries, left, true) == Decision::Retry {
+                        retries += 1;
                         pending.finish(None, now);
                         self.routes.forget(model, addr);
                         self.routes.learn(hint);
@@ -360,7 +387,13 @@ impl Http3Client {
                 Err(e) => {
                     pending.finish(None, now);
                     self.routes.forget(model, addr);
+                    // A timed-out attempt had the whole remaining deadline.
+                    let retryable = !matches!(e, Http3Error::Timeout { .. });
                     last = e.to_string();
+                    if self.retry.decide(retryable, retries, left, true) != Decision::Retry {
+                        break;
+                    }
+                    retries += 1;
                 }
             }
         }

@@ -4,8 +4,9 @@
 //! of the mesh CA), learns where each model lives from the route hints that come back with
 //! every answer (or from [`MeshClient::refresh`]), and from then on sends each request straight
 //! to a replica, chosen by power of two choices over peak-EWMA latency × outstanding requests.
-//! When a replica is unreachable, times out or says it no longer serves the model, the client
-//! drops it from its table and retries another replica or a seed: inference is idempotent.
+//! When a replica is unreachable or says it no longer serves the model, the client drops it
+//! from its table and retries once on another replica or a seed, under the mesh's retry rule
+//! (deadline, budget, `Retry-After`: [`crate::routing::retry`]): inference is idempotent.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,8 +27,9 @@
 pub mod http3;
 mod routes;
 
+use crate::routing::retry::{self, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
-use crate::wire::{Failure, FailureClass, InferCall, Message, RouteHint, WireTensorError, frame};
+use crate::wire::{Failure, InferCall, Message, RouteHint, WireTensorError, frame};
 use meshserve_host::{InferRequest, InferResponse};
 use routes::RouteBook;
 use std::net::SocketAddr;
@@ -40,22 +42,20 @@ pub struct ClientConfig {
     pub seeds: Vec<SocketAddr>,
     /// The client's certificate, key and the mesh CA.
     pub identity: MeshIdentity,
-    /// Longest one attempt may take.
-    pub attempt_timeout: Duration,
-    /// Attempts per request, across replicas and seeds.
-    pub max_attempts: usize,
+    /// Longest a request may take, all its attempts together, when it sets no `timeout`
+    /// itself; also the limit of route and status queries.
+    pub timeout: Duration,
     /// Largest answer accepted, in bytes.
     pub max_frame_bytes: usize,
 }
 
 impl ClientConfig {
-    /// Defaults: 10 s per attempt, 4 attempts.
+    /// Defaults: 10 s per request.
     pub fn new(seeds: Vec<SocketAddr>, identity: MeshIdentity) -> ClientConfig {
         ClientConfig {
             seeds,
             identity,
-            attempt_timeout: Duration::from_secs(10),
-            max_attempts: 4,
+            timeout: Duration::from_secs(10),
             max_frame_bytes: frame::DEFAULT_MAX_FRAME_BYTES,
         }
     }
@@ -99,6 +99,7 @@ pub struct MeshClient {
     endpoint: MeshEndpoint,
     config: ClientConfig,
     routes: RouteBook,
+    retry: RetryPolicy,
 }
 
 impl MeshClient {
@@ -109,6 +110,7 @@ impl MeshClient {
             endpoint,
             config,
             routes: RouteBook::new(|replica| Some(replica.quic)),
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -123,7 +125,7 @@ impl MeshClient {
         for seed in &self.config.seeds {
             match self
                 .endpoint
-                .call(*seed, &Message::RouteQuery, self.config.attempt_timeout)
+                .call(*seed, &Message::RouteQuery, self.config.timeout)
                 .await
             {
                 Ok(Message::Routes(table)) => {
@@ -143,25 +145,30 @@ impl MeshClient {
     }
 
     /// Runs `request` on the mesh: straight to a replica when the route is known, else through
-    /// a seed (which forwards and tells us the route).
+    /// a seed (which forwards and tells us the route). A failed attempt is retried once on
+    /// another replica or seed under the mesh's retry rule ([`crate::routing::retry`]), within
+    /// the request's deadline (its `timeout`, else [`ClientConfig::timeout`]).
     pub async fn infer(&self, request: InferRequest) -> Result<Answer, ClientError> {
         let model = request.model.clone();
-        let message = Message::Infer(InferCall::from_request(request, None));
+        let call = InferCall::from_request(request, None);
+        let timeout = call
+            .timeout_us
+            .filter(|&us| us > 0)
+            .map_or(self.config.timeout, Duration::from_micros);
+        let deadline = Instant::now() + timeout;
+        let message = Message::Infer(call);
+        self.retry.started();
         let mut tried = Vec::new();
         let mut last = String::from("no replica or seed known");
-        for _ in 0..self.config.max_attempts {
-            let Some((key, addr)) = self.routes.target(&model, &tried, &self.config.seeds) else {
-                break;
-            };
+        let mut retries = 0;
+        while let Some((key, addr)) = self.routes.target(&model, &tried, &self.config.seeds) {
             tried.push(addr);
             let started = Instant::now();
             let pending = self.routes.start(&key, started);
-            let result = self
-                .endpoint
-                .call(addr, &message, self.config.attempt_timeout)
-                .await;
+            let left = deadline.saturating_duration_since(started);
+            let result = self.endpoint.call(addr, &message, left).await;
             let now = Instant::now();
-            match result {
+            let retryable = match result {
                 Ok(Message::Answer(answer)) => {
                     pending.finish(Some(now - started), now);
                     self.routes.learn(answer.route.clone());
@@ -172,32 +179,40 @@ impl MeshClient {
                         sent_to: addr,
                     });
                 }
-                Ok(Message::Failure(failure))
-                    if matches!(
-                        failure.class,
-                        FailureClass::NotHere | FailureClass::Unavailable
-                    ) =>
-                {
-                    pending.finish(None, now);
-                    self.routes.forget(&model, addr);
-                    self.routes.learn(failure.route.clone());
-                    last = failure.message;
-                }
                 Ok(Message::Failure(failure)) => {
-                    pending.finish(Some(now - started), now);
+                    let retryable = retry::retryable(Failed::Answered(&failure));
+                    if retryable {
+                        pending.finish(None, now);
+                        self.routes.forget(&model, addr);
+                    } else {
+                        pending.finish(Some(now - started), now);
+                    }
                     self.routes.learn(failure.route.clone());
-                    return Err(ClientError::Failed(failure));
+                    let left = deadline.saturating_duration_since(now);
+                    if self.retry.decide(retryable, retries, left, true) != Decision::Retry {
+                        return Err(ClientError::Failed(failure));
+                    }
+                    last = failure.message;
+                    retries += 1;
+                    continue;
                 }
                 Ok(other) => {
                     pending.finish(None, now);
-                    last = format!("{addr} answered {other:?}");
+                    last = format!("{addr} answered {}", other.kind());
+                    false
                 }
                 Err(e) => {
                     pending.finish(None, now);
                     self.routes.forget(&model, addr);
                     last = e.to_string();
+                    retry::retryable(Failed::Transport(&e))
                 }
+            };
+            let left = deadline.saturating_duration_since(now);
+            if self.retry.decide(retryable, retries, left, true) != Decision::Retry {
+                break;
             }
+            retries += 1;
         }
         Err(ClientError::Exhausted {
             attempts: tried.len(),
@@ -209,7 +224,7 @@ impl MeshClient {
     pub async fn status(&self, node: SocketAddr) -> Result<crate::wire::MeshStatus, ClientError> {
         match self
             .endpoint
-            .call(node, &Message::StatusQuery, self.config.attempt_timeout)
+            .call(node, &Message::StatusQuery, self.config.timeout)
             .await?
         {
             Message::Status(status) => Ok(status),

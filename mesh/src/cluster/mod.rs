@@ -14,6 +14,7 @@ mod service;
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement;
 use crate::routing::balance::{Balancer, PeakEwma};
+use crate::routing::retry::{self, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
     CatalogEntry, Failure, FailureClass, InferAnswer, InferCall, MemberStatus, MeshStatus, Message,
@@ -183,11 +184,15 @@ pub struct Cluster {
     /// Time a peer has to send a whole `meshserve/1` frame on a stream.
     frame_read_timeout: Duration,
     balancer: Balancer,
+    /// When a forwarded request goes to another replica.
+    retry: RetryPolicy,
     forward_timeout: Duration,
     local_latency: Mutex<PeakEwma>,
     digests: bundle::DigestCache,
     /// Config errors already logged, by model.
     config_errors: Mutex<HashMap<String, String>>,
+    /// Models still loaded but no longer advertised, while they are being unloaded.
+    leaving: Mutex<BTreeSet<String>>,
 }
 
 impl Cluster {
@@ -235,10 +240,12 @@ impl Cluster {
             packets,
             frame_read_timeout: config.frame_read_timeout,
             balancer: Balancer::new(generation),
+            retry: RetryPolicy::default(),
             forward_timeout: config.forward_timeout,
             local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),
             digests: bundle::DigestCache::default(),
             config_errors: Mutex::default(),
+            leaving: Mutex::default(),
         });
         cluster.publish_advert().await;
         tokio::spawn(service::serve(cluster.clone()));
@@ -316,9 +323,33 @@ impl Cluster {
             http: self.http,
             http3: self.http3,
             catalog,
-            serving: self.engine.loaded_models(),
+            serving: self.serving(),
             queue_depth: u32::try_from(self.engine.queue_depth()).unwrap_or(u32::MAX),
             ewma_latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// What we advertise as served: the loaded models, less those being unloaded.
+    fn serving(&self) -> Vec<String> {
+        let leaving = self.leaving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut serving = self.engine.loaded_models();
+        serving.retain(|model| !leaving.contains(model));
+        serving
+    }
+
+    fn is_leaving(&self, model: &str) -> bool {
+        self.leaving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(model)
+    }
+
+    fn set_leaving(&self, model: &str, leaving: bool) {
+        let mut set = self.leaving.lock().unwrap_or_else(|e| e.into_inner());
+        if leaving {
+            set.insert(model.to_string());
+        } else {
+            set.remove(model);
         }
     }
 
@@ -379,6 +410,7 @@ impl Cluster {
             .timeout_us
             .filter(|&us| us > 0)
             .map_or(self.forward_timeout, Duration::from_micros);
+        let deadline = Instant::now() + timeout;
         call.forwarded = true;
         let request = Message::Infer(call);
         let mut candidates: Vec<&Replica> = route
@@ -386,64 +418,85 @@ impl Cluster {
             .iter()
             .filter(|r| r.node != self.name)
             .collect();
-        let mut last = Failure::new(
-            FailureClass::Unavailable,
-            format!("no other replica of '{model}' is reachable"),
-        );
-        while !candidates.is_empty() {
+        let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
+        self.retry.started();
+        let mut retries = 0;
+        let mut failure = loop {
             let names: Vec<&str> = candidates.iter().map(|r| r.node.as_str()).collect();
-            let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
             let Some(chosen) = self.balancer.pick_avoiding(&names, suspect, Instant::now()) else {
-                break;
+                break Failure::new(
+                    FailureClass::Unavailable,
+                    format!("no other replica of '{model}' is reachable"),
+                );
             };
             let index = names.iter().position(|n| *n == chosen).unwrap_or(0);
             let replica = candidates.remove(index);
             let started = Instant::now();
             let pending = self.balancer.start(&replica.node, started);
-            let result = self.endpoint.call(replica.quic, &request, timeout).await;
+            // Each attempt gets what is left of the request's deadline, not the whole again.
+            let left = deadline.saturating_duration_since(started);
+            let result = self.endpoint.call(replica.quic, &request, left).await;
             let now = Instant::now();
-            match result {
+            let refusal = match result {
                 Ok(Message::Answer(mut answer)) => {
                     pending.finish(Some(now - started), now);
                     metrics.record_forward(&model, "ok");
                     answer.route = Some(route.clone());
                     return Ok(answer);
                 }
-                Ok(Message::Failure(failure))
-                    if matches!(
-                        failure.class,
-                        FailureClass::NotHere | FailureClass::Unavailable
-                    ) =>
-                {
-                    pending.finish(None, now);
-                    tracing::debug!(replica = %replica.node, %model, message = %failure.message, "replica declined; trying another");
-                    last = failure;
-                }
-                Ok(Message::Failure(mut failure)) => {
-                    // The replica ran the request and it failed on its merits: a retry elsewhere
-                    // would fail the same way.
-                    pending.finish(Some(now - started), now);
-                    metrics.record_forward(&model, "failed");
-                    failure.route = Some(route.clone());
-                    return Err(failure);
-                }
+                Ok(Message::Failure(failure)) => Ok(failure),
                 Ok(other) => {
                     pending.finish(None, now);
-                    last = Failure::new(
+                    break Failure::new(
                         FailureClass::Internal,
-                        format!("replica {} answered with {other:?}", replica.node),
+                        format!("replica {} answered with {}", replica.node, other.kind()),
                     );
                 }
-                Err(e) => {
-                    pending.finish(None, now);
-                    tracing::warn!(replica = %replica.node, %model, error = %e, "forwarding failed; trying another replica");
-                    last = Failure::new(FailureClass::Unavailable, e.to_string());
+                Err(e) => Err(e),
+            };
+            // A replica that ran the request has a latency to report; one that declined or
+            // could not be reached counts as a failure for the balancer.
+            let ran = matches!(&refusal, Ok(f) if !matches!(f.class, FailureClass::NotHere | FailureClass::Unavailable));
+            pending.finish(ran.then(|| now - started), now);
+            let failed = match &refusal {
+                Ok(failure) => Failed::Answered(failure),
+                Err(e) => Failed::Transport(e),
+            };
+            let left = deadline.saturating_duration_since(now);
+            let decision = self.retry.decide(
+                retry::retryable(failed),
+                retries,
+                left,
+                !candidates.is_empty(),
+            );
+            let failure =
+                refusal.unwrap_or_else(|e| Failure::new(FailureClass::Unavailable, e.to_string()));
+            match decision {
+                Decision::Retry => {
+                    tracing::debug!(replica = %replica.node, %model, reason = %failure.message, "retrying on another replica");
+                    metrics.record_forward(&model, "retried");
+                    retries += 1;
                 }
+                Decision::BudgetSpent => {
+                    tracing::warn!(replica = %replica.node, %model, reason = %failure.message, "retry budget spent; not retrying");
+                    metrics.record_forward(&model, "retry_budget_spent");
+                    break failure;
+                }
+                Decision::GiveUp => break failure,
             }
+        };
+        let outcome = match failure.class {
+            FailureClass::NotHere | FailureClass::Unavailable => "unavailable",
+            _ => "failed",
+        };
+        metrics.record_forward(&model, outcome);
+        if failure.class == FailureClass::NotHere {
+            // The caller sent its request to the right node; that the replicas moved is the
+            // mesh's business.
+            failure.class = FailureClass::Unavailable;
         }
-        metrics.record_forward(&model, "unavailable");
-        last.route = Some(route);
-        Err(last)
+        failure.route = Some(route);
+        Err(failure)
     }
 
     /// The OIP metadata of a model served elsewhere, from one of its replicas.

@@ -1,8 +1,10 @@
 //! Placement-driven loading: every period the node re-publishes its advert and compares the
 //! plan with what it has loaded. A model placed here is loaded at once, after fetching its
 //! files from a holder (by digest) when this node lacks them; a model no longer placed here is
-//! unloaded (the engine drains its queue first) only once the plan has been stable for a while
-//! and another replica already serves it, so no request loses its replica.
+//! unloaded only once the plan has been stable for a while and another replica already serves
+//! it, in an order that loses no request: stop advertising it (peers stop sending it here),
+//! wait for the notice to reach them, then unload (the engine drains its queue first). A
+//! request that still arrives after that is answered "not here" and retried elsewhere.
 
 use crate::cluster::{Cluster, MeshView, bundle};
 use crate::wire::{FetchModel, Message, NodeAdvert};
@@ -12,6 +14,11 @@ use std::time::{Duration, Instant};
 
 /// How long the placement epoch must stay unchanged before models are unloaded.
 const SETTLE: Duration = Duration::from_secs(3);
+
+/// How long peers have to learn that a model is no longer served here before it is unloaded:
+/// a notice and an advert fetch take a round trip or two; a lost notice is repaired by the next
+/// one, and a request that still comes is retried on another replica.
+const UNADVERTISE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long fetching one model's files may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,7 +45,7 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
             let is_loaded = loaded.contains(model);
             if here && !is_loaded {
                 load(&cluster, &view, model).await;
-            } else if !here && is_loaded && settled {
+            } else if !here && is_loaded && settled && !cluster.is_leaving(model) {
                 let others: Vec<&str> = route
                     .replicas
                     .iter()
@@ -49,13 +56,37 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
                     continue;
                 }
                 tracing::info!(%model, served_by = ?others, "placement: no longer placed here; unloading");
-                if let Err(e) = cluster.engine.unload(model) {
-                    tracing::warn!(%model, error = %e, "placement: unload failed");
-                }
-                cluster.publish_advert().await;
+                tokio::spawn(unload(cluster.clone(), model.to_string()));
             }
         }
     }
+}
+
+/// Stops advertising `model`, gives peers [`UNADVERTISE_GRACE`] to notice, then unloads it
+/// (draining its queue) unless placement brought it back meanwhile.
+async fn unload(cluster: Arc<Cluster>, model: String) {
+    cluster.set_leaving(&model, true);
+    cluster.publish_advert().await;
+    tokio::time::sleep(UNADVERTISE_GRACE).await;
+    let placed_here = cluster
+        .view()
+        .plan
+        .routes
+        .iter()
+        .any(|r| r.model == model && r.replicas.iter().any(|x| x.node == cluster.name));
+    if placed_here {
+        tracing::info!(%model, "placement: placed here again; keeping it");
+    } else {
+        let engine = cluster.engine.clone();
+        let name = model.clone();
+        match tokio::task::spawn_blocking(move || engine.unload(&name)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(%model, error = %e, "placement: unload failed"),
+            Err(e) => tracing::error!(%model, error = %e, "placement: unload panicked"),
+        }
+    }
+    cluster.set_leaving(&model, false);
+    cluster.publish_advert().await;
 }
 
 /// Loads `model`, fetching its files first when this node lacks them.

@@ -160,7 +160,7 @@ async fn answer(
         }
         Ok(other) => Message::Failure(Failure::new(
             FailureClass::InvalidInput,
-            format!("unexpected message {}", message_kind(&other)),
+            format!("unexpected message {}", other.kind()),
         )),
         Err(TransportError::Frame { source, .. }) => {
             tracing::warn!(%peer, error = %source, "bad frame refused");
@@ -179,24 +179,6 @@ async fn answer(
     };
     if let Err(e) = write_frame(&mut send, &reply).await {
         tracing::debug!(%peer, error = %e, "could not send the answer");
-    }
-}
-
-fn message_kind(message: &Message) -> &'static str {
-    match message {
-        Message::Infer(_) => "Infer",
-        Message::Answer(_) => "Answer",
-        Message::Failure(_) => "Failure",
-        Message::RouteQuery => "RouteQuery",
-        Message::Routes(_) => "Routes",
-        Message::StatusQuery => "StatusQuery",
-        Message::Status(_) => "Status",
-        Message::FetchModel(_) => "FetchModel",
-        Message::ModelFiles(_) => "ModelFiles",
-        Message::MetadataQuery(_) => "MetadataQuery",
-        Message::Metadata(_) => "Metadata",
-        Message::AdvertQuery => "AdvertQuery",
-        Message::Advert(_) => "Advert",
     }
 }
 

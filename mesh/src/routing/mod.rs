@@ -2,6 +2,7 @@
 //! where a model lives, in the native frame and in the `meshserve-route` HTTP header.
 
 pub mod balance;
+pub mod retry;
 
 use crate::wire::{Replica, RouteHint};
 use std::net::SocketAddr;

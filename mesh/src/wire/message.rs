@@ -46,6 +46,27 @@ pub enum Message {
     Advert(NodeAdvert),
 }
 
+impl Message {
+    /// The variant's name, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Infer(_) => "Infer",
+            Message::Answer(_) => "Answer",
+            Message::Failure(_) => "Failure",
+            Message::RouteQuery => "RouteQuery",
+            Message::Routes(_) => "Routes",
+            Message::StatusQuery => "StatusQuery",
+            Message::Status(_) => "Status",
+            Message::FetchModel(_) => "FetchModel",
+            Message::ModelFiles(_) => "ModelFiles",
+            Message::MetadataQuery(_) => "MetadataQuery",
+            Message::Metadata(_) => "Metadata",
+            Message::AdvertQuery => "AdvertQuery",
+            Message::Advert(_) => "Advert",
+        }
+    }
+}
+
 /// Which model's metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetadataQuery {

@@ -1,0 +1,198 @@
+//! Whether a request that failed on one replica goes to another: the one rule the forwarding
+//! node and the route-aware client both follow.
+//!
+//! At most [`MAX_RETRIES`] retry per request, on another replica, only while the request's
+//! deadline leaves time (each attempt gets what is left, never the full timeout again), and only
+//! with a token from a retry budget (tower's `TpsBudget`: retries may add at most a fifth to
+//! the requests a node forwards, plus a floor of 10 per second), so a sick mesh is not
+//! hammered with retries on top of its load. What is retried: a replica that no longer serves the
+//! model (placement moved it, it is unloading), one that is unreachable or lost the
+//! connection, one that is shutting down. What is not: a failure on the request's merits (it
+//! would fail the same way elsewhere), a deadline that passed, and a 503 carrying
+//! `Retry-After` (an overloaded replica: retrying it into the next one is how storms start;
+//! the caller gets the 503 and its `Retry-After`).
+
+use crate::transport::TransportError;
+use crate::wire::{Failure, FailureClass};
+use std::time::Duration;
+use tower::retry::budget::{Budget, TpsBudget};
+
+/// Retries per request, beyond its first attempt.
+pub const MAX_RETRIES: usize = 1;
+
+/// Least time an attempt is worth starting with: below it, the deadline has in effect passed.
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(1);
+
+/// How an attempt on a replica failed.
+#[derive(Debug, Clone, Copy)]
+pub enum Failed<'a> {
+    /// The replica answered with a failure.
+    Answered(&'a Failure),
+    /// The exchange itself failed (unreachable, connection lost, no answer in time).
+    Transport(&'a TransportError),
+}
+
+/// Whether this failure may succeed on another replica, budget and deadline permitting.
+pub fn retryable(failed: Failed<'_>) -> bool {
+    match failed {
+        Failed::Answered(failure) => match failure.class {
+            FailureClass::NotHere => true,
+            FailureClass::Unavailable => failure.retry_after_ms.is_none(),
+            _ => false,
+        },
+        // A timed-out attempt had the whole remaining deadline; a bad frame is a broken peer,
+        // not a lost one.
+        Failed::Transport(e) => !matches!(e, TransportError::Timeout { .. }) && e.is_retryable(),
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Try another replica.
+    Retry,
+    /// Return this failure: it is not retryable, or retries are spent.
+    GiveUp,
+    /// It was retryable, but the retry budget is empty.
+    BudgetSpent,
+}
+
+/// The retry rule with its budget; one per node (or client), shared by every request.
+pub struct RetryPolicy {
+    budget: TpsBudget,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Counts a request toward the budget (call once per request, before its first attempt).
+    pub fn started(&self) {
+        self.budget.deposit();
+    }
+
+    /// After a failed attempt: whether the failure is `retryable` (see [`retryable`]),
+    /// `retries` already made for this request, `left` of its deadline, and whether another
+    /// replica remains to try.
+    pub fn decide(
+        &self,
+        retryable: bool,
+        retries: usize,
+        left: Duration,
+        another_replica: bool,
+    ) -> Decision {
+        if !retryable || retries >= MAX_RETRIES || left < MIN_ATTEMPT || !another_replica {
+            Decision::GiveUp
+        } else if self.budget.withdraw() {
+            Decision::Retry
+        } else {
+            Decision::BudgetSpent
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(class: FailureClass, retry_after_ms: Option<u64>) -> Failure {
+        let mut failure = Failure::new(class, "x");
+        failure.retry_after_ms = retry_after_ms;
+        failure
+    }
+
+    #[test]
+    fn what_is_retried_elsewhere() {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let yes = [
+            failure(FailureClass::NotHere, None),
+            failure(FailureClass::Unavailable, None),
+        ];
+        for f in &yes {
+            assert!(retryable(Failed::Answered(f)), "{f:?}");
+        }
+        let no = [
+            failure(FailureClass::Unavailable, Some(1000)),
+            failure(FailureClass::InvalidInput, None),
+            failure(FailureClass::NotFound, None),
+            failure(FailureClass::DeadlineExceeded, None),
+            failure(FailureClass::Internal, None),
+        ];
+        for f in &no {
+            assert!(!retryable(Failed::Answered(f)), "{f:?}");
+        }
+        let lost = TransportError::Lost {
+            addr,
+            reason: "reset".into(),
+        };
+        assert!(retryable(Failed::Transport(&lost)));
+        let timeout = TransportError::Timeout {
+            addr,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(!retryable(Failed::Transport(&timeout)));
+    }
+
+    #[test]
+    fn one_retry_within_the_deadline_with_another_replica() {
+        let policy = RetryPolicy::default();
+        policy.started();
+        let failed = retryable(Failed::Answered(&failure(FailureClass::NotHere, None)));
+        let second = Duration::from_secs(1);
+        assert_eq!(policy.decide(failed, 0, second, true), Decision::Retry);
+        assert_eq!(
+            policy.decide(failed, 1, second, true),
+            Decision::GiveUp,
+            "one retry"
+        );
+        assert_eq!(
+            policy.decide(failed, 0, Duration::from_micros(500), true),
+            Decision::GiveUp,
+            "deadline spent"
+        );
+        assert_eq!(
+            policy.decide(failed, 0, second, false),
+            Decision::GiveUp,
+            "nowhere to go"
+        );
+        let busy = failure(FailureClass::Unavailable, Some(1000));
+        assert_eq!(
+            policy.decide(retryable(Failed::Answered(&busy)), 0, second, true),
+            Decision::GiveUp,
+            "Retry-After is the caller's to honour"
+        );
+    }
+
+    #[test]
+    fn the_budget_caps_retries_at_a_fraction_of_requests() {
+        let policy = RetryPolicy::default();
+        let attempt = || policy.decide(true, 0, Duration::from_secs(1), true);
+        // The floor: 10 per second over the 10 s window, with no requests at all.
+        let floor = std::iter::repeat_with(attempt)
+            .take(1000)
+            .filter(|d| *d == Decision::Retry)
+            .count();
+        assert!(
+            (90..=110).contains(&floor),
+            "{floor} retries from the floor"
+        );
+        assert_eq!(attempt(), Decision::BudgetSpent);
+        // 1000 requests buy 200 more retries, not 1000.
+        for _ in 0..1000 {
+            policy.started();
+        }
+        let more = std::iter::repeat_with(attempt)
+            .take(1000)
+            .filter(|d| *d == Decision::Retry)
+            .count();
+        assert!(
+            (190..=210).contains(&more),
+            "{more} retries for 1000 requests"
+        );
+    }
+}
