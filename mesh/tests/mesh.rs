@@ -150,8 +150,23 @@ fn placed(status: &MeshStatus, model: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Whether `node`'s engine has `fraud` loaded (its repository index says READY): a node that
+/// stopped advertising a model keeps serving it until it unloads.
+async fn has_fraud_loaded(node: &MeshNode) -> Option<bool> {
+    let index: Value = reqwest::Client::new()
+        .post(node.node.url("/v2/repository/index"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let fraud = index.as_array()?.iter().find(|e| e["name"] == "fraud")?;
+    Some(fraud["state"] == "READY")
+}
+
 /// Waits until every node sees exactly `names` alive, agrees on the placement epoch, and
-/// exactly the placed replicas serve `fraud`; returns that replica set.
+/// exactly the placed replicas advertise and have loaded `fraud`; returns that replica set.
 async fn settled(client: &MeshClient, nodes: &[&MeshNode], names: &[&str]) -> BTreeSet<String> {
     let expected: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
     // A lost advert notice is repaired by the next one (every 5 s, docs/mesh.md), and an
@@ -179,7 +194,14 @@ async fn settled(client: &MeshClient, nodes: &[&MeshNode], names: &[&str]) -> BT
                     && serving(s, "fraud") == owners
             });
             if agreed && owners.len() == 2 {
-                return owners;
+                let mut loaded_where_placed = true;
+                for node in nodes {
+                    let placed_here = owners.contains(&node.name);
+                    loaded_where_placed &= has_fraud_loaded(node).await == Some(placed_here);
+                }
+                if loaded_where_placed {
+                    return owners;
+                }
             }
             seen = statuses
                 .iter()
