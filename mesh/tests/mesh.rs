@@ -105,11 +105,7 @@ fn three_nodes(root: &Path, certs: &Path) -> [MeshNode; 3] {
 
 /// Kills a node's process at once (SIGKILL: no leave, no drain).
 fn kill(node: MeshNode) {
-    let status = Command::new("kill")
-        .args(["-9", &node.node.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&node, "KILL");
 }
 
 fn client(certs: &Path, seeds: Vec<SocketAddr>) -> MeshClient {

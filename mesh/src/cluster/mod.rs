@@ -110,6 +110,14 @@ impl MeshView {
         view
     }
 
+    /// Whether the placement plan puts `model` on `node`.
+    pub fn placed_on(&self, model: &str, node: &str) -> bool {
+        self.plan
+            .routes
+            .iter()
+            .any(|r| r.model == model && r.replicas.iter().any(|x| x.node == node))
+    }
+
     /// Whether any live member holds or serves `model`, whether or not one serves it now.
     pub fn knows(&self, model: &str) -> bool {
         self.plan.routes.iter().any(|r| r.model == model) || self.served.contains_key(model)

@@ -68,13 +68,7 @@ async fn unload(cluster: Arc<Cluster>, model: String) {
     cluster.set_leaving(&model, true);
     cluster.publish_advert().await;
     tokio::time::sleep(UNADVERTISE_GRACE).await;
-    let placed_here = cluster
-        .view()
-        .plan
-        .routes
-        .iter()
-        .any(|r| r.model == model && r.replicas.iter().any(|x| x.node == cluster.name));
-    if placed_here {
+    if cluster.view().placed_on(&model, &cluster.name) {
         tracing::info!(%model, "placement: placed here again; keeping it");
     } else {
         let engine = cluster.engine.clone();
