@@ -28,6 +28,26 @@ pub enum ErrorClass {
     Forbidden,
 }
 
+impl ErrorClass {
+    /// The HTTP status of this class, the one number every door and metric uses for it.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorClass::NotFound => 404,
+            ErrorClass::InvalidInput => 400,
+            ErrorClass::TooLarge => 413,
+            ErrorClass::RequestTimeout => 408,
+            ErrorClass::Unavailable => 503,
+            ErrorClass::DeadlineExceeded => 504,
+            ErrorClass::Internal => 500,
+            ErrorClass::Unauthorized => 401,
+            ErrorClass::Forbidden => 403,
+            // Only a 4xx is a plugin's to pick; the number may also come from a peer's frame.
+            ErrorClass::PluginStatus(code) if (400..500).contains(&code) => code,
+            ErrorClass::PluginStatus(_) => 400,
+        }
+    }
+}
+
 /// A request that failed in the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {

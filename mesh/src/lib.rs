@@ -5,7 +5,8 @@
 //! The mesh, bottom up: [`wire`] (frames, sans-IO), [`transport`] (QUIC + mutual TLS),
 //! [`membership`] (SWIM core, sans-IO, and its simulation), [`placement`] (rendezvous hashing),
 //! [`routing`] (p2c over peak-EWMA, route hints), [`cluster`] (a node's mesh service),
-//! [`client`] (route-aware client).
+//! [`client`] (route-aware client). [`dispatch`] is where every door's requests meet the
+//! engine or the mesh.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod bundled;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod dispatch;
 pub mod http;
 pub mod membership;
 pub mod node;

@@ -2,6 +2,7 @@
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{MeshConfig, NodeConfig};
+use crate::dispatch::Dispatch;
 use crate::http::admin::{AdminAccess, AdminTokenError};
 use crate::http::http3::{self, ClientAuth};
 use crate::http::routes::{AppState, router};
@@ -196,14 +197,13 @@ impl Node {
     /// requests, and the engine answers everything still queued.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let state = AppState {
-            engine: self.engine.clone(),
+            dispatch: Dispatch::new(self.engine.clone(), self.cluster.clone()),
             bodies: crate::http::routes::BodyLimits::new(
                 self.config.http.max_body_bytes,
                 Duration::from_millis(self.config.http.body_read_timeout_ms),
                 self.config.http.max_body_bytes_in_flight,
             ),
             endpoints: self.endpoints.clone(),
-            cluster: self.cluster.clone(),
             admin: self.admin.clone(),
         };
         let scheme = if self.tls.is_some() { "https" } else { "http" };

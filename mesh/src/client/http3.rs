@@ -20,7 +20,7 @@
 
 use super::routes::RouteBook;
 use crate::pem::{self, TlsError};
-use crate::routing::retry::{Decision, RetryPolicy};
+use crate::routing::retry::{Attempts, Decision, Failed, RetryPolicy};
 use crate::routing::{ROUTE_HEADER, parse_route_header};
 use crate::wire::RouteHint;
 use bytes::{Buf, Bytes, BytesMut};
@@ -337,14 +337,11 @@ impl Http3Client {
         let path = format!("/v2/models/{model}/infer");
         let mut tried = Vec::new();
         let mut last = String::from("no replica or seed known");
-        let deadline = Instant::now() + self.config.timeout;
-        self.retry.started();
-        let mut retries = 0;
+        let mut attempts = Attempts::start(&self.retry, self.config.timeout, Instant::now());
         while let Some((key, addr)) = self.routes.target(model, &tried, &self.config.seeds) {
             tried.push(addr);
             let started = Instant::now();
             let pending = self.routes.start(&key, started);
-            let left = deadline.saturating_duration_since(started);
             let result = self
                 .request_within(
                     addr,
@@ -352,11 +349,10 @@ impl Http3Client {
                     &path,
                     headers.clone(),
                     body.clone(),
-                    left,
+                    attempts.left(started),
                 )
                 .await;
             let now = Instant::now();
-            let left = deadline.saturating_duration_since(now);
             match result {
                 Ok(response) => {
                     let hint = response
@@ -368,8 +364,7 @@ impl Http3Client {
                     // rule (a 503 is returned as is: `crate::routing::retry`).
                     let moved = response.status == StatusCode::NOT_FOUND
                         && self.routes.route(model).is_some();
-                    if moved && self.retry.decide(true, retries, left, true) == Decision::Retry {
-                        retries += 1;
+                    if moved && attempts.after(Failed::Moved, true, now) == Decision::Retry {
                         pending.finish(None, now);
                         self.routes.forget(model, addr);
                         self.routes.learn(hint);
@@ -387,13 +382,11 @@ impl Http3Client {
                 Err(e) => {
                     pending.finish(None, now);
                     self.routes.forget(model, addr);
-                    // A timed-out attempt had the whole remaining deadline.
-                    let retryable = !matches!(e, Http3Error::Timeout { .. });
+                    let timed_out = matches!(e, Http3Error::Timeout { .. });
                     last = e.to_string();
-                    if self.retry.decide(retryable, retries, left, true) != Decision::Retry {
+                    if attempts.after(Failed::Lost { timed_out }, true, now) != Decision::Retry {
                         break;
                     }
-                    retries += 1;
                 }
             }
         }

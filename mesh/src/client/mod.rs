@@ -27,7 +27,7 @@
 pub mod http3;
 mod routes;
 
-use crate::routing::retry::{self, Decision, Failed, RetryPolicy};
+use crate::routing::retry::{self, Attempts, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{Failure, InferCall, Message, RouteHint, WireTensorError, frame};
 use meshserve_host::{InferRequest, InferResponse};
@@ -151,24 +151,21 @@ impl MeshClient {
     pub async fn infer(&self, request: InferRequest) -> Result<Answer, ClientError> {
         let model = request.model.clone();
         let call = InferCall::from_request(request, None);
-        let timeout = call
-            .timeout_us
-            .filter(|&us| us > 0)
-            .map_or(self.config.timeout, Duration::from_micros);
-        let deadline = Instant::now() + timeout;
+        let timeout = call.timeout_or(self.config.timeout);
         let message = Message::Infer(call);
-        self.retry.started();
+        let mut attempts = Attempts::start(&self.retry, timeout, Instant::now());
         let mut tried = Vec::new();
         let mut last = String::from("no replica or seed known");
-        let mut retries = 0;
         while let Some((key, addr)) = self.routes.target(&model, &tried, &self.config.seeds) {
             tried.push(addr);
             let started = Instant::now();
             let pending = self.routes.start(&key, started);
-            let left = deadline.saturating_duration_since(started);
-            let result = self.endpoint.call(addr, &message, left).await;
+            let result = self
+                .endpoint
+                .call(addr, &message, attempts.left(started))
+                .await;
             let now = Instant::now();
-            let retryable = match result {
+            let decision = match result {
                 Ok(Message::Answer(answer)) => {
                     pending.finish(Some(now - started), now);
                     self.routes.learn(answer.route.clone());
@@ -180,39 +177,37 @@ impl MeshClient {
                     });
                 }
                 Ok(Message::Failure(failure)) => {
-                    let retryable = retry::retryable(Failed::Answered(&failure));
-                    if retryable {
+                    let failed = Failed::Answered(&failure);
+                    if retry::retryable(failed) {
+                        // Declined (moved, unloading, shutting down): not a latency to learn.
                         pending.finish(None, now);
                         self.routes.forget(&model, addr);
                     } else {
                         pending.finish(Some(now - started), now);
                     }
                     self.routes.learn(failure.route.clone());
-                    let left = deadline.saturating_duration_since(now);
-                    if self.retry.decide(retryable, retries, left, true) != Decision::Retry {
+                    if attempts.after(failed, true, now) != Decision::Retry {
                         return Err(ClientError::Failed(failure));
                     }
                     last = failure.message;
-                    retries += 1;
                     continue;
                 }
                 Ok(other) => {
                     pending.finish(None, now);
                     last = format!("{addr} answered {}", other.kind());
-                    false
+                    attempts.after(Failed::Unexpected, true, now)
                 }
                 Err(e) => {
                     pending.finish(None, now);
                     self.routes.forget(&model, addr);
+                    let decision = attempts.after(Failed::Transport(&e), true, now);
                     last = e.to_string();
-                    retry::retryable(Failed::Transport(&e))
+                    decision
                 }
             };
-            let left = deadline.saturating_duration_since(now);
-            if self.retry.decide(retryable, retries, left, true) != Decision::Retry {
+            if decision != Decision::Retry {
                 break;
             }
-            retries += 1;
         }
         Err(ClientError::Exhausted {
             attempts: tried.len(),

@@ -11,10 +11,11 @@ mod gossip;
 mod reconcile;
 mod service;
 
+use crate::dispatch::Dispatch;
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement;
 use crate::routing::balance::{Balancer, PeakEwma};
-use crate::routing::retry::{self, Decision, Failed, RetryPolicy};
+use crate::routing::retry::{Attempts, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
     CatalogEntry, Failure, FailureClass, InferAnswer, InferCall, MemberStatus, MeshStatus, Message,
@@ -176,6 +177,16 @@ impl MeshView {
     }
 }
 
+/// A replica's answer of the wrong kind: a broken peer.
+fn unexpected(model: &str, answer: &Message, route: RouteHint) -> Failure {
+    let mut failure = Failure::new(
+        FailureClass::Internal,
+        format!("a replica of '{model}' answered with {}", answer.kind()),
+    );
+    failure.route = Some(route);
+    failure
+}
+
 /// This node's membership in the mesh.
 pub struct Cluster {
     name: String,
@@ -256,7 +267,8 @@ impl Cluster {
             leaving: Mutex::default(),
         });
         cluster.publish_advert().await;
-        tokio::spawn(service::serve(cluster.clone()));
+        let dispatch = Dispatch::new(cluster.engine.clone(), Some(cluster.clone()));
+        tokio::spawn(service::serve(cluster.clone(), dispatch));
         tokio::spawn(reconcile::run(cluster.clone(), HOUSEKEEPING_PERIOD));
         tracing::info!(
             node = %cluster.name,
@@ -387,17 +399,67 @@ impl Cluster {
             .observe(latency, Instant::now());
     }
 
-    /// Runs `call` on a replica of its model (never this node), retrying others when one is
-    /// unreachable or no longer serves it. Inference is idempotent, so a retry is safe.
+    /// Runs `call` on a replica of its model (never this node). Inference is idempotent, so a
+    /// retry on another replica is safe.
     pub async fn forward(&self, mut call: InferCall) -> Result<InferAnswer, Failure> {
+        let timeout = call.timeout_or(self.forward_timeout);
         let model = call.model.clone();
+        call.forwarded = true;
+        match self
+            .call_replicas(&model, &Message::Infer(call), timeout)
+            .await?
+        {
+            (Message::Answer(mut answer), route) => {
+                answer.route = Some(route);
+                Ok(answer)
+            }
+            (other, route) => Err(unexpected(&model, &other, route)),
+        }
+    }
+
+    /// The OIP metadata of a model served elsewhere, from one of its replicas.
+    pub async fn remote_metadata(
+        &self,
+        model: &str,
+        version: Option<String>,
+    ) -> Result<serde_json::Value, Failure> {
+        let query = Message::MetadataQuery(MetadataQuery {
+            model: model.to_string(),
+            version,
+        });
+        match self
+            .call_replicas(model, &query, self.forward_timeout)
+            .await?
+        {
+            (Message::Metadata(text), route) => serde_json::from_str(&text).map_err(|e| {
+                let mut failure = Failure::new(
+                    FailureClass::Internal,
+                    format!("a replica of '{model}' sent malformed metadata: {e}"),
+                );
+                failure.route = Some(route);
+                failure
+            }),
+            (other, route) => Err(unexpected(model, &other, route)),
+        }
+    }
+
+    /// Sends `request` about `model` to its replicas other than this node, one at a time, until
+    /// one answers: replicas chosen by the balancer (suspects last), at most one retry, within
+    /// `timeout` in all, under the node's retry budget ([`crate::routing::retry`]). Gives the answer (anything
+    /// but a failure) and the model's route.
+    async fn call_replicas(
+        &self,
+        model: &str,
+        request: &Message,
+        timeout: Duration,
+    ) -> Result<(Message, RouteHint), Failure> {
         let metrics = self.engine.metrics().clone();
         let view = self.view();
-        let Some(route) = view.route(&model) else {
-            if view.knows(&model) {
+        let Some(route) = view.route(model) else {
+            if view.knows(model) {
                 // Held by a member, served by none right now (loading, restarting, failing to
                 // load): come back, rather than "no such model".
-                metrics.record_forward(&model, "no_replica");
+                metrics.record_forward(model, "no_replica");
                 let mut failure = Failure::new(
                     FailureClass::Unavailable,
                     format!(
@@ -413,22 +475,13 @@ impl Cluster {
                 format!("unknown model '{model}': no node of the mesh serves it"),
             ));
         };
-        // 0 means "no deadline", as it does in the engine.
-        let timeout = call
-            .timeout_us
-            .filter(|&us| us > 0)
-            .map_or(self.forward_timeout, Duration::from_micros);
-        let deadline = Instant::now() + timeout;
-        call.forwarded = true;
-        let request = Message::Infer(call);
         let mut candidates: Vec<&Replica> = route
             .replicas
             .iter()
             .filter(|r| r.node != self.name)
             .collect();
         let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
-        self.retry.started();
-        let mut retries = 0;
+        let mut attempts = Attempts::start(&self.retry, timeout, Instant::now());
         let mut failure = loop {
             let names: Vec<&str> = candidates.iter().map(|r| r.node.as_str()).collect();
             let Some(chosen) = self.balancer.pick_avoiding(&names, suspect, Instant::now()) else {
@@ -441,53 +494,46 @@ impl Cluster {
             let replica = candidates.remove(index);
             let started = Instant::now();
             let pending = self.balancer.start(&replica.node, started);
-            // Each attempt gets what is left of the request's deadline, not the whole again.
-            let left = deadline.saturating_duration_since(started);
-            let result = self.endpoint.call(replica.quic, &request, left).await;
+            let result = self
+                .endpoint
+                .call(replica.quic, request, attempts.left(started))
+                .await;
             let now = Instant::now();
-            let refusal = match result {
-                Ok(Message::Answer(mut answer)) => {
-                    pending.finish(Some(now - started), now);
-                    metrics.record_forward(&model, "ok");
-                    answer.route = Some(route.clone());
-                    return Ok(answer);
-                }
-                Ok(Message::Failure(failure)) => Ok(failure),
-                Ok(other) => {
-                    pending.finish(None, now);
-                    break Failure::new(
-                        FailureClass::Internal,
-                        format!("replica {} answered with {}", replica.node, other.kind()),
+            let another = !candidates.is_empty();
+            let (failure, decision) = match result {
+                Ok(Message::Failure(failure)) => {
+                    // A replica that ran the request has a latency to report; one that
+                    // declined counts as a failure for the balancer.
+                    let ran = !matches!(
+                        failure.class,
+                        FailureClass::NotHere | FailureClass::Unavailable
                     );
+                    pending.finish(ran.then(|| now - started), now);
+                    let decision = attempts.after(Failed::Answered(&failure), another, now);
+                    (failure, decision)
                 }
-                Err(e) => Err(e),
+                Ok(answer) => {
+                    pending.finish(Some(now - started), now);
+                    metrics.record_forward(model, "ok");
+                    return Ok((answer, route));
+                }
+                Err(e) => {
+                    pending.finish(None, now);
+                    let decision = attempts.after(Failed::Transport(&e), another, now);
+                    (
+                        Failure::new(FailureClass::Unavailable, e.to_string()),
+                        decision,
+                    )
+                }
             };
-            // A replica that ran the request has a latency to report; one that declined or
-            // could not be reached counts as a failure for the balancer.
-            let ran = matches!(&refusal, Ok(f) if !matches!(f.class, FailureClass::NotHere | FailureClass::Unavailable));
-            pending.finish(ran.then(|| now - started), now);
-            let failed = match &refusal {
-                Ok(failure) => Failed::Answered(failure),
-                Err(e) => Failed::Transport(e),
-            };
-            let left = deadline.saturating_duration_since(now);
-            let decision = self.retry.decide(
-                retry::retryable(failed),
-                retries,
-                left,
-                !candidates.is_empty(),
-            );
-            let failure =
-                refusal.unwrap_or_else(|e| Failure::new(FailureClass::Unavailable, e.to_string()));
             match decision {
                 Decision::Retry => {
                     tracing::debug!(replica = %replica.node, %model, reason = %failure.message, "retrying on another replica");
-                    metrics.record_forward(&model, "retried");
-                    retries += 1;
+                    metrics.record_forward(model, "retried");
                 }
                 Decision::BudgetSpent => {
                     tracing::warn!(replica = %replica.node, %model, reason = %failure.message, "retry budget spent; not retrying");
-                    metrics.record_forward(&model, "retry_budget_spent");
+                    metrics.record_forward(model, "retry_budget_spent");
                     break failure;
                 }
                 Decision::GiveUp => break failure,
@@ -497,7 +543,7 @@ impl Cluster {
             FailureClass::NotHere | FailureClass::Unavailable => "unavailable",
             _ => "failed",
         };
-        metrics.record_forward(&model, outcome);
+        metrics.record_forward(model, outcome);
         if failure.class == FailureClass::NotHere {
             // The caller sent its request to the right node; that the replicas moved is the
             // mesh's business.
@@ -505,50 +551,6 @@ impl Cluster {
         }
         failure.route = Some(route);
         Err(failure)
-    }
-
-    /// The OIP metadata of a model served elsewhere, from one of its replicas.
-    pub async fn remote_metadata(
-        &self,
-        model: &str,
-        version: Option<String>,
-    ) -> Result<serde_json::Value, Failure> {
-        let route = self.route(model).ok_or_else(|| {
-            Failure::new(
-                FailureClass::NotFound,
-                format!("unknown model '{model}': no node of the mesh serves it"),
-            )
-        })?;
-        let query = Message::MetadataQuery(MetadataQuery {
-            model: model.to_string(),
-            version,
-        });
-        let mut last = Failure::new(
-            FailureClass::Unavailable,
-            format!("no replica of '{model}' answered"),
-        );
-        for replica in route.replicas.iter().filter(|r| r.node != self.name) {
-            match self
-                .endpoint
-                .call(replica.quic, &query, self.forward_timeout)
-                .await
-            {
-                Ok(Message::Metadata(text)) => {
-                    return serde_json::from_str(&text).map_err(|e| {
-                        Failure::new(
-                            FailureClass::Internal,
-                            format!("replica '{}' sent malformed metadata: {e}", replica.node),
-                        )
-                    });
-                }
-                Ok(Message::Failure(failure)) if failure.class != FailureClass::NotHere => {
-                    return Err(failure);
-                }
-                Ok(_) => {}
-                Err(e) => last = Failure::new(FailureClass::Unavailable, e.to_string()),
-            }
-        }
-        Err(last)
     }
 
     /// This node's view of the mesh, for `meshserve status`.

@@ -3,8 +3,7 @@
 //! frame per bidirectional stream.
 
 use crate::cluster::{Cluster, bundle};
-use crate::http::error::status_of;
-use crate::http::routes::model_metadata_json;
+use crate::dispatch::{Call, Dispatch, DispatchError, Origin};
 use crate::membership::Membership;
 use crate::transport::certs::Role;
 use crate::transport::{TransportError, read_frame, tls, write_frame};
@@ -15,12 +14,14 @@ use crate::wire::{
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tower::ServiceExt;
 use tracing::Instrument;
 
-/// Accepts connections until the endpoint closes.
-pub(super) async fn serve(cluster: Arc<Cluster>) {
+/// Accepts connections until the endpoint closes; requests for models go through `dispatch`.
+pub(super) async fn serve(cluster: Arc<Cluster>, dispatch: Dispatch) {
     while let Some(incoming) = cluster.endpoint.quinn().accept().await {
         let cluster = cluster.clone();
+        let dispatch = dispatch.clone();
         tokio::spawn(async move {
             let peer = incoming.remote_address();
             let connection = match incoming.await {
@@ -42,7 +43,8 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                 tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
             }
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(answer(cluster.clone(), send, recv, role, peer));
+                let exchange = answer(cluster.clone(), dispatch.clone(), send, recv, role, peer);
+                tokio::spawn(exchange);
             }
         });
     }
@@ -105,6 +107,7 @@ async fn read_datagrams(cluster: Arc<Cluster>, connection: quinn::Connection) {
 
 async fn answer(
     cluster: Arc<Cluster>,
+    dispatch: Dispatch,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     role: Role,
@@ -130,7 +133,7 @@ async fn answer(
         return;
     };
     let reply = match read {
-        Ok(Message::Infer(call)) => cluster.serve_call(call, role).await,
+        Ok(Message::Infer(call)) => serve_call(&dispatch, call, role).await,
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
         Ok(Message::FetchModel(fetch)) if role == Role::Node => cluster.model_files(fetch).await,
@@ -149,13 +152,16 @@ async fn answer(
             }
         }
         Ok(Message::MetadataQuery(query)) => {
-            match model_metadata_json(&cluster.engine, &query.model, query.version.as_deref()) {
+            let origin = match role {
+                Role::Node => Origin::Node,
+                Role::Client => Origin::Client,
+            };
+            let metadata = dispatch
+                .metadata(&query.model, query.version.as_deref(), origin)
+                .await;
+            match metadata {
                 Ok(metadata) => Message::Metadata(metadata.to_string()),
-                Err(e) => {
-                    let mut failure = Failure::from(&e);
-                    failure.route = cluster.route(&query.model);
-                    Message::Failure(failure)
-                }
+                Err(e) => Message::Failure(with_route(&dispatch, &query.model, e)),
             }
         }
         Ok(other) => Message::Failure(Failure::new(
@@ -232,64 +238,78 @@ impl Cluster {
             files,
         })
     }
+}
 
-    /// Serves an inference call that arrived over the mesh: here when the model is loaded,
-    /// else forwarded for a client, else refused as "not here" to a forwarding node (which
-    /// then tries another replica), never forwarded twice.
-    async fn serve_call(&self, call: InferCall, role: Role) -> Message {
-        let started = Instant::now();
-        let model = call.model.clone();
-        let metrics = self.engine.metrics().clone();
-        let source = match role {
-            Role::Node => "node",
-            Role::Client => "client",
-        };
-        if self.engine.model(&model).is_none() {
-            if call.forwarded {
-                let mut failure = Failure::new(
-                    FailureClass::NotHere,
-                    format!("node '{}' does not serve '{model}'", self.name),
-                );
-                failure.route = self.route(&model);
-                return Message::Failure(failure);
-            }
-            return match self.forward(call).await {
-                Ok(answer) => Message::Answer(answer),
-                Err(failure) => Message::Failure(failure),
-            };
+/// A failure to send back, with the route to the model (so the caller learns where it is).
+fn with_route(dispatch: &Dispatch, model: &str, error: DispatchError) -> Failure {
+    let mut failure = Failure::from(error);
+    if failure.route.is_none() {
+        failure.route = dispatch.route(model);
+    }
+    failure
+}
+
+/// Serves an inference call that arrived over the mesh, through the node's [`Dispatch`]: a
+/// node's call (already forwarded) is served here or refused as "not here", a client's may be
+/// forwarded.
+async fn serve_call(dispatch: &Dispatch, call: InferCall, role: Role) -> Message {
+    let started = Instant::now();
+    let model = call.model.clone();
+    // Whoever sets the flag only narrows what is done (served here or refused), so a client
+    // claiming it gains nothing.
+    let origin = if call.forwarded {
+        Origin::Node
+    } else {
+        Origin::Client
+    };
+    let (request, traceparent) = match call.into_request() {
+        Ok(parts) => parts,
+        Err(mut failure) => {
+            failure.route = dispatch.route(&model);
+            return Message::Failure(failure);
         }
-        let route = self.route(&model);
-        let (request, traceparent) = match call.into_request() {
-            Ok(parts) => parts,
-            Err(mut failure) => {
-                failure.route = route;
-                return Message::Failure(failure);
+    };
+    let span = tracing::debug_span!("mesh_infer", %model, traceparent = traceparent.as_deref().unwrap_or(""));
+    let call = Call {
+        request,
+        traceparent,
+        origin,
+    };
+    let outcome = dispatch.clone().oneshot(call).instrument(span).await;
+    let metrics = dispatch.engine().metrics();
+    match outcome {
+        Ok(served) => {
+            let served_by = match served.hop {
+                Some((_, node)) => node,
+                None => {
+                    let source = match role {
+                        Role::Node => "node",
+                        Role::Client => "client",
+                    };
+                    metrics.record_mesh_served(&model, source);
+                    metrics.record_request(&model, 200, started.elapsed());
+                    dispatch
+                        .cluster()
+                        .map_or_else(String::new, |c| c.name().to_string())
+                }
+            };
+            let response = served.response;
+            Message::Answer(InferAnswer {
+                id: response.id,
+                model_name: response.model_name,
+                model_version: response.model_version,
+                outputs: response.outputs.into_iter().map(WireTensor::from).collect(),
+                timings: response.timings.into(),
+                served_by,
+                route: dispatch.route(&model),
+            })
+        }
+        Err(e) => {
+            if let DispatchError::Local(local) = &e {
+                let status = local.class().http_status();
+                metrics.record_request(&model, status, started.elapsed());
             }
-        };
-        let span = tracing::debug_span!("mesh_infer", %model, traceparent = traceparent.as_deref().unwrap_or(""));
-        let outcome = self.engine.infer(request).instrument(span).await;
-        let elapsed = started.elapsed();
-        match outcome {
-            Ok(response) => {
-                self.observe_local(elapsed);
-                metrics.record_mesh_served(&model, source);
-                metrics.record_request(&model, 200, elapsed);
-                Message::Answer(InferAnswer {
-                    id: response.id,
-                    model_name: response.model_name,
-                    model_version: response.model_version,
-                    outputs: response.outputs.into_iter().map(WireTensor::from).collect(),
-                    timings: response.timings.into(),
-                    served_by: self.name.clone(),
-                    route,
-                })
-            }
-            Err(e) => {
-                let mut failure = Failure::from(&e);
-                metrics.record_request(&model, status_of(e.class()).as_u16(), elapsed);
-                failure.route = route;
-                Message::Failure(failure)
-            }
+            Message::Failure(with_route(dispatch, &model, e))
         }
     }
 }

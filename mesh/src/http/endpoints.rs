@@ -6,8 +6,8 @@
 use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
 use crate::http::routes::{
-    AppState, TIMEOUT_HEADER, counted, header_number, json_response, oip_response, read_body,
-    run_model,
+    AppState, TIMEOUT_HEADER, counted, header_number, hop_timing, json_response, oip_response,
+    read_body, run_model,
 };
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -90,7 +90,7 @@ pub async fn invoke(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let mut timings = PluginTimings::default();
-    let metrics = state.engine.metrics();
+    let metrics = state.engine().metrics();
 
     let (mut request, encoding) = match &plugins.pre {
         Some(pre) => {
@@ -134,7 +134,7 @@ pub async fn invoke(
             _ => ApiError::from(e),
         }
     })?;
-    timings.hop = ran.hop_timing();
+    timings.hop = hop_timing(&ran);
     let mut response = ran.response;
     response.model_name = endpoint.name.clone();
 

@@ -1,6 +1,7 @@
 //! The one place where failures become HTTP responses: `{"error": "..."}` with the status of
 //! the failure's [`ErrorClass`], plus `Retry-After` where retrying helps.
 
+use crate::dispatch::DispatchError;
 use crate::wire::Failure;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,20 +37,7 @@ impl ApiError {
 
 /// The HTTP status of each error class.
 pub fn status_of(class: ErrorClass) -> StatusCode {
-    match class {
-        ErrorClass::NotFound => StatusCode::NOT_FOUND,
-        ErrorClass::InvalidInput => StatusCode::BAD_REQUEST,
-        ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorClass::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-        ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorClass::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorClass::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorClass::Forbidden => StatusCode::FORBIDDEN,
-        ErrorClass::PluginStatus(code) => {
-            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
-        }
-    }
+    StatusCode::from_u16(class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 impl From<InferError> for ApiError {
@@ -58,6 +46,15 @@ impl From<InferError> for ApiError {
             class: e.class(),
             retry_after: e.retry_after(),
             message: e.to_string(),
+        }
+    }
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(e: DispatchError) -> ApiError {
+        match e {
+            DispatchError::Local(e) => e.into(),
+            DispatchError::Remote(f) => f.into(),
         }
     }
 }

@@ -1,13 +1,12 @@
 //! The Open Inference Protocol v2 REST API (plus Triton's repository and model-configuration
 //! extensions and `/metrics`) as one axum router, shared by every HTTP version.
 
-use crate::cluster::Cluster;
+use crate::dispatch::{Call, Dispatch, DispatchError, Origin, Served, spec_json};
 use crate::http::admin::{self, AdminAccess};
 use crate::http::endpoints;
 use crate::http::error::ApiError;
 use crate::http::oip::{self, HEADER_CONTENT_LENGTH, OutputEncoding};
 use crate::routing::{ROUTE_HEADER, route_header};
-use crate::wire::InferCall;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -24,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tower::ServiceExt;
 
 /// Header that lets a client set a request deadline without touching the body, in µs.
 pub const TIMEOUT_HEADER: &str = "meshserve-timeout-us";
@@ -31,19 +31,22 @@ pub const TIMEOUT_HEADER: &str = "meshserve-timeout-us";
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    /// The node's engine.
-    pub engine: Arc<Engine>,
+    /// Where requests for models go: the engine, or the mesh.
+    pub dispatch: Dispatch,
     /// How request bodies are read: size, time and the node-wide byte budget.
     pub bodies: BodyLimits,
     /// The node's endpoints (plugins around models), if any are configured.
     pub endpoints: Option<Arc<Endpoints>>,
-    /// The node's place in the mesh, if it has one: models it does not serve are forwarded.
-    pub cluster: Option<Arc<Cluster>>,
     /// Who may load and unload models and reload plugins.
     pub admin: AdminAccess,
 }
 
 impl AppState {
+    /// The node's engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.dispatch.engine()
+    }
+
     fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
         self.endpoints.as_ref()?.get(name).cloned()
     }
@@ -129,7 +132,7 @@ async fn server_metadata() -> Response {
 }
 
 async fn server_ready(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
-    if state.engine.is_ready() {
+    if state.engine().is_ready() {
         Ok(StatusCode::OK)
     } else {
         Err(ApiError::new(
@@ -141,16 +144,12 @@ async fn server_ready(State(state): State<AppState>) -> Result<StatusCode, ApiEr
 
 fn find_version(state: &AppState, path: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
     let model = state
-        .engine
+        .engine()
         .model(&path.model)
         .ok_or_else(|| InferError::ModelNotFound {
             model: path.model.clone(),
         })?;
     Ok(model.version(path.version.as_deref())?.clone())
-}
-
-fn spec_json(spec: &TensorSpec) -> Value {
-    json!({ "name": spec.name, "datatype": spec.datatype.as_str(), "shape": spec.shape })
 }
 
 async fn model_metadata(
@@ -182,45 +181,11 @@ async fn model_metadata(
             "plugins": crate::http::endpoints::plugin_versions(&endpoint),
         })));
     }
-    if let Some(cluster) = remote(&state, &path.model) {
-        let metadata = cluster
-            .remote_metadata(&path.model, path.version.clone())
-            .await?;
-        return Ok(json_response(&metadata));
-    }
-    Ok(json_response(&model_metadata_json(
-        &state.engine,
-        &path.model,
-        path.version.as_deref(),
-    )?))
-}
-
-/// The cluster, when `model` is not served here but the mesh serves it.
-fn remote<'a>(state: &'a AppState, model: &str) -> Option<&'a Arc<Cluster>> {
-    let cluster = state.cluster.as_ref()?;
-    (state.engine.model(model).is_none() && cluster.route(model).is_some()).then_some(cluster)
-}
-
-/// OIP model metadata of a model loaded here.
-pub(crate) fn model_metadata_json(
-    engine: &Engine,
-    model: &str,
-    version: Option<&str>,
-) -> Result<Value, InferError> {
-    let loaded = engine
-        .model(model)
-        .ok_or_else(|| InferError::ModelNotFound {
-            model: model.to_string(),
-        })?;
-    let chosen = loaded.version(version)?;
-    let versions: Vec<String> = loaded.versions.keys().map(u64::to_string).collect();
-    Ok(json!({
-        "name": chosen.name,
-        "versions": versions,
-        "platform": "onnxruntime_onnx",
-        "inputs": chosen.signature.inputs.iter().map(spec_json).collect::<Vec<_>>(),
-        "outputs": chosen.signature.outputs.iter().map(spec_json).collect::<Vec<_>>(),
-    }))
+    let metadata = state
+        .dispatch
+        .metadata(&path.model, path.version.as_deref(), Origin::Client)
+        .await?;
+    Ok(json_response(&metadata))
 }
 
 async fn model_ready(
@@ -242,7 +207,7 @@ async fn model_ready(
         return Ok(StatusCode::OK);
     }
     // In a mesh, a model is ready wherever it is asked when some replica serves it.
-    if remote(&state, &path.model).is_some() && path.version.is_none() {
+    if state.dispatch.route(&path.model).is_some() && path.version.is_none() {
         return Ok(StatusCode::OK);
     }
     find_version(&state, &path)?;
@@ -430,12 +395,7 @@ async fn infer(
         Some(endpoint) => endpoints::invoke(&state, endpoint, &headers, body, started).await,
         None => run_infer(&state, &path, &headers, body, started).await,
     };
-    let known = endpoint.is_some()
-        || state.engine.model(&path.model).is_some()
-        || state
-            .cluster
-            .as_ref()
-            .is_some_and(|c| c.route(&path.model).is_some());
+    let known = endpoint.is_some() || state.dispatch.serves(&path.model);
     counted(
         &state,
         known.then_some(path.model.as_str()),
@@ -453,7 +413,7 @@ pub(crate) fn counted(
     started: Instant,
 ) -> Response {
     let response = outcome.unwrap_or_else(IntoResponse::into_response);
-    state.engine.metrics().record_request(
+    state.engine().metrics().record_request(
         name.unwrap_or("_unknown"),
         response.status().as_u16(),
         started.elapsed(),
@@ -482,111 +442,46 @@ async fn run_infer(
     let mut http = oip_response(
         &ran.response,
         &decoded.binary_outputs,
-        &ran.hop_timing(),
+        &hop_timing(&ran),
         started,
     );
     add_route_header(state, &model, &mut http);
     Ok(http)
 }
 
-/// A model's answer, and the mesh hop it took when it ran on another node.
-pub(crate) struct Ran {
-    /// The answer.
-    pub response: InferResponse,
-    /// Time spent on the forwarded call, and the node that served it.
-    pub hop: Option<(Duration, String)>,
-}
-
-impl Ran {
-    /// The hop as a `Server-Timing` part (empty when served here).
-    pub(crate) fn hop_timing(&self) -> String {
-        match &self.hop {
-            Some((hop, node)) => format!(
-                "forward;dur={:.3};desc=\"{node}\", ",
-                hop.as_secs_f64() * 1e3
-            ),
-            None => String::new(),
-        }
+/// The mesh hop of a forwarded answer as a `Server-Timing` part (empty when served here).
+pub(crate) fn hop_timing(served: &Served) -> String {
+    match &served.hop {
+        Some((hop, node)) => format!(
+            "forward;dur={:.3};desc=\"{node}\", ",
+            hop.as_secs_f64() * 1e3
+        ),
+        None => String::new(),
     }
 }
 
-/// Why a model did not answer: here in the engine, or on the replica it was forwarded to.
-pub(crate) enum RunError {
-    /// The local engine refused or failed.
-    Local(InferError),
-    /// The mesh could not serve it, or the replica refused or failed.
-    Remote(crate::wire::Failure),
-}
-
-impl RunError {
-    /// Whether the request's tensors did not fit the model.
-    pub(crate) fn invalid_input(&self) -> Option<&str> {
-        match self {
-            RunError::Local(InferError::InvalidInput(message)) => Some(message),
-            RunError::Remote(f) if f.class == crate::wire::FailureClass::InvalidInput => {
-                Some(&f.message)
-            }
-            _ => None,
-        }
-    }
-}
-
-impl From<RunError> for ApiError {
-    fn from(e: RunError) -> ApiError {
-        match e {
-            RunError::Local(e) => e.into(),
-            RunError::Remote(f) => f.into(),
-        }
-    }
-}
-
-/// Runs `request` on the local engine when the node serves the model, else on a replica over
-/// the mesh (W3C `traceparent` crosses the hop).
+/// Runs `request` through the node's [`Dispatch`]: here, or on a replica over the mesh (W3C
+/// `traceparent` crosses the hop).
 pub(crate) async fn run_model(
     state: &AppState,
     request: meshserve_host::InferRequest,
     headers: &HeaderMap,
-) -> Result<Ran, RunError> {
-    let cluster = match &state.cluster {
-        Some(cluster) if state.engine.model(&request.model).is_none() => cluster,
-        _ => {
-            let started = Instant::now();
-            let response = state.engine.infer(request).await.map_err(RunError::Local)?;
-            if let Some(cluster) = &state.cluster {
-                cluster.observe_local(started.elapsed());
-            }
-            return Ok(Ran {
-                response,
-                hop: None,
-            });
-        }
-    };
+) -> Result<Served, DispatchError> {
     let traceparent = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let hop_started = Instant::now();
-    let answer = cluster
-        .forward(InferCall::from_request(request, traceparent))
-        .await
-        .map_err(RunError::Remote)?;
-    let hop = hop_started.elapsed();
-    let from = answer.served_by.clone();
-    let (response, served_by) = answer.into_response().map_err(|e| {
-        RunError::Remote(crate::wire::Failure::new(
-            crate::wire::FailureClass::Internal,
-            format!("replica '{from}' sent a malformed answer: {e}"),
-        ))
-    })?;
-    Ok(Ran {
-        response,
-        hop: Some((hop, served_by)),
-    })
+    let call = Call {
+        request,
+        traceparent,
+        origin: Origin::Client,
+    };
+    state.dispatch.clone().oneshot(call).await
 }
 
 /// Adds the `meshserve-route` hint for `model` when the node is in a mesh that serves it.
 pub(crate) fn add_route_header(state: &AppState, model: &str, response: &mut Response) {
-    if let Some(route) = state.cluster.as_ref().and_then(|c| c.route(model))
+    if let Some(route) = state.dispatch.route(model)
         && let Ok(value) = HeaderValue::from_str(&route_header(&route))
     {
         response.headers_mut().insert(ROUTE_HEADER, value);
@@ -660,7 +555,7 @@ async fn repository_index(
             )
         })?
     };
-    let engine = state.engine.clone();
+    let engine = state.engine().clone();
     let index = tokio::task::spawn_blocking(move || engine.index())
         .await
         .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))?;
@@ -687,7 +582,7 @@ async fn load_model(
     State(state): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    let engine = state.engine.clone();
+    let engine = state.engine().clone();
     let name = model.clone();
     tokio::task::spawn_blocking(move || engine.load(&name))
         .await
@@ -707,7 +602,7 @@ async fn unload_model(
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
     // Off the async workers: an unload waits for a load of another model to finish.
-    let engine = state.engine.clone();
+    let engine = state.engine().clone();
     tokio::task::spawn_blocking(move || engine.unload(&model))
         .await
         .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))??;
@@ -720,7 +615,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.engine.metrics().encode(),
+        state.engine().metrics().encode(),
     )
         .into_response()
 }

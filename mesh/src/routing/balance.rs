@@ -13,6 +13,13 @@
 //! dropped) cannot leave a replica looking busy forever. Replicas the caller knows to be in
 //! doubt (SWIM suspects) are picked only when no other is left.
 //! Pure logic on explicit `Instant`s; the caller supplies the time.
+//!
+//! Why not tower's `p2c::Balance` and `load::PeakEwma` themselves: `Balance` picks among the
+//! ready services of a `Discover` stream when it is polled, so a retry cannot say "any replica
+//! but the one that just failed", and SWIM suspicion has no place in its choice; `PeakEwma`
+//! measures the calls made through the service it wraps, while here one replica's estimate is
+//! fed by every request any door forwards and by the route-aware client's own calls. The
+//! retry budget, where tower's fits as it is, is tower's ([`super::retry`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

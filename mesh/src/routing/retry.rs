@@ -14,7 +14,7 @@
 
 use crate::transport::TransportError;
 use crate::wire::{Failure, FailureClass};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tower::retry::budget::{Budget, TpsBudget};
 
 /// Retries per request, beyond its first attempt.
@@ -30,6 +30,16 @@ pub enum Failed<'a> {
     Answered(&'a Failure),
     /// The exchange itself failed (unreachable, connection lost, no answer in time).
     Transport(&'a TransportError),
+    /// The peer answered with a message that is no answer to the request: a broken peer.
+    Unexpected,
+    /// Over HTTP: a replica the route named answered 404, so it no longer serves the model.
+    Moved,
+    /// Over HTTP: the exchange failed without an answer; `timed_out` when it had the whole
+    /// remaining deadline.
+    Lost {
+        /// Whether the attempt ran out of time.
+        timed_out: bool,
+    },
 }
 
 /// Whether this failure may succeed on another replica, budget and deadline permitting.
@@ -43,6 +53,9 @@ pub fn retryable(failed: Failed<'_>) -> bool {
         // A timed-out attempt had the whole remaining deadline; a bad frame is a broken peer,
         // not a lost one.
         Failed::Transport(e) => !matches!(e, TransportError::Timeout { .. }) && e.is_retryable(),
+        Failed::Unexpected => false,
+        Failed::Moved => true,
+        Failed::Lost { timed_out } => !timed_out,
     }
 }
 
@@ -71,15 +84,15 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Counts a request toward the budget (call once per request, before its first attempt).
-    pub fn started(&self) {
+    /// Counts a request toward the budget (once per request, before its first attempt).
+    fn started(&self) {
         self.budget.deposit();
     }
 
     /// After a failed attempt: whether the failure is `retryable` (see [`retryable`]),
     /// `retries` already made for this request, `left` of its deadline, and whether another
     /// replica remains to try.
-    pub fn decide(
+    fn decide(
         &self,
         retryable: bool,
         retries: usize,
@@ -93,6 +106,44 @@ impl RetryPolicy {
         } else {
             Decision::BudgetSpent
         }
+    }
+}
+
+/// One request's attempts under a [`RetryPolicy`]: the deadline they share and the retries
+/// made so far. Every caller that tries replicas in turn (the forwarding node, the route-aware
+/// client) keeps its count here, so the rule is applied the same way everywhere.
+pub struct Attempts<'p> {
+    policy: &'p RetryPolicy,
+    deadline: Instant,
+    retries: usize,
+}
+
+impl<'p> Attempts<'p> {
+    /// A request with `timeout` from `now`, counted toward the policy's budget.
+    pub fn start(policy: &'p RetryPolicy, timeout: Duration, now: Instant) -> Attempts<'p> {
+        policy.started();
+        Attempts {
+            policy,
+            deadline: now + timeout,
+            retries: 0,
+        }
+    }
+
+    /// What is left of the deadline at `now`: all the next attempt may take.
+    pub fn left(&self, now: Instant) -> Duration {
+        self.deadline.saturating_duration_since(now)
+    }
+
+    /// After the attempt that `failed` at `now`: whether to try the next target (counted as a
+    /// retry), given whether `another` target remains.
+    pub fn after(&mut self, failed: Failed<'_>, another: bool, now: Instant) -> Decision {
+        let decision = self
+            .policy
+            .decide(retryable(failed), self.retries, self.left(now), another);
+        if decision == Decision::Retry {
+            self.retries += 1;
+        }
+        decision
     }
 }
 
@@ -165,6 +216,45 @@ mod tests {
             policy.decide(retryable(Failed::Answered(&busy)), 0, second, true),
             Decision::GiveUp,
             "Retry-After is the caller's to honour"
+        );
+    }
+
+    #[test]
+    fn attempts_share_one_deadline_and_one_retry() {
+        let policy = RetryPolicy::default();
+        let start = Instant::now();
+        let mut attempts = Attempts::start(&policy, Duration::from_millis(100), start);
+        let moved = failure(FailureClass::NotHere, None);
+        assert_eq!(attempts.left(start), Duration::from_millis(100));
+        let later = start + Duration::from_millis(60);
+        assert_eq!(
+            attempts.left(later),
+            Duration::from_millis(40),
+            "the second attempt gets what is left, not the whole timeout again"
+        );
+        assert_eq!(
+            attempts.after(Failed::Answered(&moved), true, later),
+            Decision::Retry
+        );
+        assert_eq!(
+            attempts.after(Failed::Answered(&moved), true, later),
+            Decision::GiveUp,
+            "one retry per request"
+        );
+        let mut late = Attempts::start(&policy, Duration::from_millis(100), start);
+        assert_eq!(
+            late.after(
+                Failed::Answered(&moved),
+                true,
+                start + Duration::from_millis(100)
+            ),
+            Decision::GiveUp,
+            "no retry once the deadline passed"
+        );
+        let mut broken = Attempts::start(&policy, Duration::from_millis(100), start);
+        assert_eq!(
+            broken.after(Failed::Unexpected, true, start),
+            Decision::GiveUp
         );
     }
 

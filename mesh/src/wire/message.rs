@@ -428,6 +428,14 @@ impl InferCall {
         Ok((request, self.traceparent))
     }
 
+    /// How long the caller gives this call: its own timeout, else `default` (0 means no
+    /// timeout given, as it does in the engine).
+    pub fn timeout_or(&self, default: Duration) -> Duration {
+        self.timeout_us
+            .filter(|&us| us > 0)
+            .map_or(default, Duration::from_micros)
+    }
+
     /// The call that carries `request` over the mesh.
     pub fn from_request(request: InferRequest, traceparent: Option<String>) -> InferCall {
         InferCall {
