@@ -5,7 +5,8 @@
 #   nodes b and c: HTTP :8001/:8002, HTTP/3 :8444/:8445, QUIC :7001/:7002, the bundled models,
 #           joining through a. Every node lists all three as seeds (its own address is skipped),
 #           so any of them restarted finds the others again.
-# Certificates: the mesh CA is made once in target/demo-certs; node and client certificates and
+# Certificates: the mesh CA is made once in target/demo-certs; node certificates (each node gets
+# only its own folder, target/demo-certs/node-NAME), client certificates and
 # the front door's (for 127.0.0.1 and localhost) are issued again on every run, so certificates
 # from an older build never linger. Extra arguments go to node a's
 # `meshserve serve`. Ctrl-C (or SIGTERM) stops all three after their grace period and drain;
@@ -35,12 +36,12 @@ trap wait INT
 start_peer() {
     RUST_LOG=${RUST_LOG:-warn} "$bin" serve --model-repository examples/models \
         --http "127.0.0.1:800$2" $(http3 "844$((3 + $2))") --quic "127.0.0.1:700$2" \
-        --certs "$certs" --name "$1" "${seeds[@]}" &
+        --certs "$certs/node-$1" --name "$1" "${seeds[@]}" &
     pids+=($!)
 }
 start_peer b 1
 start_peer c 2
-"$bin" serve --config examples/node.toml $(http3 8443) --quic 127.0.0.1:7000 --certs "$certs" \
+"$bin" serve --config examples/node.toml $(http3 8443) --quic 127.0.0.1:7000 --certs "$certs/node-a" \
     --name a "${seeds[@]}" "$@" &
 pids+=($!)
 wait "${pids[-1]}"

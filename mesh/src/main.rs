@@ -360,11 +360,17 @@ fn certs(args: CertsArgs) -> Result<()> {
     } else {
         println!("using mesh CA {}", ca_path.display());
     }
-    for (role, names) in [(Role::Node, &args.nodes), (Role::Client, &args.clients)] {
-        for name in names {
-            let path = ca.issue_to(&args.dir, role, name)?;
-            println!("issued {} certificate {}", role_name(role), path.display());
-        }
+    for name in &args.nodes {
+        let path = ca.issue_to(&args.dir, Role::Node, name)?;
+        println!(
+            "issued node certificate {} (node {name} needs only the folder {}; a running node reloads it on SIGHUP)",
+            path.display(),
+            meshserve::transport::certs::node_dir(&args.dir, name).display()
+        );
+    }
+    for name in &args.clients {
+        let path = ca.issue_to(&args.dir, Role::Client, name)?;
+        println!("issued client certificate {}", path.display());
     }
     if !args.servers.is_empty() {
         let path = ca.issue_server_to(&args.dir, &args.servers)?;
@@ -375,13 +381,6 @@ fn certs(args: CertsArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Node => "node",
-        Role::Client => "client",
-    }
 }
 
 fn status(args: StatusArgs) -> Result<()> {
@@ -454,7 +453,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         // Listening starts before the node announces it serves: a SIGTERM sent the moment it
         // is up must drain it, not kill it.
         let mut signals = StopSignals::install()?;
+        let hangups = ReloadSignal::install()?;
         let node = Node::start(config).await?;
+        hangups.reload_on_signal(node.cert_reloader());
         node.serve(async move {
             signals.next().await;
             // A second signal means "now": no grace period, no drain.
@@ -502,6 +503,51 @@ impl StopSignals {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("interrupted; shutting down");
         }
+    }
+}
+
+/// SIGHUP: reload certificates. Caught from the moment this exists, so a SIGHUP while the node
+/// starts does not end it (the default action).
+struct ReloadSignal {
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl ReloadSignal {
+    fn install() -> Result<ReloadSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ReloadSignal {
+                hangup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(ReloadSignal {})
+    }
+
+    fn reload_on_signal(self, reloader: meshserve::node::CertReloader) {
+        #[cfg(unix)]
+        {
+            let mut hangup = self.hangup;
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    let reloader = reloader.clone();
+                    match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                        Ok(Ok(reloaded)) => {
+                            tracing::info!(%reloaded, "SIGHUP: certificates reloaded");
+                        }
+                        Ok(Err(e)) => tracing::error!(
+                            error = %e,
+                            "SIGHUP: certificate reload failed; the certificates in use stay"
+                        ),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed"),
+                    }
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        let _ = reloader;
     }
 }
 

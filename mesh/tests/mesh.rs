@@ -6,7 +6,7 @@ mod support;
 
 use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::routing::{ROUTE_HEADER, parse_route_header};
-use meshserve::transport::certs::Role;
+use meshserve::transport::certs::{Role, node_dir, paths};
 use meshserve::transport::{MeshEndpoint, MeshIdentity, read_frame};
 use meshserve::wire::{self, FailureClass, MeshStatus, Message};
 use meshserve_host::{DataType, InferRequest, Tensor};
@@ -1035,8 +1035,11 @@ async fn a_node_certificate_speaks_only_for_its_own_node() {
     .await;
 
     // A node whose own certificate is another node's refuses to start, saying so.
-    let (cert, key) = meshserve::transport::certs::paths(&certs, Role::Node, "evil");
-    let (b_cert, b_key) = meshserve::transport::certs::paths(&certs, Role::Node, "b");
+    let (evil_dir, b_dir) = (node_dir(&certs, "evil"), node_dir(&certs, "b"));
+    std::fs::create_dir_all(&b_dir).unwrap();
+    std::fs::copy(evil_dir.join("ca.pem"), b_dir.join("ca.pem")).unwrap();
+    let (cert, key) = paths(&evil_dir, Role::Node, "evil");
+    let (b_cert, b_key) = paths(&b_dir, Role::Node, "b");
     std::fs::copy(cert, b_cert).unwrap();
     std::fs::copy(key, b_key).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))

@@ -284,6 +284,15 @@ impl Cluster {
         &self.name
     }
 
+    /// Swaps in a reloaded identity for new mesh connections; refused, changing nothing, when
+    /// the certificate does not name this node.
+    pub fn set_identity(&self, identity: &MeshIdentity) -> Result<(), ClusterError> {
+        if !identity.is_node(&self.name) {
+            return Err(ClusterError::CertificateName(self.name.clone()));
+        }
+        Ok(self.endpoint.set_identity(identity)?)
+    }
+
     /// The address peers reach us at.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic

@@ -194,17 +194,17 @@ where
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits up to
-/// `drain_timeout` for open connections to finish their in-flight requests.
+/// `drain_timeout` for open connections to finish their in-flight requests. With `tls`, each
+/// connection's handshake uses the config current when it arrives (certificates reload).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<watch::Receiver<Arc<rustls::ServerConfig>>>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
     let builder = builder(&limits);
-    let acceptor = tls.map(TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (closing, closing_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -230,7 +230,10 @@ pub async fn serve(
         };
         // Small request/response pairs must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        let (builder, app, acceptor) = (builder.clone(), app.clone(), acceptor.clone());
+        let acceptor = tls
+            .as_ref()
+            .map(|config| TlsAcceptor::from(config.borrow().clone()));
+        let (builder, app) = (builder.clone(), app.clone());
         let closing = closing_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;

@@ -1,10 +1,14 @@
 //! The mesh's certificate authority: `meshserve certs` creates it and issues node and client
-//! certificates, all as PEM files in one folder.
+//! certificates as PEM files. The operator's folder holds the CA key; each node gets a folder
+//! of its own holding only what it needs, to ship to that node as it is (a Kubernetes Secret,
+//! a config-management file set): no node ever holds `ca.key` or another node's key.
 //!
 //! ```text
-//! DIR/ca.pem, DIR/ca.key              the mesh CA (keep ca.key off the nodes in production)
-//! DIR/node-NAME.pem, node-NAME.key    a node: server and client auth, SANs `node.meshserve`
-//!                                     and `NAME.node.meshserve`
+//! DIR/ca.pem, DIR/ca.key              the mesh CA (stays with the operator)
+//! DIR/node-NAME/                      what node NAME needs, and nothing else:
+//!     ca.pem                            the CA certificate, to verify peers
+//!     node-NAME.pem, node-NAME.key      server and client auth, SANs `node.meshserve` and
+//!                                       `NAME.node.meshserve`
 //! DIR/client-NAME.pem, client-NAME.key  a native client: client auth, SAN `client.meshserve`
 //! DIR/server.pem, server.key          the HTTP/3 (and HTTPS) front door: server auth, SANs the
 //!                                     DNS names and IPs clients use (`--server NAME`)
@@ -126,6 +130,22 @@ impl Role {
             Role::Node => "node",
             Role::Client => "client",
         }
+    }
+}
+
+/// The folder `meshserve certs` makes for node `name` under the operator's folder `dir`.
+pub fn node_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("node-{name}"))
+}
+
+/// Where `name`'s files in `role` are, given `dir`: a node's own folder, or the operator's
+/// folder whose `node-NAME/` is then used. Clients read `dir` itself.
+pub fn identity_dir(dir: &Path, role: Role, name: &str) -> PathBuf {
+    let own = node_dir(dir, name);
+    if role == Role::Node && own.is_dir() {
+        own
+    } else {
+        dir.to_path_buf()
     }
 }
 
@@ -314,10 +334,24 @@ impl MeshCa {
         Ok(cert_path)
     }
 
-    /// Issues `name` in `role` and writes it under `dir`, returning the certificate's path.
+    /// Issues `name` in `role` and writes it under the operator's folder `dir` (a node's into
+    /// its own folder, [`node_dir`], with the CA certificate), returning the certificate's path.
+    /// Reissuing replaces the pair; a running node picks it up on SIGHUP.
     pub fn issue_to(&self, dir: &Path, role: Role, name: &str) -> Result<PathBuf, CertError> {
         let (cert, key) = self.issue(role, name)?;
-        let (cert_path, key_path) = paths(dir, role, name);
+        let dir = match role {
+            Role::Node => {
+                let own = node_dir(dir, name);
+                std::fs::create_dir_all(&own).map_err(|source| CertError::Io {
+                    path: own.display().to_string(),
+                    source,
+                })?;
+                write(&own.join("ca.pem"), &self.cert_pem, false)?;
+                own
+            }
+            Role::Client => dir.to_path_buf(),
+        };
+        let (cert_path, key_path) = paths(&dir, role, name);
         write(&cert_path, &cert, false)?;
         write(&key_path, &key, true)?;
         Ok(cert_path)
@@ -369,6 +403,41 @@ mod tests {
         let (server, _) = short.issue_server(&["127.0.0.1".into()]).unwrap();
         assert!(valid_at(short.cert_pem(), &server, now + 6 * day));
         assert!(!valid_at(short.cert_pem(), &server, now + 8 * day));
+    }
+
+    #[test]
+    fn a_node_folder_holds_only_that_nodes_key_and_the_ca_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = MeshCa::open_or_create(dir.path()).unwrap();
+        for name in ["a", "b"] {
+            ca.issue_to(dir.path(), Role::Node, name).unwrap();
+        }
+        ca.issue_to(dir.path(), Role::Client, "ops").unwrap();
+        let mut files: Vec<String> = std::fs::read_dir(node_dir(dir.path(), "a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["ca.pem", "node-a.key", "node-a.pem"]);
+        assert_eq!(
+            std::fs::read_to_string(node_dir(dir.path(), "a").join("ca.pem")).unwrap(),
+            ca.cert_pem()
+        );
+        assert!(
+            !dir.path().join("node-a.key").exists(),
+            "no node key next to the CA key"
+        );
+        assert_eq!(
+            identity_dir(dir.path(), Role::Node, "b"),
+            node_dir(dir.path(), "b")
+        );
+        let own = node_dir(dir.path(), "a");
+        assert_eq!(
+            identity_dir(&own, Role::Node, "a"),
+            own,
+            "a node's own folder"
+        );
+        assert_eq!(identity_dir(dir.path(), Role::Client, "ops"), dir.path());
     }
 
     #[test]

@@ -90,6 +90,11 @@ type Pool = Arc<Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::C
 #[derive(Clone)]
 pub struct MeshEndpoint {
     endpoint: quinn::Endpoint,
+    /// Shared by every clone, so a reloaded identity reaches them all (quinn keeps its default
+    /// client config per handle).
+    client_config: Arc<std::sync::RwLock<quinn::ClientConfig>>,
+    /// Whether this endpoint accepts connections (a node's) or only opens them (a client's).
+    accepts: bool,
     pool: Pool,
     max_frame_bytes: usize,
 }
@@ -101,10 +106,9 @@ impl MeshEndpoint {
         identity: &MeshIdentity,
         max_frame_bytes: usize,
     ) -> Result<MeshEndpoint, TransportError> {
-        let mut endpoint = quinn::Endpoint::server(identity.server_config()?, addr)
+        let endpoint = quinn::Endpoint::server(identity.server_config()?, addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
-        endpoint.set_default_client_config(identity.client_config()?);
-        Ok(MeshEndpoint::wrap(endpoint, max_frame_bytes))
+        MeshEndpoint::wrap(endpoint, identity, true, max_frame_bytes)
     }
 
     /// A client's endpoint: connects out only, from an ephemeral port.
@@ -113,18 +117,46 @@ impl MeshEndpoint {
         max_frame_bytes: usize,
     ) -> Result<MeshEndpoint, TransportError> {
         let addr = SocketAddr::from(([0, 0, 0, 0], 0));
-        let mut endpoint = quinn::Endpoint::client(addr)
+        let endpoint = quinn::Endpoint::client(addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
-        endpoint.set_default_client_config(identity.client_config()?);
-        Ok(MeshEndpoint::wrap(endpoint, max_frame_bytes))
+        MeshEndpoint::wrap(endpoint, identity, false, max_frame_bytes)
     }
 
-    fn wrap(endpoint: quinn::Endpoint, max_frame_bytes: usize) -> MeshEndpoint {
-        MeshEndpoint {
+    fn wrap(
+        endpoint: quinn::Endpoint,
+        identity: &MeshIdentity,
+        accepts: bool,
+        max_frame_bytes: usize,
+    ) -> Result<MeshEndpoint, TransportError> {
+        Ok(MeshEndpoint {
             endpoint,
+            client_config: Arc::new(std::sync::RwLock::new(identity.client_config()?)),
+            accepts,
             pool: Arc::default(),
             max_frame_bytes,
+        })
+    }
+
+    /// Swaps in a new identity (a reissued certificate, a new CA bundle) for every connection
+    /// made from now on, both ways; pooled outgoing connections are dropped so that the next
+    /// exchange reconnects with it. Connections in use finish with the identity they were made
+    /// with. Nothing changes when the identity does not make a valid config.
+    pub fn set_identity(&self, identity: &MeshIdentity) -> Result<(), TransportError> {
+        let client = identity.client_config()?;
+        let server = if self.accepts {
+            Some(identity.server_config()?)
+        } else {
+            None
+        };
+        if server.is_some() {
+            self.endpoint.set_server_config(server);
         }
+        *self
+            .client_config
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = client;
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(())
     }
 
     /// The bound UDP address.
@@ -157,9 +189,14 @@ impl MeshEndpoint {
         }
         *slot = None;
         let connect_error = |reason: String| TransportError::Connect { addr, reason };
+        let config = self
+            .client_config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let connecting = self
             .endpoint
-            .connect(addr, crate::transport::certs::NODE_SAN)
+            .connect_with(config, addr, crate::transport::certs::NODE_SAN)
             .map_err(|e| connect_error(e.to_string()))?;
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await

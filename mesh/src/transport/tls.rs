@@ -48,9 +48,11 @@ impl MeshIdentity {
             .is_some_and(|leaf| is_node_certificate(leaf, name))
     }
 
-    /// Loads `name`'s files from a folder made by `meshserve certs`.
+    /// Loads `name`'s files from a folder made by `meshserve certs`: the operator's folder,
+    /// or a node's own ([`certs::identity_dir`]).
     pub fn from_dir(dir: &Path, role: Role, name: &str) -> Result<MeshIdentity, TlsError> {
-        let (cert, key) = certs::paths(dir, role, name);
+        let dir = certs::identity_dir(dir, role, name);
+        let (cert, key) = certs::paths(&dir, role, name);
         MeshIdentity::load(&dir.join("ca.pem"), &cert, &key)
     }
 

@@ -1,5 +1,9 @@
 //! One meshserve node: the engine behind the HTTP front door, started from a [`NodeConfig`].
 
+mod reload;
+
+pub use reload::{CertReloader, Reloaded};
+
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{MeshConfig, NodeConfig};
 use crate::dispatch::Dispatch;
@@ -22,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +95,8 @@ pub struct Node {
     engine: Arc<Engine>,
     endpoints: Option<Arc<Endpoints>>,
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The HTTPS config, replaced on a certificate reload.
+    tls: Option<Arc<watch::Sender<Arc<rustls::ServerConfig>>>>,
     http3: Option<quinn::Endpoint>,
     admin: AdminAccess,
     cluster: Option<Arc<Cluster>>,
@@ -103,7 +109,10 @@ impl Node {
     /// Binds the port, starts ONNX Runtime and loads every model in the repository.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         let tls = match (&config.http.tls_cert, &config.http.tls_key) {
-            (Some(cert), Some(key)) => Some(server::tls_config(cert, key)?),
+            (Some(cert), Some(key)) => {
+                let config = server::tls_config(cert, key)?;
+                Some(Arc::new(watch::channel(config).0))
+            }
             _ => None,
         };
         let listener = TcpListener::bind(config.http.listen)
@@ -181,6 +190,16 @@ impl Node {
     /// The UDP address the HTTP/3 front door listens on, when it is on.
     pub fn http3_addr(&self) -> Option<SocketAddr> {
         self.http3.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
+    /// A handle that reloads the node's certificates from their files (what SIGHUP does).
+    pub fn cert_reloader(&self) -> CertReloader {
+        CertReloader {
+            config: Arc::new(self.config.clone()),
+            https: self.tls.clone(),
+            http3: self.http3.clone(),
+            cluster: self.cluster.clone(),
+        }
     }
 
     /// The node's engine.
@@ -289,7 +308,7 @@ impl Node {
         let tcp = server::serve(
             self.listener,
             tcp_app,
-            self.tls,
+            self.tls.as_ref().map(|config| config.subscribe()),
             self.config.http.limits(),
             stopped(stopped_rx),
             drain,
@@ -306,6 +325,18 @@ fn bind_http3(
     config: &crate::config::Http3Config,
     listen: SocketAddr,
 ) -> Result<quinn::Endpoint, NodeError> {
+    quinn::Endpoint::server(http3_server_config(config)?, listen).map_err(|source| {
+        NodeError::Bind {
+            addr: listen,
+            source,
+        }
+    })
+}
+
+/// The HTTP/3 front door's TLS and transport settings, read from its files.
+fn http3_server_config(
+    config: &crate::config::Http3Config,
+) -> Result<quinn::ServerConfig, NodeError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Err(NodeError::Tls(TlsError::Invalid(
             "http3 needs tls_cert and tls_key".into(),
@@ -316,11 +347,28 @@ fn bind_http3(
         (Some(ca), false) => ClientAuth::Optional(ca.clone()),
         (Some(ca), true) => ClientAuth::Required(ca.clone()),
     };
-    let server_config = http3::server_config(cert, key, &clients, &config.limits())?;
-    quinn::Endpoint::server(server_config, listen).map_err(|source| NodeError::Bind {
-        addr: listen,
-        source,
-    })
+    Ok(http3::server_config(cert, key, &clients, &config.limits())?)
+}
+
+/// Node `name`'s mesh identity from its certificate folder.
+fn mesh_identity(mesh: &MeshConfig, name: &str) -> Result<MeshIdentity, NodeError> {
+    let dir = mesh.certs.clone().unwrap_or_default();
+    let identity = MeshIdentity::from_dir(&dir, Role::Node, name).map_err(|source| {
+        NodeError::MeshCertificate {
+            name: name.to_string(),
+            dir: dir.display().to_string(),
+            source,
+        }
+    })?;
+    let used = crate::transport::certs::identity_dir(&dir, Role::Node, name);
+    if used.join("ca.key").exists() {
+        tracing::warn!(
+            folder = %used.display(),
+            "the node's certificate folder holds the mesh CA key; a node needs only {}",
+            crate::transport::certs::node_dir(&dir, name).display()
+        );
+    }
+    Ok(identity)
 }
 
 /// Starts the node's QUIC endpoint and joins the mesh through the seeds.
@@ -339,14 +387,7 @@ async fn join_mesh(
     if !crate::transport::certs::valid_node_name(&name) {
         return Err(NodeError::NodeName(name));
     }
-    let dir = mesh.certs.clone().unwrap_or_default();
-    let identity = MeshIdentity::from_dir(&dir, Role::Node, &name).map_err(|source| {
-        NodeError::MeshCertificate {
-            name: name.clone(),
-            dir: dir.display().to_string(),
-            source,
-        }
-    })?;
+    let identity = mesh_identity(mesh, &name)?;
     let mut seeds = Vec::new();
     for seed in &mesh.seeds {
         let resolved =
