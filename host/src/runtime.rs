@@ -3,7 +3,8 @@
 //! `ort` loads the shared library at run time (`load-dynamic`), and panics on first use if
 //! it cannot. So the library is resolved and checked here first, and a missing library is
 //! an error that says how to fix it. Order: the path from the config, then
-//! `ORT_DYLIB_PATH`, then the `onnxruntime` Python wheel in the usual install locations.
+//! `ORT_DYLIB_PATH`, then the folder of the binary itself (where the container image puts
+//! it), then the `onnxruntime` Python wheel in the usual install locations.
 //! Only one ONNX Runtime environment may exist per process, so it lives in a `OnceLock`.
 
 use std::path::{Path, PathBuf};
@@ -106,13 +107,25 @@ pub fn resolve_library(configured: Option<&Path>) -> Result<PathBuf, RuntimeErro
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return existing(Path::new(&path), "ORT_DYLIB_PATH");
     }
-    let roots = discovery_roots();
+    let beside_binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    discover(beside_binary.as_deref(), &discovery_roots())
+}
+
+/// The library in `beside_binary` itself, else in the first Python prefix of `roots` that
+/// has the wheel.
+fn discover(beside_binary: Option<&Path>, roots: &[PathBuf]) -> Result<PathBuf, RuntimeError> {
+    if let Some(found) = beside_binary.and_then(newest_library_in) {
+        return Ok(found);
+    }
     roots
         .iter()
         .find_map(|root| find_in_prefix(root))
         .ok_or_else(|| RuntimeError::NotFound {
-            searched: roots
-                .iter()
+            searched: beside_binary
+                .into_iter()
+                .chain(roots.iter().map(PathBuf::as_path))
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
@@ -214,6 +227,34 @@ mod tests {
         assert_eq!(
             find_in_prefix(prefix.path()),
             Some(capi.join("libonnxruntime.so.1.31.1"))
+        );
+    }
+
+    #[test]
+    fn a_library_beside_the_binary_comes_before_any_wheel() {
+        let prefix = tempfile::tempdir().unwrap();
+        let capi = prefix
+            .path()
+            .join("lib/python3.12/site-packages/onnxruntime/capi");
+        std::fs::create_dir_all(&capi).unwrap();
+        std::fs::write(capi.join("libonnxruntime.so.1.31.1"), b"").unwrap();
+        let bin = tempfile::tempdir().unwrap();
+        let roots = [prefix.path().to_path_buf()];
+        assert_eq!(
+            discover(Some(bin.path()), &roots).unwrap(),
+            capi.join("libonnxruntime.so.1.31.1"),
+            "nothing beside the binary: the wheel"
+        );
+        std::fs::write(bin.path().join("libonnxruntime.so.1.31.1"), b"").unwrap();
+        assert_eq!(
+            discover(Some(bin.path()), &roots).unwrap(),
+            bin.path().join("libonnxruntime.so.1.31.1")
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let message = discover(Some(empty.path()), &[]).unwrap_err().to_string();
+        assert!(
+            message.contains(&empty.path().display().to_string()),
+            "{message}"
         );
     }
 

@@ -44,12 +44,19 @@ pub struct NodeConfig {
 pub struct MeshConfig {
     /// UDP address of the `meshserve/1` endpoint; `None` runs a standalone node.
     pub listen: Option<SocketAddr>,
-    /// Address peers and clients use to reach us, when `listen` is not reachable as is.
-    pub advertise: Option<SocketAddr>,
+    /// Address peers and clients use to reach us, when `listen` is not reachable as is:
+    /// `host:port`, an IP (a pod's) or a name resolved at start.
+    pub advertise: Option<String>,
     /// This node's name, unique in the mesh; default `node-<quic port>`.
     pub name: Option<String>,
-    /// Nodes to join through, as `host:port` (names are resolved at start).
+    /// Nodes to join through, as `host:port`; a name stands for every address it resolves to
+    /// (a Kubernetes headless Service) and is resolved again every `seed_refresh_ms`.
     pub seeds: Vec<String>,
+    /// How often seed names are resolved again, in ms.
+    pub seed_refresh_ms: u64,
+    /// A file in the `/etc/hosts` format consulted before the system resolver for seed and
+    /// advertised names.
+    pub hosts_file: Option<PathBuf>,
     /// Folder made by `meshserve certs`: `ca.pem` and `node-<name>.pem`/`.key`.
     pub certs: Option<PathBuf>,
     /// How often a member probes another, in ms.
@@ -71,6 +78,8 @@ impl Default for MeshConfig {
             advertise: None,
             name: None,
             seeds: Vec::new(),
+            seed_refresh_ms: 5000,
+            hosts_file: None,
             certs: None,
             probe_period_ms: 500,
             suspect_timeout_ms: 1500,
@@ -283,6 +292,7 @@ impl NodeConfig {
             &mut config.http3.client_ca,
             &mut config.plugins.cache_dir,
             &mut config.mesh.certs,
+            &mut config.mesh.hosts_file,
         ] {
             if let Some(p) = slot.as_mut()
                 && p.is_relative()
@@ -359,6 +369,23 @@ impl NodeConfig {
             return Err(NodeConfigError::Inconsistent(
                 "http.max_body_bytes must be positive".into(),
             ));
+        }
+        if let Some(name) = &self.mesh.name
+            && !crate::transport::certs::valid_node_name(name)
+        {
+            return Err(NodeConfigError::Inconsistent(format!(
+                "mesh.name '{name}' is not a node name: lower-case letters, digits, '-', '_' and '.', at most 128"
+            )));
+        }
+        for (key, value) in self
+            .mesh
+            .seeds
+            .iter()
+            .map(|s| ("mesh.seeds", s))
+            .chain(self.mesh.advertise.iter().map(|a| ("mesh.advertise", a)))
+        {
+            crate::cluster::seeds::split_host_port(value)
+                .map_err(|e| NodeConfigError::Inconsistent(format!("{key}: {e}")))?;
         }
         Ok(())
     }

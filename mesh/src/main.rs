@@ -128,15 +128,23 @@ struct ServeArgs {
     /// UDP address of the mesh endpoint (`meshserve/1` over QUIC); joins or starts a mesh.
     #[arg(long, value_name = "ADDR:PORT")]
     quic: Option<SocketAddr>,
-    /// A node to join the mesh through (repeatable).
+    /// A node to join the mesh through (repeatable); a DNS name stands for every address it
+    /// holds, resolved again every `mesh.seed_refresh_ms` (a Kubernetes headless Service).
     #[arg(long = "seed", value_name = "HOST:PORT")]
     seeds: Vec<String>,
+    /// The address peers dial and clients are told, when `--quic` is not reachable as is (a
+    /// pod IP, or a name resolved at start).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Folder made by `meshserve certs` holding the mesh CA and this node's certificate.
     #[arg(long)]
     certs: Option<PathBuf>,
     /// This node's name in the mesh (default `node-<quic port>`).
     #[arg(long)]
     name: Option<String>,
+    /// Check the config file and flags, then exit without starting (0 when they are valid).
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Subcommand)]
@@ -440,10 +448,17 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(certs) = args.certs {
         config.mesh.certs = Some(certs);
     }
+    if let Some(advertise) = args.advertise {
+        config.mesh.advertise = Some(advertise);
+    }
     if let Some(name) = args.name {
         config.mesh.name = Some(name);
     }
     config.check()?;
+    if args.check {
+        println!("config ok");
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("meshserve-io")

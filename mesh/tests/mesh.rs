@@ -1187,3 +1187,121 @@ async fn chaos_under_load_loses_no_request_and_the_mesh_heals() {
     assert!(failures.is_empty(), "failed requests: {failures:?}");
     assert_eq!(after, owners, "the same placement as before, on every node");
 }
+
+/// A node at `ip:port` whose only seed is `seed`, resolved through `hosts` (re-read every
+/// 200 ms).
+fn start_named_seed_node(
+    root: &Path,
+    certs: &Path,
+    name: &str,
+    quic: SocketAddr,
+    seed: &str,
+    hosts: &Path,
+) -> MeshNode {
+    let config = root.join(format!("node-{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[mesh]\nhosts_file = \"{}\"\nseed_refresh_ms = 200\n",
+            hosts.display()
+        ),
+    )
+    .unwrap();
+    let repo = repository(root, name);
+    let (quic_arg, certs_arg) = (quic.to_string(), certs.display().to_string());
+    let config_arg = config.display().to_string();
+    let node = TestNode::start(
+        &repo,
+        &[
+            "--quic",
+            &quic_arg,
+            "--certs",
+            &certs_arg,
+            "--name",
+            name,
+            "--seed",
+            seed,
+            "--config",
+            &config_arg,
+        ],
+    );
+    MeshNode {
+        name: name.to_string(),
+        node,
+        quic,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_whose_only_seed_is_a_dns_name_form_one_mesh_and_find_new_addresses_under_it() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c", "d"], &["app"], &[]);
+    // One port on four loopback addresses, as pods of a StatefulSet have one port on four IPs.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let at = |host: u8| SocketAddr::from(([127, 0, 0, host], port));
+    let seed = format!("seeds.meshserve.test:{port}");
+    let hosts = root.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 seeds.meshserve.test\n127.0.0.2 seeds.meshserve.test\n127.0.0.3 seeds.meshserve.test\n",
+    )
+    .unwrap();
+    let nodes: Vec<MeshNode> = [("a", 1), ("b", 2), ("c", 3)]
+        .into_iter()
+        .map(|(name, host)| {
+            start_named_seed_node(root.path(), &certs, name, at(host), &seed, &hosts)
+        })
+        .collect();
+    let probe = client(&certs, vec![at(1)]);
+    let names = |status: &MeshStatus| -> BTreeSet<String> {
+        status.members.iter().map(|m| m.node.clone()).collect()
+    };
+    let everyone: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
+    for node in &nodes {
+        wait_for(
+            &format!("{} to see a, b and c", node.name),
+            Duration::from_secs(15),
+            async || {
+                let status = probe.status(node.quic).await.ok()?;
+                (names(&status) == everyone).then_some(())
+            },
+        )
+        .await;
+    }
+
+    // A new node whose name lists only itself at first is alone; once the name also holds
+    // the others (a Service gaining endpoints), it joins without a restart.
+    let own_hosts = root.path().join("hosts-d");
+    std::fs::write(&own_hosts, "127.0.0.4 seeds.meshserve.test\n").unwrap();
+    let d = start_named_seed_node(root.path(), &certs, "d", at(4), &seed, &own_hosts);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let alone = probe.status(d.quic).await.unwrap();
+    assert_eq!(names(&alone), ["d".to_string()].into(), "{alone:?}");
+    std::fs::write(
+        &own_hosts,
+        "127.0.0.1 seeds.meshserve.test\n127.0.0.2 seeds.meshserve.test\n127.0.0.4 seeds.meshserve.test\n",
+    )
+    .unwrap();
+    let all: BTreeSet<String> = ["a", "b", "c", "d"].map(String::from).into();
+    for node in nodes.iter().chain([&d]) {
+        wait_for(
+            &format!("{} to see all four", node.name),
+            Duration::from_secs(15),
+            async || {
+                let status = probe.status(node.quic).await.ok()?;
+                (names(&status) == all).then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(
+        d.node.log_text().contains("seed addresses changed"),
+        "{}",
+        d.node.log_text()
+    );
+}

@@ -59,7 +59,7 @@ fn datagram(packet: &[u8]) -> Bytes {
 pub(crate) fn spawn(
     core: Membership,
     endpoint: MeshEndpoint,
-    seeds: Vec<SocketAddr>,
+    seeds: watch::Receiver<Vec<SocketAddr>>,
 ) -> (
     mpsc::UnboundedSender<Input>,
     mpsc::Sender<Packet>,
@@ -83,7 +83,8 @@ pub(crate) fn spawn(
 struct Shell {
     core: Membership,
     endpoint: MeshEndpoint,
-    seeds: Vec<SocketAddr>,
+    /// The seeds' current addresses, re-resolved by [`super::seeds::watch`].
+    seeds: watch::Receiver<Vec<SocketAddr>>,
     input: mpsc::UnboundedSender<Input>,
     view: watch::Sender<Arc<MeshView>>,
     started: std::time::Instant,
@@ -114,14 +115,20 @@ impl Shell {
                     self.handle(Input::Packet(packet));
                     self.flush();
                 }
+                // New addresses under the seeds' names (a pod came up): announce to them now.
+                Ok(()) = self.seeds.changed() => {
+                    self.join_seeds();
+                    self.flush();
+                }
                 _ = rejoin.tick() => {
                     ticks = ticks.wrapping_add(1);
                     let isolated = self.core.is_isolated();
-                    if isolated && !self.seeds.is_empty() {
-                        self.check_seeds();
+                    let seeds = self.seeds.borrow().clone();
+                    if isolated && !seeds.is_empty() {
+                        self.check_seeds(&seeds);
                     }
                     if isolated || ticks.is_multiple_of(REANNOUNCE_EVERY) {
-                        for addr in self.core.rejoin_targets(&self.seeds) {
+                        for addr in self.core.rejoin_targets(&seeds) {
                             if let Err(e) = self.core.join(addr) {
                                 tracing::debug!(%addr, error = %e, "cannot announce");
                             }
@@ -161,7 +168,8 @@ impl Shell {
 
     fn join_seeds(&mut self) {
         let me = self.core.id().addr;
-        for seed in self.seeds.clone() {
+        let seeds = self.seeds.borrow_and_update().clone();
+        for seed in seeds {
             if seed != me
                 && let Err(e) = self.core.join(seed)
             {
@@ -173,9 +181,9 @@ impl Shell {
     // While isolated, say why the seeds cannot be reached: a wrong certificate or a closed port
     // is something the operator must see, not a silent retry loop. In a task of its own, so a
     // slow handshake never holds up membership packets.
-    fn check_seeds(&self) {
+    fn check_seeds(&self, seeds: &[SocketAddr]) {
         let me = self.core.id().addr;
-        let seeds: Vec<SocketAddr> = self.seeds.iter().copied().filter(|s| *s != me).collect();
+        let seeds: Vec<SocketAddr> = seeds.iter().copied().filter(|s| *s != me).collect();
         let endpoint = self.endpoint.clone();
         tokio::spawn(async move {
             for seed in seeds {

@@ -9,6 +9,7 @@
 pub mod bundle;
 mod gossip;
 mod reconcile;
+pub mod seeds;
 mod service;
 
 use crate::dispatch::Dispatch;
@@ -46,8 +47,8 @@ pub struct ClusterConfig {
     pub http: SocketAddr,
     /// The HTTP/3 front door's address, when it is on.
     pub http3: Option<SocketAddr>,
-    /// Members to announce ourselves to.
-    pub seeds: Vec<SocketAddr>,
+    /// The seeds' mesh addresses, kept current by [`seeds::watch`].
+    pub seeds: watch::Receiver<Vec<SocketAddr>>,
     /// Our certificate, key and the mesh CA.
     pub identity: MeshIdentity,
     /// Failure detection timing.
@@ -245,7 +246,8 @@ impl Cluster {
             config.detector,
             generation ^ placement::score(&config.name, "rng"),
         );
-        let (gossip, packets, view) = gossip::spawn(core, endpoint.clone(), config.seeds.clone());
+        let seeds = config.seeds.borrow().clone();
+        let (gossip, packets, view) = gossip::spawn(core, endpoint.clone(), config.seeds);
         let cluster = Arc::new(Cluster {
             name: config.name,
             generation,
@@ -273,7 +275,7 @@ impl Cluster {
         tracing::info!(
             node = %cluster.name,
             quic = %quic,
-            seeds = ?config.seeds,
+            ?seeds,
             "mesh endpoint up (meshserve/1, mutual TLS)"
         );
         Ok(cluster)

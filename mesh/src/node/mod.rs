@@ -4,6 +4,7 @@ mod reload;
 
 pub use reload::{CertReloader, Reloaded};
 
+use crate::cluster::seeds::{self, SeedError};
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{MeshConfig, NodeConfig};
 use crate::dispatch::Dispatch;
@@ -68,14 +69,12 @@ pub enum NodeError {
     /// The node's mesh name is one peers would refuse.
     #[error("'{0}' is not a valid node name: use up to 128 letters, digits, '-', '_' and '.'")]
     NodeName(String),
-    /// A seed address does not resolve.
-    #[error("mesh seed '{seed}': {reason}")]
-    Seed {
-        /// The seed as configured.
-        seed: String,
-        /// Why it does not resolve.
-        reason: String,
-    },
+    /// A seed is not `host:port`.
+    #[error("mesh seed: {0}")]
+    Seed(SeedError),
+    /// The advertised address does not resolve.
+    #[error("mesh.advertise: {0}")]
+    Advertise(SeedError),
     /// The node's mesh certificate is missing or unusable.
     #[error(
         "mesh certificate of node '{name}' in {dir}: {source} (create it with `meshserve certs --dir {dir} --node {name}`)"
@@ -379,7 +378,22 @@ async fn join_mesh(
     http3: Option<SocketAddr>,
     engine: &Arc<Engine>,
 ) -> Result<Arc<Cluster>, NodeError> {
-    let advertised = mesh.advertise.unwrap_or(listen);
+    let resolver = seeds::Resolver::new(mesh.hosts_file.clone());
+    let advertise = match &mesh.advertise {
+        Some(advertise) => {
+            let found = resolver
+                .resolve(advertise)
+                .await
+                .map_err(NodeError::Advertise)?;
+            // A name with several addresses: the first, IPv4 before IPv6, as peers most
+            // often reach.
+            let mut found = found;
+            found.sort_by_key(|a| (a.is_ipv6(), *a));
+            found.first().copied()
+        }
+        None => None,
+    };
+    let advertised = advertise.unwrap_or(listen);
     let name = mesh
         .name
         .clone()
@@ -388,17 +402,13 @@ async fn join_mesh(
         return Err(NodeError::NodeName(name));
     }
     let identity = mesh_identity(mesh, &name)?;
-    let mut seeds = Vec::new();
-    for seed in &mesh.seeds {
-        let resolved =
-            tokio::net::lookup_host(seed.as_str())
-                .await
-                .map_err(|e| NodeError::Seed {
-                    seed: seed.clone(),
-                    reason: e.to_string(),
-                })?;
-        seeds.extend(resolved);
-    }
+    let seeds = seeds::watch(
+        mesh.seeds.clone(),
+        resolver,
+        Duration::from_millis(mesh.seed_refresh_ms.max(100)),
+    )
+    .await
+    .map_err(NodeError::Seed)?;
     // Clients learn the HTTP addresses from adverts: an unspecified bind address is replaced
     // by the mesh address's IP, which peers can reach.
     let reachable = |addr: SocketAddr| {
@@ -412,7 +422,7 @@ async fn join_mesh(
     let config = ClusterConfig {
         name,
         listen,
-        advertise: mesh.advertise,
+        advertise,
         http,
         http3,
         seeds,
