@@ -402,16 +402,34 @@ fn status(args: StatusArgs) -> Result<()> {
         )
     })?;
     let runtime = current_thread_runtime()?;
-    let status = runtime.block_on(async {
+    let (status, loads) = runtime.block_on(async {
         let mut config = ClientConfig::new(vec![args.node], identity);
         config.timeout = Duration::from_secs(5);
-        let client = MeshClient::new(config)?;
-        client.status(args.node).await
+        let client = std::sync::Arc::new(MeshClient::new(config)?);
+        let status = client.status(args.node).await?;
+        // Each member reports its own load; one that does not answer shows as unknown.
+        let mut asks = tokio::task::JoinSet::new();
+        for advert in status.members.iter().filter_map(|m| m.advert.as_ref()) {
+            let (client, quic) = (client.clone(), advert.quic);
+            asks.spawn(async move { client.loads(quic).await });
+        }
+        let mut loads = Vec::new();
+        while let Some(answer) = asks.join_next().await {
+            match answer {
+                Ok(Ok(load)) => loads.push(load),
+                Ok(Err(e)) => eprintln!("a member's load is unknown: {e}"),
+                Err(e) => eprintln!("a member's load is unknown: {e}"),
+            }
+        }
+        loads.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok::<_, meshserve::client::ClientError>((status, loads))
     })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        let mut json = serde_json::to_value(&status)?;
+        json["loads"] = serde_json::to_value(&loads)?;
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!("{}", meshserve::cluster::format_status(&status));
+        print!("{}", meshserve::cluster::format_status(&status, &loads));
     }
     Ok(())
 }

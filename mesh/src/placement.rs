@@ -109,6 +109,47 @@ pub fn plan(members: &[&NodeAdvert]) -> RouteTable {
     }
 }
 
+/// A model whose replicas changed between two plans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// The model.
+    pub model: String,
+    /// Its replicas before (empty: new to the mesh).
+    pub from: Vec<String>,
+    /// Its replicas after (empty: no member holds it any more).
+    pub to: Vec<String>,
+}
+
+/// Every model whose replica set differs between `before` and `after`, by name.
+pub fn moves(before: &RouteTable, after: &RouteTable) -> Vec<Move> {
+    let nodes = |table: &RouteTable| -> BTreeMap<String, Vec<String>> {
+        table
+            .routes
+            .iter()
+            .map(|r| {
+                let mut nodes: Vec<String> = r.replicas.iter().map(|p| p.node.clone()).collect();
+                nodes.sort();
+                (r.model.clone(), nodes)
+            })
+            .collect()
+    };
+    let (mut before, after) = (nodes(before), nodes(after));
+    let mut moved: Vec<Move> = after
+        .into_iter()
+        .filter_map(|(model, to)| {
+            let from = before.remove(&model).unwrap_or_default();
+            (from != to).then_some(Move { model, from, to })
+        })
+        .collect();
+    moved.extend(before.into_iter().map(|(model, from)| Move {
+        model,
+        from,
+        to: Vec::new(),
+    }));
+    moved.sort_by(|a, b| a.model.cmp(&b.model));
+    moved
+}
+
 /// A digest of what placement depends on (members, their generations and catalogs): equal on
 /// every node that sees the same mesh, different after any change that can move a model.
 pub fn epoch_of(members: &[&NodeAdvert]) -> u64 {
@@ -130,6 +171,52 @@ pub fn epoch_of(members: &[&NodeAdvert]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moves_name_each_model_whose_replicas_changed() {
+        let replica = |node: &str| Replica {
+            node: node.into(),
+            quic: "127.0.0.1:1".parse().unwrap(),
+            http: "127.0.0.1:2".parse().unwrap(),
+            http3: None,
+        };
+        let table = |routes: &[(&str, &[&str])]| RouteTable {
+            epoch: 0,
+            routes: routes
+                .iter()
+                .map(|(model, nodes)| RouteHint {
+                    model: model.to_string(),
+                    epoch: 0,
+                    replicas: nodes.iter().map(|n| replica(n)).collect(),
+                })
+                .collect(),
+        };
+        let before = table(&[("fraud", &["a", "b"]), ("heavy", &["c"]), ("old", &["a"])]);
+        let after = table(&[("fraud", &["b", "a"]), ("heavy", &["a"]), ("new", &["b"])]);
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            moves(&before, &after),
+            vec![
+                Move {
+                    model: "heavy".into(),
+                    from: names(&["c"]),
+                    to: names(&["a"])
+                },
+                Move {
+                    model: "new".into(),
+                    from: vec![],
+                    to: names(&["b"])
+                },
+                Move {
+                    model: "old".into(),
+                    from: names(&["a"]),
+                    to: vec![]
+                },
+            ],
+            "the same replicas in another order is no move"
+        );
+        assert!(moves(&after, &after).is_empty());
+    }
     use std::collections::BTreeSet;
 
     fn nodes(n: usize) -> Vec<String> {

@@ -461,7 +461,26 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
             "{text}"
         );
     }
-    assert!(text.lines().any(|l| l.starts_with("fraud")), "{text}");
+    // Per model, each replica with its own recent load: the requests just sent show in both.
+    for owner in &owners {
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq(["fraud", owner.as_str()]))
+            .unwrap_or_else(|| panic!("no fraud row for {owner}:\n{text}"));
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        let rate: f64 = fields[3].parse().unwrap_or_else(|_| panic!("{row}"));
+        assert!(rate > 0.0, "{row}");
+        assert_eq!(fields.last(), Some(&"ms"), "a p99 in ms: {row}");
+    }
+    // Every placement change is in the log, with where the model went.
+    assert!(
+        a.node
+            .log_text()
+            .lines()
+            .any(|l| l.contains("placement changed") && l.contains("model=fraud")),
+        "{}",
+        a.node.log_text()
+    );
 
     // A graceful stop is a leave, sent when the stop begins (before the grace period and the
     // drain): the others know at once, without suspicion and timeouts.
@@ -1167,6 +1186,19 @@ async fn chaos_under_load_loses_no_request_and_the_mesh_heals() {
     let refs: Vec<&MeshNode> = nodes.iter().collect();
     settled(&probe, &refs, &["a", "b", "c"]).await;
     load_runs(&load, 50).await;
+    // The operator sees it in the others' logs: suspected, then down, with the model moved.
+    let frozen_name = format!("member={}", nodes[frozen].name);
+    let watcher = nodes.iter().find(|n| n.name != nodes[frozen].name).unwrap();
+    let log = watcher.node.log_text();
+    for event in ["member suspected", "member down", "placement changed"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(event)
+                    && (event == "placement changed" || l.contains(&frozen_name))),
+            "no '{event}' in {}'s log:\n{log}",
+            watcher.name
+        );
+    }
 
     // 3. A node restarts on the same address (a new generation wins it at once).
     let index = nodes.iter().position(|n| n.name == "c").unwrap();

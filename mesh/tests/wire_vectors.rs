@@ -155,6 +155,19 @@ fn vectors() -> Vec<(&'static str, Message)> {
         ("metadata", Message::Metadata("{\"name\":\"fraud\"}".into())),
         ("advert-query", Message::AdvertQuery),
         ("advert", Message::Advert(advert)),
+        ("load-query", Message::LoadQuery),
+        (
+            "loads",
+            Message::Loads(NodeLoads {
+                node: "node-a".into(),
+                models: vec![ModelLoadReport {
+                    model: "fraud".into(),
+                    queue_depth: 3,
+                    requests_per_second: 1234.5,
+                    p99_us: Some(870),
+                }],
+            }),
+        ),
     ]
 }
 

@@ -217,17 +217,31 @@ impl MeshClient {
 
     /// Asks `node` for its view of the mesh.
     pub async fn status(&self, node: SocketAddr) -> Result<crate::wire::MeshStatus, ClientError> {
-        match self
-            .endpoint
-            .call(node, &Message::StatusQuery, self.config.timeout)
-            .await?
-        {
+        match self.query(node, &Message::StatusQuery).await? {
             Message::Status(status) => Ok(status),
-            Message::Failure(failure) => Err(ClientError::Failed(failure)),
-            other => Err(ClientError::Exhausted {
-                attempts: 1,
-                last: format!("{node} answered {other:?}"),
-            }),
+            other => Err(unexpected(node, &other)),
         }
+    }
+
+    /// Asks `node` how loaded each model it serves is.
+    pub async fn loads(&self, node: SocketAddr) -> Result<crate::wire::NodeLoads, ClientError> {
+        match self.query(node, &Message::LoadQuery).await? {
+            Message::Loads(loads) => Ok(loads),
+            other => Err(unexpected(node, &other)),
+        }
+    }
+
+    async fn query(&self, node: SocketAddr, query: &Message) -> Result<Message, ClientError> {
+        match self.endpoint.call(node, query, self.config.timeout).await? {
+            Message::Failure(failure) => Err(ClientError::Failed(failure)),
+            answer => Ok(answer),
+        }
+    }
+}
+
+fn unexpected(node: SocketAddr, answer: &Message) -> ClientError {
+    ClientError::Exhausted {
+        attempts: 1,
+        last: format!("{node} answered {}", answer.kind()),
     }
 }

@@ -4,7 +4,8 @@
 //! timers, and every change of the live members is published as a new [`MeshView`].
 
 use crate::cluster::MeshView;
-use crate::membership::{AdvertFetch, Change, MemberId, Membership};
+use crate::membership::{AdvertFetch, Change, LiveMember, MemberId, Membership};
+use crate::placement;
 use crate::transport::MeshEndpoint;
 use crate::wire::{Message, NodeAdvert, WIRE_VERSION};
 use bytes::Bytes;
@@ -257,8 +258,43 @@ impl Shell {
         }
         let members = self.core.live_members();
         if self.view.borrow().members != members {
-            self.view
-                .send_replace(Arc::new(MeshView::from_members(members)));
+            let view = Arc::new(MeshView::from_members(members));
+            let previous = self.view.send_replace(view.clone());
+            log_suspicion(&previous.members, &view.members);
+            log_moves(&placement::moves(&previous.plan, &view.plan));
         }
+    }
+}
+
+/// Members that became suspect, or were cleared, between two views (up and down are
+/// logged from membership's own notifications).
+fn log_suspicion(before: &[LiveMember], after: &[LiveMember]) {
+    for member in after {
+        let was = before.iter().find(|b| b.id == member.id).map(|b| b.suspect);
+        match (was, member.suspect) {
+            (Some(false), true) => {
+                tracing::warn!(member = %member.id.name, addr = %member.id.addr, "member suspected (not answering probes)");
+            }
+            (Some(true), false) => {
+                tracing::info!(member = %member.id.name, "member no longer suspected");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Placement changes logged one by one, at most this many per change of the view; the rest
+/// are counted in one line (a node joining a mesh of 200-model catalogs moves about half).
+const MOVES_LOGGED: usize = 16;
+
+fn log_moves(moves: &[placement::Move]) {
+    for moved in moves.iter().take(MOVES_LOGGED) {
+        tracing::info!(model = %moved.model, from = ?moved.from, to = ?moved.to, "placement changed");
+    }
+    if moves.len() > MOVES_LOGGED {
+        tracing::info!(
+            more = moves.len() - MOVES_LOGGED,
+            "placement changed for more models"
+        );
     }
 }

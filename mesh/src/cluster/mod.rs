@@ -20,7 +20,7 @@ use crate::routing::retry::{Attempts, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
     CatalogEntry, Failure, FailureClass, InferAnswer, InferCall, MemberStatus, MeshStatus, Message,
-    MetadataQuery, NodeAdvert, Replica, RouteHint, RouteTable,
+    MetadataQuery, ModelLoadReport, NodeAdvert, NodeLoads, Replica, RouteHint, RouteTable,
 };
 use meshserve_host::Engine;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -564,6 +564,31 @@ impl Cluster {
         Err(failure)
     }
 
+    /// This node's load per model it serves, for `meshserve status`.
+    pub fn loads(&self) -> NodeLoads {
+        let metrics = self.engine.metrics();
+        let models = self
+            .serving()
+            .into_iter()
+            .map(|model| {
+                let load = metrics.load_of(&model);
+                ModelLoadReport {
+                    queue_depth: u64::try_from(load.queue_depth).unwrap_or(0),
+                    requests_per_second: load.recent.requests_per_second,
+                    p99_us: load
+                        .recent
+                        .p99
+                        .map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
+                    model,
+                }
+            })
+            .collect();
+        NodeLoads {
+            node: self.name.clone(),
+            models,
+        }
+    }
+
     /// This node's view of the mesh, for `meshserve status`.
     pub fn status(&self) -> MeshStatus {
         let view = self.view();
@@ -594,8 +619,10 @@ impl Cluster {
     }
 }
 
-/// `meshserve status` as a table: members and their load, then where each model is served.
-pub fn format_status(status: &MeshStatus) -> String {
+/// `meshserve status` as a table: members and their load, then per model each replica with
+/// its queue, requests per second and p99 over the last seconds (from `loads`, the members'
+/// own reports; `?` where one did not answer).
+pub fn format_status(status: &MeshStatus, loads: &[NodeLoads]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -631,14 +658,33 @@ pub fn format_status(status: &MeshStatus) -> String {
             member.node, member.state, quic, http, queue, ewma, serving
         );
     }
-    let _ = writeln!(out, "\n{:<24} REPLICAS", "MODEL");
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:<16} {:>6} {:>9} {:>10}",
+        "MODEL", "REPLICA", "QUEUE", "REQ/S", "P99"
+    );
+    let by_node: BTreeMap<&str, &NodeLoads> = loads.iter().map(|l| (l.node.as_str(), l)).collect();
     for route in &status.routes.routes {
-        let replicas: Vec<String> = route
-            .replicas
-            .iter()
-            .map(|r| format!("{} ({})", r.node, r.quic))
-            .collect();
-        let _ = writeln!(out, "{:<24} {}", route.model, replicas.join(", "));
+        for replica in &route.replicas {
+            let load = by_node
+                .get(replica.node.as_str())
+                .and_then(|l| l.models.iter().find(|m| m.model == route.model));
+            let (queue, rate, p99) = match load {
+                Some(m) => (
+                    m.queue_depth.to_string(),
+                    format!("{:.1}", m.requests_per_second),
+                    m.p99_us
+                        .map_or("-".into(), |us| format!("{:.2} ms", us as f64 / 1000.0)),
+                ),
+                // Placed but not loaded there yet, or the node did not answer.
+                None => ("?".into(), "?".into(), "?".into()),
+            };
+            let _ = writeln!(
+                out,
+                "{:<24} {:<16} {:>6} {:>9} {:>10}",
+                route.model, replica.node, queue, rate, p99
+            );
+        }
     }
     out
 }

@@ -136,6 +136,7 @@ async fn answer(
         Ok(Message::Infer(call)) => serve_call(&dispatch, call, role).await,
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
+        Ok(Message::LoadQuery) => Message::Loads(cluster.loads()),
         Ok(Message::FetchModel(fetch)) if role == Role::Node => cluster.model_files(fetch).await,
         Ok(Message::AdvertQuery) if role == Role::Node => {
             match cluster

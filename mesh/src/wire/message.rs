@@ -44,6 +44,10 @@ pub enum Message {
     AdvertQuery,
     /// A node's own advert, answering [`Message::AdvertQuery`].
     Advert(NodeAdvert),
+    /// Ask a node how loaded each model it serves is.
+    LoadQuery,
+    /// A node's load per model it serves, answering [`Message::LoadQuery`].
+    Loads(NodeLoads),
 }
 
 impl Message {
@@ -63,8 +67,32 @@ impl Message {
             Message::Metadata(_) => "Metadata",
             Message::AdvertQuery => "AdvertQuery",
             Message::Advert(_) => "Advert",
+            Message::LoadQuery => "LoadQuery",
+            Message::Loads(_) => "Loads",
         }
     }
+}
+
+/// One node's load per model it serves, from its own metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeLoads {
+    /// The node.
+    pub node: String,
+    /// One entry per model loaded there.
+    pub models: Vec<ModelLoadReport>,
+}
+
+/// One model's load on one node: its queue now, its requests over the last seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelLoadReport {
+    /// The model.
+    pub model: String,
+    /// Requests waiting in its queue.
+    pub queue_depth: u64,
+    /// Requests answered per second over the last seconds.
+    pub requests_per_second: f64,
+    /// Their 99th percentile latency in µs; `None` when there were none.
+    pub p99_us: Option<u64>,
 }
 
 /// Which model's metadata.

@@ -1,9 +1,12 @@
-"""The Kubernetes manifests in deploy/kubernetes: valid against the Kubernetes schemas, complete,
-and consistent with what the meshserve binary accepts and issues."""
+"""What deploy/ holds: the Kubernetes manifests (valid against the Kubernetes schemas, complete,
+and consistent with what the meshserve binary accepts and issues) and the Grafana dashboard
+(built on metrics a real node exports)."""
 
+import json
 import os
 import re
 import subprocess
+import urllib.request
 
 import kubernetes_validate
 import pytest
@@ -100,3 +103,40 @@ def test_probes_point_at_the_oip_health_endpoints_and_the_grace_period_covers_th
     drain_ms = int(re.search(r"drain_timeout_ms = (\d+)", node).group(1))
     pre_stop_s = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert spec["terminationGracePeriodSeconds"] * 1000 > pre_stop_s * 1000 + grace_ms + drain_ms
+
+
+def test_the_grafana_dashboard_queries_only_metrics_a_node_exports(node):
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "meshserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    # Drive a request so every per-model family has a sample.
+    body = json.dumps({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": [0.0] * 32}]})
+    request = urllib.request.Request(f"http://{node.url}/v2/models/fraud/infer", data=body.encode(), method="POST")
+    urllib.request.urlopen(request).read()
+    exposition = urllib.request.urlopen(f"http://{node.url}/metrics").read().decode()
+    exported = set()
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.M):
+        if kind == "histogram":
+            exported |= {f"{family}_bucket", f"{family}_sum", f"{family}_count"}
+        elif kind == "counter":
+            exported.add(f"{family}_total")
+        else:
+            exported.add(family)
+    queried = {name for expr in exprs for name in re.findall(r"\b(meshserve_\w+)", expr)}
+    assert queried, exprs
+    # Families without samples yet (no plugin ran, no mesh here) are not in the exposition:
+    # those must at least be registered under that name by the node's metrics.
+    source = (ROOT / "host" / "src" / "metrics" / "mod.rs").read_text()
+    registered = set(re.findall(r'registry\.register\(\s*"(\w+)"', source))
+    assert {"requests", "queue_depth", "forwarded_requests"} <= registered, registered
+    missing = []
+    for name in sorted(queried - exported):
+        family = re.sub(r"_(total|bucket|sum|count)$", "", name.removeprefix("meshserve_"))
+        if family not in registered:
+            missing.append(name)
+    assert not missing, f"queried but not a metric of the node: {missing}"
+    assert {"meshserve_requests_total", "meshserve_request_duration_seconds_bucket"} <= exported
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    for expr in exprs:
+        for used in re.findall(r"\$(\w+)", expr):
+            assert used in variables or used.startswith("__"), f"${used} in {expr}"

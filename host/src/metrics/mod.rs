@@ -9,7 +9,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::time::Duration;
+use recent::{RecentLoad, RecentWindow};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub mod recent;
 
 /// Labels of per-model metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +112,18 @@ pub struct Metrics {
     forwarded: Family<MeshLabels, Counter>,
     mesh_served: Family<MeshLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
+    /// Each model's last seconds of answered requests (names bounded as the labels are).
+    recent: RwLock<HashMap<String, Arc<Mutex<RecentWindow>>>>,
+    started: Instant,
+}
+
+/// A model's load on this node now, as `meshserve status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelLoad {
+    /// Requests waiting in its queue.
+    pub queue_depth: i64,
+    /// Requests per second and p99 over the last seconds.
+    pub recent: RecentLoad,
 }
 
 impl Default for Metrics {
@@ -211,6 +228,48 @@ impl Metrics {
             forwarded,
             mesh_served,
             connections,
+            recent: RwLock::default(),
+            started: Instant::now(),
+        }
+    }
+
+    fn second(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    fn recent_window(&self, model: &str) -> Arc<Mutex<RecentWindow>> {
+        if let Some(window) = self
+            .recent
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+        {
+            return window.clone();
+        }
+        self.recent
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(model.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// `model`'s load on this node now: its queue, and its requests over the last seconds.
+    pub fn load_of(&self, model: &str) -> ModelLoad {
+        let queue_depth = self
+            .queue_depth
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .get();
+        let recent = self
+            .recent_window(model)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .load(self.second());
+        ModelLoad {
+            queue_depth,
+            recent,
         }
     }
 
@@ -313,6 +372,10 @@ impl Metrics {
                 model: model.to_string(),
             })
             .observe(elapsed.as_secs_f64());
+        self.recent_window(model)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(elapsed, self.second());
     }
 
     /// The Prometheus text exposition of every metric.
