@@ -11,6 +11,8 @@ Writes:
   examples/references/<model>.json        inputs and onnxruntime's outputs per case
   mesh/tests/models/<model>/1/model.onnx  models only the tests serve (e.g. one that fails at run time)
   examples/images/*.png, *.jpg            small images for the image-preprocess plugin
+  examples/recsys/models/ranker/...       the recommendation example's ranking model
+  examples/recsys/data/{users,items}.csv  its feature tables
 
 Run: python3 scripts/make_models.py
 """
@@ -318,6 +320,70 @@ def echo_inputs(rng, rows):
     return inputs
 
 
+RECSYS = ROOT / "examples" / "recsys"
+RECSYS_FEATURES = 8
+RECSYS_USERS = 500
+RECSYS_ITEMS = 2000
+
+
+def write_table(path, key, prefix, rows):
+    """A feature table as CSV, values rounded to 4 decimals so the text is the exact data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ",".join([key] + [f"f{j}" for j in range(rows.shape[1])])
+    lines = [header] + [
+        ",".join([f"{prefix}{i:05d}"] + [f"{v:.4f}" for v in row]) for i, row in enumerate(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def recsys(rng):
+    """The ranking model of examples/recsys: (user, item) feature pairs [N,8]+[N,8] -> a score in
+    (0, 1) per pair, from an MLP over [user, item, user*item] plus the user.item affinity; the
+    candidate ids ride along as a STRING tensor (Identity), so the post-plugin can name them.
+    Also writes the user and item feature tables."""
+    d = RECSYS_FEATURES
+    w1, b1 = dense(rng, 3 * d, 32, np.sqrt(2))
+    w2, b2 = dense(rng, 32, 1, 1.0)
+    nodes = [
+        helper.make_node("Mul", ["user", "item"], ["cross"]),
+        helper.make_node("Concat", ["user", "item", "cross"], ["pair"], axis=1),
+        helper.make_node("Gemm", ["pair", "w1", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "w2", "b2"], ["mlp"]),
+        helper.make_node("ReduceSum", ["cross", "axes"], ["affinity"], keepdims=1),
+        helper.make_node("Add", ["mlp", "affinity"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["score"]),
+        helper.make_node("Identity", ["item_id"], ["item_ids"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ranker",
+        [
+            helper.make_tensor_value_info("user", TensorProto.FLOAT, ["batch", d]),
+            helper.make_tensor_value_info("item", TensorProto.FLOAT, ["batch", d]),
+            helper.make_tensor_value_info("item_id", TensorProto.STRING, ["batch"]),
+        ],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("item_ids", TensorProto.STRING, ["batch"]),
+        ],
+        [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
+        + [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+    path = save(
+        "ranker",
+        graph,
+        "# A request is one user's candidates (up to 1000 rows); batches stack several.\n"
+        "max_batch_size = 4096\nmax_request_rows = 1000\nmax_queue_delay_us = 200\n",
+        root=RECSYS / "models",
+    )
+    users = (rng.standard_normal((RECSYS_USERS, d)) * 0.5).astype(np.float32)
+    items = (rng.standard_normal((RECSYS_ITEMS, d)) * 0.5).astype(np.float32)
+    write_table(RECSYS / "data" / "users.csv", "user", "u", users)
+    write_table(RECSYS / "data" / "items.csv", "item", "i", items)
+    return path
+
+
 def to_json(a):
     if a.dtype == object:
         return [s if isinstance(s, str) else s.decode() for s in a.reshape(-1).tolist()]
@@ -392,6 +458,7 @@ def main():
     gather_rows(test_rng)
     flatten_rows(test_rng)
     images()
+    recsys(np.random.default_rng(20261130))
     print(f"wrote models under {MODELS} and {TEST_MODELS}, references under {REFERENCES}")
 
 

@@ -209,6 +209,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         warmup_secs: f64,
     },
+    /// Start a node serving examples/recsys and measure its recommend endpoint next to the
+    /// ranking model in process.
+    Recsys {
+        /// The example's folder.
+        #[arg(long, default_value = "examples/recsys")]
+        example: PathBuf,
+        /// Candidate items per request.
+        #[arg(long, default_value_t = 100)]
+        candidates: usize,
+        /// Measured seconds per row.
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        /// Warm-up seconds before each row.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+    },
     /// Simulate membership and placement of many nodes on virtual time (no sockets).
     Simulate {
         /// Nodes in the simulated mesh.
@@ -651,6 +667,23 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                 warmup: Duration::from_secs_f64(warmup_secs),
             };
             let table = runtime.block_on(bench::protocols::run_protocol_suite(&config))?;
+            print!("{table}");
+        }
+        BenchCommand::Recsys {
+            example,
+            candidates,
+            duration_secs,
+            warmup_secs,
+        } => {
+            let config = bench::recsys::RecsysBenchConfig {
+                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                example: std::fs::canonicalize(&example)
+                    .with_context(|| format!("example folder {}", example.display()))?,
+                candidates: candidates.clamp(1, 1000),
+                duration: Duration::from_secs_f64(duration_secs),
+                warmup: Duration::from_secs_f64(warmup_secs),
+            };
+            let table = runtime.block_on(bench::recsys::run_recsys(&config))?;
             print!("{table}");
         }
         BenchCommand::Mesh {

@@ -7,6 +7,7 @@
 pub mod mesh;
 pub mod plugins;
 pub mod protocols;
+pub mod recsys;
 pub mod suite;
 
 use crate::client::http3::{Http3Client, Http3ClientConfig};

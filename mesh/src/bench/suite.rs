@@ -23,7 +23,7 @@ pub struct SuiteConfig {
     pub warmup: Duration,
 }
 
-fn load_session(repository: &Path, model: &str) -> Result<OnnxSession, BenchError> {
+pub(super) fn load_session(repository: &Path, model: &str) -> Result<OnnxSession, BenchError> {
     let runtime =
         meshserve_host::runtime::init(None).map_err(|e| BenchError::Model(e.to_string()))?;
     let repo = Repository::new(repository);
