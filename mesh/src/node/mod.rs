@@ -449,11 +449,13 @@ async fn start_endpoints(
     let plugins = config.plugins.clone();
     let declared = config.endpoints.clone();
     let metrics = engine.metrics().clone();
-    let endpoints = tokio::task::spawn_blocking(move || -> Result<Endpoints, NodeError> {
-        let features = Arc::new(FeatureTables::load(&tables)?);
-        let runtime = PluginRuntime::new(plugins, features, metrics)?;
-        Ok(Endpoints::load(&declared, runtime))
-    })
+    let (endpoints, features) = tokio::task::spawn_blocking(
+        move || -> Result<(Endpoints, Arc<FeatureTables>), NodeError> {
+            let features = Arc::new(FeatureTables::load(&tables)?);
+            let runtime = PluginRuntime::new(plugins, features.clone(), metrics)?;
+            Ok((Endpoints::load(&declared, runtime), features))
+        },
+    )
     .await
     .map_err(|e| NodeError::Repository {
         path: "(endpoints)".into(),
@@ -475,6 +477,13 @@ async fn start_endpoints(
         .watch(Duration::from_secs(1))
         .map_err(|source| NodeError::Repository {
             path: "(plugin watcher)".into(),
+            source,
+        })?;
+    // A changed table file is read again once it has settled (two polls), without a restart.
+    features
+        .watch(Duration::from_millis(500))
+        .map_err(|source| NodeError::Repository {
+            path: "(feature table watcher)".into(),
             source,
         })?;
     Ok(endpoints)

@@ -3,6 +3,10 @@ ranking model; every answer checked against onnxruntime run here on the same fea
 
 import csv
 import json
+import os
+import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -15,8 +19,8 @@ from conftest import ROOT, Node
 EXAMPLE = ROOT / "examples" / "recsys"
 
 
-def table(name):
-    with open(EXAMPLE / "data" / f"{name}.csv", newline="") as f:
+def table(name, data=EXAMPLE / "data"):
+    with open(data / f"{name}.csv", newline="") as f:
         rows = csv.reader(f)
         next(rows)
         return {row[0]: np.array([float(v) for v in row[1:]], dtype=np.float32) for row in rows}
@@ -43,9 +47,9 @@ def post(node, body, headers=None):
         return e.code, json.loads(e.read())
 
 
-def expected(user, items, k):
+def expected(user, items, k, data=EXAMPLE / "data"):
     """The top k by onnxruntime itself, over the rows the plugin should have built."""
-    users, catalogue = table("users"), table("items")
+    users, catalogue = table("users", data), table("items", data)
     known = [i for i in items if i in catalogue]
     u = users.get(user, np.zeros(8, dtype=np.float32))
     session = ort.InferenceSession(str(EXAMPLE / "models" / "ranker" / "1" / "model.onnx"))
@@ -102,3 +106,59 @@ def test_bad_requests_get_clear_errors(recsys):
     for body, status, message in cases:
         got, answer = post(recsys, body)
         assert got == status and message in answer["error"], (body, got, answer)
+
+
+def test_a_changed_item_table_is_picked_up_under_load_with_no_failed_request(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLE / "data", data)
+    plugins = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
+    config = (EXAMPLE / "node.toml").read_text()
+    config = config.replace('"data/', f'"{data}/').replace('"../../plugins/target/wasm32-wasip2/release/', f'"{plugins}/')
+    config = config.replace('"../../target/plugin-cache"', f'"{tmp_path / "cache"}"')
+    (tmp_path / "node.toml").write_text(config)
+    node = Node(EXAMPLE / "models", "--config", tmp_path / "node.toml")
+    try:
+        items = [f"i{j:05d}" for j in range(20)]
+        body = {"user": "u00017", "items": items}
+        status, before = post(node, body, {"x-top-k": "20"})
+        assert status == 200, before
+        assert_ranking(before, expected("u00017", items, 20, data))
+
+        statuses = []
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                statuses.append(post(node, body)[0])
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(0.5)
+        # The catalogue changes under load: item i00003 gets new features. Written whole and
+        # renamed into place, as a table export would be.
+        lines = (data / "items.csv").read_text().splitlines()
+        lines = [",".join(["i00003"] + ["2.0000"] * 8) if l.startswith("i00003,") else l for l in lines]
+        staging = data / "items.csv.new"
+        staging.write_text("\n".join(lines) + "\n")
+        os.replace(staging, data / "items.csv")
+        want = expected("u00017", items, 20, data)
+        assert [i for i, _ in want] != [e["item"] for e in before["items"]], "the change must show"
+        deadline = time.time() + 10
+        while True:
+            status, after = post(node, body, {"x-top-k": "20"})
+            assert status == 200, after
+            if [e["item"] for e in after["items"]] == [i for i, _ in want]:
+                break
+            assert time.time() < deadline, f"the new table was not picked up: {after}"
+            time.sleep(0.1)
+        assert_ranking(after, want)
+        time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join()
+        assert len(statuses) > 50, len(statuses)
+        assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+        assert any("feature table reloaded" in line for line in node.log), "".join(node.log[-20:])
+    finally:
+        node.stop()
