@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use meshserve::bench::mesh::MeshSuiteConfig;
+use meshserve::bench::plot::{SweepPoint, latency_svg};
 use meshserve::bench::plugins::PluginSuiteConfig;
 use meshserve::bench::suite::SuiteConfig;
 use meshserve::bench::{self, HttpLoad, Protocol};
@@ -234,43 +235,80 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Closed-loop HTTP load against a running node (or any OIP server), over HTTP/1.1,
-    /// HTTP/2 or HTTP/3.
-    Http {
-        /// The server (its UDP address for HTTP/3).
-        #[arg(long, default_value = "127.0.0.1:8000")]
-        addr: SocketAddr,
-        /// h1 (HTTP/1.1), h2 (HTTP/2: h2c, or TLS with --tls) or h3 (HTTP/3, always TLS).
-        #[arg(long, value_enum, default_value_t = ProtocolArg::H1)]
-        protocol: ProtocolArg,
-        /// Speak TLS over TCP (h1 and h2).
-        #[arg(long)]
-        tls: bool,
-        /// CA certificate that signed the server's certificate (TLS and h3).
-        #[arg(long, default_value = "certs/ca.pem")]
-        ca: PathBuf,
-        /// Connections the concurrent requests share (h2 and h3; h1 opens one per request).
-        #[arg(long, default_value_t = 1)]
-        connections: usize,
-        /// Model to call; its single FP32 input is filled with generated values.
-        #[arg(long, default_value = "fraud")]
-        model: String,
-        /// Input name.
-        #[arg(long, default_value = "features")]
-        input: String,
-        /// Input width (elements per row).
-        #[arg(long, default_value_t = 32)]
-        width: usize,
-        /// Rows per request.
-        #[arg(long, default_value_t = 1)]
-        rows: usize,
-        /// Concurrent connections.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Measured seconds.
-        #[arg(long, default_value_t = 10.0)]
-        duration_secs: f64,
+    /// HTTP load against a running node or any OIP server (Triton, KServe): closed loop
+    /// (--concurrency), open loop (--rate, latency from each request's due time), or an
+    /// open-loop sweep over rates (--rates) that finds the highest rate meeting a p99 target.
+    Http(HttpBenchArgs),
+    /// Serve the floor: a bare hyper server answering a fixed OIP response, for comparisons
+    /// (`bench suite` starts it itself).
+    #[command(hide = true)]
+    FloorServer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
     },
+}
+
+#[derive(Args)]
+struct HttpBenchArgs {
+    /// The server (its UDP address for HTTP/3).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: SocketAddr,
+    /// h1 (HTTP/1.1), h2 (HTTP/2: h2c, or TLS with --tls) or h3 (HTTP/3, always TLS).
+    #[arg(long, value_enum, default_value_t = ProtocolArg::H1)]
+    protocol: ProtocolArg,
+    /// Speak TLS over TCP (h1 and h2).
+    #[arg(long)]
+    tls: bool,
+    /// CA certificate that signed the server's certificate (TLS and h3).
+    #[arg(long, default_value = "certs/ca.pem")]
+    ca: PathBuf,
+    /// Connections the concurrent requests share (h2 and h3; h1 opens one per request).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Model to call (the path is /v2/models/MODEL/infer unless --path says otherwise).
+    #[arg(long, default_value = "fraud")]
+    model: String,
+    /// Request path, instead of the model's infer route (e.g. an endpoint's invocations).
+    #[arg(long)]
+    path: Option<String>,
+    /// Request body from this file (sent as it is); default: generated from the model's
+    /// metadata (GET /v2/models/MODEL), `--rows` rows of deterministic values.
+    #[arg(long)]
+    body: Option<PathBuf>,
+    /// Generated bodies use the OIP binary tensor extension instead of JSON data.
+    #[arg(long)]
+    binary: bool,
+    /// Extra request header, `NAME: VALUE` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Rows per generated request.
+    #[arg(long, default_value_t = 1)]
+    rows: usize,
+    /// Requests in flight at most (closed loop: exactly).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Open loop at this many requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Open-loop sweep over these rates, e.g. 5000,10000,20000,40000.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// p99 target in µs: the sweep reports the highest rate that meets it.
+    #[arg(long)]
+    p99_target_us: Option<u64>,
+    /// Write an SVG plot of p50/p99/p99.9 against offered rate (sweeps).
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    /// Unmeasured seconds before each run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -716,59 +754,236 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
-        BenchCommand::Http {
-            addr,
-            protocol,
-            tls,
-            ca,
-            connections,
-            model,
-            input,
-            width,
-            rows,
-            concurrency,
-            duration_secs,
-        } => {
-            let protocol = match (protocol, tls) {
-                (ProtocolArg::H1, false) => Protocol::Http1,
-                (ProtocolArg::H1, true) => Protocol::Http1Tls(bench::tls_client(&ca, b"http/1.1")?),
-                (ProtocolArg::H2, tls) => Protocol::Http2 {
-                    connections,
-                    tls: if tls {
-                        Some(bench::tls_client(&ca, b"h2")?)
-                    } else {
-                        None
-                    },
-                },
-                (ProtocolArg::H3, _) => Protocol::Http3 {
-                    connections,
-                    roots: meshserve::pem::read_certs(&ca)
-                        .with_context(|| format!("CA certificate {}", ca.display()))?,
-                },
-            };
-            let label = format!("{protocol:?}");
-            let load = HttpLoad {
-                addr,
-                protocol,
-                path: format!("/v2/models/{model}/infer"),
-                body: bench::fp32_request_body(&input, rows, width),
-                rows: rows as u64,
-                concurrency,
-                warmup: Duration::from_secs(1),
-                duration: Duration::from_secs_f64(duration_secs),
-            };
-            let report = runtime.block_on(bench::run_http(&load))?;
-            println!(
-                "{model} over {label}: concurrency {concurrency}, {:.0} req/s, {:.0} samples/s, p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, {} errors",
-                report.requests_per_second(),
-                report.samples_per_second(),
-                report.percentile_us(0.5),
-                report.percentile_us(0.9),
-                report.percentile_us(0.99),
-                report.percentile_us(0.999),
-                report.errors
+        BenchCommand::Http(args) => runtime.block_on(bench_http(args))?,
+        BenchCommand::FloorServer { listen } => runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!("floor server on http://{listen}");
+            bench::floor::serve(listener, bench::floor::FloorConfig::default()).await;
+            Ok::<(), anyhow::Error>(())
+        })?,
+    }
+    Ok(())
+}
+
+/// `meshserve bench http`: one closed- or open-loop run, or an open-loop sweep over rates.
+async fn bench_http(args: HttpBenchArgs) -> Result<()> {
+    let protocol = match (args.protocol, args.tls) {
+        (ProtocolArg::H1, false) => Protocol::Http1,
+        (ProtocolArg::H1, true) => Protocol::Http1Tls(bench::tls_client(&args.ca, b"http/1.1")?),
+        (ProtocolArg::H2, tls) => Protocol::Http2 {
+            connections: args.connections,
+            tls: if tls {
+                Some(bench::tls_client(&args.ca, b"h2")?)
+            } else {
+                None
+            },
+        },
+        (ProtocolArg::H3, _) => Protocol::Http3 {
+            connections: args.connections,
+            roots: meshserve::pem::read_certs(&args.ca)
+                .with_context(|| format!("CA certificate {}", args.ca.display()))?,
+        },
+    };
+    let mut headers = hyper::HeaderMap::new();
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .with_context(|| format!("header '{header}' is not NAME: VALUE"))?;
+        headers.append(
+            hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+                .with_context(|| format!("header name in '{header}'"))?,
+            hyper::header::HeaderValue::from_str(value.trim())
+                .with_context(|| format!("header value in '{header}'"))?,
+        );
+    }
+    let mut load = HttpLoad {
+        addr: args.addr,
+        protocol,
+        path: args
+            .path
+            .clone()
+            .unwrap_or_else(|| format!("/v2/models/{}/infer", args.model)),
+        body: bytes::Bytes::new(),
+        headers,
+        pace: bench::Pace::Closed,
+        rows: args.rows as u64,
+        concurrency: args.concurrency.max(1),
+        warmup: Duration::from_secs_f64(args.warmup_secs),
+        duration: Duration::from_secs_f64(args.duration_secs),
+    };
+    match &args.body {
+        Some(path) => {
+            load.body = std::fs::read(path)
+                .with_context(|| format!("request body {}", path.display()))?
+                .into();
+        }
+        None => {
+            let metadata = bench::get_json(&load, &format!("/v2/models/{}", args.model))
+                .await
+                .with_context(|| {
+                    format!("metadata of model '{}' (or give --body FILE)", args.model)
+                })?;
+            let (body, generated) =
+                bench::body::request_from_metadata(&metadata, args.rows.max(1), args.binary)?;
+            load.body = body;
+            for (name, value) in &generated {
+                load.headers.entry(name).or_insert(value.clone());
+            }
+        }
+    }
+    let label = format!("{:?}", load.protocol);
+    let rates: Vec<f64> = match (&args.rates[..], args.rate) {
+        ([], None) => Vec::new(),
+        ([], Some(rate)) => vec![rate],
+        (rates, _) => rates.to_vec(),
+    };
+    let mut results = Vec::new();
+    if rates.is_empty() {
+        let report = with_progress(&load, bench::run_http(&load)).await?;
+        results.push(("closed".to_string(), report));
+    }
+    for rate in &rates {
+        load.pace = bench::Pace::Open { rate: *rate };
+        if !args.json {
+            eprintln!(
+                "open loop at {rate:.0} req/s for {} s ...",
+                load.duration.as_secs_f64()
             );
+        }
+        let report = with_progress(&load, bench::run_http(&load)).await?;
+        results.push((format!("{rate:.0}/s"), report));
+    }
+    let points: Vec<SweepPoint> = results
+        .iter()
+        .filter_map(|(_, r)| {
+            Some(SweepPoint {
+                rate: r.offered_rate?,
+                answered: r.requests_per_second(),
+                p50_us: r.percentile_us(0.5),
+                p99_us: r.percentile_us(0.99),
+                p999_us: r.percentile_us(0.999),
+            })
+        })
+        .collect();
+    let best = args.p99_target_us.and_then(|target| {
+        points
+            .iter()
+            .filter(|p| p.p99_us <= target)
+            .map(|p| p.rate)
+            .fold(None, |best: Option<f64>, rate| {
+                Some(best.map_or(rate, |b| b.max(rate)))
+            })
+    });
+    if args.json {
+        let runs: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(pace, r)| {
+                serde_json::json!({
+                    "pace": pace,
+                    "offered_rate": r.offered_rate,
+                    "concurrency": load.concurrency,
+                    "requests_per_second": r.requests_per_second(),
+                    "samples_per_second": r.samples_per_second(),
+                    "ok": r.ok,
+                    "errors": r.errors,
+                    "unanswered": r.unanswered,
+                    "latency_us": {
+                        "p50": r.percentile_us(0.5),
+                        "p90": r.percentile_us(0.9),
+                        "p99": r.percentile_us(0.99),
+                        "p999": r.percentile_us(0.999),
+                        "max": r.latency_us.max(),
+                    },
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "target": args.addr.to_string(),
+            "path": load.path,
+            "protocol": label,
+            "runs": runs,
+            "p99_target_us": args.p99_target_us,
+            "highest_rate_meeting_target": best,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{} over {label}, {} s per run{}",
+            load.path,
+            load.duration.as_secs_f64(),
+            if rates.is_empty() {
+                format!(", closed loop, concurrency {}", load.concurrency)
+            } else {
+                format!(", open loop, at most {} in flight", load.concurrency)
+            }
+        );
+        println!(
+            "{:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>10}",
+            "offered",
+            "req/s",
+            "samples/s",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "errors",
+            "unanswered"
+        );
+        for (pace, r) in &results {
+            println!(
+                "{:>10} {:>10.0} {:>10.0} {:>9} {:>9} {:>9} {:>10} {:>7} {:>10}",
+                pace,
+                r.requests_per_second(),
+                r.samples_per_second(),
+                r.percentile_us(0.5),
+                r.percentile_us(0.9),
+                r.percentile_us(0.99),
+                r.percentile_us(0.999),
+                r.errors,
+                r.unanswered
+            );
+        }
+        if let Some(target) = args.p99_target_us {
+            match best {
+                Some(rate) => println!("highest rate meeting p99 <= {target} µs: {rate:.0} req/s"),
+                None => println!("no rate met p99 <= {target} µs"),
+            }
+        }
+    }
+    if let Some(path) = &args.svg {
+        let title = format!("{} over {label}", load.path);
+        std::fs::write(path, latency_svg(&title, &points, args.p99_target_us))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if !args.json {
+            println!("plot: {}", path.display());
         }
     }
     Ok(())
+}
+
+/// Runs `run`, showing the time gone on a terminal's stderr for runs of 10 s or more.
+async fn with_progress<T>(load: &HttpLoad, run: impl std::future::Future<Output = T>) -> T {
+    let total = load.warmup + load.duration;
+    if total < Duration::from_secs(10) || !std::io::stderr().is_terminal() {
+        return run.await;
+    }
+    let started = std::time::Instant::now();
+    let ticker = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            ticks.tick().await;
+            let gone = started.elapsed().min(total);
+            eprint!(
+                "\r  {:>4.0} s of {:.0} s",
+                gone.as_secs_f64(),
+                total.as_secs_f64()
+            );
+        }
+    });
+    let result = run.await;
+    ticker.abort();
+    eprintln!();
+    result
 }

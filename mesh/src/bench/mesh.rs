@@ -235,6 +235,8 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     let route_aware = closed_loop(c, warmup, duration, aware_call).await;
 
     let http = |addr: SocketAddr| HttpLoad {
+        headers: hyper::HeaderMap::new(),
+        pace: super::Pace::Closed,
         protocol: super::Protocol::Http1,
         addr,
         path: "/v2/models/fraud/infer".into(),

@@ -4,7 +4,10 @@
 //! engine, [`plugins`] for WebAssembly plugins, [`protocols`] for HTTP/1.1, HTTP/2 and
 //! HTTP/3).
 
+pub mod body;
+pub mod floor;
 pub mod mesh;
+pub mod plot;
 pub mod plugins;
 pub mod protocols;
 pub mod recsys;
@@ -59,8 +62,13 @@ pub struct Report {
     pub rows: u64,
     /// Measured wall time.
     pub elapsed: Duration,
-    /// Latency per successful request, in µs.
+    /// Latency per successful request, in µs; in an open loop, from when it was due.
     pub latency_us: Histogram<u64>,
+    /// Open loop: the rate requests were due at.
+    pub offered_rate: Option<f64>,
+    /// Open loop: requests due in the measured window that had no answer when the run
+    /// stopped (still queued, or in flight); counted in the latencies at their age then.
+    pub unanswered: u64,
 }
 
 impl Report {
@@ -69,6 +77,8 @@ impl Report {
             ok: 0,
             errors: 0,
             rows,
+            offered_rate: None,
+            unanswered: 0,
             elapsed: Duration::ZERO,
             // 1 µs to 60 s at 3 significant digits.
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)
@@ -94,6 +104,7 @@ impl Report {
     fn merge(&mut self, other: &Report) {
         self.ok += other.ok;
         self.errors += other.errors;
+        self.unanswered += other.unanswered;
         let _ = self.latency_us.add(&other.latency_us);
     }
 }
@@ -150,8 +161,25 @@ pub fn tls_client(ca: &Path, alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, B
     Ok(Arc::new(config))
 }
 
-/// A closed-loop HTTP load: `concurrency` requests in flight, each sending its next request as
-/// soon as the previous one is answered.
+/// How a load paces its requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Pace {
+    /// Closed loop: each of `concurrency` clients sends its next request as soon as the
+    /// previous one is answered. Shows throughput; hides queueing (a slow server slows the
+    /// clients down with it).
+    #[default]
+    Closed,
+    /// Open loop: requests fall due at `rate` per second, evenly spaced, whatever the server
+    /// does; `concurrency` caps those in flight. Latency runs from when a request was due, so
+    /// one that waited for a free slot counts its wait (no coordinated omission), and past
+    /// the server's capacity the percentiles grow instead of the send rate dropping.
+    Open {
+        /// Requests per second.
+        rate: f64,
+    },
+}
+
+/// An HTTP load: `concurrency` requests in flight at most, paced by `pace`.
 #[derive(Debug, Clone)]
 pub struct HttpLoad {
     /// The server.
@@ -160,8 +188,12 @@ pub struct HttpLoad {
     pub protocol: Protocol,
     /// Request path, e.g. `/v2/models/fraud/infer`.
     pub path: String,
-    /// Request body (OIP JSON).
+    /// Request body (OIP JSON, or binary tensors with `headers` saying so).
     pub body: Bytes,
+    /// Request headers; `content-type: application/json` unless given.
+    pub headers: hyper::HeaderMap,
+    /// Closed or open loop.
+    pub pace: Pace,
     /// Rows per request, for samples/s.
     pub rows: u64,
     /// Requests in flight at once.
@@ -172,11 +204,66 @@ pub struct HttpLoad {
     pub duration: Duration,
 }
 
+/// Open-loop pacing: a thread of its own releases the `i`-th request at `start + i / rate`
+/// (a tokio timer's millisecond would bunch 20 requests into each tick at 20,000/s), stamped
+/// with the moment it was released. Clients take released requests in order; one that waits
+/// because every client is busy waits in the queue, and that wait counts in its latency.
+/// What the pacer's own sleep adds (tens of µs) does not: latency runs from the release.
+struct Pacer {
+    released: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>,
+}
+
+impl Pacer {
+    fn start(start: Instant, rate: f64, end: Instant) -> Result<Pacer, BenchError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let interval = 1.0 / rate;
+        std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || {
+                let due = |i: u64| start + Duration::from_secs_f64(i as f64 * interval);
+                let mut next = 0u64;
+                while due(next) < end {
+                    let now = Instant::now();
+                    if due(next) > now {
+                        std::thread::sleep(due(next) - now);
+                    }
+                    let now = Instant::now();
+                    while due(next) <= now && due(next) < end {
+                        if tx.send(now).is_err() {
+                            return;
+                        }
+                        next += 1;
+                    }
+                }
+            })
+            .map_err(io_error("start the pacing thread"))?;
+        Ok(Pacer {
+            released: tokio::sync::Mutex::new(rx),
+        })
+    }
+
+    /// The next released request's release time; `None` once the pacer is done and every
+    /// request it released has been taken.
+    async fn take(&self) -> Option<Instant> {
+        self.released.lock().await.recv().await
+    }
+}
+
+/// How long an open loop keeps answering what fell due before the end of its window.
+fn drain_time(duration: Duration) -> Duration {
+    (duration / 2).max(Duration::from_secs(1))
+}
+
 /// Runs `load` and returns what it measured. Must run inside a tokio runtime.
 pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
     let start = Instant::now();
     let measure_from = start + load.warmup;
     let end = measure_from + load.duration;
+    let stop = end + drain_time(load.duration);
+    let pacer = match load.pace {
+        Pace::Open { rate } if rate > 0.0 => Some(Arc::new(Pacer::start(start, rate, end)?)),
+        _ => None,
+    };
     let total = Arc::new(Mutex::new(Report::new(load.rows)));
     // HTTP/2 and HTTP/3 share their connections among the concurrent requests.
     let shared = match &load.protocol {
@@ -190,15 +277,21 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
         Protocol::Http1 | Protocol::Http1Tls(_) => Vec::new(),
     };
     let mut tasks = Vec::with_capacity(load.concurrency);
-    for worker in 0..load.concurrency {
+    for worker in 0..load.concurrency.max(1) {
         let load = load.clone();
         let total = total.clone();
+        let pacer = pacer.clone();
         let sender = match shared.get(worker % shared.len().max(1)) {
             Some(sender) => sender.clone(),
             None => Sender::connect(&load).await?,
         };
+        let window = Window {
+            measure_from,
+            end,
+            stop,
+        };
         tasks.push(tokio::spawn(async move {
-            let report = request_loop(&load, sender, measure_from, end).await?;
+            let report = request_loop(&load, sender, pacer.as_deref(), window).await?;
             total
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -215,12 +308,49 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
         Report::new(load.rows),
     );
     report.elapsed = load.duration;
+    if let Pace::Open { rate } = load.pace {
+        report.offered_rate = Some(rate);
+    }
     Ok(report)
+}
+
+/// The times a run is measured between: requests due (or sent) from `measure_from` until
+/// `end` count; an open loop stops waiting for answers at `stop`.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    measure_from: Instant,
+    end: Instant,
+    stop: Instant,
 }
 
 /// Boxed TCP or TLS stream, so one HTTP handshake serves both.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// `GET path` on `load`'s server, over its protocol, as JSON (a model's metadata).
+pub async fn get_json(load: &HttpLoad, path: &str) -> Result<serde_json::Value, BenchError> {
+    let sender = Sender::connect(load).await?;
+    let (status, body) = sender
+        .exchange(load, hyper::Method::GET, path, Bytes::new())
+        .await?;
+    if !status.is_success() {
+        return Err(BenchError::Server(format!(
+            "GET {path}: {status}: {}",
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| BenchError::Server(format!("GET {path}: not JSON: {e}")))
+}
+
+/// `load`'s headers, with a JSON content type unless it sets one.
+fn request_headers(load: &HttpLoad) -> hyper::HeaderMap {
+    let mut headers = load.headers.clone();
+    headers
+        .entry(hyper::header::CONTENT_TYPE)
+        .or_insert(hyper::header::HeaderValue::from_static("application/json"));
+    headers
+}
 
 /// One connection's way of sending a request (HTTP/2 and HTTP/3 ones are shared).
 #[derive(Clone)]
@@ -288,32 +418,39 @@ impl Sender {
 
     /// Sends `load`'s request and returns the answer's status and body.
     async fn send(&self, load: &HttpLoad) -> Result<(StatusCode, Bytes), BenchError> {
+        self.exchange(load, hyper::Method::POST, &load.path, load.body.clone())
+            .await
+    }
+
+    /// Sends `method path` with `body` (and `load`'s headers) over this connection.
+    async fn exchange(
+        &self,
+        load: &HttpLoad,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), BenchError> {
         let failed = |e: String| BenchError::Server(format!("request failed: {e}"));
         let response = match self {
             Sender::Http3(client) => {
-                let mut headers = hyper::HeaderMap::new();
-                headers.insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("application/json"),
-                );
                 let answer = client
-                    .request(
-                        load.addr,
-                        hyper::Method::POST,
-                        &load.path,
-                        headers,
-                        load.body.clone(),
-                    )
+                    .request(load.addr, method, path, request_headers(load), body)
                     .await
                     .map_err(|e| failed(e.to_string()))?;
                 return Ok((answer.status, answer.body));
             }
             Sender::Http1(sender) => {
-                let request = Request::post(load.path.as_str())
-                    .header(hyper::header::HOST, load.addr.to_string())
-                    .header(hyper::header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(load.body.clone()))
+                let mut request = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Full::new(body))
                     .map_err(|e| failed(e.to_string()))?;
+                *request.headers_mut() = request_headers(load);
+                request.headers_mut().insert(
+                    hyper::header::HOST,
+                    hyper::header::HeaderValue::from_str(&load.addr.to_string())
+                        .map_err(|e| failed(e.to_string()))?,
+                );
                 sender.lock().await.send_request(request).await
             }
             Sender::Http2(sender) => {
@@ -321,10 +458,12 @@ impl Sender {
                     Protocol::Http2 { tls: Some(_), .. } => "https",
                     _ => "http",
                 };
-                let request = Request::post(format!("{scheme}://{}{}", load.addr, load.path))
-                    .header(hyper::header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(load.body.clone()))
+                let mut request = Request::builder()
+                    .method(method)
+                    .uri(format!("{scheme}://{}{path}", load.addr))
+                    .body(Full::new(body))
                     .map_err(|e| failed(e.to_string()))?;
+                *request.headers_mut() = request_headers(load);
                 sender.clone().send_request(request).await
             }
         }
@@ -343,28 +482,59 @@ impl Sender {
 async fn request_loop(
     load: &HttpLoad,
     sender: Sender,
-    measure_from: Instant,
-    end: Instant,
+    pacer: Option<&Pacer>,
+    window: Window,
 ) -> Result<Report, BenchError> {
     let mut report = Report::new(load.rows);
+    let age_us = |since: Instant, at: Instant| (at - since).as_micros().max(1) as u64;
     loop {
-        let sent = Instant::now();
-        if sent >= end {
-            break;
-        }
-        let (status, body) = sender.send(load).await?;
-        if sent < measure_from {
+        let due = match pacer {
+            None => {
+                let now = Instant::now();
+                if now >= window.end {
+                    break;
+                }
+                now
+            }
+            Some(pacer) => {
+                let Some(due) = pacer.take().await else {
+                    break;
+                };
+                if Instant::now() >= window.stop {
+                    // Still queued when the run stops: unanswered, at its age then.
+                    if due >= window.measure_from {
+                        report.unanswered += 1;
+                        let _ = report.latency_us.record(age_us(due, window.stop));
+                    }
+                    continue;
+                }
+                due
+            }
+        };
+        let answer = match pacer {
+            None => Some(sender.send(load).await?),
+            Some(_) => match tokio::time::timeout_at(window.stop.into(), sender.send(load)).await {
+                Ok(answer) => Some(answer?),
+                Err(_) => None,
+            },
+        };
+        if due < window.measure_from {
             continue;
         }
-        if status.is_success() {
-            report.ok += 1;
-            let _ = report
-                .latency_us
-                .record(sent.elapsed().as_micros().max(1) as u64);
-        } else {
-            report.errors += 1;
-            if report.errors == 1 {
-                tracing::warn!(%status, body = %String::from_utf8_lossy(&body), "server answered with an error");
+        match answer {
+            None => {
+                report.unanswered += 1;
+                let _ = report.latency_us.record(age_us(due, window.stop));
+            }
+            Some((status, _)) if status.is_success() => {
+                report.ok += 1;
+                let _ = report.latency_us.record(age_us(due, Instant::now()));
+            }
+            Some((status, body)) => {
+                report.errors += 1;
+                if report.errors == 1 {
+                    tracing::warn!(%status, body = %String::from_utf8_lossy(&body), "server answered with an error");
+                }
             }
         }
     }
@@ -458,6 +628,33 @@ fn free_port() -> Result<u16, BenchError> {
         .port())
 }
 
+/// Starts `binary bench floor-server` on a free port, a process of its own as the node is, and
+/// waits until it answers.
+pub(crate) async fn start_floor(binary: &Path) -> Result<(ServerProcess, SocketAddr), BenchError> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let child = Command::new(binary)
+        .args(["bench", "floor-server", "--listen", &addr.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(io_error(format!("start {}", binary.display())))?;
+    let server = ServerProcess(child);
+    wait_ready(addr).await?;
+    Ok((server, addr))
+}
+
+async fn wait_ready(addr: SocketAddr) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if health_ok(addr).await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BenchError::Server(format!(
+        "server on {addr} did not become ready in 30 s"
+    )))
+}
+
 /// Starts `binary serve --http <free port> <args>` and waits until it reports ready.
 pub(crate) async fn start_server(
     binary: &Path,
@@ -472,16 +669,8 @@ pub(crate) async fn start_server(
         .spawn()
         .map_err(io_error(format!("start {}", binary.display())))?;
     let server = ServerProcess(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if health_ok(addr).await {
-            return Ok((server, addr));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(BenchError::Server(format!(
-        "server on {addr} did not become ready in 30 s"
-    )))
+    wait_ready(addr).await?;
+    Ok((server, addr))
 }
 
 async fn health_ok(addr: SocketAddr) -> bool {
@@ -504,4 +693,95 @@ async fn health_ok(addr: SocketAddr) -> bool {
         .send_request(request)
         .await
         .is_ok_and(|r| r.status().is_success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use floor::FloorConfig;
+
+    /// A floor server of known capacity: one request at a time, 2 ms each (500 req/s).
+    async fn slow_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(floor::serve(
+            listener,
+            FloorConfig {
+                service_time: Duration::from_millis(2),
+                capacity: 1,
+            },
+        ));
+        addr
+    }
+
+    fn open_load(addr: SocketAddr, rate: f64) -> HttpLoad {
+        HttpLoad {
+            addr,
+            protocol: Protocol::Http1,
+            path: "/v2/models/fraud/infer".into(),
+            body: fp32_request_body("features", 1, 32),
+            headers: hyper::HeaderMap::new(),
+            pace: Pace::Open { rate },
+            rows: 1,
+            concurrency: 32,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_capacity_the_open_loop_reports_queueing_not_a_lower_send_rate() {
+        let addr = slow_server().await;
+        let under = run_http(&open_load(addr, 100.0)).await.unwrap();
+        let over = run_http(&open_load(addr, 1500.0)).await.unwrap();
+        for (report, rate) in [(&under, 100.0), (&over, 1500.0)] {
+            let accounted = report.ok + report.errors + report.unanswered;
+            assert!(
+                (accounted as f64 - rate).abs() <= 2.0,
+                "every request due in the window is accounted for at {rate}/s: {accounted}"
+            );
+            assert_eq!(report.offered_rate, Some(rate));
+        }
+        assert_eq!(under.unanswered, 0);
+        assert!(
+            under.percentile_us(0.99) < 50_000,
+            "{}",
+            under.percentile_us(0.99)
+        );
+        // 1500/s into 500/s: the backlog grows all second long, and the latency from the due
+        // time shows it, for the answered and the unanswered alike.
+        assert!(
+            over.percentile_us(0.99) > 20 * under.percentile_us(0.99)
+                && over.percentile_us(0.99) > 300_000,
+            "p99 {} µs over capacity, {} µs under",
+            over.percentile_us(0.99),
+            under.percentile_us(0.99)
+        );
+        assert!(over.unanswered > 0, "the backlog outlived the drain");
+        assert!(
+            over.requests_per_second() < 1100.0,
+            "answered at about the server's capacity: {}",
+            over.requests_per_second()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_floor_server_answers_the_fixed_oip_response() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(floor::serve(listener, FloorConfig::default()));
+        let load = HttpLoad {
+            pace: Pace::Closed,
+            concurrency: 2,
+            duration: Duration::from_millis(300),
+            ..open_load(addr, 1.0)
+        };
+        let sender = Sender::connect(&load).await.unwrap();
+        let (status, body) = sender.send(&load).await.unwrap();
+        assert_eq!(status, 200);
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["outputs"][0]["name"], "probabilities");
+        let report = run_http(&load).await.unwrap();
+        assert!(report.ok > 10 && report.errors == 0, "{} ok", report.ok);
+    }
 }

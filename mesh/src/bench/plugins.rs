@@ -302,6 +302,8 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
     )
     .await?;
     let load = |path: &str, body: Bytes, concurrency: usize| HttpLoad {
+        headers: hyper::HeaderMap::new(),
+        pace: super::Pace::Closed,
         protocol: super::Protocol::Http1,
         addr,
         path: path.to_string(),

@@ -161,6 +161,8 @@ pub async fn run_protocol_suite(config: &ProtocolSuiteConfig) -> Result<String, 
         for concurrency in [1, 64] {
             for (addr, protocol) in &protocols {
                 let load = HttpLoad {
+                    headers: hyper::HeaderMap::new(),
+                    pace: super::Pace::Closed,
                     protocol: protocol.clone(),
                     addr: *addr,
                     path: "/v2/models/fraud/infer".into(),

@@ -77,6 +77,8 @@ pub async fn run_recsys(config: &RecsysBenchConfig) -> Result<String, BenchError
     )
     .await?;
     let load = |concurrency: usize| HttpLoad {
+        headers: hyper::HeaderMap::new(),
+        pace: super::Pace::Closed,
         protocol: super::Protocol::Http1,
         addr,
         path: "/v1/endpoints/recommend/invocations".into(),

@@ -2,11 +2,12 @@
 
 use super::{
     BenchError, HttpLoad, Report, fp32_request_body, fp32_tensor, run_http, run_in_process,
-    start_server,
+    start_floor, start_server,
 };
 use meshserve_host::model::repository::Repository;
 use meshserve_host::model::session::OnnxSession;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ pub(super) fn load_session(repository: &Path, model: &str) -> Result<OnnxSession
     OnnxSession::load(runtime, &repo.model_path(model, version), &config)
         .map_err(|e| BenchError::Model(e.to_string()))
 }
+
+/// The open-loop rows' offered rate.
+const OPEN_RATE: f64 = 20_000.0;
 
 /// One row of the suite's table.
 struct Row {
@@ -78,6 +82,8 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         ("heavy", "input", 512, 64),
     ] {
         let load = HttpLoad {
+            headers: hyper::HeaderMap::new(),
+            pace: super::Pace::Closed,
             protocol: super::Protocol::Http1,
             addr,
             path: format!("/v2/models/{model}/infer"),
@@ -101,10 +107,57 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         });
     }
 
+    // Open loop at a fixed rate: latency from each request's due time.
+    let open = |addr: SocketAddr| HttpLoad {
+        headers: hyper::HeaderMap::new(),
+        pace: super::Pace::Open { rate: OPEN_RATE },
+        protocol: super::Protocol::Http1,
+        addr,
+        path: "/v2/models/fraud/infer".into(),
+        body: fp32_request_body("features", 1, 32),
+        rows: 1,
+        concurrency: 256,
+        warmup: config.warmup,
+        duration: config.duration,
+    };
+    rows.push(Row {
+        label: format!("fraud  open loop {OPEN_RATE:.0}/s"),
+        concurrency: 256,
+        report: run_http(&open(addr)).await?,
+    });
+    drop(_server);
+
+    // The floor: a bare hyper server answering a fixed OIP response, same load, same client.
+    let (_floor, floor_addr) = start_floor(&config.server_binary).await?;
+    for concurrency in [1, 64] {
+        let load = HttpLoad {
+            headers: hyper::HeaderMap::new(),
+            pace: super::Pace::Closed,
+            protocol: super::Protocol::Http1,
+            addr: floor_addr,
+            path: "/v2/models/fraud/infer".into(),
+            body: fp32_request_body("features", 1, 32),
+            rows: 1,
+            concurrency,
+            warmup: config.warmup,
+            duration: config.duration,
+        };
+        rows.push(Row {
+            label: "floor  bare hyper, fixed OIP response".into(),
+            concurrency,
+            report: run_http(&load).await?,
+        });
+    }
+    rows.push(Row {
+        label: format!("floor  open loop {OPEN_RATE:.0}/s"),
+        concurrency: 256,
+        report: run_http(&open(floor_addr)).await?,
+    });
+
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "meshserve bench suite: {cores} cores, closed loop, {} s per row after {} s warm-up; load generator on the same machine",
+        "meshserve bench suite: {cores} cores, closed loop unless said, {} s per row after {} s warm-up; load generator on the same machine",
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );
@@ -129,7 +182,24 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let fraud_raw = &rows[0].report;
     let heavy_raw = &rows[1].report;
     let fraud_c1 = &rows[2].report;
+    let fraud_c64 = &rows[3].report;
     let heavy_served = &rows[4].report;
+    let fraud_open = &rows[5].report;
+    let floor_c1 = &rows[6].report;
+    let floor_c64 = &rows[7].report;
+    let floor_open = &rows[8].report;
+    let _ = writeln!(
+        out,
+        "fraud / floor: req/s at concurrency 64 = {:.2}x; p50 at concurrency 1 = {} µs vs {} µs; open-loop p99 at {OPEN_RATE:.0}/s = {:.2}x ({} µs vs {} µs, {} and {} unanswered)",
+        fraud_c64.requests_per_second() / floor_c64.requests_per_second().max(1e-9),
+        fraud_c1.percentile_us(0.5),
+        floor_c1.percentile_us(0.5),
+        fraud_open.percentile_us(0.99) as f64 / floor_open.percentile_us(0.99).max(1) as f64,
+        fraud_open.percentile_us(0.99),
+        floor_open.percentile_us(0.99),
+        fraud_open.unanswered,
+        floor_open.unanswered
+    );
     let _ = writeln!(
         out,
         "fraud: server-added p50 latency at concurrency 1 = {} µs (HTTP p50 {} µs − in-process p50 {} µs)",

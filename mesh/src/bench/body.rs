@@ -1,0 +1,157 @@
+//! Request bodies generated from a model's OIP metadata (`GET /v2/models/{model}`), so the
+//! load generator drives any OIP server's model without the user writing a body: every
+//! input, `rows` rows (a dynamic first dimension), deterministic values, as JSON data or as
+//! binary tensors (the OIP binary extension).
+
+use super::{BenchError, sample_values};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+/// Header naming the JSON part's length in a binary-tensor body.
+pub const INFERENCE_HEADER: &str = "inference-header-content-length";
+
+/// A body for the inputs `metadata` lists, with the headers it needs.
+pub fn request_from_metadata(
+    metadata: &Value,
+    rows: usize,
+    binary: bool,
+) -> Result<(Bytes, hyper::HeaderMap), BenchError> {
+    let invalid = |why: String| BenchError::Server(format!("model metadata: {why}"));
+    let inputs = metadata["inputs"]
+        .as_array()
+        .filter(|inputs| !inputs.is_empty())
+        .ok_or_else(|| invalid(format!("no inputs listed in {metadata}")))?;
+    let mut headers = hyper::HeaderMap::new();
+    let mut described = Vec::new();
+    let mut payload = Vec::new();
+    for (index, input) in inputs.iter().enumerate() {
+        let name = input["name"]
+            .as_str()
+            .ok_or_else(|| invalid(format!("input without a name: {input}")))?;
+        let datatype = input["datatype"]
+            .as_str()
+            .ok_or_else(|| invalid(format!("input '{name}' without a datatype")))?;
+        let shape: Vec<i64> = input["shape"]
+            .as_array()
+            .ok_or_else(|| invalid(format!("input '{name}' without a shape")))?
+            .iter()
+            .enumerate()
+            .map(|(dim, size)| match size.as_i64() {
+                Some(n) if n >= 0 => n,
+                _ if dim == 0 => rows as i64,
+                _ => 1,
+            })
+            .collect();
+        let count = shape.iter().product::<i64>().max(0) as usize;
+        let values = sample_values(count, 7 + index as u64);
+        let (data, raw): (Value, Vec<u8>) = match datatype {
+            "FP32" => (
+                json!(values),
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            "FP64" => (
+                json!(values),
+                values
+                    .iter()
+                    .flat_map(|v| f64::from(*v).to_le_bytes())
+                    .collect(),
+            ),
+            "INT64" | "INT32" | "INT16" | "INT8" | "UINT64" | "UINT32" | "UINT16" | "UINT8" => {
+                let ints: Vec<i64> = values.iter().map(|v| (v.abs() * 100.0) as i64).collect();
+                let width = match datatype {
+                    "INT64" | "UINT64" => 8,
+                    "INT32" | "UINT32" => 4,
+                    "INT16" | "UINT16" => 2,
+                    _ => 1,
+                };
+                let raw = ints
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes()[..width].to_vec())
+                    .collect();
+                (json!(ints), raw)
+            }
+            "BOOL" => {
+                let bools: Vec<bool> = values.iter().map(|v| *v > 0.0).collect();
+                let raw = bools.iter().map(|b| u8::from(*b)).collect();
+                (json!(bools), raw)
+            }
+            "BYTES" => {
+                let words: Vec<String> = (0..count).map(|i| format!("w{i}")).collect();
+                let mut raw = Vec::new();
+                for word in &words {
+                    raw.extend_from_slice(&(word.len() as u32).to_le_bytes());
+                    raw.extend_from_slice(word.as_bytes());
+                }
+                (json!(words), raw)
+            }
+            other => {
+                return Err(invalid(format!(
+                    "input '{name}' is {other}, which the generator does not make"
+                )));
+            }
+        };
+        if binary {
+            described.push(json!({
+                "name": name, "datatype": datatype, "shape": shape,
+                "parameters": { "binary_data_size": raw.len() },
+            }));
+            payload.extend_from_slice(&raw);
+        } else {
+            described
+                .push(json!({ "name": name, "datatype": datatype, "shape": shape, "data": data }));
+        }
+    }
+    let header = json!({ "inputs": described }).to_string();
+    if !binary {
+        return Ok((Bytes::from(header), headers));
+    }
+    headers.insert(
+        INFERENCE_HEADER,
+        hyper::header::HeaderValue::from(header.len()),
+    );
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    let mut body = header.into_bytes();
+    body.extend_from_slice(&payload);
+    Ok((Bytes::from(body), headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fraud() -> Value {
+        json!({"name": "fraud", "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 32]}]})
+    }
+
+    #[test]
+    fn json_and_binary_bodies_carry_the_same_tensor() {
+        let (json_body, headers) = request_from_metadata(&fraud(), 2, false).unwrap();
+        assert!(headers.is_empty());
+        let parsed: Value = serde_json::from_slice(&json_body).unwrap();
+        assert_eq!(parsed["inputs"][0]["shape"], json!([2, 32]));
+        let data: Vec<f32> = parsed["inputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let (binary, headers) = request_from_metadata(&fraud(), 2, true).unwrap();
+        let split: usize = headers[INFERENCE_HEADER].to_str().unwrap().parse().unwrap();
+        let head: Value = serde_json::from_slice(&binary[..split]).unwrap();
+        assert_eq!(head["inputs"][0]["parameters"]["binary_data_size"], 256);
+        let raw: Vec<f32> = binary[split..]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(raw, data);
+    }
+
+    #[test]
+    fn metadata_without_inputs_is_an_error() {
+        let err = request_from_metadata(&json!({"name": "x"}), 1, false).unwrap_err();
+        assert!(err.to_string().contains("no inputs"), "{err}");
+    }
+}
