@@ -5,7 +5,7 @@
 //! and the old one drains its queue before its workers exit, so no request is dropped.
 
 use crate::batching::policy::{BatchLimits, Refused};
-use crate::batching::scheduler::{Claim, Job, JobError, Scheduler};
+use crate::batching::scheduler::{Claim, Job, JobError, JobResult, Scheduler};
 use crate::error::InferError;
 use crate::metrics::Metrics;
 use crate::model::config::ModelConfig;
@@ -130,6 +130,15 @@ pub struct IndexEntry {
     pub ready: bool,
     /// Why it is not ready, if it is not.
     pub reason: String,
+}
+
+/// A request's answer: already computed (run inline), or queued for a worker.
+enum Pending {
+    Done(JobResult),
+    Queued {
+        receiver: oneshot::Receiver<JobResult>,
+        claim: Arc<Claim>,
+    },
 }
 
 /// The node's engine. See the module docs.
@@ -363,7 +372,7 @@ impl Engine {
         let enqueued_at = Instant::now();
         // A reload swaps the model while a request may hold the old one: one retry picks up the new.
         let mut retried = false;
-        let (version, selection, deadline, receiver, claim) = loop {
+        let (version, selection, deadline, pending) = loop {
             let model = self.model(&request.model).ok_or_else(|| {
                 let model = request.model.clone();
                 if self.stopping.load(Ordering::Acquire) {
@@ -383,6 +392,14 @@ impl Engine {
                 )))
                 .filter(|t| !t.is_zero());
             let deadline = timeout.map(|t| enqueued_at + t);
+            if let Some(done) = version.scheduler.run_inline(&inputs) {
+                break (
+                    version,
+                    selection,
+                    deadline.zip(timeout),
+                    Pending::Done(done),
+                );
+            }
             let (reply, receiver) = oneshot::channel();
             let claim = Arc::new(Claim::default());
             let job = Job {
@@ -394,7 +411,10 @@ impl Engine {
                 claim: claim.clone(),
             };
             match version.scheduler.submit(job) {
-                Ok(()) => break (version, selection, deadline.zip(timeout), receiver, claim),
+                Ok(()) => {
+                    let pending = Pending::Queued { receiver, claim };
+                    break (version, selection, deadline.zip(timeout), pending);
+                }
                 Err(Refused::Full(_)) => {
                     return Err(InferError::QueueFull {
                         model: request.model.clone(),
@@ -416,17 +436,20 @@ impl Engine {
                 timeout_us: timeout.as_micros() as u64,
                 ran,
             };
-        let answer = match deadline {
+        let answer = match (pending, deadline) {
+            (Pending::Done(done), _) => Ok(done),
             // Answer at the deadline even when every session is busy. A job still queued is
             // abandoned (its worker skips it); one a worker took ran, and its result is dropped.
-            Some((at, timeout)) => match tokio::time::timeout_at(at.into(), receiver).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    let ran = !claim.abandon();
-                    return Err(expired(enqueued_at.elapsed(), timeout, ran));
+            (Pending::Queued { receiver, claim }, Some((at, timeout))) => {
+                match tokio::time::timeout_at(at.into(), receiver).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        let ran = !claim.abandon();
+                        return Err(expired(enqueued_at.elapsed(), timeout, ran));
+                    }
                 }
-            },
-            None => receiver.await,
+            }
+            (Pending::Queued { receiver, .. }, None) => receiver.await,
         };
         let (outputs, timings) = match answer {
             Ok(Ok(done)) => done,

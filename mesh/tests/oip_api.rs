@@ -615,16 +615,27 @@ async fn two_hundred_concurrent_requests_are_all_correct_and_batched() {
         }
     });
     join_all(requests).await;
+    // fraud runs in microseconds, mostly inline on the front door's threads, so its requests
+    // rarely meet in the queue; heavy (about 100 µs a run) always queues, and 200 at once
+    // must share batches.
+    let body = json!({"inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.25; 512]}]});
+    let heavy = (0..200).map(|_| {
+        let request = http.post(node.url("/v2/models/heavy/infer")).json(&body);
+        async move { request.send().await.unwrap().status() }
+    });
+    for status in join_all(heavy).await {
+        assert_eq!(status, 200);
+    }
     let metrics = node.metrics().await;
     let batches = metric_sum(
         &metrics,
         "meshserve_batch_size_count",
-        &[("model", "fraud")],
+        &[("model", "heavy")],
     );
     let singles = metric_sum(
         &metrics,
         "meshserve_batch_size_bucket",
-        &[("model", "fraud"), ("le", "1.0")],
+        &[("model", "heavy"), ("le", "1.0")],
     );
     assert!(
         batches < 200.0,
@@ -818,4 +829,51 @@ async fn a_request_larger_than_max_batch_size_runs_alone_up_to_max_request_rows(
         message.contains("between 1 and 100 rows (max_request_rows"),
         "{message}"
     );
+}
+
+/// The queue stage of an answer's `Server-Timing`, in ms.
+fn queue_ms(timing: &str) -> f64 {
+    timing
+        .split(", ")
+        .find_map(|part| part.strip_prefix("queue;dur="))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no queue stage in {timing}"))
+}
+
+#[tokio::test]
+async fn at_idle_a_fast_model_runs_on_the_callers_thread_and_a_slow_one_on_its_worker() {
+    let repo = copy_examples();
+    let node = TestNode::start(repo.path(), &[]);
+    let http = client();
+    let mut inline = Vec::new();
+    for (model, input, width) in [("fraud", "features", 32), ("heavy", "input", 512)] {
+        let body = json!({"inputs": [{"name": input, "shape": [1, width], "datatype": "FP32", "data": vec![0.25; width]}]});
+        let mut zero_queue = 0;
+        for _ in 0..20 {
+            let response = http
+                .post(node.url(&format!("/v2/models/{model}/infer")))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let timing = response.headers()["server-timing"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            // A worker thread takes microseconds to wake: only an inline run queues for 0.
+            if queue_ms(&timing) == 0.0 {
+                zero_queue += 1;
+            }
+        }
+        inline.push(zero_queue);
+    }
+    // fraud runs in a few µs: once measured, one request at a time runs inline. heavy takes
+    // about 100 µs, past the inline bound: it always goes through its worker.
+    assert!(
+        inline[0] >= 15,
+        "fraud ran inline {} of 20 times",
+        inline[0]
+    );
+    assert_eq!(inline[1], 0, "heavy ran inline");
 }

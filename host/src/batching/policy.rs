@@ -111,7 +111,19 @@ impl<T: Batchable> Batcher<T> {
         self.closed = true;
     }
 
-    /// A session finished the batch it got from [`Step::Run`].
+    /// Claims a free session for a request to run at once on the caller's thread, skipping
+    /// the queue and the worker hand-off: only when nothing is queued (a newcomer must not
+    /// overtake waiting requests), the batcher is open and one of `sessions` is idle. The
+    /// caller runs it and then calls [`Batcher::finished`].
+    pub fn claim_idle_session(&mut self, sessions: usize) -> bool {
+        let idle = self.queue.is_empty() && !self.closed && self.busy_sessions < sessions;
+        if idle {
+            self.busy_sessions += 1;
+        }
+        idle
+    }
+
+    /// A session finished the batch it got from [`Step::Run`] or [`Batcher::claim_idle_session`].
     pub fn finished(&mut self) {
         self.busy_sessions = self.busy_sessions.saturating_sub(1);
     }
@@ -287,6 +299,28 @@ mod tests {
                 Step::Exit => Step::Exit,
             }
         }
+    }
+
+    #[test]
+    fn a_request_runs_inline_only_on_an_idle_session_with_nothing_queued() {
+        let mut s = Scenario::new(8, 1000, 4);
+        assert!(s.batcher.claim_idle_session(2));
+        assert!(s.batcher.claim_idle_session(2), "the second session");
+        assert!(!s.batcher.claim_idle_session(2), "both busy: queue instead");
+        s.batcher.finished();
+        s.push(0, 1);
+        assert!(
+            !s.batcher.claim_idle_session(2),
+            "a newcomer does not overtake a queued request"
+        );
+        // Another session still runs: the queued request waits to fill a batch, as before.
+        assert!(matches!(s.batcher.next(s.at(0)), Step::WaitUntil(_)));
+        assert!(matches!(s.batcher.next(s.at(1000)), Step::Run(_)));
+        s.batcher.finished();
+        s.batcher.finished();
+        assert_eq!(s.batcher.busy_sessions(), 0);
+        s.batcher.close();
+        assert!(!s.batcher.claim_idle_session(2), "closed");
     }
 
     #[test]

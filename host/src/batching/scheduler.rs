@@ -2,7 +2,13 @@
 //! a mutex-guarded [`Batcher`], and a condition variable to wake workers.
 //!
 //! Requests come from async front doors and are answered over a oneshot channel, so the
-//! async side never blocks on inference and the workers never touch the async runtime.
+//! async side never waits on a long inference and the workers never touch the async runtime.
+//! One exception, measured to pay: a fast model (recent runs under [`INLINE_MAX`]) with an idle
+//! session and nothing queued runs a request right on the caller's thread
+//! ([`Scheduler::run_inline`]). A few microseconds of inference then cost no wake-up of a worker
+//! thread and of the waiting task (two futex round trips and two context switches, which were
+//! the largest item in the node's profile at batch-1 load); under load the queue is not empty,
+//! so requests queue and batch exactly as before.
 
 use crate::batching::policy::{BatchLimits, Batchable, Batcher, Refused, Step};
 use crate::batching::stack::{same_inner_shapes, split, stack};
@@ -10,9 +16,14 @@ use crate::metrics::ModelMetrics;
 use crate::model::session::{OnnxSession, RunError};
 use crate::request::StageTimings;
 use crate::tensor::Tensor;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Longest recent inference time for which a request may run inline on the caller's thread:
+/// a front-door thread busy this long costs less than the two thread hand-offs it saves.
+pub const INLINE_MAX: Duration = Duration::from_micros(50);
 use tokio::sync::oneshot;
 
 /// Why a queued request was not answered with outputs.
@@ -95,6 +106,13 @@ struct Shared {
     label: String,
     batcher: Mutex<Batcher<Job>>,
     wake: Condvar,
+    /// Workers blocked on `wake`: a submit with none waiting needs no notify (a syscall).
+    waiting: AtomicUsize,
+    /// One per worker; a worker holds its own while it runs, an inline run any free one.
+    sessions: Vec<Mutex<OnnxSession>>,
+    /// Recent inference time per run, ns (an exponential average), which decides inline
+    /// runs; starts high, so a model runs on its workers until measured.
+    recent_run_ns: AtomicU64,
     metrics: ModelMetrics,
 }
 
@@ -102,6 +120,31 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Batcher<Job>> {
         // A worker that panicked mid-batch leaves the queue itself consistent.
         self.batcher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_one(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.wake.notify_one();
+        }
+    }
+
+    fn wake_all(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.wake.notify_all();
+        }
+    }
+
+    fn observe_run(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.recent_run_ns.load(Ordering::Relaxed);
+        // Halving: a model's first run (ONNX Runtime's warm-up) can take a thousand times
+        // its usual one, and must not keep it off the inline path for long.
+        let new = if old == u64::MAX {
+            took
+        } else {
+            old / 2 + took / 2
+        };
+        self.recent_run_ns.store(new, Ordering::Relaxed);
     }
 }
 
@@ -119,19 +162,23 @@ impl Scheduler {
         limits: BatchLimits,
         metrics: ModelMetrics,
     ) -> std::io::Result<Scheduler> {
+        let count = sessions.len();
         let shared = Arc::new(Shared {
             label: label.to_string(),
             batcher: Mutex::new(Batcher::new(limits)),
             wake: Condvar::new(),
+            waiting: AtomicUsize::new(0),
+            sessions: sessions.into_iter().map(Mutex::new).collect(),
+            recent_run_ns: AtomicU64::new(u64::MAX),
             metrics,
         });
-        let mut workers = Vec::with_capacity(sessions.len());
-        for (i, session) in sessions.into_iter().enumerate() {
+        let mut workers = Vec::with_capacity(count);
+        for i in 0..count {
             let shared = shared.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("infer-{label}-{i}"))
-                    .spawn(move || worker(&shared, session))?,
+                    .spawn(move || worker(&shared, i))?,
             );
         }
         Ok(Scheduler {
@@ -146,8 +193,55 @@ impl Scheduler {
         batcher.push(job)?;
         self.shared.metrics.queue_depth.set(batcher.depth() as i64);
         drop(batcher);
-        self.shared.wake.notify_one();
+        self.shared.wake_one();
         Ok(())
+    }
+
+    /// Runs one request at once on the calling thread when the model is fast, a session is
+    /// idle and nothing is queued (see the module doc); `None` means: queue it with
+    /// [`Scheduler::submit`].
+    pub fn run_inline(&self, inputs: &[Tensor]) -> Option<JobResult> {
+        let shared = &self.shared;
+        if shared.recent_run_ns.load(Ordering::Relaxed) > INLINE_MAX.as_nanos() as u64 {
+            return None;
+        }
+        if !shared.lock().claim_idle_session(shared.sessions.len()) {
+            return None;
+        }
+        // The batcher counts a session as ours; a worker may still hold the one it just
+        // finished for a moment, so take whichever is free.
+        let Some(mut session) = shared.sessions.iter().find_map(|s| s.try_lock().ok()) else {
+            shared.lock().finished();
+            shared.wake_all();
+            return None;
+        };
+        let started = Instant::now();
+        let outcome = guarded(|| session.run(inputs).map_err(BatchFailure::Run));
+        drop(session);
+        let took = started.elapsed();
+        shared.observe_run(took);
+        shared.metrics.queue_seconds.observe(0.0);
+        shared.metrics.batch_size.observe(1.0);
+        shared.metrics.inference_seconds.observe(took.as_secs_f64());
+        let mut batcher = shared.lock();
+        batcher.finished();
+        let queued = batcher.depth() > 0;
+        drop(batcher);
+        if queued {
+            // A worker waiting to fill a batch may now run at once.
+            shared.wake_all();
+        }
+        Some(match outcome {
+            Ok(outputs) => Ok((
+                outputs,
+                StageTimings {
+                    queue: Duration::ZERO,
+                    infer: took,
+                    batch_size: 1,
+                },
+            )),
+            Err(failure) => Err(failure.job_error()),
+        })
     }
 
     /// Requests waiting now.
@@ -178,7 +272,7 @@ impl Drop for Scheduler {
     }
 }
 
-fn worker(shared: &Shared, mut session: OnnxSession) {
+fn worker(shared: &Shared, index: usize) {
     let mut batcher = shared.lock();
     loop {
         let now = Instant::now();
@@ -186,11 +280,21 @@ fn worker(shared: &Shared, mut session: OnnxSession) {
             Step::Run(batch) => {
                 shared.metrics.queue_depth.set(batcher.depth() as i64);
                 drop(batcher);
-                run_batch(shared, &mut session, batch, now);
-                batcher = shared.lock();
-                batcher.finished();
+                let replies = {
+                    let mut session = shared.sessions[index]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    run_batch(shared, &mut session, batch, now)
+                };
+                // The session is free before anyone hears back, so a caller answered here
+                // finds it idle for its next request.
+                shared.lock().finished();
                 // A worker waiting to fill a batch may now run at once.
-                shared.wake.notify_all();
+                shared.wake_all();
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+                batcher = shared.lock();
             }
             Step::Expired(jobs) => {
                 shared.metrics.queue_depth.set(batcher.depth() as i64);
@@ -203,28 +307,43 @@ fn worker(shared: &Shared, mut session: OnnxSession) {
             }
             Step::WaitUntil(at) => {
                 let timeout = at.saturating_duration_since(now);
+                // Counted under the batcher's lock, so a submit that pushes after we looked
+                // sees us waiting and notifies.
+                shared.waiting.fetch_add(1, Ordering::AcqRel);
                 batcher = shared
                     .wake
                     .wait_timeout(batcher, timeout)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+                shared.waiting.fetch_sub(1, Ordering::AcqRel);
             }
             Step::Wait => {
+                shared.waiting.fetch_add(1, Ordering::AcqRel);
                 batcher = shared.wake.wait(batcher).unwrap_or_else(|p| p.into_inner());
+                shared.waiting.fetch_sub(1, Ordering::AcqRel);
             }
             Step::Exit => return,
         }
     }
 }
 
-fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, started: Instant) {
+/// Where each answer of a batch goes.
+type Replies = Vec<(oneshot::Sender<JobResult>, JobResult)>;
+
+/// Runs a batch and returns its answers, for the caller to send once the session is free.
+fn run_batch(
+    shared: &Shared,
+    session: &mut OnnxSession,
+    batch: Vec<Job>,
+    started: Instant,
+) -> Replies {
     // A client that gave up (its deadline passed, or it went away) costs no compute.
     let batch: Vec<Job> = batch
         .into_iter()
         .filter(|j| !j.reply.is_closed() && j.claim.run())
         .collect();
     if batch.is_empty() {
-        return;
+        return Vec::new();
     }
     for job in &batch {
         shared.metrics.queue_seconds.observe(
@@ -237,6 +356,7 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, starte
 
     let outcome = guarded(|| infer(session, &batch));
     let infer_time = started.elapsed();
+    shared.observe_run(infer_time);
     shared
         .metrics
         .inference_seconds
@@ -244,23 +364,26 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, starte
     let batch_size = batch.len();
     let failure = match outcome {
         Ok(per_job) => {
-            for (job, outputs) in batch.into_iter().zip(per_job) {
-                let timings = StageTimings {
-                    queue: started.saturating_duration_since(job.enqueued_at),
-                    infer: infer_time,
-                    batch_size,
-                };
-                let _ = job.reply.send(Ok((outputs, timings)));
-            }
-            return;
+            return batch
+                .into_iter()
+                .zip(per_job)
+                .map(|(job, outputs)| {
+                    let timings = StageTimings {
+                        queue: started.saturating_duration_since(job.enqueued_at),
+                        infer: infer_time,
+                        batch_size,
+                    };
+                    (job.reply, Ok((outputs, timings)))
+                })
+                .collect();
         }
         Err(failure) => failure,
     };
     if batch_size == 1 {
-        for job in batch {
-            let _ = job.reply.send(Err(failure.job_error()));
-        }
-        return;
+        return batch
+            .into_iter()
+            .map(|job| (job.reply, Err(failure.job_error())))
+            .collect();
     }
     if let BatchFailure::Misaligned(reason) = &failure {
         let mut batcher = shared.lock();
@@ -270,19 +393,23 @@ fn run_batch(shared: &Shared, session: &mut OnnxSession, batch: Vec<Job>, starte
         }
     }
     // One request may have failed the whole batch: each runs alone, so only it fails.
-    for job in batch {
-        let started = Instant::now();
-        let alone = guarded(|| infer(session, std::slice::from_ref(&job)));
-        let timings = StageTimings {
-            queue: started.saturating_duration_since(job.enqueued_at),
-            infer: started.elapsed(),
-            batch_size: 1,
-        };
-        let _ = job.reply.send(match alone {
-            Ok(mut outputs) => Ok((outputs.pop().unwrap_or_default(), timings)),
-            Err(failure) => Err(failure.job_error()),
-        });
-    }
+    batch
+        .into_iter()
+        .map(|job| {
+            let started = Instant::now();
+            let alone = guarded(|| infer(session, std::slice::from_ref(&job)));
+            let timings = StageTimings {
+                queue: started.saturating_duration_since(job.enqueued_at),
+                infer: started.elapsed(),
+                batch_size: 1,
+            };
+            let result = match alone {
+                Ok(mut outputs) => Ok((outputs.pop().unwrap_or_default(), timings)),
+                Err(failure) => Err(failure.job_error()),
+            };
+            (job.reply, result)
+        })
+        .collect()
 }
 
 /// Why a batch produced no outputs.
