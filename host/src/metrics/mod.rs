@@ -112,9 +112,19 @@ pub struct Metrics {
     forwarded: Family<MeshLabels, Counter>,
     mesh_served: Family<MeshLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
-    /// Each model's last seconds of answered requests (names bounded as the labels are).
-    recent: RwLock<HashMap<String, Arc<Mutex<RecentWindow>>>>,
+    /// Each model's request metrics, resolved once (names bounded as the labels are), so a
+    /// request costs no label allocation or family lookup.
+    per_model: RwLock<HashMap<String, Arc<RequestHandles>>>,
     started: Instant,
+}
+
+/// One model's request metrics.
+struct RequestHandles {
+    /// `requests_total{status="200"}`; other statuses are rare and looked up by label.
+    ok: Counter,
+    seconds: Histogram,
+    /// The last seconds of answered requests.
+    recent: Mutex<RecentWindow>,
 }
 
 /// A model's load on this node now, as `meshserve status` shows it.
@@ -228,7 +238,7 @@ impl Metrics {
             forwarded,
             mesh_served,
             connections,
-            recent: RwLock::default(),
+            per_model: RwLock::default(),
             started: Instant::now(),
         }
     }
@@ -237,20 +247,34 @@ impl Metrics {
         self.started.elapsed().as_secs()
     }
 
-    fn recent_window(&self, model: &str) -> Arc<Mutex<RecentWindow>> {
-        if let Some(window) = self
-            .recent
+    fn handles(&self, model: &str) -> Arc<RequestHandles> {
+        if let Some(handles) = self
+            .per_model
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(model)
         {
-            return window.clone();
+            return handles.clone();
         }
-        self.recent
+        let labels = ModelLabels {
+            model: model.to_string(),
+        };
+        let handles = Arc::new(RequestHandles {
+            ok: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    model: model.to_string(),
+                    status: 200,
+                })
+                .clone(),
+            seconds: self.request_seconds.get_or_create(&labels).clone(),
+            recent: Mutex::default(),
+        });
+        self.per_model
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(model.to_string())
-            .or_default()
+            .entry(labels.model)
+            .or_insert(handles)
             .clone()
     }
 
@@ -263,7 +287,8 @@ impl Metrics {
             })
             .get();
         let recent = self
-            .recent_window(model)
+            .handles(model)
+            .recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .load(self.second());
@@ -361,18 +386,20 @@ impl Metrics {
 
     /// Counts one answered request and its end-to-end time.
     pub fn record_request(&self, model: &str, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                model: model.to_string(),
-                status,
-            })
-            .inc();
-        self.request_seconds
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
-            .observe(elapsed.as_secs_f64());
-        self.recent_window(model)
+        let handles = self.handles(model);
+        if status == 200 {
+            handles.ok.inc();
+        } else {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    model: model.to_string(),
+                    status,
+                })
+                .inc();
+        }
+        handles.seconds.observe(elapsed.as_secs_f64());
+        handles
+            .recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(elapsed, self.second());

@@ -631,28 +631,15 @@ fn free_port() -> Result<u16, BenchError> {
 /// Starts `binary bench floor-server` on a free port, a process of its own as the node is, and
 /// waits until it answers.
 pub(crate) async fn start_floor(binary: &Path) -> Result<(ServerProcess, SocketAddr), BenchError> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let child = Command::new(binary)
-        .args(["bench", "floor-server", "--listen", &addr.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(io_error(format!("start {}", binary.display())))?;
-    let server = ServerProcess(child);
-    wait_ready(addr).await?;
-    Ok((server, addr))
-}
-
-async fn wait_ready(addr: SocketAddr) -> Result<(), BenchError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if health_ok(addr).await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(BenchError::Server(format!(
-        "server on {addr} did not become ready in 30 s"
-    )))
+    spawn_ready(binary, |addr| {
+        vec![
+            "bench".into(),
+            "floor-server".into(),
+            "--listen".into(),
+            addr.to_string().into(),
+        ]
+    })
+    .await
 }
 
 /// Starts `binary serve --http <free port> <args>` and waits until it reports ready.
@@ -660,17 +647,39 @@ pub(crate) async fn start_server(
     binary: &Path,
     args: &[&std::ffi::OsStr],
 ) -> Result<(ServerProcess, SocketAddr), BenchError> {
+    spawn_ready(binary, |addr| {
+        let mut all: Vec<std::ffi::OsString> =
+            vec!["serve".into(), "--http".into(), addr.to_string().into()];
+        all.extend(args.iter().map(|a| a.to_os_string()));
+        all
+    })
+    .await
+}
+
+/// Starts `binary` with the arguments `args` makes for a free loopback port, and waits (30 s
+/// at most) until it answers its readiness route there.
+async fn spawn_ready(
+    binary: &Path,
+    args: impl FnOnce(SocketAddr) -> Vec<std::ffi::OsString>,
+) -> Result<(ServerProcess, SocketAddr), BenchError> {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let child = Command::new(binary)
-        .args(["serve", "--http", &addr.to_string()])
-        .args(args)
+        .args(args(addr))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .map_err(io_error(format!("start {}", binary.display())))?;
     let server = ServerProcess(child);
-    wait_ready(addr).await?;
-    Ok((server, addr))
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if health_ok(addr).await {
+            return Ok((server, addr));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(BenchError::Server(format!(
+        "server on {addr} did not become ready in 30 s"
+    )))
 }
 
 async fn health_ok(addr: SocketAddr) -> bool {

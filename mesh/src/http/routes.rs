@@ -386,10 +386,12 @@ pub(crate) fn header_number(headers: &HeaderMap, name: &str) -> Result<Option<u6
 async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Response {
     let started = Instant::now();
+    // Taken from the request, not cloned by a `HeaderMap` extractor.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let endpoint = state.endpoint(&path.model);
     let outcome = match &endpoint {
         Some(endpoint) => endpoints::invoke(&state, endpoint, &headers, body, started).await,
