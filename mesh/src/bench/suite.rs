@@ -76,24 +76,39 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         &["--model-repository".as_ref(), config.repository.as_os_str()],
     )
     .await?;
-    for (model, input, width, concurrency) in [
-        ("fraud", "features", 32, 1),
-        ("fraud", "features", 32, 64),
-        ("heavy", "input", 512, 64),
-    ] {
-        let load = HttpLoad {
-            headers: hyper::HeaderMap::new(),
-            pace: super::Pace::Closed,
-            protocol: super::Protocol::Http1,
-            addr,
-            path: format!("/v2/models/{model}/infer"),
-            body: fp32_request_body(input, 1, width),
-            rows: 1,
-            concurrency,
-            warmup: config.warmup,
-            duration: config.duration,
-        };
-        let report = run_http(&load).await?;
+    // Closed loop unless an open-loop rate is given (latency then from each request's release).
+    let load = |addr: SocketAddr, model: &str, width: usize, pace, concurrency| HttpLoad {
+        headers: hyper::HeaderMap::new(),
+        pace,
+        protocol: super::Protocol::Http1,
+        addr,
+        path: format!("/v2/models/{model}/infer"),
+        body: fp32_request_body(
+            if model == "heavy" {
+                "input"
+            } else {
+                "features"
+            },
+            1,
+            width,
+        ),
+        rows: 1,
+        concurrency,
+        warmup: config.warmup,
+        duration: config.duration,
+    };
+    let closed = super::Pace::Closed;
+    let open = super::Pace::Open { rate: OPEN_RATE };
+    let open_label = format!("open loop {OPEN_RATE:.0}/s");
+    // The fraud rows first, so heavy's batches cannot linger into them.
+    let scenarios = [
+        ("fraud", 32, closed, 1, "HTTP/1.1 JSON, batch-1 requests"),
+        ("fraud", 32, closed, 64, "HTTP/1.1 JSON, batch-1 requests"),
+        ("fraud", 32, open, 256, open_label.as_str()),
+        ("heavy", 512, closed, 64, "HTTP/1.1 JSON, batch-1 requests"),
+    ];
+    for (model, width, pace, concurrency, what) in scenarios {
+        let report = run_http(&load(addr, model, width, pace, concurrency)).await?;
         if report.errors > 0 {
             return Err(BenchError::Server(format!(
                 "{} of the {model} requests failed",
@@ -101,58 +116,26 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
             )));
         }
         rows.push(Row {
-            label: format!("{model}  HTTP/1.1 JSON, batch-1 requests"),
+            label: format!("{model}  {what}"),
             concurrency,
             report,
         });
     }
-
-    // Open loop at a fixed rate: latency from each request's due time.
-    let open = |addr: SocketAddr| HttpLoad {
-        headers: hyper::HeaderMap::new(),
-        pace: super::Pace::Open { rate: OPEN_RATE },
-        protocol: super::Protocol::Http1,
-        addr,
-        path: "/v2/models/fraud/infer".into(),
-        body: fp32_request_body("features", 1, 32),
-        rows: 1,
-        concurrency: 256,
-        warmup: config.warmup,
-        duration: config.duration,
-    };
-    rows.push(Row {
-        label: format!("fraud  open loop {OPEN_RATE:.0}/s"),
-        concurrency: 256,
-        report: run_http(&open(addr)).await?,
-    });
     drop(_server);
 
     // The floor: a bare hyper server answering a fixed OIP response, same load, same client.
     let (_floor, floor_addr) = start_floor(&config.server_binary).await?;
-    for concurrency in [1, 64] {
-        let load = HttpLoad {
-            headers: hyper::HeaderMap::new(),
-            pace: super::Pace::Closed,
-            protocol: super::Protocol::Http1,
-            addr: floor_addr,
-            path: "/v2/models/fraud/infer".into(),
-            body: fp32_request_body("features", 1, 32),
-            rows: 1,
-            concurrency,
-            warmup: config.warmup,
-            duration: config.duration,
-        };
+    for (pace, concurrency, what) in [
+        (closed, 1, "bare hyper, fixed OIP response"),
+        (closed, 64, "bare hyper, fixed OIP response"),
+        (open, 256, open_label.as_str()),
+    ] {
         rows.push(Row {
-            label: "floor  bare hyper, fixed OIP response".into(),
+            label: format!("floor  {what}"),
             concurrency,
-            report: run_http(&load).await?,
+            report: run_http(&load(floor_addr, "fraud", 32, pace, concurrency)).await?,
         });
     }
-    rows.push(Row {
-        label: format!("floor  open loop {OPEN_RATE:.0}/s"),
-        concurrency: 256,
-        report: run_http(&open(floor_addr)).await?,
-    });
 
     let mut out = String::new();
     let _ = writeln!(
@@ -183,8 +166,8 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let heavy_raw = &rows[1].report;
     let fraud_c1 = &rows[2].report;
     let fraud_c64 = &rows[3].report;
-    let heavy_served = &rows[4].report;
-    let fraud_open = &rows[5].report;
+    let fraud_open = &rows[4].report;
+    let heavy_served = &rows[5].report;
     let floor_c1 = &rows[6].report;
     let floor_c64 = &rows[7].report;
     let floor_open = &rows[8].report;
