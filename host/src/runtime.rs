@@ -215,14 +215,20 @@ fn newest_library_in(dir: &Path) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn finds_the_versioned_library_in_a_wheel_layout() {
+    /// A Python prefix with the wheel's library in it, and the library's folder.
+    fn wheel_prefix() -> (tempfile::TempDir, PathBuf) {
         let prefix = tempfile::tempdir().unwrap();
         let capi = prefix
             .path()
             .join("lib/python3.12/site-packages/onnxruntime/capi");
         std::fs::create_dir_all(&capi).unwrap();
         std::fs::write(capi.join("libonnxruntime.so.1.31.1"), b"").unwrap();
+        (prefix, capi)
+    }
+
+    #[test]
+    fn finds_the_versioned_library_in_a_wheel_layout() {
+        let (prefix, capi) = wheel_prefix();
         std::fs::write(capi.join("libonnxruntime_providers_shared.so"), b"").unwrap();
         assert_eq!(
             find_in_prefix(prefix.path()),
@@ -232,12 +238,7 @@ mod tests {
 
     #[test]
     fn a_library_beside_the_binary_comes_before_any_wheel() {
-        let prefix = tempfile::tempdir().unwrap();
-        let capi = prefix
-            .path()
-            .join("lib/python3.12/site-packages/onnxruntime/capi");
-        std::fs::create_dir_all(&capi).unwrap();
-        std::fs::write(capi.join("libonnxruntime.so.1.31.1"), b"").unwrap();
+        let (prefix, capi) = wheel_prefix();
         let bin = tempfile::tempdir().unwrap();
         let roots = [prefix.path().to_path_buf()];
         assert_eq!(

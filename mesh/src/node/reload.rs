@@ -64,20 +64,12 @@ impl CertReloader {
             None => None,
         };
         let mesh = match &self.cluster {
-            Some(cluster) => {
-                let identity = mesh_identity(&self.config.mesh, cluster.name())?;
-                // Checked before anything is swapped, so a wrong file changes nothing.
-                if !identity.is_node(cluster.name()) {
-                    return Err(crate::cluster::ClusterError::CertificateName(
-                        cluster.name().to_string(),
-                    )
-                    .into());
-                }
-                Some((cluster, identity))
-            }
+            Some(cluster) => Some((cluster, mesh_identity(&self.config.mesh, cluster.name())?)),
             None => None,
         };
         let mut reloaded = Reloaded::default();
+        // The mesh first: its swap is the only one that can still refuse (a certificate that
+        // does not name this node), and then nothing has changed.
         if let Some((cluster, identity)) = mesh {
             cluster.set_identity(&identity)?;
             reloaded.mesh = true;
