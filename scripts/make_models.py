@@ -272,7 +272,8 @@ def gather_rows(rng):
             *weights,
         ],
     )
-    return save("gather_rows", graph, "intra_op_threads = 1\n", root=TEST_MODELS)
+    # Every request through the queue, so the tests' concurrent requests meet in batches.
+    return save("gather_rows", graph, "intra_op_threads = 1\ninline_max_us = 0\n", root=TEST_MODELS)
 
 
 def flatten_rows(rng):
@@ -298,7 +299,8 @@ def flatten_rows(rng):
             *weights,
         ],
     )
-    return save("flatten_rows", graph, "intra_op_threads = 1\n", root=TEST_MODELS)
+    # Every request through the queue, so the tests' concurrent requests meet in batches.
+    return save("flatten_rows", graph, "intra_op_threads = 1\ninline_max_us = 0\n", root=TEST_MODELS)
 
 
 def echo_inputs(rng, rows):

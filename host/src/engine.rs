@@ -295,6 +295,7 @@ impl Engine {
                 &format!("{name}-{version}"),
                 sessions,
                 limits,
+                Duration::from_micros(config.inline_max_us),
                 self.metrics.model(name),
             )
             .map_err(|source| ModelLoadError::Threads {

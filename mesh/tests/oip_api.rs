@@ -871,7 +871,7 @@ async fn at_idle_a_fast_model_runs_on_the_callers_thread_and_a_slow_one_on_its_w
     // fraud runs in a few µs: once measured, one request at a time runs inline. heavy takes
     // about 100 µs, past the inline bound: it always goes through its worker.
     assert!(
-        inline[0] >= 15,
+        inline[0] >= 12,
         "fraud ran inline {} of 20 times",
         inline[0]
     );

@@ -3,8 +3,9 @@
 //!
 //! Requests come from async front doors and are answered over a oneshot channel, so the
 //! async side never waits on a long inference and the workers never touch the async runtime.
-//! One exception, measured to pay: a fast model (recent runs under [`INLINE_MAX`]) with an idle
-//! session and nothing queued runs a request right on the caller's thread
+//! One exception, measured to pay: a fast model (recent runs under its `inline_max_us`, 50 µs
+//! by default) with an idle session and nothing queued runs a request right on the caller's
+//! thread
 //! ([`Scheduler::run_inline`]). A few microseconds of inference then cost no wake-up of a worker
 //! thread and of the waiting task (two futex round trips and two context switches, which were
 //! the largest item in the node's profile at batch-1 load); under load the queue is not empty,
@@ -21,9 +22,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Longest recent inference time for which a request may run inline on the caller's thread:
-/// a front-door thread busy this long costs less than the two thread hand-offs it saves.
-pub const INLINE_MAX: Duration = Duration::from_micros(50);
 use tokio::sync::oneshot;
 
 /// Why a queued request was not answered with outputs.
@@ -113,6 +111,9 @@ struct Shared {
     /// Recent inference time per run, ns (an exponential average), which decides inline
     /// runs; starts high, so a model runs on its workers until measured.
     recent_run_ns: AtomicU64,
+    /// Runs shorter than this may be inline (a front-door thread busy this long costs less
+    /// than the two hand-offs it saves); 0: never.
+    inline_max_ns: u64,
     metrics: ModelMetrics,
 }
 
@@ -138,11 +139,13 @@ impl Shared {
         let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         let old = self.recent_run_ns.load(Ordering::Relaxed);
         // Halving: a model's first run (ONNX Runtime's warm-up) can take a thousand times
-        // its usual one, and must not keep it off the inline path for long.
+        // its usual one, and must not keep it off the inline path for long. A run counts at
+        // most four times the estimate, so one preempted run does not either; a model that
+        // really became slow is past the bound within a few runs.
         let new = if old == u64::MAX {
             took
         } else {
-            old / 2 + took / 2
+            old / 2 + took.min(old.saturating_mul(4)) / 2
         };
         self.recent_run_ns.store(new, Ordering::Relaxed);
     }
@@ -160,6 +163,7 @@ impl Scheduler {
         label: &str,
         sessions: Vec<OnnxSession>,
         limits: BatchLimits,
+        inline_max: Duration,
         metrics: ModelMetrics,
     ) -> std::io::Result<Scheduler> {
         let count = sessions.len();
@@ -170,6 +174,7 @@ impl Scheduler {
             waiting: AtomicUsize::new(0),
             sessions: sessions.into_iter().map(Mutex::new).collect(),
             recent_run_ns: AtomicU64::new(u64::MAX),
+            inline_max_ns: u64::try_from(inline_max.as_nanos()).unwrap_or(u64::MAX),
             metrics,
         });
         let mut workers = Vec::with_capacity(count);
@@ -202,7 +207,7 @@ impl Scheduler {
     /// [`Scheduler::submit`].
     pub fn run_inline(&self, inputs: &[Tensor]) -> Option<JobResult> {
         let shared = &self.shared;
-        if shared.recent_run_ns.load(Ordering::Relaxed) > INLINE_MAX.as_nanos() as u64 {
+        if shared.recent_run_ns.load(Ordering::Relaxed) >= shared.inline_max_ns {
             return None;
         }
         if !shared.lock().claim_idle_session(shared.sessions.len()) {

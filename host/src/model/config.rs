@@ -98,6 +98,10 @@ pub struct ModelConfig {
     pub versions: VersionPolicy,
     /// In a mesh, how many nodes serve this model; 0 means every node that holds it.
     pub replicas: u16,
+    /// A model whose recent runs take less than this (µs) runs a request inline on the front
+    /// door's thread when a session is idle and nothing is queued, skipping the hand-off to
+    /// its worker thread; 0 never does (every request goes through the queue).
+    pub inline_max_us: u64,
 }
 
 impl Default for ModelConfig {
@@ -114,6 +118,7 @@ impl Default for ModelConfig {
             fallback_to_cpu: false,
             versions: VersionPolicy::default(),
             replicas: 0,
+            inline_max_us: 50,
         }
     }
 }
@@ -206,11 +211,12 @@ mod tests {
             &path,
             "max_batch_size = 32\nmax_queue_delay_us = 250\ninstances = 2\nintra_op_threads = 1\n\
              queue_capacity = 10\ndefault_timeout_us = 5000\nexecution_providers = [\"cuda\", \"cpu\"]\n\
-             fallback_to_cpu = true\nversions = [1, 3]\n",
+             fallback_to_cpu = true\nversions = [1, 3]\ninline_max_us = 0\n",
         )
         .unwrap();
         let config = ModelConfig::load_or_default(&path).unwrap();
         assert_eq!(config.max_batch_size, Some(32));
+        assert_eq!(config.inline_max_us, 0);
         assert_eq!(config.instances, 2);
         assert_eq!(
             config.execution_providers,
