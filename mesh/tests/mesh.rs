@@ -979,6 +979,10 @@ impl Load {
                             }
                             Err(e) => failures.push(e.to_string()),
                         }
+                        // Steady load, not a flood: thousands of requests a second cross every
+                        // failover, while the nodes' membership timers keep their CPU (the
+                        // nodes, this client and another test share two cores).
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                     failures
                 })
