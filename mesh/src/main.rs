@@ -58,7 +58,8 @@ struct InferArgs {
     /// The model to call.
     #[arg(long, default_value = "fraud")]
     model: String,
-    /// The OIP JSON request, or @FILE; default: zeros shaped after the model's metadata.
+    /// The OIP JSON request, or @FILE; default: generated values shaped after the model's
+    /// metadata (dynamic dimensions 1).
     #[arg(long)]
     data: Option<String>,
     /// Requests to send one after another (the second goes where the first one's route hint
@@ -375,9 +376,9 @@ fn infer(args: InferArgs) -> Result<()> {
                     String::from_utf8_lossy(&answer.body)
                 );
                 let metadata: serde_json::Value = serde_json::from_slice(&answer.body)?;
-                let request = meshserve::http::oip::example_request(&metadata)
-                    .context("the model's metadata lists no inputs to fill; pass --data")?;
-                serde_json::to_vec(&request)?
+                let (body, _) = bench::body::request_from_metadata(&metadata, 1, false)
+                    .context("cannot fill the model's inputs from its metadata; pass --data")?;
+                body.to_vec()
             }
         };
         for _ in 0..args.repeat.max(1) {

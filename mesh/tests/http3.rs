@@ -518,3 +518,32 @@ async fn sigterm_answers_every_http3_request_in_flight_then_exits() {
         "drained, not timed out"
     );
 }
+
+#[tokio::test]
+async fn meshserve_infer_fills_a_request_from_the_models_metadata() {
+    let certs = certs();
+    let (node, _dir) = h3_node(certs.path(), "");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args([
+            "infer",
+            "--http3",
+            &node.http3.unwrap().to_string(),
+            "--model",
+            "mixed",
+        ])
+        .arg("--ca")
+        .arg(certs.path().join("ca.pem"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("HTTP/3 200"), "{text}");
+    // Every input of the model filled (INT64 ids, BOOL mask), so every output answered.
+    for name in ["masked_sum", "any", "mean"] {
+        assert!(text.contains(&format!("\"name\":\"{name}\"")), "{text}");
+    }
+}

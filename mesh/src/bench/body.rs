@@ -1,7 +1,9 @@
 //! Request bodies generated from a model's OIP metadata (`GET /v2/models/{model}`), so the
-//! load generator drives any OIP server's model without the user writing a body: every
-//! input, `rows` rows (a dynamic first dimension), deterministic values, as JSON data or as
-//! binary tensors (the OIP binary extension).
+//! load generator and `meshserve infer` drive any OIP server's model without the user
+//! writing a body: every input, `rows` rows (a dynamic first dimension), deterministic
+//! values, as JSON data or as binary tensors (the OIP binary extension). The metadata comes
+//! from a server and is input too: a shape that asks for more than [`MAX_ELEMENTS`] elements
+//! is refused rather than built.
 
 use super::{BenchError, sample_values};
 use bytes::Bytes;
@@ -9,6 +11,9 @@ use serde_json::{Value, json};
 
 /// Header naming the JSON part's length in a binary-tensor body.
 pub const INFERENCE_HEADER: &str = "inference-header-content-length";
+
+/// Most elements one generated input may have.
+pub const MAX_ELEMENTS: usize = 1 << 22;
 
 /// A body for the inputs `metadata` lists, with the headers it needs.
 pub fn request_from_metadata(
@@ -42,7 +47,15 @@ pub fn request_from_metadata(
                 _ => 1,
             })
             .collect();
-        let count = shape.iter().product::<i64>().max(0) as usize;
+        let count = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+            .filter(|&n| n <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "input '{name}' of shape {shape:?} is over {MAX_ELEMENTS} elements"
+                ))
+            })?;
         let values = sample_values(count, 7 + index as u64);
         let (data, raw): (Value, Vec<u8>) = match datatype {
             "FP32" => (
@@ -147,6 +160,50 @@ mod tests {
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(raw, data);
+    }
+
+    #[test]
+    fn every_datatype_the_metadata_names_decodes_as_the_node_reads_it() {
+        let metadata = json!({
+            "name": "m",
+            "inputs": [
+                {"name": "ids", "datatype": "INT64", "shape": [-1, 4]},
+                {"name": "mask", "datatype": "BOOL", "shape": [-1, 4]},
+                {"name": "text", "datatype": "BYTES", "shape": [2]}
+            ]
+        });
+        for binary in [false, true] {
+            let (body, headers) = request_from_metadata(&metadata, 3, binary).unwrap();
+            let split = headers
+                .get(INFERENCE_HEADER)
+                .map(|v| v.to_str().unwrap().parse().unwrap());
+            let decoded = crate::http::oip::decode_request("m", None, &body, split).unwrap();
+            let shapes: Vec<_> = decoded
+                .request
+                .inputs
+                .iter()
+                .map(|t| t.shape.clone())
+                .collect();
+            assert_eq!(
+                shapes,
+                vec![vec![3, 4], vec![3, 4], vec![2]],
+                "binary {binary}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shape_too_large_to_build_is_refused() {
+        for shape in [
+            json!([100_000, 100_000]),
+            json!([-1, 9_223_372_036_854_775_807i64]),
+        ] {
+            let metadata = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape}]});
+            let err = request_from_metadata(&metadata, 2, false).unwrap_err();
+            assert!(err.to_string().contains("elements"), "{err}");
+        }
+        let nameless = json!({"inputs": [{"datatype": "FP32", "shape": [1]}]});
+        assert!(request_from_metadata(&nameless, 1, false).is_err());
     }
 
     #[test]

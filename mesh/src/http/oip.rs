@@ -497,41 +497,6 @@ pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> E
     }
 }
 
-/// A request of zeros (`false`, `""`) for the inputs a model's metadata lists, dynamic
-/// dimensions taken as 1: what a first call or a load test can send without knowing the
-/// model. `None` when the metadata has no usable inputs.
-pub fn example_request(metadata: &Value) -> Option<Value> {
-    let inputs = metadata.get("inputs")?.as_array()?;
-    let mut tensors = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let name = input.get("name")?.as_str()?;
-        let datatype = input.get("datatype")?.as_str()?;
-        let shape: Vec<u64> = input
-            .get("shape")?
-            .as_array()?
-            .iter()
-            .map(|d| d.as_i64().map(|d| u64::try_from(d).unwrap_or(1)))
-            .collect::<Option<_>>()?;
-        let count = shape.iter().product::<u64>();
-        // Metadata from a server is input too: a shape of billions is not built.
-        if count > 1 << 20 {
-            return None;
-        }
-        let zero = match DataType::parse(datatype)? {
-            DataType::Bool => Value::Bool(false),
-            DataType::Bytes => Value::String(String::new()),
-            _ => Value::from(0),
-        };
-        tensors.push(serde_json::json!({
-            "name": name,
-            "datatype": datatype,
-            "shape": shape,
-            "data": vec![zero; count as usize],
-        }));
-    }
-    Some(serde_json::json!({ "inputs": tensors }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,32 +638,5 @@ mod tests {
         assert_eq!(v["outputs"][0]["parameters"]["binary_data_size"], 16);
         assert!(v["outputs"][0].get("data").is_none());
         assert_eq!(&binary.body[n..], y.data.as_ref());
-    }
-
-    #[test]
-    fn example_requests_follow_the_metadata_and_decode() {
-        let metadata = serde_json::json!({
-            "name": "m",
-            "inputs": [
-                {"name": "ids", "datatype": "INT64", "shape": [-1, 4]},
-                {"name": "mask", "datatype": "BOOL", "shape": [-1, 4]},
-                {"name": "text", "datatype": "BYTES", "shape": [2]}
-            ]
-        });
-        let body = example_request(&metadata).unwrap().to_string();
-        let decoded = decode_request("m", None, &Bytes::from(body), None).unwrap();
-        let shapes: Vec<_> = decoded
-            .request
-            .inputs
-            .iter()
-            .map(|t| t.shape.clone())
-            .collect();
-        assert_eq!(shapes, vec![vec![1, 4], vec![1, 4], vec![2]]);
-        let huge = serde_json::json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [100000, 100000]}]});
-        assert_eq!(example_request(&huge), None);
-        assert_eq!(
-            example_request(&serde_json::json!({"inputs": [{"name": "x"}]})),
-            None
-        );
     }
 }
