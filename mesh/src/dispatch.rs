@@ -9,7 +9,7 @@
 use crate::cluster::Cluster;
 use crate::wire::{Failure, FailureClass, InferCall, RouteHint};
 use meshserve_host::model::signature::TensorSpec;
-use meshserve_host::{Engine, ErrorClass, InferError, InferRequest, InferResponse};
+use meshserve_host::{Engine, InferError, InferRequest, InferResponse};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::pin::Pin;
@@ -82,14 +82,6 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
-    /// How to report it.
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            DispatchError::Local(e) => e.class(),
-            DispatchError::Remote(f) => f.error_class(),
-        }
-    }
-
     /// Whether the request's tensors did not fit the model, and why.
     pub fn invalid_input(&self) -> Option<&str> {
         match self {
