@@ -861,7 +861,6 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
         .filter_map(|(_, r)| {
             Some(SweepPoint {
                 rate: r.offered_rate?,
-                answered: r.requests_per_second(),
                 p50_us: r.percentile_us(0.5),
                 p99_us: r.percentile_us(0.99),
                 p999_us: r.percentile_us(0.999),

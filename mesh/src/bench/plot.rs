@@ -9,8 +9,6 @@ use std::fmt::Write as _;
 pub struct SweepPoint {
     /// Requests per second offered.
     pub rate: f64,
-    /// Requests per second answered.
-    pub answered: f64,
     /// p50, p99 and p99.9 latency, µs, from when each request was due.
     pub p50_us: u64,
     /// As above.
@@ -166,7 +164,6 @@ mod tests {
             .into_iter()
             .map(|(rate, p99)| SweepPoint {
                 rate,
-                answered: rate,
                 p50_us: p99 / 2,
                 p99_us: p99,
                 p999_us: p99 * 2,
