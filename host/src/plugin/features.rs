@@ -478,38 +478,24 @@ mod tests {
         let strings = |values: Vec<&str>| -> Vec<ByteArray> {
             values.into_iter().map(ByteArray::from).collect()
         };
-        let mut column = group.next_column().unwrap().unwrap();
-        let keys = strings(rows.iter().map(|r| r.0).collect());
-        column
-            .typed::<ByteArrayType>()
-            .write_batch(&keys, None, None)
-            .unwrap();
-        column.close().unwrap();
-        let mut column = group.next_column().unwrap().unwrap();
-        let doubles: Vec<f64> = rows.iter().map(|r| r.1).collect();
-        column
-            .typed::<DoubleType>()
-            .write_batch(&doubles, None, None)
-            .unwrap();
-        column.close().unwrap();
-        let mut column = group.next_column().unwrap().unwrap();
-        let longs: Vec<i64> = rows.iter().map(|r| r.2).collect();
-        column
-            .typed::<Int64Type>()
-            .write_batch(&longs, None, None)
-            .unwrap();
-        column.close().unwrap();
+        write_column::<ByteArrayType>(&mut group, &strings(rows.iter().map(|r| r.0).collect()));
+        write_column::<DoubleType>(&mut group, &rows.iter().map(|r| r.1).collect::<Vec<_>>());
+        write_column::<Int64Type>(&mut group, &rows.iter().map(|r| r.2).collect::<Vec<_>>());
         if country {
-            let mut column = group.next_column().unwrap().unwrap();
-            let countries = strings(rows.iter().map(|r| r.3).collect());
-            column
-                .typed::<ByteArrayType>()
-                .write_batch(&countries, None, None)
-                .unwrap();
-            column.close().unwrap();
+            write_column::<ByteArrayType>(&mut group, &strings(rows.iter().map(|r| r.3).collect()));
         }
         group.close().unwrap();
         writer.close().unwrap();
+    }
+
+    /// Writes the next column of `group` with `values`.
+    fn write_column<T: parquet::data_type::DataType>(
+        group: &mut parquet::file::writer::SerializedRowGroupWriter<'_, std::fs::File>,
+        values: &[T::T],
+    ) {
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<T>().write_batch(values, None, None).unwrap();
+        column.close().unwrap();
     }
 
     const CARDS: [(&str, f64, i64, &str); 4] = [

@@ -488,7 +488,8 @@ async fn request_loop(
     let mut report = Report::new(load.rows);
     let age_us = |since: Instant, at: Instant| (at - since).as_micros().max(1) as u64;
     loop {
-        let due = match pacer {
+        // When the request's latency starts: its send (closed loop) or its release (open).
+        let since = match pacer {
             None => {
                 let now = Instant::now();
                 if now >= window.end {
@@ -497,18 +498,18 @@ async fn request_loop(
                 now
             }
             Some(pacer) => {
-                let Some(due) = pacer.take().await else {
+                let Some(since) = pacer.take().await else {
                     break;
                 };
                 if Instant::now() >= window.stop {
                     // Still queued when the run stops: unanswered, at its age then.
-                    if due >= window.measure_from {
+                    if since >= window.measure_from {
                         report.unanswered += 1;
-                        let _ = report.latency_us.record(age_us(due, window.stop));
+                        let _ = report.latency_us.record(age_us(since, window.stop));
                     }
                     continue;
                 }
-                due
+                since
             }
         };
         let answer = match pacer {
@@ -518,17 +519,17 @@ async fn request_loop(
                 Err(_) => None,
             },
         };
-        if due < window.measure_from {
+        if since < window.measure_from {
             continue;
         }
         match answer {
             None => {
                 report.unanswered += 1;
-                let _ = report.latency_us.record(age_us(due, window.stop));
+                let _ = report.latency_us.record(age_us(since, window.stop));
             }
             Some((status, _)) if status.is_success() => {
                 report.ok += 1;
-                let _ = report.latency_us.record(age_us(due, Instant::now()));
+                let _ = report.latency_us.record(age_us(since, Instant::now()));
             }
             Some((status, body)) => {
                 report.errors += 1;
