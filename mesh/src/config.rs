@@ -24,6 +24,11 @@ pub struct NodeConfig {
     /// After the grace period, how long in-flight requests may take before connections are
     /// closed, in ms.
     pub drain_timeout_ms: u64,
+    /// Threads of the node's async runtime, which serves HTTP, HTTP/3 and the mesh and runs
+    /// fast models inline; unset: one per core. Model workers have threads of their own. On a
+    /// machine shared with other busy processes, fewer threads cost less CPU per request (each
+    /// idle thread is woken to look for work; see docs/benchmarks.md).
+    pub io_threads: Option<usize>,
     /// The HTTP/1.1 + HTTP/2 front door.
     pub http: HttpConfig,
     /// The HTTP/3 front door; off unless `http3.listen` is set.
@@ -37,6 +42,9 @@ pub struct NodeConfig {
     /// The QUIC mesh; off unless `mesh.listen` is set.
     pub mesh: MeshConfig,
 }
+
+/// More async threads than this is a typo, not a machine.
+const MAX_IO_THREADS: usize = 1024;
 
 /// The node's place in a mesh.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -212,6 +220,7 @@ impl Default for NodeConfig {
             onnxruntime_library: None,
             shutdown_grace_ms: 2_000,
             drain_timeout_ms: 30_000,
+            io_threads: None,
             http: HttpConfig::default(),
             http3: Http3Config::default(),
             plugins: PluginRuntimeConfig::default(),
@@ -312,6 +321,13 @@ impl NodeConfig {
 
     /// Checks settings that only make sense together.
     pub fn check(&self) -> Result<(), NodeConfigError> {
+        if let Some(threads) = self.io_threads
+            && !(1..=MAX_IO_THREADS).contains(&threads)
+        {
+            return Err(NodeConfigError::Inconsistent(format!(
+                "io_threads must be between 1 and {MAX_IO_THREADS} (unset: one per core), not {threads}"
+            )));
+        }
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             return Err(NodeConfigError::Inconsistent(
                 "http.tls_cert and http.tls_key must be set together".into(),
@@ -445,5 +461,29 @@ mod tests {
         assert!(refused(&format!("{base}require_client_cert = true\n")).contains("client_ca"));
         let config = NodeConfig::load_from_str(base, &path).unwrap();
         assert_eq!(config.http3.tls_cert, Some(dir.path().join("s.pem")));
+    }
+
+    #[test]
+    fn io_threads_is_unset_or_a_sane_count() {
+        let path = std::path::Path::new("node.toml");
+        assert_eq!(
+            NodeConfig::load_from_str("", path).unwrap().io_threads,
+            None
+        );
+        assert_eq!(
+            NodeConfig::load_from_str("io_threads = 3\n", path)
+                .unwrap()
+                .io_threads,
+            Some(3)
+        );
+        for bad in ["io_threads = 0\n", "io_threads = 100000\n"] {
+            let err = NodeConfig::load_from_str(bad, path)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("io_threads must be between 1 and 1024"),
+                "{err}"
+            );
+        }
     }
 }

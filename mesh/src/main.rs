@@ -115,6 +115,9 @@ struct ServeArgs {
     /// Address for HTTP/1.1 and HTTP/2.
     #[arg(long, value_name = "ADDR:PORT")]
     http: Option<SocketAddr>,
+    /// Async runtime threads (HTTP, HTTP/3, mesh, inline model runs); default: one per core.
+    #[arg(long, value_name = "N")]
+    io_threads: Option<usize>,
     /// UDP address for HTTP/3 (needs a certificate: --http3-cert and --http3-key).
     #[arg(long, value_name = "ADDR:PORT")]
     http3: Option<SocketAddr>,
@@ -247,6 +250,9 @@ enum BenchCommand {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
+        /// Async runtime threads, as `serve --io-threads`; default: one per core.
+        #[arg(long, value_name = "N")]
+        io_threads: Option<usize>,
     },
 }
 
@@ -500,6 +506,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(http) = args.http {
         config.http.listen = http;
     }
+    if let Some(threads) = args.io_threads {
+        config.io_threads = Some(threads);
+    }
     if let Some(http3) = args.http3 {
         config.http3.listen = Some(http3);
     }
@@ -532,7 +541,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("config ok");
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.io_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime
         .enable_all()
         .thread_name("meshserve-io")
         .build()
@@ -756,14 +769,25 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             );
         }
         BenchCommand::Http(args) => runtime.block_on(bench_http(args))?,
-        BenchCommand::FloorServer { listen } => runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            eprintln!("floor server on http://{listen}");
-            bench::floor::serve(listener, bench::floor::FloorConfig::default()).await;
-            Ok::<(), anyhow::Error>(())
-        })?,
+        BenchCommand::FloorServer { listen, io_threads } => {
+            // The node's runtime, so a comparison at the same thread count is like for like.
+            let mut floor_runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = io_threads {
+                floor_runtime.worker_threads(threads.max(1));
+            }
+            let floor_runtime = floor_runtime
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            floor_runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                eprintln!("floor server on http://{listen}");
+                bench::floor::serve(listener, bench::floor::FloorConfig::default()).await;
+                Ok::<(), anyhow::Error>(())
+            })?
+        }
     }
     Ok(())
 }

@@ -414,3 +414,35 @@ fn a_missing_onnx_runtime_library_fails_the_start_with_the_fix() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_node_on_one_io_thread_serves_concurrent_clients_and_zero_threads_is_refused() {
+    let repo = copy_examples();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["serve", "--http", "127.0.0.1:0", "--io-threads", "0"])
+        .arg("--model-repository")
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("io_threads must be between 1 and 1024"),
+        "{stderr}"
+    );
+
+    let node = TestNode::start(repo.path(), &["--io-threads", "1"]);
+    let http = reqwest::Client::new();
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let request = http
+                .post(node.url("/v2/models/fraud/infer"))
+                .json(&fraud_body())
+                .send();
+            tokio::spawn(async move { request.await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    for client in clients {
+        assert_eq!(client.await.unwrap().unwrap(), 200);
+    }
+}

@@ -73,3 +73,67 @@ pub async fn serve(listener: TcpListener, config: FloorConfig) {
         });
     }
 }
+
+/// The kernel's own floor under any HTTP server: one thread writes `request_bytes` over a
+/// loopback TCP connection and blocks until `response_bytes` come back from a thread that
+/// blocks reading them, one exchange at a time. No HTTP, no async runtime: what a
+/// request/response round trip costs on this machine before any server code runs (on a
+/// virtual machine mostly the two sleeping threads' wake-ups).
+pub fn loopback_ping_pong(
+    request_bytes: usize,
+    response_bytes: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> std::io::Result<super::Report> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        let (mut request, response) = (vec![0u8; request_bytes], vec![b'r'; response_bytes]);
+        // Ends when the client closes: read_exact then fails.
+        while stream.read_exact(&mut request).is_ok() {
+            stream.write_all(&response)?;
+        }
+        Ok(())
+    });
+    let mut client = std::net::TcpStream::connect(addr)?;
+    client.set_nodelay(true)?;
+    let (request, mut response) = (vec![b'q'; request_bytes], vec![0u8; response_bytes]);
+    let mut report = super::Report::new(1);
+    let warm_until = std::time::Instant::now() + warmup;
+    while std::time::Instant::now() < warm_until {
+        client.write_all(&request)?;
+        client.read_exact(&mut response)?;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < duration {
+        let t = std::time::Instant::now();
+        client.write_all(&request)?;
+        client.read_exact(&mut response)?;
+        report.ok += 1;
+        let _ = report
+            .latency_us
+            .record(t.elapsed().as_micros().max(1) as u64);
+    }
+    report.elapsed = start.elapsed();
+    drop(client);
+    echo.join()
+        .map_err(|_| std::io::Error::other("the echo thread panicked"))??;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loopback_ping_pong_counts_every_exchange_it_times() {
+        let report =
+            loopback_ping_pong(300, 200, Duration::ZERO, Duration::from_millis(200)).unwrap();
+        assert!(report.ok > 10, "only {} exchanges in 200 ms", report.ok);
+        assert_eq!(report.latency_us.len(), report.ok);
+        assert!(report.elapsed >= Duration::from_millis(200));
+    }
+}

@@ -613,6 +613,21 @@ pub(crate) fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {
 /// A `meshserve serve` child process, killed when dropped.
 pub(crate) struct ServerProcess(Child);
 
+impl ServerProcess {
+    /// CPU time the process has used in all its threads, ended ones included (from
+    /// `/proc/<pid>/stat`; `None` where there is no such file).
+    pub(crate) fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).ok()?;
+        // The command name, in parentheses, may hold spaces: count fields after it.
+        let after_name = stat.get(stat.rfind(')')? + 1..)?;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime, fields 14 and 15 of the line, in USER_HZ ticks (100 per second
+        // in the /proc ABI on every architecture Linux runs on).
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Duration::from_millis(ticks * 10))
+    }
+}
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -631,14 +646,21 @@ fn free_port() -> Result<u16, BenchError> {
 
 /// Starts `binary bench floor-server` on a free port, a process of its own as the node is, and
 /// waits until it answers.
-pub(crate) async fn start_floor(binary: &Path) -> Result<(ServerProcess, SocketAddr), BenchError> {
+pub(crate) async fn start_floor(
+    binary: &Path,
+    io_threads: Option<usize>,
+) -> Result<(ServerProcess, SocketAddr), BenchError> {
     spawn_ready(binary, |addr| {
-        vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "bench".into(),
             "floor-server".into(),
             "--listen".into(),
             addr.to_string().into(),
-        ]
+        ];
+        if let Some(threads) = io_threads {
+            args.extend(["--io-threads".into(), threads.to_string().into()]);
+        }
+        args
     })
     .await
 }

@@ -1,8 +1,8 @@
 //! `meshserve bench suite`: the single-node engine next to in-process ONNX Runtime.
 
 use super::{
-    BenchError, HttpLoad, Report, fp32_request_body, fp32_tensor, run_http, run_in_process,
-    start_floor, start_server,
+    BenchError, HttpLoad, Report, floor, fp32_request_body, fp32_tensor, io_error, run_http,
+    run_in_process, start_floor, start_server,
 };
 use meshserve_host::model::repository::Repository;
 use meshserve_host::model::session::OnnxSession;
@@ -38,6 +38,9 @@ pub(super) fn load_session(repository: &Path, model: &str) -> Result<OnnxSession
         .map_err(|e| BenchError::Model(e.to_string()))
 }
 
+/// Roughly what an HTTP/1.1 request line and headers add to a body (for the ping-pong's sizes).
+const HTTP_HEAD_BYTES: usize = 120;
+
 /// The open-loop rows' offered rate.
 const OPEN_RATE: f64 = 20_000.0;
 
@@ -46,6 +49,27 @@ struct Row {
     label: String,
     concurrency: usize,
     report: Report,
+    /// The server process's CPU time per answered request (all its threads).
+    server_cpu_us: Option<f64>,
+}
+
+/// Runs `load` against `server` and measures the server's CPU time per request over the
+/// whole run (warm-up included, counted at the measured rate).
+async fn measured(
+    server: &super::ServerProcess,
+    load: &HttpLoad,
+) -> Result<(Report, Option<f64>), BenchError> {
+    let (cpu_before, started) = (server.cpu_time(), std::time::Instant::now());
+    let report = run_http(load).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu_us = match (cpu_before, server.cpu_time()) {
+        (Some(before), Some(after)) => {
+            let requests = report.requests_per_second() * wall;
+            (requests > 0.0).then(|| (after - before).as_secs_f64() * 1e6 / requests)
+        }
+        _ => None,
+    };
+    Ok((report, cpu_us))
 }
 
 /// Runs the suite of the single-node issue and returns the printed table.
@@ -60,6 +84,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         label: "fraud  in-process ORT, batch 1".into(),
         concurrency: 1,
         report: run_in_process(&mut fraud, &fraud_input, 1, config.warmup, config.duration)?,
+        server_cpu_us: None,
     });
     drop(fraud);
     let mut heavy = load_session(&config.repository, "heavy")?;
@@ -68,14 +93,25 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         label: "heavy  in-process ORT, batch 1".into(),
         concurrency: 1,
         report: run_in_process(&mut heavy, &heavy_input, 1, config.warmup, config.duration)?,
+        server_cpu_us: None,
     });
     drop(heavy);
 
-    let (_server, addr) = start_server(
-        &config.server_binary,
-        &["--model-repository".as_ref(), config.repository.as_os_str()],
-    )
-    .await?;
+    // The kernel's floor under every HTTP row: the same exchange without HTTP or a runtime.
+    let request_bytes = fp32_request_body("features", 1, 32).len() + HTTP_HEAD_BYTES;
+    rows.push(Row {
+        label: "loopback TCP ping-pong, no HTTP".into(),
+        concurrency: 1,
+        report: floor::loopback_ping_pong(
+            request_bytes,
+            floor::FIXED_RESPONSE.len() + HTTP_HEAD_BYTES,
+            config.warmup,
+            config.duration,
+        )
+        .map_err(io_error("loopback ping-pong"))?,
+        server_cpu_us: None,
+    });
+
     // Closed loop unless an open-loop rate is given (latency then from each request's release).
     let load = |addr: SocketAddr, model: &str, width: usize, pace, concurrency| HttpLoad {
         headers: hyper::HeaderMap::new(),
@@ -100,41 +136,85 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let closed = super::Pace::Closed;
     let open = super::Pace::Open { rate: OPEN_RATE };
     let open_label = format!("open loop {OPEN_RATE:.0}/s");
-    // The fraud rows first, so heavy's batches cannot linger into them.
-    let scenarios = [
-        ("fraud", 32, closed, 1, "HTTP/1.1 JSON, batch-1 requests"),
-        ("fraud", 32, closed, 64, "HTTP/1.1 JSON, batch-1 requests"),
-        ("fraud", 32, open, 256, open_label.as_str()),
-        ("heavy", 512, closed, 64, "HTTP/1.1 JSON, batch-1 requests"),
-    ];
-    for (model, width, pace, concurrency, what) in scenarios {
-        let report = run_http(&load(addr, model, width, pace, concurrency)).await?;
-        if report.errors > 0 {
-            return Err(BenchError::Server(format!(
-                "{} of the {model} requests failed",
-                report.errors
-            )));
-        }
-        rows.push(Row {
-            label: format!("{model}  {what}"),
-            concurrency,
-            report,
-        });
-    }
-    drop(_server);
-
-    // The floor: a bare hyper server answering a fixed OIP response, same load, same client.
-    let (_floor, floor_addr) = start_floor(&config.server_binary).await?;
-    for (pace, concurrency, what) in [
-        (closed, 1, "bare hyper, fixed OIP response"),
-        (closed, 64, "bare hyper, fixed OIP response"),
+    // The same three loads on the node and on the floor, with the async runtime at its
+    // default (a thread per core) and at one thread, so each ratio compares like with like.
+    let fraud_loads = [
+        (closed, 1, "HTTP/1.1 JSON, batch 1"),
+        (closed, 64, "HTTP/1.1 JSON, batch 1"),
         (open, 256, open_label.as_str()),
-    ] {
-        rows.push(Row {
-            label: format!("floor  {what}"),
-            concurrency,
-            report: run_http(&load(floor_addr, "fraud", 32, pace, concurrency)).await?,
-        });
+    ];
+    let mut pairs = Vec::new();
+    for threads in [None, Some(1)] {
+        let tag = match threads {
+            None => String::new(),
+            Some(n) => format!("{n} io thread, "),
+        };
+        let node_args = match threads {
+            None => vec![],
+            Some(n) => vec!["--io-threads".to_string(), n.to_string()],
+        };
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["--model-repository".as_ref(), config.repository.as_os_str()];
+        args.extend(node_args.iter().map(std::ffi::OsStr::new));
+        let (server, addr) = start_server(&config.server_binary, &args).await?;
+        let node_rows = rows.len();
+        for (pace, concurrency, what) in fraud_loads {
+            let (report, server_cpu_us) =
+                measured(&server, &load(addr, "fraud", 32, pace, concurrency)).await?;
+            if report.errors > 0 {
+                return Err(BenchError::Server(format!(
+                    "{} of the fraud requests failed",
+                    report.errors
+                )));
+            }
+            rows.push(Row {
+                label: format!("fraud  {tag}{what}"),
+                concurrency,
+                report,
+                server_cpu_us,
+            });
+        }
+        // Heavy after fraud's rows, so its batches cannot linger into them.
+        if threads.is_none() {
+            let (report, server_cpu_us) =
+                measured(&server, &load(addr, "heavy", 512, closed, 64)).await?;
+            if report.errors > 0 {
+                return Err(BenchError::Server(format!(
+                    "{} of the heavy requests failed",
+                    report.errors
+                )));
+            }
+            rows.push(Row {
+                label: "heavy  HTTP/1.1 JSON, batch 1".into(),
+                concurrency: 64,
+                report,
+                server_cpu_us,
+            });
+        }
+        drop(server);
+        // The floor: a bare hyper server answering a fixed OIP response, same load, same client.
+        let (floor_server, floor_addr) = start_floor(&config.server_binary, threads).await?;
+        let floor_rows = rows.len();
+        for (pace, concurrency, what) in fraud_loads {
+            let what = if pace == closed {
+                "bare hyper, fixed response"
+            } else {
+                what
+            };
+            let (report, server_cpu_us) = measured(
+                &floor_server,
+                &load(floor_addr, "fraud", 32, pace, concurrency),
+            )
+            .await?;
+            rows.push(Row {
+                label: format!("floor  {tag}{what}"),
+                concurrency,
+                report,
+                server_cpu_us,
+            });
+        }
+        drop(floor_server);
+        pairs.push((threads, node_rows, floor_rows));
     }
 
     let mut out = String::new();
@@ -146,52 +226,79 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     );
     let _ = writeln!(
         out,
-        "{:<40} {:>5} {:>11} {:>11} {:>9} {:>9}",
-        "scenario", "conc", "req/s", "samples/s", "p50 µs", "p99 µs"
+        "{:<50} {:>5} {:>9} {:>9} {:>8} {:>8} {:>10}",
+        "scenario", "conc", "req/s", "samples/s", "p50 µs", "p99 µs", "server CPU"
     );
     for row in &rows {
         let r = &row.report;
+        let cpu = row
+            .server_cpu_us
+            .map_or_else(|| "-".to_string(), |us| format!("{us:.1} µs"));
         let _ = writeln!(
             out,
-            "{:<40} {:>5} {:>11.0} {:>11.0} {:>9} {:>9}",
+            "{:<50} {:>5} {:>9.0} {:>9.0} {:>8} {:>8} {:>10}",
             row.label,
             row.concurrency,
             r.requests_per_second(),
             r.samples_per_second(),
             r.percentile_us(0.5),
-            r.percentile_us(0.99)
+            r.percentile_us(0.99),
+            cpu
         );
     }
     let fraud_raw = &rows[0].report;
     let heavy_raw = &rows[1].report;
-    let fraud_c1 = &rows[2].report;
-    let fraud_c64 = &rows[3].report;
-    let fraud_open = &rows[4].report;
-    let heavy_served = &rows[5].report;
-    let floor_c1 = &rows[6].report;
-    let floor_c64 = &rows[7].report;
-    let floor_open = &rows[8].report;
+    let ping_pong = &rows[2].report;
+    for &(threads, node, floor) in &pairs {
+        let [fraud_c1, fraud_c64, fraud_open] = [node, node + 1, node + 2].map(|i| &rows[i].report);
+        let [floor_c1, floor_c64, floor_open] =
+            [floor, floor + 1, floor + 2].map(|i| &rows[i].report);
+        let runtime = match threads {
+            None => "a thread per core".to_string(),
+            Some(n) => format!("{n} io thread"),
+        };
+        let _ = writeln!(
+            out,
+            "fraud / floor, {runtime}: req/s at concurrency 64 = {:.2}x; p50 at concurrency 1 = {} vs {} µs (+{}); open-loop p99 at {OPEN_RATE:.0}/s = {:.2}x ({} vs {} µs, {} and {} unanswered)",
+            fraud_c64.requests_per_second() / floor_c64.requests_per_second().max(1e-9),
+            fraud_c1.percentile_us(0.5),
+            floor_c1.percentile_us(0.5),
+            fraud_c1
+                .percentile_us(0.5)
+                .saturating_sub(floor_c1.percentile_us(0.5)),
+            fraud_open.percentile_us(0.99) as f64 / floor_open.percentile_us(0.99).max(1) as f64,
+            fraud_open.percentile_us(0.99),
+            floor_open.percentile_us(0.99),
+            fraud_open.unanswered,
+            floor_open.unanswered
+        );
+    }
+    let (node, floor) = (pairs[0].1, pairs[0].2);
+    let fraud_c1 = &rows[node].report;
     let _ = writeln!(
         out,
-        "fraud / floor: req/s at concurrency 64 = {:.2}x; p50 at concurrency 1 = {} µs vs {} µs; open-loop p99 at {OPEN_RATE:.0}/s = {:.2}x ({} µs vs {} µs, {} and {} unanswered)",
-        fraud_c64.requests_per_second() / floor_c64.requests_per_second().max(1e-9),
-        fraud_c1.percentile_us(0.5),
-        floor_c1.percentile_us(0.5),
-        fraud_open.percentile_us(0.99) as f64 / floor_open.percentile_us(0.99).max(1) as f64,
-        fraud_open.percentile_us(0.99),
-        floor_open.percentile_us(0.99),
-        fraud_open.unanswered,
-        floor_open.unanswered
-    );
-    let _ = writeln!(
-        out,
-        "fraud: server-added p50 latency at concurrency 1 = {} µs (HTTP p50 {} µs − in-process p50 {} µs)",
+        "fraud: server-added p50 latency at concurrency 1 = {} µs (HTTP p50 {} µs − in-process p50 {} µs); of it the kernel's loopback round trip is {} µs and bare HTTP adds {} µs",
         fraud_c1
             .percentile_us(0.5)
             .saturating_sub(fraud_raw.percentile_us(0.5)),
         fraud_c1.percentile_us(0.5),
-        fraud_raw.percentile_us(0.5)
+        fraud_raw.percentile_us(0.5),
+        ping_pong.percentile_us(0.5),
+        rows[floor]
+            .report
+            .percentile_us(0.5)
+            .saturating_sub(ping_pong.percentile_us(0.5))
     );
+    let cpu = |i: usize| rows[i].server_cpu_us.unwrap_or(f64::NAN);
+    let ort_us = 1e6 / fraud_raw.requests_per_second().max(1e-9);
+    let _ = writeln!(
+        out,
+        "fraud at concurrency 64, server CPU per request: node {:.1} µs, floor {:.1} µs, of the node's extra {:.1} µs the model call in process is {ort_us:.1} µs",
+        cpu(node + 1),
+        cpu(floor + 1),
+        cpu(node + 1) - cpu(floor + 1),
+    );
+    let heavy_served = &rows[node + 3].report;
     let _ = writeln!(
         out,
         "heavy: served with dynamic batching / in-process single-request loop = {:.2}x samples/s",

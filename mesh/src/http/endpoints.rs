@@ -6,7 +6,7 @@
 use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
 use crate::http::routes::{
-    AppState, TIMEOUT_HEADER, counted, header_number, hop_timing, json_response, oip_response,
+    AppState, Ms, TIMEOUT_HEADER, counted, header_number, hop_timing, json_response, oip_response,
     read_body, run_model,
 };
 use axum::body::Body;
@@ -32,14 +32,13 @@ struct PluginTimings {
 
 impl PluginTimings {
     fn header_parts(&self) -> String {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let mut parts = String::new();
         if let Some(pre) = self.pre {
-            parts.push_str(&format!("pre;dur={:.3}, ", ms(pre)));
+            parts.push_str(&format!("pre;dur={}, ", Ms(pre)));
         }
         parts.push_str(&self.hop);
         if let Some(post) = self.post {
-            parts.push_str(&format!("post;dur={:.3}, ", ms(post)));
+            parts.push_str(&format!("post;dur={}, ", Ms(post)));
         }
         parts
     }
@@ -104,9 +103,9 @@ pub async fn invoke(
                 PreAnswer::Infer(inputs) => inputs,
                 PreAnswer::Reply(reply) => {
                     let timing = format!(
-                        "{}total;dur={:.3}",
+                        "{}total;dur={}",
                         timings.header_parts(),
-                        started.elapsed().as_secs_f64() * 1e3
+                        Ms(started.elapsed())
                     );
                     return Ok(reply_response(reply, &timing));
                 }

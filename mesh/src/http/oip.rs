@@ -40,15 +40,104 @@ struct RequestJson<'a> {
     outputs: Option<Vec<OutputJson>>,
 }
 
-#[derive(Deserialize)]
 struct InputJson<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
     parameters: Map<String, Value>,
-    #[serde(default, borrow)]
-    data: Option<&'a RawValue>,
+    data: Option<InputData<'a>>,
+}
+
+/// An input's `data`: parsed into elements while it is read when `datatype` came before it
+/// (the order clients write), so the array is scanned once; otherwise kept raw and parsed
+/// once the datatype is known.
+enum InputData<'a> {
+    Parsed(Sink),
+    Raw(&'a RawValue),
+}
+
+/// Elements reserved up front at most: the shape is client-supplied and may lie.
+const MAX_PREALLOCATED_BYTES: usize = 1 << 20;
+
+impl<'de: 'a, 'a> Deserialize<'de> for InputJson<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(InputVisitor(std::marker::PhantomData))
+    }
+}
+
+struct InputVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
+    type Value = InputJson<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an input object with name, shape, datatype and data")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<InputJson<'a>, A::Error> {
+        let (mut name, mut shape, mut datatype) =
+            (None::<String>, None::<Vec<i64>>, None::<String>);
+        let (mut parameters, mut data) = (None, None);
+        fn once<T, E: de::Error>(slot: &Option<T>, field: &'static str) -> Result<(), E> {
+            match slot {
+                Some(_) => Err(E::duplicate_field(field)),
+                None => Ok(()),
+            }
+        }
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "name" => {
+                    once(&name, "name")?;
+                    name = Some(map.next_value()?);
+                }
+                "shape" => {
+                    once(&shape, "shape")?;
+                    shape = Some(map.next_value()?);
+                }
+                "datatype" => {
+                    once(&datatype, "datatype")?;
+                    datatype = Some(map.next_value()?);
+                }
+                "parameters" => {
+                    once(&parameters, "parameters")?;
+                    parameters = Some(map.next_value()?);
+                }
+                "data" => {
+                    once(&data, "data")?;
+                    let known = datatype.as_deref().and_then(DataType::parse);
+                    data = Some(match known {
+                        Some(datatype) => {
+                            let capacity = shape
+                                .as_deref()
+                                .and_then(Tensor::element_count_of)
+                                .and_then(|n| n.checked_mul(datatype.element_size()?))
+                                .unwrap_or(0)
+                                .min(MAX_PREALLOCATED_BYTES);
+                            let mut sink = Sink {
+                                datatype,
+                                out: Vec::with_capacity(capacity),
+                                count: 0,
+                                input: name.clone(),
+                            };
+                            map.next_value_seed(FlatSeed(&mut sink))?;
+                            InputData::Parsed(sink)
+                        }
+                        None => InputData::Raw(map.next_value()?),
+                    });
+                }
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(InputJson {
+            name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+            shape: shape.ok_or_else(|| de::Error::missing_field("shape"))?,
+            datatype: datatype.ok_or_else(|| de::Error::missing_field("datatype"))?,
+            parameters: parameters.unwrap_or_default(),
+            data,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -132,7 +221,8 @@ pub fn decode_request(
                 }
                 binary.split_to(size)
             }
-            (None, Some(raw)) => parse_data(raw, datatype, count, &input.name)?,
+            (None, Some(InputData::Parsed(sink))) => sink.finish(count, &input.name)?,
+            (None, Some(InputData::Raw(raw))) => parse_data(raw, datatype, count, &input.name)?,
             (Some(_), Some(_)) => {
                 return Err(fail(format!(
                     "input '{}' has both 'data' and binary_data_size",
@@ -237,18 +327,13 @@ fn parse_data(
         datatype,
         out: Vec::with_capacity(capacity.min(raw.get().len() * 8)),
         count: 0,
+        input: Some(name.to_string()),
     };
     let mut de = serde_json::Deserializer::from_str(raw.get());
     FlatSeed(&mut sink)
         .deserialize(&mut de)
-        .map_err(|e| fail(format!("input '{name}': {e}")))?;
-    if sink.count != count {
-        return Err(fail(format!(
-            "input '{name}': shape needs {count} elements, 'data' has {}",
-            sink.count
-        )));
-    }
-    Ok(Bytes::from(sink.out))
+        .map_err(|e| fail(e.to_string()))?;
+    sink.finish(count, name)
 }
 
 /// Accumulates JSON scalars as elements of one datatype.
@@ -256,14 +341,36 @@ struct Sink {
     datatype: DataType,
     out: Vec<u8>,
     count: usize,
+    /// The input's name, for error messages, when known before its data.
+    input: Option<String>,
 }
 
 impl Sink {
+    /// The elements, once their count is checked against the shape's.
+    fn finish(self, count: usize, name: &str) -> Result<Bytes, DecodeError> {
+        if self.count != count {
+            return Err(fail(format!(
+                "input '{name}': shape needs {count} elements, 'data' has {}",
+                self.count
+            )));
+        }
+        Ok(Bytes::from(self.out))
+    }
+
+    /// An element error, naming the input when its name is known.
+    fn error<E: de::Error>(&self, message: String) -> E {
+        match &self.input {
+            Some(name) => E::custom(format!("input '{name}': {message}")),
+            None => E::custom(message),
+        }
+    }
+
     fn integer<E: de::Error>(&mut self, v: i128) -> Result<(), E> {
         macro_rules! put {
             ($t:ty) => {{
-                let x = <$t>::try_from(v)
-                    .map_err(|_| E::custom(format!("{v} is out of range for {}", self.datatype)))?;
+                let x = <$t>::try_from(v).map_err(|_| {
+                    self.error::<E>(format!("{v} is out of range for {}", self.datatype))
+                })?;
                 self.out.extend_from_slice(&x.to_le_bytes());
             }};
         }
@@ -278,11 +385,7 @@ impl Sink {
             DataType::Int64 => put!(i64),
             DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
             DataType::Fp64 => self.out.extend_from_slice(&(v as f64).to_le_bytes()),
-            other => {
-                return Err(E::custom(format!(
-                    "a number is not a valid {other} element"
-                )));
-            }
+            other => return Err(self.error(format!("a number is not a valid {other} element"))),
         }
         self.count += 1;
         Ok(())
@@ -293,7 +396,7 @@ impl Sink {
             DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
             DataType::Fp64 => self.out.extend_from_slice(&v.to_le_bytes()),
             other => {
-                return Err(E::custom(format!(
+                return Err(self.error(format!(
                     "{v} is not a valid {other} element (fractional values need FP32 or FP64)"
                 )));
             }
@@ -330,10 +433,9 @@ impl<'de> Visitor<'de> for FlatSeed<'_> {
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
         if self.0.datatype != DataType::Bool {
-            return Err(E::custom(format!(
-                "{v} is not a valid {} element",
-                self.0.datatype
-            )));
+            return Err(self
+                .0
+                .error(format!("{v} is not a valid {} element", self.0.datatype)));
         }
         self.0.out.push(u8::from(v));
         self.0.count += 1;
@@ -354,7 +456,7 @@ impl<'de> Visitor<'de> for FlatSeed<'_> {
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         if self.0.datatype != DataType::Bytes {
-            return Err(E::custom(format!(
+            return Err(self.0.error(format!(
                 "a string is not a valid {} element",
                 self.0.datatype
             )));
@@ -536,6 +638,58 @@ mod tests {
         assert!(err.0.contains("INT32"), "{err}");
         let ok = decode(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"UINT64","data":[0,18446744073709551615]}]}"#).unwrap();
         assert_eq!(&ok.request.inputs[0].data[8..], &u64::MAX.to_le_bytes());
+    }
+
+    #[test]
+    fn data_decodes_the_same_whichever_field_comes_first() {
+        // `datatype` before `data` is parsed while read; after it, from the raw text.
+        let orders = [
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"INT16","data":[[1,-2],[3,4]]}]}"#,
+            r#"{"inputs":[{"data":[[1,-2],[3,4]],"datatype":"INT16","shape":[2,2],"name":"x"}]}"#,
+            r#"{"inputs":[{"shape":[2,2],"data":[1,-2,3,4],"name":"x","datatype":"INT16","extra":{"a":[1]}}]}"#,
+        ];
+        let expected: Vec<u8> = [1i16, -2, 3, 4]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        for body in orders {
+            let decoded = decode(body).unwrap();
+            assert_eq!(
+                decoded.request.inputs[0].data.as_ref(),
+                expected.as_slice(),
+                "{body}"
+            );
+            assert_eq!(decoded.request.inputs[0].shape, vec![2, 2]);
+        }
+    }
+
+    #[test]
+    fn element_errors_name_the_input_in_either_order() {
+        for body in [
+            r#"{"inputs":[{"name":"age","shape":[1],"datatype":"UINT8","data":[300]}]}"#,
+            r#"{"inputs":[{"data":[300],"name":"age","shape":[1],"datatype":"UINT8"}]}"#,
+        ] {
+            let err = decode(body).unwrap_err();
+            assert!(err.0.contains("input 'age'"), "{err}");
+            assert!(err.0.contains("300 is out of range for UINT8"), "{err}");
+        }
+        let err = decode(
+            r#"{"inputs":[{"name":"x","name":"y","shape":[1],"datatype":"FP32","data":[1]}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("duplicate field `name`"), "{err}");
+        let err = decode(r#"{"inputs":[{"name":"x","datatype":"FP32","data":[1]}]}"#).unwrap_err();
+        assert!(err.0.contains("missing field `shape`"), "{err}");
+    }
+
+    #[test]
+    fn a_lying_shape_does_not_reserve_its_claimed_size() {
+        // 2^40 elements claimed, one sent: refused by the count check, not by the allocator.
+        let err = decode(
+            r#"{"inputs":[{"name":"x","shape":[1099511627776],"datatype":"FP64","data":[1]}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("elements"), "{err}");
     }
 
     #[test]

@@ -454,10 +454,7 @@ async fn run_infer(
 /// The mesh hop of a forwarded answer as a `Server-Timing` part (empty when served here).
 pub(crate) fn hop_timing(served: &Served) -> String {
     match &served.hop {
-        Some((hop, node)) => format!(
-            "forward;dur={:.3};desc=\"{node}\", ",
-            hop.as_secs_f64() * 1e3
-        ),
+        Some((hop, node)) => format!("forward;dur={};desc=\"{node}\", ", Ms(*hop)),
         None => String::new(),
     }
 }
@@ -526,15 +523,26 @@ pub(crate) fn oip_response(
 
 /// The W3C `Server-Timing` value for a response: plugin stages, queue wait, inference, total.
 pub(crate) fn server_timing(response: &InferResponse, extra: &str, total: Duration) -> String {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let t = &response.timings;
     format!(
-        "{extra}queue;dur={:.3}, infer;dur={:.3};desc=\"batch {}\", total;dur={:.3}",
-        ms(t.queue),
-        ms(t.infer),
+        "{extra}queue;dur={}, infer;dur={};desc=\"batch {}\", total;dur={}",
+        Ms(t.queue),
+        Ms(t.infer),
         t.batch_size,
-        ms(total)
+        Ms(total)
     )
+}
+
+/// A duration as `Server-Timing` writes it: milliseconds with three decimals. Integer
+/// arithmetic, because `{:.3}` on an `f64` takes the exact (big-number) formatting path, which
+/// showed in the hot path's profile.
+pub(crate) struct Ms(pub Duration);
+
+impl std::fmt::Display for Ms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = self.0.as_micros();
+        write!(f, "{}.{:03}", us / 1000, us % 1000)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -620,4 +628,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.engine().metrics().encode(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ms;
+    use std::time::Duration;
+
+    #[test]
+    fn server_timing_durations_are_milliseconds_with_three_decimals() {
+        assert_eq!(Ms(Duration::from_micros(1_234_567)).to_string(), "1234.567");
+        assert_eq!(Ms(Duration::from_micros(42)).to_string(), "0.042");
+        assert_eq!(Ms(Duration::from_nanos(999)).to_string(), "0.000");
+        assert_eq!(Ms(Duration::from_secs(2)).to_string(), "2000.000");
+    }
 }
