@@ -328,6 +328,9 @@ pub(crate) async fn read_body(
         Ok(())
     };
     let mut body = Limited::new(body, limit);
+    // A small body arrives as one frame: keep that frame's bytes as they are, and copy
+    // into one buffer only when a second frame comes.
+    let mut first: Option<Bytes> = None;
     let mut collected = bytes::BytesMut::new();
     let read = async {
         while let Some(frame) = body.frame().await {
@@ -345,6 +348,15 @@ pub(crate) async fn read_body(
             };
             if let Ok(data) = frame.into_data() {
                 take(data.len())?;
+                if collected.is_empty() && first.is_none() {
+                    first = Some(data);
+                    continue;
+                }
+                if let Some(first) = first.take() {
+                    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+                    collected.reserve(expected.min(limit).max(first.len() + data.len()));
+                    collected.extend_from_slice(&first);
+                }
                 collected.extend_from_slice(&data);
             }
         }
@@ -352,7 +364,7 @@ pub(crate) async fn read_body(
     };
     match tokio::time::timeout(limits.read_timeout, read).await {
         Ok(Ok(())) => Ok(ReadBody {
-            bytes: collected.freeze(),
+            bytes: first.unwrap_or_else(|| collected.freeze()),
             _budget: budget,
         }),
         Ok(Err(e)) => Err(e),
@@ -632,8 +644,57 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::Ms;
+    use super::{BodyLimits, Ms, read_body};
+    use axum::body::Body;
+    use bytes::Bytes;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
     use std::time::Duration;
+
+    /// A body that arrives in these frames, one per poll.
+    struct Frames(VecDeque<Bytes>);
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_in_one_frame_is_kept_as_is_and_frames_are_joined_in_order() {
+        let limits = BodyLimits::new(1024, Duration::from_secs(1), 4096);
+        let headers = http::HeaderMap::new();
+        let single = Bytes::from_static(b"{\"inputs\":[]}");
+        let read = read_body(
+            &headers,
+            Body::new(Frames([single.clone()].into())),
+            &limits,
+        )
+        .await
+        .unwrap();
+        assert_eq!(read.bytes, single);
+        assert_eq!(
+            read.bytes.as_ptr(),
+            single.as_ptr(),
+            "one frame is not copied"
+        );
+        drop(read);
+        let parts = [&b"{\"in"[..], b"puts\"", b":[]}"].map(Bytes::from_static);
+        let read = read_body(&headers, Body::new(Frames(parts.into())), &limits)
+            .await
+            .unwrap();
+        assert_eq!(read.bytes.as_ref(), b"{\"inputs\":[]}");
+        // The budget counts every frame's bytes while the body is held.
+        assert_eq!(limits.in_flight.available_permits(), 4096 - 13);
+        drop(read);
+        assert_eq!(limits.in_flight.available_permits(), 4096);
+    }
 
     #[test]
     fn server_timing_durations_are_milliseconds_with_three_decimals() {
