@@ -177,9 +177,10 @@ impl Dispatch {
                 })
             }
             _ => {
-                let started = Instant::now();
+                // Only a mesh member keeps a load estimate of its own replica.
+                let started = self.cluster.as_ref().map(|_| Instant::now());
                 let response = self.engine.infer(call.request).await?;
-                if let Some(cluster) = &self.cluster {
+                if let (Some(cluster), Some(started)) = (&self.cluster, started) {
                     cluster.observe_local(started.elapsed());
                 }
                 Ok(Served {

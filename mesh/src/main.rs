@@ -166,6 +166,29 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         warmup_secs: f64,
     },
+    /// Measure the node's own request path in process, without sockets: routing, body, JSON
+    /// decode, the model, encode and metrics, one request at a time (`perf record` it to see
+    /// where a request's time goes).
+    Router {
+        /// Repository holding the model.
+        #[arg(long, default_value = "examples/models")]
+        model_repository: PathBuf,
+        /// Model to call, with a body generated from its metadata.
+        #[arg(long, default_value = "fraud")]
+        model: String,
+        /// Rows per request.
+        #[arg(long, default_value_t = 1)]
+        rows: usize,
+        /// Binary tensors instead of JSON data.
+        #[arg(long)]
+        binary: bool,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        /// Warm-up seconds.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+    },
     /// Measure plugin overhead: per call in process, and served with and without plugins.
     Plugins {
         /// Repository holding the `fraud` model.
@@ -705,6 +728,27 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             };
             let report = runtime.block_on(bench::plugins::run_plugin_suite(&config))?;
             print!("{report}");
+        }
+        BenchCommand::Router {
+            model_repository,
+            model,
+            rows,
+            binary,
+            duration_secs,
+            warmup_secs,
+        } => {
+            let measured = runtime.block_on(bench::suite::run_router_in_process(
+                &model_repository,
+                &model,
+                rows.clamp(1, 1 << 16),
+                binary,
+                Duration::from_secs_f64(warmup_secs),
+                Duration::from_secs_f64(duration_secs),
+            ))?;
+            println!(
+                "{}",
+                bench::suite::router_summary(&model, &measured.report, measured.mean_infer_us)
+            );
         }
         BenchCommand::Protocols {
             model_repository,

@@ -7,7 +7,27 @@
 
 use super::{BenchError, sample_values};
 use bytes::Bytes;
+use serde::Serialize;
 use serde_json::{Value, json};
+
+/// An infer request's JSON part.
+#[derive(Serialize)]
+pub(crate) struct RequestJson<'a> {
+    pub inputs: Vec<InputJson<'a>>,
+}
+
+/// One input as OIP clients (Triton's, KServe's) write it: `datatype` before `data`, which
+/// lets a server parse the data as it reads it. `json!` would sort the keys, `data` first.
+#[derive(Serialize)]
+pub(crate) struct InputJson<'a> {
+    pub name: &'a str,
+    pub shape: Vec<i64>,
+    pub datatype: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
 
 /// Header naming the JSON part's length in a binary-tensor body.
 pub const INFERENCE_HEADER: &str = "inference-header-content-length";
@@ -103,18 +123,23 @@ pub fn request_from_metadata(
                 )));
             }
         };
-        if binary {
-            described.push(json!({
-                "name": name, "datatype": datatype, "shape": shape,
-                "parameters": { "binary_data_size": raw.len() },
-            }));
+        let (parameters, data) = if binary {
             payload.extend_from_slice(&raw);
+            (Some(json!({ "binary_data_size": raw.len() })), None)
         } else {
-            described
-                .push(json!({ "name": name, "datatype": datatype, "shape": shape, "data": data }));
-        }
+            (None, Some(data))
+        };
+        described.push(InputJson {
+            name,
+            shape,
+            datatype,
+            parameters,
+            data,
+        });
     }
-    let header = json!({ "inputs": described }).to_string();
+    // Serialized from the structs, not through a `Value`, which would sort the keys.
+    let header = serde_json::to_string(&RequestJson { inputs: described })
+        .map_err(|e| invalid(e.to_string()))?;
     if !binary {
         return Ok((Bytes::from(header), headers));
     }
@@ -190,6 +215,22 @@ mod tests {
                 "binary {binary}"
             );
         }
+    }
+
+    #[test]
+    fn generated_inputs_name_their_datatype_before_their_data() {
+        let (body, _) = request_from_metadata(&fraud(), 1, false).unwrap();
+        let text = std::str::from_utf8(&body).unwrap();
+        let (datatype, data) = (
+            text.find("\"datatype\"").unwrap(),
+            text.find("\"data\"").unwrap(),
+        );
+        assert!(datatype < data, "{text}");
+        let text = String::from_utf8(super::super::fp32_request_body("x", 1, 2).to_vec()).unwrap();
+        assert!(
+            text.find("\"datatype\"").unwrap() < text.find("\"data\"").unwrap(),
+            "{text}"
+        );
     }
 
     #[test]

@@ -591,10 +591,16 @@ pub fn sample_values(count: usize, seed: u64) -> Vec<f32> {
 /// An OIP JSON body with one FP32 input of shape `[rows, width]`.
 pub fn fp32_request_body(input: &str, rows: usize, width: usize) -> Bytes {
     let values = sample_values(rows * width, 7);
-    let body = serde_json::json!({
-        "inputs": [{ "name": input, "shape": [rows, width], "datatype": "FP32", "data": values }]
-    });
-    Bytes::from(body.to_string())
+    let body = body::RequestJson {
+        inputs: vec![body::InputJson {
+            name: input,
+            shape: vec![rows as i64, width as i64],
+            datatype: "FP32",
+            parameters: None,
+            data: Some(serde_json::json!(values)),
+        }],
+    };
+    Bytes::from(serde_json::to_string(&body).unwrap_or_default())
 }
 
 pub(crate) fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {

@@ -96,9 +96,20 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         server_cpu_us: None,
     });
     drop(heavy);
+    // The node's own request path, without sockets or a second process.
+    let router_path = run_router_in_process(
+        &config.repository,
+        "fraud",
+        1,
+        false,
+        config.warmup,
+        config.duration,
+    )
+    .await?;
+    let fraud_body = fp32_request_body("features", 1, 32);
 
     // The kernel's floor under every HTTP row: the same exchange without HTTP or a runtime.
-    let request_bytes = fp32_request_body("features", 1, 32).len() + HTTP_HEAD_BYTES;
+    let request_bytes = fraud_body.len() + HTTP_HEAD_BYTES;
     rows.push(Row {
         label: "loopback TCP ping-pong, no HTTP".into(),
         concurrency: 1,
@@ -109,6 +120,12 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
             config.duration,
         )
         .map_err(io_error("loopback ping-pong"))?,
+        server_cpu_us: None,
+    });
+    rows.push(Row {
+        label: "fraud  HTTP router in process, no sockets".into(),
+        concurrency: 1,
+        report: router_path.report,
         server_cpu_us: None,
     });
 
@@ -298,6 +315,11 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         cpu(floor + 1),
         cpu(node + 1) - cpu(floor + 1),
     );
+    let _ = writeln!(
+        out,
+        "{}",
+        router_summary("fraud", &rows[3].report, router_path.mean_infer_us)
+    );
     let heavy_served = &rows[node + 3].report;
     let _ = writeln!(
         out,
@@ -305,4 +327,172 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         heavy_served.samples_per_second() / heavy_raw.samples_per_second().max(1e-9)
     );
     Ok(out)
+}
+
+/// What [`run_router_in_process`] measured.
+pub struct RouterReport {
+    /// Latency per request through the router.
+    pub report: Report,
+    /// Mean time in the model per request, as the engine reports it (`Server-Timing`).
+    pub mean_infer_us: f64,
+}
+
+/// The node's request path without sockets: the HTTP router (routing, body, JSON decode,
+/// dispatch, the model, encode, metrics) called in a loop on this thread, one request at a
+/// time, with the node's default limits and a body generated from the model's metadata.
+/// Minus the model's own time, what remains is what the node itself costs per request.
+pub async fn run_router_in_process(
+    repository: &Path,
+    model: &str,
+    rows: usize,
+    binary: bool,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<RouterReport, BenchError> {
+    use crate::dispatch::Dispatch;
+    use crate::http::routes::{AppState, BodyLimits, router};
+    use meshserve_host::engine::{Engine, EngineConfig};
+    use tower::ServiceExt;
+
+    let engine = Engine::new(
+        &EngineConfig {
+            repository: repository.to_path_buf(),
+            onnxruntime_library: None,
+        },
+        std::sync::Arc::new(meshserve_host::metrics::Metrics::new()),
+    )
+    .map_err(|e| BenchError::Model(e.to_string()))?;
+    let engine = std::sync::Arc::new(engine);
+    engine
+        .load(model)
+        .map_err(|e| BenchError::Model(e.to_string()))?;
+    let metadata = crate::dispatch::local_metadata(&engine, model, None)
+        .map_err(|e| BenchError::Model(e.to_string()))?;
+    let (body, headers) = super::body::request_from_metadata(&metadata, rows, binary)?;
+    let defaults = crate::config::HttpConfig::default();
+    let app = router(AppState {
+        dispatch: Dispatch::new(engine.clone(), None),
+        bodies: BodyLimits::new(
+            defaults.max_body_bytes,
+            Duration::from_millis(defaults.body_read_timeout_ms),
+            defaults.max_body_bytes_in_flight,
+        ),
+        endpoints: None,
+        admin: crate::http::admin::AdminAccess::LoopbackOnly,
+    });
+    let path = format!("/v2/models/{model}/infer");
+    // One request; returns the model's time from the answer's `Server-Timing`, in µs.
+    let call = || {
+        let mut request = http::Request::post(path.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(axum::body::Body::from(body.clone()));
+        if let Ok(request) = &mut request {
+            request.headers_mut().extend(headers.clone());
+        }
+        let app = app.clone();
+        async move {
+            let request = request.map_err(|e| BenchError::Server(e.to_string()))?;
+            let response = app.oneshot(request).await.map_err(|e| match e {})?;
+            let status = response.status();
+            let infer_us = response
+                .headers()
+                .get("server-timing")
+                .and_then(|v| v.to_str().ok())
+                .and_then(infer_ms)
+                .map_or(0.0, |ms| ms * 1e3);
+            let answer = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .map_err(|e| BenchError::Server(e.to_string()))?;
+            if status != http::StatusCode::OK {
+                return Err(BenchError::Server(format!(
+                    "the router answered {status}: {}",
+                    String::from_utf8_lossy(&answer.to_bytes())
+                )));
+            }
+            Ok(infer_us)
+        }
+    };
+    let mut report = Report::new(rows as u64);
+    let warm_until = std::time::Instant::now() + warmup;
+    while std::time::Instant::now() < warm_until {
+        call().await?;
+    }
+    let mut infer_us = 0.0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < duration {
+        let t = std::time::Instant::now();
+        infer_us += call().await?;
+        report.ok += 1;
+        let _ = report
+            .latency_us
+            .record(t.elapsed().as_micros().max(1) as u64);
+    }
+    report.elapsed = start.elapsed();
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .map_err(|e| BenchError::Server(e.to_string()))?;
+    Ok(RouterReport {
+        mean_infer_us: infer_us / report.ok.max(1) as f64,
+        report,
+    })
+}
+
+/// The `infer` stage of a `Server-Timing` value, in ms.
+fn infer_ms(timing: &str) -> Option<f64> {
+    timing
+        .split(',')
+        .map(str::trim)
+        .find_map(|part| part.strip_prefix("infer;dur="))
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|ms| ms.parse().ok())
+}
+
+/// The per-request summary line of a router run: its latencies and the model's mean time.
+pub fn router_summary(model: &str, report: &Report, mean_infer_us: f64) -> String {
+    let mean = 1e6 / report.requests_per_second().max(1e-9);
+    format!(
+        "{model} through the router in process, per request: {mean:.1} µs mean (p50 {} µs, p99 {} µs), of which the model {:.1} µs: the node's own work is {:.1} µs",
+        report.percentile_us(0.5),
+        report.percentile_us(0.99),
+        mean_infer_us,
+        mean - mean_infer_us,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infer_ms_reads_the_infer_stage_of_server_timing() {
+        let timing = r#"queue;dur=0.000, infer;dur=0.012;desc="batch 1", total;dur=0.030"#;
+        assert_eq!(infer_ms(timing), Some(0.012));
+        assert_eq!(infer_ms("total;dur=1.000"), None);
+    }
+
+    #[tokio::test]
+    async fn the_router_path_answers_every_request_and_splits_off_the_model_time() {
+        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+        let measured = run_router_in_process(
+            &repository,
+            "fraud",
+            2,
+            false,
+            Duration::ZERO,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+        assert!(measured.report.ok > 10, "{} requests", measured.report.ok);
+        assert_eq!(measured.report.latency_us.len(), measured.report.ok);
+        let mean_us = 1e6 / measured.report.requests_per_second();
+        assert!(
+            measured.mean_infer_us > 0.0 && measured.mean_infer_us < mean_us,
+            "model {} µs of {mean_us} µs",
+            measured.mean_infer_us
+        );
+        let line = router_summary("fraud", &measured.report, measured.mean_infer_us);
+        assert!(line.contains("the node's own work is"), "{line}");
+    }
 }

@@ -552,7 +552,8 @@ pub(crate) struct Ms(pub Duration);
 
 impl std::fmt::Display for Ms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let us = self.0.as_micros();
+        // Rounded to the nearest microsecond, as `{:.3}` would.
+        let us = (self.0.as_nanos() + 500) / 1000;
         write!(f, "{}.{:03}", us / 1000, us % 1000)
     }
 }
@@ -700,7 +701,12 @@ mod tests {
     fn server_timing_durations_are_milliseconds_with_three_decimals() {
         assert_eq!(Ms(Duration::from_micros(1_234_567)).to_string(), "1234.567");
         assert_eq!(Ms(Duration::from_micros(42)).to_string(), "0.042");
-        assert_eq!(Ms(Duration::from_nanos(999)).to_string(), "0.000");
+        assert_eq!(Ms(Duration::from_nanos(499)).to_string(), "0.000");
+        assert_eq!(Ms(Duration::from_nanos(1_500)).to_string(), "0.002");
+        assert_eq!(
+            Ms(Duration::from_nanos(999_999_600)).to_string(),
+            "1000.000"
+        );
         assert_eq!(Ms(Duration::from_secs(2)).to_string(), "2000.000");
     }
 }
