@@ -72,6 +72,18 @@ async fn measured(
     Ok((report, cpu_us))
 }
 
+/// A node's report, or an error when any of its requests failed: a ratio of failures is no
+/// measurement.
+fn without_errors(report: Report, model: &str) -> Result<Report, BenchError> {
+    if report.errors > 0 {
+        return Err(BenchError::Server(format!(
+            "{} of the {model} requests failed",
+            report.errors
+        )));
+    }
+    Ok(report)
+}
+
 /// Runs the suite of the single-node issue and returns the printed table.
 pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -110,6 +122,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
 
     // The kernel's floor under every HTTP row: the same exchange without HTTP or a runtime.
     let request_bytes = fraud_body.len() + HTTP_HEAD_BYTES;
+    let ping_pong_row = rows.len();
     rows.push(Row {
         label: "loopback TCP ping-pong, no HTTP".into(),
         concurrency: 1,
@@ -122,6 +135,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         .map_err(io_error("loopback ping-pong"))?,
         server_cpu_us: None,
     });
+    let router_row = rows.len();
     rows.push(Row {
         label: "fraud  HTTP router in process, no sockets".into(),
         concurrency: 1,
@@ -178,12 +192,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         for (pace, concurrency, what) in fraud_loads {
             let (report, server_cpu_us) =
                 measured(&server, &load(addr, "fraud", 32, pace, concurrency)).await?;
-            if report.errors > 0 {
-                return Err(BenchError::Server(format!(
-                    "{} of the fraud requests failed",
-                    report.errors
-                )));
-            }
+            let report = without_errors(report, "fraud")?;
             rows.push(Row {
                 label: format!("fraud  {tag}{what}"),
                 concurrency,
@@ -195,12 +204,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         if threads.is_none() {
             let (report, server_cpu_us) =
                 measured(&server, &load(addr, "heavy", 512, closed, 64)).await?;
-            if report.errors > 0 {
-                return Err(BenchError::Server(format!(
-                    "{} of the heavy requests failed",
-                    report.errors
-                )));
-            }
+            let report = without_errors(report, "heavy")?;
             rows.push(Row {
                 label: "heavy  HTTP/1.1 JSON, batch 1".into(),
                 concurrency: 64,
@@ -265,7 +269,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     }
     let fraud_raw = &rows[0].report;
     let heavy_raw = &rows[1].report;
-    let ping_pong = &rows[2].report;
+    let ping_pong = &rows[ping_pong_row].report;
     for &(threads, node, floor) in &pairs {
         let [fraud_c1, fraud_c64, fraud_open] = [node, node + 1, node + 2].map(|i| &rows[i].report);
         let [floor_c1, floor_c64, floor_open] =
@@ -318,7 +322,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let _ = writeln!(
         out,
         "{}",
-        router_summary("fraud", &rows[3].report, router_path.mean_infer_us)
+        router_summary("fraud", &rows[router_row].report, router_path.mean_infer_us)
     );
     let heavy_served = &rows[node + 3].report;
     let _ = writeln!(
