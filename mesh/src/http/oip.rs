@@ -52,7 +52,7 @@ struct InputJson<'a> {
 /// (the order clients write), so the array is scanned once; otherwise kept raw and parsed
 /// once the datatype is known.
 enum InputData<'a> {
-    Parsed(Sink),
+    Parsed(Elements),
     Raw(&'a RawValue),
 }
 
@@ -115,12 +115,14 @@ impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
                                 .min(MAX_PREALLOCATED_BYTES);
                             let mut sink = Sink {
                                 datatype,
-                                out: Vec::with_capacity(capacity),
-                                count: 0,
-                                input: name.clone(),
+                                elements: Elements {
+                                    bytes: Vec::with_capacity(capacity),
+                                    count: 0,
+                                },
+                                input: name.as_deref(),
                             };
                             map.next_value_seed(FlatSeed(&mut sink))?;
-                            InputData::Parsed(sink)
+                            InputData::Parsed(sink.elements)
                         }
                         None => InputData::Raw(map.next_value()?),
                     });
@@ -221,7 +223,7 @@ pub fn decode_request(
                 }
                 binary.split_to(size)
             }
-            (None, Some(InputData::Parsed(sink))) => sink.finish(count, &input.name)?,
+            (None, Some(InputData::Parsed(elements))) => elements.finish(count, &input.name)?,
             (None, Some(InputData::Raw(raw))) => parse_data(raw, datatype, count, &input.name)?,
             (Some(_), Some(_)) => {
                 return Err(fail(format!(
@@ -325,27 +327,26 @@ fn parse_data(
     // Cap the up-front allocation: the shape is client-supplied and may lie.
     let mut sink = Sink {
         datatype,
-        out: Vec::with_capacity(capacity.min(raw.get().len() * 8)),
-        count: 0,
-        input: Some(name.to_string()),
+        elements: Elements {
+            bytes: Vec::with_capacity(capacity.min(raw.get().len() * 8)),
+            count: 0,
+        },
+        input: Some(name),
     };
     let mut de = serde_json::Deserializer::from_str(raw.get());
     FlatSeed(&mut sink)
         .deserialize(&mut de)
         .map_err(|e| fail(e.to_string()))?;
-    sink.finish(count, name)
+    sink.elements.finish(count, name)
 }
 
-/// Accumulates JSON scalars as elements of one datatype.
-struct Sink {
-    datatype: DataType,
-    out: Vec<u8>,
+/// An input's elements in the tensor layout, and how many there are.
+struct Elements {
+    bytes: Vec<u8>,
     count: usize,
-    /// The input's name, for error messages, when known before its data.
-    input: Option<String>,
 }
 
-impl Sink {
+impl Elements {
     /// The elements, once their count is checked against the shape's.
     fn finish(self, count: usize, name: &str) -> Result<Bytes, DecodeError> {
         if self.count != count {
@@ -354,9 +355,19 @@ impl Sink {
                 self.count
             )));
         }
-        Ok(Bytes::from(self.out))
+        Ok(Bytes::from(self.bytes))
     }
+}
 
+/// Accumulates JSON scalars as elements of one datatype.
+struct Sink<'n> {
+    datatype: DataType,
+    elements: Elements,
+    /// The input's name, for error messages, when known before its data.
+    input: Option<&'n str>,
+}
+
+impl Sink<'_> {
     /// An element error, naming the input when its name is known.
     fn error<E: de::Error>(&self, message: String) -> E {
         match &self.input {
@@ -371,7 +382,7 @@ impl Sink {
                 let x = <$t>::try_from(v).map_err(|_| {
                     self.error::<E>(format!("{v} is out of range for {}", self.datatype))
                 })?;
-                self.out.extend_from_slice(&x.to_le_bytes());
+                self.elements.bytes.extend_from_slice(&x.to_le_bytes());
             }};
         }
         match self.datatype {
@@ -383,39 +394,48 @@ impl Sink {
             DataType::Int16 => put!(i16),
             DataType::Int32 => put!(i32),
             DataType::Int64 => put!(i64),
-            DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
-            DataType::Fp64 => self.out.extend_from_slice(&(v as f64).to_le_bytes()),
+            DataType::Fp32 => self
+                .elements
+                .bytes
+                .extend_from_slice(&(v as f32).to_le_bytes()),
+            DataType::Fp64 => self
+                .elements
+                .bytes
+                .extend_from_slice(&(v as f64).to_le_bytes()),
             other => return Err(self.error(format!("a number is not a valid {other} element"))),
         }
-        self.count += 1;
+        self.elements.count += 1;
         Ok(())
     }
 
     fn float<E: de::Error>(&mut self, v: f64) -> Result<(), E> {
         match self.datatype {
-            DataType::Fp32 => self.out.extend_from_slice(&(v as f32).to_le_bytes()),
-            DataType::Fp64 => self.out.extend_from_slice(&v.to_le_bytes()),
+            DataType::Fp32 => self
+                .elements
+                .bytes
+                .extend_from_slice(&(v as f32).to_le_bytes()),
+            DataType::Fp64 => self.elements.bytes.extend_from_slice(&v.to_le_bytes()),
             other => {
                 return Err(self.error(format!(
                     "{v} is not a valid {other} element (fractional values need FP32 or FP64)"
                 )));
             }
         }
-        self.count += 1;
+        self.elements.count += 1;
         Ok(())
     }
 }
 
-struct FlatSeed<'s>(&'s mut Sink);
+struct FlatSeed<'s, 'n>(&'s mut Sink<'n>);
 
-impl<'de> DeserializeSeed<'de> for FlatSeed<'_> {
+impl<'de> DeserializeSeed<'de> for FlatSeed<'_, '_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for FlatSeed<'_> {
+impl<'de> Visitor<'de> for FlatSeed<'_, '_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -437,8 +457,8 @@ impl<'de> Visitor<'de> for FlatSeed<'_> {
                 .0
                 .error(format!("{v} is not a valid {} element", self.0.datatype)));
         }
-        self.0.out.push(u8::from(v));
-        self.0.count += 1;
+        self.0.elements.bytes.push(u8::from(v));
+        self.0.elements.count += 1;
         Ok(())
     }
 
@@ -461,8 +481,8 @@ impl<'de> Visitor<'de> for FlatSeed<'_> {
                 self.0.datatype
             )));
         }
-        push_bytes_element(&mut self.0.out, v.as_bytes());
-        self.0.count += 1;
+        push_bytes_element(&mut self.0.elements.bytes, v.as_bytes());
+        self.0.elements.count += 1;
         Ok(())
     }
 }
