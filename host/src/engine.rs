@@ -5,7 +5,7 @@
 //! and the old one drains its queue before its workers exit, so no request is dropped.
 
 use crate::batching::policy::{BatchLimits, Refused};
-use crate::batching::scheduler::{Claim, Job, JobError, JobResult, Scheduler};
+use crate::batching::scheduler::{Claim, InlineLimits, Job, JobError, JobResult, Scheduler};
 use crate::error::InferError;
 use crate::metrics::Metrics;
 use crate::model::config::ModelConfig;
@@ -295,7 +295,10 @@ impl Engine {
                 &format!("{name}-{version}"),
                 sessions,
                 limits,
-                Duration::from_micros(config.inline_max_us),
+                InlineLimits {
+                    direct: Duration::from_micros(config.inline_max_us),
+                    blocking: Duration::from_micros(config.inline_blocking_max_us),
+                },
                 self.metrics.model(name),
             )
             .map_err(|source| ModelLoadError::Threads {
@@ -393,7 +396,7 @@ impl Engine {
                 )))
                 .filter(|t| !t.is_zero());
             let deadline = timeout.map(|t| enqueued_at + t);
-            if let Some(done) = version.scheduler.run_inline(&inputs) {
+            if let Some(done) = run_inline(&version.scheduler, &inputs) {
                 break (
                     version,
                     selection,
@@ -651,4 +654,20 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs a request inline when its model's scheduler allows it: at once when the run is short,
+/// and inside tokio's `block_in_place` when it is longer, so the thread's other tasks move to
+/// another thread meanwhile (only a multi-threaded runtime can do that; elsewhere longer runs
+/// queue for a worker).
+fn run_inline(scheduler: &Scheduler, inputs: &[Tensor]) -> Option<JobResult> {
+    let may_block = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    });
+    let run = scheduler.claim_inline(may_block)?;
+    Some(if run.blocks() {
+        tokio::task::block_in_place(move || run.run(inputs))
+    } else {
+        run.run(inputs)
+    })
 }

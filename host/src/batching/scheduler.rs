@@ -3,13 +3,16 @@
 //!
 //! Requests come from async front doors and are answered over a oneshot channel, so the
 //! async side never waits on a long inference and the workers never touch the async runtime.
-//! One exception, measured to pay: a fast model (recent runs under its `inline_max_us`, 50 µs
-//! by default) with an idle session and nothing queued runs a request right on the caller's
-//! thread
-//! ([`Scheduler::run_inline`]). A few microseconds of inference then cost no wake-up of a worker
-//! thread and of the waiting task (two futex round trips and two context switches, which were
-//! the largest item in the node's profile at batch-1 load); under load the queue is not empty,
-//! so requests queue and batch exactly as before.
+//! One exception, measured to pay: a model with an idle session and nothing queued runs a
+//! request right on the caller's thread ([`Scheduler::claim_inline`]) when its recent runs are
+//! short: under `inline_max_us` (50 µs by default) at once, and under `inline_blocking_max_us`
+//! (2 ms) after the caller's async runtime moves its other tasks away (the caller decides
+//! how; [`InlineRun::blocks`]). The run then costs no wake-up of a worker thread and of the
+//! waiting task (two futex round trips and two context switches: the largest item in the
+//! node's profile at batch-1 load, and about 45 µs of a 100 µs model's latency at low load on
+//! the development VM); under load the queue is not empty or the sessions are busy, so
+//! requests queue and batch exactly as before. The run-time estimate includes batched runs,
+//! so a model under load, whose batches take long, stays on its workers.
 
 use crate::batching::policy::{BatchLimits, Batchable, Batcher, Refused, Step};
 use crate::batching::stack::{same_inner_shapes, split, stack};
@@ -100,6 +103,23 @@ impl Batchable for Job {
     }
 }
 
+/// How long a model's runs may take to run inline on the caller's thread.
+#[derive(Debug, Clone, Copy)]
+pub struct InlineLimits {
+    /// Runs shorter than this run inline at once (a front-door thread busy this long costs
+    /// less than the two hand-offs it saves); zero: never.
+    pub direct: Duration,
+    /// Runs shorter than this run inline when the caller can first hand its other work to
+    /// another thread; zero: never.
+    pub blocking: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InlineNanos {
+    direct: u64,
+    blocking: u64,
+}
+
 struct Shared {
     label: String,
     batcher: Mutex<Batcher<Job>>,
@@ -111,9 +131,8 @@ struct Shared {
     /// Recent inference time per run, ns (an exponential average), which decides inline
     /// runs; starts high, so a model runs on its workers until measured.
     recent_run_ns: AtomicU64,
-    /// Runs shorter than this may be inline (a front-door thread busy this long costs less
-    /// than the two hand-offs it saves); 0: never.
-    inline_max_ns: u64,
+    /// Runs shorter than these may be inline: at once, or when the caller may block.
+    inline: InlineNanos,
     metrics: ModelMetrics,
 }
 
@@ -163,9 +182,10 @@ impl Scheduler {
         label: &str,
         sessions: Vec<OnnxSession>,
         limits: BatchLimits,
-        inline_max: Duration,
+        inline: InlineLimits,
         metrics: ModelMetrics,
     ) -> std::io::Result<Scheduler> {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let count = sessions.len();
         let shared = Arc::new(Shared {
             label: label.to_string(),
@@ -174,7 +194,10 @@ impl Scheduler {
             waiting: AtomicUsize::new(0),
             sessions: sessions.into_iter().map(Mutex::new).collect(),
             recent_run_ns: AtomicU64::new(u64::MAX),
-            inline_max_ns: u64::try_from(inline_max.as_nanos()).unwrap_or(u64::MAX),
+            inline: InlineNanos {
+                direct: nanos(inline.direct),
+                blocking: nanos(inline.blocking),
+            },
             metrics,
         });
         let mut workers = Vec::with_capacity(count);
@@ -202,50 +225,34 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Runs one request at once on the calling thread when the model is fast, a session is
-    /// idle and nothing is queued (see the module doc); `None` means: queue it with
+    /// Claims an idle session for a request to run on the calling thread, when the model's
+    /// recent runs are short enough (see the module doc) and nothing is queued; runs under the
+    /// blocking bound are claimed only when `may_block`. `None` means: queue it with
     /// [`Scheduler::submit`].
-    pub fn run_inline(&self, inputs: &[Tensor]) -> Option<JobResult> {
-        let shared = &self.shared;
-        if shared.recent_run_ns.load(Ordering::Relaxed) >= shared.inline_max_ns {
+    pub fn claim_inline(&self, may_block: bool) -> Option<InlineRun<'_>> {
+        let shared = &*self.shared;
+        let estimate = shared.recent_run_ns.load(Ordering::Relaxed);
+        let blocks = if estimate < shared.inline.direct {
+            false
+        } else if may_block && estimate < shared.inline.blocking {
+            true
+        } else {
             return None;
-        }
+        };
         if !shared.lock().claim_idle_session(shared.sessions.len()) {
             return None;
         }
         // The batcher counts a session as ours; a worker may still hold the one it just
         // finished for a moment, so take whichever is free.
-        let Some(mut session) = shared.sessions.iter().find_map(|s| s.try_lock().ok()) else {
+        let Some(session) = shared.sessions.iter().find_map(|s| s.try_lock().ok()) else {
             shared.lock().finished();
             shared.wake_all();
             return None;
         };
-        let started = Instant::now();
-        let outcome = guarded(|| session.run(inputs).map_err(BatchFailure::Run));
-        drop(session);
-        let took = started.elapsed();
-        shared.observe_run(took);
-        shared.metrics.queue_seconds.observe(0.0);
-        shared.metrics.batch_size.observe(1.0);
-        shared.metrics.inference_seconds.observe(took.as_secs_f64());
-        let mut batcher = shared.lock();
-        batcher.finished();
-        let queued = batcher.depth() > 0;
-        drop(batcher);
-        if queued {
-            // A worker waiting to fill a batch may now run at once.
-            shared.wake_all();
-        }
-        Some(match outcome {
-            Ok(outputs) => Ok((
-                outputs,
-                StageTimings {
-                    queue: Duration::ZERO,
-                    infer: took,
-                    batch_size: 1,
-                },
-            )),
-            Err(failure) => Err(failure.job_error()),
+        Some(InlineRun {
+            shared,
+            session,
+            blocks,
         })
     }
 
@@ -274,6 +281,57 @@ impl Drop for Scheduler {
     fn drop(&mut self) {
         // Dropping without `drain` must still let the workers finish and exit.
         self.close();
+    }
+}
+
+/// An idle session claimed for one request on the caller's thread ([`Scheduler::claim_inline`]).
+pub struct InlineRun<'a> {
+    shared: &'a Shared,
+    session: MutexGuard<'a, OnnxSession>,
+    blocks: bool,
+}
+
+impl InlineRun<'_> {
+    /// Whether the run may be long enough that an async caller must move its other work to
+    /// another thread first.
+    pub fn blocks(&self) -> bool {
+        self.blocks
+    }
+
+    /// Runs the request, frees the session, and answers.
+    pub fn run(self, inputs: &[Tensor]) -> JobResult {
+        let InlineRun {
+            shared,
+            mut session,
+            ..
+        } = self;
+        let started = Instant::now();
+        let outcome = guarded(|| session.run(inputs).map_err(BatchFailure::Run));
+        drop(session);
+        let took = started.elapsed();
+        shared.observe_run(took);
+        shared.metrics.queue_seconds.observe(0.0);
+        shared.metrics.batch_size.observe(1.0);
+        shared.metrics.inference_seconds.observe(took.as_secs_f64());
+        let mut batcher = shared.lock();
+        batcher.finished();
+        let queued = batcher.depth() > 0;
+        drop(batcher);
+        if queued {
+            // A worker waiting to fill a batch may now run at once.
+            shared.wake_all();
+        }
+        match outcome {
+            Ok(outputs) => Ok((
+                outputs,
+                StageTimings {
+                    queue: Duration::ZERO,
+                    infer: took,
+                    batch_size: 1,
+                },
+            )),
+            Err(failure) => Err(failure.job_error()),
+        }
     }
 }
 

@@ -102,6 +102,11 @@ pub struct ModelConfig {
     /// door's thread when a session is idle and nothing is queued, skipping the hand-off to
     /// its worker thread; 0 never does (every request goes through the queue).
     pub inline_max_us: u64,
+    /// Runs up to this long (µs) may also be inline on an idle session, after the front
+    /// door's thread hands its other work to another thread first (tokio's `block_in_place`;
+    /// multi-threaded runtimes only), so a slower model at low load skips the two thread
+    /// hand-offs too; 0 never does.
+    pub inline_blocking_max_us: u64,
 }
 
 impl Default for ModelConfig {
@@ -119,6 +124,7 @@ impl Default for ModelConfig {
             versions: VersionPolicy::default(),
             replicas: 0,
             inline_max_us: 50,
+            inline_blocking_max_us: 2_000,
         }
     }
 }
@@ -211,12 +217,14 @@ mod tests {
             &path,
             "max_batch_size = 32\nmax_queue_delay_us = 250\ninstances = 2\nintra_op_threads = 1\n\
              queue_capacity = 10\ndefault_timeout_us = 5000\nexecution_providers = [\"cuda\", \"cpu\"]\n\
-             fallback_to_cpu = true\nversions = [1, 3]\ninline_max_us = 0\n",
+             fallback_to_cpu = true\nversions = [1, 3]\ninline_max_us = 0\n\
+             inline_blocking_max_us = 0\n",
         )
         .unwrap();
         let config = ModelConfig::load_or_default(&path).unwrap();
         assert_eq!(config.max_batch_size, Some(32));
         assert_eq!(config.inline_max_us, 0);
+        assert_eq!(config.inline_blocking_max_us, 0);
         assert_eq!(config.instances, 2);
         assert_eq!(
             config.execution_providers,
