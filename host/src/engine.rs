@@ -396,7 +396,7 @@ impl Engine {
                 )))
                 .filter(|t| !t.is_zero());
             let deadline = timeout.map(|t| enqueued_at + t);
-            if let Some(done) = run_inline(&version.scheduler, &inputs) {
+            if let Some(done) = run_inline(&version.scheduler, &inputs, rows, timeout) {
                 break (
                     version,
                     selection,
@@ -441,6 +441,11 @@ impl Engine {
                 ran,
             };
         let answer = match (pending, deadline) {
+            // An inline run starts at once and is shorter than the deadline as far as the
+            // model's recent runs tell; one that still outlived it answers as a queued one does.
+            (Pending::Done(_), Some((at, timeout))) if Instant::now() > at => {
+                return Err(expired(enqueued_at.elapsed(), timeout, true));
+            }
             (Pending::Done(done), _) => Ok(done),
             // Answer at the deadline even when every session is busy. A job still queued is
             // abandoned (its worker skips it); one a worker took ran, and its result is dropped.
@@ -660,11 +665,16 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 /// and inside tokio's `block_in_place` when it is longer, so the thread's other tasks move to
 /// another thread meanwhile (only a multi-threaded runtime can do that; elsewhere longer runs
 /// queue for a worker).
-fn run_inline(scheduler: &Scheduler, inputs: &[Tensor]) -> Option<JobResult> {
+fn run_inline(
+    scheduler: &Scheduler,
+    inputs: &[Tensor],
+    rows: usize,
+    timeout: Option<Duration>,
+) -> Option<JobResult> {
     let may_block = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
         runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
     });
-    let run = scheduler.claim_inline(may_block)?;
+    let run = scheduler.claim_inline(rows, may_block, timeout)?;
     Some(if run.blocks() {
         tokio::task::block_in_place(move || run.run(inputs))
     } else {

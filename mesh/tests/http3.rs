@@ -436,10 +436,11 @@ async fn the_http3_client_follows_route_hints_to_the_replica() {
 async fn sigterm_answers_every_http3_request_in_flight_then_exits() {
     let certs = certs();
     let repo = support::copy_examples();
-    // One thread and no batching across requests: 64-row requests queue up behind each other.
+    // One thread and no batching across requests: 64-row requests queue up behind each other
+    // (none inline: the test is about a real queue at SIGTERM).
     std::fs::write(
         repo.path().join("heavy/config.toml"),
-        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\n",
+        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\ninline_blocking_max_us = 0\n",
     )
     .unwrap();
     let (cert, key) = (

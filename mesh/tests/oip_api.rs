@@ -548,7 +548,7 @@ async fn a_full_queue_sheds_with_503_and_retry_after() {
     let repo = copy_examples();
     std::fs::write(
         repo.path().join("heavy/config.toml"),
-        "max_batch_size = 1\nqueue_capacity = 2\nintra_op_threads = 1\n",
+        "max_batch_size = 1\nqueue_capacity = 2\nintra_op_threads = 1\ninline_blocking_max_us = 0\n",
     )
     .unwrap();
     let node = TestNode::start(repo.path(), &[]);
@@ -896,4 +896,25 @@ async fn at_idle_a_fast_model_runs_on_the_callers_thread_and_a_slow_one_on_its_w
         inline[1]
     );
     assert_eq!(inline[2], 0, "heavy_queued ran inline");
+    // A request far larger than the ones fraud ran inline is predicted by its rows (20,000
+    // rows of a few µs each): it goes to the worker, not onto the front door's thread.
+    let rows = 20_000;
+    let header = json!({"inputs": [{"name": "features", "shape": [rows, 32], "datatype": "FP32",
+        "parameters": {"binary_data_size": rows * 32 * 4}}]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(std::iter::repeat_n(0.25f32.to_le_bytes(), rows * 32).flatten());
+    let response = http
+        .post(node.url("/v2/models/fraud/infer"))
+        .header("Inference-Header-Content-Length", header.len())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let timing = response.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(queue_ms(&timing) > 0.0, "20,000 rows ran inline: {timing}");
 }

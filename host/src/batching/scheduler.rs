@@ -11,8 +11,10 @@
 //! waiting task (two futex round trips and two context switches: the largest item in the
 //! node's profile at batch-1 load, and about 45 µs of a 100 µs model's latency at low load on
 //! the development VM); under load the queue is not empty or the sessions are busy, so
-//! requests queue and batch exactly as before. The run-time estimate includes batched runs,
-//! so a model under load, whose batches take long, stays on its workers.
+//! requests queue and batch exactly as before. The prediction is the larger of a recent run
+//! (batched runs included, so a model under load, whose batches take long, stays on its
+//! workers) and a recent row's time times the request's rows (so a large request does not
+//! run inline on the strength of small ones).
 
 use crate::batching::policy::{BatchLimits, Batchable, Batcher, Refused, Step};
 use crate::batching::stack::{same_inner_shapes, split, stack};
@@ -128,9 +130,10 @@ struct Shared {
     waiting: AtomicUsize,
     /// One per worker; a worker holds its own while it runs, an inline run any free one.
     sessions: Vec<Mutex<OnnxSession>>,
-    /// Recent inference time per run, ns (an exponential average), which decides inline
-    /// runs; starts high, so a model runs on its workers until measured.
+    /// Recent inference time per run and per row, ns (exponential averages), which decide
+    /// inline runs; they start high, so a model runs on its workers until measured.
     recent_run_ns: AtomicU64,
+    recent_row_ns: AtomicU64,
     /// Runs shorter than these may be inline: at once, or when the caller may block.
     inline: InlineNanos,
     metrics: ModelMetrics,
@@ -154,20 +157,34 @@ impl Shared {
         }
     }
 
-    fn observe_run(&self, took: Duration) {
+    fn observe_run(&self, took: Duration, rows: usize) {
         let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let old = self.recent_run_ns.load(Ordering::Relaxed);
-        // Halving: a model's first run (ONNX Runtime's warm-up) can take a thousand times
-        // its usual one, and must not keep it off the inline path for long. A run counts at
-        // most four times the estimate, so one preempted run does not either; a model that
-        // really became slow is past the bound within a few runs.
-        let new = if old == u64::MAX {
-            took
-        } else {
-            old / 2 + took.min(old.saturating_mul(4)) / 2
-        };
-        self.recent_run_ns.store(new, Ordering::Relaxed);
+        let rows = u64::try_from(rows.max(1)).unwrap_or(u64::MAX);
+        average_into(&self.recent_run_ns, took);
+        average_into(&self.recent_row_ns, took / rows);
     }
+
+    /// How long a run of `rows` rows would take, from recent runs: at least a recent run,
+    /// and a large request in proportion to its rows.
+    fn predicted_ns(&self, rows: usize) -> u64 {
+        let per_row = self.recent_row_ns.load(Ordering::Relaxed);
+        let per_run = self.recent_run_ns.load(Ordering::Relaxed);
+        per_run.max(per_row.saturating_mul(u64::try_from(rows).unwrap_or(u64::MAX)))
+    }
+}
+
+/// Moves an exponential average of run times toward `took`. Halving: a model's first run
+/// (ONNX Runtime's warm-up) can take a thousand times its usual one, and must not keep it off
+/// the inline path for long. A run counts at most four times the estimate, so one preempted
+/// run does not either; a model that really became slow is past the bound within a few runs.
+fn average_into(estimate: &AtomicU64, took: u64) {
+    let old = estimate.load(Ordering::Relaxed);
+    let new = if old == u64::MAX {
+        took
+    } else {
+        old / 2 + took.min(old.saturating_mul(4)) / 2
+    };
+    estimate.store(new, Ordering::Relaxed);
 }
 
 /// The queue and workers of one model version.
@@ -194,6 +211,7 @@ impl Scheduler {
             waiting: AtomicUsize::new(0),
             sessions: sessions.into_iter().map(Mutex::new).collect(),
             recent_run_ns: AtomicU64::new(u64::MAX),
+            recent_row_ns: AtomicU64::new(u64::MAX),
             inline: InlineNanos {
                 direct: nanos(inline.direct),
                 blocking: nanos(inline.blocking),
@@ -225,13 +243,22 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Claims an idle session for a request to run on the calling thread, when the model's
-    /// recent runs are short enough (see the module doc) and nothing is queued; runs under the
-    /// blocking bound are claimed only when `may_block`. `None` means: queue it with
-    /// [`Scheduler::submit`].
-    pub fn claim_inline(&self, may_block: bool) -> Option<InlineRun<'_>> {
+    /// Claims an idle session for a request of `rows` rows to run on the calling thread, when
+    /// its run is predicted short enough (see the module doc) and nothing is queued; runs under the
+    /// blocking bound are claimed only when `may_block`, and none that would outlive the
+    /// request's `timeout` (queued, a request is answered at its deadline; inline, only after
+    /// the run). `None` means: queue it with [`Scheduler::submit`].
+    pub fn claim_inline(
+        &self,
+        rows: usize,
+        may_block: bool,
+        timeout: Option<Duration>,
+    ) -> Option<InlineRun<'_>> {
         let shared = &*self.shared;
-        let estimate = shared.recent_run_ns.load(Ordering::Relaxed);
+        let estimate = shared.predicted_ns(rows);
+        if timeout.is_some_and(|t| u128::from(estimate) >= t.as_nanos()) {
+            return None;
+        }
         let blocks = if estimate < shared.inline.direct {
             false
         } else if may_block && estimate < shared.inline.blocking {
@@ -253,6 +280,7 @@ impl Scheduler {
             shared,
             session,
             blocks,
+            rows,
         })
     }
 
@@ -289,6 +317,7 @@ pub struct InlineRun<'a> {
     shared: &'a Shared,
     session: MutexGuard<'a, OnnxSession>,
     blocks: bool,
+    rows: usize,
 }
 
 impl InlineRun<'_> {
@@ -303,13 +332,14 @@ impl InlineRun<'_> {
         let InlineRun {
             shared,
             mut session,
+            rows,
             ..
         } = self;
         let started = Instant::now();
         let outcome = guarded(|| session.run(inputs).map_err(BatchFailure::Run));
         drop(session);
         let took = started.elapsed();
-        shared.observe_run(took);
+        shared.observe_run(took, rows);
         shared.metrics.queue_seconds.observe(0.0);
         shared.metrics.batch_size.observe(1.0);
         shared.metrics.inference_seconds.observe(took.as_secs_f64());
@@ -419,7 +449,7 @@ fn run_batch(
 
     let outcome = guarded(|| infer(session, &batch));
     let infer_time = started.elapsed();
-    shared.observe_run(infer_time);
+    shared.observe_run(infer_time, batch.iter().map(|j| j.rows).sum());
     shared
         .metrics
         .inference_seconds
