@@ -244,10 +244,10 @@ impl Scheduler {
     }
 
     /// Claims an idle session for a request of `rows` rows to run on the calling thread, when
-    /// its run is predicted short enough (see the module doc) and nothing is queued; runs under the
-    /// blocking bound are claimed only when `may_block`, and none that would outlive the
-    /// request's `timeout` (queued, a request is answered at its deadline; inline, only after
-    /// the run). `None` means: queue it with [`Scheduler::submit`].
+    /// its run is predicted short enough (see the module doc) and nothing is queued; runs
+    /// under the blocking bound are claimed only when `may_block`, and none that would
+    /// outlive the request's `timeout` (queued, a request is answered at its deadline;
+    /// inline, only after the run). `None` means: queue it with [`Scheduler::submit`].
     pub fn claim_inline(
         &self,
         rows: usize,
