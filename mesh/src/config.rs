@@ -130,6 +130,15 @@ pub struct HttpConfig {
 }
 
 impl HttpConfig {
+    /// How the front door reads request bodies: size, time and the node-wide byte budget.
+    pub fn body_limits(&self) -> crate::http::routes::BodyLimits {
+        crate::http::routes::BodyLimits::new(
+            self.max_body_bytes,
+            Duration::from_millis(self.body_read_timeout_ms),
+            self.max_body_bytes_in_flight,
+        )
+    }
+
     /// The connection limits the server enforces.
     pub fn limits(&self) -> crate::http::server::ConnectionLimits {
         crate::http::server::ConnectionLimits {

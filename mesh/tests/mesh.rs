@@ -308,10 +308,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     let route = parse_route_header(response.headers()[ROUTE_HEADER].to_str().unwrap()).unwrap();
     let hinted: BTreeSet<String> = route.replicas.iter().map(|r| r.node.clone()).collect();
     assert_eq!(hinted, owners);
-    let timing = response.headers()["server-timing"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let timing = support::server_timing(&response);
     assert!(timing.starts_with("forward;dur="), "{timing}");
     let answer: Value = response.json().await.unwrap();
     let data: Vec<f64> = answer["outputs"][0]["data"]
@@ -348,10 +345,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let timing = response.headers()["server-timing"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let timing = support::server_timing(&response);
     assert!(
         timing.contains("forward;dur=") && timing.contains("post;dur="),
         "{timing}"
@@ -708,10 +702,7 @@ async fn a_model_deployed_to_one_node_reaches_its_replicas() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let timing = response.headers()["server-timing"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let timing = support::server_timing(&response);
     assert!(!timing.contains("forward"), "{timing}");
     let answer: Value = response.json().await.unwrap();
     let data: Vec<f64> = answer["outputs"][0]["data"]

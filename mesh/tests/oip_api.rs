@@ -152,12 +152,7 @@ async fn every_model_matches_onnxruntime_through_json_and_binary_tensors() {
                 .await
                 .unwrap();
             assert_eq!(response.status(), 200, "{model}");
-            assert!(
-                response.headers()["server-timing"]
-                    .to_str()
-                    .unwrap()
-                    .contains("infer;dur=")
-            );
+            assert!(support::server_timing(&response).contains("infer;dur="));
             let answer: Value = response.json().await.unwrap();
             assert_eq!(answer["model_name"], model);
             assert_eq!(answer["model_version"], "1");
@@ -870,10 +865,7 @@ async fn at_idle_a_fast_model_runs_on_the_callers_thread_and_a_slow_one_on_its_w
                 .await
                 .unwrap();
             assert_eq!(response.status(), 200);
-            let timing = response.headers()["server-timing"]
-                .to_str()
-                .unwrap()
-                .to_string();
+            let timing = support::server_timing(&response);
             // A worker thread takes microseconds to wake: only an inline run queues for 0.
             if queue_ms(&timing) == 0.0 {
                 zero_queue += 1;
@@ -912,9 +904,6 @@ async fn at_idle_a_fast_model_runs_on_the_callers_thread_and_a_slow_one_on_its_w
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let timing = response.headers()["server-timing"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let timing = support::server_timing(&response);
     assert!(queue_ms(&timing) > 0.0, "20,000 rows ran inline: {timing}");
 }

@@ -116,12 +116,6 @@ pub struct InlineLimits {
     pub blocking: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct InlineNanos {
-    direct: u64,
-    blocking: u64,
-}
-
 struct Shared {
     label: String,
     batcher: Mutex<Batcher<Job>>,
@@ -135,7 +129,7 @@ struct Shared {
     recent_run_ns: AtomicU64,
     recent_row_ns: AtomicU64,
     /// Runs shorter than these may be inline: at once, or when the caller may block.
-    inline: InlineNanos,
+    inline: InlineLimits,
     metrics: ModelMetrics,
 }
 
@@ -202,7 +196,6 @@ impl Scheduler {
         inline: InlineLimits,
         metrics: ModelMetrics,
     ) -> std::io::Result<Scheduler> {
-        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let count = sessions.len();
         let shared = Arc::new(Shared {
             label: label.to_string(),
@@ -212,10 +205,7 @@ impl Scheduler {
             sessions: sessions.into_iter().map(Mutex::new).collect(),
             recent_run_ns: AtomicU64::new(u64::MAX),
             recent_row_ns: AtomicU64::new(u64::MAX),
-            inline: InlineNanos {
-                direct: nanos(inline.direct),
-                blocking: nanos(inline.blocking),
-            },
+            inline,
             metrics,
         });
         let mut workers = Vec::with_capacity(count);
@@ -255,8 +245,8 @@ impl Scheduler {
         timeout: Option<Duration>,
     ) -> Option<InlineRun<'_>> {
         let shared = &*self.shared;
-        let estimate = shared.predicted_ns(rows);
-        if timeout.is_some_and(|t| u128::from(estimate) >= t.as_nanos()) {
+        let estimate = Duration::from_nanos(shared.predicted_ns(rows));
+        if timeout.is_some_and(|t| estimate >= t) {
             return None;
         }
         let blocks = if estimate < shared.inline.direct {

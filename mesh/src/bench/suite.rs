@@ -354,7 +354,7 @@ pub async fn run_router_in_process(
     duration: Duration,
 ) -> Result<RouterReport, BenchError> {
     use crate::dispatch::Dispatch;
-    use crate::http::routes::{AppState, BodyLimits, router};
+    use crate::http::routes::{AppState, router};
     use meshserve_host::engine::{Engine, EngineConfig};
     use tower::ServiceExt;
 
@@ -373,14 +373,9 @@ pub async fn run_router_in_process(
     let metadata = crate::dispatch::local_metadata(&engine, model, None)
         .map_err(|e| BenchError::Model(e.to_string()))?;
     let (body, headers) = super::body::request_from_metadata(&metadata, rows, binary)?;
-    let defaults = crate::config::HttpConfig::default();
     let app = router(AppState {
         dispatch: Dispatch::new(engine.clone(), None),
-        bodies: BodyLimits::new(
-            defaults.max_body_bytes,
-            Duration::from_millis(defaults.body_read_timeout_ms),
-            defaults.max_body_bytes_in_flight,
-        ),
+        bodies: crate::config::HttpConfig::default().body_limits(),
         endpoints: None,
         admin: crate::http::admin::AdminAccess::LoopbackOnly,
     });

@@ -216,11 +216,7 @@ impl Node {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let state = AppState {
             dispatch: Dispatch::new(self.engine.clone(), self.cluster.clone()),
-            bodies: crate::http::routes::BodyLimits::new(
-                self.config.http.max_body_bytes,
-                Duration::from_millis(self.config.http.body_read_timeout_ms),
-                self.config.http.max_body_bytes_in_flight,
-            ),
+            bodies: self.config.http.body_limits(),
             endpoints: self.endpoints.clone(),
             admin: self.admin.clone(),
         };

@@ -186,6 +186,14 @@ impl Drop for TestNode {
 }
 
 /// Reads the sum of a metric's samples whose label set contains every `labels` pair.
+/// A response's `Server-Timing` header (the node always sends one on an answer).
+pub fn server_timing(response: &reqwest::Response) -> String {
+    response.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     exposition
         .lines()
