@@ -325,13 +325,8 @@ fn load_parquet(table: &str, config: &FeatureTableConfig) -> Result<Rows, Featur
         .iter()
         .map(|f| f.name().to_string())
         .collect();
-    let key_index = match &config.key_column {
-        None => 0,
-        Some(column) => columns
-            .iter()
-            .position(|c| c == column)
-            .ok_or_else(|| error(format!("no column '{column}' in the schema")))?,
-    };
+    let key_index =
+        key_index(columns.iter().map(String::as_str), config, "schema").map_err(error)?;
     let mut rows = HashMap::new();
     let iter = reader
         .get_row_iter(None)
@@ -356,6 +351,21 @@ fn load_parquet(table: &str, config: &FeatureTableConfig) -> Result<Rows, Featur
     Ok(rows)
 }
 
+/// Where the key column is among a table's `columns` (named in its `where_named`): the
+/// configured `key_column`, else the first.
+fn key_index<'c>(
+    mut columns: impl Iterator<Item = &'c str>,
+    config: &FeatureTableConfig,
+    where_named: &str,
+) -> Result<usize, String> {
+    match &config.key_column {
+        None => Ok(0),
+        Some(column) => columns
+            .position(|c| c == column)
+            .ok_or_else(|| format!("no column '{column}' in the {where_named}")),
+    }
+}
+
 fn load_csv(table: &str, config: &FeatureTableConfig) -> Result<Rows, FeatureError> {
     let error = |message: String| FeatureError::Load {
         table: table.to_string(),
@@ -364,13 +374,7 @@ fn load_csv(table: &str, config: &FeatureTableConfig) -> Result<Rows, FeatureErr
     };
     let mut reader = csv::Reader::from_path(&config.path).map_err(|e| error(e.to_string()))?;
     let headers = reader.headers().map_err(|e| error(e.to_string()))?.clone();
-    let key_index = match &config.key_column {
-        None => 0,
-        Some(column) => headers
-            .iter()
-            .position(|h| h == column)
-            .ok_or_else(|| error(format!("no column '{column}' in the header")))?,
-    };
+    let key_index = key_index(headers.iter(), config, "header").map_err(error)?;
     let mut rows = HashMap::new();
     for (i, record) in reader.records().enumerate() {
         let line = i + 2;
