@@ -101,23 +101,10 @@ pub fn loopback_ping_pong(
     let mut client = std::net::TcpStream::connect(addr)?;
     client.set_nodelay(true)?;
     let (request, mut response) = (vec![b'q'; request_bytes], vec![0u8; response_bytes]);
-    let mut report = super::Report::new(1);
-    let warm_until = std::time::Instant::now() + warmup;
-    while std::time::Instant::now() < warm_until {
+    let report = super::Report::time_each(1, warmup, duration, || {
         client.write_all(&request)?;
-        client.read_exact(&mut response)?;
-    }
-    let start = std::time::Instant::now();
-    while start.elapsed() < duration {
-        let t = std::time::Instant::now();
-        client.write_all(&request)?;
-        client.read_exact(&mut response)?;
-        report.ok += 1;
-        let _ = report
-            .latency_us
-            .record(t.elapsed().as_micros().max(1) as u64);
-    }
-    report.elapsed = start.elapsed();
+        client.read_exact(&mut response)
+    })?;
     drop(client);
     echo.join()
         .map_err(|_| std::io::Error::other("the echo thread panicked"))??;

@@ -72,6 +72,32 @@ pub struct Report {
 }
 
 impl Report {
+    /// Calls `call` for `warmup`, then times each call for `duration`, one after another on
+    /// this thread; the first error ends the run.
+    fn time_each<E>(
+        rows: u64,
+        warmup: Duration,
+        duration: Duration,
+        mut call: impl FnMut() -> Result<(), E>,
+    ) -> Result<Report, E> {
+        let mut report = Report::new(rows);
+        let warm_until = Instant::now() + warmup;
+        while Instant::now() < warm_until {
+            call()?;
+        }
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            let t = Instant::now();
+            call()?;
+            report.ok += 1;
+            let _ = report
+                .latency_us
+                .record(t.elapsed().as_micros().max(1) as u64);
+        }
+        report.elapsed = start.elapsed();
+        Ok(report)
+    }
+
     fn new(rows: u64) -> Report {
         Report {
             ok: 0,
@@ -551,26 +577,12 @@ pub fn run_in_process(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Report, BenchError> {
-    let mut report = Report::new(rows);
-    let warm_until = Instant::now() + warmup;
-    while Instant::now() < warm_until {
+    Report::time_each(rows, warmup, duration, || {
         session
             .run(inputs)
-            .map_err(|e| BenchError::Model(e.to_string()))?;
-    }
-    let start = Instant::now();
-    while start.elapsed() < duration {
-        let t = Instant::now();
-        session
-            .run(inputs)
-            .map_err(|e| BenchError::Model(e.to_string()))?;
-        report.ok += 1;
-        let _ = report
-            .latency_us
-            .record(t.elapsed().as_micros().max(1) as u64);
-    }
-    report.elapsed = start.elapsed();
-    Ok(report)
+            .map(drop)
+            .map_err(|e| BenchError::Model(e.to_string()))
+    })
 }
 
 /// Deterministic FP32 input values in [-1, 1) (no RNG crate: a fixed LCG is enough here).
