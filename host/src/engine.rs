@@ -372,8 +372,10 @@ impl Engine {
     }
 
     /// Runs one request through its model's queue.
-    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+    pub async fn infer(&self, mut request: InferRequest) -> Result<InferResponse, InferError> {
         let enqueued_at = Instant::now();
+        // Moved into the job, and back out of it when a reload closed its queue.
+        let mut given = std::mem::take(&mut request.inputs);
         // A reload swaps the model while a request may hold the old one: one retry picks up the new.
         let mut retried = false;
         let (version, selection, deadline, pending) = loop {
@@ -386,7 +388,7 @@ impl Engine {
                 }
             })?;
             let version = model.version(request.version.as_deref())?.clone();
-            let (inputs, rows) = version.order_inputs(&request.inputs)?;
+            let (inputs, rows) = version.order_inputs(std::mem::take(&mut given))?;
             let selection = version.select_outputs(request.outputs.as_deref())?;
             // 0 means "no deadline" wherever a timeout is given: the request, the config.
             let timeout = request
@@ -425,7 +427,10 @@ impl Engine {
                         depth: version.scheduler.depth(),
                     });
                 }
-                Err(Refused::Closed(_)) if !retried => retried = true,
+                Err(Refused::Closed(job)) if !retried => {
+                    given = job.inputs;
+                    retried = true;
+                }
                 Err(Refused::Closed(_)) => {
                     return Err(InferError::Closed {
                         model: request.model.clone(),
@@ -513,7 +518,7 @@ impl Engine {
 impl ModelVersion {
     /// Checks `inputs` against the signature and orders them as the model declares them.
     /// Returns them with the request's row count along dimension 0.
-    fn order_inputs(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, usize), InferError> {
+    fn order_inputs(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, usize), InferError> {
         let invalid = |message: String| InferError::InvalidInput(message);
         let mut ordered: Vec<Option<Tensor>> = vec![None; self.signature.inputs.len()];
         for tensor in inputs {
@@ -550,8 +555,8 @@ impl ModelVersion {
                 )));
             }
             tensor.validate().map_err(|e| invalid(e.to_string()))?;
-            check_text(tensor).map_err(invalid)?;
-            ordered[position] = Some(tensor.clone());
+            check_text(&tensor).map_err(invalid)?;
+            ordered[position] = Some(tensor);
         }
         let mut complete = Vec::with_capacity(ordered.len());
         for (slot, spec) in ordered.into_iter().zip(&self.signature.inputs) {

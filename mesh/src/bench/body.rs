@@ -6,6 +6,7 @@
 //! is refused rather than built.
 
 use super::{BenchError, sample_values};
+use crate::http::oip::HEADER_CONTENT_LENGTH;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -28,9 +29,6 @@ pub(crate) struct InputJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
 }
-
-/// Header naming the JSON part's length in a binary-tensor body.
-pub const INFERENCE_HEADER: &str = "inference-header-content-length";
 
 /// Most elements one generated input may have.
 pub const MAX_ELEMENTS: usize = 1 << 22;
@@ -144,7 +142,7 @@ pub fn request_from_metadata(
         return Ok((Bytes::from(header), headers));
     }
     headers.insert(
-        INFERENCE_HEADER,
+        HEADER_CONTENT_LENGTH,
         hyper::header::HeaderValue::from(header.len()),
     );
     headers.insert(
@@ -177,7 +175,11 @@ mod tests {
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
         let (binary, headers) = request_from_metadata(&fraud(), 2, true).unwrap();
-        let split: usize = headers[INFERENCE_HEADER].to_str().unwrap().parse().unwrap();
+        let split: usize = headers[HEADER_CONTENT_LENGTH]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         let head: Value = serde_json::from_slice(&binary[..split]).unwrap();
         assert_eq!(head["inputs"][0]["parameters"]["binary_data_size"], 256);
         let raw: Vec<f32> = binary[split..]
@@ -200,7 +202,7 @@ mod tests {
         for binary in [false, true] {
             let (body, headers) = request_from_metadata(&metadata, 3, binary).unwrap();
             let split = headers
-                .get(INFERENCE_HEADER)
+                .get(HEADER_CONTENT_LENGTH)
                 .map(|v| v.to_str().unwrap().parse().unwrap());
             let decoded = crate::http::oip::decode_request("m", None, &body, split).unwrap();
             let shapes: Vec<_> = decoded

@@ -6,8 +6,8 @@
 use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
 use crate::http::routes::{
-    AppState, Ms, TIMEOUT_HEADER, counted, header_number, hop_timing, json_response, oip_response,
-    read_body, run_model,
+    AppState, Ms, SERVER_TIMING, TIMEOUT_HEADER, counted, header_number, hop_timing, json_response,
+    oip_response, read_body, run_model,
 };
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -67,7 +67,7 @@ fn reply_response(reply: PluginReply, server_timing: &str) -> Response {
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
     headers.insert(header::CONTENT_TYPE, content_type);
     if let Ok(value) = HeaderValue::from_str(server_timing) {
-        headers.insert("server-timing", value);
+        headers.insert(SERVER_TIMING, value);
     }
     http
 }
@@ -120,7 +120,7 @@ pub async fn invoke(
         }
         None => decode_oip(endpoint, headers, &body)?,
     };
-    if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
+    if let Some(us) = header_number(headers, &TIMEOUT_HEADER)? {
         request.timeout = Some(Duration::from_micros(us));
     }
     let ran = run_model(state, request, headers).await.map_err(|e| {
@@ -166,7 +166,7 @@ fn decode_oip(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(InferRequest, OutputEncoding), ApiError> {
-    let json_length = header_number(headers, oip::HEADER_CONTENT_LENGTH)?
+    let json_length = header_number(headers, &oip::HEADER_CONTENT_LENGTH)?
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     let decoded = oip::decode_request(
         &endpoint.model,

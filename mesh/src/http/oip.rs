@@ -13,11 +13,13 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
 /// The header that announces the binary tensor extension and gives the JSON part's length.
-pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+pub const HEADER_CONTENT_LENGTH: http::HeaderName =
+    http::HeaderName::from_static("inference-header-content-length");
 
 /// A request body that is not valid OIP.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,7 +45,7 @@ struct RequestJson<'a> {
 struct InputJson<'a> {
     name: String,
     shape: Vec<i64>,
-    datatype: String,
+    datatype: Cow<'a, str>,
     parameters: Map<String, Value>,
     data: Option<InputData<'a>>,
 }
@@ -67,6 +69,45 @@ impl<'de: 'a, 'a> Deserialize<'de> for InputJson<'a> {
 
 struct InputVisitor<'a>(std::marker::PhantomData<&'a ()>);
 
+/// An input object's keys, read without copying them (a `Cow<str>` key would be an owned
+/// `String` for every key of every input).
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum InputField {
+    Name,
+    Shape,
+    Datatype,
+    Parameters,
+    Data,
+    #[serde(other)]
+    Unknown,
+}
+
+/// A string borrowed from the request body when it has no escapes (a datatype always does).
+struct BodyStr<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for BodyStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StrVisitor;
+        impl<'de> Visitor<'de> for StrVisitor {
+            type Value = BodyStr<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(BodyStr(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(BodyStr(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(StrVisitor)
+    }
+}
+
 impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
     type Value = InputJson<'a>;
 
@@ -76,7 +117,7 @@ impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
 
     fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<InputJson<'a>, A::Error> {
         let (mut name, mut shape, mut datatype) =
-            (None::<String>, None::<Vec<i64>>, None::<String>);
+            (None::<String>, None::<Vec<i64>>, None::<Cow<'a, str>>);
         let (mut parameters, mut data) = (None, None);
         fn once<T, E: de::Error>(slot: &Option<T>, field: &'static str) -> Result<(), E> {
             match slot {
@@ -84,25 +125,25 @@ impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
                 None => Ok(()),
             }
         }
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                "name" => {
+        while let Some(key) = map.next_key::<InputField>()? {
+            match key {
+                InputField::Name => {
                     once(&name, "name")?;
                     name = Some(map.next_value()?);
                 }
-                "shape" => {
+                InputField::Shape => {
                     once(&shape, "shape")?;
                     shape = Some(map.next_value()?);
                 }
-                "datatype" => {
+                InputField::Datatype => {
                     once(&datatype, "datatype")?;
-                    datatype = Some(map.next_value()?);
+                    datatype = Some(map.next_value::<BodyStr<'de>>()?.0);
                 }
-                "parameters" => {
+                InputField::Parameters => {
                     once(&parameters, "parameters")?;
                     parameters = Some(map.next_value()?);
                 }
-                "data" => {
+                InputField::Data => {
                     once(&data, "data")?;
                     let known = datatype.as_deref().and_then(DataType::parse);
                     data = Some(match known {
@@ -127,7 +168,7 @@ impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
                         None => InputData::Raw(map.next_value()?),
                     });
                 }
-                _ => {
+                InputField::Unknown => {
                     map.next_value::<de::IgnoredAny>()?;
                 }
             }
@@ -661,12 +702,14 @@ mod tests {
     }
 
     #[test]
-    fn data_decodes_the_same_whichever_field_comes_first() {
+    fn data_decodes_the_same_whichever_field_comes_first_or_however_keys_are_escaped() {
         // `datatype` before `data` is parsed while read; after it, from the raw text.
         let orders = [
             r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"INT16","data":[[1,-2],[3,4]]}]}"#,
             r#"{"inputs":[{"data":[[1,-2],[3,4]],"datatype":"INT16","shape":[2,2],"name":"x"}]}"#,
             r#"{"inputs":[{"shape":[2,2],"data":[1,-2,3,4],"name":"x","datatype":"INT16","extra":{"a":[1]}}]}"#,
+            // Escaped keys and datatype (read as copies, not borrowed from the body).
+            r#"{"inputs":[{"n\u0061me":"x","shape":[2,2],"datatype":"INT\u00316","data":[1,-2,3,4]}]}"#,
         ];
         let expected: Vec<u8> = [1i16, -2, 3, 4]
             .iter()

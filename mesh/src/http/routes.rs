@@ -10,7 +10,7 @@ use crate::routing::{ROUTE_HEADER, route_header};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -26,7 +26,11 @@ use std::time::{Duration, Instant};
 use tower::ServiceExt;
 
 /// Header that lets a client set a request deadline without touching the body, in µs.
-pub const TIMEOUT_HEADER: &str = "meshserve-timeout-us";
+pub const TIMEOUT_HEADER: HeaderName = HeaderName::from_static("meshserve-timeout-us");
+
+// Header names as constants: a `&str` name is parsed (and a custom one allocated) per use.
+pub(crate) const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -378,7 +382,10 @@ pub(crate) async fn read_body(
     }
 }
 
-pub(crate) fn header_number(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
+pub(crate) fn header_number(
+    headers: &HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<u64>, ApiError> {
     headers
         .get(name)
         .map(|v| {
@@ -444,11 +451,11 @@ async fn run_infer(
 ) -> Result<Response, ApiError> {
     let read = read_body(headers, body, &state.bodies).await?;
     let body = &read.bytes;
-    let json_length = header_number(headers, HEADER_CONTENT_LENGTH)?
+    let json_length = header_number(headers, &HEADER_CONTENT_LENGTH)?
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     let mut decoded = oip::decode_request(&path.model, path.version.as_deref(), body, json_length)
         .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
-    if let Some(us) = header_number(headers, TIMEOUT_HEADER)? {
+    if let Some(us) = header_number(headers, &TIMEOUT_HEADER)? {
         decoded.request.timeout = Some(Duration::from_micros(us));
     }
     let model = decoded.request.model.clone();
@@ -479,7 +486,7 @@ pub(crate) async fn run_model(
     headers: &HeaderMap,
 ) -> Result<Served, DispatchError> {
     let traceparent = headers
-        .get("traceparent")
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let call = Call {
@@ -526,9 +533,9 @@ pub(crate) fn oip_response(
         }
     }
     if let Ok(timing) =
-        HeaderValue::from_str(&server_timing(response, extra_timing, started.elapsed()))
+        HeaderValue::try_from(server_timing(response, extra_timing, started.elapsed()))
     {
-        headers.insert("server-timing", timing);
+        headers.insert(SERVER_TIMING, timing);
     }
     http
 }
