@@ -9,8 +9,8 @@ use crate::runtime::Runtime;
 use crate::tensor::{DataType, Tensor, push_bytes_element};
 use bytes::Bytes;
 use ort::ep::{self, ExecutionProvider as _};
-use ort::session::Session;
-use ort::value::{DynValue, TensorElementType, ValueType};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
 use std::path::Path;
 
 /// Why a model file could not become a session.
@@ -140,9 +140,9 @@ impl OnnxSession {
     /// Runs the model. `inputs` must be in signature order and already validated against it;
     /// the outputs come back in signature order.
     pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
-        let mut values: Vec<(&str, DynValue)> = Vec::with_capacity(inputs.len());
+        let mut values: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (spec, tensor) in self.signature.inputs.iter().zip(inputs) {
-            values.push((spec.name.as_str(), to_value(tensor)?));
+            values.push((spec.name.as_str(), input_value(tensor)?));
         }
         let outputs = self.session.run(values).map_err(runtime_error)?;
         self.signature
@@ -250,6 +250,9 @@ fn datatype_of(element: TensorElementType) -> Option<DataType> {
 /// A fixed-size element that converts to and from the OIP little-endian layout.
 trait Element: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static {
     const SIZE: usize;
+    /// `bytes` (OIP's little-endian layout) as elements without a copy, when this machine's
+    /// layout is the same and they are aligned for the type.
+    fn view(bytes: &[u8]) -> Option<&[Self]>;
     fn read(bytes: &[u8]) -> Self;
     fn write(self, out: &mut Vec<u8>);
 }
@@ -258,6 +261,13 @@ macro_rules! numeric_element {
     ($($t:ty),*) => {$(
         impl Element for $t {
             const SIZE: usize = std::mem::size_of::<$t>();
+            fn view(bytes: &[u8]) -> Option<&[Self]> {
+                if cfg!(target_endian = "little") {
+                    bytemuck::try_cast_slice(bytes).ok()
+                } else {
+                    None
+                }
+            }
             fn read(bytes: &[u8]) -> Self {
                 let mut raw = [0u8; std::mem::size_of::<$t>()];
                 raw.copy_from_slice(bytes);
@@ -273,6 +283,10 @@ numeric_element!(u8, u16, u32, u64, i8, i16, i32, i64, f32, f64);
 
 impl Element for bool {
     const SIZE: usize = 1;
+    // Not every byte is a valid `bool`: each is checked as it is read.
+    fn view(_: &[u8]) -> Option<&[Self]> {
+        None
+    }
     fn read(bytes: &[u8]) -> Self {
         bytes[0] != 0
     }
@@ -281,26 +295,33 @@ impl Element for bool {
     }
 }
 
-fn typed_value<T: Element>(tensor: &Tensor) -> Result<DynValue, RunError> {
+fn typed_input<T: Element>(tensor: &Tensor) -> Result<SessionInputValue<'_>, RunError> {
+    if let Some(elements) = T::view(&tensor.data) {
+        return TensorRef::from_array_view((tensor.shape.as_slice(), elements))
+            .map(SessionInputValue::from)
+            .map_err(runtime_error);
+    }
     let elements: Vec<T> = tensor.data.chunks_exact(T::SIZE).map(T::read).collect();
     ort::value::Tensor::from_array((tensor.shape.clone(), elements))
-        .map(|t| t.into_dyn())
+        .map(SessionInputValue::from)
         .map_err(runtime_error)
 }
 
-fn to_value(tensor: &Tensor) -> Result<DynValue, RunError> {
+/// An input as ONNX Runtime takes it: a view over the request's own bytes where their layout
+/// already is the element type's, else a converted copy.
+fn input_value(tensor: &Tensor) -> Result<SessionInputValue<'_>, RunError> {
     match tensor.datatype {
-        DataType::Bool => typed_value::<bool>(tensor),
-        DataType::Uint8 => typed_value::<u8>(tensor),
-        DataType::Uint16 => typed_value::<u16>(tensor),
-        DataType::Uint32 => typed_value::<u32>(tensor),
-        DataType::Uint64 => typed_value::<u64>(tensor),
-        DataType::Int8 => typed_value::<i8>(tensor),
-        DataType::Int16 => typed_value::<i16>(tensor),
-        DataType::Int32 => typed_value::<i32>(tensor),
-        DataType::Int64 => typed_value::<i64>(tensor),
-        DataType::Fp32 => typed_value::<f32>(tensor),
-        DataType::Fp64 => typed_value::<f64>(tensor),
+        DataType::Bool => typed_input::<bool>(tensor),
+        DataType::Uint8 => typed_input::<u8>(tensor),
+        DataType::Uint16 => typed_input::<u16>(tensor),
+        DataType::Uint32 => typed_input::<u32>(tensor),
+        DataType::Uint64 => typed_input::<u64>(tensor),
+        DataType::Int8 => typed_input::<i8>(tensor),
+        DataType::Int16 => typed_input::<i16>(tensor),
+        DataType::Int32 => typed_input::<i32>(tensor),
+        DataType::Int64 => typed_input::<i64>(tensor),
+        DataType::Fp32 => typed_input::<f32>(tensor),
+        DataType::Fp64 => typed_input::<f64>(tensor),
         DataType::Bytes => {
             let strings = tensor
                 .bytes_elements()
@@ -314,7 +335,7 @@ fn to_value(tensor: &Tensor) -> Result<DynValue, RunError> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             ort::value::Tensor::from_string_array((tensor.shape.clone(), strings.as_slice()))
-                .map(|t| t.into_dyn())
+                .map(SessionInputValue::from)
                 .map_err(runtime_error)
         }
         DataType::Fp16 => Err(RunError::BadInput(format!(
@@ -371,5 +392,38 @@ fn from_value(name: &str, datatype: DataType, value: &DynValue) -> Result<Tensor
         DataType::Fp16 => Err(RunError::Runtime(format!(
             "output '{name}': FP16 is not supported"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_input_bytes_are_viewed_in_place_and_misaligned_ones_are_read_by_copy() {
+        let values = [1.5f32, -2.0, 3.25];
+        let aligned: &[u8] = bytemuck::cast_slice(&values);
+        let viewed = f32::view(aligned).expect("aligned little-endian bytes are viewed");
+        assert_eq!(viewed, values);
+        assert_eq!(viewed.as_ptr().cast::<u8>(), aligned.as_ptr(), "no copy");
+
+        // The same bytes one or two bytes past an aligned address (as a binary tensor can sit
+        // inside a request body).
+        let mut buffer = vec![0u8; aligned.len() + 2];
+        let offset = if (buffer.as_ptr() as usize + 1).is_multiple_of(4) {
+            2
+        } else {
+            1
+        };
+        buffer[offset..offset + aligned.len()].copy_from_slice(aligned);
+        let misaligned = &buffer[offset..offset + aligned.len()];
+        assert!(f32::view(misaligned).is_none());
+        let read: Vec<f32> = misaligned.chunks_exact(4).map(f32::read).collect();
+        assert_eq!(read, values);
+
+        assert!(
+            bool::view(&[0, 1]).is_none(),
+            "bool bytes are checked, never viewed"
+        );
     }
 }
