@@ -298,6 +298,7 @@ impl Engine {
                 InlineLimits {
                     direct: Duration::from_micros(config.inline_max_us),
                     blocking: Duration::from_micros(config.inline_blocking_max_us),
+                    min_gap: Duration::from_micros(config.inline_min_gap_us),
                 },
                 self.metrics.model(name),
             )
@@ -376,6 +377,7 @@ impl Engine {
         let enqueued_at = Instant::now();
         // Moved into the job, and back out of it when a reload closed its queue.
         let mut given = std::mem::take(&mut request.inputs);
+        let mut _active = None;
         // A reload swaps the model while a request may hold the old one: one retry picks up the new.
         let mut retried = false;
         let (version, selection, deadline, pending) = loop {
@@ -388,6 +390,7 @@ impl Engine {
                 }
             })?;
             let version = model.version(request.version.as_deref())?.clone();
+            _active = Some(version.scheduler.enter());
             let (inputs, rows) = version.order_inputs(std::mem::take(&mut given))?;
             let selection = version.select_outputs(request.outputs.as_deref())?;
             // 0 means "no deadline" wherever a timeout is given: the request, the config.
@@ -398,7 +401,8 @@ impl Engine {
                 )))
                 .filter(|t| !t.is_zero());
             let deadline = timeout.map(|t| enqueued_at + t);
-            if let Some(done) = run_inline(&version.scheduler, &inputs, rows, timeout) {
+            if let Some(done) = run_inline(&version.scheduler, &inputs, rows, enqueued_at, timeout)
+            {
                 break (
                     version,
                     selection,
@@ -674,12 +678,13 @@ fn run_inline(
     scheduler: &Scheduler,
     inputs: &[Tensor],
     rows: usize,
+    arrived: Instant,
     timeout: Option<Duration>,
 ) -> Option<JobResult> {
     let may_block = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
         runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
     });
-    let run = scheduler.claim_inline(rows, may_block, timeout)?;
+    let run = scheduler.claim_inline(rows, arrived, may_block, timeout)?;
     Some(if run.blocks() {
         tokio::task::block_in_place(move || run.run(inputs))
     } else {

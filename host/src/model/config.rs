@@ -107,6 +107,11 @@ pub struct ModelConfig {
     /// multi-threaded runtimes only), so a slower model at low load skips the two thread
     /// hand-offs too; 0 never does.
     pub inline_blocking_max_us: u64,
+    /// Requests for the model arriving closer together than this (µs, a recent average) while
+    /// others are in progress queue and batch on its workers instead of running inline: under
+    /// that load the front door's threads are the bottleneck, and taking the model's work off
+    /// them (in batches) serves more; 0 lets any rate run inline.
+    pub inline_min_gap_us: u64,
 }
 
 impl Default for ModelConfig {
@@ -125,6 +130,7 @@ impl Default for ModelConfig {
             replicas: 0,
             inline_max_us: 50,
             inline_blocking_max_us: 2_000,
+            inline_min_gap_us: 30,
         }
     }
 }
@@ -218,13 +224,14 @@ mod tests {
             "max_batch_size = 32\nmax_queue_delay_us = 250\ninstances = 2\nintra_op_threads = 1\n\
              queue_capacity = 10\ndefault_timeout_us = 5000\nexecution_providers = [\"cuda\", \"cpu\"]\n\
              fallback_to_cpu = true\nversions = [1, 3]\ninline_max_us = 0\n\
-             inline_blocking_max_us = 0\n",
+             inline_blocking_max_us = 0\ninline_min_gap_us = 0\n",
         )
         .unwrap();
         let config = ModelConfig::load_or_default(&path).unwrap();
         assert_eq!(config.max_batch_size, Some(32));
         assert_eq!(config.inline_max_us, 0);
         assert_eq!(config.inline_blocking_max_us, 0);
+        assert_eq!(config.inline_min_gap_us, 0);
         assert_eq!(config.instances, 2);
         assert_eq!(
             config.execution_providers,
