@@ -377,7 +377,8 @@ impl Engine {
         let enqueued_at = Instant::now();
         // Moved into the job, and back out of it when a reload closed its queue.
         let mut given = std::mem::take(&mut request.inputs);
-        let mut _active = None;
+        // In progress until answered: whether requests overlap decides inline runs.
+        let mut _in_progress = None;
         // A reload swaps the model while a request may hold the old one: one retry picks up the new.
         let mut retried = false;
         let (version, selection, deadline, pending) = loop {
@@ -390,7 +391,7 @@ impl Engine {
                 }
             })?;
             let version = model.version(request.version.as_deref())?.clone();
-            _active = Some(version.scheduler.enter());
+            _in_progress = Some(version.scheduler.enter());
             let (inputs, rows) = version.order_inputs(std::mem::take(&mut given))?;
             let selection = version.select_outputs(request.outputs.as_deref())?;
             // 0 means "no deadline" wherever a timeout is given: the request, the config.

@@ -16,12 +16,13 @@
 //! the front door's threads are what limits throughput, and the model's work is better done
 //! on its worker, in batches (fraud at concurrency 64 on the development VM: about 9% more
 //! requests a second, the inline share falling from about 80% to near 0). One caller alone,
-//! however fast, stays inline: each of its requests ends before the next arrives. The
-//! prediction is the larger of a recent run
-//! (batched runs included, so a model under load, whose batches take long, stays on its
-//! workers) and a recent row's time times the request's rows (so a large request does not
-//! run inline on the strength of small ones).
+//! however fast, stays inline: each of its requests ends before the next arrives
+//! ([`Arrivals`]). The prediction is the larger of a recent run (batched runs included, so
+//! a model under load, whose batches take long, stays on its workers) and a recent row's time
+//! times the request's rows (so a large request does not run inline on the strength of small
+//! ones).
 
+use crate::batching::arrivals::Arrivals;
 use crate::batching::policy::{BatchLimits, Batchable, Batcher, Refused, Step};
 use crate::batching::stack::{same_inner_shapes, split, stack};
 use crate::metrics::ModelMetrics;
@@ -40,7 +41,7 @@ pub struct Active(Arc<Shared>);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.arrivals.leave();
     }
 }
 
@@ -137,15 +138,6 @@ pub struct InlineLimits {
     pub min_gap: Duration,
 }
 
-impl InlineLimits {
-    /// The longest gap between two arrivals that counts in full toward their average.
-    fn gap_cap_ns(&self) -> u64 {
-        u64::try_from(self.min_gap.as_nanos())
-            .unwrap_or(u64::MAX)
-            .saturating_mul(8)
-    }
-}
-
 struct Shared {
     label: String,
     batcher: Mutex<Batcher<Job>>,
@@ -160,17 +152,8 @@ struct Shared {
     recent_row_ns: AtomicU64,
     /// Runs shorter than these may be inline: at once, or when the caller may block.
     inline: InlineLimits,
-    /// When requests arrived, in ns since `epoch`: the last one, and the recent mean gap
-    /// between two (an exponential average; it starts as after a pause, so a first request
-    /// may be inline).
-    epoch: Instant,
-    last_arrival_ns: AtomicU64,
-    recent_gap_ns: AtomicU64,
-    /// Requests between [`Scheduler::enter`] and their answer.
-    active: AtomicUsize,
-    /// How often a request recently arrived while another was in progress, in 1/1024ths
-    /// (an exponential average).
-    recent_overlap: AtomicU64,
+    /// Whether requests crowd the front door, so that even a fast model's go to its workers.
+    arrivals: Arrivals,
     metrics: ModelMetrics,
 }
 
@@ -190,31 +173,6 @@ impl Shared {
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.wake.notify_all();
         }
-    }
-
-    /// Counts a request arriving at `at`, and says whether requests now arrive far enough
-    /// apart, or seldom enough while others are in progress, to run inline.
-    fn arrival_allows_inline(&self, at: Instant) -> bool {
-        let overlapped = if self.active.load(Ordering::Relaxed) > 1 {
-            1024
-        } else {
-            0
-        };
-        let old = self.recent_overlap.load(Ordering::Relaxed);
-        let overlap = old - old / 8 + overlapped / 8;
-        self.recent_overlap.store(overlap, Ordering::Relaxed);
-        let now =
-            u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
-        let gap = now
-            .saturating_sub(self.last_arrival_ns.swap(now, Ordering::Relaxed))
-            .min(self.inline.gap_cap_ns());
-        let old = self.recent_gap_ns.load(Ordering::Relaxed);
-        // An eighth per arrival: steady under bursty arrivals (a loaded front door answers in
-        // clumps). A pause counts as eight minimum gaps at most, so one is enough to run inline
-        // again, and a burst after it is seen within twenty requests or so.
-        let recent = old - old / 8 + gap / 8;
-        self.recent_gap_ns.store(recent, Ordering::Relaxed);
-        u128::from(recent) >= self.inline.min_gap.as_nanos() || overlap < 64
     }
 
     fn observe_run(&self, took: Duration, rows: usize) {
@@ -272,11 +230,7 @@ impl Scheduler {
             recent_run_ns: AtomicU64::new(u64::MAX),
             recent_row_ns: AtomicU64::new(u64::MAX),
             inline,
-            epoch: Instant::now(),
-            last_arrival_ns: AtomicU64::new(0),
-            recent_gap_ns: AtomicU64::new(inline.gap_cap_ns()),
-            active: AtomicUsize::new(0),
-            recent_overlap: AtomicU64::new(0),
+            arrivals: Arrivals::new(inline.min_gap),
             metrics,
         });
         let mut workers = Vec::with_capacity(count);
@@ -294,9 +248,10 @@ impl Scheduler {
         })
     }
 
-    /// Counts a request as in progress until the guard drops.
+    /// Counts a request as in progress until the guard drops (enter before
+    /// [`Scheduler::claim_inline`]: whether requests overlap decides inline runs).
     pub fn enter(&self) -> Active {
-        self.shared.active.fetch_add(1, Ordering::Relaxed);
+        self.shared.arrivals.enter();
         Active(self.shared.clone())
     }
 
@@ -312,7 +267,7 @@ impl Scheduler {
 
     /// Claims an idle session for a request of `rows` rows, which arrived at `arrived`, to
     /// run on the calling thread, when its run is predicted short enough (see the module doc),
-    /// nothing is queued and requests do not arrive too close together; runs under the
+    /// nothing is queued and requests do not crowd the front door (see [`Arrivals`]); runs under the
     /// blocking bound are claimed only when `may_block`, and none that would outlive the
     /// request's `timeout` (queued, a request is answered at its deadline; inline, only after
     /// the run). `None` means: queue it with [`Scheduler::submit`]. Call it once per request:
@@ -325,7 +280,7 @@ impl Scheduler {
         timeout: Option<Duration>,
     ) -> Option<InlineRun<'_>> {
         let shared = &*self.shared;
-        if !shared.arrival_allows_inline(arrived) {
+        if !shared.arrivals.allow_inline(arrived) {
             return None;
         }
         let estimate = Duration::from_nanos(shared.predicted_ns(rows));
@@ -639,77 +594,6 @@ fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, B
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn scheduler_with_min_gap(min_gap: Duration) -> Scheduler {
-        let limits = BatchLimits {
-            max_batch_rows: 8,
-            max_queue_delay: Duration::ZERO,
-            queue_capacity: 8,
-        };
-        let inline = InlineLimits {
-            direct: Duration::from_micros(50),
-            blocking: Duration::ZERO,
-            min_gap,
-        };
-        let metrics = crate::metrics::Metrics::new().model("gaps");
-        Scheduler::start("gaps", Vec::new(), limits, inline, metrics).unwrap()
-    }
-
-    #[test]
-    fn concurrent_requests_arriving_close_together_queue_until_a_pause() {
-        let scheduler = scheduler_with_min_gap(Duration::from_micros(30));
-        let shared = &*scheduler.shared;
-        let start = Instant::now();
-        let at = |us: u64| start + Duration::from_micros(us);
-        assert!(shared.arrival_allows_inline(at(0)), "a first request");
-        // 200,000 requests a second, each arriving while others are in progress: within a few
-        // dozen the front door counts as loaded, and they queue.
-        let others = [scheduler.enter(), scheduler.enter()];
-        let allowed: Vec<bool> = (1..=100)
-            .map(|i| shared.arrival_allows_inline(at(i * 5)))
-            .collect();
-        let first_refused = allowed.iter().position(|ok| !ok).expect("never refused");
-        assert!(
-            first_refused < 30,
-            "still inline after {first_refused} requests"
-        );
-        assert!(allowed[first_refused..].iter().all(|ok| !ok), "{allowed:?}");
-        // Requests 100 µs apart (10,000 a second) run inline again once the average shows it.
-        let spaced: Vec<bool> = (1..=20)
-            .map(|i| shared.arrival_allows_inline(at(500 + i * 100)))
-            .collect();
-        assert!(spaced[10..].iter().all(|ok| *ok), "{spaced:?}");
-        // After a burst, a pause of a millisecond is enough.
-        for i in 0..50 {
-            shared.arrival_allows_inline(at(3_000 + i));
-        }
-        assert!(!shared.arrival_allows_inline(at(3_050)));
-        assert!(shared.arrival_allows_inline(at(4_050)));
-        drop(others);
-    }
-
-    #[test]
-    fn one_fast_caller_alone_keeps_running_inline() {
-        // Back to back, 5 µs apart, but each request ends before the next arrives: queueing
-        // would only add the hand-off to every one.
-        let scheduler = scheduler_with_min_gap(Duration::from_micros(30));
-        let start = Instant::now();
-        for i in 0..200 {
-            let _this = scheduler.enter();
-            let arrived = start + Duration::from_micros(i * 5);
-            assert!(
-                scheduler.shared.arrival_allows_inline(arrived),
-                "request {i}"
-            );
-        }
-    }
-
-    #[test]
-    fn with_no_minimum_gap_any_rate_may_run_inline() {
-        let scheduler = scheduler_with_min_gap(Duration::ZERO);
-        let now = Instant::now();
-        assert!((0..100).all(|_| scheduler.shared.arrival_allows_inline(now)));
-    }
 
     #[test]
     fn a_panicking_run_becomes_a_failure_of_its_batch() {
