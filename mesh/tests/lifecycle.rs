@@ -446,3 +446,36 @@ async fn a_node_on_one_io_thread_serves_concurrent_clients_and_zero_threads_is_r
         assert_eq!(client.await.unwrap().unwrap(), 200);
     }
 }
+
+#[tokio::test]
+async fn the_load_generator_on_two_threads_drives_a_node_without_errors() {
+    let repo = copy_examples();
+    let node = TestNode::start(repo.path(), &[]);
+    let bench = |threads: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+            .args(["bench", "http", "--addr"])
+            .arg(node.addr.to_string())
+            .args(["--threads", threads, "--concurrency", "8", "--json"])
+            .args(["--duration-secs", "1", "--warmup-secs", "0"])
+            .output()
+            .unwrap()
+    };
+    let refused = bench("0");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--threads"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let output = bench("2");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let run = &report["runs"][0];
+    assert_eq!(run["errors"], 0, "{report}");
+    assert_eq!(run["unanswered"], 0, "{report}");
+    assert!(run["ok"].as_u64().unwrap() > 100, "{report}");
+}
