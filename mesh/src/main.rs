@@ -695,7 +695,8 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run_bench(kind: BenchCommand) -> Result<()> {
-    // The load generator gets one thread, so the node under test keeps the rest of the machine.
+    // The load generator gets one thread unless `bench http --threads` asks for more, so the
+    // node under test keeps the rest of the machine.
     let runtime = current_thread_runtime()?;
     match kind {
         BenchCommand::Suite {
