@@ -574,15 +574,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("config ok");
         return Ok(());
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.io_threads {
-        runtime.worker_threads(threads);
-    }
-    let runtime = runtime
-        .enable_all()
-        .thread_name("meshserve-io")
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = multi_thread_runtime(config.io_threads, "meshserve-io")?;
     runtime.block_on(async {
         // Listening starts before the node announces it serves: a SIGTERM sent the moment it
         // is up must drain it, not kill it.
@@ -683,6 +675,19 @@ impl ReloadSignal {
         #[cfg(not(unix))]
         let _ = reloader;
     }
+}
+
+/// A work-stealing runtime of `threads` threads (unset: one per core), named `name`.
+fn multi_thread_runtime(threads: Option<usize>, name: &str) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// A runtime on this thread alone: clients and the load generator leave the rest of the
@@ -823,24 +828,15 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
-        BenchCommand::Http(args) if args.threads > 1 => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads.into())
-            .thread_name("meshserve-load")
-            .enable_all()
-            .build()
-            .context("cannot start the load generator's runtime")?
-            .block_on(bench_http(args))?,
+        BenchCommand::Http(args) if args.threads > 1 => {
+            multi_thread_runtime(Some(args.threads.into()), "meshserve-load")?
+                .block_on(bench_http(args))?
+        }
         BenchCommand::Http(args) => runtime.block_on(bench_http(args))?,
         BenchCommand::FloorServer { listen, io_threads } => {
             // The node's runtime, so a comparison at the same thread count is like for like.
-            let mut floor_runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(threads) = io_threads {
-                floor_runtime.worker_threads(threads.max(1));
-            }
-            let floor_runtime = floor_runtime
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let floor_runtime =
+                multi_thread_runtime(io_threads.map(|n| n.max(1)), "meshserve-floor")?;
             floor_runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
