@@ -354,7 +354,7 @@ pub async fn run_router_in_process(
     duration: Duration,
 ) -> Result<RouterReport, BenchError> {
     use crate::dispatch::Dispatch;
-    use crate::http::routes::{AppState, router};
+    use crate::http::routes::{AppState, SERVER_TIMING, router};
     use meshserve_host::engine::{Engine, EngineConfig};
     use tower::ServiceExt;
 
@@ -396,7 +396,7 @@ pub async fn run_router_in_process(
             let status = response.status();
             let infer_us = response
                 .headers()
-                .get("server-timing")
+                .get(SERVER_TIMING)
                 .and_then(|v| v.to_str().ok())
                 .and_then(infer_ms)
                 .map_or(0.0, |ms| ms * 1e3);
