@@ -157,13 +157,7 @@ async fn bytes_the_model_cannot_take_as_text_are_refused_at_decode() {
             input["parameters"] = json!({"binary_data_size": raw.len()});
         }
     }
-    let header = json!({"inputs": binary}).to_string();
-    let mut body = header.clone().into_bytes();
-    body.extend(&raw);
-    let response = http
-        .post(&url)
-        .header("Inference-Header-Content-Length", header.len())
-        .body(body)
+    let response = support::binary_body(http.post(&url), &json!({"inputs": binary}), raw)
         .send()
         .await
         .unwrap();

@@ -175,17 +175,15 @@ async fn every_model_matches_onnxruntime_through_json_and_binary_tensors() {
                 }));
                 section.extend(bytes);
             }
-            let header = json!({ "inputs": inputs, "parameters": { "binary_data_output": true } })
-                .to_string();
-            let mut body = header.clone().into_bytes();
-            body.extend(&section);
-            let response = http
-                .post(node.url(&format!("/v2/models/{model}/versions/1/infer")))
-                .header("Inference-Header-Content-Length", header.len())
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let header = json!({ "inputs": inputs, "parameters": { "binary_data_output": true } });
+            let response = support::binary_body(
+                http.post(node.url(&format!("/v2/models/{model}/versions/1/infer"))),
+                &header,
+                section,
+            )
+            .send()
+            .await
+            .unwrap();
             assert_eq!(response.status(), 200, "{model} binary");
             let json_length: usize = response.headers()["inference-header-content-length"]
                 .to_str()
@@ -355,12 +353,8 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let message = error_of(infer("fraud").json(&no_rows).send().await.unwrap(), 400).await;
     assert!(message.contains("between 1 and"), "{message}");
 
-    let truncated_binary = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "parameters": {"binary_data_size": 128}}]}).to_string();
-    let mut body = truncated_binary.clone().into_bytes();
-    body.extend([0u8; 100]);
-    let response = infer("fraud")
-        .header("Inference-Header-Content-Length", truncated_binary.len())
-        .body(body)
+    let truncated_binary = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "parameters": {"binary_data_size": 128}}]});
+    let response = support::binary_body(infer("fraud"), &truncated_binary, [0u8; 100])
         .send()
         .await
         .unwrap();
@@ -711,15 +705,13 @@ async fn a_deadline_says_whether_the_request_ran_and_sub_millisecond_ones_are_ho
     // 1024 rows take about 20 ms here; sent as binary tensors, they are queued at once.
     let big = |timeout_us: &str| {
         let header = json!({"inputs": [{"name": "input", "shape": [1024, 512], "datatype": "FP32",
-            "parameters": {"binary_data_size": 1024 * 512 * 4}}]})
-        .to_string();
-        let mut body = header.clone().into_bytes();
-        body.extend(std::iter::repeat_n(0.25f32.to_le_bytes(), 1024 * 512).flatten());
-        http.post(&url)
-            .header("Inference-Header-Content-Length", header.len())
-            .header("meshserve-timeout-us", timeout_us)
-            .body(body)
-            .send()
+            "parameters": {"binary_data_size": 1024 * 512 * 4}}]});
+        support::binary_body(
+            http.post(&url).header("meshserve-timeout-us", timeout_us),
+            &header,
+            std::iter::repeat_n(0.25f32.to_le_bytes(), 1024 * 512).flatten(),
+        )
+        .send()
     };
     // Alone on an idle model a request runs at once: its 5 ms deadline passes while it runs.
     let message = error_of(big("5000").await.unwrap(), 504).await;
@@ -892,17 +884,15 @@ async fn at_idle_a_fast_model_runs_on_the_callers_thread_and_a_slow_one_on_its_w
     // rows of a few µs each): it goes to the worker, not onto the front door's thread.
     let rows = 20_000;
     let header = json!({"inputs": [{"name": "features", "shape": [rows, 32], "datatype": "FP32",
-        "parameters": {"binary_data_size": rows * 32 * 4}}]})
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    body.extend(std::iter::repeat_n(0.25f32.to_le_bytes(), rows * 32).flatten());
-    let response = http
-        .post(node.url("/v2/models/fraud/infer"))
-        .header("Inference-Header-Content-Length", header.len())
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        "parameters": {"binary_data_size": rows * 32 * 4}}]});
+    let response = support::binary_body(
+        http.post(node.url("/v2/models/fraud/infer")),
+        &header,
+        std::iter::repeat_n(0.25f32.to_le_bytes(), rows * 32).flatten(),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(response.status(), 200);
     let timing = support::server_timing(&response);
     assert!(queue_ms(&timing) > 0.0, "20,000 rows ran inline: {timing}");

@@ -186,6 +186,22 @@ impl Drop for TestNode {
 }
 
 /// Reads the sum of a metric's samples whose label set contains every `labels` pair.
+/// `request` with an OIP binary-tensor body: the JSON `header`, then the tensors' `data`,
+/// and the header that says where the JSON ends.
+pub fn binary_body(
+    request: reqwest::RequestBuilder,
+    header: &serde_json::Value,
+    data: impl IntoIterator<Item = u8>,
+) -> reqwest::RequestBuilder {
+    let header = header.to_string();
+    let json_length = header.len();
+    let mut body = header.into_bytes();
+    body.extend(data);
+    request
+        .header("Inference-Header-Content-Length", json_length)
+        .body(body)
+}
+
 /// A response's `Server-Timing` header (the node always sends one on an answer).
 pub fn server_timing(response: &reqwest::Response) -> String {
     response.headers()["server-timing"]
