@@ -268,6 +268,37 @@ async fn a_sleeping_plugin_is_stopped_by_its_wall_clock_limit() {
 }
 
 #[tokio::test]
+async fn starting_an_instance_has_its_own_running_time_limit() {
+    let (node, _dir) = probe_node(
+        "",
+        &[
+            // Calls get 10 ms, starting gets the default 500: a 40 ms init is fine.
+            ("slow-start", "pre", "init-spin:40", ", deadline_ms = 10"),
+            (
+                "endless-start",
+                "pre",
+                "init-loop",
+                ", start_deadline_ms = 200",
+            ),
+        ],
+    );
+    let http = client();
+    assert_eq!(call(&http, &node, "slow-start").await.status, 200);
+    assert_fails(
+        &call(&http, &node, "endless-start").await,
+        503,
+        "ran past its 200 ms start-up deadline",
+    );
+    let ready = http
+        .get(node.url("/v2/models/endless-start/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(call(&http, &node, "ok").await.status, 200);
+}
+
+#[tokio::test]
 async fn randomness_is_bounded_per_call() {
     let (node, _dir) = probe_node(
         "",

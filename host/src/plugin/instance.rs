@@ -9,7 +9,8 @@
 //! its own [`LoadedPlugin`].
 //!
 //! Every call is bounded in running time (epoch ticks charge a clock that stops while the call
-//! is yielded), in wall-clock time (a call blocked in WASI is dropped), in concurrency (per
+//! is yielded; see [`RunningClock`]), and so is starting an instance, on its own budget, in
+//! wall-clock time (a call blocked in WASI is dropped), in concurrency (per
 //! plugin, then node-wide instance slots; a call that waits too long is answered 503), and in
 //! what it returns ([`crate::plugin::limits`]). The client sees a short failure; wasm
 //! backtraces and host details go to the log.
@@ -243,7 +244,7 @@ impl LoadedPlugin {
         let guest = guest.clone();
         let clock = instance.store.data().clock.clone();
         let call = guest.call_handle(&mut instance.store, borrowed);
-        let ended = call_within(core, clock, call).await;
+        let ended = call_within(core.wall_timeout(Phase::Call), clock, call).await;
         let outcome = core.finish(instance, handle, ended)?;
         match outcome.map_err(|e| core.rejected(e))? {
             PreOutcome::Infer(tensors) => core.tensors(tensors).map(PreAnswer::Infer),
@@ -268,7 +269,7 @@ impl LoadedPlugin {
         let wit: Vec<WitTensor> = outputs.iter().map(Into::into).collect();
         let clock = instance.store.data().clock.clone();
         let call = guest.call_handle(&mut instance.store, borrowed, &wit);
-        let ended = call_within(core, clock, call).await;
+        let ended = call_within(core.wall_timeout(Phase::Call), clock, call).await;
         let outcome = core.finish(instance, handle, ended)?;
         match outcome.map_err(|e| core.rejected(e))? {
             PostOutcome::Tensors(tensors) => core.tensors(tensors).map(PostAnswer::Tensors),
@@ -283,11 +284,29 @@ enum Ended<T> {
     WallClock,
 }
 
+/// What a running-time budget pays for: starting an instance (instantiation and `init`), or
+/// one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Call,
+}
+
+impl Phase {
+    /// Qualifies a limit in messages: "start-up " or nothing.
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Start => "start-up ",
+            Phase::Call => "",
+        }
+    }
+}
+
 /// Runs one guest call (or instantiation) under its wall-clock cap, charging `clock` only for
 /// the time it is being polled: time yielded to other tasks, or spent waiting in an async WASI
 /// call (a sleep, a poll), is not the plugin's running time.
 async fn call_within<T>(
-    core: &Core,
+    wall_timeout: Duration,
     clock: Arc<RunningClock>,
     call: impl std::future::Future<Output = wasmtime::Result<T>>,
 ) -> Ended<T> {
@@ -298,19 +317,25 @@ async fn call_within<T>(
         clock.paused();
         poll
     });
-    match tokio::time::timeout(core.wall_timeout(), running).await {
+    match tokio::time::timeout(wall_timeout, running).await {
         Ok(result) => Ended::Returned(result),
         Err(_) => Ended::WallClock,
     }
 }
 
 impl Core {
-    fn deadline(&self) -> Duration {
-        Duration::from_millis(self.spec.deadline_ms)
+    fn deadline(&self, phase: Phase) -> Duration {
+        Duration::from_millis(match phase {
+            Phase::Start => self.spec.start_deadline_ms,
+            Phase::Call => self.spec.deadline_ms,
+        })
     }
 
-    fn wall_timeout(&self) -> Duration {
-        self.spec.wall_timeout()
+    fn wall_timeout(&self, phase: Phase) -> Duration {
+        match phase {
+            Phase::Start => self.spec.start_wall_timeout(),
+            Phase::Call => self.spec.wall_timeout(),
+        }
     }
 
     fn idle_len(&self) -> usize {
@@ -353,13 +378,14 @@ impl Core {
             .await
             .map_err(|()| self.busy("the node has no free plugin instance slot".into()))?;
         let mut store = self.store()?;
-        self.reset_budgets(&mut store)?;
+        self.reset_budgets(&mut store, Phase::Start)?;
         let clock = store.data().clock.clone();
+        let wall = self.wall_timeout(Phase::Start);
         let instance =
-            match call_within(self, clock.clone(), self.pre.instantiate_async(&mut store)).await {
+            match call_within(wall, clock.clone(), self.pre.instantiate_async(&mut store)).await {
                 Ended::Returned(Ok(instance)) => instance,
-                Ended::Returned(Err(e)) => return Err(self.trapped(e, &store)),
-                Ended::WallClock => return Err(self.wall_clock_exceeded(&store)),
+                Ended::Returned(Err(e)) => return Err(self.trapped(e, &store, Phase::Start)),
+                Ended::WallClock => return Err(self.wall_clock_exceeded(&store, Phase::Start)),
             };
         let guest = match &self.indices {
             StageIndices::Pre(indices) => indices.load(&mut store, &instance).map(StageGuest::Pre),
@@ -370,8 +396,8 @@ impl Core {
         .map_err(|e| self.failed("load", "does not export its stage", Some(format!("{e:#}"))))?;
         let config = self.spec.config.clone();
         let init = match &guest {
-            StageGuest::Pre(g) => call_within(self, clock, g.call_init(&mut store, &config)).await,
-            StageGuest::Post(g) => call_within(self, clock, g.call_init(&mut store, &config)).await,
+            StageGuest::Pre(g) => call_within(wall, clock, g.call_init(&mut store, &config)).await,
+            StageGuest::Post(g) => call_within(wall, clock, g.call_init(&mut store, &config)).await,
         };
         match init {
             Ended::Returned(Ok(Ok(()))) => {}
@@ -382,8 +408,8 @@ impl Core {
                     Some(e.message),
                 ));
             }
-            Ended::Returned(Err(e)) => return Err(self.trapped(e, &store)),
-            Ended::WallClock => return Err(self.wall_clock_exceeded(&store)),
+            Ended::Returned(Err(e)) => return Err(self.trapped(e, &store, Phase::Start)),
+            Ended::WallClock => return Err(self.wall_clock_exceeded(&store, Phase::Start)),
         }
         Ok(Instance {
             store,
@@ -462,8 +488,12 @@ impl Core {
     }
 
     /// Gives a store a fresh running-time budget, randomness allowance, fuel and stderr.
-    fn reset_budgets(&self, store: &mut Store<CallState>) -> Result<(), PluginFailure> {
-        store.data_mut().begin_call(self.deadline());
+    fn reset_budgets(
+        &self,
+        store: &mut Store<CallState>,
+        phase: Phase,
+    ) -> Result<(), PluginFailure> {
+        store.data_mut().begin_call(self.deadline(phase));
         if self.runtime.config.fuel {
             store
                 .set_fuel(self.spec.fuel.unwrap_or(u64::MAX))
@@ -478,7 +508,7 @@ impl Core {
         instance: &mut Instance,
         view: T,
     ) -> Result<Resource<T>, PluginFailure> {
-        self.reset_budgets(&mut instance.store)?;
+        self.reset_budgets(&mut instance.store, Phase::Call)?;
         instance
             .store
             .data_mut()
@@ -497,8 +527,8 @@ impl Core {
     ) -> Result<R, PluginFailure> {
         let result = match ended {
             Ended::Returned(Ok(value)) => Ok(value),
-            Ended::Returned(Err(e)) => Err(self.trapped(e, &instance.store)),
-            Ended::WallClock => Err(self.wall_clock_exceeded(&instance.store)),
+            Ended::Returned(Err(e)) => Err(self.trapped(e, &instance.store, Phase::Call)),
+            Ended::WallClock => Err(self.wall_clock_exceeded(&instance.store, Phase::Call)),
         };
         if result.is_err() {
             drop(instance);
@@ -617,13 +647,14 @@ impl Core {
         }
     }
 
-    fn wall_clock_exceeded(&self, store: &Store<CallState>) -> PluginFailure {
+    fn wall_clock_exceeded(&self, store: &Store<CallState>, phase: Phase) -> PluginFailure {
         let ran = store.data().clock.used();
         self.failed(
             "wall-clock",
             &format!(
-                "ran past its {} ms wall-clock limit (it had run {} ms; it was blocked or sleeping) and was stopped",
-                self.wall_timeout().as_millis(),
+                "ran past its {} ms {}wall-clock limit (it had run {} ms; it was blocked or sleeping) and was stopped",
+                self.wall_timeout(phase).as_millis(),
+                phase.label(),
                 ran.as_millis()
             ),
             None,
@@ -631,7 +662,12 @@ impl Core {
     }
 
     /// Turns a trap into a failure that says what happened, short for the client.
-    fn trapped(&self, error: wasmtime::Error, store: &Store<CallState>) -> PluginFailure {
+    fn trapped(
+        &self,
+        error: wasmtime::Error,
+        store: &Store<CallState>,
+        phase: Phase,
+    ) -> PluginFailure {
         let detail = format!("{error:#}");
         let stderr = store.data().stderr.text();
         let detail = if stderr.is_empty() {
@@ -645,8 +681,9 @@ impl Core {
                 "deadline" => self.failed(
                     "deadline",
                     &format!(
-                        "ran past its {} ms deadline (running time) and was stopped",
-                        self.spec.deadline_ms
+                        "ran past its {} ms {}deadline (running time) and was stopped",
+                        self.deadline(phase).as_millis(),
+                        phase.label()
                     ),
                     None,
                 ),

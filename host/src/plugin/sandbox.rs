@@ -151,14 +151,75 @@ impl Drop for MemoryBudget {
 /// in the async run queue, or in an async WASI call) is not the plugin's doing, so it does not
 /// count against the plugin's budget: under a burst, a wall-clock deadline would fail
 /// well-behaved plugins that merely waited their turn. (The wall-clock cap is separate.)
+///
+/// Nor is time the operating system gives other threads while the call is being polled: once
+/// a call has run [`CPU_CLOCK_AFTER`], it is charged the polling thread's CPU time, so a node
+/// sharing its cores with a compile or a load generator does not fail a plugin that did
+/// little work. Reading that clock is a system call (about 0.4 µs here), so the short calls
+/// that are nearly all of them are charged by the cheap monotonic clock; that overcharges
+/// them by at most the time other threads took during their first millisecond.
 pub struct RunningClock {
     budget: Duration,
     state: Mutex<ClockState>,
 }
 
+/// Running time a call is charged by the monotonic clock before the thread's CPU clock takes
+/// over.
+pub const CPU_CLOCK_AFTER: Duration = Duration::from_millis(1);
+
 struct ClockState {
     used: Duration,
-    resumed_at: Instant,
+    /// Where the stretch of running being charged began, on the clock that charges it.
+    since: Mark,
+}
+
+#[derive(Clone, Copy)]
+enum Mark {
+    Wall(Instant),
+    ThreadCpu(Duration),
+}
+
+impl Mark {
+    /// The mark for a stretch starting now, on the clock that `used` calls for.
+    fn now(used: Duration) -> Mark {
+        if used >= CPU_CLOCK_AFTER {
+            Mark::ThreadCpu(thread_cpu_time())
+        } else {
+            Mark::Wall(Instant::now())
+        }
+    }
+
+    /// Adds the stretch since this mark to `used`; returns the mark for the stretch that
+    /// starts now (one clock read, two only when the charge moves the call onto the CPU
+    /// clock).
+    fn charge_into(self, used: &mut Duration) -> Mark {
+        match self {
+            Mark::Wall(at) => {
+                let now = Instant::now();
+                *used += now.saturating_duration_since(at);
+                if *used >= CPU_CLOCK_AFTER {
+                    Mark::ThreadCpu(thread_cpu_time())
+                } else {
+                    Mark::Wall(now)
+                }
+            }
+            Mark::ThreadCpu(at) => {
+                let now = thread_cpu_time();
+                *used += now.saturating_sub(at);
+                Mark::ThreadCpu(now)
+            }
+        }
+    }
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    // The kernel never reports negative CPU time; a zero is harmless either way.
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
 }
 
 impl RunningClock {
@@ -167,27 +228,24 @@ impl RunningClock {
             budget,
             state: Mutex::new(ClockState {
                 used: Duration::ZERO,
-                resumed_at: Instant::now(),
+                since: Mark::Wall(Instant::now()),
             }),
         }
     }
 
-    /// Adds the time since the last resumption; true once the budget is spent.
+    /// Adds the running time since the last resumption or charge; true once the budget is
+    /// spent. Called on the thread polling the call (the epoch callback runs there too).
     pub(crate) fn charge(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let ran = now.saturating_duration_since(state.resumed_at);
-        state.used += ran;
-        state.resumed_at = now;
-        state.used >= self.budget
+        let ClockState { used, since } = &mut *state;
+        *since = since.charge_into(used);
+        *used >= self.budget
     }
 
-    /// The call's future is being polled again.
+    /// The call's future is being polled again, on the calling thread.
     pub(crate) fn resumed(&self) {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .resumed_at = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.since = Mark::now(state.used);
     }
 
     /// The call's future returned from a poll: what ran since the last charge counts.
@@ -658,6 +716,31 @@ impl bindings::Host for CallState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keeps the thread busy until `clock` says `busy_for` has passed on it.
+    fn spin(busy_for: Duration, clock: impl Fn() -> Duration) {
+        let start = clock();
+        while clock().saturating_sub(start) < busy_for {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[test]
+    fn a_long_call_is_charged_the_cpu_time_it_used_not_the_time_its_thread_was_descheduled() {
+        let budget = Duration::from_millis(20);
+        let clock = RunningClock::new(budget);
+        let started = Instant::now();
+        clock.resumed();
+        spin(CPU_CLOCK_AFTER * 2, || started.elapsed());
+        assert!(!clock.charge());
+        // Off the CPU in the middle of a poll, as when the OS runs other threads.
+        std::thread::sleep(budget * 2);
+        assert!(!clock.charge(), "charged {:?}", clock.used());
+        assert!(clock.used() < budget, "charged {:?}", clock.used());
+        // Work it does itself still counts: a runaway call is stopped.
+        spin(budget, thread_cpu_time);
+        assert!(clock.charge(), "charged {:?}", clock.used());
+    }
 
     #[test]
     fn the_node_budget_refuses_growth_past_its_limit_and_takes_back_what_instances_release() {

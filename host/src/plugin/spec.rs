@@ -44,6 +44,12 @@ pub struct PluginSpec {
     /// for a thread while the node is busy.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+    /// Running-time limit, in ms, for starting an instance: instantiation (the component's
+    /// start functions) and `init`. Starting costs more than a call (an interpreter's start-up,
+    /// tables built from the config) and happens at load or off the request path, except with
+    /// `isolation = "per-call"`.
+    #[serde(default = "default_start_deadline_ms")]
+    pub start_deadline_ms: u64,
     /// Wall-clock limit per call, in ms, waiting included: a plugin blocked or sleeping in a
     /// WASI call is stopped here. Default: four times `deadline_ms` plus one second (a long
     /// call rests between its slices, so its running time takes longer on the wall clock).
@@ -89,6 +95,10 @@ fn default_deadline_ms() -> u64 {
     50
 }
 
+fn default_start_deadline_ms() -> u64 {
+    500
+}
+
 fn default_memory_bytes() -> usize {
     64 << 20
 }
@@ -112,6 +122,7 @@ impl PluginSpec {
             path: path.into(),
             config: String::new(),
             deadline_ms: default_deadline_ms(),
+            start_deadline_ms: default_start_deadline_ms(),
             wall_timeout_ms: None,
             memory_bytes: default_memory_bytes(),
             fuel: None,
@@ -132,6 +143,16 @@ impl PluginSpec {
         std::time::Duration::from_millis(
             self.wall_timeout_ms
                 .unwrap_or(self.deadline_ms.saturating_mul(4).saturating_add(1000)),
+        )
+    }
+
+    /// The wall-clock limit of starting an instance: like a call's default, four times its
+    /// running-time limit plus one second.
+    pub fn start_wall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.start_deadline_ms
+                .saturating_mul(4)
+                .saturating_add(1000),
         )
     }
 
@@ -194,6 +215,9 @@ mod tests {
         assert_eq!(spec.limits.output_tensors, 4);
         assert_eq!(spec.limits.lookup_key_bytes, 1024);
         assert_eq!(spec.recycle_memory(), 48 << 20);
+        assert_eq!(spec.deadline_ms, 50);
+        assert_eq!(spec.start_deadline_ms, 500);
+        assert_eq!(spec.start_wall_timeout().as_millis(), 3000);
         assert!(toml::from_str::<PluginSpec>("path = \"p.wasm\"\nisolate = true").is_err());
     }
 }

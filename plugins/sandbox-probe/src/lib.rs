@@ -38,8 +38,25 @@ pub struct SandboxProbe {
 impl Plugin for SandboxProbe {
     fn init(config: &str) -> Result<Self, Error> {
         let (behaviour, argument) = config.split_once(':').unwrap_or((config, ""));
-        if behaviour == "init-fail" {
-            return Err(Error::internal("sandbox-probe was told to fail init"));
+        match behaviour {
+            "init-fail" => return Err(Error::internal("sandbox-probe was told to fail init")),
+            "init-loop" => loop {
+                std::hint::spin_loop();
+            },
+            "init-spin" => {
+                // A slow but finite start (an interpreter, a table to build); then serves.
+                let busy = Duration::from_millis(number(argument) as u64);
+                let start = Instant::now();
+                while start.elapsed() < busy {
+                    std::hint::spin_loop();
+                }
+                return Ok(SandboxProbe {
+                    behaviour: "ok".into(),
+                    argument: String::new(),
+                    calls: 0,
+                });
+            }
+            _ => {}
         }
         Ok(SandboxProbe {
             behaviour: behaviour.to_string(),
