@@ -55,6 +55,11 @@ impl Arrivals {
         self.min_gap_ns.saturating_mul(8)
     }
 
+    /// The recent mean gap between arrivals (at most eight minimum gaps).
+    pub fn recent_gap(&self) -> Duration {
+        Duration::from_nanos(self.recent_gap_ns.load(Ordering::Relaxed))
+    }
+
     /// A request is in progress, from before it asks to run inline until it is answered.
     pub fn enter(&self) {
         self.in_progress.fetch_add(1, Ordering::Relaxed);

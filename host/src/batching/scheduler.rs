@@ -23,6 +23,7 @@
 //! ones).
 
 use crate::batching::arrivals::Arrivals;
+use crate::batching::idle::{self, Submissions};
 use crate::batching::policy::{BatchLimits, Batchable, Batcher, Refused, Step};
 use crate::batching::stack::{same_inner_shapes, split, stack};
 use crate::metrics::ModelMetrics;
@@ -144,6 +145,8 @@ struct Shared {
     wake: Condvar,
     /// Workers blocked on `wake`: a submit with none waiting needs no notify (a syscall).
     waiting: AtomicUsize,
+    /// Jobs ever submitted, which an idle worker watches before it sleeps.
+    submissions: Submissions,
     /// One per worker; a worker holds its own while it runs, an inline run any free one.
     sessions: Vec<Mutex<OnnxSession>>,
     /// Recent inference time per run and per row, ns (exponential averages), which decide
@@ -173,6 +176,23 @@ impl Shared {
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.wake.notify_all();
         }
+    }
+
+    /// Until when a worker about to sleep should first watch for the next job, if at all:
+    /// about one arrival gap while arrivals crowd, once per idle stretch (`watched`), never
+    /// past `deadline` (see [`idle`]).
+    fn watch_until(
+        &self,
+        now: Instant,
+        deadline: Option<Instant>,
+        watched: &mut bool,
+    ) -> Option<Instant> {
+        if *watched {
+            return None;
+        }
+        let budget = idle::watch_budget(self.arrivals.recent_gap(), self.inline.min_gap)?;
+        *watched = true;
+        Some(deadline.map_or(now + budget, |at| at.min(now + budget)))
     }
 
     fn observe_run(&self, took: Duration, rows: usize) {
@@ -226,6 +246,7 @@ impl Scheduler {
             batcher: Mutex::new(Batcher::new(limits)),
             wake: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            submissions: Submissions::default(),
             sessions: sessions.into_iter().map(Mutex::new).collect(),
             recent_run_ns: AtomicU64::new(u64::MAX),
             recent_row_ns: AtomicU64::new(u64::MAX),
@@ -259,6 +280,7 @@ impl Scheduler {
     pub fn submit(&self, job: Job) -> Result<(), Refused<Job>> {
         let mut batcher = self.shared.lock();
         batcher.push(job)?;
+        self.shared.submissions.note();
         self.shared.metrics.queue_depth.set(batcher.depth() as i64);
         drop(batcher);
         self.shared.wake_one();
@@ -395,10 +417,14 @@ impl InlineRun<'_> {
 
 fn worker(shared: &Shared, index: usize) {
     let mut batcher = shared.lock();
+    // Whether this idle stretch was watched already: arrival averages only move when requests
+    // arrive, so after load stops they would keep a worker watching forever.
+    let mut watched = false;
     loop {
         let now = Instant::now();
         match batcher.next(now) {
             Step::Run(batch) => {
+                watched = false;
                 shared.metrics.queue_depth.set(batcher.depth() as i64);
                 drop(batcher);
                 let replies = {
@@ -426,21 +452,31 @@ fn worker(shared: &Shared, index: usize) {
                 }
                 batcher = shared.lock();
             }
-            Step::WaitUntil(at) => {
-                let timeout = at.saturating_duration_since(now);
+            step @ (Step::Wait | Step::WaitUntil(_)) => {
+                let deadline = match step {
+                    Step::WaitUntil(at) => Some(at),
+                    _ => None,
+                };
+                if let Some(until) = shared.watch_until(now, deadline, &mut watched) {
+                    let seen = shared.submissions.seen();
+                    drop(batcher);
+                    shared.submissions.watch(seen, until);
+                    batcher = shared.lock();
+                    continue;
+                }
                 // Counted under the batcher's lock, so a submit that pushes after we looked
                 // sees us waiting and notifies.
                 shared.waiting.fetch_add(1, Ordering::AcqRel);
-                batcher = shared
-                    .wake
-                    .wait_timeout(batcher, timeout)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-                shared.waiting.fetch_sub(1, Ordering::AcqRel);
-            }
-            Step::Wait => {
-                shared.waiting.fetch_add(1, Ordering::AcqRel);
-                batcher = shared.wake.wait(batcher).unwrap_or_else(|p| p.into_inner());
+                batcher = match deadline {
+                    Some(at) => {
+                        shared
+                            .wake
+                            .wait_timeout(batcher, at.saturating_duration_since(now))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    None => shared.wake.wait(batcher).unwrap_or_else(|p| p.into_inner()),
+                };
                 shared.waiting.fetch_sub(1, Ordering::AcqRel);
             }
             Step::Exit => return,
