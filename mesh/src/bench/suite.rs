@@ -354,9 +354,9 @@ pub async fn run_router_in_process(
     duration: Duration,
 ) -> Result<RouterReport, BenchError> {
     use crate::dispatch::Dispatch;
-    use crate::http::routes::{AppState, SERVER_TIMING, router};
+    use crate::http::app::App;
+    use crate::http::routes::{AppState, SERVER_TIMING};
     use meshserve_host::engine::{Engine, EngineConfig};
-    use tower::ServiceExt;
 
     let engine = Engine::new(
         &EngineConfig {
@@ -373,13 +373,14 @@ pub async fn run_router_in_process(
     let metadata = crate::dispatch::local_metadata(&engine, model, None)
         .map_err(|e| BenchError::Model(e.to_string()))?;
     let (body, headers) = super::body::request_from_metadata(&metadata, rows, binary)?;
-    let app = router(AppState {
+    let app = std::sync::Arc::new(App::new(AppState {
         dispatch: Dispatch::new(engine.clone(), None),
         bodies: crate::config::HttpConfig::default().body_limits(),
         endpoints: None,
         admin: crate::http::admin::AdminAccess::LoopbackOnly,
-    });
+    }));
     let path = format!("/v2/models/{model}/infer");
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     // One request; returns the model's time from the answer's `Server-Timing`, in µs.
     let call = || {
         let mut request = http::Request::post(path.as_str())
@@ -392,7 +393,7 @@ pub async fn run_router_in_process(
         let app = app.clone();
         async move {
             let request = request.map_err(|e| BenchError::Server(e.to_string()))?;
-            let response = app.oneshot(request).await.map_err(|e| match e {})?;
+            let response = app.serve(request, peer).await;
             let status = response.status();
             let infer_us = response
                 .headers()

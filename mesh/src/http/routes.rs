@@ -407,22 +407,36 @@ async fn infer(
     Path(path): Path<ModelPath>,
     request: axum::extract::Request,
 ) -> Response {
-    let started = Instant::now();
     // Taken from the request, not cloned by a `HeaderMap` extractor.
     let (parts, body) = request.into_parts();
-    let headers = parts.headers;
-    let endpoint = state.endpoint(&path.model);
-    let outcome = match &endpoint {
-        Some(endpoint) => endpoints::invoke(&state, endpoint, &headers, body, started).await,
-        None => run_infer(&state, &path, &headers, body, started).await,
-    };
-    let known = endpoint.is_some() || state.dispatch.serves(&path.model);
-    counted(
+    infer_parts(
         &state,
-        known.then_some(path.model.as_str()),
-        outcome,
-        started,
+        &path.model,
+        path.version.as_deref(),
+        &parts.headers,
+        body,
     )
+    .await
+}
+
+/// Serves an OIP inference request for `model` (at `version`): an endpoint of that name, else
+/// the model here or over the mesh. [`crate::http::app::App`] calls it directly for the
+/// paths it recognises, the router for the rest (percent-encoded names).
+pub(crate) async fn infer_parts(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let endpoint = state.endpoint(model);
+    let outcome = match &endpoint {
+        Some(endpoint) => endpoints::invoke(state, endpoint, headers, body, started).await,
+        None => run_infer(state, model, version, headers, body, started).await,
+    };
+    let known = endpoint.is_some() || state.dispatch.serves(model);
+    counted(state, known.then_some(model), outcome, started)
 }
 
 /// Turns an outcome into the response and counts it under `name`, or under `_unknown` when
@@ -444,7 +458,8 @@ pub(crate) fn counted(
 
 async fn run_infer(
     state: &AppState,
-    path: &ModelPath,
+    model: &str,
+    version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
     started: Instant,
@@ -453,7 +468,7 @@ async fn run_infer(
     let body = &read.bytes;
     let json_length = header_number(headers, &HEADER_CONTENT_LENGTH)?
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    let mut decoded = oip::decode_request(&path.model, path.version.as_deref(), body, json_length)
+    let mut decoded = oip::decode_request(model, version, body, json_length)
         .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
     if let Some(us) = header_number(headers, &TIMEOUT_HEADER)? {
         decoded.request.timeout = Some(Duration::from_micros(us));

@@ -8,8 +8,7 @@
 //! connection are capped, and at most `max_connections` are open: the rest wait in the
 //! kernel's backlog. The permits of that cap are also how shutdown knows every connection ended.
 
-use crate::http::admin::ClientAddr;
-use axum::Router;
+use crate::http::app::App;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -21,7 +20,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
 
 pub use crate::pem::TlsError;
 
@@ -137,7 +135,7 @@ async fn serve_connection<I>(
     io: I,
     peer: std::net::SocketAddr,
     builder: auto::Builder<TokioExecutor>,
-    app: Router,
+    app: Arc<App>,
     idle_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -148,13 +146,12 @@ where
     let counted = activity.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let guard = InFlight::enter(&counted);
-        let mut request = request.map(axum::body::Body::new);
-        request.extensions_mut().insert(ClientAddr(peer));
-        let response = app.clone().oneshot(request);
+        let request = request.map(axum::body::Body::new);
+        let app = app.clone();
         async move {
-            let response = response.await;
+            let response = app.serve(request, peer).await;
             drop(guard);
-            response
+            Ok::<_, std::convert::Infallible>(response)
         }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -198,7 +195,7 @@ where
 /// connection's handshake uses the config current when it arrives (certificates reload).
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: Arc<App>,
     tls: Option<watch::Receiver<Arc<rustls::ServerConfig>>>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,

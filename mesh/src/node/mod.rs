@@ -9,8 +9,9 @@ use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{MeshConfig, NodeConfig};
 use crate::dispatch::Dispatch;
 use crate::http::admin::{AdminAccess, AdminTokenError};
+use crate::http::app::App;
 use crate::http::http3::{self, ClientAuth};
-use crate::http::routes::{AppState, router};
+use crate::http::routes::AppState;
 use crate::http::server::{self, TlsError};
 use crate::membership::DetectorConfig;
 use crate::transport::MeshIdentity;
@@ -266,25 +267,15 @@ impl Node {
             tokio::time::sleep(grace).await;
             let _ = stop.send(true);
         };
-        let app = router(state);
+        let app = App::new(state);
         let drain = Duration::from_millis(self.config.drain_timeout_ms);
         // Clients of the TCP door learn that HTTP/3 is on, and where.
         let http3_endpoint = self.http3.clone();
-        let h3_app = app.clone();
-        let tcp_app = match self.http3_addr() {
-            Some(addr) => {
-                let value = http3::alt_svc(addr.port());
-                app.layer(tower::util::MapResponseLayer::new(
-                    move |mut response: axum::response::Response| {
-                        response
-                            .headers_mut()
-                            .insert(http::header::ALT_SVC, value.clone());
-                        response
-                    },
-                ))
-            }
+        let h3_app = Arc::new(app.clone());
+        let tcp_app = Arc::new(match self.http3_addr() {
+            Some(addr) => app.with_alt_svc(http3::alt_svc(addr.port())),
             None => app,
-        };
+        });
         let http3_limits = self.config.http3.limits();
         let metrics = self.engine.metrics().clone();
         let http3 = async move {

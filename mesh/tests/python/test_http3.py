@@ -129,6 +129,11 @@ def test_health_metadata_and_alt_svc(h3node, h3):
     port = h3node.http3.rsplit(":", 1)[1]
     plain = niquests.get(f"http://{h3node.url}/v2/health/live")
     assert plain.headers["alt-svc"] == f'h3=":{port}"; ma=86400'
+    # Inference takes its own path past the router, and says so too.
+    body, _ = fraud_case()
+    inferred = niquests.post(f"http://{h3node.url}/v2/models/fraud/infer", json=body)
+    assert inferred.status_code == 200
+    assert inferred.headers["alt-svc"] == f'h3=":{port}"; ma=86400'
 
 
 def test_repository_over_http3(h3node, h3):

@@ -16,9 +16,9 @@
 pub mod frames;
 mod guarded;
 
+use crate::http::app::App;
 use crate::http::server::{Activity, InFlight};
 use crate::pem::{self, TlsError};
-use axum::Router;
 use bytes::{Buf, Bytes};
 use h3::server::RequestStream;
 use http_body_util::BodyExt;
@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
-use tower::ServiceExt;
 
 /// ALPN of HTTP/3.
 pub const ALPN: &[u8] = b"h3";
@@ -141,7 +140,7 @@ fn transport(limits: &Http3Limits) -> quinn::TransportConfig {
 /// connection to finish (GOAWAY) and waits up to `drain_timeout` for in-flight requests.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    app: Router,
+    app: Arc<App>,
     limits: Http3Limits,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
@@ -231,7 +230,7 @@ const H3_NO_ERROR: u32 = 0x100;
 /// Serves one connection's requests until it ends, idles out, or the node shuts down.
 async fn serve_connection(
     connection: quinn::Connection,
-    app: Router,
+    app: Arc<App>,
     limits: Http3Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), h3::error::ConnectionError> {
@@ -307,7 +306,7 @@ type Resolver = h3::server::RequestResolver<guarded::GuardedConnection, Bytes>;
 async fn serve_request(
     resolver: Resolver,
     peer: std::net::SocketAddr,
-    app: Router,
+    app: Arc<App>,
     header_read_timeout: Duration,
 ) {
     let (request, stream) =
@@ -324,11 +323,8 @@ async fn serve_request(
             }
         };
     let (mut send, recv) = stream.split();
-    let mut request = request.map(|()| axum::body::Body::new(RecvBody(recv)));
-    request
-        .extensions_mut()
-        .insert(crate::http::admin::ClientAddr(peer));
-    let Ok(response) = app.oneshot(request).await;
+    let request = request.map(|()| axum::body::Body::new(RecvBody(recv)));
+    let response = app.serve(request, peer).await;
     let (parts, mut body) = response.into_parts();
     if let Err(e) = send
         .send_response(http::Response::from_parts(parts, ()))

@@ -1,0 +1,151 @@
+//! The node's HTTP application, shared by every HTTP version: inference requests go straight
+//! to their handler, everything else through the axum router ([`crate::http::routes`]).
+//! Matching the one hot route by hand skips the router's per-request work on it (path
+//! parameters in a type map, percent-decoded copies, boxed futures, the client address in the
+//! request's extensions): about ten of a request's fifty allocations. A name that needs
+//! percent-decoding still goes through the router, which decodes it.
+
+use crate::http::admin::ClientAddr;
+use crate::http::routes::{AppState, infer_parts, router};
+use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderValue, Method, Request};
+use std::net::SocketAddr;
+use tower::ServiceExt;
+
+/// The routes and what they share, plus headers every answer carries.
+#[derive(Clone)]
+pub struct App {
+    state: AppState,
+    router: Router,
+    alt_svc: Option<HeaderValue>,
+}
+
+impl App {
+    /// The OIP API (and the node's other routes) over `state`.
+    pub fn new(state: AppState) -> App {
+        App {
+            router: router(state.clone()),
+            state,
+            alt_svc: None,
+        }
+    }
+
+    /// Advertises another protocol (HTTP/3) on every answer, as `Alt-Svc: value`.
+    pub fn with_alt_svc(mut self, value: HeaderValue) -> App {
+        self.alt_svc = Some(value);
+        self
+    }
+
+    /// Answers one request from `peer`.
+    pub async fn serve(&self, request: Request<Body>, peer: SocketAddr) -> Response {
+        let (parts, body) = request.into_parts();
+        let mut response = match infer_route(&parts.method, parts.uri.path()) {
+            Some(route) => {
+                infer_parts(
+                    &self.state,
+                    route.model,
+                    route.version,
+                    &parts.headers,
+                    body,
+                )
+                .await
+            }
+            None => {
+                let mut request = Request::from_parts(parts, body);
+                request.extensions_mut().insert(ClientAddr(peer));
+                let Ok(response) = self.router.clone().oneshot(request).await;
+                response
+            }
+        };
+        if let Some(value) = &self.alt_svc {
+            response
+                .headers_mut()
+                .insert(http::header::ALT_SVC, value.clone());
+        }
+        response
+    }
+}
+
+/// The model (and version) of an inference path.
+#[derive(Debug, PartialEq, Eq)]
+struct InferRoute<'p> {
+    model: &'p str,
+    version: Option<&'p str>,
+}
+
+/// Recognises `POST /v2/models/{model}/infer` and `POST
+/// /v2/models/{model}/versions/{version}/infer` with names that need no decoding; anything
+/// else is the router's.
+fn infer_route<'p>(method: &Method, path: &'p str) -> Option<InferRoute<'p>> {
+    if method != Method::POST {
+        return None;
+    }
+    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    let plain = |name: &str| !name.is_empty() && !name.contains(['/', '%']);
+    let route = match rest.split_once("/versions/") {
+        Some((model, version)) => InferRoute {
+            model,
+            version: Some(version),
+        },
+        None => InferRoute {
+            model: rest,
+            version: None,
+        },
+    };
+    (plain(route.model) && route.version.is_none_or(plain)).then_some(route)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_inference_paths_skip_the_router() {
+        let post = Method::POST;
+        assert_eq!(
+            infer_route(&post, "/v2/models/fraud/infer"),
+            Some(InferRoute {
+                model: "fraud",
+                version: None
+            })
+        );
+        assert_eq!(
+            infer_route(&post, "/v2/models/fraud/versions/2/infer"),
+            Some(InferRoute {
+                model: "fraud",
+                version: Some("2")
+            })
+        );
+        // A model may be called "versions" or "infer".
+        assert_eq!(
+            infer_route(&post, "/v2/models/versions/infer"),
+            Some(InferRoute {
+                model: "versions",
+                version: None
+            })
+        );
+        assert_eq!(
+            infer_route(&post, "/v2/models/infer/infer"),
+            Some(InferRoute {
+                model: "infer",
+                version: None
+            })
+        );
+        for path in [
+            "/v2/models/fraud%20x/infer",
+            "/v2/models//infer",
+            "/v2/models/infer",
+            "/v2/models/a/b/infer",
+            "/v2/models/fraud/versions//infer",
+            "/v2/models/fraud/versions/1/2/infer",
+            "/v2/models/fraud/infer/",
+            "/v2/models/fraud/ready",
+            "/v1/endpoints/fraud/invocations",
+        ] {
+            assert_eq!(infer_route(&post, path), None, "{path}");
+        }
+        assert_eq!(infer_route(&Method::GET, "/v2/models/fraud/infer"), None);
+    }
+}
