@@ -370,23 +370,11 @@ async fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         .unwrap();
     assert_eq!(response.status(), 405);
     // Names are percent-decoded (on the router's path; plain ones skip it).
-    let decoded = http
-        .post(node.url("/v2/models/fr%61ud/infer"))
-        .json(&features(32))
-        .send()
-        .await
-        .unwrap();
+    let decoded = infer("fr%61ud").json(&features(32)).send().await.unwrap();
     assert_eq!(decoded.status(), 200);
-    let message = error_of(
-        http.post(node.url("/v2/models/no%20such/infer"))
-            .json(&features(32))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
-    assert!(message.contains("no such"), "{message}");
+    let unknown = infer("no%20such").json(&features(32)).send().await.unwrap();
+    let message = error_of(unknown, 404).await;
+    assert!(message.contains("unknown model 'no such'"), "{message}");
 
     // After all that, the node still answers correctly.
     let ok = infer("fraud").json(&features(32)).send().await.unwrap();

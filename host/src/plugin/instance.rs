@@ -9,7 +9,7 @@
 //! its own [`LoadedPlugin`].
 //!
 //! Every call is bounded in running time (epoch ticks charge a clock that stops while the call
-//! is yielded; see [`RunningClock`]), and so is starting an instance, on its own budget, in
+//! is yielded, see [`RunningClock`]; starting an instance has a budget of its own), in
 //! wall-clock time (a call blocked in WASI is dropped), in concurrency (per
 //! plugin, then node-wide instance slots; a call that waits too long is answered 503), and in
 //! what it returns ([`crate::plugin::limits`]). The client sees a short failure; wasm
@@ -286,7 +286,7 @@ enum Ended<T> {
 
 /// What a running-time budget pays for: starting an instance (instantiation and `init`), or
 /// one call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Phase {
     Start,
     Call,

@@ -190,18 +190,12 @@ impl Mark {
     }
 
     /// Adds the stretch since this mark to `used`; returns the mark for the stretch that
-    /// starts now (one clock read, two only when the charge moves the call onto the CPU
-    /// clock).
+    /// starts now.
     fn charge_into(self, used: &mut Duration) -> Mark {
         match self {
             Mark::Wall(at) => {
-                let now = Instant::now();
-                *used += now.saturating_duration_since(at);
-                if *used >= CPU_CLOCK_AFTER {
-                    Mark::ThreadCpu(thread_cpu_time())
-                } else {
-                    Mark::Wall(now)
-                }
+                *used += at.elapsed();
+                Mark::now(*used)
             }
             Mark::ThreadCpu(at) => {
                 let now = thread_cpu_time();
