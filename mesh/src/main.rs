@@ -170,6 +170,10 @@ enum BenchCommand {
         /// Warm-up seconds before each scenario.
         #[arg(long, default_value_t = 1.0)]
         warmup_secs: f64,
+        /// Rounds of each node-and-floor comparison, node and floor alternating; the median
+        /// round is shown.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+        rounds: u16,
     },
     /// Measure the node's own request path in process, without sockets: routing, body, JSON
     /// decode, the model, encode and metrics, one request at a time (`perf record` it to see
@@ -708,12 +712,14 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             model_repository,
             duration_secs,
             warmup_secs,
+            rounds,
         } => {
             let config = SuiteConfig {
                 server_binary: std::env::current_exe().context("cannot find this binary")?,
                 repository: model_repository,
                 duration: Duration::from_secs_f64(duration_secs),
                 warmup: Duration::from_secs_f64(warmup_secs),
+                rounds: usize::from(rounds),
             };
             let table = runtime.block_on(bench::suite::run_suite(&config))?;
             print!("{table}");

@@ -22,6 +22,10 @@ pub struct SuiteConfig {
     pub duration: Duration,
     /// Unmeasured time before each scenario.
     pub warmup: Duration,
+    /// Rounds of each node-and-floor comparison, node and floor alternating, of which the
+    /// median (by the compared figure) is shown: on a shared, noisy machine one pair of runs
+    /// can be minutes apart in what the machine gives them.
+    pub rounds: usize,
 }
 
 pub(super) fn load_session(repository: &Path, model: &str) -> Result<OnnxSession, BenchError> {
@@ -70,6 +74,34 @@ async fn measured(
         _ => None,
     };
     Ok((report, cpu_us))
+}
+
+/// The figure a node-and-floor round is compared by: the node's p50 over the floor's, in µs,
+/// at concurrency 1; its p99 over the floor's in the open loop; its req/s over the floor's
+/// otherwise.
+fn compared_figure(pace: super::Pace, concurrency: usize, node: &Report, floor: &Report) -> f64 {
+    match pace {
+        super::Pace::Open { .. } => {
+            node.percentile_us(0.99) as f64 / floor.percentile_us(0.99).max(1) as f64
+        }
+        super::Pace::Closed if concurrency == 1 => {
+            node.percentile_us(0.5) as f64 - floor.percentile_us(0.5) as f64
+        }
+        super::Pace::Closed => node.requests_per_second() / floor.requests_per_second().max(1e-9),
+    }
+}
+
+/// The index of the round whose figure is the median; of an even count's two middles, the
+/// one less favourable to the node (the lower when `higher_is_better`).
+fn median_round(figures: &[f64], higher_is_better: bool) -> usize {
+    let mut order: Vec<usize> = (0..figures.len()).collect();
+    order.sort_by(|&a, &b| figures[a].total_cmp(&figures[b]));
+    let middle = if higher_is_better {
+        figures.len().saturating_sub(1) / 2
+    } else {
+        figures.len() / 2
+    };
+    order[middle.min(figures.len().saturating_sub(1))]
 }
 
 /// A node's report, or an error when any of its requests failed: a ratio of failures is no
@@ -174,6 +206,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         (closed, 64, "HTTP/1.1 JSON, batch 1"),
         (open, 256, open_label.as_str()),
     ];
+    let rounds = config.rounds.max(1);
     let mut pairs = Vec::new();
     for threads in [None, Some(1)] {
         let tag = match threads {
@@ -187,25 +220,59 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         let mut args: Vec<&std::ffi::OsStr> =
             vec!["--model-repository".as_ref(), config.repository.as_os_str()];
         args.extend(node_args.iter().map(std::ffi::OsStr::new));
+        // Both servers up at once, the idle one costing nothing, so each round measures the
+        // node and the floor within seconds of each other.
         let (server, addr) = start_server(&config.server_binary, &args).await?;
-        let node_rows = rows.len();
+        // The floor: a bare hyper server answering a fixed OIP response, same load, same client.
+        let (floor_server, floor_addr) = start_floor(&config.server_binary, threads).await?;
+        let mut node_rows = Vec::new();
+        let mut floor_rows = Vec::new();
+        let mut round_ratios = Vec::new();
         for (pace, concurrency, what) in fraud_loads {
-            let (report, server_cpu_us) =
-                measured(&server, &load(addr, "fraud", 32, pace, concurrency)).await?;
-            let report = without_errors(report, "fraud")?;
-            rows.push(Row {
+            let mut measured_rounds = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                let node = measured(&server, &load(addr, "fraud", 32, pace, concurrency)).await?;
+                let node = (without_errors(node.0, "fraud")?, node.1);
+                let floor = measured(
+                    &floor_server,
+                    &load(floor_addr, "fraud", 32, pace, concurrency),
+                )
+                .await?;
+                measured_rounds.push((node, floor));
+            }
+            let mut ratios: Vec<f64> = measured_rounds
+                .iter()
+                .map(|((node, _), (floor, _))| compared_figure(pace, concurrency, node, floor))
+                .collect();
+            let median = median_round(&ratios, pace == closed && concurrency > 1);
+            let ((node, node_cpu), (floor, floor_cpu)) = measured_rounds.swap_remove(median);
+            ratios.sort_by(f64::total_cmp);
+            round_ratios.push(ratios);
+            node_rows.push(Row {
                 label: format!("fraud  {tag}{what}"),
                 concurrency,
-                report,
-                server_cpu_us,
+                report: node,
+                server_cpu_us: node_cpu,
+            });
+            let what = if pace == closed {
+                "bare hyper, fixed response"
+            } else {
+                what
+            };
+            floor_rows.push(Row {
+                label: format!("floor  {tag}{what}"),
+                concurrency,
+                report: floor,
+                server_cpu_us: floor_cpu,
             });
         }
+        drop(floor_server);
         // Heavy after fraud's rows, so its batches cannot linger into them.
         if threads.is_none() {
             let (report, server_cpu_us) =
                 measured(&server, &load(addr, "heavy", 512, closed, 64)).await?;
             let report = without_errors(report, "heavy")?;
-            rows.push(Row {
+            node_rows.push(Row {
                 label: "heavy  HTTP/1.1 JSON, batch 1".into(),
                 concurrency: 64,
                 report,
@@ -213,35 +280,17 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
             });
         }
         drop(server);
-        // The floor: a bare hyper server answering a fixed OIP response, same load, same client.
-        let (floor_server, floor_addr) = start_floor(&config.server_binary, threads).await?;
-        let floor_rows = rows.len();
-        for (pace, concurrency, what) in fraud_loads {
-            let what = if pace == closed {
-                "bare hyper, fixed response"
-            } else {
-                what
-            };
-            let (report, server_cpu_us) = measured(
-                &floor_server,
-                &load(floor_addr, "fraud", 32, pace, concurrency),
-            )
-            .await?;
-            rows.push(Row {
-                label: format!("floor  {tag}{what}"),
-                concurrency,
-                report,
-                server_cpu_us,
-            });
-        }
-        drop(floor_server);
-        pairs.push((threads, node_rows, floor_rows));
+        let node_at = rows.len();
+        rows.extend(node_rows);
+        let floor_at = rows.len();
+        rows.extend(floor_rows);
+        pairs.push((threads, node_at, floor_at, round_ratios));
     }
 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "meshserve bench suite: {cores} cores, closed loop unless said, {} s per row after {} s warm-up; load generator on the same machine",
+        "meshserve bench suite: {cores} cores, closed loop unless said, {} s per row after {} s warm-up; load generator on the same machine; node and floor alternate, {rounds} rounds per comparison, the median round shown",
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );
@@ -270,7 +319,8 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let fraud_raw = &rows[0].report;
     let heavy_raw = &rows[1].report;
     let ping_pong = &rows[ping_pong_row].report;
-    for &(threads, node, floor) in &pairs {
+    for (threads, node, floor, round_ratios) in &pairs {
+        let (node, floor) = (*node, *floor);
         let [fraud_c1, fraud_c64, fraud_open] = [node, node + 1, node + 2].map(|i| &rows[i].report);
         let [floor_c1, floor_c64, floor_open] =
             [floor, floor + 1, floor + 2].map(|i| &rows[i].report);
@@ -278,16 +328,27 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
             None => "a thread per core".to_string(),
             Some(n) => format!("{n} io thread"),
         };
+        // Every round's figure, lowest first: how far one measurement can be trusted.
+        let spread = |load: usize, decimals: usize| {
+            round_ratios[load]
+                .iter()
+                .map(|r| format!("{r:.decimals$}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let _ = writeln!(
             out,
-            "fraud / floor, {runtime}: req/s at concurrency 64 = {:.2}x; p50 at concurrency 1 = {} vs {} µs (+{}); open-loop p99 at {OPEN_RATE:.0}/s = {:.2}x ({} vs {} µs, {} and {} unanswered)",
+            "fraud / floor, {runtime}: req/s at concurrency 64 = {:.2}x (rounds: {}); p50 at concurrency 1 = {} vs {} µs (+{}; rounds: {} µs); open-loop p99 at {OPEN_RATE:.0}/s = {:.2}x (rounds: {}; {} vs {} µs, {} and {} unanswered)",
             fraud_c64.requests_per_second() / floor_c64.requests_per_second().max(1e-9),
+            spread(1, 2),
             fraud_c1.percentile_us(0.5),
             floor_c1.percentile_us(0.5),
             fraud_c1
                 .percentile_us(0.5)
                 .saturating_sub(floor_c1.percentile_us(0.5)),
+            spread(0, 0),
             fraud_open.percentile_us(0.99) as f64 / floor_open.percentile_us(0.99).max(1) as f64,
+            spread(2, 2),
             fraud_open.percentile_us(0.99),
             floor_open.percentile_us(0.99),
             fraud_open.unanswered,
@@ -463,6 +524,19 @@ pub fn router_summary(model: &str, report: &Report, mean_infer_us: f64) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_round_is_the_middle_figure_or_the_less_favourable_middle_of_an_even_count() {
+        assert_eq!(median_round(&[0.71], true), 0);
+        assert_eq!(median_round(&[0.75, 0.65, 0.70], true), 2);
+        assert_eq!(median_round(&[0.75, 0.65, 0.70], false), 2);
+        // Of two middles, the one less favourable to the node: the lower throughput ratio,
+        // the higher latency ratio.
+        assert_eq!(median_round(&[0.9, 0.6, 0.8, 0.7], true), 3);
+        assert_eq!(median_round(&[0.9, 0.6, 0.8, 0.7], false), 2);
+        // A round that failed to measure (NaN) sorts last instead of panicking.
+        assert_eq!(median_round(&[f64::NAN, 0.5, 0.6], true), 2);
+    }
 
     #[test]
     fn infer_ms_reads_the_infer_stage_of_server_timing() {
