@@ -282,40 +282,43 @@ fn drain_time(duration: Duration) -> Duration {
 
 /// Runs `load` and returns what it measured. Must run inside a tokio runtime.
 pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
+    // Every connection first: an open loop's clock must not start while the generator is
+    // still connecting, or its own set-up would count as the server's queueing.
+    let senders = match &load.protocol {
+        // HTTP/2 and HTTP/3 share their connections among the concurrent requests.
+        Protocol::Http2 { connections, .. } | Protocol::Http3 { connections, .. } => {
+            let mut shared = Vec::new();
+            for _ in 0..(*connections).max(1) {
+                shared.push(Sender::connect(load).await?);
+            }
+            (0..load.concurrency.max(1))
+                .map(|worker| shared[worker % shared.len()].clone())
+                .collect()
+        }
+        Protocol::Http1 | Protocol::Http1Tls(_) => {
+            let mut own = Vec::with_capacity(load.concurrency.max(1));
+            for _ in 0..load.concurrency.max(1) {
+                own.push(Sender::connect(load).await?);
+            }
+            own
+        }
+    };
     let start = Instant::now();
-    let measure_from = start + load.warmup;
-    let end = measure_from + load.duration;
-    let stop = end + drain_time(load.duration);
+    let window = Window {
+        measure_from: start + load.warmup,
+        end: start + load.warmup + load.duration,
+        stop: start + load.warmup + load.duration + drain_time(load.duration),
+    };
     let pacer = match load.pace {
-        Pace::Open { rate } if rate > 0.0 => Some(Arc::new(Pacer::start(start, rate, end)?)),
+        Pace::Open { rate } if rate > 0.0 => Some(Arc::new(Pacer::start(start, rate, window.end)?)),
         _ => None,
     };
     let total = Arc::new(Mutex::new(Report::new(load.rows)));
-    // HTTP/2 and HTTP/3 share their connections among the concurrent requests.
-    let shared = match &load.protocol {
-        Protocol::Http2 { connections, .. } | Protocol::Http3 { connections, .. } => {
-            let mut senders = Vec::new();
-            for _ in 0..(*connections).max(1) {
-                senders.push(Sender::connect(load).await?);
-            }
-            senders
-        }
-        Protocol::Http1 | Protocol::Http1Tls(_) => Vec::new(),
-    };
-    let mut tasks = Vec::with_capacity(load.concurrency);
-    for worker in 0..load.concurrency.max(1) {
+    let mut tasks = Vec::with_capacity(senders.len());
+    for sender in senders {
         let load = load.clone();
         let total = total.clone();
         let pacer = pacer.clone();
-        let sender = match shared.get(worker % shared.len().max(1)) {
-            Some(sender) => sender.clone(),
-            None => Sender::connect(&load).await?,
-        };
-        let window = Window {
-            measure_from,
-            end,
-            stop,
-        };
         tasks.push(tokio::spawn(async move {
             let report = request_loop(&load, sender, pacer.as_deref(), window).await?;
             total
