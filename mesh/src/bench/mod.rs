@@ -283,26 +283,22 @@ fn drain_time(duration: Duration) -> Duration {
 /// Runs `load` and returns what it measured. Must run inside a tokio runtime.
 pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
     // Every connection first: an open loop's clock must not start while the generator is
-    // still connecting, or its own set-up would count as the server's queueing.
-    let senders = match &load.protocol {
-        // HTTP/2 and HTTP/3 share their connections among the concurrent requests.
+    // still connecting, or its own set-up would count as the server's queueing. HTTP/2 and
+    // HTTP/3 share their connections among the concurrent requests; HTTP/1.1 needs one each.
+    let workers = load.concurrency.max(1);
+    let connections = match &load.protocol {
         Protocol::Http2 { connections, .. } | Protocol::Http3 { connections, .. } => {
-            let mut shared = Vec::new();
-            for _ in 0..(*connections).max(1) {
-                shared.push(Sender::connect(load).await?);
-            }
-            (0..load.concurrency.max(1))
-                .map(|worker| shared[worker % shared.len()].clone())
-                .collect()
+            (*connections).max(1)
         }
-        Protocol::Http1 | Protocol::Http1Tls(_) => {
-            let mut own = Vec::with_capacity(load.concurrency.max(1));
-            for _ in 0..load.concurrency.max(1) {
-                own.push(Sender::connect(load).await?);
-            }
-            own
-        }
+        Protocol::Http1 | Protocol::Http1Tls(_) => workers,
     };
+    let mut opened = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        opened.push(Sender::connect(load).await?);
+    }
+    let senders: Vec<Sender> = (0..workers)
+        .map(|worker| opened[worker % opened.len()].clone())
+        .collect();
     let start = Instant::now();
     let window = Window {
         measure_from: start + load.warmup,
