@@ -480,15 +480,6 @@ async fn the_load_generator_on_two_threads_drives_a_node_without_errors() {
     assert!(run["ok"].as_u64().unwrap() > 100, "{report}");
 }
 
-/// CPU time (user and system) the process has used, in clock ticks (`/proc/PID/stat`).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_name.split(' ').collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 #[tokio::test]
 async fn a_node_at_rest_after_a_crowding_load_uses_almost_no_cpu() {
     let repo = copy_examples();
@@ -506,9 +497,13 @@ async fn a_node_at_rest_after_a_crowding_load_uses_almost_no_cpu() {
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["runs"][0]["errors"], 0, "{report}");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = cpu_ticks(node.pid());
+    let cpu = || meshserve::bench::process_cpu_time(node.pid()).expect("/proc/<pid>/stat");
+    let before = cpu();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let used = cpu_ticks(node.pid()) - before;
-    // Clock ticks are 10 ms; a thread left spinning would use about 200 in two seconds.
-    assert!(used <= 20, "{used} ticks of CPU in two idle seconds");
+    let used = cpu() - before;
+    // A thread left spinning would use about two seconds of CPU in two seconds.
+    assert!(
+        used <= Duration::from_millis(200),
+        "{used:?} of CPU in two idle seconds"
+    );
 }

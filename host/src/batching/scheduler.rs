@@ -452,36 +452,46 @@ fn worker(shared: &Shared, index: usize) {
                 }
                 batcher = shared.lock();
             }
-            step @ (Step::Wait | Step::WaitUntil(_)) => {
-                let deadline = match step {
-                    Step::WaitUntil(at) => Some(at),
-                    _ => None,
-                };
-                if let Some(until) = shared.watch_until(now, deadline, &mut watched) {
-                    let seen = shared.submissions.seen();
-                    drop(batcher);
-                    shared.submissions.watch(seen, until);
-                    batcher = shared.lock();
-                    continue;
-                }
-                // Counted under the batcher's lock, so a submit that pushes after we looked
-                // sees us waiting and notifies.
-                shared.waiting.fetch_add(1, Ordering::AcqRel);
-                batcher = match deadline {
-                    Some(at) => {
-                        shared
-                            .wake
-                            .wait_timeout(batcher, at.saturating_duration_since(now))
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    }
-                    None => shared.wake.wait(batcher).unwrap_or_else(|p| p.into_inner()),
-                };
-                shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            Step::Wait => batcher = idle_wait(shared, batcher, now, None, &mut watched),
+            Step::WaitUntil(at) => {
+                batcher = idle_wait(shared, batcher, now, Some(at), &mut watched);
             }
             Step::Exit => return,
         }
     }
+}
+
+/// With nothing to run: first watches for the next job for about one arrival gap while
+/// arrivals crowd (once per idle stretch, `watched`), else sleeps until a submit notifies or
+/// `deadline` passes. Returns the queue locked again, for the worker to look at it anew.
+fn idle_wait<'a>(
+    shared: &'a Shared,
+    batcher: MutexGuard<'a, Batcher<Job>>,
+    now: Instant,
+    deadline: Option<Instant>,
+    watched: &mut bool,
+) -> MutexGuard<'a, Batcher<Job>> {
+    if let Some(until) = shared.watch_until(now, deadline, watched) {
+        let seen = shared.submissions.seen();
+        drop(batcher);
+        shared.submissions.watch(seen, until);
+        return shared.lock();
+    }
+    // Counted under the batcher's lock, so a submit that pushes after we looked sees us
+    // waiting and notifies.
+    shared.waiting.fetch_add(1, Ordering::AcqRel);
+    let batcher = match deadline {
+        Some(at) => {
+            shared
+                .wake
+                .wait_timeout(batcher, at.saturating_duration_since(now))
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+        }
+        None => shared.wake.wait(batcher).unwrap_or_else(|p| p.into_inner()),
+    };
+    shared.waiting.fetch_sub(1, Ordering::AcqRel);
+    batcher
 }
 
 /// Where each answer of a batch goes.

@@ -631,18 +631,23 @@ pub(crate) fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {
 pub(crate) struct ServerProcess(Child);
 
 impl ServerProcess {
-    /// CPU time the process has used in all its threads, ended ones included (from
-    /// `/proc/<pid>/stat`; `None` where there is no such file).
+    /// CPU time the process has used (see [`process_cpu_time`]).
     pub(crate) fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).ok()?;
-        // The command name, in parentheses, may hold spaces: count fields after it.
-        let after_name = stat.get(stat.rfind(')')? + 1..)?;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        // utime and stime, fields 14 and 15 of the line, in USER_HZ ticks (100 per second
-        // in the /proc ABI on every architecture Linux runs on).
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(Duration::from_millis(ticks * 10))
+        process_cpu_time(self.0.id())
     }
+}
+
+/// CPU time process `pid` has used in all its threads, ended ones included (from
+/// `/proc/<pid>/stat`, in 10 ms ticks; `None` where there is no such file).
+pub fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count fields after it.
+    let after_name = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime, fields 14 and 15 of the line, in USER_HZ ticks (100 per second in the
+    // /proc ABI on every architecture Linux runs on).
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 impl Drop for ServerProcess {
