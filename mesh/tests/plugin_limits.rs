@@ -17,6 +17,12 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Options for probes that build and copy megabytes, in tests about size limits rather than
+/// running time. On a freshly started VM the first touch of each page stalls the vCPU while the
+/// hypervisor backs it, and that stall is charged as the thread's CPU time: CI measured an 8 MB
+/// lookup key past the default 50 ms deadline where a warm machine needs under 5 ms.
+const MOVES_MEGABYTES: &str = ", deadline_ms = 5000";
+
 /// One endpoint of the probe: its name, stage (`pre` or `post`), behaviour and extra options.
 type Probe<'a> = (&'a str, &'a str, &'a str, &'a str);
 
@@ -150,7 +156,7 @@ async fn oversized_lookup_keys_and_table_names_fail_only_their_call() {
     let (node, _dir) = probe_node(
         "[features.cards]\npath = \"{examples}/data/cards.csv\"\n",
         &[
-            ("key", "pre", "lookup-key:8000000", ""),
+            ("key", "pre", "lookup-key:8000000", MOVES_MEGABYTES),
             ("table", "pre", "lookup-table:5000", ""),
             ("fine-key", "pre", "lookup-key:1024", ""),
         ],
@@ -183,7 +189,7 @@ async fn oversized_lookup_keys_and_table_names_fail_only_their_call() {
 
 #[tokio::test]
 async fn outputs_past_their_limits_fail_with_a_clear_error() {
-    let limited = ", limits = { output_bytes = 1048576 }";
+    let limited = &format!("{MOVES_MEGABYTES}, limits = {{ output_bytes = 1048576 }}");
     let (node, _dir) = probe_node(
         "",
         &[
