@@ -994,6 +994,7 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
             "runs": runs,
             "p99_target_us": args.p99_target_us,
             "highest_rate_meeting_target": best,
+            "idle_cpus": bench::machine::idle_cpus(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -1007,6 +1008,9 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
                 format!(", open loop, at most {} in flight", load.concurrency)
             }
         );
+        if let Some(idle) = bench::machine::idle_cpus() {
+            println!("idle CPUs on this machine: {idle}");
+        }
         println!(
             "{:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>10}",
             "offered",

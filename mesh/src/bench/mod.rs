@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod floor;
+pub mod machine;
 pub mod mesh;
 pub mod plot;
 pub mod plugins;

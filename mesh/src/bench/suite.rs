@@ -294,6 +294,9 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );
+    if let Some(idle) = super::machine::idle_cpus() {
+        let _ = writeln!(out, "idle CPUs: {idle}");
+    }
     let _ = writeln!(
         out,
         "{:<50} {:>5} {:>9} {:>9} {:>8} {:>8} {:>10}",
