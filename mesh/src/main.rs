@@ -995,6 +995,7 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
             "p99_target_us": args.p99_target_us,
             "highest_rate_meeting_target": best,
             "idle_cpus": bench::machine::idle_cpus(),
+            "freed_memory": bench::machine::freed_memory(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -1010,6 +1011,9 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
         );
         if let Some(idle) = bench::machine::idle_cpus() {
             println!("idle CPUs on this machine: {idle}");
+        }
+        if let Some(freed) = bench::machine::freed_memory() {
+            println!("freed memory on this machine: {freed}");
         }
         println!(
             "{:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>10}",

@@ -297,6 +297,9 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     if let Some(idle) = super::machine::idle_cpus() {
         let _ = writeln!(out, "idle CPUs: {idle}");
     }
+    if let Some(freed) = super::machine::freed_memory() {
+        let _ = writeln!(out, "freed memory: {freed}");
+    }
     let _ = writeln!(
         out,
         "{:<50} {:>5} {:>9} {:>9} {:>8} {:>8} {:>10}",
