@@ -1009,11 +1009,8 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
                 format!(", open loop, at most {} in flight", load.concurrency)
             }
         );
-        if let Some(idle) = bench::machine::idle_cpus() {
-            println!("idle CPUs on this machine: {idle}");
-        }
-        if let Some(freed) = bench::machine::freed_memory() {
-            println!("freed memory on this machine: {freed}");
+        for line in bench::machine::summary() {
+            println!("{line}");
         }
         println!(
             "{:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7} {:>10}",

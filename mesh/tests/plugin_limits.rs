@@ -18,9 +18,10 @@ fn client() -> reqwest::Client {
 }
 
 /// Options for probes that build and copy megabytes, in tests about size limits rather than
-/// running time. On a freshly started VM the first touch of each page stalls the vCPU while the
-/// hypervisor backs it, and that stall is charged as the thread's CPU time: CI measured an 8 MB
-/// lookup key past the default 50 ms deadline where a warm machine needs under 5 ms.
+/// running time. On a freshly started VM (or one that reports free pages to its host) the first
+/// touch of each page stalls the vCPU while the hypervisor backs it, and that stall is charged
+/// as the thread's CPU time: CI measured an 8 MB lookup key past the default 50 ms deadline
+/// where a warm machine needs under 5 ms.
 const MOVES_MEGABYTES: &str = ", deadline_ms = 5000";
 
 /// One endpoint of the probe: its name, stage (`pre` or `post`), behaviour and extra options.

@@ -19,9 +19,18 @@ const BALLOON_DRIVER: &str = "/sys/bus/virtio/drivers/virtio_balloon";
 /// The buddy allocator's largest block on the architectures we run on (`MAX_PAGE_ORDER`):
 /// a reporting order above it reports nothing.
 const MAX_PAGE_ORDER: u32 = 10;
+const PAGE_KIB: u64 = 4;
 
 fn read(path: &str) -> Option<String> {
     std::fs::read_to_string(Path::new(path)).ok()
+}
+
+/// What this machine adds to latency figures, one labelled line per setting it reports.
+pub fn summary() -> Vec<String> {
+    [("idle CPUs", idle_cpus()), ("freed memory", freed_memory())]
+        .into_iter()
+        .filter_map(|(what, description)| Some(format!("{what}: {}", description?)))
+        .collect()
 }
 
 /// How this machine's idle CPUs wait, in one line; `None` where the kernel does not say.
@@ -53,7 +62,7 @@ fn describe_freed_memory(order: Option<&str>, balloon_bound: bool) -> Option<Str
     } else {
         format!(
             "returned to the host in blocks of {} KiB (free page reporting, page_reporting_order = {order}): load after an idle pause waits for the host to back it again",
-            4u64 << order
+            PAGE_KIB << order
         )
     })
 }

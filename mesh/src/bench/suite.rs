@@ -294,11 +294,8 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );
-    if let Some(idle) = super::machine::idle_cpus() {
-        let _ = writeln!(out, "idle CPUs: {idle}");
-    }
-    if let Some(freed) = super::machine::freed_memory() {
-        let _ = writeln!(out, "freed memory: {freed}");
+    for line in super::machine::summary() {
+        let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(
         out,
