@@ -36,12 +36,12 @@ trap wait INT
 start_peer() {
     RUST_LOG=${RUST_LOG:-warn} "$bin" serve --model-repository examples/models \
         --http "127.0.0.1:800$2" $(http3 "844$((3 + $2))") --quic "127.0.0.1:700$2" \
-        --certs "$certs/node-$1" --name "$1" "${seeds[@]}" &
+        --certs "$certs/node-$1" --name "$1" --publisher a "${seeds[@]}" &
     pids+=($!)
 }
 start_peer b 1
 start_peer c 2
 "$bin" serve --config examples/node.toml $(http3 8443) --quic 127.0.0.1:7000 --certs "$certs/node-a" \
-    --name a "${seeds[@]}" "$@" &
+    --name a --publisher a "${seeds[@]}" "$@" &
 pids+=($!)
 wait "${pids[-1]}"

@@ -77,6 +77,14 @@ pub struct MeshConfig {
     pub forward_timeout_ms: u64,
     /// Time a peer has to send a whole `meshserve/1` frame on a stream, in ms.
     pub frame_read_timeout_ms: u64,
+    /// Bytes of `meshserve/1` frames buffered at once over every peer and stream; a frame
+    /// that would go past it is refused (503-equivalent, retry later).
+    pub max_frame_bytes_in_flight: usize,
+    /// Nodes whose model repositories are authoritative for the mesh: only their catalogs
+    /// say which models exist, with how many replicas, and which files a node fetches. Every
+    /// node of a mesh must list the same names. Unset: every member publishes (logged as a
+    /// warning: any node certificate can then change what the others run).
+    pub publishers: Option<Vec<String>>,
 }
 
 impl Default for MeshConfig {
@@ -94,6 +102,8 @@ impl Default for MeshConfig {
             max_frame_bytes: crate::wire::frame::DEFAULT_MAX_FRAME_BYTES,
             forward_timeout_ms: 30_000,
             frame_read_timeout_ms: 10_000,
+            max_frame_bytes_in_flight: 256 << 20,
+            publishers: None,
         }
     }
 }

@@ -142,6 +142,10 @@ struct ServeArgs {
     /// holds, resolved again every `mesh.seed_refresh_ms` (a Kubernetes headless Service).
     #[arg(long = "seed", value_name = "HOST:PORT")]
     seeds: Vec<String>,
+    /// A node whose model repository is authoritative for the mesh (repeatable; every node
+    /// of a mesh lists the same): only publishers' models are placed and fetched.
+    #[arg(long = "publisher", value_name = "NODE")]
+    publishers: Vec<String>,
     /// The address peers dial and clients are told, when `--quic` is not reachable as is (a
     /// pod IP, or a name resolved at start).
     #[arg(long, value_name = "HOST:PORT")]
@@ -563,6 +567,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     if !args.seeds.is_empty() {
         config.mesh.seeds = args.seeds;
+    }
+    if !args.publishers.is_empty() {
+        config.mesh.publishers = Some(args.publishers);
     }
     if let Some(certs) = args.certs {
         config.mesh.certs = Some(certs);

@@ -8,7 +8,68 @@
 //! `replicas / N` of all assignments. Pure functions; no I/O, no clock.
 
 use crate::wire::{NodeAdvert, Replica, RouteHint, RouteTable};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Whose model repositories are authoritative for the mesh (`mesh.publishers`): only their
+/// catalogs say which models exist, how many replicas each gets and which version a node
+/// fetches. A member with a valid node certificate that is not a publisher can hold and serve
+/// its own files, but cannot make any other node install them, widen or narrow a model's
+/// placement, or take a replica slot while it holds another version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Publishers {
+    /// Every member publishes (no `mesh.publishers`): any node certificate can change what
+    /// others run.
+    #[default]
+    Anyone,
+    /// Only these nodes, by the name their certificates carry.
+    Only(BTreeSet<String>),
+}
+
+impl Publishers {
+    /// Whether `node`'s catalog counts.
+    pub fn includes(&self, node: &str) -> bool {
+        match self {
+            Publishers::Anyone => true,
+            Publishers::Only(names) => names.contains(node),
+        }
+    }
+
+    /// Whether `advert` may serve `model` as published: under [`Publishers::Only`], its
+    /// catalog holds no other version of it than `published` (under `Anyone` versions are not
+    /// compared: that is the open mesh it names).
+    pub fn may_serve(
+        &self,
+        advert: &NodeAdvert,
+        model: &str,
+        published: Option<&[u8; 32]>,
+    ) -> bool {
+        *self == Publishers::Anyone
+            || advert
+                .catalog
+                .iter()
+                .all(|e| e.model != model || Some(&e.digest) == published)
+    }
+}
+
+/// The version of each model the publishers hold: the first publisher's by name when they
+/// differ.
+pub fn published_digests(
+    members: &[&NodeAdvert],
+    publishers: &Publishers,
+) -> BTreeMap<String, [u8; 32]> {
+    let mut by_name: Vec<&&NodeAdvert> = members
+        .iter()
+        .filter(|a| publishers.includes(&a.node))
+        .collect();
+    by_name.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut published = BTreeMap::new();
+    for advert in by_name {
+        for entry in &advert.catalog {
+            published.entry(entry.model.clone()).or_insert(entry.digest);
+        }
+    }
+    published
+}
 
 /// A stable 64-bit hash of `(model, node)`: FNV-1a over both names, then the SplitMix64
 /// finaliser so that similar names spread. Stable across Rust versions and platforms, unlike
@@ -66,12 +127,16 @@ pub fn moved_fraction(models: &[String], before: &[String], after: &[String], co
 
 /// Where every model of the mesh goes, computed from the adverts of the live members.
 ///
-/// Every live member is eligible for every model (one that lacks the files fetches them from
-/// a holder); a model's replica count is the largest any holder asks for (0, "every node",
-/// wins over any number). Every node that sees the same adverts computes the same plan.
-pub fn plan(members: &[&NodeAdvert]) -> RouteTable {
+/// The models are those the publishers hold; a model's replica count is the largest any
+/// publisher asks for (0, "every node", wins over any number). Every live member is eligible
+/// for a model (one that lacks the files fetches them from a publisher) except one that holds
+/// another version of it than the publishers' (the first publisher's by name when they
+/// differ). Every node that sees the same adverts, with the same publishers, computes the
+/// same plan.
+pub fn plan(members: &[&NodeAdvert], publishers: &Publishers) -> RouteTable {
     let mut wanted: BTreeMap<&str, Option<usize>> = BTreeMap::new();
-    for advert in members {
+    let published = published_digests(members, publishers);
+    for advert in members.iter().filter(|a| publishers.includes(&a.node)) {
         for entry in &advert.catalog {
             let count = (entry.replicas > 0).then_some(usize::from(entry.replicas));
             let slot = wanted.entry(entry.model.as_str()).or_insert(count);
@@ -86,7 +151,11 @@ pub fn plan(members: &[&NodeAdvert]) -> RouteTable {
     let routes = wanted
         .into_iter()
         .map(|(model, count)| {
-            let eligible = members.iter().map(|a| a.node.as_str());
+            let digest = published.get(model);
+            let eligible = members
+                .iter()
+                .filter(|a| publishers.may_serve(a, model, digest))
+                .map(|a| a.node.as_str());
             let chosen = replicas(model, eligible, count.unwrap_or(usize::MAX));
             RouteHint {
                 model: model.to_string(),
@@ -236,6 +305,75 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    /// An advert of `node` holding `models` as (name, replicas, digest byte).
+    fn advert(node: &str, port: u16, models: &[(&str, u16, u8)]) -> NodeAdvert {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        NodeAdvert {
+            node: node.into(),
+            generation: 1,
+            sequence: 0,
+            quic: addr,
+            http: addr,
+            http3: None,
+            catalog: models
+                .iter()
+                .map(|&(model, replicas, digest)| crate::wire::CatalogEntry {
+                    model: model.into(),
+                    replicas,
+                    digest: [digest; 32],
+                    bytes: 1,
+                })
+                .collect(),
+            serving: models.iter().map(|m| m.0.to_string()).collect(),
+            queue_depth: 0,
+            ewma_latency_us: 0,
+        }
+    }
+
+    #[test]
+    fn only_publishers_decide_what_exists_its_replica_count_and_who_may_hold_it() {
+        // a publishes heavy on one replica; a member named to sort first offers its own heavy
+        // (another file) on every node, and a model of its own.
+        let members = [
+            advert("a", 1, &[("heavy", 1, 0x01)]),
+            advert("b", 2, &[]),
+            advert("c", 3, &[]),
+            advert("0evil", 4, &[("heavy", 0, 0x66), ("trojan", 0, 0x66)]),
+        ];
+        let refs: Vec<&NodeAdvert> = members.iter().collect();
+        let only = Publishers::Only(["a".to_string()].into());
+        let table = plan(&refs, &only);
+        let placed: Vec<(&str, Vec<&str>)> = table
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.model.as_str(),
+                    r.replicas.iter().map(|x| x.node.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            placed.len(),
+            1,
+            "only the published model is placed: {placed:?}"
+        );
+        assert_eq!(placed[0].0, "heavy");
+        assert_eq!(placed[0].1.len(), 1, "the publisher's replica count stands");
+        assert_ne!(
+            placed[0].1[0], "0evil",
+            "a member holding another version is not eligible"
+        );
+        assert_eq!(
+            published_digests(&refs, &only).get("heavy"),
+            Some(&[0x01; 32])
+        );
+        // Without publishers, the open mesh: the member's 0 ("every node") wins.
+        let open = plan(&refs, &Publishers::Anyone);
+        let heavy = open.routes.iter().find(|r| r.model == "heavy").unwrap();
+        assert_eq!(heavy.replicas.len(), 4);
     }
 
     #[test]

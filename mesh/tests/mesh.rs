@@ -7,7 +7,7 @@ mod support;
 use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::routing::{ROUTE_HEADER, parse_route_header};
 use meshserve::transport::certs::{Role, node_dir, paths};
-use meshserve::transport::{MeshEndpoint, MeshIdentity, read_frame};
+use meshserve::transport::{FrameBudget, MeshEndpoint, MeshIdentity, read_frame};
 use meshserve::wire::{self, FailureClass, MeshStatus, Message};
 use meshserve_host::{DataType, InferRequest, Tensor};
 use serde_json::Value;
@@ -57,16 +57,30 @@ fn start_node_with(
     seed: Option<SocketAddr>,
     prepare: impl FnOnce(&Path),
 ) -> MeshNode {
+    start_node_args(root, certs, name, quic, seed, prepare, &[])
+}
+
+/// As [`start_node_with`], with more command-line arguments.
+fn start_node_args(
+    root: &Path,
+    certs: &Path,
+    name: &str,
+    quic: &str,
+    seed: Option<SocketAddr>,
+    prepare: impl FnOnce(&Path),
+    extra: &[&str],
+) -> MeshNode {
     let repo = repository(root, name);
     prepare(&repo);
-    let mut args = vec![
+    let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    args.extend([
         "--quic".to_string(),
         quic.to_string(),
         "--certs".to_string(),
         certs.display().to_string(),
         "--name".to_string(),
         name.to_string(),
-    ];
+    ]);
     if let Some(seed) = seed {
         args.push("--seed".into());
         args.push(seed.to_string());
@@ -610,7 +624,10 @@ async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
         let (mut send, mut recv) = connection.open_bi().await.unwrap();
         send.write_all(bytes).await.unwrap();
         let _ = send.finish();
-        read_frame(&mut recv, 1 << 20, peer).await.unwrap()
+        read_frame(&mut recv, 1 << 20, &FrameBudget::new(usize::MAX), peer)
+            .await
+            .unwrap()
+            .message
     }
     let failure = |message: Message| match message {
         Message::Failure(f) => f,
@@ -869,9 +886,14 @@ async fn a_frame_that_trickles_in_is_dropped_at_the_deadline() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    let answer = tokio::time::timeout(Duration::from_secs(4), read_frame(&mut recv, 1 << 20, quic))
-        .await
-        .expect("the node answers instead of waiting for the whole frame");
+    let budget = FrameBudget::new(usize::MAX);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(4),
+        read_frame(&mut recv, 1 << 20, &budget, quic),
+    )
+    .await
+    .expect("the node answers instead of waiting for the whole frame")
+    .map(|frame| frame.message);
     let waited = started.elapsed();
     match answer {
         Ok(Message::Failure(failure)) => {
@@ -1331,4 +1353,211 @@ async fn nodes_whose_only_seed_is_a_dns_name_form_one_mesh_and_find_new_addresse
         "{}",
         d.node.log_text()
     );
+}
+
+/// Issue 21: 24 streams of 30 MiB frames, each one byte short, held 720 MiB of a node for the
+/// frame timeout. The node-wide frame budget refuses what would overdraw it, as the bytes
+/// arrive, so the flood raises resident memory by no more than the budget (and what QUIC
+/// buffers per connection); the refused streams get `Unavailable`, and the node keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unfinished_frames_holds_no_more_than_the_budget() {
+    const BUDGET: usize = 64 << 20;
+    const FRAME: usize = 30 << 20;
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a"], &["app"], &[]);
+    let repo = repository(root.path(), "a");
+    let config = root.path().join("node-a.toml");
+    std::fs::write(
+        &config,
+        format!("[mesh]\nmax_frame_bytes_in_flight = {BUDGET}\nframe_read_timeout_ms = 20000\n"),
+    )
+    .unwrap();
+    let (config, certs_arg) = (config.display().to_string(), certs.display().to_string());
+    let node = TestNode::start(
+        &repo,
+        &[
+            "--quic",
+            "127.0.0.1:0",
+            "--certs",
+            &certs_arg,
+            "--name",
+            "a",
+            "--config",
+            &config,
+        ],
+    );
+    let quic = node.mesh_addr().unwrap();
+    let before = node.rss_bytes();
+    let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
+    let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
+    let mut header = vec![wire::WIRE_VERSION];
+    header.extend_from_slice(&(FRAME as u32).to_le_bytes());
+    let payload = bytes::Bytes::from(vec![7u8; FRAME - 1]);
+    let mut writers = Vec::new();
+    let mut answers = Vec::new();
+    // Four connections of six streams, all sending at once.
+    for _ in 0..4 {
+        endpoint.forget(quic);
+        let connection = endpoint.connection(quic).await.unwrap();
+        for _ in 0..6 {
+            let (mut send, recv) = connection.open_bi().await.unwrap();
+            let (header, payload) = (header.clone(), payload.clone());
+            answers.push(recv);
+            writers.push(tokio::spawn(async move {
+                // Refused streams are stopped: writing fails then, and that is fine.
+                let _ = send.write_all(&header).await;
+                let _ = send.write_chunk(payload).await;
+                // Never finished: the frame stays one byte short.
+                std::future::pending::<()>().await;
+            }));
+        }
+    }
+    // Long enough for 720 MiB to arrive over loopback many times over.
+    let mut peak = 0u64;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(node.rss_bytes());
+    }
+    // Besides the frames, QUIC itself may hold up to a flow-control window of each connection
+    // before the frame reader sees a byte.
+    let quic_buffers = 4 * u64::from(meshserve::transport::tls::CLIENT_CONNECTION_WINDOW);
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown <= BUDGET as u64 + quic_buffers,
+        "resident memory grew by {} MiB with a budget of {} MiB",
+        grown >> 20,
+        BUDGET >> 20
+    );
+    // The refused streams were told why.
+    let mut refused = 0;
+    for mut recv in answers {
+        let budget = FrameBudget::new(usize::MAX);
+        if let Ok(Ok(frame)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            read_frame(&mut recv, 1 << 20, &budget, quic),
+        )
+        .await
+            && let Message::Failure(failure) = frame.message
+        {
+            assert!(
+                failure.message.contains("max_frame_bytes_in_flight"),
+                "{}",
+                failure.message
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused >= 20, "only {refused} of 24 streams were refused");
+    for writer in writers {
+        writer.abort();
+    }
+    let status = client(&certs, vec![quic]).status(quic).await.unwrap();
+    assert_eq!(status.node, "a", "the node still answers");
+}
+
+/// Issue 21: a member with a valid node certificate joined with its own `heavy` (another file,
+/// `replicas = 0`, `instances = 50`) and, named to sort first, got it installed on a node that
+/// lacked the model, placed everywhere. With `a` named the publisher, the nodes that lack
+/// `heavy` fetch a's files, placement keeps a's one replica, and the member is never placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_its_own_model_files_changes_nothing_the_others_run() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c", "0evil"], &["app"], &[]);
+    let publisher = ["--publisher", "a"];
+    let without_heavy = |repo: &Path| std::fs::remove_dir_all(repo.join("heavy")).unwrap();
+    let evil = start_node_args(
+        root.path(),
+        &certs,
+        "0evil",
+        "127.0.0.1:0",
+        None,
+        |repo| {
+            let config = repo.join("heavy/config.toml");
+            let mut text = std::fs::read_to_string(&config).unwrap_or_default();
+            text = text
+                .lines()
+                .filter(|l| !l.starts_with("replicas") && !l.starts_with("instances"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            text.push_str("\nreplicas = 0\ninstances = 50\nintra_op_threads = 8\n");
+            std::fs::write(config, text).unwrap();
+        },
+        &publisher,
+    );
+    let a = start_node_args(
+        root.path(),
+        &certs,
+        "a",
+        "127.0.0.1:0",
+        Some(evil.quic),
+        |_| {},
+        &publisher,
+    );
+    let b = start_node_args(
+        root.path(),
+        &certs,
+        "b",
+        "127.0.0.1:0",
+        Some(a.quic),
+        without_heavy,
+        &publisher,
+    );
+    let c = start_node_args(
+        root.path(),
+        &certs,
+        "c",
+        "127.0.0.1:0",
+        Some(a.quic),
+        without_heavy,
+        &publisher,
+    );
+    let probe = client(&certs, vec![a.quic]);
+    // Placement settles with heavy on exactly one node, never the member's.
+    let placed_heavy = wait_for(
+        "four members and heavy placed",
+        Duration::from_secs(30),
+        async || {
+            let status = probe.status(a.quic).await.ok()?;
+            (status.members.len() == 4).then_some(())?;
+            let placed = placed(&status, "heavy");
+            let serving = serving(&status, "heavy");
+            (placed.len() == 1 && placed.is_subset(&serving)).then_some(placed)
+        },
+    )
+    .await;
+    assert!(!placed_heavy.contains("0evil"), "{placed_heavy:?}");
+    // A few housekeeping periods more: nothing changes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for node in [&a, &b, &c] {
+        let status = probe.status(node.quic).await.unwrap();
+        assert_eq!(
+            placed(&status, "heavy"),
+            placed_heavy,
+            "as {} sees it",
+            node.name
+        );
+    }
+    let publisher_config = std::fs::read(root.path().join("models-a/heavy/config.toml")).unwrap();
+    for name in ["b", "c"] {
+        let config = root.path().join(format!("models-{name}/heavy/config.toml"));
+        if let Ok(installed) = std::fs::read(&config) {
+            assert_eq!(
+                installed, publisher_config,
+                "{name} installed the publisher's heavy"
+            );
+        }
+        let log = if name == "b" {
+            b.node.log_text()
+        } else {
+            c.node.log_text()
+        };
+        assert!(
+            !log.contains("from=0evil"),
+            "{name} fetched from the member:\n{log}"
+        );
+    }
+    drop(evil);
 }

@@ -29,3 +29,51 @@ fn the_simulation_is_deterministic() {
     assert_eq!(a.crash_detected_everywhere, b.crash_detected_everywhere);
     assert_eq!(a.rejoin_convergence, b.rejoin_convergence);
 }
+
+/// Issue 21: a member with a valid node certificate gossiped "b is down" on every tick and
+/// made the mesh drop b 90 times. A report about another member now counts as suspicion only,
+/// which b refutes by answering, so b stays a member everywhere and never has to rejoin.
+#[test]
+fn a_member_reporting_another_down_every_tick_removes_no_one() {
+    use meshserve::membership::sim::{Simulation, node_name};
+    let mut sim = Simulation::new(DetectorConfig::default(), 21);
+    for i in 0..4 {
+        sim.start(i, (i > 0).then_some(0));
+    }
+    let converged = sim.run_until_true(Duration::from_millis(100), Duration::from_secs(30), |s| {
+        s.converged()
+    });
+    assert!(converged.is_some(), "the mesh converged");
+    let (victim, liar) = (1, 3);
+    let generation = sim.generation(victim);
+    // 20 s of lies, ten a second, to every other member.
+    for _ in 0..200 {
+        // The victim itself is told too: being reported down must not make it rejoin.
+        for to in [0, 1, 2] {
+            sim.report_down(liar, to, victim);
+        }
+        let next = sim.now() + Duration::from_millis(100);
+        sim.run_until(next);
+        for observer in [0, 2, 3] {
+            assert!(
+                sim.view(observer)
+                    .iter()
+                    .any(|m| m.id.name == node_name(victim)),
+                "node {observer} dropped the victim at {:?}",
+                sim.now()
+            );
+        }
+    }
+    assert_eq!(
+        sim.generation(victim),
+        generation,
+        "the victim never rejoined"
+    );
+
+    // A member that really stops is still declared down, by each node's own suspicion.
+    sim.crash(2);
+    let dropped = sim.run_until_true(Duration::from_millis(100), Duration::from_secs(15), |s| {
+        s.everyone_dropped(2)
+    });
+    assert!(dropped.is_some(), "a crashed member is still detected");
+}

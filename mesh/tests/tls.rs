@@ -267,3 +267,90 @@ async fn sighup_reloads_every_certificate_for_new_connections_and_a_broken_file_
         "the node serves on after a failed reload"
     );
 }
+
+/// Every mode a `.key` file under `dir` has while `meshserve certs` runs under `umask 000`
+/// (so nothing but the code's own choice makes a file private), polled as fast as the folder
+/// can be read; and the run's exit status.
+fn key_modes_while_issuing(dir: &Path) -> (Vec<(String, u32)>, std::process::ExitStatus) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 000 && exec '{}' certs --dir '{}' --node a --node b --node c --client ops --client app --server 127.0.0.1",
+            env!("CARGO_BIN_EXE_meshserve"),
+            dir.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let look = |seen: &mut Vec<(String, u32)>| {
+        for folder in std::iter::once(dir.to_path_buf()).chain(
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir()),
+        ) {
+            for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.contains(".key")
+                    && let Ok(meta) = entry.metadata()
+                {
+                    seen.push((name, meta.permissions().mode() & 0o777));
+                }
+            }
+        }
+    };
+    let status = loop {
+        look(&mut seen);
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+    };
+    look(&mut seen);
+    (seen, status)
+}
+
+#[test]
+fn keys_are_born_private_and_a_writable_folder_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    for run in 0..5 {
+        let dir = root.path().join(format!("run-{run}"));
+        let (seen, status) = key_modes_while_issuing(&dir);
+        assert!(status.success(), "meshserve certs failed: {status}");
+        assert!(
+            seen.iter().any(|(name, _)| name == "ca.key"),
+            "the watcher saw the keys"
+        );
+        let open: Vec<_> = seen.iter().filter(|(_, mode)| *mode != 0o600).collect();
+        assert!(open.is_empty(), "key files seen with other modes: {open:?}");
+        for folder in [dir.clone(), node_dir(&dir, "a")] {
+            let mode = std::fs::metadata(&folder).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", folder.display());
+        }
+    }
+
+    let shared = root.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["certs", "--dir"])
+        .arg(&shared)
+        .args(["--node", "a"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("writable by its group or by everyone"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&shared).unwrap().count(),
+        0,
+        "nothing was written into the shared folder"
+    );
+}

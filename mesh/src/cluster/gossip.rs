@@ -5,7 +5,7 @@
 
 use crate::cluster::MeshView;
 use crate::membership::{AdvertFetch, Change, LiveMember, MemberId, Membership};
-use crate::placement;
+use crate::placement::{self, Publishers};
 use crate::transport::MeshEndpoint;
 use crate::wire::{Message, NodeAdvert, WIRE_VERSION};
 use bytes::Bytes;
@@ -61,6 +61,7 @@ pub(crate) fn spawn(
     core: Membership,
     endpoint: MeshEndpoint,
     seeds: watch::Receiver<Vec<SocketAddr>>,
+    publishers: Publishers,
 ) -> (
     mpsc::UnboundedSender<Input>,
     mpsc::Sender<Packet>,
@@ -68,9 +69,13 @@ pub(crate) fn spawn(
 ) {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
     let (packet_tx, packet_rx) = mpsc::channel(PACKET_QUEUE);
-    let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::from_members(core.live_members())));
+    let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::from_members(
+        core.live_members(),
+        &publishers,
+    )));
     let shell = Shell {
         core,
+        publishers,
         endpoint,
         seeds,
         input: input_tx.clone(),
@@ -83,6 +88,8 @@ pub(crate) fn spawn(
 
 struct Shell {
     core: Membership,
+    /// Whose catalogs count for placement, kept for every view this shell publishes.
+    publishers: Publishers,
     endpoint: MeshEndpoint,
     /// The seeds' current addresses, re-resolved by [`super::seeds::watch`].
     seeds: watch::Receiver<Vec<SocketAddr>>,
@@ -258,7 +265,7 @@ impl Shell {
         }
         let members = self.core.live_members();
         if self.view.borrow().members != members {
-            let view = Arc::new(MeshView::from_members(members));
+            let view = Arc::new(MeshView::from_members(members, &self.publishers));
             let previous = self.view.send_replace(view.clone());
             log_suspicion(&previous.members, &view.members);
             log_moves(&placement::moves(&previous.plan, &view.plan));

@@ -14,7 +14,7 @@ mod service;
 
 use crate::dispatch::Dispatch;
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
-use crate::placement;
+use crate::placement::{self, Publishers};
 use crate::routing::balance::{Balancer, PeakEwma};
 use crate::routing::retry::{Attempts, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
@@ -31,6 +31,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// How often a node re-publishes its advert (with fresh load figures) and reconciles placement.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+
+/// A fetch a holder refused: the holder, the model and the digest asked for.
+type RefusedFetch = (String, String, [u8; 32]);
+
+/// Model fetches a node serves at once; more are refused (retry later), so peers asking for
+/// large models cannot make it read many into memory together.
+const MAX_FETCHES_SERVED: usize = 2;
 
 /// When to retry a model the mesh holds but no replica serves at the moment, in ms.
 const NO_REPLICA_RETRY_MS: u64 = 1000;
@@ -55,6 +62,10 @@ pub struct ClusterConfig {
     pub detector: DetectorConfig,
     /// Largest frame accepted, in bytes.
     pub max_frame_bytes: usize,
+    /// Frame bytes buffered at once over every peer and stream.
+    pub max_frame_bytes_in_flight: usize,
+    /// Whose model repositories are authoritative (`mesh.publishers`).
+    pub publishers: Publishers,
     /// Longest a forwarded request may take, when it sets no deadline itself.
     pub forward_timeout: Duration,
     /// Time a peer has to send a whole frame on a stream it opened.
@@ -89,12 +100,17 @@ pub struct MeshView {
     pub plan: RouteTable,
     /// Where each model can be served now (see [`MeshView::route`]).
     served: BTreeMap<String, RouteHint>,
+    /// Whose catalogs count.
+    publishers: Publishers,
+    /// The version of each model the publishers hold.
+    published: BTreeMap<String, [u8; 32]>,
 }
 
 impl MeshView {
-    fn from_members(members: Vec<LiveMember>) -> MeshView {
+    fn from_members(members: Vec<LiveMember>, publishers: &Publishers) -> MeshView {
         let adverts: Vec<&NodeAdvert> = members.iter().filter_map(|m| m.advert.as_ref()).collect();
-        let plan = placement::plan(&adverts);
+        let plan = placement::plan(&adverts, publishers);
+        let published = placement::published_digests(&adverts, publishers);
         let models: BTreeSet<String> = adverts
             .iter()
             .flat_map(|a| a.serving.iter().cloned())
@@ -104,6 +120,8 @@ impl MeshView {
             members,
             plan,
             served: BTreeMap::new(),
+            publishers: publishers.clone(),
+            published,
         };
         view.served = models
             .into_iter()
@@ -148,11 +166,15 @@ impl MeshView {
             })
             .unwrap_or_default();
         if replicas.is_empty() {
+            let published = self.published.get(model);
             replicas = self
                 .members
                 .iter()
                 .filter_map(|m| m.advert.as_ref())
-                .filter(|a| a.serving.iter().any(|s| s == model))
+                .filter(|a| {
+                    a.serving.iter().any(|s| s == model)
+                        && self.publishers.may_serve(a, model, published)
+                })
                 .map(Replica::from)
                 .collect();
         }
@@ -209,6 +231,11 @@ pub struct Cluster {
     forward_timeout: Duration,
     local_latency: Mutex<PeakEwma>,
     digests: bundle::DigestCache,
+    /// Model fetches this node serves at once (each reads a model folder into memory).
+    fetches_served: tokio::sync::Semaphore,
+    /// Fetches a holder refused for good (too large, another version), by holder, model and
+    /// digest, and when: not asked again for [`reconcile::REFUSAL_MEMORY`].
+    refused_fetches: Mutex<HashMap<RefusedFetch, Instant>>,
     /// Config errors already logged, by model.
     config_errors: Mutex<HashMap<String, String>>,
     /// Models still loaded but no longer advertised, while they are being unloaded.
@@ -225,7 +252,8 @@ impl Cluster {
         if !config.identity.is_node(&config.name) {
             return Err(ClusterError::CertificateName(config.name));
         }
-        let endpoint = MeshEndpoint::bind(config.listen, &config.identity, config.max_frame_bytes)?;
+        let endpoint = MeshEndpoint::bind(config.listen, &config.identity, config.max_frame_bytes)?
+            .with_frame_budget(config.max_frame_bytes_in_flight);
         let quic = config
             .advertise
             .or_else(|| endpoint.local_addr())
@@ -247,7 +275,8 @@ impl Cluster {
             generation ^ placement::score(&config.name, "rng"),
         );
         let seeds = config.seeds.borrow().clone();
-        let (gossip, packets, view) = gossip::spawn(core, endpoint.clone(), config.seeds);
+        let (gossip, packets, view) =
+            gossip::spawn(core, endpoint.clone(), config.seeds, config.publishers);
         let cluster = Arc::new(Cluster {
             name: config.name,
             generation,
@@ -265,6 +294,8 @@ impl Cluster {
             forward_timeout: config.forward_timeout,
             local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),
             digests: bundle::DigestCache::default(),
+            fetches_served: tokio::sync::Semaphore::new(MAX_FETCHES_SERVED),
+            refused_fetches: Mutex::default(),
             config_errors: Mutex::default(),
             leaving: Mutex::default(),
         });

@@ -7,7 +7,7 @@
 //! request that still arrives after that is answered "not here" and retried elsewhere.
 
 use crate::cluster::{Cluster, MeshView, bundle};
-use crate::wire::{FetchModel, Message, NodeAdvert};
+use crate::wire::{FailureClass, FetchModel, Message, NodeAdvert};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,11 @@ const UNADVERTISE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long fetching one model's files may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a holder's final refusal of a fetch (the model is too large for a frame, or it
+/// holds another version) is remembered: asking again every period would make it check the
+/// same files every second for nothing.
+pub(super) const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
     let mut tick = tokio::time::interval(period);
@@ -102,15 +107,16 @@ async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
     }
 }
 
-/// The members that hold `model`'s files, each with the digest it advertises: those serving
-/// it first, then by name. Each is asked for its own digest over a connection whose certificate
-/// names it, so what is installed is what one identified member holds, never a version that
-/// extra members could vote in.
+/// The publishers that hold `model`'s files, each with the digest it advertises: those
+/// serving it first, then by name. Each is asked for its own digest over a connection whose
+/// certificate names it, so what is installed is what one identified publisher holds, never a
+/// version that other members could offer or vote in.
 fn holders<'a>(view: &'a MeshView, model: &str) -> Vec<(&'a NodeAdvert, [u8; 32])> {
     let mut holders: Vec<(&NodeAdvert, [u8; 32])> = view
         .members
         .iter()
         .filter_map(|m| m.advert.as_ref())
+        .filter(|advert| view.publishers.includes(&advert.node))
         .filter_map(|advert| {
             let entry = advert.catalog.iter().find(|e| e.model == model)?;
             Some((advert, entry.digest))
@@ -126,6 +132,18 @@ async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(
         .into_iter()
         .filter(|(h, _)| h.node != cluster.name)
     {
+        let key = (holder.node.clone(), model.to_string(), digest);
+        {
+            let mut refused = cluster
+                .refused_fetches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            refused.retain(|_, at| at.elapsed() < REFUSAL_MEMORY);
+            if refused.contains_key(&key) {
+                last = format!("{} refused it recently", holder.node);
+                continue;
+            }
+        }
         let request = Message::FetchModel(FetchModel {
             model: model.to_string(),
             digest,
@@ -138,6 +156,13 @@ async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(
         {
             Ok(Message::ModelFiles(files)) if files.model == model => files,
             Ok(Message::Failure(f)) => {
+                if matches!(f.class, FailureClass::TooLarge | FailureClass::NotFound) {
+                    cluster
+                        .refused_fetches
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key, Instant::now());
+                }
                 last = format!("{}: {}", holder.node, f.message);
                 continue;
             }
@@ -180,6 +205,7 @@ async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(
 mod tests {
     use super::*;
     use crate::membership::{LiveMember, MemberId};
+    use crate::placement::Publishers;
     use crate::wire::CatalogEntry;
 
     fn member(node: &str, port: u16, digest: u8, serving: bool) -> LiveMember {
@@ -219,20 +245,34 @@ mod tests {
     fn the_files_come_from_a_serving_holder_with_its_own_digest_not_a_vote() {
         // Three members that joined with another version of fraud do not outvote the one
         // member serving it.
-        let view = MeshView::from_members(vec![
+        let members = vec![
             member("x1", 1, 0xee, false),
             member("x2", 2, 0xee, false),
             member("x3", 3, 0xee, false),
             member("owner", 4, 0x01, true),
-        ]);
-        let order: Vec<(&str, u8)> = holders(&view, "fraud")
-            .iter()
-            .map(|(advert, digest)| (advert.node.as_str(), digest[0]))
-            .collect();
+        ];
+        let order = |view: &MeshView| -> Vec<(String, u8)> {
+            holders(view, "fraud")
+                .iter()
+                .map(|(advert, digest)| (advert.node.clone(), digest[0]))
+                .collect()
+        };
+        let open = MeshView::from_members(members.clone(), &Publishers::Anyone);
         assert_eq!(
-            order,
-            vec![("owner", 0x01), ("x1", 0xee), ("x2", 0xee), ("x3", 0xee)]
+            order(&open),
+            [("owner", 0x01), ("x1", 0xee), ("x2", 0xee), ("x3", 0xee)]
+                .map(|(n, d)| (n.to_string(), d))
+                .to_vec()
         );
-        assert!(holders(&view, "other").is_empty());
+        assert!(holders(&open, "other").is_empty());
+        // With publishers named, nobody else is asked at all, serving or not, first by name
+        // or not: a member named "0evil" holding its own fraud is never a source.
+        let mut with_evil = members;
+        with_evil.push(member("0evil", 5, 0x66, true));
+        let only = Publishers::Only(["owner".to_string()].into());
+        assert_eq!(
+            order(&MeshView::from_members(with_evil, &only)),
+            vec![("owner".to_string(), 0x01)]
+        );
     }
 }

@@ -6,10 +6,10 @@ use crate::cluster::{Cluster, bundle};
 use crate::dispatch::{Call, Dispatch, DispatchError, Origin};
 use crate::membership::Membership;
 use crate::transport::certs::Role;
-use crate::transport::{TransportError, read_frame, tls, write_frame};
+use crate::transport::{Frame, TransportError, read_frame, tls, write_frame};
 use crate::wire::{
-    Failure, FailureClass, FetchModel, InferAnswer, InferCall, Message, ModelFiles, WIRE_VERSION,
-    WireError, WireTensor,
+    Failure, FailureClass, FetchModel, InferAnswer, InferCall, Message, ModelFile, ModelFiles,
+    WIRE_VERSION, WireError, WireTensor,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,8 +39,14 @@ pub(super) async fn serve(cluster: Arc<Cluster>, dispatch: Dispatch) {
                 }
             };
             let role = tls::peer_role(&connection);
-            if role == Role::Node {
-                tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
+            match role {
+                Role::Node => {
+                    tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
+                }
+                Role::Client => {
+                    connection.set_max_concurrent_bi_streams(tls::CLIENT_MAX_STREAMS.into());
+                    connection.set_receive_window(tls::CLIENT_CONNECTION_WINDOW.into());
+                }
             }
             while let Ok((send, recv)) = connection.accept_bi().await {
                 let exchange = answer(cluster.clone(), dispatch.clone(), send, recv, role, peer);
@@ -117,7 +123,12 @@ async fn answer(
     // buffer) for long.
     let read = tokio::time::timeout(
         cluster.frame_read_timeout,
-        read_frame(&mut recv, cluster.endpoint.max_frame_bytes(), peer),
+        read_frame(
+            &mut recv,
+            cluster.endpoint.max_frame_bytes(),
+            cluster.endpoint.frame_budget(),
+            peer,
+        ),
     );
     let Ok(read) = read.await else {
         tracing::warn!(%peer, "frame not received in time; stream dropped");
@@ -131,6 +142,11 @@ async fn answer(
         );
         let _ = write_frame(&mut send, &Message::Failure(failure)).await;
         return;
+    };
+    // The frame's budget is held until the answer is sent: its tensors live that long.
+    let (read, _held) = match read {
+        Ok(Frame { message, budget }) => (Ok(message), Some(budget)),
+        Err(e) => (Err(e), None),
     };
     let reply = match read {
         Ok(Message::Infer(call)) => serve_call(&dispatch, call, role).await,
@@ -179,6 +195,16 @@ async fn answer(
             let _ = recv.stop(0u32.into());
             Message::Failure(Failure::new(class, source.to_string()))
         }
+        Err(TransportError::Busy { .. }) => {
+            tracing::debug!(%peer, "frame refused: mesh.max_frame_bytes_in_flight spent");
+            let _ = recv.stop(0u32.into());
+            let mut failure = Failure::new(
+                FailureClass::Unavailable,
+                TransportError::Busy { addr: peer }.to_string(),
+            );
+            failure.retry_after_ms = Some(1000);
+            Message::Failure(failure)
+        }
         Err(e) => {
             tracing::debug!(%peer, error = %e, "stream ended before a whole frame");
             return;
@@ -191,53 +217,72 @@ async fn answer(
 
 impl Cluster {
     /// A model's files for a peer that was placed the model, if ours have the digest it asks
-    /// for and fit in a frame.
-    async fn model_files(&self, fetch: FetchModel) -> Message {
-        let root = self.engine.repository().root().to_path_buf();
-        let model = fetch.model.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            meshserve_host::model::repository::Repository::check_name(&model)
-                .map_err(|e| e.to_string())?;
-            bundle::read(&root, &model).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        let files = match read {
-            Ok(files) => files,
-            Err(e) => {
-                return Message::Failure(Failure::new(
-                    FailureClass::NotFound,
-                    format!("model '{}' is not here: {e}", fetch.model),
-                ));
-            }
+    /// for and fit in a frame. Both are checked against the digest cache (file sizes and
+    /// times, no reading) before a byte of the model is read, and at most
+    /// [`super::MAX_FETCHES_SERVED`] fetches read at once.
+    async fn model_files(self: &Arc<Self>, fetch: FetchModel) -> Message {
+        let Ok(_slot) = self.fetches_served.try_acquire() else {
+            let mut failure = Failure::new(
+                FailureClass::Unavailable,
+                "this node is serving as many model fetches as it allows; retry later",
+            );
+            failure.retry_after_ms = Some(1000);
+            return Message::Failure(failure);
         };
-        if bundle::digest(&files) != fetch.digest {
-            return Message::Failure(Failure::new(
+        let cluster = self.clone();
+        let model = fetch.model.clone();
+        let wanted = fetch.digest;
+        let read = tokio::task::spawn_blocking(move || cluster.read_model_files(&model, &wanted))
+            .await
+            .unwrap_or_else(|e| Err(Failure::new(FailureClass::Internal, e.to_string())));
+        match read {
+            Ok(files) => Message::ModelFiles(ModelFiles {
+                model: fetch.model,
+                digest: fetch.digest,
+                files,
+            }),
+            Err(failure) => Message::Failure(failure),
+        }
+    }
+
+    fn read_model_files(&self, model: &str, wanted: &[u8; 32]) -> Result<Vec<ModelFile>, Failure> {
+        let root = self.engine.repository().root();
+        let not_here = |e: &dyn std::fmt::Display| {
+            Failure::new(
+                FailureClass::NotFound,
+                format!("model '{model}' is not here: {e}"),
+            )
+        };
+        let other_version = || {
+            Failure::new(
                 FailureClass::NotFound,
                 format!(
-                    "model '{}' here is not version {}",
-                    fetch.model,
-                    bundle::hex(&fetch.digest)
+                    "model '{model}' here is not version {}",
+                    bundle::hex(wanted)
                 ),
-            ));
+            )
+        };
+        meshserve_host::model::repository::Repository::check_name(model)
+            .map_err(|e| not_here(&e))?;
+        let (digest, size) = self.digests.get(root, model).map_err(|e| not_here(&e))?;
+        if digest != *wanted {
+            return Err(other_version());
         }
-        let size: usize = files.iter().map(|f| f.data.len() + f.path.len()).sum();
-        if size + 1024 > self.endpoint.max_frame_bytes() {
-            return Message::Failure(Failure::new(
+        let limit = self.endpoint.max_frame_bytes();
+        if usize::try_from(size).map_or(true, |size| size.saturating_add(64 << 10) > limit) {
+            return Err(Failure::new(
                 FailureClass::TooLarge,
                 format!(
-                    "model '{}' ({size} bytes) exceeds the frame limit of {} bytes (mesh.max_frame_bytes)",
-                    fetch.model,
-                    self.endpoint.max_frame_bytes()
+                    "model '{model}' ({size} bytes) exceeds the frame limit of {limit} bytes (mesh.max_frame_bytes)"
                 ),
             ));
         }
-        Message::ModelFiles(ModelFiles {
-            model: fetch.model,
-            digest: fetch.digest,
-            files,
-        })
+        let files = bundle::read(root, model).map_err(|e| not_here(&e))?;
+        // The folder may have changed since the cache looked at it.
+        if bundle::digest(&files) != *wanted {
+            return Err(other_version());
+        }
+        Ok(files)
     }
 }
 

@@ -6,8 +6,8 @@
 use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
 use crate::http::routes::{
-    AppState, Ms, SERVER_TIMING, TIMEOUT_HEADER, counted, header_number, hop_timing, json_response,
-    oip_response, read_body, run_model,
+    AppState, LimitedBody, Ms, SERVER_TIMING, TIMEOUT_HEADER, counted, header_number, hop_timing,
+    json_response, oip_response, read_body, run_model,
 };
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -222,7 +222,9 @@ pub async fn invocations(
 pub async fn reload(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
+    body.json_or_default::<serde::de::IgnoredAny>("reload request")?;
     let endpoints = state
         .endpoints
         .clone()

@@ -4,6 +4,12 @@
 //! JSON `data` is parsed straight into the tensor's little-endian bytes by a streaming
 //! visitor (nested arrays flattened on the way), never through a `serde_json::Value` tree:
 //! a 100k-element tensor costs one buffer, not 100k heap nodes.
+//!
+//! Decoding allocates at most a small constant times the body it was given, whatever the body
+//! claims: reservations made from a client's `shape` come out of a budget proportional to the
+//! body, a shape that disagrees with its data is refused as soon as that input is read, and
+//! parameters the node does not read are skipped without being built
+//! (`mesh/tests/decode_bounds.rs` checks this with a counting allocator).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use meshserve_host::tensor::push_bytes_element;
@@ -12,8 +18,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt;
 use std::time::Duration;
 
@@ -30,15 +36,10 @@ fn fail(message: impl Into<String>) -> DecodeError {
     DecodeError(message.into())
 }
 
-#[derive(Deserialize)]
 struct RequestJson<'a> {
-    #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    #[serde(borrow)]
+    parameters: RequestParameters,
     inputs: Vec<InputJson<'a>>,
-    #[serde(default)]
     outputs: Option<Vec<OutputJson>>,
 }
 
@@ -46,8 +47,110 @@ struct InputJson<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: Cow<'a, str>,
-    parameters: Map<String, Value>,
+    parameters: InputParameters,
     data: Option<InputData<'a>>,
+}
+
+/// A parameter's value as far as the decoder cares: OIP parameters are scalars, and the few
+/// the node reads are booleans or counts. Anything else (a string, a float, an array or object
+/// some client nests there) is skipped as it is read, so parameters cost no allocation
+/// however large they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Scalar {
+    Bool(bool),
+    Uint(u64),
+    #[default]
+    Other,
+}
+
+impl Scalar {
+    fn as_bool(self) -> Option<bool> {
+        match self {
+            Scalar::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    fn as_u64(self) -> Option<u64> {
+        match self {
+            Scalar::Uint(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarVisitor;
+        impl<'de> Visitor<'de> for ScalarVisitor {
+            type Value = Scalar;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a parameter value")
+            }
+
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Bool(v))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Uint(v))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(u64::try_from(v).map_or(Scalar::Other, Scalar::Uint))
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::Other)
+            }
+        }
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+/// The request parameters the node reads; others are skipped unread.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RequestParameters {
+    timeout: Option<Scalar>,
+    binary_data_output: Scalar,
+}
+
+/// An input's parameters the node reads.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct InputParameters {
+    binary_data_size: Option<Scalar>,
+}
+
+/// A requested output's parameters the node reads.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct OutputParameters {
+    binary_data: Scalar,
+    classification: Option<Scalar>,
 }
 
 /// An input's `data`: parsed into elements while it is read when `datatype` came before it
@@ -58,16 +161,136 @@ enum InputData<'a> {
     Raw(&'a RawValue),
 }
 
-/// Elements reserved up front at most: the shape is client-supplied and may lie.
+/// Bytes one input may reserve for its elements before reading them, at most.
 const MAX_PREALLOCATED_BYTES: usize = 1 << 20;
 
-impl<'de: 'a, 'a> Deserialize<'de> for InputJson<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(InputVisitor(std::marker::PhantomData))
+/// Bytes all inputs of a request may reserve ahead of their elements, per byte of request
+/// JSON. A shape is client-supplied and may lie, so what it reserves comes out of a budget
+/// the body pays for: 1,000 inputs each claiming a megabyte in a 58 KB body reserve 232 KB in
+/// all, not a gigabyte. Four covers the densest honest data (`1,` per 8-byte element).
+const RESERVED_PER_JSON_BYTE: usize = 4;
+
+/// What the inputs of one request may still reserve ahead of their elements, in bytes.
+struct Reserve(Cell<usize>);
+
+impl Reserve {
+    /// Takes up to `wanted` bytes from the budget and says how many it got.
+    fn take(&self, wanted: usize) -> usize {
+        let granted = wanted.min(self.0.get());
+        self.0.set(self.0.get() - granted);
+        granted
     }
 }
 
-struct InputVisitor<'a>(std::marker::PhantomData<&'a ()>);
+/// The top-level keys of a request.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum RequestField {
+    Id,
+    Parameters,
+    Inputs,
+    Outputs,
+    #[serde(other)]
+    Unknown,
+}
+
+/// Deserializes a request with its inputs' reservations drawn from one [`Reserve`].
+struct RequestSeed<'r>(&'r Reserve);
+
+impl<'de> DeserializeSeed<'de> for RequestSeed<'_> {
+    type Value = RequestJson<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+/// Fails on a key seen twice in one object.
+fn once<T, E: de::Error>(slot: &Option<T>, field: &'static str) -> Result<(), E> {
+    match slot {
+        Some(_) => Err(E::duplicate_field(field)),
+        None => Ok(()),
+    }
+}
+
+impl<'de> Visitor<'de> for RequestSeed<'_> {
+    type Value = RequestJson<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an inference request object")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut id, mut parameters, mut inputs, mut outputs) = (None, None, None, None);
+        while let Some(key) = map.next_key::<RequestField>()? {
+            match key {
+                RequestField::Id => {
+                    once(&id, "id")?;
+                    id = Some(map.next_value::<Option<String>>()?);
+                }
+                RequestField::Parameters => {
+                    once(&parameters, "parameters")?;
+                    parameters = Some(map.next_value()?);
+                }
+                RequestField::Inputs => {
+                    once(&inputs, "inputs")?;
+                    inputs = Some(map.next_value_seed(InputsSeed(self.0))?);
+                }
+                RequestField::Outputs => {
+                    once(&outputs, "outputs")?;
+                    outputs = Some(map.next_value::<Option<Vec<OutputJson>>>()?);
+                }
+                RequestField::Unknown => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(RequestJson {
+            id: id.flatten(),
+            parameters: parameters.unwrap_or_default(),
+            inputs: inputs.ok_or_else(|| de::Error::missing_field("inputs"))?,
+            outputs: outputs.flatten(),
+        })
+    }
+}
+
+/// The `inputs` array.
+struct InputsSeed<'r>(&'r Reserve);
+
+impl<'de> DeserializeSeed<'de> for InputsSeed<'_> {
+    type Value = Vec<InputJson<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for InputsSeed<'_> {
+    type Value = Vec<InputJson<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of input objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut inputs = Vec::new();
+        while let Some(input) = seq.next_element_seed(InputSeed(self.0))? {
+            inputs.push(input);
+        }
+        Ok(inputs)
+    }
+}
+
+/// One input object.
+struct InputSeed<'r>(&'r Reserve);
+
+impl<'de> DeserializeSeed<'de> for InputSeed<'_> {
+    type Value = InputJson<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
 
 /// An input object's keys, read without copying them (a `Cow<str>` key would be an owned
 /// `String` for every key of every input).
@@ -108,23 +331,17 @@ impl<'de> Deserialize<'de> for BodyStr<'de> {
     }
 }
 
-impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
-    type Value = InputJson<'a>;
+impl<'de> Visitor<'de> for InputSeed<'_> {
+    type Value = InputJson<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an input object with name, shape, datatype and data")
     }
 
-    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<InputJson<'a>, A::Error> {
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<InputJson<'de>, A::Error> {
         let (mut name, mut shape, mut datatype) =
-            (None::<String>, None::<Vec<i64>>, None::<Cow<'a, str>>);
+            (None::<String>, None::<Vec<i64>>, None::<Cow<'de, str>>);
         let (mut parameters, mut data) = (None, None);
-        fn once<T, E: de::Error>(slot: &Option<T>, field: &'static str) -> Result<(), E> {
-            match slot {
-                Some(_) => Err(E::duplicate_field(field)),
-                None => Ok(()),
-            }
-        }
         while let Some(key) = map.next_key::<InputField>()? {
             match key {
                 InputField::Name => {
@@ -148,21 +365,30 @@ impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
                     let known = datatype.as_deref().and_then(DataType::parse);
                     data = Some(match known {
                         Some(datatype) => {
-                            let capacity = shape
-                                .as_deref()
-                                .and_then(Tensor::element_count_of)
+                            let claimed = shape.as_deref().and_then(Tensor::element_count_of);
+                            let capacity = claimed
                                 .and_then(|n| n.checked_mul(datatype.element_size()?))
                                 .unwrap_or(0)
                                 .min(MAX_PREALLOCATED_BYTES);
                             let mut sink = Sink {
                                 datatype,
                                 elements: Elements {
-                                    bytes: Vec::with_capacity(capacity),
+                                    bytes: Vec::with_capacity(self.0.take(capacity)),
                                     count: 0,
                                 },
                                 input: name.as_deref(),
                             };
                             map.next_value_seed(FlatSeed(&mut sink))?;
+                            // Refused now rather than after the rest of the body: a lying
+                            // shape must not hold its buffer while later inputs are read.
+                            if let Some(count) = claimed
+                                && count != sink.elements.count
+                            {
+                                return Err(sink.error(format!(
+                                    "shape needs {count} elements, 'data' has {}",
+                                    sink.elements.count
+                                )));
+                            }
                             InputData::Parsed(sink.elements)
                         }
                         None => InputData::Raw(map.next_value()?),
@@ -187,7 +413,7 @@ impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
 struct OutputJson {
     name: String,
     #[serde(default)]
-    parameters: Map<String, Value>,
+    parameters: OutputParameters,
 }
 
 /// A decoded request plus how the client wants its outputs encoded.
@@ -235,7 +461,12 @@ pub fn decode_request(
             body.len()
         )));
     }
-    let parsed: RequestJson<'_> = serde_json::from_slice(&body[..json_length])
+    let json = &body[..json_length];
+    let reserve = Reserve(Cell::new(json.len().saturating_mul(RESERVED_PER_JSON_BYTE)));
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    let parsed = RequestSeed(&reserve)
+        .deserialize(&mut deserializer)
+        .and_then(|parsed| deserializer.end().map(|()| parsed))
         .map_err(|e| fail(format!("malformed request JSON: {e}")))?;
     let mut binary = body.slice(json_length..);
 
@@ -287,8 +518,8 @@ pub fn decode_request(
 
     let all_binary = parsed
         .parameters
-        .get("binary_data_output")
-        .and_then(Value::as_bool)
+        .binary_data_output
+        .as_bool()
         .unwrap_or(false);
     let mut binary_names = Vec::new();
     let outputs = match parsed.outputs {
@@ -296,18 +527,13 @@ pub fn decode_request(
         Some(outputs) => {
             let mut names = Vec::with_capacity(outputs.len());
             for output in outputs {
-                if output.parameters.contains_key("classification") {
+                if output.parameters.classification.is_some() {
                     return Err(fail(format!(
                         "output '{}': the classification extension is not supported",
                         output.name
                     )));
                 }
-                if output
-                    .parameters
-                    .get("binary_data")
-                    .and_then(Value::as_bool)
-                    == Some(true)
-                {
+                if output.parameters.binary_data.as_bool() == Some(true) {
                     binary_names.push(output.name.clone());
                 }
                 names.push(output.name);
@@ -322,7 +548,7 @@ pub fn decode_request(
     } else {
         OutputEncoding::Binary(binary_names)
     };
-    let timeout = match parsed.parameters.get("timeout") {
+    let timeout = match parsed.parameters.timeout {
         None => None,
         Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
             fail("parameter 'timeout' must be a non-negative integer of microseconds")
@@ -341,8 +567,8 @@ pub fn decode_request(
     })
 }
 
-fn binary_size(parameters: &Map<String, Value>, name: &str) -> Result<Option<usize>, DecodeError> {
-    match parameters.get("binary_data_size") {
+fn binary_size(parameters: &InputParameters, name: &str) -> Result<Option<usize>, DecodeError> {
+    match parameters.binary_data_size {
         None => Ok(None),
         Some(v) => v
             .as_u64()
@@ -365,11 +591,12 @@ fn parse_data(
     let capacity = datatype
         .element_size()
         .map_or(0, |s| s.saturating_mul(count));
-    // Cap the up-front allocation: the shape is client-supplied and may lie.
+    // Cap the up-front allocation by what the text can hold (an element takes at least two
+    // bytes of JSON and at most eight in the tensor): the shape is client-supplied and may lie.
     let mut sink = Sink {
         datatype,
         elements: Elements {
-            bytes: Vec::with_capacity(capacity.min(raw.get().len() * 8)),
+            bytes: Vec::with_capacity(capacity.min(raw.get().len().saturating_mul(4))),
             count: 0,
         },
         input: Some(name),
@@ -664,6 +891,7 @@ pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> E
 mod tests {
     use super::*;
     use meshserve_host::StageTimings;
+    use serde_json::Value;
 
     fn decode(body: &str) -> Result<DecodedRequest, DecodeError> {
         decode_request("m", None, &Bytes::from(body.to_string()), None)

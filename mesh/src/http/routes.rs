@@ -56,7 +56,8 @@ impl AppState {
     }
 }
 
-/// Builds the router.
+/// Builds the router. Every route reads its body through [`read_body`] (size, time and the
+/// node's byte budget), in its handler or, for routes that take none, in [`refuse_body`].
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/v2/repository/models/{model}/load", post(load_model))
@@ -66,8 +67,7 @@ pub fn router(state: AppState) -> Router {
             state.admin.clone(),
             admin::require_admin,
         ));
-    Router::new()
-        .merge(admin)
+    let reads = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(server_ready))
@@ -83,6 +83,14 @@ pub fn router(state: AppState) -> Router {
             "/v2/models/{model}/versions/{version}/config",
             get(model_config),
         )
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.bodies.clone(),
+            refuse_body,
+        ));
+    Router::new()
+        .merge(admin)
+        .merge(reads)
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
@@ -90,7 +98,6 @@ pub fn router(state: AppState) -> Router {
             "/v1/endpoints/{endpoint}/invocations",
             post(endpoints::invocations),
         )
-        .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -382,6 +389,71 @@ pub(crate) async fn read_body(
     }
 }
 
+/// A request body read by [`read_body`] within the node's [`BodyLimits`]: the extractor of
+/// every route that takes a body and does not stream it elsewhere.
+pub struct LimitedBody(pub(crate) ReadBody);
+
+impl axum::extract::FromRequest<AppState> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        read_body(&parts.headers, body, &state.bodies)
+            .await
+            .map(LimitedBody)
+    }
+}
+
+impl LimitedBody {
+    /// The body as an optional JSON document of type `T`: empty (or only whitespace) is
+    /// `T::default()`, malformed JSON a 400 naming `what`.
+    pub(crate) fn json_or_default<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        what: &str,
+    ) -> Result<T, ApiError> {
+        let bytes = &self.0.bytes;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(T::default());
+        }
+        serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::new(ErrorClass::InvalidInput, format!("malformed {what}: {e}")))
+    }
+}
+
+/// Middleware of the routes that take no body: a request that brings one is refused (413)
+/// rather than left unread, and waiting for the end of an empty body is bounded by the body
+/// read timeout like any other body.
+async fn refuse_body(
+    State(limits): State<BodyLimits>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let none = BodyLimits {
+        max_bytes: 0,
+        ..limits
+    };
+    match read_body(&parts.headers, body, &none).await {
+        Ok(_) => {
+            next.run(axum::extract::Request::from_parts(parts, Body::empty()))
+                .await
+        }
+        Err(mut error) => {
+            if error.class == ErrorClass::TooLarge {
+                error.message = format!(
+                    "{} {} takes no request body",
+                    parts.method,
+                    parts.uri.path()
+                );
+            }
+            error.into_response()
+        }
+    }
+}
+
 pub(crate) fn header_number(
     headers: &HeaderMap,
     name: &HeaderName,
@@ -586,20 +658,38 @@ struct IndexRequest {
     ready: bool,
 }
 
+/// The body of Triton's load and unload requests (`tritonclient` sends `{}`, or parameters).
+#[derive(Deserialize, Default)]
+struct RepositoryRequest {
+    #[serde(default)]
+    parameters: serde_json::Map<String, Value>,
+}
+
+impl RepositoryRequest {
+    /// Refuses what the node cannot honour rather than ignoring it: a model's configuration
+    /// and files come from its folder in the repository.
+    fn check(&self, model: &str) -> Result<(), ApiError> {
+        match self
+            .parameters
+            .keys()
+            .find(|k| *k == "config" || k.starts_with("file:"))
+        {
+            Some(key) => Err(ApiError::new(
+                ErrorClass::InvalidInput,
+                format!(
+                    "load parameter '{key}' is not supported: change the files in the repository folder of '{model}' instead"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 async fn repository_index(
     State(state): State<AppState>,
-    body: Bytes,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    let filter: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        IndexRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                ErrorClass::InvalidInput,
-                format!("malformed index request: {e}"),
-            )
-        })?
-    };
+    let filter: IndexRequest = body.json_or_default("index request")?;
     let engine = state.engine().clone();
     let index = tokio::task::spawn_blocking(move || engine.index())
         .await
@@ -626,7 +716,10 @@ fn index_rows(entry: &IndexEntry) -> Vec<Value> {
 async fn load_model(
     State(state): State<AppState>,
     Path(model): Path<String>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
+    body.json_or_default::<RepositoryRequest>("load request")?
+        .check(&model)?;
     let engine = state.engine().clone();
     let name = model.clone();
     tokio::task::spawn_blocking(move || engine.load(&name))
@@ -645,7 +738,9 @@ async fn load_model(
 async fn unload_model(
     State(state): State<AppState>,
     Path(model): Path<String>,
+    body: LimitedBody,
 ) -> Result<Response, ApiError> {
+    body.json_or_default::<RepositoryRequest>("unload request")?;
     // Off the async workers: an unload waits for a load of another model to finish.
     let engine = state.engine().clone();
     tokio::task::spawn_blocking(move || engine.unload(&model))

@@ -7,8 +7,12 @@
 //! changed in its [`Outbox`].
 //!
 //! Who may say what: a SWIM packet counts only when its sender's identity is the node its
-//! certificate names (third-party updates inside it are SWIM's own business: suspicion is
-//! refuted by its subject). Adverts are never relayed: each node sends every member a small
+//! certificate names. Updates inside it about other members are hearsay: suspicion is SWIM's
+//! own business (its subject refutes it), but a report that another member is down counts
+//! only once [`DOWN_QUORUM`] distinct members made it; until then it is taken as suspicion
+//! ([`demote_hearsay`]), and this node's own probes decide. A report that we are down never
+//! counts: we refute it. So one member with a valid node certificate cannot remove another,
+//! or make us rejoin. Adverts are never relayed: each node sends every member a small
 //! [`AdvertNotice`] directly (when its advert changes, and every [`NOTICE_PERIOD`] with its load
 //! figures), and a member holding an older advert fetches the new one from the node itself,
 //! over a connection whose certificate names it. So a node certificate speaks only for its own
@@ -200,6 +204,97 @@ impl Runtime<MemberId> for Outbox {
     }
 }
 
+/// Distinct members whose reports that another member is down make it count: one member's
+/// word is suspicion only.
+pub const DOWN_QUORUM: usize = 2;
+
+/// Down reports waited on at most; past it the oldest are forgotten (a report that is not
+/// confirmed soon is not confirmed).
+const MAX_DOWN_REPORTS: usize = 256;
+
+/// A SWIM packet from `sender` with each report that *another* member is down (ourselves
+/// included) that `counts` does not accept turned into suspicion at the same incarnation, or
+/// `None` when nothing was changed. A member's own word about itself (leaving) stands.
+/// Suspicion of a live member is refuted by the member; a dead one is declared down by this
+/// node's own failed probe, or once enough members report it.
+pub fn demote_hearsay(
+    sender: &str,
+    data: &[u8],
+    mut counts: impl FnMut(&MemberId, foca::Incarnation) -> bool,
+) -> Result<Option<Vec<u8>>, MembershipError> {
+    let malformed = |e: postcard::Error| MembershipError(format!("malformed SWIM packet: {e}"));
+    let mut rest = data;
+    let header: foca::Header<MemberId> =
+        PostcardCodec.decode_header(&mut rest).map_err(malformed)?;
+    // foca reads updates after any header but a custom broadcast's, when two or more bytes
+    // follow; it refuses what does not parse, so anything else is left to it unchanged.
+    let Some((count, mut rest)) = rest
+        .split_first_chunk::<2>()
+        .filter(|_| header.message != foca::Message::Broadcast)
+        .map(|(count, rest)| (u16::from_be_bytes(*count), rest))
+    else {
+        return Ok(None);
+    };
+    let mut updates = Vec::new();
+    let mut demoted = false;
+    for _ in 0..count {
+        let Ok(update) = Codec::<MemberId>::decode_member(&mut PostcardCodec, &mut rest) else {
+            return Ok(None);
+        };
+        if update.state() == State::Down
+            && update.id().name != sender
+            && !counts(update.id(), update.incarnation())
+        {
+            demoted = true;
+            updates.push(foca::Member::new(
+                update.id().clone(),
+                update.incarnation(),
+                State::Suspect,
+            ));
+        } else {
+            updates.push(update);
+        }
+    }
+    if !demoted {
+        return Ok(None);
+    }
+    let mut packet = Vec::with_capacity(data.len());
+    PostcardCodec
+        .encode_header(&header, &mut packet)
+        .map_err(malformed)?;
+    packet.extend_from_slice(&count.to_be_bytes());
+    for update in &updates {
+        PostcardCodec
+            .encode_member(update, &mut packet)
+            .map_err(malformed)?;
+    }
+    packet.extend_from_slice(rest);
+    Ok(Some(packet))
+}
+
+/// A SWIM ping from `from` to `to` carrying `updates`, encoded as foca encodes one: for the
+/// simulation's hostile members and for tests.
+pub(crate) fn swim_packet(
+    from: &MemberId,
+    to: &MemberId,
+    updates: &[foca::Member<MemberId>],
+) -> Vec<u8> {
+    let header = foca::Header {
+        src: from.clone(),
+        src_incarnation: 0,
+        dst: to.clone(),
+        message: foca::Message::Ping(0),
+    };
+    let mut packet = vec![SWIM_PACKET];
+    // Our own types always encode.
+    let _ = PostcardCodec.encode_header(&header, &mut packet);
+    packet.extend_from_slice(&u16::try_from(updates.len()).unwrap_or(0).to_be_bytes());
+    for update in updates {
+        let _ = PostcardCodec.encode_member(update, &mut packet);
+    }
+    packet
+}
+
 /// Why the core refused an input.
 #[derive(Debug, thiserror::Error)]
 #[error("membership: {0}")]
@@ -222,6 +317,39 @@ pub struct LiveMember {
     pub advert: Option<NodeAdvert>,
 }
 
+/// Who reported which member down, at which incarnation: [`DOWN_QUORUM`] distinct reporters
+/// make a report count.
+#[derive(Debug, Default)]
+struct DownReports {
+    reports: VecDeque<((MemberId, foca::Incarnation), BTreeSet<String>)>,
+}
+
+impl DownReports {
+    /// Records that `sender` reports `subject` down at `incarnation`; whether enough
+    /// members now have.
+    fn confirm(
+        &mut self,
+        subject: &MemberId,
+        incarnation: foca::Incarnation,
+        sender: &str,
+    ) -> bool {
+        let key = (subject.clone(), incarnation);
+        let index = match self.reports.iter().position(|(k, _)| *k == key) {
+            Some(index) => index,
+            None => {
+                if self.reports.len() == MAX_DOWN_REPORTS {
+                    self.reports.pop_front();
+                }
+                self.reports.push_back((key, BTreeSet::new()));
+                self.reports.len() - 1
+            }
+        };
+        let senders = &mut self.reports[index].1;
+        senders.insert(sender.to_string());
+        senders.len() >= DOWN_QUORUM
+    }
+}
+
 /// Advert fetches in flight and waiting their turn.
 #[derive(Debug, Default)]
 struct Fetches {
@@ -239,6 +367,7 @@ pub struct Membership {
     own_advert: Option<NodeAdvert>,
     last_notice: Option<Duration>,
     fetches: Fetches,
+    down_reports: DownReports,
     outbox: Outbox,
     changes_handled: usize,
     /// Addresses of members that went down, newest first: where the rest of a partitioned
@@ -267,6 +396,7 @@ impl Membership {
             own_advert: None,
             last_notice: None,
             fetches: Fetches::default(),
+            down_reports: DownReports::default(),
             outbox: Outbox::default(),
             changes_handled: 0,
             departed: VecDeque::new(),
@@ -333,6 +463,12 @@ impl Membership {
         match packet.split_first() {
             Some((&NOTICE_PACKET, data)) => self.receive_notice(decode_notice(data)?),
             Some((_, data)) => {
+                let me = self.foca.identity().name.clone();
+                let reports = &mut self.down_reports;
+                let demoted = demote_hearsay(&claimed, data, |subject, incarnation| {
+                    subject.name != me && reports.confirm(subject, incarnation, &claimed)
+                })?;
+                let data = demoted.as_deref().unwrap_or(data);
                 let result = self.foca.handle_data(data, &mut self.outbox);
                 self.after_changes();
                 Ok(result?)
@@ -488,6 +624,14 @@ impl Membership {
             self.notify_members();
         }
         Ok(())
+    }
+
+    /// The incarnation this node knows `member` by, if it knows the member at all.
+    pub(crate) fn known_incarnation(&self, member: &MemberId) -> Option<foca::Incarnation> {
+        self.foca
+            .iter_membership_state()
+            .find(|m| m.id() == member)
+            .map(foca::Member::incarnation)
     }
 
     /// Leaves the mesh gracefully: peers learn at once instead of suspecting us.

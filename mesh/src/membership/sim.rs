@@ -217,6 +217,36 @@ impl Simulation {
         }
     }
 
+    /// Has node `from` send node `to` a SWIM ping that reports node `about` down, at the
+    /// incarnation `from` knows it by: what a member with a valid node certificate can say
+    /// about another, to see that it does not count for more than suspicion.
+    pub fn report_down(&mut self, from: usize, to: usize, about: usize) {
+        let (Some(Some(sender)), Some(Some(receiver)), Some(Some(subject))) = (
+            self.nodes.get(from),
+            self.nodes.get(to),
+            self.nodes.get(about),
+        ) else {
+            return;
+        };
+        let subject = subject.core.id().clone();
+        let incarnation = sender.core.known_incarnation(&subject).unwrap_or_default();
+        let packet = super::swim_packet(
+            sender.core.id(),
+            receiver.core.id(),
+            &[foca::Member::new(subject, incarnation, foca::State::Down)],
+        );
+        let latency = self.latency();
+        self.schedule(latency, Event::Deliver { to, from, packet });
+    }
+
+    /// The generation node `index` runs as now (it grows when the node rejoins).
+    pub fn generation(&self, index: usize) -> Option<u64> {
+        match self.nodes.get(index) {
+            Some(Some(node)) => Some(node.core.id().generation),
+            _ => None,
+        }
+    }
+
     /// Runs events until virtual time `until`.
     pub fn run_until(&mut self, until: Duration) {
         while let Some(Reverse((at, sequence))) = self.queue.peek().copied() {

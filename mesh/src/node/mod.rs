@@ -14,6 +14,7 @@ use crate::http::http3::{self, ClientAuth};
 use crate::http::routes::AppState;
 use crate::http::server::{self, TlsError};
 use crate::membership::DetectorConfig;
+use crate::placement::Publishers;
 use crate::transport::MeshIdentity;
 use crate::transport::certs::Role;
 use meshserve_host::Engine;
@@ -420,6 +421,16 @@ async fn join_mesh(
             suspect_timeout: Duration::from_millis(mesh.suspect_timeout_ms),
         },
         max_frame_bytes: mesh.max_frame_bytes,
+        max_frame_bytes_in_flight: mesh.max_frame_bytes_in_flight,
+        publishers: match &mesh.publishers {
+            Some(names) => Publishers::Only(names.iter().cloned().collect()),
+            None => {
+                tracing::warn!(
+                    "mesh.publishers is not set: any node of the mesh CA can publish models that others fetch and run; name the nodes whose repositories are authoritative"
+                );
+                Publishers::Anyone
+            }
+        },
         forward_timeout: Duration::from_millis(mesh.forward_timeout_ms),
         frame_read_timeout: Duration::from_millis(mesh.frame_read_timeout_ms.max(1)),
     };

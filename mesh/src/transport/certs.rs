@@ -93,6 +93,11 @@ pub enum CertError {
         /// rcgen's error.
         source: rcgen::Error,
     },
+    /// A folder others may write to: they could swap a key or certificate under us.
+    #[error(
+        "{0} is writable by its group or by everyone; keys are not written there (chmod go-w it, or choose another folder)"
+    )]
+    UnsafeFolder(String),
     /// A name that cannot be part of a file name.
     #[error("invalid name '{0}': use letters, digits, '-', '_' and '.'")]
     InvalidName(String),
@@ -175,19 +180,62 @@ fn generate(context: &str) -> impl Fn(rcgen::Error) -> CertError + '_ {
     }
 }
 
-fn write(path: &Path, text: &str, private: bool) -> Result<(), CertError> {
-    let io = |source| CertError::Io {
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> CertError + '_ {
+    move |source| CertError::Io {
         path: path.display().to_string(),
         source,
-    };
-    std::fs::write(path, text).map_err(io)?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     }
-    #[cfg(not(unix))]
-    let _ = private;
+}
+
+/// Writes `text` to `path`. A private file (a key) is born `0600` under a temporary name,
+/// created only if that name is free (`create_new`, so never through a planted file or link),
+/// and renamed into place: no moment exists, whatever the umask, at which another user could
+/// open it, and reissuing replaces a key in one step.
+fn write(path: &Path, text: &str, private: bool) -> Result<(), CertError> {
+    let io = io_error(path);
+    if !private {
+        return std::fs::write(path, text).map_err(io);
+    }
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(format!(".new-{}", std::process::id()));
+    let staged = PathBuf::from(staged);
+    // Left by a run that died between create and rename; the folder is ours alone (checked).
+    let _ = std::fs::remove_file(&staged);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options.open(&staged).and_then(|mut file| {
+        use std::io::Write;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&staged, path)) {
+        let _ = std::fs::remove_file(&staged);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+/// Makes `dir` (and its parents) for keys: created `0700`; an existing folder that its group
+/// or everyone may write to is refused.
+fn private_dir(dir: &Path) -> Result<(), CertError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io_error(dir))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)
+            .map_err(io_error(dir))?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            return Err(CertError::UnsafeFolder(dir.display().to_string()));
+        }
+    }
     Ok(())
 }
 
@@ -223,6 +271,7 @@ impl MeshCa {
     /// The CA stored in `dir`, or a new one saved there when there is none. Never replaces a
     /// CA certificate: a folder with only one of `ca.pem` and `ca.key` is an error.
     pub fn open_or_create(dir: &Path) -> Result<(MeshCa, bool), CertError> {
+        private_dir(dir)?;
         let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
         if cert.exists() != key.exists() {
             let (present, missing) = if cert.exists() {
@@ -247,10 +296,6 @@ impl MeshCa {
                 false,
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
-            path: dir.display().to_string(),
-            source,
-        })?;
         let ca = MeshCa::create()?;
         write(&cert, &ca.cert_pem, false)?;
         write(&key, &ca.key.serialize_pem(), true)?;
@@ -328,6 +373,7 @@ impl MeshCa {
     /// returning the certificate's path.
     pub fn issue_server_to(&self, dir: &Path, names: &[String]) -> Result<PathBuf, CertError> {
         let (cert, key) = self.issue_server(names)?;
+        private_dir(dir)?;
         let cert_path = dir.join("server.pem");
         write(&cert_path, &cert, false)?;
         write(&dir.join("server.key"), &key, true)?;
@@ -340,17 +386,13 @@ impl MeshCa {
     pub fn issue_to(&self, dir: &Path, role: Role, name: &str) -> Result<PathBuf, CertError> {
         let (cert, key) = self.issue(role, name)?;
         let dir = match role {
-            Role::Node => {
-                let own = node_dir(dir, name);
-                std::fs::create_dir_all(&own).map_err(|source| CertError::Io {
-                    path: own.display().to_string(),
-                    source,
-                })?;
-                write(&own.join("ca.pem"), &self.cert_pem, false)?;
-                own
-            }
+            Role::Node => node_dir(dir, name),
             Role::Client => dir.to_path_buf(),
         };
+        private_dir(&dir)?;
+        if role == Role::Node {
+            write(&dir.join("ca.pem"), &self.cert_pem, false)?;
+        }
         let (cert_path, key_path) = paths(&dir, role, name);
         write(&cert_path, &cert, false)?;
         write(&key_path, &key, true)?;

@@ -63,6 +63,14 @@ pub enum TransportError {
         /// The node expected there.
         node: String,
     },
+    /// This node is reading as many frame bytes as its budget allows.
+    #[error(
+        "this node is buffering too many mesh frame bytes (mesh.max_frame_bytes_in_flight); retry later"
+    )]
+    Busy {
+        /// The peer whose frame was refused.
+        addr: SocketAddr,
+    },
     /// No answer in time.
     #[error("no answer from {addr} within {timeout:?}")]
     Timeout {
@@ -77,10 +85,46 @@ impl TransportError {
     /// Whether the peer may never have seen the request, so another replica can take it.
     /// Inference is idempotent, so every transport failure qualifies; only a bad frame (a
     /// broken peer, not a lost one) does not.
+    /// Not `Busy` either: that is this node's own budget, which another replica's answer
+    /// would meet too.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, TransportError::Frame { .. })
+        !matches!(
+            self,
+            TransportError::Frame { .. } | TransportError::Busy { .. }
+        )
     }
 }
+
+/// The bytes of `meshserve/1` frames a node holds while reading them, node-wide: every peer
+/// together, whatever its certificate, can make it buffer at most this much (one byte per
+/// permit, taken as bytes arrive, so a frame that is announced but not sent costs nothing).
+#[derive(Clone)]
+pub struct FrameBudget(Arc<tokio::sync::Semaphore>);
+
+impl FrameBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> FrameBudget {
+        FrameBudget(Arc::new(tokio::sync::Semaphore::new(
+            bytes.min(tokio::sync::Semaphore::MAX_PERMITS),
+        )))
+    }
+
+    /// Bytes not held by any frame now.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// A frame read off a stream, with its share of the [`FrameBudget`].
+pub struct Frame {
+    /// The message.
+    pub message: Message,
+    /// The frame's bytes, held until this is dropped.
+    pub budget: BudgetHold,
+}
+
+/// A share of a [`FrameBudget`], given back when dropped.
+pub struct BudgetHold(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
 
 /// One pooled connection per peer address; the inner lock makes concurrent callers share one
 /// handshake.
@@ -97,6 +141,7 @@ pub struct MeshEndpoint {
     accepts: bool,
     pool: Pool,
     max_frame_bytes: usize,
+    frame_budget: FrameBudget,
 }
 
 impl MeshEndpoint {
@@ -134,7 +179,19 @@ impl MeshEndpoint {
             accepts,
             pool: Arc::default(),
             max_frame_bytes,
+            frame_budget: FrameBudget::new(usize::MAX),
         })
+    }
+
+    /// Bounds the frame bytes this endpoint buffers at once, over all its streams.
+    pub fn with_frame_budget(mut self, bytes: usize) -> MeshEndpoint {
+        self.frame_budget = FrameBudget::new(bytes);
+        self
+    }
+
+    /// What the endpoint's frames may buffer at once.
+    pub fn frame_budget(&self) -> &FrameBudget {
+        &self.frame_budget
     }
 
     /// Swaps in a new identity (a reissued certificate, a new CA bundle) for every connection
@@ -276,7 +333,9 @@ impl MeshEndpoint {
                 .await
                 .map_err(|e| lost(&e))?;
             send.finish().map_err(|e| lost(&e))?;
-            read_frame(&mut recv, self.max_frame_bytes, addr).await
+            read_frame(&mut recv, self.max_frame_bytes, &self.frame_budget, addr)
+                .await
+                .map(|frame| frame.message)
         };
         let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
@@ -313,12 +372,17 @@ impl MeshEndpoint {
     }
 }
 
-/// Reads one whole frame from a stream, refusing oversized or malformed ones.
+/// Frame buffers grow by doubling up to this size, then to the frame's length.
+const DOUBLING_BYTES: usize = 256 << 10;
+
+/// Reads one whole frame from a stream, refusing oversized or malformed ones, and one whose
+/// bytes would overdraw `budget` (`Busy`, as soon as they arrive).
 pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max_frame_bytes: usize,
+    budget: &FrameBudget,
     addr: SocketAddr,
-) -> Result<Message, TransportError> {
+) -> Result<Frame, TransportError> {
     let lost = |e: &dyn std::fmt::Display| TransportError::Lost {
         addr,
         reason: e.to_string(),
@@ -328,11 +392,35 @@ pub async fn read_frame(
     recv.read_exact(&mut header).await.map_err(|e| lost(&e))?;
     let length = wire::frame::decode_header(&header, max_frame_bytes).map_err(frame_error)?;
     // Grow with what actually arrives: a peer announcing a large frame and sending nothing
-    // must not make us allocate it.
-    let mut payload = Vec::with_capacity(length.min(64 * 1024));
+    // must not make us allocate it. Small frames grow by doubling; past the first 256 KiB
+    // the buffer takes the frame's whole length at once, so a large frame is not copied
+    // from buffer to buffer (each one freed would stay resident in the allocator for a
+    // while). The budget is charged for capacity, not length: capacity is what we hold.
+    let mut payload: Vec<u8> = Vec::new();
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     while payload.len() < length {
         match recv.read_chunk(length - payload.len(), true).await {
-            Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                let needed = payload.len() + chunk.bytes.len();
+                if needed > payload.capacity() {
+                    let capacity = if needed <= DOUBLING_BYTES {
+                        needed.max(payload.capacity() * 2).max(64 << 10)
+                    } else {
+                        length
+                    }
+                    .min(length);
+                    let permit = u32::try_from(capacity - payload.capacity())
+                        .ok()
+                        .and_then(|n| budget.0.clone().try_acquire_many_owned(n).ok())
+                        .ok_or(TransportError::Busy { addr })?;
+                    match &mut held {
+                        Some(held) => held.merge(permit),
+                        None => held = Some(permit),
+                    }
+                    payload.reserve_exact(capacity - payload.len());
+                }
+                payload.extend_from_slice(&chunk.bytes);
+            }
             Ok(None) => {
                 return Err(TransportError::Lost {
                     addr,
@@ -345,7 +433,11 @@ pub async fn read_frame(
             Err(e) => return Err(lost(&e)),
         }
     }
-    wire::frame::decode_payload(&payload).map_err(frame_error)
+    let message = wire::frame::decode_payload(&payload).map_err(frame_error)?;
+    Ok(Frame {
+        message,
+        budget: BudgetHold(held),
+    })
 }
 
 /// Writes one frame and closes the sending side.

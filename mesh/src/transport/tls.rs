@@ -124,6 +124,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 /// Concurrent request streams a peer may open on one connection.
 const MAX_STREAMS: u32 = 1024;
+/// The same for a native client, once its certificate shows it is one: a client's grant is
+/// narrower than a node's, so clients cannot take what forwarding between nodes needs.
+pub const CLIENT_MAX_STREAMS: u32 = 128;
+/// Bytes a native client may send on all streams of a connection ahead of our reading them.
+pub const CLIENT_CONNECTION_WINDOW: u32 = 8 << 20;
 /// Bytes a peer may send on one stream ahead of our reading them.
 const STREAM_WINDOW: u32 = 2 << 20;
 /// Bytes a peer may send on all streams of a connection ahead of our reading them.

@@ -133,6 +133,11 @@ impl TestNode {
         self.child.id()
     }
 
+    /// The process's resident memory now, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.pid())
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         self.signal_term();
@@ -279,4 +284,15 @@ pub fn make_certs(dir: &Path, nodes: &[&str], clients: &[&str], servers: &[&str]
     }
     let output = command.output().unwrap();
     assert!(output.status.success(), "{output:?}");
+}
+
+/// Resident memory of process `pid`, in bytes (`VmRSS` in `/proc/PID/status`).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
 }
