@@ -201,6 +201,20 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The settings that spend this machine's resources, brought within what it has: for a
+    /// config this node did not get from its operator (one that came over the mesh), whose
+    /// author may not know, or may abuse, the machine. Sessions and threads per session at
+    /// most the cores; the queue at most its default.
+    pub fn clamped_to(mut self, cores: usize) -> ModelConfig {
+        let cores = cores.max(1);
+        self.instances = self.instances.min(cores);
+        self.intra_op_threads = self.intra_op_threads.min(cores);
+        self.queue_capacity = self
+            .queue_capacity
+            .min(ModelConfig::default().queue_capacity);
+        self
+    }
+
     /// Threads per session, resolving 0 to a share of the machine.
     pub fn resolved_intra_op_threads(&self) -> usize {
         if self.intra_op_threads > 0 {

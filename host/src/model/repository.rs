@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 pub const MODEL_FILE: &str = "model.onnx";
 /// The file name of a model's optional config.
 pub const CONFIG_FILE: &str = "config.toml";
+/// A hidden file in a model folder that came over the mesh rather than from the operator:
+/// its config's resource settings are clamped to this machine ([`ModelConfig::clamped_to`]).
+/// Hidden, so it is neither part of the model's digest nor sent to other nodes.
+pub const FROM_MESH_MARKER: &str = ".from-mesh";
 
 /// A model repository directory.
 #[derive(Debug, Clone)]
@@ -83,9 +87,16 @@ impl Repository {
             .join(MODEL_FILE)
     }
 
-    /// The config of `name`, or the defaults if it has no `config.toml`.
+    /// The config of `name`, or the defaults if it has no `config.toml`; clamped to this
+    /// machine when the model came over the mesh ([`FROM_MESH_MARKER`]).
     pub fn config(&self, name: &str) -> Result<ModelConfig, ConfigError> {
-        ModelConfig::load_or_default(&self.root.join(name).join(CONFIG_FILE))
+        let folder = self.root.join(name);
+        let config = ModelConfig::load_or_default(&folder.join(CONFIG_FILE))?;
+        if folder.join(FROM_MESH_MARKER).exists() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            return Ok(config.clamped_to(cores));
+        }
+        Ok(config)
     }
 }
 
@@ -112,6 +123,34 @@ mod tests {
         assert_eq!(repo.model_names().unwrap(), vec!["a", "b"]);
         assert_eq!(repo.versions("a"), vec![1, 3]);
         assert!(repo.versions("missing").is_empty());
+    }
+
+    #[test]
+    fn a_config_that_came_over_the_mesh_is_clamped_to_the_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("m");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join(CONFIG_FILE),
+            "instances = 50
+intra_op_threads = 8000
+queue_capacity = 1000000
+",
+        )
+        .unwrap();
+        let repo = Repository::new(dir.path());
+        let own = repo.config("m").unwrap();
+        assert_eq!(
+            (own.instances, own.queue_capacity),
+            (50, 1_000_000),
+            "the operator's own"
+        );
+        std::fs::write(folder.join(FROM_MESH_MARKER), b"").unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let fetched = repo.config("m").unwrap();
+        assert_eq!(fetched.instances, 50.min(cores));
+        assert_eq!(fetched.intra_op_threads, cores);
+        assert_eq!(fetched.queue_capacity, 1024);
     }
 
     #[test]

@@ -150,6 +150,11 @@ pub fn install(
         }
         std::fs::write(&path, &file.data).map_err(io(&path))?;
     }
+    // Its config came from a peer: the node clamps its resource settings (hidden, so the
+    // digest and what this node serves to others stay the publisher's).
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let marker = staging.join(meshserve_host::model::repository::FROM_MESH_MARKER);
+    std::fs::write(&marker, b"").map_err(io(&marker))?;
     std::fs::rename(&staging, &target).map_err(|e| {
         let _ = std::fs::remove_dir_all(&staging);
         BundleError::Io {
@@ -233,6 +238,13 @@ mod tests {
         install(from.path(), "m", &files, &expected).unwrap();
         let read_back = read(from.path(), "m").unwrap();
         assert_eq!(digest(&read_back), expected);
+        assert!(
+            from.path()
+                .join("m")
+                .join(meshserve_host::model::repository::FROM_MESH_MARKER)
+                .exists(),
+            "a fetched model is marked as not the operator's own"
+        );
         assert!(matches!(
             install(from.path(), "m", &files, &expected),
             Err(BundleError::Exists(_))
