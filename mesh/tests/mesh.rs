@@ -109,6 +109,27 @@ fn start_node_args(
     }
 }
 
+/// Node a alone in its mesh, with `config` (TOML) as its node config; its mesh address.
+fn lone_node(root: &Path, certs: &Path, config: &str) -> (TestNode, SocketAddr) {
+    let repo = repository(root, "a");
+    let path = root.join("node-a.toml");
+    std::fs::write(&path, config).unwrap();
+    let (path, certs) = (path.display().to_string(), certs.display().to_string());
+    let args = [
+        "--quic",
+        "127.0.0.1:0",
+        "--certs",
+        &certs,
+        "--name",
+        "a",
+        "--config",
+        &path,
+    ];
+    let node = TestNode::start(&repo, &args);
+    let quic = node.mesh_addr().unwrap();
+    (node, quic)
+}
+
 /// Nodes a, b and c, the last two joining through a.
 fn three_nodes(root: &Path, certs: &Path) -> [MeshNode; 3] {
     let a = start_node(root, certs, "a", "127.0.0.1:0", None);
@@ -850,25 +871,7 @@ async fn a_frame_that_trickles_in_is_dropped_at_the_deadline() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     make_certs(&certs, &["a"], &["app"], &[]);
-    let repo = repository(root.path(), "a");
-    let config = root.path().join("node-a.toml");
-    std::fs::write(&config, "[mesh]\nframe_read_timeout_ms = 500\n").unwrap();
-    let config = config.display().to_string();
-    let certs_arg = certs.display().to_string();
-    let node = TestNode::start(
-        &repo,
-        &[
-            "--quic",
-            "127.0.0.1:0",
-            "--certs",
-            &certs_arg,
-            "--name",
-            "a",
-            "--config",
-            &config,
-        ],
-    );
-    let quic = node.mesh_addr().unwrap();
+    let (node, quic) = lone_node(root.path(), &certs, "[mesh]\nframe_read_timeout_ms = 500\n");
     let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
     let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
     let connection = endpoint.connection(quic).await.unwrap();
@@ -1367,28 +1370,11 @@ async fn a_flood_of_unfinished_frames_holds_no_more_than_the_budget() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     make_certs(&certs, &["a"], &["app"], &[]);
-    let repo = repository(root.path(), "a");
-    let config = root.path().join("node-a.toml");
-    std::fs::write(
-        &config,
-        format!("[mesh]\nmax_frame_bytes_in_flight = {BUDGET}\nframe_read_timeout_ms = 20000\n"),
-    )
-    .unwrap();
-    let (config, certs_arg) = (config.display().to_string(), certs.display().to_string());
-    let node = TestNode::start(
-        &repo,
-        &[
-            "--quic",
-            "127.0.0.1:0",
-            "--certs",
-            &certs_arg,
-            "--name",
-            "a",
-            "--config",
-            &config,
-        ],
+    let (node, quic) = lone_node(
+        root.path(),
+        &certs,
+        &format!("[mesh]\nmax_frame_bytes_in_flight = {BUDGET}\nframe_read_timeout_ms = 20000\n"),
     );
-    let quic = node.mesh_addr().unwrap();
     let before = node.rss_bytes();
     let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
     let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
