@@ -871,7 +871,7 @@ async fn a_frame_that_trickles_in_is_dropped_at_the_deadline() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
     make_certs(&certs, &["a"], &["app"], &[]);
-    let (node, quic) = lone_node(root.path(), &certs, "[mesh]\nframe_read_timeout_ms = 500\n");
+    let (_node, quic) = lone_node(root.path(), &certs, "[mesh]\nframe_read_timeout_ms = 500\n");
     let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
     let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
     let connection = endpoint.connection(quic).await.unwrap();
