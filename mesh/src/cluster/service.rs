@@ -195,13 +195,10 @@ async fn answer(
             let _ = recv.stop(0u32.into());
             Message::Failure(Failure::new(class, source.to_string()))
         }
-        Err(TransportError::Busy { .. }) => {
+        Err(busy @ TransportError::Busy { .. }) => {
             tracing::debug!(%peer, "frame refused: mesh.max_frame_bytes_in_flight spent");
             let _ = recv.stop(0u32.into());
-            let mut failure = Failure::new(
-                FailureClass::Unavailable,
-                TransportError::Busy { addr: peer }.to_string(),
-            );
+            let mut failure = Failure::new(FailureClass::Unavailable, busy.to_string());
             failure.retry_after_ms = Some(1000);
             Message::Failure(failure)
         }

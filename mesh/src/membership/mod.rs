@@ -463,10 +463,11 @@ impl Membership {
         match packet.split_first() {
             Some((&NOTICE_PACKET, data)) => self.receive_notice(decode_notice(data)?),
             Some((_, data)) => {
-                let me = self.foca.identity().name.clone();
+                // Disjoint fields: no copy of our name per packet.
+                let me = &self.foca.identity().name;
                 let reports = &mut self.down_reports;
                 let demoted = demote_hearsay(&claimed, data, |subject, incarnation| {
-                    subject.name != me && reports.confirm(subject, incarnation, &claimed)
+                    subject.name != *me && reports.confirm(subject, incarnation, &claimed)
                 })?;
                 let data = demoted.as_deref().unwrap_or(data);
                 let result = self.foca.handle_data(data, &mut self.outbox);

@@ -108,11 +108,6 @@ impl FrameBudget {
             bytes.min(tokio::sync::Semaphore::MAX_PERMITS),
         )))
     }
-
-    /// Bytes not held by any frame now.
-    pub fn available(&self) -> usize {
-        self.0.available_permits()
-    }
 }
 
 /// A frame read off a stream, with its share of the [`FrameBudget`].
