@@ -752,6 +752,136 @@ async fn a_model_deployed_to_one_node_reaches_its_replicas() {
     assert_close(&data, &expected);
 }
 
+/// Whether two files hold the same bytes, read a piece at a time.
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut a, mut b) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = a.read(&mut x).unwrap();
+        let mut filled = 0;
+        while filled < n {
+            match b.read(&mut y[filled..n]).unwrap() {
+                0 => return false,
+                m => filled += m,
+            }
+        }
+        if n == 0 {
+            return b.read(&mut y).unwrap() == 0;
+        }
+        if x[..n] != y[..n] {
+            return false;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_six_times_the_frame_limit_travels_in_chunks_resuming_with_bounded_memory() {
+    const WEIGHTS: usize = 200 << 20;
+    const RESUMED: usize = 50 << 20;
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
+    // `big` is fraud with 200 MB of external weights beside it (as ONNX models over 2 GB
+    // keep theirs), six times the default 32 MiB frame limit.
+    let weights: Vec<u8> = (0..WEIGHTS)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, |repo| {
+        copy_tree(&repo.join("fraud"), &repo.join("big"));
+        std::fs::write(repo.join("big/1/weights.bin"), &weights).unwrap();
+    });
+    // b was fetching it before, and kept the first 50 MB of the weights.
+    let repo_a = root.path().join("models-a");
+    let (digest, size) = meshserve::cluster::bundle::DigestCache::default()
+        .get(&repo_a, "big")
+        .unwrap();
+    assert!(size > WEIGHTS as u64);
+    let hex = meshserve::cluster::bundle::hex(&digest);
+    let b = start_node_with(
+        root.path(),
+        &certs,
+        "b",
+        "127.0.0.1:0",
+        Some(a.quic),
+        |repo| {
+            let staged = repo.join(format!(".incoming-big@{}/1", &hex[..16]));
+            std::fs::create_dir_all(&staged).unwrap();
+            std::fs::write(staged.join("weights.bin"), &weights[..RESUMED]).unwrap();
+        },
+    );
+    drop(weights);
+    let before = (a.node.rss_bytes(), b.node.rss_bytes());
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (done, pids) = (done.clone(), (a.node.pid(), b.node.pid()));
+        std::thread::spawn(move || {
+            let mut peak = (0u64, 0u64);
+            while !done.load(Ordering::Relaxed) {
+                peak.0 = peak.0.max(support::rss_bytes(pids.0));
+                peak.1 = peak.1.max(support::rss_bytes(pids.1));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let probe = client(&certs, vec![a.quic]);
+    wait_for(
+        "b to fetch and serve big",
+        Duration::from_secs(90),
+        async || {
+            let status = probe.status(b.quic).await.ok()?;
+            serving(&status, "big").contains("b").then_some(())
+        },
+    )
+    .await;
+    done.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let growth = (
+        peak.0.saturating_sub(before.0) >> 20,
+        peak.1.saturating_sub(before.1) >> 20,
+    );
+    eprintln!(
+        "RSS growth while 200 MB travelled: holder {} MiB, fetcher {} MiB",
+        growth.0, growth.1
+    );
+    // One chunk is 4 MiB; the fetcher also loads the model into a session.
+    assert!(growth.0 < 64, "the holder grew {} MiB", growth.0);
+    assert!(growth.1 < 96, "the fetcher grew {} MiB", growth.1);
+
+    let log = b.node.log_text();
+    assert!(
+        log.contains(&format!("resumed_at={RESUMED}")),
+        "the transfer resumes from what was staged:\n{log}"
+    );
+    assert!(log.contains("fetched the model's files"), "{log}");
+    let repo_b = root.path().join("models-b");
+    assert!(same_bytes(
+        &repo_a.join("big/1/weights.bin"),
+        &repo_b.join("big/1/weights.bin")
+    ));
+    let leftovers: Vec<String> = std::fs::read_dir(&repo_b)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".incoming"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // It serves from b itself.
+    let (body, _) = fraud_case();
+    let response = reqwest::Client::new()
+        .post(b.node.url("/v2/models/big/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!support::server_timing(&response).contains("forward"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_every_peer_rejoins_through_its_seed() {
     let root = tempfile::tempdir().unwrap();

@@ -168,6 +168,41 @@ fn vectors() -> Vec<(&'static str, Message)> {
                 }],
             }),
         ),
+        (
+            "fetch-manifest",
+            Message::FetchManifest(FetchModel {
+                model: "fraud".into(),
+                digest: [7; 32],
+            }),
+        ),
+        (
+            "manifest",
+            Message::Manifest(ModelManifest {
+                model: "fraud".into(),
+                digest: [7; 32],
+                files: vec![
+                    ManifestFile {
+                        path: "1/model.onnx".into(),
+                        size: 300_000_000,
+                    },
+                    ManifestFile {
+                        path: "config.toml".into(),
+                        size: 0,
+                    },
+                ],
+            }),
+        ),
+        (
+            "fetch-chunk",
+            Message::FetchChunk(FetchChunk {
+                model: "fraud".into(),
+                digest: [7; 32],
+                path: "1/model.onnx".into(),
+                offset: 4 << 20,
+                length: 4 << 20,
+            }),
+        ),
+        ("chunk", Message::Chunk(Bytes::from_static(b"\x08\x07onnx"))),
     ]
 }
 

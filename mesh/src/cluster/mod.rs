@@ -35,9 +35,12 @@ const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 /// A fetch a holder refused: the holder, the model and the digest asked for.
 type RefusedFetch = (String, String, [u8; 32]);
 
-/// Model fetches a node serves at once; more are refused (retry later), so peers asking for
-/// large models cannot make it read many into memory together.
+/// Model fetches (whole folders or chunks) a node serves at once; more wait a little and are
+/// then refused (retry later), so peers asking for models cannot make it read many at once.
 const MAX_FETCHES_SERVED: usize = 2;
+
+/// Models a node fetches and loads at once; the others placed here wait their turn.
+const MAX_ARRIVALS: usize = 2;
 
 /// When to retry a model the mesh holds but no replica serves at the moment, in ms.
 const NO_REPLICA_RETRY_MS: u64 = 1000;
@@ -231,8 +234,12 @@ pub struct Cluster {
     forward_timeout: Duration,
     local_latency: Mutex<PeakEwma>,
     digests: bundle::DigestCache,
-    /// Model fetches this node serves at once (each reads a model folder into memory).
+    /// Model fetches this node serves at once.
     fetches_served: tokio::sync::Semaphore,
+    /// Models this node fetches and loads at once.
+    arrivals: tokio::sync::Semaphore,
+    /// Models placed here that are being fetched or loaded (or wait to be).
+    arriving: Mutex<BTreeSet<String>>,
     /// Fetches a holder refused for good (too large, another version), by holder, model and
     /// digest, and when: not asked again for [`reconcile::REFUSAL_MEMORY`].
     refused_fetches: Mutex<HashMap<RefusedFetch, Instant>>,
@@ -295,6 +302,8 @@ impl Cluster {
             local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),
             digests: bundle::DigestCache::default(),
             fetches_served: tokio::sync::Semaphore::new(MAX_FETCHES_SERVED),
+            arrivals: tokio::sync::Semaphore::new(MAX_ARRIVALS),
+            arriving: Mutex::default(),
             refused_fetches: Mutex::default(),
             config_errors: Mutex::default(),
             leaving: Mutex::default(),

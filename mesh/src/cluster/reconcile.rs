@@ -7,7 +7,9 @@
 //! request that still arrives after that is answered "not here" and retried elsewhere.
 
 use crate::cluster::{Cluster, MeshView, bundle};
-use crate::wire::{FailureClass, FetchModel, Message, NodeAdvert};
+use crate::wire::{
+    CatalogEntry, Failure, FailureClass, FetchChunk, FetchModel, Message, NodeAdvert,
+};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +22,22 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// one, and a request that still comes is retried on another replica.
 const UNADVERTISE_GRACE: Duration = Duration::from_secs(1);
 
-/// How long fetching one model's files may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one manifest or chunk call of a model fetch may take.
+const FETCH_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a holder's final refusal of a fetch (the model is too large for a frame, or it
-/// holds another version) is remembered: asking again every period would make it check the
-/// same files every second for nothing.
+/// Most bytes asked for in one chunk (also at most half this node's frame limit): large enough
+/// that a round trip per chunk costs little, small enough that a transfer holds little memory.
+const CHUNK_BYTES: u64 = 4 << 20;
+
+/// How many times in a row a busy holder is waited for before the fetch gives up on it.
+const BUSY_WAITS: u32 = 10;
+
+/// Longest wait for a busy holder, whatever it asks for.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a holder's final refusal of a fetch (it holds another version, or its manifest
+/// disagrees with its advert) is remembered: asking again every period would make it check
+/// the same files every second for nothing.
 pub(super) const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
@@ -49,7 +61,14 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
             let here = route.replicas.iter().any(|r| r.node == cluster.name);
             let is_loaded = loaded.contains(model);
             if here && !is_loaded {
-                load(&cluster, &view, model).await;
+                if cluster
+                    .arriving
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(model.to_string())
+                {
+                    tokio::spawn(arrive(cluster.clone(), model.to_string()));
+                }
             } else if !here && is_loaded && settled && !cluster.is_leaving(model) {
                 let others: Vec<&str> = route
                     .replicas
@@ -88,6 +107,23 @@ async fn unload(cluster: Arc<Cluster>, model: String) {
     cluster.publish_advert().await;
 }
 
+/// Fetches and loads a model placed here, off the housekeeping loop (a large model takes a
+/// while, and adverts must go on meanwhile), at most [`super::MAX_ARRIVALS`] at once.
+async fn arrive(cluster: Arc<Cluster>, model: String) {
+    if let Ok(_slot) = cluster.arrivals.acquire().await {
+        // The plan may have moved while this waited its turn.
+        let view = cluster.view();
+        if view.placed_on(&model, &cluster.name) {
+            load(&cluster, &view, &model).await;
+        }
+    }
+    cluster
+        .arriving
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&model);
+}
+
 /// Loads `model`, fetching its files first when this node lacks them.
 async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
     let repository = cluster.engine.repository();
@@ -107,32 +143,41 @@ async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
     }
 }
 
-/// The publishers that hold `model`'s files, each with the digest it advertises: those
-/// serving it first, then by name. Each is asked for its own digest over a connection whose
-/// certificate names it, so what is installed is what one identified publisher holds, never a
-/// version that other members could offer or vote in.
-fn holders<'a>(view: &'a MeshView, model: &str) -> Vec<(&'a NodeAdvert, [u8; 32])> {
-    let mut holders: Vec<(&NodeAdvert, [u8; 32])> = view
+/// The publishers that hold `model`'s files, each with its catalog entry (digest and size):
+/// those serving it first, then by name. Each is asked for its own digest over a connection
+/// whose certificate names it, so what is installed is what one identified publisher holds,
+/// never a version that other members could offer or vote in.
+fn holders<'a>(view: &'a MeshView, model: &str) -> Vec<(&'a NodeAdvert, &'a CatalogEntry)> {
+    let mut holders: Vec<(&NodeAdvert, &CatalogEntry)> = view
         .members
         .iter()
         .filter_map(|m| m.advert.as_ref())
         .filter(|advert| view.publishers.includes(&advert.node))
         .filter_map(|advert| {
             let entry = advert.catalog.iter().find(|e| e.model == model)?;
-            Some((advert, entry.digest))
+            Some((advert, entry))
         })
         .collect();
     holders.sort_by_key(|(advert, _)| (!advert.serving.iter().any(|s| s == model), &advert.node));
     holders
 }
 
+/// Why fetching from one holder failed.
+enum FetchFailure {
+    /// For good at this digest (it holds another version, or will not serve it): not asked
+    /// again for [`REFUSAL_MEMORY`].
+    Refused(String),
+    /// For now (a timeout, a busy or vanished holder, files that did not verify).
+    Failed(String),
+}
+
 async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(), String> {
     let mut last = String::from("no other live member holds its files");
-    for (holder, digest) in holders(view, model)
+    for (holder, entry) in holders(view, model)
         .into_iter()
         .filter(|(h, _)| h.node != cluster.name)
     {
-        let key = (holder.node.clone(), model.to_string(), digest);
+        let key = (holder.node.clone(), model.to_string(), entry.digest);
         {
             let mut refused = cluster
                 .refused_fetches
@@ -144,61 +189,128 @@ async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(
                 continue;
             }
         }
-        let request = Message::FetchModel(FetchModel {
-            model: model.to_string(),
-            digest,
-        });
-        let started = Instant::now();
-        let files = match cluster
-            .endpoint
-            .call_node(holder.quic, &holder.node, &request, FETCH_TIMEOUT)
-            .await
-        {
-            Ok(Message::ModelFiles(files)) if files.model == model => files,
-            Ok(Message::Failure(f)) => {
-                if matches!(f.class, FailureClass::TooLarge | FailureClass::NotFound) {
-                    cluster
-                        .refused_fetches
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key, Instant::now());
-                }
-                last = format!("{}: {}", holder.node, f.message);
-                continue;
+        match fetch_from(cluster, holder, entry).await {
+            Ok(()) => return Ok(()),
+            Err(FetchFailure::Refused(why)) => {
+                cluster
+                    .refused_fetches
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, Instant::now());
+                last = format!("{}: {why}", holder.node);
             }
-            Ok(other) => {
-                last = format!("{} answered {other:?}", holder.node);
-                continue;
-            }
-            Err(e) => {
-                last = e.to_string();
-                continue;
-            }
-        };
-        let root = cluster.engine.repository().root().to_path_buf();
-        let name = model.to_string();
-        let size: usize = files.files.iter().map(|f| f.data.len()).sum();
-        let installed = tokio::task::spawn_blocking(move || {
-            bundle::install(&root, &name, &files.files, &digest)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        match installed {
-            Ok(()) => {
-                tracing::info!(
-                    %model,
-                    from = %holder.node,
-                    bytes = size,
-                    digest = %bundle::hex(&digest),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "placement: fetched the model's files"
-                );
-                return Ok(());
-            }
-            Err(e) => last = format!("{}: {e}", holder.node),
+            Err(FetchFailure::Failed(why)) => last = format!("{}: {why}", holder.node),
         }
     }
     Err(last)
+}
+
+/// Runs a step of a transfer that touches the disk off the async threads.
+async fn on_disk<T: Send + 'static>(
+    step: impl FnOnce() -> Result<T, bundle::BundleError> + Send + 'static,
+) -> Result<T, FetchFailure> {
+    match tokio::task::spawn_blocking(step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(FetchFailure::Failed(e.to_string())),
+        Err(e) => Err(FetchFailure::Failed(e.to_string())),
+    }
+}
+
+/// Fetches `entry`'s model from `holder` in chunks into a staging folder, resuming what an
+/// earlier attempt left there, and moves it into place once it hashes to the digest. Memory
+/// stays at one chunk whatever the model's size.
+async fn fetch_from(
+    cluster: &Arc<Cluster>,
+    holder: &NodeAdvert,
+    entry: &CatalogEntry,
+) -> Result<(), FetchFailure> {
+    let model = entry.model.as_str();
+    let ask = |request: Message| async move {
+        match cluster
+            .endpoint
+            .call_node(holder.quic, &holder.node, &request, FETCH_CALL_TIMEOUT)
+            .await
+        {
+            Ok(Message::Failure(f)) => Err(f),
+            Ok(answer) => Ok(answer),
+            Err(e) => Err(Failure::new(FailureClass::Unavailable, e.to_string())),
+        }
+    };
+    let request = Message::FetchManifest(FetchModel {
+        model: model.to_string(),
+        digest: entry.digest,
+    });
+    let manifest = match ask(request).await {
+        Ok(Message::Manifest(manifest)) => manifest,
+        Ok(other) => return Err(FetchFailure::Failed(format!("answered {}", other.kind()))),
+        Err(f) if f.class == FailureClass::NotFound => {
+            return Err(FetchFailure::Refused(f.message));
+        }
+        Err(f) => return Err(FetchFailure::Failed(f.message)),
+    };
+    let total = manifest
+        .files
+        .iter()
+        .fold(0u64, |sum, f| sum.saturating_add(f.size));
+    if manifest.model != model || manifest.digest != entry.digest || total != entry.bytes {
+        return Err(FetchFailure::Refused(format!(
+            "its manifest ({} files, {total} bytes) does not match its advert ({} bytes)",
+            manifest.files.len(),
+            entry.bytes
+        )));
+    }
+    let root = cluster.engine.repository().root().to_path_buf();
+    let staging = on_disk(move || bundle::Staging::open(&root, &manifest)).await?;
+    let chunk = CHUNK_BYTES.min(cluster.endpoint.max_frame_bytes() as u64 / 2);
+    let started = Instant::now();
+    let resumed_at = {
+        let staging = staging.clone();
+        on_disk(move || Ok(staging.progress().0)).await?
+    };
+    tracing::info!(%model, from = %holder.node, bytes = total, resumed_at, digest = %bundle::hex(&entry.digest), "placement: fetching the model's files");
+    let mut busy = 0;
+    loop {
+        let next = {
+            let staging = staging.clone();
+            on_disk(move || staging.next_wanted(chunk)).await?
+        };
+        let Some(wanted) = next else { break };
+        let request = Message::FetchChunk(FetchChunk {
+            model: model.to_string(),
+            digest: entry.digest,
+            path: wanted.path.clone(),
+            offset: wanted.offset,
+            // At most `chunk`, which is at most CHUNK_BYTES.
+            length: wanted.length as u32,
+        });
+        match ask(request).await {
+            Ok(Message::Chunk(data)) => {
+                busy = 0;
+                let staging = staging.clone();
+                on_disk(move || staging.write(&wanted, &data)).await?;
+            }
+            Ok(other) => return Err(FetchFailure::Failed(format!("answered {}", other.kind()))),
+            Err(f) if busy < BUSY_WAITS && f.retry_after_ms.is_some() => {
+                busy += 1;
+                let wait =
+                    Duration::from_millis(f.retry_after_ms.unwrap_or(1000)).min(MAX_BUSY_WAIT);
+                tokio::time::sleep(wait).await;
+            }
+            // What is staged stays for the next attempt, from this holder or another.
+            Err(f) => return Err(FetchFailure::Failed(f.message)),
+        }
+    }
+    on_disk(move || staging.finish()).await?;
+    tracing::info!(
+        %model,
+        from = %holder.node,
+        bytes = total,
+        resumed_at,
+        digest = %bundle::hex(&entry.digest),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "placement: fetched the model's files"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -254,7 +366,7 @@ mod tests {
         let order = |view: &MeshView| -> Vec<(String, u8)> {
             holders(view, "fraud")
                 .iter()
-                .map(|(advert, digest)| (advert.node.clone(), digest[0]))
+                .map(|(advert, entry)| (advert.node.clone(), entry.digest[0]))
                 .collect()
         };
         let open = MeshView::from_members(members.clone(), &Publishers::Anyone);

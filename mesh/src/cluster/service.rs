@@ -8,12 +8,13 @@ use crate::membership::Membership;
 use crate::transport::certs::Role;
 use crate::transport::{Frame, TransportError, read_frame, tls, write_frame};
 use crate::wire::{
-    Failure, FailureClass, FetchModel, InferAnswer, InferCall, Message, ModelFile, ModelFiles,
+    Failure, FailureClass, FetchChunk, FetchModel, InferAnswer, InferCall, Message, ModelFiles,
     WIRE_VERSION, WireError, WireTensor,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::sync::SemaphorePermit;
 use tower::ServiceExt;
 use tracing::Instrument;
 
@@ -154,6 +155,8 @@ async fn answer(
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
         Ok(Message::LoadQuery) => Message::Loads(cluster.loads()),
         Ok(Message::FetchModel(fetch)) if role == Role::Node => cluster.model_files(fetch).await,
+        Ok(Message::FetchManifest(fetch)) if role == Role::Node => cluster.manifest(fetch).await,
+        Ok(Message::FetchChunk(chunk)) if role == Role::Node => cluster.chunk(chunk).await,
         Ok(Message::AdvertQuery) if role == Role::Node => {
             match cluster
                 .view()
@@ -212,74 +215,158 @@ async fn answer(
     }
 }
 
+/// Largest chunk a holder reads for one request; with [`super::MAX_FETCHES_SERVED`] it bounds
+/// what serving transfers holds in memory.
+const MAX_CHUNK_SERVED: usize = 8 << 20;
+
+/// How long a chunk request waits for a fetch slot before it is told to come back.
+const FETCH_SLOT_WAIT: Duration = Duration::from_secs(5);
+
 impl Cluster {
-    /// A model's files for a peer that was placed the model, if ours have the digest it asks
-    /// for and fit in a frame. Both are checked against the digest cache (file sizes and
-    /// times, no reading) before a byte of the model is read, and at most
-    /// [`super::MAX_FETCHES_SERVED`] fetches read at once.
-    async fn model_files(self: &Arc<Self>, fetch: FetchModel) -> Message {
-        let Ok(_slot) = self.fetches_served.try_acquire() else {
-            let mut failure = Failure::new(
-                FailureClass::Unavailable,
-                "this node is serving as many model fetches as it allows; retry later",
-            );
-            failure.retry_after_ms = Some(1000);
-            return Message::Failure(failure);
-        };
+    /// The listing of our `model` if its files are at digest `wanted`, from the digest cache
+    /// (file sizes and times; the files are hashed only when they changed).
+    async fn version(
+        self: &Arc<Self>,
+        model: &str,
+        wanted: [u8; 32],
+    ) -> Result<Vec<bundle::Listed>, Failure> {
         let cluster = self.clone();
-        let model = fetch.model.clone();
-        let wanted = fetch.digest;
-        let read = tokio::task::spawn_blocking(move || cluster.read_model_files(&model, &wanted))
-            .await
-            .unwrap_or_else(|e| Err(Failure::new(FailureClass::Internal, e.to_string())));
-        match read {
-            Ok(files) => Message::ModelFiles(ModelFiles {
-                model: fetch.model,
+        let name = model.to_string();
+        let listing = tokio::task::spawn_blocking(move || {
+            cluster
+                .digests
+                .listing(cluster.engine.repository().root(), &name)
+        })
+        .await
+        .map_err(|e| Failure::new(FailureClass::Internal, e.to_string()))?;
+        match listing {
+            Ok((listing, digest)) if digest == wanted => Ok(listing),
+            Ok(_) => Err(Failure::new(
+                FailureClass::NotFound,
+                format!(
+                    "model '{model}' here is not version {}",
+                    bundle::hex(&wanted)
+                ),
+            )),
+            Err(e) => Err(Failure::new(
+                FailureClass::NotFound,
+                format!("model '{model}' is not here: {e}"),
+            )),
+        }
+    }
+
+    /// A fetch slot, waiting up to `wait` for one; past it, a failure telling the peer when
+    /// to come back.
+    async fn fetch_slot(&self, wait: Duration) -> Result<SemaphorePermit<'_>, Failure> {
+        match tokio::time::timeout(wait, self.fetches_served.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                let mut failure = Failure::new(
+                    FailureClass::Unavailable,
+                    "this node is serving as many model fetches as it allows; retry later",
+                );
+                failure.retry_after_ms = Some(1000);
+                Err(failure)
+            }
+        }
+    }
+
+    /// A model's files in one frame, for peers that fetch the whole folder at once (older
+    /// nodes): only when ours have the digest asked for and fit in a frame, both checked
+    /// before a byte is read.
+    async fn model_files(self: &Arc<Self>, fetch: FetchModel) -> Message {
+        let answer = async {
+            let _slot = self.fetch_slot(Duration::ZERO).await?;
+            let listing = self.version(&fetch.model, fetch.digest).await?;
+            let size: u64 = listing.iter().map(|f| f.size).sum();
+            let limit = self.endpoint.max_frame_bytes();
+            if usize::try_from(size).map_or(true, |size| size.saturating_add(64 << 10) > limit) {
+                return Err(Failure::new(
+                    FailureClass::TooLarge,
+                    format!(
+                        "model '{}' ({size} bytes) exceeds the frame limit of {limit} bytes (mesh.max_frame_bytes); fetch it in chunks",
+                        fetch.model
+                    ),
+                ));
+            }
+            let root = self.engine.repository().root().to_path_buf();
+            let model = fetch.model.clone();
+            let files = tokio::task::spawn_blocking(move || bundle::read(&root, &model))
+                .await
+                .map_err(|e| Failure::new(FailureClass::Internal, e.to_string()))?
+                .map_err(|e| Failure::new(FailureClass::NotFound, e.to_string()))?;
+            // The folder may have changed since the cache looked at it.
+            if bundle::digest(&files) != fetch.digest {
+                return Err(Failure::new(
+                    FailureClass::NotFound,
+                    format!("model '{}' changed while it was read", fetch.model),
+                ));
+            }
+            Ok(Message::ModelFiles(ModelFiles {
+                model: fetch.model.clone(),
                 digest: fetch.digest,
                 files,
-            }),
+            }))
+        };
+        answer.await.unwrap_or_else(Message::Failure)
+    }
+
+    /// The manifest of our `model` at the digest asked for: the first step of a chunked
+    /// transfer. Reads no file (unless they changed and must be hashed again).
+    async fn manifest(self: &Arc<Self>, fetch: FetchModel) -> Message {
+        match self.version(&fetch.model, fetch.digest).await {
+            Ok(listing) => {
+                Message::Manifest(bundle::manifest(&fetch.model, fetch.digest, &listing))
+            }
             Err(failure) => Message::Failure(failure),
         }
     }
 
-    fn read_model_files(&self, model: &str, wanted: &[u8; 32]) -> Result<Vec<ModelFile>, Failure> {
-        let root = self.engine.repository().root();
-        let not_here = |e: &dyn std::fmt::Display| {
-            Failure::new(
-                FailureClass::NotFound,
-                format!("model '{model}' is not here: {e}"),
-            )
+    /// One byte range of one file of our `model`, if the model is still at the digest asked
+    /// for and the file and range are in its listing. The path is looked up in the listing,
+    /// never joined to the repository as the peer sent it.
+    async fn chunk(self: &Arc<Self>, chunk: FetchChunk) -> Message {
+        let answer = async {
+            let limit =
+                MAX_CHUNK_SERVED.min(self.endpoint.max_frame_bytes().saturating_sub(64 << 10));
+            let length = chunk.length as usize;
+            if length > limit {
+                return Err(Failure::new(
+                    FailureClass::TooLarge,
+                    format!("chunks of at most {limit} bytes are served; {length} asked"),
+                ));
+            }
+            let _slot = self.fetch_slot(FETCH_SLOT_WAIT).await?;
+            let listing = self.version(&chunk.model, chunk.digest).await?;
+            let file = listing
+                .into_iter()
+                .find(|f| f.path == chunk.path)
+                .filter(|f| {
+                    chunk
+                        .offset
+                        .checked_add(chunk.length.into())
+                        .is_some_and(|end| end <= f.size)
+                })
+                .ok_or_else(|| {
+                    Failure::new(
+                        FailureClass::InvalidInput,
+                        format!(
+                            "model '{}' has no bytes {}+{} of '{}'",
+                            chunk.model, chunk.offset, chunk.length, chunk.path
+                        ),
+                    )
+                })?;
+            let root = self.engine.repository().root().to_path_buf();
+            let FetchChunk { model, offset, .. } = chunk;
+            let data = tokio::task::spawn_blocking(move || {
+                bundle::read_range(&root, &model, &file.path, offset, length)
+            })
+            .await
+            .map_err(|e| Failure::new(FailureClass::Internal, e.to_string()))?
+            .map_err(|e| Failure::new(FailureClass::NotFound, e.to_string()))?;
+            Ok(Message::Chunk(data.into()))
         };
-        let other_version = || {
-            Failure::new(
-                FailureClass::NotFound,
-                format!(
-                    "model '{model}' here is not version {}",
-                    bundle::hex(wanted)
-                ),
-            )
-        };
-        meshserve_host::model::repository::Repository::check_name(model)
-            .map_err(|e| not_here(&e))?;
-        let (digest, size) = self.digests.get(root, model).map_err(|e| not_here(&e))?;
-        if digest != *wanted {
-            return Err(other_version());
-        }
-        let limit = self.endpoint.max_frame_bytes();
-        if usize::try_from(size).map_or(true, |size| size.saturating_add(64 << 10) > limit) {
-            return Err(Failure::new(
-                FailureClass::TooLarge,
-                format!(
-                    "model '{model}' ({size} bytes) exceeds the frame limit of {limit} bytes (mesh.max_frame_bytes)"
-                ),
-            ));
-        }
-        let files = bundle::read(root, model).map_err(|e| not_here(&e))?;
-        // The folder may have changed since the cache looked at it.
-        if bundle::digest(&files) != *wanted {
-            return Err(other_version());
-        }
-        Ok(files)
+        answer.await.unwrap_or_else(Message::Failure)
     }
 }
 

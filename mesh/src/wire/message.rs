@@ -48,6 +48,15 @@ pub enum Message {
     LoadQuery,
     /// A node's load per model it serves, answering [`Message::LoadQuery`].
     Loads(NodeLoads),
+    /// Ask a node which files make up a model's folder, by digest (nodes only): the first
+    /// step of a chunked transfer.
+    FetchManifest(FetchModel),
+    /// A model folder's files and sizes, answering [`Message::FetchManifest`].
+    Manifest(ModelManifest),
+    /// Ask a node for a byte range of one file of a model's folder (nodes only).
+    FetchChunk(FetchChunk),
+    /// The bytes of a [`Message::FetchChunk`], exactly as many as asked for.
+    Chunk(Bytes),
 }
 
 impl Message {
@@ -69,6 +78,10 @@ impl Message {
             Message::Advert(_) => "Advert",
             Message::LoadQuery => "LoadQuery",
             Message::Loads(_) => "Loads",
+            Message::FetchManifest(_) => "FetchManifest",
+            Message::Manifest(_) => "Manifest",
+            Message::FetchChunk(_) => "FetchChunk",
+            Message::Chunk(_) => "Chunk",
         }
     }
 }
@@ -122,6 +135,41 @@ pub struct ModelFiles {
     pub digest: [u8; 32],
     /// The files.
     pub files: Vec<ModelFile>,
+}
+
+/// The files of a model's folder at one digest, without their bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    /// The model.
+    pub model: String,
+    /// The digest the files hash to.
+    pub digest: [u8; 32],
+    /// Each file, in path order.
+    pub files: Vec<ManifestFile>,
+}
+
+/// One file of a [`ModelManifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Path relative to the model's folder, `/`-separated.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A byte range of one file of a model's folder at one digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchChunk {
+    /// The model.
+    pub model: String,
+    /// The digest of the folder the range is read from; a holder whose files changed refuses.
+    pub digest: [u8; 32],
+    /// The file, as named in the manifest.
+    pub path: String,
+    /// The first byte.
+    pub offset: u64,
+    /// How many bytes.
+    pub length: u32,
 }
 
 /// One file of a model's folder.
