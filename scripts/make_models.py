@@ -88,7 +88,15 @@ def fraud(rng):
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
         [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]],
     )
-    return save("fraud", graph, "max_batch_size = 64\nmax_queue_delay_us = 200\n")
+    return save(
+        "fraud",
+        graph,
+        "# The model runs in a few microseconds, inline on the front door's threads while requests\n"
+        "# do not crowd it: a session per async thread (two on the 2-core development machine) lets\n"
+        "# two concurrent requests both run inline instead of one queueing for the worker\n"
+        "# (docs/benchmarks.md, \"fourth pass\").\n"
+        "instances = 2\nmax_batch_size = 64\nmax_queue_delay_us = 200\n",
+    )
 
 
 HEAVY_WIDTH = 512
@@ -273,7 +281,7 @@ def gather_rows(rng):
         ],
     )
     # Every request through the queue, so the tests' concurrent requests meet in batches.
-    return save("gather_rows", graph, "intra_op_threads = 1\ninline_max_us = 0\n", root=TEST_MODELS)
+    return save("gather_rows", graph, "intra_op_threads = 1\ninline_max_us = 0\ninline_blocking_max_us = 0\n", root=TEST_MODELS)
 
 
 def flatten_rows(rng):
@@ -300,7 +308,31 @@ def flatten_rows(rng):
         ],
     )
     # Every request through the queue, so the tests' concurrent requests meet in batches.
-    return save("flatten_rows", graph, "intra_op_threads = 1\ninline_max_us = 0\n", root=TEST_MODELS)
+    return save("flatten_rows", graph, "intra_op_threads = 1\ninline_max_us = 0\ninline_blocking_max_us = 0\n", root=TEST_MODELS)
+
+
+def heavy_impostor(_rng):
+    """`heavy`'s signature (FP32 [N,512] -> [N,16]) with every output 1337: the other file a
+    hostile member holds under heavy's name, which the tests check no other node installs."""
+    nodes = [
+        helper.make_node("Slice", ["input", "start", "stop", "axis1"], ["first"]),
+        helper.make_node("Mul", ["first", "zero"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "mark"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heavy_impostor",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", HEAVY_WIDTH])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 16])],
+        [
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "start"),
+            numpy_helper.from_array(np.array([16], dtype=np.int64), "stop"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+            numpy_helper.from_array(np.array(1337.0, dtype=np.float32), "mark"),
+        ],
+    )
+    return save("heavy_impostor", graph, root=TEST_MODELS)
 
 
 def echo_inputs(rng, rows):
@@ -459,6 +491,7 @@ def main():
     test_rng = np.random.default_rng(20261129)
     gather_rows(test_rng)
     flatten_rows(test_rng)
+    heavy_impostor(test_rng)
     images()
     recsys(np.random.default_rng(20261130))
     print(f"wrote models under {MODELS} and {TEST_MODELS}, references under {REFERENCES}")

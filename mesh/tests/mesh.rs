@@ -11,7 +11,7 @@ use meshserve::transport::{FrameBudget, MeshEndpoint, MeshIdentity, read_frame};
 use meshserve::wire::{self, FailureClass, MeshStatus, Message};
 use meshserve_host::{DataType, InferRequest, Tensor};
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -883,6 +883,138 @@ async fn a_model_six_times_the_frame_limit_travels_in_chunks_resuming_with_bound
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_fetches_of_a_large_model_read_nothing_into_memory() {
+    use meshserve::wire::{FetchChunk, FetchModel};
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "x"], &["app"], &[]);
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, |repo| {
+        copy_tree(&repo.join("fraud"), &repo.join("big"));
+        let weights = std::fs::File::create(repo.join("big/1/weights.bin")).unwrap();
+        weights.set_len(200 << 20).unwrap();
+    });
+    let (digest, _) = meshserve::cluster::bundle::DigestCache::default()
+        .get(&root.path().join("models-a"), "big")
+        .unwrap();
+    // Another member: a valid node certificate, hostile requests.
+    let identity = MeshIdentity::from_dir(&certs, Role::Node, "x").unwrap();
+    let member = Arc::new(MeshEndpoint::client(&identity, 64 << 20).unwrap());
+    let before = a.node.rss_bytes();
+    let quic = a.quic;
+    let chunk = |digest: [u8; 32], path: &str, offset: u64, length: u32| {
+        Message::FetchChunk(FetchChunk {
+            model: "big".into(),
+            digest,
+            path: path.into(),
+            offset,
+            length,
+        })
+    };
+    let whole = |digest| {
+        Message::FetchModel(FetchModel {
+            model: "big".into(),
+            digest,
+        })
+    };
+    let cases: Vec<(Message, &[FailureClass])> = vec![
+        // A version it does not hold, or the whole folder in one frame: refused unread.
+        (
+            whole([0; 32]),
+            &[FailureClass::NotFound, FailureClass::Unavailable],
+        ),
+        (
+            whole(digest),
+            &[FailureClass::TooLarge, FailureClass::Unavailable],
+        ),
+        (
+            chunk([0; 32], "1/weights.bin", 0, 1 << 20),
+            &[FailureClass::NotFound],
+        ),
+        (
+            chunk(digest, "../../etc/passwd", 0, 16),
+            &[FailureClass::InvalidInput],
+        ),
+        (
+            chunk(digest, "1/weights.bin", 200 << 20, 1),
+            &[FailureClass::InvalidInput],
+        ),
+        (
+            chunk(digest, "1/weights.bin", u64::MAX, 2),
+            &[FailureClass::InvalidInput],
+        ),
+        (
+            chunk(digest, "1/weights.bin", 0, 64 << 20),
+            &[FailureClass::TooLarge],
+        ),
+    ];
+    let mut calls = Vec::new();
+    for (message, expected) in cases {
+        for _ in 0..8 {
+            let (member, message) = (member.clone(), message.clone());
+            calls.push(tokio::spawn(async move {
+                let answer = member
+                    .call(quic, &message, Duration::from_secs(20))
+                    .await
+                    .unwrap();
+                match answer {
+                    Message::Failure(f) => {
+                        assert!(expected.contains(&f.class), "{message:?}: {f:?}")
+                    }
+                    other => panic!("{message:?} answered {}", other.kind()),
+                }
+            }));
+        }
+    }
+    // And eight honest 4 MiB chunks at once, which wait their turn.
+    let mut honest = Vec::new();
+    for i in 0..8u64 {
+        let (member, message) = (
+            member.clone(),
+            chunk(digest, "1/weights.bin", i << 22, 4 << 20),
+        );
+        honest.push(tokio::spawn(async move {
+            member.call(quic, &message, Duration::from_secs(20)).await
+        }));
+    }
+    let mut peak = 0;
+    loop {
+        peak = peak.max(a.node.rss_bytes());
+        if calls.iter().all(|c| c.is_finished()) && honest.iter().all(|h| h.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    for call in honest {
+        match call.await.unwrap().unwrap() {
+            Message::Chunk(data) => assert_eq!(data.len(), 4 << 20),
+            other => panic!("an honest chunk answered {other:?}"),
+        }
+    }
+    let growth = peak.saturating_sub(before) >> 20;
+    eprintln!(
+        "holder RSS growth under 64 hostile and 8 honest fetches of a 200 MB model: {growth} MiB"
+    );
+    assert!(growth < 64, "the holder grew {growth} MiB");
+    // A client certificate may not fetch at all.
+    let app = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
+    let app = MeshEndpoint::client(&app, 64 << 20).unwrap();
+    match app
+        .call(
+            a.quic,
+            &chunk(digest, "1/weights.bin", 0, 16),
+            Duration::from_secs(5),
+        )
+        .await
+    {
+        Ok(Message::Failure(f)) => assert!(f.message.contains("unexpected message"), "{f:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_every_peer_rejoins_through_its_seed() {
     let root = tempfile::tempdir().unwrap();
     let certs = root.path().join("certs");
@@ -1600,6 +1732,12 @@ async fn a_member_with_its_own_model_files_changes_nothing_the_others_run() {
                 .join("\n");
             text.push_str("\nreplicas = 0\ninstances = 50\nintra_op_threads = 8\n");
             std::fs::write(config, text).unwrap();
+            // Another model under heavy's name: every answer 1337.
+            std::fs::copy(
+                workspace_root().join("mesh/tests/models/heavy_impostor/1/model.onnx"),
+                repo.join("heavy/1/model.onnx"),
+            )
+            .unwrap();
         },
         &publisher,
     );
@@ -1656,6 +1794,38 @@ async fn a_member_with_its_own_model_files_changes_nothing_the_others_run() {
             node.name
         );
     }
+    // Every node answers with the real model, and none runs the member's thread counts.
+    let text =
+        std::fs::read_to_string(workspace_root().join("examples/references/heavy.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let case = &reference["cases"][0];
+    let expected: Vec<f64> = case["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for node in [&a, &b, &c] {
+        let answer: Value = reqwest::Client::new()
+            .post(node.node.url("/v2/models/heavy/infer"))
+            .json(&serde_json::json!({ "inputs": case["inputs"] }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let data: Vec<f64> = answer["outputs"][0]["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{} answered {answer}", node.name))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_close(&data, &expected);
+        let threads = thread_count(node.node.pid());
+        eprintln!("{} runs {threads} threads", node.name);
+        assert!(threads < 100, "{} runs {threads} threads", node.name);
+    }
     let publisher_config = std::fs::read(root.path().join("models-a/heavy/config.toml")).unwrap();
     for name in ["b", "c"] {
         let config = root.path().join(format!("models-{name}/heavy/config.toml"));
@@ -1676,4 +1846,181 @@ async fn a_member_with_its_own_model_files_changes_nothing_the_others_run() {
         );
     }
     drop(evil);
+}
+
+/// Every model's replica set, as `status` plans it.
+fn placement_of(status: &MeshStatus) -> BTreeMap<String, BTreeSet<String>> {
+    status
+        .routes
+        .routes
+        .iter()
+        .map(|r| {
+            let nodes = r.replicas.iter().map(|x| x.node.clone()).collect();
+            (r.model.clone(), nodes)
+        })
+        .collect()
+}
+
+/// Issue 21: a member with a valid node certificate tells every other member, every second
+/// for 20 s, that b is down. One member's word is suspicion only, which b refutes: no node
+/// declares b down, no placement changes and no request fails, through the route-aware
+/// client or through either other node's HTTP door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reporting_another_down_every_tick_changes_no_placement_and_fails_no_request() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c", "evil"], &["app"], &[]);
+    let publisher = ["--publisher", "a"];
+    let start = |name: &str, seed: Option<SocketAddr>| {
+        start_node_args(
+            root.path(),
+            &certs,
+            name,
+            "127.0.0.1:0",
+            seed,
+            |_| {},
+            &publisher,
+        )
+    };
+    let a = start("a", None);
+    let b = start("b", Some(a.quic));
+    let c = start("c", Some(a.quic));
+    let probe = client(&certs, vec![a.quic, c.quic]);
+    settled(&probe, &[&a, &b, &c], &["a", "b", "c"]).await;
+    let before = placement_of(&probe.status(a.quic).await.unwrap());
+
+    // The liar holds another version of every model, so under the publisher it is placed
+    // nowhere and its joining moves nothing by itself.
+    let repo = repository(root.path(), "evil");
+    for model in std::fs::read_dir(&repo).unwrap() {
+        let model = model.unwrap().path();
+        if model.is_dir() {
+            std::fs::write(model.join("NOTES.md"), "another version").unwrap();
+        }
+    }
+    let (certs_arg, seed) = (certs.display().to_string(), a.quic.to_string());
+    let args = [
+        "--quic",
+        "127.0.0.1:0",
+        "--certs",
+        &certs_arg,
+        "--name",
+        "evil",
+        "--seed",
+        &seed,
+        "--publisher",
+        "a",
+    ];
+    let mut command = TestNode::command(&repo, &args);
+    command.env(meshserve::cluster::CLAIM_DOWN_ENV, "b");
+    let evil = TestNode::spawn(command);
+    wait_for("the liar to join", Duration::from_secs(20), async || {
+        let status = probe.status(a.quic).await.ok()?;
+        status
+            .members
+            .iter()
+            .any(|m| m.node == "evil" && m.advert.is_some())
+            .then_some(())
+    })
+    .await;
+
+    let load = Load::start(client(&certs, vec![a.quic, c.quic]));
+    let (body, _) = fraud_case();
+    let stop = Arc::new(AtomicBool::new(false));
+    let doors: Vec<_> = [&a, &c]
+        .into_iter()
+        .map(|node| {
+            let url = node.node.url("/v2/models/fraud/infer");
+            let (body, stop) = (body.clone(), stop.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let (mut answered, mut failures) = (0usize, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match http.post(&url).json(&body).send().await {
+                        Ok(r) if r.status() == 200 => answered += 1,
+                        Ok(r) => failures.push(format!("{url}: {}", r.status())),
+                        Err(e) => failures.push(format!("{url}: {e}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                (answered, failures)
+            })
+        })
+        .collect();
+    let mut seen_wrong = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        for node in [&a, &b, &c] {
+            let Ok(status) = probe.status(node.quic).await else {
+                seen_wrong.push(format!("{} did not answer status", node.name));
+                continue;
+            };
+            if !status
+                .members
+                .iter()
+                .any(|m| m.node == "b" && m.state != "down")
+            {
+                seen_wrong.push(format!("{} lost b: {:?}", node.name, status.members));
+            }
+            if placement_of(&status) != before {
+                seen_wrong.push(format!(
+                    "{} moved placement to {:?}",
+                    node.name,
+                    placement_of(&status)
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (served, mut failures) = load.stop().await;
+    let mut answered = 0;
+    for door in doors {
+        let (count, failed) = door.await.unwrap();
+        answered += count;
+        failures.extend(failed);
+    }
+    let suspicions: usize = [&a, &c]
+        .iter()
+        .map(|n| {
+            n.node
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("member suspected") && l.contains("member=b"))
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "20 s of 'b is down' from a member: {served} client and {answered} HTTP requests answered, \
+         {} failed; b suspected {suspicions} times by a and c, never declared down",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(seen_wrong.is_empty(), "{seen_wrong:#?}");
+    assert!(served > 100 && answered > 100, "{served} and {answered}");
+    // The lies arrived (as suspicion, which b refuted), so the test tested something.
+    assert!(suspicions > 0, "no node ever heard the liar");
+    for node in [&a, &c] {
+        let log = node.node.log_text();
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("member down") && l.contains("member=b")),
+            "{} declared b down:\n{log}",
+            node.name
+        );
+    }
+    assert!(
+        evil.log_text().contains("lies that the member is down"),
+        "the liar did not run as one"
+    );
+}
+
+/// The number of threads process `pid` runs (Linux).
+fn thread_count(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
 }

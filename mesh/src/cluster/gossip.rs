@@ -25,6 +25,11 @@ const REANNOUNCE_EVERY: u32 = 5;
 /// How long fetching one advert may take.
 const ADVERT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Test-only: a node started with this variable set to a member's name tells every other
+/// member, every rejoin period, that the named member is down, as a hostile member with a
+/// valid node certificate could; the tests check that such reports change nothing.
+pub const CLAIM_DOWN_ENV: &str = "MESHSERVE_TEST_CLAIM_DOWN";
+
 /// A membership datagram from a peer (version byte removed), with the node its certificate
 /// names.
 pub(crate) type Packet = (Arc<str>, Bytes);
@@ -81,7 +86,13 @@ pub(crate) fn spawn(
         input: input_tx.clone(),
         view: view_tx,
         started: std::time::Instant::now(),
+        claims_down: std::env::var(CLAIM_DOWN_ENV)
+            .ok()
+            .filter(|name| !name.is_empty()),
     };
+    if let Some(name) = &shell.claims_down {
+        tracing::warn!(member = %name, "{CLAIM_DOWN_ENV} is set: this node lies that the member is down (for tests only)");
+    }
     tokio::spawn(shell.run(input_rx, packet_rx));
     (input_tx, packet_tx, view_rx)
 }
@@ -96,6 +107,8 @@ struct Shell {
     input: mpsc::UnboundedSender<Input>,
     view: watch::Sender<Arc<MeshView>>,
     started: std::time::Instant,
+    /// See [`CLAIM_DOWN_ENV`].
+    claims_down: Option<String>,
 }
 
 impl Shell {
@@ -130,6 +143,9 @@ impl Shell {
                 }
                 _ = rejoin.tick() => {
                     ticks = ticks.wrapping_add(1);
+                    if let Some(subject) = &self.claims_down {
+                        self.claim_down(subject);
+                    }
                     let isolated = self.core.is_isolated();
                     let seeds = self.seeds.borrow().clone();
                     if isolated && !seeds.is_empty() {
@@ -172,6 +188,27 @@ impl Shell {
             tracing::debug!(error = %e, "membership input refused");
         }
         None
+    }
+
+    /// Tells every other live member that `subject` is down, at the incarnation we know it by.
+    fn claim_down(&self, subject: &str) {
+        let members = self.core.live_members();
+        let Some(subject) = members.iter().find(|m| m.id.name == subject) else {
+            return;
+        };
+        let incarnation = self.core.known_incarnation(&subject.id).unwrap_or_default();
+        let claim = [foca::Member::new(
+            subject.id.clone(),
+            incarnation,
+            foca::State::Down,
+        )];
+        for member in &members {
+            if member.id != subject.id && member.id != *self.core.id() {
+                let packet = crate::membership::swim_packet(self.core.id(), &member.id, &claim);
+                self.endpoint
+                    .send_datagram(member.id.addr, datagram(&packet));
+            }
+        }
     }
 
     fn join_seeds(&mut self) {

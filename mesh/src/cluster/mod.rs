@@ -12,6 +12,8 @@ mod reconcile;
 pub mod seeds;
 mod service;
 
+pub use gossip::CLAIM_DOWN_ENV;
+
 use crate::dispatch::Dispatch;
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement::{self, Publishers};
@@ -235,7 +237,7 @@ pub struct Cluster {
     local_latency: Mutex<PeakEwma>,
     digests: bundle::DigestCache,
     /// Model fetches this node serves at once.
-    fetches_served: tokio::sync::Semaphore,
+    fetches_served: Arc<tokio::sync::Semaphore>,
     /// Models this node fetches and loads at once.
     arrivals: tokio::sync::Semaphore,
     /// Models placed here that are being fetched or loaded (or wait to be).
@@ -301,7 +303,7 @@ impl Cluster {
             forward_timeout: config.forward_timeout,
             local_latency: Mutex::new(PeakEwma::starting_at(Duration::ZERO, Instant::now())),
             digests: bundle::DigestCache::default(),
-            fetches_served: tokio::sync::Semaphore::new(MAX_FETCHES_SERVED),
+            fetches_served: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES_SERVED)),
             arrivals: tokio::sync::Semaphore::new(MAX_ARRIVALS),
             arriving: Mutex::default(),
             refused_fetches: Mutex::default(),

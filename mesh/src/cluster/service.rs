@@ -14,7 +14,7 @@ use crate::wire::{
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::SemaphorePermit;
+use tokio::sync::OwnedSemaphorePermit;
 use tower::ServiceExt;
 use tracing::Instrument;
 
@@ -149,14 +149,24 @@ async fn answer(
         Ok(Frame { message, budget }) => (Ok(message), Some(budget)),
         Err(e) => (Err(e), None),
     };
+    // A fetch slot is held until its answer is written: the bytes read live that long.
+    let mut fetch_slot = None;
     let reply = match read {
         Ok(Message::Infer(call)) => serve_call(&dispatch, call, role).await,
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
         Ok(Message::LoadQuery) => Message::Loads(cluster.loads()),
-        Ok(Message::FetchModel(fetch)) if role == Role::Node => cluster.model_files(fetch).await,
+        Ok(Message::FetchModel(fetch)) if role == Role::Node => {
+            let (reply, slot) = cluster.model_files(fetch).await;
+            fetch_slot = slot;
+            reply
+        }
         Ok(Message::FetchManifest(fetch)) if role == Role::Node => cluster.manifest(fetch).await,
-        Ok(Message::FetchChunk(chunk)) if role == Role::Node => cluster.chunk(chunk).await,
+        Ok(Message::FetchChunk(chunk)) if role == Role::Node => {
+            let (reply, slot) = cluster.chunk(chunk).await;
+            fetch_slot = slot;
+            reply
+        }
         Ok(Message::AdvertQuery) if role == Role::Node => {
             match cluster
                 .view()
@@ -213,6 +223,7 @@ async fn answer(
     if let Err(e) = write_frame(&mut send, &reply).await {
         tracing::debug!(%peer, error = %e, "could not send the answer");
     }
+    drop(fetch_slot);
 }
 
 /// Largest chunk a holder reads for one request; with [`super::MAX_FETCHES_SERVED`] it bounds
@@ -257,8 +268,8 @@ impl Cluster {
 
     /// A fetch slot, waiting up to `wait` for one; past it, a failure telling the peer when
     /// to come back.
-    async fn fetch_slot(&self, wait: Duration) -> Result<SemaphorePermit<'_>, Failure> {
-        match tokio::time::timeout(wait, self.fetches_served.acquire()).await {
+    async fn fetch_slot(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Failure> {
+        match tokio::time::timeout(wait, self.fetches_served.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => {
                 let mut failure = Failure::new(
@@ -274,9 +285,12 @@ impl Cluster {
     /// A model's files in one frame, for peers that fetch the whole folder at once (older
     /// nodes): only when ours have the digest asked for and fit in a frame, both checked
     /// before a byte is read.
-    async fn model_files(self: &Arc<Self>, fetch: FetchModel) -> Message {
+    async fn model_files(
+        self: &Arc<Self>,
+        fetch: FetchModel,
+    ) -> (Message, Option<OwnedSemaphorePermit>) {
         let answer = async {
-            let _slot = self.fetch_slot(Duration::ZERO).await?;
+            let slot = self.fetch_slot(Duration::ZERO).await?;
             let listing = self.version(&fetch.model, fetch.digest).await?;
             let size: u64 = listing.iter().map(|f| f.size).sum();
             let limit = self.endpoint.max_frame_bytes();
@@ -302,13 +316,16 @@ impl Cluster {
                     format!("model '{}' changed while it was read", fetch.model),
                 ));
             }
-            Ok(Message::ModelFiles(ModelFiles {
+            let files = Message::ModelFiles(ModelFiles {
                 model: fetch.model.clone(),
                 digest: fetch.digest,
                 files,
-            }))
+            });
+            Ok((files, Some(slot)))
         };
-        answer.await.unwrap_or_else(Message::Failure)
+        answer
+            .await
+            .unwrap_or_else(|failure| (Message::Failure(failure), None))
     }
 
     /// The manifest of our `model` at the digest asked for: the first step of a chunked
@@ -325,7 +342,7 @@ impl Cluster {
     /// One byte range of one file of our `model`, if the model is still at the digest asked
     /// for and the file and range are in its listing. The path is looked up in the listing,
     /// never joined to the repository as the peer sent it.
-    async fn chunk(self: &Arc<Self>, chunk: FetchChunk) -> Message {
+    async fn chunk(self: &Arc<Self>, chunk: FetchChunk) -> (Message, Option<OwnedSemaphorePermit>) {
         let answer = async {
             let limit =
                 MAX_CHUNK_SERVED.min(self.endpoint.max_frame_bytes().saturating_sub(64 << 10));
@@ -336,7 +353,7 @@ impl Cluster {
                     format!("chunks of at most {limit} bytes are served; {length} asked"),
                 ));
             }
-            let _slot = self.fetch_slot(FETCH_SLOT_WAIT).await?;
+            let slot = self.fetch_slot(FETCH_SLOT_WAIT).await?;
             let listing = self.version(&chunk.model, chunk.digest).await?;
             let file = listing
                 .into_iter()
@@ -364,9 +381,11 @@ impl Cluster {
             .await
             .map_err(|e| Failure::new(FailureClass::Internal, e.to_string()))?
             .map_err(|e| Failure::new(FailureClass::NotFound, e.to_string()))?;
-            Ok(Message::Chunk(data.into()))
+            Ok((Message::Chunk(data.into()), Some(slot)))
         };
-        answer.await.unwrap_or_else(Message::Failure)
+        answer
+            .await
+            .unwrap_or_else(|failure| (Message::Failure(failure), None))
     }
 }
 

@@ -440,7 +440,11 @@ pub async fn write_frame(
     send: &mut quinn::SendStream,
     message: &Message,
 ) -> Result<(), quinn::WriteError> {
-    send.write_all(&wire::encode(message)).await?;
+    let (head, chunk) = wire::encode_vectored(message);
+    send.write_all(&head).await?;
+    if let Some(chunk) = chunk {
+        send.write_chunk(chunk).await?;
+    }
     let _ = send.finish();
     Ok(())
 }

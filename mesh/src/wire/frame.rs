@@ -12,6 +12,7 @@
 //! revision with a clear error instead of a decoding failure. Pure functions: no I/O.
 
 use crate::wire::message::Message;
+use bytes::Bytes;
 
 /// The revision of `meshserve/1` frames this build speaks.
 pub const WIRE_VERSION: u8 = 3;
@@ -69,6 +70,30 @@ pub fn encode(message: &Message) -> Vec<u8> {
     out
 }
 
+/// A frame as a head and, for a chunk of model bytes, the chunk itself: the two written in
+/// turn are exactly what [`encode`] makes, without copying megabytes of file into the frame.
+pub fn encode_vectored(message: &Message) -> (Vec<u8>, Option<Bytes>) {
+    let Message::Chunk(data) = message else {
+        return (encode(message), None);
+    };
+    let mut head = encode(&Message::Chunk(Bytes::new()));
+    // postcard writes a byte string as its length (a LEB128 varint; 0 is one byte) and bytes.
+    head.pop();
+    let mut length = data.len() as u64;
+    loop {
+        let low = (length & 0x7f) as u8;
+        length >>= 7;
+        if length == 0 {
+            head.push(low);
+            break;
+        }
+        head.push(low | 0x80);
+    }
+    let payload = u32::try_from(head.len() - HEADER_LEN + data.len()).unwrap_or(u32::MAX);
+    head[1..HEADER_LEN].copy_from_slice(&payload.to_le_bytes());
+    (head, Some(data.clone()))
+}
+
 /// Reads a frame header: checks the version and returns the payload length, refusing one over
 /// `max_payload` bytes.
 pub fn decode_header(header: &[u8], max_payload: usize) -> Result<usize, WireError> {
@@ -122,6 +147,20 @@ pub fn decode(frame: &[u8], max_payload: usize) -> Result<Message, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_written_in_two_parts_is_the_frame_encode_makes() {
+        for size in [0usize, 1, 127, 128, 16_383, 16_384, 300_000, 4 << 20] {
+            let data = bytes::Bytes::from((0..size).map(|i| i as u8).collect::<Vec<u8>>());
+            let message = Message::Chunk(data.clone());
+            let (mut head, tail) = encode_vectored(&message);
+            assert_eq!(tail.as_ref(), Some(&data));
+            head.extend_from_slice(&data);
+            assert!(head == encode(&message), "{size}");
+        }
+        let other = Message::RouteQuery;
+        assert_eq!(encode_vectored(&other), (encode(&other), None));
+    }
 
     #[test]
     fn a_frame_round_trips_and_refuses_what_it_should() {

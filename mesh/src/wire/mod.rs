@@ -5,5 +5,5 @@
 pub mod frame;
 pub mod message;
 
-pub use frame::{WIRE_VERSION, WireError, decode, encode};
+pub use frame::{WIRE_VERSION, WireError, decode, encode, encode_vectored};
 pub use message::*;

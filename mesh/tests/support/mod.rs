@@ -53,12 +53,18 @@ pub struct TestNode {
 impl TestNode {
     /// Starts `meshserve serve` on a free loopback port with `repository` and extra arguments.
     pub fn start(repository: &Path, extra: &[&str]) -> TestNode {
+        TestNode::spawn(TestNode::command(repository, extra))
+    }
+
+    /// The command [`TestNode::start`] runs, to change (its environment) before
+    /// [`TestNode::spawn`].
+    pub fn command(repository: &Path, extra: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_meshserve"));
         command
             .args(["serve", "--http", "127.0.0.1:0", "--model-repository"])
             .arg(repository)
             .args(extra);
-        TestNode::spawn(command)
+        command
     }
 
     /// Starts a prepared `meshserve` command and waits until it serves.
