@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sets up, builds, and runs a three-node meshserve mesh on loopback:
-#   node a: HTTP 127.0.0.1:8000, HTTP/3 :8443, QUIC (mesh) :7000, the bundled models with the
-#           first-party WebAssembly plugins around them (examples/node.toml);
-#   nodes b and c: HTTP :8001/:8002, HTTP/3 :8444/:8445, QUIC :7001/:7002, the bundled models,
-#           joining through a. Every node lists all three as seeds (its own address is skipped),
+#   node a: HTTP 127.0.0.1:8000, HTTP/3 :8443, QUIC (mesh) :7000, examples/node.toml: the
+#           example repository (the bundled models and the endpoint folders beside them, with
+#           the first-party WebAssembly plugins) and a compiled-plugin cache;
+#   nodes b and c: HTTP :8001/:8002, HTTP/3 :8444/:8445, QUIC :7001/:7002, the same
+#           repository, joining through a. Every node lists all three as seeds (its own address is skipped),
 #           so any of them restarted finds the others again.
 # Certificates: the mesh CA is made once in target/demo-certs; node certificates (each node gets
 # only its own folder, target/demo-certs/node-NAME), client certificates and

@@ -57,6 +57,12 @@ pub enum InferError {
         /// The name asked for.
         model: String,
     },
+    /// No endpoint of that name is known here.
+    #[error("unknown endpoint '{endpoint}'")]
+    EndpointNotFound {
+        /// The name asked for.
+        endpoint: String,
+    },
     /// The model is loaded but not in that version.
     #[error("model '{model}' has no version '{version}' loaded")]
     VersionNotFound {
@@ -145,9 +151,9 @@ impl InferError {
     /// How a front door reports this error.
     pub fn class(&self) -> ErrorClass {
         match self {
-            InferError::ModelNotFound { .. } | InferError::VersionNotFound { .. } => {
-                ErrorClass::NotFound
-            }
+            InferError::ModelNotFound { .. }
+            | InferError::EndpointNotFound { .. }
+            | InferError::VersionNotFound { .. } => ErrorClass::NotFound,
             InferError::InvalidInput(_) => ErrorClass::InvalidInput,
             InferError::QueueFull { .. }
             | InferError::Closed { .. }

@@ -214,7 +214,7 @@ enum BenchCommand {
         #[arg(long, default_value = "plugins/target/python/labels.wasm")]
         python_plugin: PathBuf,
         /// Feature table of the fraud-check endpoint.
-        #[arg(long, default_value = "examples/data/cards.csv")]
+        #[arg(long, default_value = "examples/models/fraud-check/cards.csv")]
         cards: PathBuf,
         /// Measured seconds per scenario.
         #[arg(long, default_value_t = 5.0)]

@@ -155,7 +155,7 @@ async fn a_log_flood_is_rate_limited_and_cannot_forge_log_lines() {
 #[tokio::test]
 async fn oversized_lookup_keys_and_table_names_fail_only_their_call() {
     let (node, _dir) = probe_node(
-        "[features.cards]\npath = \"{examples}/data/cards.csv\"\n",
+        "[features.cards]\npath = \"{examples}/models/fraud-check/cards.csv\"\n",
         &[
             ("key", "pre", "lookup-key:8000000", MOVES_MEGABYTES),
             ("table", "pre", "lookup-table:5000", ""),

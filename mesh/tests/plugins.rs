@@ -16,7 +16,7 @@ fn client() -> reqwest::Client {
 
 const FIRST_PARTY: &str = r#"
 [features.cards]
-path = "{examples}/data/cards.csv"
+path = "{examples}/models/fraud-check/cards.csv"
 
 [endpoints.fraud-check]
 model = "fraud"
@@ -682,4 +682,228 @@ async fn a_fuel_budget_stops_a_plugin_that_spends_it() {
     assert_eq!(status, 500);
     assert!(message.contains("fuel budget of 1000000"), "{message}");
     assert_eq!(call(&http, &node, "ok").await.0, 200);
+}
+
+/// A copy of the examples' models with the example endpoint folders `names` beside them.
+fn repository_with_endpoints(names: &[&str]) -> tempfile::TempDir {
+    plugin("fraud_features");
+    let repo = support::copy_examples();
+    for name in names {
+        let from = workspace_root().join("examples/models").join(name);
+        support::copy_tree(&from, &repo.path().join(name));
+    }
+    repo
+}
+
+async fn endpoint_list(http: &reqwest::Client, node: &TestNode) -> Vec<Value> {
+    let list: Value = http
+        .get(node.url("/v1/endpoints"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.as_array().unwrap().clone()
+}
+
+/// Calls fraud-check once: status, decision and the plugin versions that made it.
+async fn check_card(http: &reqwest::Client, node: &TestNode) -> (u16, Value, String) {
+    let transaction = json!({"card": "card-0003", "amount": 950.0, "hour": 3, "merchant_risk": 0.8, "foreign": true});
+    let response = http
+        .post(node.url("/v1/endpoints/fraud-check/invocations"))
+        .json(&transaction)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let versions = response
+        .headers()
+        .get("meshserve-plugins")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        status,
+        response.json().await.unwrap_or(Value::Null),
+        versions,
+    )
+}
+
+/// Issue 22: an endpoint is a folder of the model repository (definition, components and
+/// feature table inside it). The node serves it with no endpoint in its config; a change to
+/// anything in the folder replaces the endpoint as a whole; a broken folder keeps the old
+/// version serving with the reason listed; the admin API unloads and loads it; removing the
+/// folder removes the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_folder_in_the_repository_serves_swaps_as_a_whole_and_unloads() {
+    let repo = repository_with_endpoints(&["fraud-check", "fraud-ranked"]);
+    let node = TestNode::start(repo.path(), &[]);
+    let http = client();
+
+    let listed = endpoint_list(&http, &node).await;
+    let names: Vec<&str> = listed.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fraud-check", "fraud-ranked"], "{listed:?}");
+    for entry in &listed {
+        assert_eq!(entry["source"], "repository");
+        assert_eq!(entry["state"], "READY", "{entry}");
+        assert_eq!(entry["plugins"].as_array().unwrap().len(), 2);
+    }
+    let (status, decision, first) = check_card(&http, &node).await;
+    assert_eq!(status, 200, "{decision}");
+    assert!(
+        first.starts_with("pre=fraud_features@") && first.contains(" post=threshold@"),
+        "{first}"
+    );
+    assert!(decision["decision"].is_string(), "{decision}");
+
+    // Anything in the folder changes: here the post-plugin's config, so every card blocks.
+    let definition = repo.path().join("fraud-check/endpoint.toml");
+    let text = std::fs::read_to_string(&definition).unwrap();
+    std::fs::write(
+        &definition,
+        text.replace(
+            "\"review\": 0.5, \"block\": 0.9",
+            "\"review\": 0.0, \"block\": 0.0",
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        let (status, decision, versions) = check_card(&http, &node).await;
+        assert_eq!(status, 200, "{decision}");
+        if versions != first {
+            assert_eq!(decision["decision"], "block", "{decision}");
+            break versions;
+        }
+        assert!(Instant::now() < deadline, "the new config never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let pre = |tag: &str| tag.split(' ').next().unwrap().to_string();
+    assert_eq!(pre(&first), pre(&second), "the pre-plugin did not change");
+
+    // A broken component: the previous version keeps serving, and the listing says why.
+    std::fs::write(repo.path().join("fraud-check/threshold.wasm"), b"not wasm").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = endpoint_list(&http, &node).await;
+        let entry = listed.iter().find(|e| e["name"] == "fraud-check").unwrap();
+        if entry["reason"].is_string() {
+            assert_eq!(entry["state"], "READY", "{entry}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken file was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, versions) = check_card(&http, &node).await;
+    assert_eq!((status, versions.as_str()), (200, second.as_str()));
+
+    // Unloaded by an admin (loopback): 404 until loaded again, whatever the folder does.
+    std::fs::copy(
+        plugin("threshold"),
+        repo.path().join("fraud-check/threshold.wasm"),
+    )
+    .unwrap();
+    let admin = |action: &str| node.url(&format!("/v1/endpoints/fraud-check/{action}"));
+    let unloaded = http.post(admin("unload")).send().await.unwrap();
+    assert_eq!(unloaded.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body, _) = check_card(&http, &node).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("unknown endpoint"));
+    let loaded = http.post(admin("load")).send().await.unwrap();
+    assert_eq!(loaded.status(), 200);
+    let (status, decision, _) = check_card(&http, &node).await;
+    assert_eq!(
+        (status, decision["decision"].as_str()),
+        (200, Some("block"))
+    );
+
+    // The folder goes: so does the endpoint.
+    std::fs::remove_dir_all(repo.path().join("fraud-ranked")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while endpoint_list(&http, &node).await.len() != 1 {
+        assert!(Instant::now() < deadline, "fraud-ranked stayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 22: nothing in an endpoint folder may point outside it, and an endpoint whose model
+/// is missing is unavailable with the reason (503), not unknown (404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_folder_reaching_outside_is_refused_and_a_missing_model_is_503() {
+    let repo = repository_with_endpoints(&[]);
+    let threshold = plugin("threshold");
+    let cases = [
+        (
+            "dotdot",
+            "post = { path = \"../fraud/config.toml\" }",
+            "post.path",
+        ),
+        (
+            "absolute",
+            &*format!("post = {{ path = \"{}\" }}", threshold.display()),
+            "post.path",
+        ),
+        (
+            "symlink",
+            "post = { path = \"link.wasm\" }",
+            "through a symlink",
+        ),
+        (
+            "table",
+            "post = { path = \"threshold.wasm\" }\n[tables.t]\npath = \"/etc/hostname\"",
+            "tables.t.path",
+        ),
+    ];
+    for (name, line, _) in &cases {
+        let dir = repo.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&threshold, dir.join("threshold.wasm")).unwrap();
+        std::os::unix::fs::symlink(&threshold, dir.join("link.wasm")).unwrap();
+        std::fs::write(
+            dir.join("endpoint.toml"),
+            format!("model = \"fraud\"\n{line}\n"),
+        )
+        .unwrap();
+    }
+    let lost = repo.path().join("lost");
+    std::fs::create_dir_all(&lost).unwrap();
+    std::fs::copy(&threshold, lost.join("threshold.wasm")).unwrap();
+    std::fs::write(
+        lost.join("endpoint.toml"),
+        "model = \"nowhere\"\npost = { path = \"threshold.wasm\" }\n",
+    )
+    .unwrap();
+    let node = TestNode::start(repo.path(), &[]);
+    let http = client();
+    let listed = endpoint_list(&http, &node).await;
+    for (name, _, expected) in &cases {
+        let entry = listed.iter().find(|e| e["name"] == *name).unwrap();
+        assert_eq!(entry["state"], "UNAVAILABLE", "{entry}");
+        let reason = entry["reason"].as_str().unwrap();
+        assert!(reason.contains(expected), "{name}: {reason}");
+        let response = http
+            .post(node.url(&format!("/v1/endpoints/{name}/invocations")))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503, "{name}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(expected), "{body}");
+    }
+    let response = http
+        .post(node.url("/v1/endpoints/lost/invocations"))
+        .json(&json!({"inputs": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("model 'nowhere'"), "{error}");
+    assert!(node.log_text().contains("endpoint folder not loaded"));
 }

@@ -6,8 +6,18 @@
 //! admin call reloads now; requests already running keep the versions they took. A reload
 //! that fails leaves the previous versions serving (or the endpoint unavailable, with the
 //! reason, if there were none), and a replaced version's compiled code is evicted.
+//!
+//! Endpoints come from two places ([`Source`]): the node's own config, and folders of the
+//! model repository ([`folder`]), which travel through the mesh like models. A repository
+//! endpoint is replaced as a whole when anything in its folder changes.
+
+pub mod folder;
+mod registry;
+
+pub use registry::{EndpointStatus, Endpoints};
 
 use crate::error::InferError;
+use crate::plugin::features::FeatureTables;
 use crate::plugin::instance::{LoadedPlugin, PluginFailure, PostAnswer, PreAnswer, Stage};
 use crate::plugin::runtime::PluginRuntime;
 use crate::plugin::sandbox::{ContextView, RequestView};
@@ -15,12 +25,9 @@ use crate::plugin::sha256_hex;
 use crate::plugin::spec::PluginSpec;
 use crate::tensor::Tensor;
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 /// An endpoint as the node config declares it (`[endpoints.NAME]`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -82,12 +89,27 @@ pub struct EndpointPlugins {
     pub pre: Option<Arc<LoadedPlugin>>,
     /// The post stage, if the endpoint has one.
     pub post: Option<Arc<LoadedPlugin>>,
+    /// Which versions these are, as answers name them: `pre=NAME@SHA12 post=NAME@SHA12`.
+    pub tag: String,
 }
 
 impl EndpointPlugins {
     fn loaded(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
         self.pre.iter().chain(self.post.iter())
     }
+}
+
+/// One plugin version serving an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginVersion {
+    /// `pre` or `post`.
+    pub stage: &'static str,
+    /// The plugin's name (its file stem).
+    pub plugin: String,
+    /// The SHA-256 of its component, hex.
+    pub sha256: String,
+    /// Component and config, as the `meshserve-plugins` header names them.
+    pub version: String,
 }
 
 /// A configured endpoint.
@@ -102,6 +124,10 @@ pub struct Endpoint {
     pub pre: Option<PluginSpec>,
     /// Post-processing as configured, if any.
     pub post: Option<PluginSpec>,
+    /// Where it is defined.
+    pub source: Source,
+    /// Its own feature tables (a repository endpoint's), read before the node's.
+    tables: Option<Arc<FeatureTables>>,
     label: Arc<str>,
     current: RwLock<Option<Arc<EndpointPlugins>>>,
     error: RwLock<Option<String>>,
@@ -115,14 +141,41 @@ fn plugin_name(spec: &PluginSpec) -> String {
     )
 }
 
+/// Where an endpoint is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `[endpoints.NAME]` in this node's config: node-local, its files anywhere on the node.
+    NodeConfig,
+    /// A folder of the model repository (`REPO/NAME/endpoint.toml`): mesh-wide, everything
+    /// inside the folder.
+    Repository,
+}
+
+impl Source {
+    /// How operators read it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::NodeConfig => "node-config",
+            Source::Repository => "repository",
+        }
+    }
+}
+
 impl Endpoint {
-    fn new(name: &str, config: &EndpointConfig) -> Endpoint {
+    fn new(
+        name: &str,
+        config: &EndpointConfig,
+        source: Source,
+        tables: Option<Arc<FeatureTables>>,
+    ) -> Endpoint {
         Endpoint {
             name: name.to_string(),
             model: config.model.clone(),
             version: config.version.clone(),
             pre: config.pre.clone(),
             post: config.post.clone(),
+            source,
+            tables,
             label: name.into(),
             current: RwLock::new(None),
             error: RwLock::new(None),
@@ -151,12 +204,56 @@ impl Endpoint {
         Err(self.unavailable(reason))
     }
 
+    /// An endpoint whose definition could not be read: it answers 503 with `reason` until
+    /// its folder is fixed.
+    fn broken(name: &str, source: Source, reason: String) -> Endpoint {
+        let config = EndpointConfig {
+            model: String::new(),
+            version: None,
+            pre: None,
+            post: None,
+        };
+        let endpoint = Endpoint::new(name, &config, source, None);
+        endpoint.set_error(reason);
+        endpoint
+    }
+
+    /// Gives up this endpoint's plugin versions, once it is replaced or removed: requests
+    /// that already took them finish on them.
+    fn retire(&self, runtime: &PluginRuntime) {
+        if let Ok(plugins) = self.plugins() {
+            for plugin in plugins.loaded() {
+                runtime.retire(plugin.digest());
+            }
+        }
+    }
+
     /// `Ok` when every plugin of the endpoint is loaded, else the reason it is not.
     pub fn readiness(&self) -> Result<(), String> {
         self.plugins().map(|_| ()).map_err(|e| match e {
             InferError::EndpointUnavailable { reason, .. } => reason,
             other => other.to_string(),
         })
+    }
+
+    /// The plugin versions serving now (none when none are loaded), pre first.
+    pub fn versions(&self) -> Vec<PluginVersion> {
+        let Ok(plugins) = self.plugins() else {
+            return Vec::new();
+        };
+        plugins
+            .loaded()
+            .map(|plugin| PluginVersion {
+                stage: plugin.stage().as_str(),
+                plugin: plugin.name().to_string(),
+                sha256: plugin.digest().to_string(),
+                version: version_of(plugin),
+            })
+            .collect()
+    }
+
+    fn set_error(&self, reason: String) {
+        *self.error.write().unwrap_or_else(|p| p.into_inner()) = Some(reason);
     }
 
     /// The last load error, if the last load failed.
@@ -204,7 +301,7 @@ impl Endpoint {
         // first `init`, so a config it refuses fails the load, not the first request.
         let runtime_handle = tokio::runtime::Handle::try_current().ok();
         for (stage, spec) in self.specs() {
-            let plugin = match runtime.load(&plugin_name(spec), stage, spec) {
+            let plugin = match runtime.load(&plugin_name(spec), stage, spec, self.tables.clone()) {
                 Ok(plugin) => Arc::new(plugin),
                 Err(e) => {
                     failure = Some(e.to_string());
@@ -232,6 +329,11 @@ impl Endpoint {
             *self.error.write().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
             return Err(message);
         }
+        fresh.tag = fresh
+            .loaded()
+            .map(|p| format!("{}={}@{}", p.stage().as_str(), p.name(), version_of(p)))
+            .collect::<Vec<_>>()
+            .join(" ");
         let previous = self
             .current
             .write()
@@ -278,6 +380,24 @@ impl Endpoint {
     }
 }
 
+/// A plugin version as answers and logs name it: its component's digest (12 hex digits),
+/// then, when it has a config, `+` and the config's (8), since either changes what it does.
+fn version_of(plugin: &LoadedPlugin) -> String {
+    let component = short(plugin.digest());
+    let config = &plugin.spec().config;
+    if config.is_empty() {
+        component.to_string()
+    } else {
+        let config = sha256_hex(config.as_bytes());
+        format!("{component}+{}", config.get(..8).unwrap_or(&config))
+    }
+}
+
+/// The first 12 hex digits of a digest: enough to tell versions apart in a header or a log.
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
 /// Runs a pre stage, as an engine error on failure.
 pub async fn preprocess(
     plugin: &LoadedPlugin,
@@ -311,96 +431,5 @@ fn plugin_error(failure: PluginFailure) -> InferError {
         },
         PluginFailure::Failed { plugin, cause, .. } => InferError::PluginFailed { plugin, cause },
         PluginFailure::Busy { plugin, cause } => InferError::PluginBusy { plugin, cause },
-    }
-}
-
-/// Every endpoint of a node, with the watcher that hot-reloads changed plugin files.
-pub struct Endpoints {
-    runtime: Arc<PluginRuntime>,
-    endpoints: BTreeMap<String, Arc<Endpoint>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Endpoints {
-    /// Loads every endpoint's plugins. A plugin that fails leaves its endpoint unavailable
-    /// (reported with the reason); the node and the other endpoints still serve.
-    pub fn load(
-        configs: &BTreeMap<String, EndpointConfig>,
-        runtime: Arc<PluginRuntime>,
-    ) -> Endpoints {
-        let endpoints = configs
-            .iter()
-            .map(|(name, config)| {
-                let endpoint = Endpoint::new(name, config);
-                let _ = endpoint.refresh(&runtime, true);
-                (name.clone(), Arc::new(endpoint))
-            })
-            .collect();
-        Endpoints {
-            runtime,
-            endpoints,
-            stop: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// The endpoint called `name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<Endpoint>> {
-        self.endpoints.get(name)
-    }
-
-    /// Every endpoint, by name.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
-        self.endpoints.values()
-    }
-
-    /// The plugin runtime the endpoints share.
-    pub fn runtime(&self) -> &Arc<PluginRuntime> {
-        &self.runtime
-    }
-
-    /// Reloads every plugin of `name` from disk now (the admin call). Blocking: compiles.
-    pub fn reload(&self, name: &str) -> Result<(), InferError> {
-        let endpoint = self
-            .endpoints
-            .get(name)
-            .ok_or_else(|| InferError::ModelNotFound {
-                model: name.to_string(),
-            })?;
-        endpoint
-            .refresh(&self.runtime, true)
-            .map(|_| ())
-            .map_err(|reason| endpoint.unavailable(reason))
-    }
-
-    /// Checks every plugin file for changes every `interval` and swaps in new versions, on a
-    /// background thread that ends when `self` is dropped.
-    pub fn watch(self: &Arc<Self>, interval: Duration) -> std::io::Result<()> {
-        let weak = Arc::downgrade(self);
-        let stop = self.stop.clone();
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        std::thread::Builder::new()
-            .name("plugin-watch".into())
-            .spawn(move || {
-                // Inside the runtime's context, so a new version's pool can warm up in the background.
-                let _context = runtime.as_ref().map(|r| r.enter());
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(interval);
-                    let Some(endpoints) = weak.upgrade() else {
-                        return;
-                    };
-                    for endpoint in endpoints.endpoints.values() {
-                        if let Ok(true) = endpoint.refresh(&endpoints.runtime, false) {
-                            tracing::info!(endpoint = %endpoint.name, "plugins hot-swapped");
-                        }
-                    }
-                }
-            })?;
-        Ok(())
-    }
-}
-
-impl Drop for Endpoints {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }

@@ -395,6 +395,39 @@ fn load_csv(table: &str, config: &FeatureTableConfig) -> Result<Rows, FeatureErr
     Ok(rows)
 }
 
+/// The tables one plugin may read: its endpoint's own (from the endpoint's folder in the
+/// repository), then the node's (`[features]` in node.toml); the endpoint's win a name both
+/// have.
+#[derive(Debug, Clone)]
+pub struct TableScope {
+    own: Option<Arc<FeatureTables>>,
+    node: Arc<FeatureTables>,
+}
+
+impl TableScope {
+    /// The node's tables, and an endpoint's own if it has some.
+    pub fn new(own: Option<Arc<FeatureTables>>, node: Arc<FeatureTables>) -> TableScope {
+        TableScope { own, node }
+    }
+
+    fn holding(&self, table: &str) -> &FeatureTables {
+        match &self.own {
+            Some(own) if own.has_table(table) => own,
+            _ => &self.node,
+        }
+    }
+
+    /// The value of `key` in `table`.
+    pub fn lookup(&self, table: &str, key: &str) -> Option<Bytes> {
+        self.holding(table).lookup(table, key)
+    }
+
+    /// Whether `table` exists.
+    pub fn has_table(&self, table: &str) -> bool {
+        self.holding(table).has_table(table)
+    }
+}
+
 /// Resolves a table's relative path against `base` (the config file's folder).
 pub fn resolve_path(config: &mut FeatureTableConfig, base: &Path) {
     if config.path.is_relative() {

@@ -19,6 +19,7 @@ use crate::plugin::bindings::{
     PostOutcome, PreOutcome, Reply, WitPluginError, WitTensor, postprocess, preprocess,
     tensor_from_plugin,
 };
+use crate::plugin::features::TableScope;
 use crate::plugin::runtime::PluginRuntime;
 use crate::plugin::sandbox::{
     CallState, ContextView, MemoryBudget, PluginShared, RequestView, RunningClock, StderrCapture,
@@ -169,16 +170,16 @@ impl LoadedPlugin {
         name: &str,
         stage: Stage,
         digest: String,
-        pre: InstancePre<CallState>,
-        indices: StageIndices,
+        (pre, indices): (InstancePre<CallState>, StageIndices),
         spec: PluginSpec,
+        tables: TableScope,
         runtime: Arc<PluginRuntime>,
     ) -> LoadedPlugin {
         let name: Arc<str> = name.into();
         let shared = Arc::new(PluginShared::new(
             name.clone(),
             spec.limits.clone(),
-            runtime.features.clone(),
+            tables,
             runtime.metrics.clone(),
         ));
         let core = Arc::new(Core {

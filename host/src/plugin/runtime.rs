@@ -8,7 +8,7 @@
 use crate::metrics::Metrics;
 use crate::plugin::bindings::{self, PACKAGE};
 use crate::plugin::cache::DiskCache;
-use crate::plugin::features::FeatureTables;
+use crate::plugin::features::{FeatureTables, TableScope};
 use crate::plugin::instance::{Core, LoadedPlugin, Stage, stage_indices};
 use crate::plugin::sandbox::{CallState, NodeMemory, RandomBudget};
 use crate::plugin::sha256_hex;
@@ -226,12 +226,14 @@ impl PluginRuntime {
     }
 
     /// Loads the plugin `spec` names for `stage`: reads it, compiles it (or reuses the
-    /// compiled form of the same bytes), and checks that it exports that stage.
+    /// compiled form of the same bytes), and checks that it exports that stage. Its lookups
+    /// read `own_tables` (its endpoint's), then the node's.
     pub fn load(
         self: &Arc<Self>,
         name: &str,
         stage: Stage,
         spec: &PluginSpec,
+        own_tables: Option<Arc<FeatureTables>>,
     ) -> Result<LoadedPlugin, PluginLoadError> {
         let shown = spec.path.display().to_string();
         let refuse = |message: String| PluginLoadError::Spec {
@@ -269,8 +271,8 @@ impl PluginRuntime {
                 let indices = stage_indices(&pre, stage).map_err(invalid)?;
                 Ok((pre, indices))
             });
-        let (pre, indices) = match loaded {
-            Ok(loaded) => loaded,
+        let linked = match loaded {
+            Ok(linked) => linked,
             Err(e) => {
                 self.retire(&digest);
                 return Err(e);
@@ -281,9 +283,9 @@ impl PluginRuntime {
             name,
             stage,
             digest,
-            pre,
-            indices,
+            linked,
             spec.clone(),
+            TableScope::new(own_tables, self.features.clone()),
             self.clone(),
         ))
     }
@@ -439,7 +441,7 @@ mod tests {
                 (func (export "preprocess") (result u32) (canon lift (core func $i "f"))))"#,
         );
         let err = runtime(None)
-            .load("old", Stage::Pre, &old)
+            .load("old", Stage::Pre, &old, None)
             .err()
             .unwrap()
             .to_string();
@@ -457,7 +459,7 @@ mod tests {
         let empty = component(dir.path(), "empty", "(component)");
         let runtime = runtime(Some(cache.clone()));
         let err = runtime
-            .load("empty", Stage::Post, &empty)
+            .load("empty", Stage::Post, &empty, None)
             .err()
             .unwrap()
             .to_string();

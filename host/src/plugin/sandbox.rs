@@ -13,7 +13,7 @@
 
 use crate::metrics::Metrics;
 use crate::plugin::bindings::{self, LogLevel};
-use crate::plugin::features::FeatureTables;
+use crate::plugin::features::TableScope;
 use crate::plugin::limits::{PluginLimits, clean_log_message};
 use bytes::Bytes;
 use std::pin::Pin;
@@ -277,7 +277,7 @@ impl LogBucket {
 pub struct PluginShared {
     pub(crate) name: Arc<str>,
     pub(crate) limits: PluginLimits,
-    pub(crate) features: Arc<FeatureTables>,
+    pub(crate) tables: TableScope,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) log: Mutex<LogBucket>,
     pub(crate) log_dropped: AtomicU64,
@@ -287,14 +287,14 @@ impl PluginShared {
     pub(crate) fn new(
         name: Arc<str>,
         limits: PluginLimits,
-        features: Arc<FeatureTables>,
+        tables: TableScope,
         metrics: Arc<Metrics>,
     ) -> PluginShared {
         PluginShared {
             log: Mutex::new(LogBucket::new(limits.log_burst)),
             name,
             limits,
-            features,
+            tables,
             metrics,
             log_dropped: AtomicU64::new(0),
         }
@@ -698,11 +698,11 @@ impl bindings::Host for CallState {
                 limits.lookup_key_bytes,
             ));
         }
-        let features = &self.shared.features;
-        let found = features.lookup(&table, &key);
+        let tables = &self.shared.tables;
+        let found = tables.lookup(&table, &key);
         self.shared
             .metrics
-            .record_lookup(&table, found.is_some(), features.has_table(&table));
+            .record_lookup(&table, found.is_some(), tables.has_table(&table));
         Ok(found.map(|b| b.to_vec()))
     }
 }

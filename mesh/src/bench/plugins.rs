@@ -187,17 +187,23 @@ async fn per_call_overhead(
             Ok(spec)
         };
         let noop = runtime
-            .load("noop", Stage::Pre, &spec("noop", String::new())?)
+            .load("noop", Stage::Pre, &spec("noop", String::new())?, None)
             .map_err(failed)?;
         let pre = runtime
             .load(
                 "json_features",
                 Stage::Pre,
                 &spec("json_features", json_features_config())?,
+                None,
             )
             .map_err(failed)?;
         let post = runtime
-            .load("threshold", Stage::Post, &spec("threshold", String::new())?)
+            .load(
+                "threshold",
+                Stage::Post,
+                &spec("threshold", String::new())?,
+                None,
+            )
             .map_err(failed)?;
         rows.push(CallRow {
             label: format!("no-op (pre), {mode}"),
@@ -216,7 +222,9 @@ async fn per_call_overhead(
         let mut spec = PluginSpec::new(python);
         spec.config = r#"{"labels": ["legit", "fraud"]}"#.into();
         spec.deadline_ms = 1000;
-        let labels = runtime.load("labels", Stage::Post, &spec).map_err(failed)?;
+        let labels = runtime
+            .load("labels", Stage::Post, &spec, None)
+            .map_err(failed)?;
         rows.push(CallRow {
             label: "Python labels (post), reuse".into(),
             report: time_post(config, &labels, &outputs).await?,

@@ -14,7 +14,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use meshserve_host::endpoint::{Endpoint, postprocess, preprocess};
+use meshserve_host::endpoint::{
+    Endpoint, EndpointPlugins, EndpointStatus, Endpoints, postprocess, preprocess,
+};
 use meshserve_host::plugin::instance::{PluginReply, PostAnswer, PreAnswer};
 use meshserve_host::{ErrorClass, InferError, InferRequest};
 use serde_json::{Value, json};
@@ -72,7 +74,10 @@ fn reply_response(reply: PluginReply, server_timing: &str) -> Response {
     http
 }
 
-/// Serves one call of `endpoint`.
+/// Names the plugin versions that made an answer: `pre=NAME@SHA12 post=NAME@SHA12`.
+pub const PLUGINS_HEADER: HeaderName = HeaderName::from_static("meshserve-plugins");
+
+/// Serves one call of `endpoint`; the answer names the plugin versions that made it.
 pub async fn invoke(
     state: &AppState,
     endpoint: &Arc<Endpoint>,
@@ -82,6 +87,33 @@ pub async fn invoke(
 ) -> Result<Response, ApiError> {
     // The pre and post versions this request runs with, taken together.
     let plugins = endpoint.plugins()?;
+    if !state.dispatch.serves(&endpoint.model) {
+        return Err(InferError::EndpointUnavailable {
+            endpoint: endpoint.name.clone(),
+            reason: format!(
+                "its model '{}' is not loaded on this node or served by the mesh",
+                endpoint.model
+            ),
+        }
+        .into());
+    }
+    let mut response = run_pipeline(state, endpoint, &plugins, headers, body, started).await?;
+    if let Ok(tag) = HeaderValue::from_str(&plugins.tag)
+        && !plugins.tag.is_empty()
+    {
+        response.headers_mut().insert(PLUGINS_HEADER, tag);
+    }
+    Ok(response)
+}
+
+async fn run_pipeline(
+    state: &AppState,
+    endpoint: &Arc<Endpoint>,
+    plugins: &EndpointPlugins,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Response, ApiError> {
     let read = read_body(headers, body, &state.bodies).await?;
     let body = read.bytes.clone();
     let content_type = headers
@@ -180,23 +212,47 @@ fn decode_oip(
 
 /// The plugin versions an endpoint serves now, for operators: stage, name and SHA-256.
 pub(crate) fn plugin_versions(endpoint: &Endpoint) -> Vec<Value> {
-    let Ok(plugins) = endpoint.plugins() else {
-        return Vec::new();
-    };
-    [&plugins.pre, &plugins.post]
+    endpoint
+        .versions()
         .into_iter()
-        .flatten()
-        .map(|plugin| json!({ "stage": plugin.stage().as_str(), "plugin": plugin.name(), "sha256": plugin.digest() }))
+        .map(|v| json!({ "stage": v.stage, "plugin": v.plugin, "sha256": v.sha256, "version": v.version }))
         .collect()
 }
 
+fn status_json(status: &EndpointStatus) -> Value {
+    let plugins: Vec<Value> = status
+        .plugins
+        .iter()
+        .map(|v| json!({ "stage": v.stage, "plugin": v.plugin, "sha256": v.sha256, "version": v.version }))
+        .collect();
+    let mut entry = json!({
+        "name": status.name,
+        "model": status.model,
+        "source": status.source.as_str(),
+        "state": if status.ready { "READY" } else { "UNAVAILABLE" },
+        "plugins": plugins,
+    });
+    if let Some(reason) = &status.reason {
+        entry["reason"] = json!(reason);
+    }
+    entry
+}
+
+fn registry(state: &AppState) -> Result<Arc<Endpoints>, ApiError> {
+    state.endpoints.clone().ok_or_else(|| {
+        ApiError::new(
+            ErrorClass::NotFound,
+            "this node has no endpoints: it serves no plugins".to_string(),
+        )
+    })
+}
+
 fn find(state: &AppState, name: &str) -> Result<Arc<Endpoint>, ApiError> {
-    state
-        .endpoints
-        .as_ref()
-        .and_then(|e| e.get(name))
-        .cloned()
-        .ok_or_else(|| ApiError::new(ErrorClass::NotFound, format!("unknown endpoint '{name}'")))
+    registry(state)?.get(name).ok_or_else(|| {
+        ApiError::from(InferError::EndpointNotFound {
+            endpoint: name.to_string(),
+        })
+    })
 }
 
 /// `POST /v1/endpoints/{endpoint}/invocations`.
@@ -207,34 +263,89 @@ pub async fn invocations(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let outcome = match find(&state, &name) {
-        Ok(endpoint) => invoke(&state, &endpoint, &headers, body, started).await,
-        Err(e) => Err(e),
+    let (known, outcome) = match find(&state, &name) {
+        Ok(endpoint) => (
+            true,
+            invoke(&state, &endpoint, &headers, body, started).await,
+        ),
+        Err(e) => (false, Err(e)),
     };
-    let known = state
-        .endpoints
-        .as_ref()
-        .is_some_and(|e| e.get(&name).is_some());
     counted(&state, known.then_some(name.as_str()), outcome, started)
 }
 
-/// `POST /v1/endpoints/{endpoint}/reload`: loads the endpoint's plugin files again now.
+/// `GET /v1/endpoints`: every endpoint of this node, where it is defined, whether it serves
+/// and with which plugin versions.
+pub async fn list(State(state): State<AppState>) -> Response {
+    let entries: Vec<Value> = state
+        .endpoints
+        .iter()
+        .flat_map(|e| e.status())
+        .map(|s| status_json(&s))
+        .collect();
+    json_response(&Value::Array(entries))
+}
+
+/// What an admin call on one endpoint does.
+#[derive(Clone, Copy)]
+enum AdminAction {
+    Load,
+    Unload,
+    Reload,
+}
+
+async fn administer(
+    state: AppState,
+    name: String,
+    body: LimitedBody,
+    action: AdminAction,
+) -> Result<Response, ApiError> {
+    body.json_or_default::<serde::de::IgnoredAny>("endpoint request")?;
+    let endpoints = registry(&state)?;
+    let target = name.clone();
+    let registry = endpoints.clone();
+    // Loading compiles: off the async workers.
+    tokio::task::spawn_blocking(move || match action {
+        AdminAction::Load => registry.load_by_name(&target),
+        AdminAction::Unload => registry.unload(&target),
+        AdminAction::Reload => registry.reload(&target),
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))??;
+    let plugins = endpoints
+        .get(&name)
+        .map(|e| plugin_versions(&e))
+        .unwrap_or_default();
+    Ok(json_response(
+        &json!({ "endpoint": name, "plugins": plugins }),
+    ))
+}
+
+/// `POST /v1/endpoints/{endpoint}/load`: loads a repository endpoint from its folder now,
+/// also one that was unloaded.
+pub async fn load(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: LimitedBody,
+) -> Result<Response, ApiError> {
+    administer(state, name, body, AdminAction::Load).await
+}
+
+/// `POST /v1/endpoints/{endpoint}/unload`: unloads a repository endpoint until it is loaded
+/// again by name.
+pub async fn unload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: LimitedBody,
+) -> Result<Response, ApiError> {
+    administer(state, name, body, AdminAction::Unload).await
+}
+
+/// `POST /v1/endpoints/{endpoint}/reload`: loads the endpoint's plugin files (or folder)
+/// again now.
 pub async fn reload(
     State(state): State<AppState>,
     Path(name): Path<String>,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    body.json_or_default::<serde::de::IgnoredAny>("reload request")?;
-    let endpoints = state
-        .endpoints
-        .clone()
-        .ok_or_else(|| ApiError::new(ErrorClass::NotFound, format!("unknown endpoint '{name}'")))?;
-    let target = name.clone();
-    tokio::task::spawn_blocking(move || endpoints.reload(&target))
-        .await
-        .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))??;
-    let digests = plugin_versions(&*find(&state, &name)?);
-    Ok(json_response(
-        &json!({ "endpoint": name, "plugins": digests }),
-    ))
+    administer(state, name, body, AdminAction::Reload).await
 }

@@ -52,7 +52,7 @@ impl AppState {
     }
 
     fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
-        self.endpoints.as_ref()?.get(name).cloned()
+        self.endpoints.as_ref()?.get(name)
     }
 }
 
@@ -62,6 +62,8 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/v2/repository/models/{model}/load", post(load_model))
         .route("/v2/repository/models/{model}/unload", post(unload_model))
+        .route("/v1/endpoints/{endpoint}/load", post(endpoints::load))
+        .route("/v1/endpoints/{endpoint}/unload", post(endpoints::unload))
         .route("/v1/endpoints/{endpoint}/reload", post(endpoints::reload))
         .route_layer(axum::middleware::from_fn_with_state(
             state.admin.clone(),
@@ -83,6 +85,7 @@ pub fn router(state: AppState) -> Router {
             "/v2/models/{model}/versions/{version}/config",
             get(model_config),
         )
+        .route("/v1/endpoints", get(endpoints::list))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.bodies.clone(),

@@ -18,7 +18,7 @@ use crate::placement::Publishers;
 use crate::transport::MeshIdentity;
 use crate::transport::certs::Role;
 use meshserve_host::Engine;
-use meshserve_host::endpoint::Endpoints;
+use meshserve_host::endpoint::{self, Endpoints};
 use meshserve_host::engine::EngineConfig;
 use meshserve_host::metrics::Metrics;
 use meshserve_host::plugin::features::{FeatureError, FeatureTables};
@@ -26,6 +26,7 @@ use meshserve_host::plugin::runtime::{PluginLoadError, PluginRuntime};
 use meshserve_host::runtime::RuntimeError;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -155,10 +156,15 @@ impl Node {
                 path: repository.display().to_string(),
                 source,
             })?;
-        let endpoints = if config.endpoints.is_empty() {
-            None
+        // Plugins run where endpoints can exist: declared here, in the repository, or (in a
+        // mesh) arriving from other nodes' repositories.
+        let has_endpoints = !config.endpoints.is_empty()
+            || !endpoint::folder::names(&repository).is_empty()
+            || config.mesh.listen.is_some();
+        let endpoints = if has_endpoints {
+            Some(start_endpoints(&config, repository.clone(), &engine).await?)
         } else {
-            Some(start_endpoints(&config, &engine).await?)
+            None
         };
         let cluster = match config.mesh.listen {
             Some(listen) => {
@@ -240,7 +246,7 @@ impl Node {
             repository = %self.engine.repository().root().display(),
             onnxruntime = %self.engine.runtime_library().display(),
             models = %models.join(", "),
-            endpoints = %self.endpoints.iter().flat_map(|e| e.all()).map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "),
+            endpoints = %self.endpoints.iter().flat_map(|e| e.all()).map(|e| e.name.clone()).collect::<Vec<_>>().join(", "),
             "meshserve serving"
         );
         let engine = self.engine.clone();
@@ -441,6 +447,7 @@ async fn join_mesh(
 /// watches the plugin files for changes.
 async fn start_endpoints(
     config: &NodeConfig,
+    repository: PathBuf,
     engine: &Arc<Engine>,
 ) -> Result<Arc<Endpoints>, NodeError> {
     let tables = config.features.clone();
@@ -451,7 +458,10 @@ async fn start_endpoints(
         move || -> Result<(Endpoints, Arc<FeatureTables>), NodeError> {
             let features = Arc::new(FeatureTables::load(&tables)?);
             let runtime = PluginRuntime::new(plugins, features.clone(), metrics)?;
-            Ok((Endpoints::load(&declared, runtime), features))
+            Ok((
+                Endpoints::load(&declared, Some(repository), runtime),
+                features,
+            ))
         },
     )
     .await
@@ -460,14 +470,15 @@ async fn start_endpoints(
         source: std::io::Error::other(e.to_string()),
     })??;
     for endpoint in endpoints.all() {
+        if let Err(reason) = endpoint.readiness() {
+            tracing::error!(endpoint = %endpoint.name, %reason, "endpoint unavailable");
+            continue;
+        }
         if engine.model(&endpoint.name).is_some() {
             tracing::warn!(endpoint = %endpoint.name, "an endpoint shadows the model of the same name on /v2/models/{{name}}");
         }
         if engine.model(&endpoint.model).is_none() {
-            tracing::warn!(endpoint = %endpoint.name, model = %endpoint.model, "the endpoint's model is not loaded");
-        }
-        if let Err(reason) = endpoint.readiness() {
-            tracing::error!(endpoint = %endpoint.name, %reason, "endpoint unavailable");
+            tracing::warn!(endpoint = %endpoint.name, model = %endpoint.model, "the endpoint's model is not loaded here");
         }
     }
     let endpoints = Arc::new(endpoints);

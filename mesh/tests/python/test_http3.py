@@ -84,7 +84,7 @@ tls_key = "{certs / 'server.key'}"
 cache_dir = "{folder / 'plugin-cache'}"
 
 [features.cards]
-path = "{ROOT / 'examples' / 'data' / 'cards.csv'}"
+path = "{ROOT / 'examples' / 'models' / 'fraud-check' / 'cards.csv'}"
 
 [endpoints.fraud-check]
 model = "fraud"

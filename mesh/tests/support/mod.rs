@@ -17,19 +17,26 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A copy of the example model repository that a test may change.
+/// A copy of the example model repository that a test may change (its models; see
+/// [`copy_tree`]).
 pub fn copy_examples() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     copy_tree(&workspace_root().join("examples/models"), dir.path());
     dir
 }
 
+/// Copies `from` into `to`, leaving out the endpoint folders inside it (those holding an
+/// `endpoint.toml`): a node serving the examples' models would otherwise compile every
+/// example plugin at start. A test that serves an endpoint folder copies it by name.
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read_dir") {
         let entry = entry.expect("entry");
         let target = to.join(entry.file_name());
         if entry.path().is_dir() {
+            if entry.path().join("endpoint.toml").is_file() {
+                continue;
+            }
             copy_tree(&entry.path(), &target);
         } else {
             std::fs::copy(entry.path(), &target).expect("copy");
