@@ -7,7 +7,7 @@
 //! as layers for every door at once.
 
 use crate::cluster::Cluster;
-use crate::wire::{Failure, FailureClass, InferCall, RouteHint};
+use crate::wire::{EndpointAnswer, EndpointCall, Failure, FailureClass, InferCall, RouteHint};
 use meshserve_host::model::signature::TensorSpec;
 use meshserve_host::{Engine, InferError, InferRequest, InferResponse};
 use serde_json::{Value, json};
@@ -17,6 +17,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::Service;
+
+/// Runs whole endpoint requests that other nodes forward here (pre → model → post on this
+/// node). The pipeline lives with the HTTP door for now; the node hands it to the cluster
+/// through this trait once the doors exist, so the cluster depends on no door.
+pub trait EndpointRunner: Send + Sync + 'static {
+    /// Runs `call` on this node's own endpoint, or fails with [`FailureClass::NotHere`] when
+    /// the endpoint is not served here (the forwarding node then tries another replica).
+    fn run(
+        &self,
+        call: EndpointCall,
+    ) -> Pin<Box<dyn Future<Output = Result<EndpointAnswer, Failure>> + Send + 'static>>;
+}
 
 /// Who sent a request, which decides whether it may be forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

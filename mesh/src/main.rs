@@ -63,8 +63,15 @@ struct InferArgs {
     /// The model to call.
     #[arg(long, default_value = "fraud")]
     model: String,
-    /// The OIP JSON request, or @FILE; default: generated values shaped after the model's
-    /// metadata (dynamic dimensions 1).
+    /// Call this endpoint instead of a model: `--data` is the body its pre-plugin takes, sent
+    /// as it is to `/v1/endpoints/NAME/invocations`.
+    #[arg(long, value_name = "NAME")]
+    endpoint: Option<String>,
+    /// The content type of an endpoint's body.
+    #[arg(long, default_value = "application/json")]
+    content_type: String,
+    /// The request (OIP JSON for a model, any body for an endpoint), or @FILE; default for a
+    /// model: generated values shaped after its metadata (dynamic dimensions 1).
     #[arg(long)]
     data: Option<String>,
     /// Requests to send one after another (the second goes where the first one's route hint
@@ -410,6 +417,9 @@ fn infer(args: InferArgs) -> Result<()> {
             Some(file) if file.starts_with('@') => std::fs::read(&file[1..])
                 .with_context(|| format!("request file {}", &file[1..]))?,
             Some(json) => json.clone().into_bytes(),
+            None if args.endpoint.is_some() => {
+                anyhow::bail!("an endpoint takes the body its plugin understands: pass --data")
+            }
             None => {
                 let path = format!("/v2/models/{}", args.model);
                 let answer = client
@@ -428,8 +438,16 @@ fn infer(args: InferArgs) -> Result<()> {
                 body.to_vec()
             }
         };
+        let target = args.endpoint.as_deref().unwrap_or(&args.model);
         for _ in 0..args.repeat.max(1) {
-            let answer = client.infer(&args.model, body.clone().into(), None).await?;
+            let answer = match &args.endpoint {
+                Some(endpoint) => {
+                    client
+                        .invoke(endpoint, body.clone().into(), &args.content_type)
+                        .await?
+                }
+                None => client.infer(&args.model, body.clone().into(), None).await?,
+            };
             let header = |name: &str| {
                 answer
                     .headers
@@ -444,7 +462,7 @@ fn infer(args: InferArgs) -> Result<()> {
                 answer.sent_to,
                 header("server-timing")
             );
-            if let Some(route) = client.route(&args.model) {
+            if let Some(route) = client.route(target) {
                 let replicas: Vec<String> = route
                     .replicas
                     .iter()
@@ -453,7 +471,7 @@ fn infer(args: InferArgs) -> Result<()> {
                         None => format!("{} (no HTTP/3)", r.node),
                     })
                     .collect();
-                println!("route: {} lives on {}", args.model, replicas.join(", "));
+                println!("route: {target} lives on {}", replicas.join(", "));
             }
             println!("{}", String::from_utf8_lossy(&answer.body));
         }

@@ -7,7 +7,7 @@
 //! node joining or leaving moves only the models whose top set it enters or leaves: about
 //! `replicas / N` of all assignments. Pure functions; no I/O, no clock.
 
-use crate::wire::{NodeAdvert, Replica, RouteHint, RouteTable};
+use crate::wire::{EndpointEntry, NodeAdvert, Replica, RouteHint, RouteTable};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Whose model repositories are authoritative for the mesh (`mesh.publishers`): only their
@@ -66,6 +66,29 @@ pub fn published_digests(
     for advert in by_name {
         for entry in &advert.catalog {
             published.entry(entry.model.clone()).or_insert(entry.digest);
+        }
+    }
+    published
+}
+
+/// The version of each endpoint the publishers hold (the first publisher's by name when they
+/// differ). An endpoint has no placement of its own: it runs on its model's replicas, so a
+/// request's tensors never leave the node that runs its plugins.
+pub fn published_endpoints(
+    members: &[&NodeAdvert],
+    publishers: &Publishers,
+) -> BTreeMap<String, EndpointEntry> {
+    let mut by_name: Vec<&&NodeAdvert> = members
+        .iter()
+        .filter(|a| publishers.includes(&a.node))
+        .collect();
+    by_name.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut published = BTreeMap::new();
+    for advert in by_name {
+        for entry in &advert.endpoints {
+            published
+                .entry(entry.name.clone())
+                .or_insert_with(|| entry.clone());
         }
     }
     published
@@ -329,6 +352,7 @@ mod tests {
             serving: models.iter().map(|m| m.0.to_string()).collect(),
             queue_depth: 0,
             ewma_latency_us: 0,
+            endpoints: Vec::new(),
         }
     }
 
@@ -374,6 +398,31 @@ mod tests {
         let open = plan(&refs, &Publishers::Anyone);
         let heavy = open.routes.iter().find(|r| r.model == "heavy").unwrap();
         assert_eq!(heavy.replicas.len(), 4);
+    }
+
+    #[test]
+    fn an_endpoint_is_the_first_publishers_version_and_no_one_elses() {
+        let endpoint = |digest: u8| EndpointEntry {
+            name: "fraud-check".into(),
+            model: "fraud".into(),
+            digest: [digest; 32],
+            bytes: 1,
+            headers: Vec::new(),
+        };
+        let mut a = advert("a", 1, &[("fraud", 2, 1)]);
+        a.endpoints.push(endpoint(0x0a));
+        let mut b = advert("b", 2, &[]);
+        b.endpoints.push(endpoint(0x0b));
+        let mut evil = advert("0evil", 3, &[]);
+        evil.endpoints.push(endpoint(0x66));
+        let refs = [&a, &b, &evil];
+        let only = Publishers::Only(["a".to_string(), "b".to_string()].into());
+        let published = published_endpoints(&refs, &only);
+        assert_eq!(published["fraud-check"].digest, [0x0a; 32]);
+        // In the open mesh every member publishes, and the first by name wins.
+        let open = published_endpoints(&refs, &Publishers::Anyone);
+        assert_eq!(open["fraud-check"].digest, [0x66; 32]);
+        assert!(published_endpoints(&[&evil], &only).is_empty());
     }
 
     #[test]

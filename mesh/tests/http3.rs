@@ -350,7 +350,7 @@ async fn the_http3_port_speaks_neither_meshserve_1_nor_membership() {
 }
 
 #[tokio::test]
-async fn the_http3_client_follows_route_hints_to_the_replica() {
+async fn the_http3_client_follows_route_hints_to_the_replica_for_models_and_endpoints() {
     let certs = certs();
     let root = tempfile::tempdir().unwrap();
     let empty = root.path().join("empty");
@@ -359,6 +359,11 @@ async fn the_http3_client_follows_route_hints_to_the_replica() {
     support::copy_tree(
         &workspace_root().join("examples/models/fraud"),
         &owner_models.join("fraud"),
+    );
+    support::plugin("threshold");
+    support::copy_tree(
+        &workspace_root().join("examples/models/fraud-check"),
+        &owner_models.join("fraud-check"),
     );
     let cert = certs.path().join("server.pem");
     let key = certs.path().join("server.key");
@@ -429,6 +434,37 @@ async fn the_http3_client_follows_route_hints_to_the_replica() {
         mesh_served(&owner.metrics().await),
         before,
         "none of them crossed the mesh"
+    );
+
+    // The endpoint beside fraud on its owner: the seed forwards the first call whole and names
+    // the replica; the second goes there directly.
+    let transaction = Bytes::from_static(br#"{"card": "card-0003", "amount": 950.0}"#);
+    let calls = [
+        (
+            front_h3,
+            "the first call goes to the seed, which forwards it",
+        ),
+        (owner_h3, "the second goes straight to the replica"),
+    ];
+    for (expected, why) in calls {
+        let answer = client
+            .invoke("fraud-check", transaction.clone(), "application/json")
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(answer.sent_to, expected, "{why}");
+        let timing = answer.headers["server-timing"].to_str().unwrap();
+        assert_eq!(
+            timing.starts_with("forward;"),
+            expected == front_h3,
+            "{timing}"
+        );
+        let decision: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert!(decision["decision"].is_string(), "{decision}");
+    }
+    assert_eq!(
+        client.route("fraud-check").unwrap().replicas[0].http3,
+        Some(owner_h3)
     );
 }
 

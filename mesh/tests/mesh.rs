@@ -2024,3 +2024,329 @@ fn thread_count(pid: u32) -> usize {
         .and_then(|n| n.trim().parse().ok())
         .unwrap()
 }
+
+/// What `node` says of its endpoint `name`: its state and plugin versions, if it has it.
+async fn endpoint_state(node: &MeshNode, name: &str) -> Option<Value> {
+    let list: Value = reqwest::Client::new()
+        .get(node.node.url("/v1/endpoints"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    list.as_array()?.iter().find(|e| e["name"] == name).cloned()
+}
+
+/// One call of the fraud-check pipeline (served as `endpoint`) on `node`: its status and the
+/// plugin versions that answered.
+async fn call_endpoint(http: &reqwest::Client, node: &TestNode, endpoint: &str) -> (u16, String) {
+    let transaction = serde_json::json!({"card": "card-0003", "amount": 950.0, "hour": 3, "merchant_risk": 0.8, "foreign": true});
+    match http
+        .post(node.url(&format!("/v1/endpoints/{endpoint}/invocations")))
+        .json(&transaction)
+        .send()
+        .await
+    {
+        Ok(response) => {
+            let versions = response
+                .headers()
+                .get("meshserve-plugins")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            (response.status().as_u16(), versions)
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Issue 22: an endpoint folder deployed to one node (the publisher) reaches the replicas of
+/// its model over the mesh, verified by digest; the node that does not serve the model
+/// forwards requests for it whole; and a new component on the publisher replaces it on every
+/// replica, pre and post swapped together: under load, every answer names all old or all new
+/// versions and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_deployed_to_one_node_is_served_by_every_node_and_rolls_over_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
+    // `fraud-check` is each node's own (node.toml); the mesh-wide copy goes by another name.
+    const ENDPOINT: &str = "fraud-decide";
+    let publisher = ["--publisher", "a"];
+    let a = start_node_args(
+        root.path(),
+        &certs,
+        "a",
+        "127.0.0.1:0",
+        None,
+        |repo| {
+            support::plugin("threshold");
+            let from = workspace_root().join("examples/models/fraud-check");
+            copy_tree(&from, &repo.join(ENDPOINT));
+        },
+        &publisher,
+    );
+    let start = |name: &str| {
+        start_node_args(
+            root.path(),
+            &certs,
+            name,
+            "127.0.0.1:0",
+            Some(a.quic),
+            |_| {},
+            &publisher,
+        )
+    };
+    let (b, c) = (start("b"), start("c"));
+    let nodes = [&a, &b, &c];
+    let probe = client(&certs, vec![a.quic]);
+    let owners = settled(&probe, &nodes, &["a", "b", "c"]).await;
+    let replicas: Vec<&MeshNode> = nodes
+        .iter()
+        .copied()
+        .filter(|n| owners.contains(&n.name))
+        .collect();
+    let http = reqwest::Client::new();
+    // Every replica of fraud serves the endpoint, with the publisher's versions.
+    let first = wait_for(
+        "the endpoint on every replica",
+        Duration::from_secs(30),
+        async || {
+            let mut tags = BTreeSet::new();
+            for node in &replicas {
+                let state = endpoint_state(node, ENDPOINT).await?;
+                (state["state"] == "READY").then_some(())?;
+                let (status, versions) = call_endpoint(&http, &node.node, ENDPOINT).await;
+                (status == 200).then_some(())?;
+                tags.insert(versions);
+            }
+            (tags.len() == 1).then(|| tags.into_iter().next().unwrap())
+        },
+    )
+    .await;
+    assert!(first.contains("post=threshold@"), "{first}");
+    for node in &replicas {
+        if node.name != "a" {
+            let marker = root
+                .path()
+                .join(format!("models-{}/{ENDPOINT}/.from-mesh", node.name));
+            assert!(
+                marker.exists(),
+                "{} did not get it from the mesh",
+                node.name
+            );
+        }
+    }
+    let unplaced = nodes.iter().find(|n| !owners.contains(&n.name)).unwrap();
+    if unplaced.name != "a" {
+        let folder = root
+            .path()
+            .join(format!("models-{}/{ENDPOINT}", unplaced.name));
+        assert!(
+            !folder.exists(),
+            "a node not serving fraud fetched its endpoint"
+        );
+    }
+
+    // The node that does not serve fraud forwards the request whole to a replica, which runs
+    // pre -> model -> post; the answer names the hop and the replicas to go to next time.
+    let transaction = serde_json::json!({"card": "card-0003", "amount": 950.0});
+    let invocations = format!("/v1/endpoints/{ENDPOINT}/invocations");
+    let response = http
+        .post(unplaced.node.url(&invocations))
+        .json(&transaction)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("meshserve-plugins"), first);
+    let timing = header("server-timing");
+    assert!(timing.starts_with("forward;dur="), "{timing}");
+    assert!(
+        timing.contains("pre;dur=") && timing.contains("post;dur="),
+        "{timing}"
+    );
+    let route = parse_route_header(&header(ROUTE_HEADER)).unwrap();
+    assert_eq!(route.model, ENDPOINT);
+    let named: BTreeSet<String> = route.replicas.iter().map(|r| r.node.clone()).collect();
+    assert_eq!(named, owners);
+    let decision: Value = response.json().await.unwrap();
+    assert!(decision["decision"].is_string(), "{decision}");
+    // The same through the OIP route of the endpoint's name.
+    let oip = http
+        .post(unplaced.node.url(&format!("/v2/models/{ENDPOINT}/infer")))
+        .json(&transaction)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(oip.status(), 200);
+    // Past its deadline before it is sent: 504, and no plugin runs anywhere.
+    let plugin_calls = async || {
+        let mut calls = 0.0;
+        for node in &nodes {
+            calls += metric_sum(
+                &node.node.metrics().await,
+                "meshserve_plugin_duration_seconds_count",
+                &[("endpoint", ENDPOINT)],
+            );
+        }
+        calls
+    };
+    let before = plugin_calls().await;
+    let late = http
+        .post(unplaced.node.url(&invocations))
+        .header("meshserve-timeout-us", "1")
+        .json(&transaction)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 504);
+    assert_eq!(
+        plugin_calls().await,
+        before,
+        "a plugin ran for a late request"
+    );
+
+    // Load on every replica while the publisher's post-plugin is rebuilt.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for node in &replicas {
+        for _ in 0..2 {
+            let url = node
+                .node
+                .url(&format!("/v1/endpoints/{ENDPOINT}/invocations"));
+            let (stop, http) = (stop.clone(), http.clone());
+            workers.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let response = http
+                        .post(&url)
+                        .json(&serde_json::json!({"card": "card-0003", "amount": 950.0}))
+                        .send()
+                        .await;
+                    seen.push(match response {
+                        Ok(r) => (
+                            r.status().as_u16(),
+                            r.headers()
+                                .get("meshserve-plugins")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string(),
+                        ),
+                        Err(e) => (0, e.to_string()),
+                    });
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let component = root
+        .path()
+        .join(format!("models-a/{ENDPOINT}/threshold.wasm"));
+    let rebuilt = support::with_custom_section(&std::fs::read(&component).unwrap(), "v2");
+    let staged = component.with_extension("new");
+    std::fs::write(&staged, rebuilt).unwrap();
+    std::fs::rename(&staged, &component).unwrap();
+    let swapped_at = Instant::now();
+    let deadline = swapped_at + Duration::from_secs(10);
+    let second = loop {
+        let mut tags = BTreeSet::new();
+        for node in &replicas {
+            tags.insert(call_endpoint(&http, &node.node, ENDPOINT).await.1);
+        }
+        if tags.len() == 1 && !tags.contains(&first) {
+            break tags.into_iter().next().unwrap();
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    let log = n.node.log_text();
+                    let lines: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("endpoint") || l.contains("fetch"))
+                        .collect();
+                    format!("--- {}:\n{}", n.name, lines.join("\n"))
+                })
+                .collect();
+            panic!(
+                "the new version did not reach every replica in 10 s: {tags:?}\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rollout = swapped_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for worker in workers {
+        answers.extend(worker.await.unwrap());
+    }
+    let pre = |tag: &str| tag.split(' ').next().unwrap_or_default().to_string();
+    assert_eq!(pre(&first), pre(&second), "only the post-plugin changed");
+    assert_ne!(first, second);
+    let failed: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    let mixed: Vec<_> = answers
+        .iter()
+        .filter(|(_, tag)| *tag != first && *tag != second)
+        .collect();
+    let new = answers.iter().filter(|(_, tag)| *tag == second).count();
+    eprintln!(
+        "endpoint rollout to {} replicas in {rollout:?}: {} answers under load, {new} by the new version, {} failed, {} mixed",
+        replicas.len(),
+        answers.len(),
+        failed.len(),
+        mixed.len()
+    );
+    // `meshserve status` lists the endpoint's version, who holds it and where it runs.
+    // (Adverts follow within a housekeeping period.)
+    let version = second_digest(root.path());
+    wait_for(
+        "meshserve status to list the new version on the replicas",
+        Duration::from_secs(10),
+        async || {
+            let status = Command::new(env!("CARGO_BIN_EXE_meshserve"))
+                .args(["status", "--client", "app", "--node", &a.quic.to_string()])
+                .arg("--certs")
+                .arg(&certs)
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&status.stdout).to_string();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(ENDPOINT) && l.contains(&version))?
+                .to_string();
+            let runs_on: BTreeSet<String> = line
+                .rsplit("  ")
+                .next()?
+                .split(", ")
+                .map(|s| s.trim().to_string())
+                .collect();
+            (runs_on == owners).then_some(())
+        },
+    )
+    .await;
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+    assert!(mixed.is_empty(), "{:?}", &mixed[..mixed.len().min(5)]);
+    assert!(new > 0, "no answer under load came from the new version");
+}
+
+/// The first 12 hex digits of the publisher's `fraud-decide` folder digest, as `meshserve
+/// status` shows it.
+fn second_digest(root: &Path) -> String {
+    let (digest, _) = meshserve::cluster::bundle::DigestCache::default()
+        .get(&root.join("models-a"), "fraud-decide")
+        .unwrap();
+    meshserve::cluster::bundle::hex(&digest)[..12].to_string()
+}

@@ -457,19 +457,6 @@ async fn five_hundred_concurrent_requests_through_plugins_are_all_correct() {
     }
 }
 
-/// A component with the same behaviour and a different digest: a custom section appended.
-fn with_custom_section(wasm: &[u8], tag: &str) -> Vec<u8> {
-    let mut section = Vec::new();
-    section.push(tag.len() as u8);
-    section.extend(tag.as_bytes());
-    section.extend(b"hot swap");
-    let mut out = wasm.to_vec();
-    out.push(0); // custom section id
-    out.push(section.len() as u8);
-    out.extend(section);
-    out
-}
-
 #[tokio::test]
 async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_version() {
     let dir = tempfile::tempdir().unwrap();
@@ -522,7 +509,7 @@ async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_ve
         let staged = dir.path().join("staged.wasm");
         std::fs::write(
             &staged,
-            with_custom_section(&original, &format!("v{round}")),
+            support::with_custom_section(&original, &format!("v{round}")),
         )
         .unwrap();
         std::fs::rename(&staged, &live).unwrap();

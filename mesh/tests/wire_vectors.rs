@@ -54,6 +54,13 @@ fn vectors() -> Vec<(&'static str, Message)> {
         serving: vec!["fraud".into()],
         queue_depth: 3,
         ewma_latency_us: 250,
+        endpoints: vec![EndpointEntry {
+            name: "fraud-check".into(),
+            model: "fraud".into(),
+            digest: [0xcd; 32],
+            bytes: 4_000,
+            headers: vec!["x-user".into()],
+        }],
     };
     vec![
         (
@@ -203,6 +210,24 @@ fn vectors() -> Vec<(&'static str, Message)> {
             }),
         ),
         ("chunk", Message::Chunk(Bytes::from_static(b"\x08\x07onnx"))),
+        (
+            "invoke",
+            Message::Invoke(EndpointCall {
+                endpoint: "fraud-check".into(),
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: Bytes::from_static(b"{\"card\":\"c1\"}"),
+                timeout_us: Some(20_000),
+            }),
+        ),
+        (
+            "invoked",
+            Message::Invoked(EndpointAnswer {
+                node: "node-b".into(),
+                status: 200,
+                headers: vec![("meshserve-plugins".into(), "pre=a@01 post=b@02".into())],
+                body: Bytes::from_static(b"{\"decision\":\"allow\"}"),
+            }),
+        ),
     ]
 }
 

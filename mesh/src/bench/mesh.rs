@@ -2,13 +2,15 @@
 //! from a client that (a) sends straight to the owner, (b) sends to another node, which
 //! forwards, and (c) is route-aware and starts at that other node. All three speak
 //! `meshserve/1` over QUIC, so the only difference is the path; the same two paths over
-//! HTTP/1.1 follow for reference.
+//! HTTP/1.1 follow for reference, and the `fraud-check` endpoint (pre-plugin, model,
+//! post-plugin) asked at the owner and at another node, which forwards the request whole.
 
 use super::{BenchError, HttpLoad, Report, fp32_request_body, fp32_tensor, run_http};
 use crate::client::{ClientConfig, MeshClient};
 use crate::transport::certs::{MeshCa, Role};
 use crate::transport::{MeshEndpoint, MeshIdentity};
 use crate::wire::{InferCall, Message, frame::DEFAULT_MAX_FRAME_BYTES};
+use bytes::Bytes;
 use meshserve_host::InferRequest;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -16,6 +18,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The endpoint measured, a folder of the example repository.
+const ENDPOINT: &str = "fraud-check";
+
+/// A card transaction, as fraud-check takes it.
+const TRANSACTION: &[u8] =
+    br#"{"card": "card-0003", "amount": 950.0, "hour": 3, "merchant_risk": 0.8, "foreign": true}"#;
 
 /// Settings of `meshserve bench mesh`.
 #[derive(Debug, Clone)]
@@ -248,6 +257,26 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     };
     let http_direct = run_http(&http(owner_node.http)).await?;
     let http_forwarded = run_http(&http(other.http)).await?;
+    // The fraud-check endpoint (a repository folder every node holds): run whole on the owner
+    // of fraud, asked there or forwarded whole by the other node.
+    let has_endpoint = config
+        .repository
+        .join(ENDPOINT)
+        .join("endpoint.toml")
+        .is_file();
+    let endpoint_rows = if has_endpoint {
+        let invocation = |addr: SocketAddr| HttpLoad {
+            path: format!("/v1/endpoints/{ENDPOINT}/invocations"),
+            body: Bytes::from_static(TRANSACTION),
+            ..http(addr)
+        };
+        Some((
+            run_http(&invocation(owner_node.http)).await?,
+            run_http(&invocation(other.http)).await?,
+        ))
+    } else {
+        None
+    };
 
     let mut out = String::new();
     let _ = writeln!(
@@ -277,6 +306,18 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
         "    HTTP/1.1 to a non-owner, forwarded",
         &http_forwarded,
     );
+    if let Some((endpoint_direct, endpoint_forwarded)) = &endpoint_rows {
+        row(
+            &mut out,
+            "    HTTP/1.1 fraud-check straight to the owner",
+            endpoint_direct,
+        );
+        row(
+            &mut out,
+            "    HTTP/1.1 fraud-check to a non-owner, whole",
+            endpoint_forwarded,
+        );
+    }
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     let _ = writeln!(
         out,
@@ -290,6 +331,28 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
         "(b)/(a): p50 latency {:.2}x (the forwarding hop)",
         ratio(forwarded.percentile_us(0.5), direct.percentile_us(0.5))
     );
+    if let Some((endpoint_direct, endpoint_forwarded)) = &endpoint_rows {
+        let per_second = |r: &Report| r.requests_per_second().max(1e-9);
+        let _ = writeln!(
+            out,
+            "fraud-check forwarded whole / straight to the owner: throughput {:.2}x, p50 latency {:.2}x",
+            endpoint_forwarded.requests_per_second() / per_second(endpoint_direct),
+            ratio(
+                endpoint_forwarded.percentile_us(0.5),
+                endpoint_direct.percentile_us(0.5)
+            )
+        );
+        let _ = writeln!(
+            out,
+            "fraud-check (pre + model + post) / the bare model, both at the owner: throughput {:.2}x",
+            endpoint_direct.requests_per_second() / per_second(&http_direct)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "(no {ENDPOINT} folder in the repository, or its components are not built: no endpoint rows; run scripts/build-plugins.sh)"
+        );
+    }
     Ok(out)
 }
 

@@ -335,6 +335,39 @@ impl Http3Client {
             }
         }
         let path = format!("/v2/models/{model}/infer");
+        self.routed(model, &path, headers, body, Replay::Safe).await
+    }
+
+    /// Calls the endpoint `name` with `body` (any body its pre-plugin understands, of
+    /// `content_type`) and returns its answer as it is: straight to a replica once a forwarded
+    /// answer named them. Plugins need not be idempotent, so a request is sent again to
+    /// another node only when the one asked answered that it does not serve the endpoint.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<Http3Response, Http3Error> {
+        let mut headers = HeaderMap::new();
+        let content_type = http::HeaderValue::from_str(content_type)
+            .unwrap_or(http::HeaderValue::from_static("application/octet-stream"));
+        headers.insert(http::header::CONTENT_TYPE, content_type);
+        let path = format!("/v1/endpoints/{name}/invocations");
+        self.routed(name, &path, headers, body, Replay::BeforeSent)
+            .await
+    }
+
+    /// Sends one request for `key` (a model or an endpoint) to a replica the route names, or
+    /// a seed, retrying another one as the mesh's rule and `replay` allow.
+    async fn routed(
+        &self,
+        key: &str,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        replay: Replay,
+    ) -> Result<Http3Response, Http3Error> {
+        let model = key;
         let mut tried = Vec::new();
         let mut last = String::from("no replica or seed known");
         let mut attempts = Attempts::start(&self.retry, self.config.timeout, Instant::now());
@@ -346,7 +379,7 @@ impl Http3Client {
                 .request_within(
                     addr,
                     Method::POST,
-                    &path,
+                    path,
                     headers.clone(),
                     body.clone(),
                     attempts.left(started),
@@ -384,7 +417,10 @@ impl Http3Client {
                     self.routes.forget(model, addr);
                     let timed_out = matches!(e, Http3Error::Timeout { .. });
                     last = e.to_string();
-                    if attempts.after(Failed::Lost { timed_out }, true, now) != Decision::Retry {
+                    // The request may have reached the node: sent again only when that is safe.
+                    if replay == Replay::BeforeSent
+                        || attempts.after(Failed::Lost { timed_out }, true, now) != Decision::Retry
+                    {
                         break;
                     }
                 }
@@ -395,6 +431,15 @@ impl Http3Client {
             last,
         })
     }
+}
+
+/// Whether a request may be sent to another node after an attempt failed on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Whenever the retry rule allows (inference runs twice harmlessly).
+    Safe,
+    /// Never once it may have been sent (endpoint plugins need not be idempotent).
+    BeforeSent,
 }
 
 /// Drops the connection to `addr` (only if it is still connection `id`, when given).

@@ -289,10 +289,6 @@ impl Staging {
             }
             files.push((file.path.clone(), file.size));
         }
-        let target = root.join(model);
-        if target.exists() {
-            return Err(BundleError::Exists(target.display().to_string()));
-        }
         let prefix = format!(".incoming-{model}@");
         let name = format!("{prefix}{}", &hex(&manifest.digest)[..16]);
         for entry in std::fs::read_dir(root).map_err(io(root))?.flatten() {
@@ -385,6 +381,38 @@ impl Staging {
     /// having come from the mesh. Files that do not hash to the digest are deleted, so the
     /// next attempt starts clean.
     pub fn finish(self) -> Result<(), BundleError> {
+        self.verify()?;
+        let target = self.root.join(&self.model);
+        if target.exists() {
+            return Err(BundleError::Exists(target.display().to_string()));
+        }
+        std::fs::rename(&self.folder, &target).map_err(io(&target))
+    }
+
+    /// As [`Staging::finish`], replacing the folder's older version if there is one: the two
+    /// are exchanged in one step (`renameat2` with `RENAME_EXCHANGE`), so whoever watches the
+    /// repository sees the old folder or the new one, never none; the old one is then removed.
+    pub fn finish_replacing(self) -> Result<(), BundleError> {
+        let target = self.root.join(&self.model);
+        if !target.exists() {
+            return self.finish();
+        }
+        self.verify()?;
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &self.folder,
+            rustix::fs::CWD,
+            &target,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .map_err(|e| io(&target)(e.into()))?;
+        // The staging path now holds the old version.
+        std::fs::remove_dir_all(&self.folder).map_err(io(&self.folder))
+    }
+
+    /// Checks the staged files against the digest (removing them if they do not match) and
+    /// marks them as delivered by the mesh.
+    fn verify(&self) -> Result<(), BundleError> {
         let files = self.files.iter().map(|(path, size)| (path.as_str(), *size));
         let actual = match digest_on_disk(&self.folder, files) {
             Ok(actual) => actual,
@@ -405,12 +433,7 @@ impl Staging {
         let marker = self
             .folder
             .join(meshserve_host::model::repository::FROM_MESH_MARKER);
-        std::fs::write(&marker, b"").map_err(io(&marker))?;
-        let target = self.root.join(&self.model);
-        if target.exists() {
-            return Err(BundleError::Exists(target.display().to_string()));
-        }
-        std::fs::rename(&self.folder, &target).map_err(io(&target))
+        std::fs::write(&marker, b"").map_err(io(&marker))
     }
 }
 
@@ -539,10 +562,18 @@ mod tests {
             1,
             "no staging folder is left behind"
         );
-        assert!(matches!(
-            Staging::open(to.path(), &manifest),
-            Err(BundleError::Exists(_))
-        ));
+        // Again: a new folder is never put over one that is there; a replacement is, in one
+        // step, and leaves nothing of the old version behind.
+        let again = Staging::open(to.path(), &manifest).unwrap();
+        copy_pieces(from.path(), &again, 64, 100);
+        assert!(matches!(again.finish(), Err(BundleError::Exists(_))));
+        std::fs::write(to.path().join("m/stale.txt"), b"old").unwrap();
+        let again = Staging::open(to.path(), &manifest).unwrap();
+        copy_pieces(from.path(), &again, 64, 100);
+        again.finish_replacing().unwrap();
+        assert!(!to.path().join("m/stale.txt").exists());
+        assert_eq!(manifest_of(to.path(), "m").digest, manifest.digest);
+        assert_eq!(std::fs::read_dir(to.path()).unwrap().count(), 1);
         let cache = DigestCache::default();
         assert_eq!(cache.get(from.path(), "m").unwrap(), (manifest.digest, 32));
     }

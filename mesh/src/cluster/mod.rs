@@ -14,17 +14,18 @@ mod service;
 
 pub use gossip::CLAIM_DOWN_ENV;
 
-use crate::dispatch::Dispatch;
+use crate::dispatch::{Dispatch, EndpointRunner};
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement::{self, Publishers};
 use crate::routing::balance::{Balancer, PeakEwma};
 use crate::routing::retry::{Attempts, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
-    CatalogEntry, Failure, FailureClass, InferAnswer, InferCall, MemberStatus, MeshStatus, Message,
-    MetadataQuery, ModelLoadReport, NodeAdvert, NodeLoads, Replica, RouteHint, RouteTable,
+    CatalogEntry, EndpointAnswer, EndpointCall, EndpointEntry, Failure, FailureClass, InferAnswer,
+    InferCall, MemberStatus, MeshStatus, Message, MetadataQuery, ModelLoadReport, NodeAdvert,
+    NodeLoads, Replica, RouteHint, RouteTable,
 };
-use meshserve_host::Engine;
+use meshserve_host::{Engine, endpoint};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -109,6 +110,8 @@ pub struct MeshView {
     publishers: Publishers,
     /// The version of each model the publishers hold.
     published: BTreeMap<String, [u8; 32]>,
+    /// The version of each endpoint the publishers hold.
+    endpoints: BTreeMap<String, EndpointEntry>,
 }
 
 impl MeshView {
@@ -116,6 +119,7 @@ impl MeshView {
         let adverts: Vec<&NodeAdvert> = members.iter().filter_map(|m| m.advert.as_ref()).collect();
         let plan = placement::plan(&adverts, publishers);
         let published = placement::published_digests(&adverts, publishers);
+        let endpoints = placement::published_endpoints(&adverts, publishers);
         let models: BTreeSet<String> = adverts
             .iter()
             .flat_map(|a| a.serving.iter().cloned())
@@ -127,6 +131,7 @@ impl MeshView {
             served: BTreeMap::new(),
             publishers: publishers.clone(),
             published,
+            endpoints,
         };
         view.served = models
             .into_iter()
@@ -141,6 +146,16 @@ impl MeshView {
             .routes
             .iter()
             .any(|r| r.model == model && r.replicas.iter().any(|x| x.node == node))
+    }
+
+    /// The endpoint `name` as the publishers hold it.
+    pub fn endpoint(&self, name: &str) -> Option<&EndpointEntry> {
+        self.endpoints.get(name)
+    }
+
+    /// Every endpoint the publishers hold, by name.
+    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointEntry> {
+        self.endpoints.values()
     }
 
     /// Whether any live member holds or serves `model`, whether or not one serves it now.
@@ -249,6 +264,17 @@ pub struct Cluster {
     config_errors: Mutex<HashMap<String, String>>,
     /// Models still loaded but no longer advertised, while they are being unloaded.
     leaving: Mutex<BTreeSet<String>>,
+    /// Runs endpoint requests other nodes forward here; set when the doors start.
+    endpoint_runner: std::sync::OnceLock<Arc<dyn EndpointRunner>>,
+}
+
+/// Whether a forwarded request may be sent to another replica after one attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Whenever the retry rule allows: running it twice is harmless (inference).
+    Safe,
+    /// Only when the first replica cannot have started on it (not reached, or it declined).
+    BeforeSent,
 }
 
 impl Cluster {
@@ -309,6 +335,7 @@ impl Cluster {
             refused_fetches: Mutex::default(),
             config_errors: Mutex::default(),
             leaving: Mutex::default(),
+            endpoint_runner: std::sync::OnceLock::new(),
         });
         cluster.publish_advert().await;
         let dispatch = Dispatch::new(cluster.engine.clone(), Some(cluster.clone()));
@@ -321,6 +348,12 @@ impl Cluster {
             "mesh endpoint up (meshserve/1, mutual TLS)"
         );
         Ok(cluster)
+    }
+
+    /// This node's name.
+    /// Longest a forwarded request may take when it sets no deadline itself.
+    pub fn forward_timeout(&self) -> Duration {
+        self.forward_timeout
     }
 
     /// This node's name.
@@ -383,6 +416,7 @@ impl Cluster {
             })
             .collect();
         catalog.sort();
+        let endpoints = self.endpoint_catalog(repository.root());
         let latency = self
             .local_latency
             .lock()
@@ -399,7 +433,38 @@ impl Cluster {
             serving: self.serving(),
             queue_depth: u32::try_from(self.engine.queue_depth()).unwrap_or(u32::MAX),
             ewma_latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
+            endpoints,
         }
+    }
+
+    /// The endpoint folders of our repository that read and hash; one that does not is not
+    /// offered to the mesh (the node's own load reports why).
+    fn endpoint_catalog(&self, root: &std::path::Path) -> Vec<EndpointEntry> {
+        let mut entries: Vec<EndpointEntry> = endpoint::folder::names(root)
+            .into_iter()
+            .filter_map(|name| {
+                let read = endpoint::folder::read(root, &name).ok()?;
+                let (digest, bytes) = self
+                    .digests
+                    .get(root, &name)
+                    .map_err(|e| tracing::warn!(endpoint = %name, error = %e, "cannot hash endpoint files"))
+                    .ok()?;
+                let headers: BTreeSet<String> = [&read.config.pre, &read.config.post]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|spec| spec.headers.iter().map(|h| h.to_ascii_lowercase()))
+                    .collect();
+                Some(EndpointEntry {
+                    name,
+                    model: read.config.model,
+                    digest,
+                    bytes,
+                    headers: headers.into_iter().collect(),
+                })
+            })
+            .collect();
+        entries.sort();
+        entries
     }
 
     /// What we advertise as served: the loaded models, less those being unloaded.
@@ -429,11 +494,20 @@ impl Cluster {
     /// Logs a model's config error once per distinct message (adverts are rebuilt every
     /// second).
     fn report_config_error(&self, model: &str, error: &str) {
-        let mut reported = self.config_errors.lock().unwrap_or_else(|e| e.into_inner());
-        if reported.get(model).map(String::as_str) != Some(error) {
+        if self.first_report(model, error) {
             tracing::error!(%model, %error, "model config unusable; the model stays out of placement");
-            reported.insert(model.to_string(), error.to_string());
         }
+    }
+
+    /// Whether `message` about the repository folder `name` is new: adverts and placement are
+    /// rebuilt every second, and a standing problem is logged once per distinct message.
+    fn first_report(&self, name: &str, message: &str) -> bool {
+        let mut reported = self.config_errors.lock().unwrap_or_else(|e| e.into_inner());
+        if reported.get(name).map(String::as_str) == Some(message) {
+            return false;
+        }
+        reported.insert(name.to_string(), message.to_string());
+        true
     }
 
     // Hashing model files (cached, but the first time reads them all) is blocking work.
@@ -459,7 +533,7 @@ impl Cluster {
         let model = call.model.clone();
         call.forwarded = true;
         match self
-            .call_replicas(&model, &Message::Infer(call), timeout)
+            .call_replicas(&model, &Message::Infer(call), timeout, Replay::Safe)
             .await?
         {
             (Message::Answer(mut answer), route) => {
@@ -481,7 +555,7 @@ impl Cluster {
             version,
         });
         match self
-            .call_replicas(model, &query, self.forward_timeout)
+            .call_replicas(model, &query, self.forward_timeout, Replay::Safe)
             .await?
         {
             (Message::Metadata(text), route) => serde_json::from_str(&text).map_err(|e| {
@@ -505,6 +579,7 @@ impl Cluster {
         model: &str,
         request: &Message,
         timeout: Duration,
+        replay: Replay,
     ) -> Result<(Message, RouteHint), Failure> {
         let metrics = self.engine.metrics().clone();
         let view = self.view();
@@ -572,7 +647,13 @@ impl Cluster {
                 }
                 Err(e) => {
                     pending.finish(None, now);
-                    let decision = attempts.after(Failed::Transport(&e), another, now);
+                    // Past connecting, the replica may have started on it.
+                    let sent = !matches!(e, TransportError::Connect { .. });
+                    let decision = if replay == Replay::BeforeSent && sent {
+                        Decision::GiveUp
+                    } else {
+                        attempts.after(Failed::Transport(&e), another, now)
+                    };
                     (
                         Failure::new(FailureClass::Unavailable, e.to_string()),
                         decision,
@@ -604,6 +685,36 @@ impl Cluster {
         }
         failure.route = Some(route);
         Err(failure)
+    }
+
+    /// Runs a whole endpoint request on a replica of the endpoint's model (never this node),
+    /// which runs pre → model → post: no tensor crosses the mesh. Retried on another replica
+    /// only when the first refused it before running anything (it does not serve the
+    /// endpoint, or could not be reached): plugins need not be idempotent, and a request whose
+    /// connection broke after it was sent may have run them.
+    pub async fn forward_endpoint(
+        &self,
+        model: &str,
+        call: EndpointCall,
+        timeout: Duration,
+    ) -> Result<(EndpointAnswer, RouteHint), Failure> {
+        let name = call.endpoint.clone();
+        match self
+            .call_replicas(model, &Message::Invoke(call), timeout, Replay::BeforeSent)
+            .await?
+        {
+            (Message::Invoked(answer), mut route) => {
+                route.model = name;
+                Ok((answer, route))
+            }
+            (other, route) => Err(unexpected(&name, &other, route)),
+        }
+    }
+
+    /// Hands the cluster what runs endpoint requests forwarded here (once; later calls are
+    /// ignored).
+    pub fn set_endpoint_runner(&self, runner: Arc<dyn EndpointRunner>) {
+        let _ = self.endpoint_runner.set(runner);
     }
 
     /// This node's load per model it serves, for `meshserve status`.
@@ -727,6 +838,42 @@ pub fn format_status(status: &MeshStatus, loads: &[NodeLoads]) -> String {
                 route.model, replica.node, queue, rate, p99
             );
         }
+    }
+    // Endpoints by version: who holds each, and which of its model's replicas run it.
+    let mut versions: BTreeMap<(&str, &str, [u8; 32]), Vec<&str>> = BTreeMap::new();
+    for advert in status.members.iter().filter_map(|m| m.advert.as_ref()) {
+        for entry in &advert.endpoints {
+            versions
+                .entry((&entry.name, &entry.model, entry.digest))
+                .or_default()
+                .push(&advert.node);
+        }
+    }
+    if !versions.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<24} {:<16} {:<13} {:<24} RUNS ON",
+            "ENDPOINT", "MODEL", "VERSION", "HELD BY"
+        );
+    }
+    for ((name, model, digest), holders) in &versions {
+        let runs_on: Vec<&str> = status
+            .routes
+            .routes
+            .iter()
+            .filter(|r| r.model == *model)
+            .flat_map(|r| r.replicas.iter().map(|x| x.node.as_str()))
+            .filter(|node| holders.contains(node))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<24} {:<16} {:<13} {:<24} {}",
+            name,
+            model,
+            &bundle::hex(digest)[..12],
+            holders.join(", "),
+            runs_on.join(", ")
+        );
     }
     out
 }

@@ -8,8 +8,9 @@
 
 use crate::cluster::{Cluster, MeshView, bundle};
 use crate::wire::{
-    CatalogEntry, Failure, FailureClass, FetchChunk, FetchModel, Message, NodeAdvert,
+    EndpointEntry, Failure, FailureClass, FetchChunk, FetchModel, Message, NodeAdvert,
 };
+use meshserve_host::model::repository::FROM_MESH_MARKER;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +84,75 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
                 tokio::spawn(unload(cluster.clone(), model.to_string()));
             }
         }
+        let this = cluster.clone();
+        let due = view.clone();
+        let wanted = tokio::task::spawn_blocking(move || this.endpoints_to_fetch(&due))
+            .await
+            .unwrap_or_default();
+        for entry in wanted {
+            if cluster
+                .arriving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(entry.name.clone())
+            {
+                tokio::spawn(arrive_endpoint(cluster.clone(), entry));
+            }
+        }
     }
+}
+
+impl Cluster {
+    /// The published endpoints placed here (with their models) whose folder this node lacks,
+    /// or holds at an older version it got from the mesh. A folder the operator put here
+    /// themselves is never replaced: it serves as it is (logged once).
+    fn endpoints_to_fetch(&self, view: &MeshView) -> Vec<EndpointEntry> {
+        let root = self.engine.repository().root();
+        view.endpoints()
+            .filter(|entry| view.placed_on(&entry.model, &self.name))
+            .filter(|entry| {
+                let folder = root.join(&entry.name);
+                if !folder.exists() {
+                    return true;
+                }
+                let local = self.digests.get(root, &entry.name).map(|(d, _)| d);
+                if local.as_ref().ok() == Some(&entry.digest) {
+                    return false;
+                }
+                let from_mesh = folder.join(FROM_MESH_MARKER).exists();
+                // A publisher's own folder is a source, not a stale copy (its new version
+                // may simply not be in the view yet).
+                let publishes = view.publishers.includes(&self.name);
+                if !from_mesh && !publishes && self.first_report(&entry.name, "own version") {
+                    tracing::warn!(endpoint = %entry.name, "this node's own endpoint folder differs from the publisher's version; it serves its own");
+                }
+                from_mesh
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// Fetches an endpoint's folder placed here (with its model), replacing an older version
+/// from the mesh; the node's endpoint watcher then swaps the new endpoint in as a whole.
+async fn arrive_endpoint(cluster: Arc<Cluster>, entry: EndpointEntry) {
+    if let Ok(_slot) = cluster.arrivals.acquire().await {
+        let view = cluster.view();
+        let still = view
+            .endpoint(&entry.name)
+            .is_some_and(|e| *e == entry && view.placed_on(&e.model, &cluster.name));
+        if still {
+            let holders = endpoint_holders(&view, &entry);
+            if let Err(e) = fetch(&cluster, holders, Install::Replace).await {
+                tracing::warn!(endpoint = %entry.name, error = %e, "placement: cannot fetch the endpoint's folder yet");
+            }
+        }
+    }
+    cluster
+        .arriving
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&entry.name);
 }
 
 /// Stops advertising `model`, gives peers [`UNADVERTISE_GRACE`] to notice, then unloads it
@@ -128,7 +197,7 @@ async fn arrive(cluster: Arc<Cluster>, model: String) {
 async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
     let repository = cluster.engine.repository();
     if repository.versions(model).is_empty()
-        && let Err(e) = fetch(cluster, view, model).await
+        && let Err(e) = fetch(cluster, holders(view, model), Install::New).await
     {
         tracing::warn!(%model, error = %e, "placement: cannot fetch the model's files yet");
         return;
@@ -147,19 +216,62 @@ async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
 /// those serving it first, then by name. Each is asked for its own digest over a connection
 /// whose certificate names it, so what is installed is what one identified publisher holds,
 /// never a version that other members could offer or vote in.
-fn holders<'a>(view: &'a MeshView, model: &str) -> Vec<(&'a NodeAdvert, &'a CatalogEntry)> {
-    let mut holders: Vec<(&NodeAdvert, &CatalogEntry)> = view
+fn holders<'a>(view: &'a MeshView, model: &'a str) -> Vec<(&'a NodeAdvert, FolderVersion<'a>)> {
+    let mut holders: Vec<(&NodeAdvert, FolderVersion)> = view
         .members
         .iter()
         .filter_map(|m| m.advert.as_ref())
         .filter(|advert| view.publishers.includes(&advert.node))
         .filter_map(|advert| {
             let entry = advert.catalog.iter().find(|e| e.model == model)?;
-            Some((advert, entry))
+            let version = FolderVersion {
+                name: &entry.model,
+                digest: entry.digest,
+                bytes: entry.bytes,
+            };
+            Some((advert, version))
         })
         .collect();
     holders.sort_by_key(|(advert, _)| (!advert.serving.iter().any(|s| s == model), &advert.node));
     holders
+}
+
+/// The publishers that hold `entry`'s folder at exactly its published digest, by name.
+fn endpoint_holders<'a>(
+    view: &'a MeshView,
+    entry: &'a EndpointEntry,
+) -> Vec<(&'a NodeAdvert, FolderVersion<'a>)> {
+    view.members
+        .iter()
+        .filter_map(|m| m.advert.as_ref())
+        .filter(|advert| view.publishers.includes(&advert.node))
+        .filter(|advert| advert.endpoints.iter().any(|e| e == entry))
+        .map(|advert| {
+            let version = FolderVersion {
+                name: &entry.name,
+                digest: entry.digest,
+                bytes: entry.bytes,
+            };
+            (advert, version)
+        })
+        .collect()
+}
+
+/// One version of a repository folder, a model's or an endpoint's, as a holder advertises it.
+#[derive(Debug, Clone, Copy)]
+struct FolderVersion<'a> {
+    name: &'a str,
+    digest: [u8; 32],
+    bytes: u64,
+}
+
+/// Whether a fetched folder may replace one already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Install {
+    /// Only where there is none (models: a node does not replace a model it holds).
+    New,
+    /// In one step over an older version (endpoints follow their publisher).
+    Replace,
 }
 
 /// Why fetching from one holder failed.
@@ -171,13 +283,18 @@ enum FetchFailure {
     Failed(String),
 }
 
-async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(), String> {
+async fn fetch(
+    cluster: &Arc<Cluster>,
+    holders: Vec<(&NodeAdvert, FolderVersion<'_>)>,
+    install: Install,
+) -> Result<(), String> {
     let mut last = String::from("no other live member holds its files");
-    for (holder, entry) in holders(view, model)
-        .into_iter()
-        .filter(|(h, _)| h.node != cluster.name)
-    {
-        let key = (holder.node.clone(), model.to_string(), entry.digest);
+    for (holder, version) in holders.into_iter().filter(|(h, _)| h.node != cluster.name) {
+        let key = (
+            holder.node.clone(),
+            version.name.to_string(),
+            version.digest,
+        );
         {
             let mut refused = cluster
                 .refused_fetches
@@ -189,7 +306,7 @@ async fn fetch(cluster: &Arc<Cluster>, view: &MeshView, model: &str) -> Result<(
                 continue;
             }
         }
-        match fetch_from(cluster, holder, entry).await {
+        match fetch_from(cluster, holder, version, install).await {
             Ok(()) => return Ok(()),
             Err(FetchFailure::Refused(why)) => {
                 cluster
@@ -216,15 +333,16 @@ async fn on_disk<T: Send + 'static>(
     }
 }
 
-/// Fetches `entry`'s model from `holder` in chunks into a staging folder, resuming what an
+/// Fetches `version`'s folder from `holder` in chunks into a staging folder, resuming what an
 /// earlier attempt left there, and moves it into place once it hashes to the digest. Memory
-/// stays at one chunk whatever the model's size.
+/// stays at one chunk whatever the folder's size.
 async fn fetch_from(
     cluster: &Arc<Cluster>,
     holder: &NodeAdvert,
-    entry: &CatalogEntry,
+    entry: FolderVersion<'_>,
+    install: Install,
 ) -> Result<(), FetchFailure> {
-    let model = entry.model.as_str();
+    let model = entry.name;
     let ask = |request: Message| async move {
         match cluster
             .endpoint
@@ -300,7 +418,11 @@ async fn fetch_from(
             Err(f) => return Err(FetchFailure::Failed(f.message)),
         }
     }
-    on_disk(move || staging.finish()).await?;
+    on_disk(move || match install {
+        Install::New => staging.finish(),
+        Install::Replace => staging.finish_replacing(),
+    })
+    .await?;
     tracing::info!(
         %model,
         from = %holder.node,
@@ -349,6 +471,7 @@ mod tests {
                 },
                 queue_depth: 0,
                 ewma_latency_us: 0,
+                endpoints: Vec::new(),
             }),
         }
     }

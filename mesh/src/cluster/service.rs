@@ -162,6 +162,16 @@ async fn answer(
             reply
         }
         Ok(Message::FetchManifest(fetch)) if role == Role::Node => cluster.manifest(fetch).await,
+        Ok(Message::Invoke(call)) if role == Role::Node => match cluster.endpoint_runner.get() {
+            Some(runner) => match runner.run(call).await {
+                Ok(answer) => Message::Invoked(answer),
+                Err(failure) => Message::Failure(failure),
+            },
+            None => Message::Failure(Failure::new(
+                FailureClass::NotHere,
+                format!("node '{}' serves no endpoints yet", cluster.name),
+            )),
+        },
         Ok(Message::FetchChunk(chunk)) if role == Role::Node => {
             let (reply, slot) = cluster.chunk(chunk).await;
             fetch_slot = slot;

@@ -3,23 +3,28 @@
 //! `POST /v1/endpoints/{endpoint}/invocations`, which hands any body to the pre-plugin and
 //! returns the post-plugin's body as it is.
 
+use crate::dispatch::EndpointRunner;
 use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
 use crate::http::routes::{
     AppState, LimitedBody, Ms, SERVER_TIMING, TIMEOUT_HEADER, counted, header_number, hop_timing,
     json_response, oip_response, read_body, run_model,
 };
+use crate::routing::{ROUTE_HEADER, route_header};
+use crate::wire::{EndpointAnswer, EndpointCall, EndpointEntry, Failure, FailureClass};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use meshserve_host::endpoint::{
-    Endpoint, EndpointPlugins, EndpointStatus, Endpoints, postprocess, preprocess,
+    Endpoint, EndpointPlugins, EndpointStatus, Endpoints, Source, postprocess, preprocess,
 };
 use meshserve_host::plugin::instance::{PluginReply, PostAnswer, PreAnswer};
 use meshserve_host::{ErrorClass, InferError, InferRequest};
 use serde_json::{Value, json};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -210,6 +215,205 @@ fn decode_oip(
     Ok((decoded.request, decoded.binary_outputs))
 }
 
+/// Where an endpoint request runs.
+pub(crate) enum Route {
+    /// On this node's own endpoint.
+    Here(Arc<Endpoint>),
+    /// Whole, on a replica of the endpoint's model: this node has no such endpoint, or has
+    /// the mesh's (a repository folder) without its model.
+    Replica(EndpointEntry),
+}
+
+/// Where a request for the endpoint `name` runs; `None` when no endpoint of that name is
+/// known here or in the mesh.
+pub(crate) fn route(state: &AppState, name: &str) -> Option<Route> {
+    let local = state.endpoints.as_ref().and_then(|e| e.get(name));
+    let mesh = state
+        .dispatch
+        .cluster()
+        .and_then(|c| c.view().endpoint(name).cloned());
+    match (local, mesh) {
+        (Some(endpoint), Some(entry))
+            if endpoint.source == Source::Repository
+                && state.engine().model(&endpoint.model).is_none() =>
+        {
+            Some(Route::Replica(entry))
+        }
+        (Some(endpoint), _) => Some(Route::Here(endpoint)),
+        (None, Some(entry)) => Some(Route::Replica(entry)),
+        (None, None) => None,
+    }
+}
+
+/// Serves an endpoint request where [`route`] says, here or forwarded whole to a replica.
+pub(crate) async fn serve(
+    state: &AppState,
+    route: Route,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    match route {
+        Route::Here(endpoint) => invoke(state, &endpoint, headers, body, started).await,
+        Route::Replica(entry) => forward(state, &entry, headers, body, started).await,
+    }
+}
+
+/// Request headers a forwarded endpoint request carries: what the pipeline reads, and what
+/// the endpoint's plugins may see.
+fn passed_on(headers: &HeaderMap, granted: &[String]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            name == header::CONTENT_TYPE.as_str()
+                || name == oip::HEADER_CONTENT_LENGTH.as_str()
+                || name == "traceparent"
+                || granted.iter().any(|g| g == name)
+        })
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect()
+}
+
+/// Forwards an endpoint request whole to a replica of its model, which runs pre → model →
+/// post; its answer comes back unchanged, with the route to the replicas and the hop timed.
+async fn forward(
+    state: &AppState,
+    entry: &EndpointEntry,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let cluster = state.dispatch.cluster().ok_or_else(|| {
+        ApiError::from(InferError::EndpointNotFound {
+            endpoint: entry.name.clone(),
+        })
+    })?;
+    let read = read_body(headers, body, &state.bodies).await?;
+    let deadline = header_number(headers, &TIMEOUT_HEADER)?.map(Duration::from_micros);
+    let left = deadline.map(|d| d.saturating_sub(started.elapsed()));
+    if let (Some(deadline), Some(Duration::ZERO)) = (deadline, left) {
+        return Err(InferError::DeadlineExceeded {
+            model: entry.name.clone(),
+            waited_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            timeout_us: u64::try_from(deadline.as_micros()).unwrap_or(u64::MAX),
+            ran: false,
+        }
+        .into());
+    }
+    let call = EndpointCall {
+        endpoint: entry.name.clone(),
+        headers: passed_on(headers, &entry.headers),
+        body: read.bytes.clone(),
+        timeout_us: left.map(|l| u64::try_from(l.as_micros()).unwrap_or(u64::MAX)),
+    };
+    let sent = Instant::now();
+    let timeout = left.unwrap_or(cluster.forward_timeout());
+    let (answer, route) = cluster
+        .forward_endpoint(&entry.model, call, timeout)
+        .await?;
+    let hop = sent.elapsed();
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let out = response.headers_mut();
+    for (name, value) in &answer.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) && name != header::CONTENT_LENGTH
+            && name != header::TRANSFER_ENCODING
+            && name != header::CONNECTION
+        {
+            out.append(name, value);
+        }
+    }
+    // The replica's own stages follow the hop, as for a forwarded model.
+    let replica_timing = out
+        .get(SERVER_TIMING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let timing = format!(
+        "forward;dur={};desc=\"{}\", {replica_timing}",
+        Ms(hop),
+        answer.node
+    );
+    if let Ok(value) = HeaderValue::from_str(timing.trim_end_matches([',', ' '])) {
+        out.insert(SERVER_TIMING, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&route_header(&route)) {
+        out.insert(ROUTE_HEADER, value);
+    }
+    Ok(response)
+}
+
+/// This node's own endpoints, run whole for requests other nodes forward here.
+pub struct LocalEndpoints(pub AppState);
+
+impl EndpointRunner for LocalEndpoints {
+    fn run(
+        &self,
+        call: EndpointCall,
+    ) -> Pin<Box<dyn Future<Output = Result<EndpointAnswer, Failure>> + Send + 'static>> {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let node = state
+                .dispatch
+                .cluster()
+                .map(|c| c.name().to_string())
+                .unwrap_or_default();
+            let Some(endpoint) = state.endpoints.as_ref().and_then(|e| e.get(&call.endpoint))
+            else {
+                return Err(Failure::new(
+                    FailureClass::NotHere,
+                    format!("node '{node}' does not serve endpoint '{}'", call.endpoint),
+                ));
+            };
+            if call.timeout_us == Some(0) {
+                return Err(Failure::new(
+                    FailureClass::DeadlineExceeded,
+                    format!(
+                        "endpoint '{}' arrived past its deadline; not run",
+                        call.endpoint
+                    ),
+                ));
+            }
+            let mut headers = HeaderMap::new();
+            for (name, value) in &call.headers {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    headers.append(name, value);
+                }
+            }
+            if let Some(us) = call.timeout_us {
+                headers.insert(TIMEOUT_HEADER, HeaderValue::from(us));
+            }
+            let outcome = invoke(&state, &endpoint, &headers, Body::from(call.body), started).await;
+            let response = counted(&state, Some(call.endpoint.as_str()), outcome, started);
+            let (parts, body) = response.into_parts();
+            // Our own answer, bounded by the plugins' output limits.
+            let body = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .map_err(|e| Failure::new(FailureClass::Internal, e.to_string()))?;
+            let headers = parts
+                .headers
+                .iter()
+                .filter_map(|(n, v)| Some((n.to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            Ok(EndpointAnswer {
+                node,
+                status: parts.status.as_u16(),
+                headers,
+                body,
+            })
+        })
+    }
+}
+
 /// The plugin versions an endpoint serves now, for operators: stage, name and SHA-256.
 pub(crate) fn plugin_versions(endpoint: &Endpoint) -> Vec<Value> {
     endpoint
@@ -247,14 +451,6 @@ fn registry(state: &AppState) -> Result<Arc<Endpoints>, ApiError> {
     })
 }
 
-fn find(state: &AppState, name: &str) -> Result<Arc<Endpoint>, ApiError> {
-    registry(state)?.get(name).ok_or_else(|| {
-        ApiError::from(InferError::EndpointNotFound {
-            endpoint: name.to_string(),
-        })
-    })
-}
-
 /// `POST /v1/endpoints/{endpoint}/invocations`.
 pub async fn invocations(
     State(state): State<AppState>,
@@ -263,12 +459,15 @@ pub async fn invocations(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let (known, outcome) = match find(&state, &name) {
-        Ok(endpoint) => (
-            true,
-            invoke(&state, &endpoint, &headers, body, started).await,
+    let (known, outcome) = match route(&state, &name) {
+        Some(route) => (true, serve(&state, route, &headers, body, started).await),
+        None => (
+            false,
+            Err(InferError::EndpointNotFound {
+                endpoint: name.clone(),
+            }
+            .into()),
         ),
-        Err(e) => (false, Err(e)),
     };
     counted(&state, known.then_some(name.as_str()), outcome, started)
 }

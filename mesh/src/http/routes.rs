@@ -505,12 +505,18 @@ pub(crate) async fn infer_parts(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let endpoint = state.endpoint(model);
-    let outcome = match &endpoint {
-        Some(endpoint) => endpoints::invoke(state, endpoint, headers, body, started).await,
-        None => run_infer(state, model, version, headers, body, started).await,
+    // An endpoint shadows a model of its name; the mesh's endpoints are looked up only for a
+    // name that is not a model here, so a model's requests pay one map lookup for endpoints.
+    let endpoint = match state.endpoint(model) {
+        Some(endpoint) => Some(endpoints::Route::Here(endpoint)),
+        None if state.engine().model(model).is_none() => endpoints::route(state, model),
+        None => None,
     };
     let known = endpoint.is_some() || state.dispatch.serves(model);
+    let outcome = match endpoint {
+        Some(route) => endpoints::serve(state, route, headers, body, started).await,
+        None => run_infer(state, model, version, headers, body, started).await,
+    };
     counted(state, known.then_some(model), outcome, started)
 }
 

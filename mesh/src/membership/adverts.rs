@@ -67,17 +67,27 @@ pub(crate) fn check(advert: &NodeAdvert) -> Result<(), AdvertError> {
     if !valid_node_name(&advert.node) {
         return Err(AdvertError(format!("invalid node name {:?}", advert.node)));
     }
-    if advert.catalog.len() > MAX_ADVERT_MODELS || advert.serving.len() > MAX_ADVERT_MODELS {
+    if advert.catalog.len() > MAX_ADVERT_MODELS
+        || advert.serving.len() > MAX_ADVERT_MODELS
+        || advert.endpoints.len() > MAX_ADVERT_MODELS
+    {
         return Err(AdvertError(format!(
-            "node '{}' lists more than {MAX_ADVERT_MODELS} models",
+            "node '{}' lists more than {MAX_ADVERT_MODELS} models or endpoints",
             advert.node
         )));
     }
+    // Endpoint names are folder names too; the headers they list are only compared.
     let models = advert
         .catalog
         .iter()
         .map(|entry| entry.model.as_str())
-        .chain(advert.serving.iter().map(String::as_str));
+        .chain(advert.serving.iter().map(String::as_str))
+        .chain(
+            advert
+                .endpoints
+                .iter()
+                .flat_map(|e| [e.name.as_str(), e.model.as_str()]),
+        );
     for model in models {
         Repository::check_name(model)
             .map_err(|e| AdvertError(format!("from node '{}': {e}", advert.node)))?;
@@ -116,6 +126,7 @@ mod tests {
             serving: vec![],
             queue_depth: 0,
             ewma_latency_us: 0,
+            endpoints: Vec::new(),
         }
     }
 
@@ -143,5 +154,17 @@ mod tests {
         assert!(error.contains("more than 65536 models"), "{error}");
         assert!(check(&advert("b", &names[..200])).is_ok());
         assert!(check(&advert("node-b.rack_1", &["fraud"])).is_ok());
+        // Endpoint names and their models end up in paths too.
+        for (name, model) in [("../x", "fraud"), ("fraud-check", "../../m"), ("", "fraud")] {
+            let mut with_endpoint = advert("b", &["fraud"]);
+            with_endpoint.endpoints.push(crate::wire::EndpointEntry {
+                name: name.into(),
+                model: model.into(),
+                digest: [2; 32],
+                bytes: 1,
+                headers: Vec::new(),
+            });
+            assert!(check(&with_endpoint).is_err(), "{name} / {model}");
+        }
     }
 }

@@ -595,23 +595,14 @@ impl Membership {
     ) -> Result<(), MembershipError> {
         adverts::check(&advert).map_err(|e| MembershipError(e.to_string()))?;
         let previous = self.own_advert.as_ref();
-        let changed = previous.is_none_or(|old| {
-            (
-                &old.generation,
-                &old.quic,
-                &old.http,
-                &old.http3,
-                &old.catalog,
-                &old.serving,
-            ) != (
-                &advert.generation,
-                &advert.quic,
-                &advert.http,
-                &advert.http3,
-                &advert.catalog,
-                &advert.serving,
-            )
-        });
+        // Everything but the sequence and the load figures, so a field added later counts too.
+        let content = |a: &NodeAdvert| NodeAdvert {
+            sequence: 0,
+            queue_depth: 0,
+            ewma_latency_us: 0,
+            ..a.clone()
+        };
+        let changed = previous.is_none_or(|old| content(old) != content(&advert));
         advert.sequence = match previous {
             Some(old) if old.generation == advert.generation => old.sequence + u64::from(changed),
             _ => 0,
@@ -774,6 +765,7 @@ mod tests {
             serving: serving.iter().map(|s| s.to_string()).collect(),
             queue_depth: 0,
             ewma_latency_us: 0,
+            endpoints: Vec::new(),
         }
     }
 
@@ -894,6 +886,20 @@ mod tests {
             "same sequence: nothing to fetch"
         );
         assert_eq!(seen(&b.live_members(), "a").unwrap().queue_depth, 9);
+        // A changed endpoint folder is news at once, as a changed model is.
+        let mut with_endpoint = advert_of_a(&[]);
+        with_endpoint.endpoints.push(crate::wire::EndpointEntry {
+            name: "fraud-check".into(),
+            model: "fraud".into(),
+            digest: [3; 32],
+            bytes: 10,
+            headers: Vec::new(),
+        });
+        let before = a.own_advert().unwrap().sequence;
+        a.advertise(with_endpoint, NOTICE_PERIOD + Duration::from_millis(20))
+            .unwrap();
+        assert_eq!(a.own_advert().unwrap().sequence, before + 1);
+        assert_eq!(a.drain().packets.len(), 1, "noticed at once");
     }
 
     #[test]

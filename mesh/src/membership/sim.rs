@@ -163,6 +163,7 @@ impl Simulation {
                 serving: vec![],
                 queue_depth: 0,
                 ewma_latency_us: 0,
+                endpoints: Vec::new(),
             },
             now,
         );

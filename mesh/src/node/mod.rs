@@ -10,6 +10,7 @@ use crate::config::{MeshConfig, NodeConfig};
 use crate::dispatch::Dispatch;
 use crate::http::admin::{AdminAccess, AdminTokenError};
 use crate::http::app::App;
+use crate::http::endpoints::LocalEndpoints;
 use crate::http::http3::{self, ClientAuth};
 use crate::http::routes::AppState;
 use crate::http::server::{self, TlsError};
@@ -228,6 +229,9 @@ impl Node {
             endpoints: self.endpoints.clone(),
             admin: self.admin.clone(),
         };
+        if let Some(cluster) = &self.cluster {
+            cluster.set_endpoint_runner(Arc::new(LocalEndpoints(state.clone())));
+        }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let models: Vec<String> = self
             .engine

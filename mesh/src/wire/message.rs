@@ -57,6 +57,11 @@ pub enum Message {
     FetchChunk(FetchChunk),
     /// The bytes of a [`Message::FetchChunk`], exactly as many as asked for.
     Chunk(Bytes),
+    /// A whole endpoint request, forwarded by a node that does not serve the endpoint to a
+    /// replica of its model, which runs pre → model → post (node certificates only).
+    Invoke(EndpointCall),
+    /// The endpoint's answer, as its door would send it.
+    Invoked(EndpointAnswer),
 }
 
 impl Message {
@@ -82,6 +87,8 @@ impl Message {
             Message::Manifest(_) => "Manifest",
             Message::FetchChunk(_) => "FetchChunk",
             Message::Chunk(_) => "Chunk",
+            Message::Invoke(_) => "Invoke",
+            Message::Invoked(_) => "Invoked",
         }
     }
 }
@@ -348,6 +355,52 @@ pub struct NodeAdvert {
     pub queue_depth: u32,
     /// Its EWMA request latency, in µs.
     pub ewma_latency_us: u32,
+    /// Endpoints whose folders this node holds in its repository.
+    pub endpoints: Vec<EndpointEntry>,
+}
+
+/// A client's endpoint request as it came (the headers the endpoint's plugins may see, and
+/// those the pipeline reads), for a replica to run whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointCall {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Request headers passed on, lowercase names.
+    pub headers: Vec<(String, String)>,
+    /// The request body, untouched.
+    pub body: Bytes,
+    /// Time left for the request, in µs, when it has a deadline.
+    pub timeout_us: Option<u64>,
+}
+
+/// An endpoint's answer: status, headers and body as the replica's door made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointAnswer {
+    /// The node that ran it.
+    pub node: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// The answer's headers (the transfer's own, such as `content-length`, left out).
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// An endpoint a node holds: a folder of its repository beside the models (definition,
+/// components, tables), fetched by digest like a model and placed with its model.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EndpointEntry {
+    /// The endpoint's name (its folder's).
+    pub name: String,
+    /// The model it runs.
+    pub model: String,
+    /// The SHA-256 of its folder's files.
+    pub digest: [u8; 32],
+    /// The files' total size, in bytes.
+    pub bytes: u64,
+    /// Request headers its plugins may see (lowercase): what a node forwarding a request for
+    /// it passes on.
+    pub headers: Vec<String>,
 }
 
 /// What a node tells each member directly (a membership datagram): which version of its

@@ -309,3 +309,17 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .expect("VmRSS")
         * 1024
 }
+
+/// `wasm` (a component) with a custom section named `tag` appended: the same code under
+/// another digest, as a rebuilt plugin would be.
+pub fn with_custom_section(wasm: &[u8], tag: &str) -> Vec<u8> {
+    let mut section = Vec::new();
+    section.push(tag.len() as u8);
+    section.extend(tag.as_bytes());
+    section.extend(b"hot swap");
+    let mut out = wasm.to_vec();
+    out.push(0); // custom section id
+    out.push(section.len() as u8);
+    out.extend(section);
+    out
+}
