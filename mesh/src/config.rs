@@ -141,8 +141,8 @@ pub struct HttpConfig {
 
 impl HttpConfig {
     /// How the front door reads request bodies: size, time and the node-wide byte budget.
-    pub fn body_limits(&self) -> crate::http::routes::BodyLimits {
-        crate::http::routes::BodyLimits::new(
+    pub fn body_limits(&self) -> crate::http::body::BodyLimits {
+        crate::http::body::BodyLimits::new(
             self.max_body_bytes,
             Duration::from_millis(self.body_read_timeout_ms),
             self.max_body_bytes_in_flight,

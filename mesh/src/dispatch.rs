@@ -18,15 +18,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::Service;
 
-/// Runs whole endpoint requests that other nodes forward here (pre → model → post on this
-/// node). The pipeline lives with the HTTP door for now; the node hands it to the cluster
-/// through this trait once the doors exist, so the cluster depends on no door.
+/// Runs whole endpoint requests that arrive over `meshserve/1` (pre → model → post). The
+/// pipeline lives with the HTTP door for now; the node hands it to the cluster through this
+/// trait once the doors exist, so the cluster depends on no door.
 pub trait EndpointRunner: Send + Sync + 'static {
-    /// Runs `call` on this node's own endpoint, or fails with [`FailureClass::NotHere`] when
-    /// the endpoint is not served here (the forwarding node then tries another replica).
+    /// Runs `call`: from a node (which forwarded it), on this node's own endpoint or not at all
+    /// ([`FailureClass::NotHere`]: the forwarding node tries another replica); from a client,
+    /// here or forwarded whole to a replica, as the HTTP door does.
     fn run(
         &self,
         call: EndpointCall,
+        origin: Origin,
     ) -> Pin<Box<dyn Future<Output = Result<EndpointAnswer, Failure>> + Send + 'static>>;
 }
 

@@ -230,7 +230,7 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     let (c, warmup, duration) = (config.concurrency, config.warmup, config.duration);
     let direct = closed_loop(c, warmup, duration, plain(owner_node.quic)).await;
     let forwarded = closed_loop(c, warmup, duration, plain(other.quic)).await;
-    let mut route_config = ClientConfig::new(vec![other.quic], identity);
+    let mut route_config = ClientConfig::new(vec![other.quic], identity.clone());
     route_config.timeout = Duration::from_secs(10);
     let aware =
         Arc::new(MeshClient::new(route_config).map_err(|e| BenchError::Server(e.to_string()))?);
@@ -242,6 +242,40 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
         }
     };
     let route_aware = closed_loop(c, warmup, duration, aware_call).await;
+    // The endpoint over meshserve/1: a client that knows only the owner, and a route-aware
+    // one that starts at the other node (forwarded whole once, then direct).
+    let has_endpoint = config
+        .repository
+        .join(ENDPOINT)
+        .join("endpoint.toml")
+        .is_file();
+    let endpoint_clients = if has_endpoint {
+        let invoking = |seed: SocketAddr| -> Result<_, BenchError> {
+            let mut config = ClientConfig::new(vec![seed], identity.clone());
+            config.timeout = Duration::from_secs(10);
+            let client =
+                Arc::new(MeshClient::new(config).map_err(|e| BenchError::Server(e.to_string()))?);
+            Ok(move || {
+                let client = client.clone();
+                async move {
+                    client
+                        .invoke(
+                            ENDPOINT,
+                            Bytes::from_static(TRANSACTION),
+                            "application/json",
+                        )
+                        .await
+                        .is_ok_and(|i| i.answer.status == 200)
+                }
+            })
+        };
+        Some((
+            closed_loop(c, warmup, duration, invoking(owner_node.quic)?).await,
+            closed_loop(c, warmup, duration, invoking(other.quic)?).await,
+        ))
+    } else {
+        None
+    };
 
     let http = |addr: SocketAddr| HttpLoad {
         headers: hyper::HeaderMap::new(),
@@ -259,11 +293,6 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     let http_forwarded = run_http(&http(other.http)).await?;
     // The fraud-check endpoint (a repository folder every node holds): run whole on the owner
     // of fraud, asked there or forwarded whole by the other node.
-    let has_endpoint = config
-        .repository
-        .join(ENDPOINT)
-        .join("endpoint.toml")
-        .is_file();
     let endpoint_rows = if has_endpoint {
         let invocation = |addr: SocketAddr| HttpLoad {
             path: format!("/v1/endpoints/{ENDPOINT}/invocations"),
@@ -306,6 +335,18 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
         "    HTTP/1.1 to a non-owner, forwarded",
         &http_forwarded,
     );
+    if let Some((direct, aware)) = &endpoint_clients {
+        row(
+            &mut out,
+            "(d) meshserve/1 fraud-check straight to the owner",
+            direct,
+        );
+        row(
+            &mut out,
+            "(e) route-aware fraud-check, from the non-owner",
+            aware,
+        );
+    }
     if let Some((endpoint_direct, endpoint_forwarded)) = &endpoint_rows {
         row(
             &mut out,
@@ -331,6 +372,14 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
         "(b)/(a): p50 latency {:.2}x (the forwarding hop)",
         ratio(forwarded.percentile_us(0.5), direct.percentile_us(0.5))
     );
+    if let Some((direct, aware)) = &endpoint_clients {
+        let _ = writeln!(
+            out,
+            "(e)/(d): p50 latency {:.2}x, throughput {:.2}x",
+            ratio(aware.percentile_us(0.5), direct.percentile_us(0.5)),
+            aware.requests_per_second() / direct.requests_per_second().max(1e-9)
+        );
+    }
     if let Some((endpoint_direct, endpoint_forwarded)) = &endpoint_rows {
         let per_second = |r: &Report| r.requests_per_second().max(1e-9);
         let _ = writeln!(

@@ -419,7 +419,8 @@ pub async fn run_router_in_process(
 ) -> Result<RouterReport, BenchError> {
     use crate::dispatch::Dispatch;
     use crate::http::app::App;
-    use crate::http::routes::{AppState, SERVER_TIMING};
+    use crate::http::respond::SERVER_TIMING;
+    use crate::http::state::AppState;
     use meshserve_host::engine::{Engine, EngineConfig};
 
     let engine = Engine::new(

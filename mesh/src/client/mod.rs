@@ -7,6 +7,8 @@
 //! When a replica is unreachable or says it no longer serves the model, the client drops it
 //! from its table and retries once on another replica or a seed, under the mesh's retry rule
 //! (deadline, budget, `Retry-After`: [`crate::routing::retry`]): inference is idempotent.
+//! Endpoints ([`MeshClient::invoke`]) are called the same way, except that a call goes to a
+//! second node only when the first cannot have started it: plugins need not be idempotent.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,8 +30,12 @@ pub mod http3;
 mod routes;
 
 use crate::routing::retry::{self, Attempts, Decision, Failed, RetryPolicy};
+use crate::routing::{ROUTE_HEADER, parse_route_header};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
-use crate::wire::{Failure, InferCall, Message, RouteHint, WireTensorError, frame};
+use crate::wire::{
+    EndpointAnswer, EndpointCall, Failure, FailureClass, InferCall, Message, RouteHint,
+    WireTensorError, frame,
+};
 use meshserve_host::{InferRequest, InferResponse};
 use routes::RouteBook;
 use std::net::SocketAddr;
@@ -91,6 +97,15 @@ pub struct Answer {
     /// The node that ran the model.
     pub served_by: String,
     /// The node the request was sent to (differs from `served_by` when it was forwarded).
+    pub sent_to: SocketAddr,
+}
+
+/// An endpoint's answer and where the call was sent.
+#[derive(Debug, Clone)]
+pub struct Invoked {
+    /// Status, headers and body as the endpoint's door made them; `answer.node` ran it.
+    pub answer: EndpointAnswer,
+    /// The node the call was sent to (differs from `answer.node` when it was forwarded).
     pub sent_to: SocketAddr,
 }
 
@@ -203,6 +218,85 @@ impl MeshClient {
                     let decision = attempts.after(Failed::Transport(&e), true, now);
                     last = e.to_string();
                     decision
+                }
+            };
+            if decision != Decision::Retry {
+                break;
+            }
+        }
+        Err(ClientError::Exhausted {
+            attempts: tried.len(),
+            last,
+        })
+    }
+
+    /// Calls the endpoint `name` with `body` (of `content_type`: any body its pre-plugin
+    /// understands) and returns its answer as its door made it: straight to a replica once an
+    /// answer named them, else through a seed, which forwards it whole. Plugins need not be
+    /// idempotent, so a call goes to another node only when the one asked could not have
+    /// started it: unreachable, or it answered that it does not run the endpoint.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        body: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<Invoked, ClientError> {
+        let timeout = self.config.timeout;
+        let message = Message::Invoke(EndpointCall {
+            endpoint: name.to_string(),
+            headers: vec![("content-type".into(), content_type.into())],
+            body,
+            timeout_us: Some(u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX)),
+        });
+        let mut attempts = Attempts::start(&self.retry, timeout, Instant::now());
+        let mut tried = Vec::new();
+        let mut last = String::from("no replica or seed known");
+        while let Some((key, addr)) = self.routes.target(name, &tried, &self.config.seeds) {
+            tried.push(addr);
+            let started = Instant::now();
+            let pending = self.routes.start(&key, started);
+            let result = self
+                .endpoint
+                .call(addr, &message, attempts.left(started))
+                .await;
+            let now = Instant::now();
+            let decision = match result {
+                Ok(Message::Invoked(answer)) => {
+                    pending.finish(Some(now - started), now);
+                    let hint = answer
+                        .headers
+                        .iter()
+                        .find(|(name, _)| name == ROUTE_HEADER)
+                        .and_then(|(_, value)| parse_route_header(value));
+                    self.routes.learn(hint);
+                    return Ok(Invoked {
+                        answer,
+                        sent_to: addr,
+                    });
+                }
+                Ok(Message::Failure(failure)) => {
+                    pending.finish(None, now);
+                    if failure.class != FailureClass::NotHere {
+                        return Err(ClientError::Failed(failure));
+                    }
+                    self.routes.forget(name, addr);
+                    last = failure.message.clone();
+                    attempts.after(Failed::Answered(&failure), true, now)
+                }
+                Ok(other) => {
+                    pending.finish(None, now);
+                    last = format!("{addr} answered {}", other.kind());
+                    Decision::GiveUp
+                }
+                Err(e) => {
+                    pending.finish(None, now);
+                    self.routes.forget(name, addr);
+                    last = e.to_string();
+                    if matches!(e, TransportError::Connect { .. }) {
+                        attempts.after(Failed::Transport(&e), true, now)
+                    } else {
+                        Decision::GiveUp
+                    }
                 }
             };
             if decision != Decision::Retry {

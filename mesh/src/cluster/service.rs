@@ -162,8 +162,8 @@ async fn answer(
             reply
         }
         Ok(Message::FetchManifest(fetch)) if role == Role::Node => cluster.manifest(fetch).await,
-        Ok(Message::Invoke(call)) if role == Role::Node => match cluster.endpoint_runner.get() {
-            Some(runner) => match runner.run(call).await {
+        Ok(Message::Invoke(call)) => match cluster.endpoint_runner.get() {
+            Some(runner) => match runner.run(call, origin_of(role)).await {
                 Ok(answer) => Message::Invoked(answer),
                 Err(failure) => Message::Failure(failure),
             },
@@ -192,12 +192,8 @@ async fn answer(
             }
         }
         Ok(Message::MetadataQuery(query)) => {
-            let origin = match role {
-                Role::Node => Origin::Node,
-                Role::Client => Origin::Client,
-            };
             let metadata = dispatch
-                .metadata(&query.model, query.version.as_deref(), origin)
+                .metadata(&query.model, query.version.as_deref(), origin_of(role))
                 .await;
             match metadata {
                 Ok(metadata) => Message::Metadata(metadata.to_string()),
@@ -406,6 +402,14 @@ fn with_route(dispatch: &Dispatch, model: &str, error: DispatchError) -> Failure
         failure.route = dispatch.route(model);
     }
     failure
+}
+
+/// A node's request was forwarded already; a client's may be.
+fn origin_of(role: Role) -> Origin {
+    match role {
+        Role::Node => Origin::Node,
+        Role::Client => Origin::Client,
+    }
 }
 
 /// Serves an inference call that arrived over the mesh, through the node's [`Dispatch`]: a

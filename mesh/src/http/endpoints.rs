@@ -3,13 +3,15 @@
 //! `POST /v1/endpoints/{endpoint}/invocations`, which hands any body to the pre-plugin and
 //! returns the post-plugin's body as it is.
 
-use crate::dispatch::EndpointRunner;
+use crate::dispatch::{EndpointRunner, Origin};
+use crate::http::body::{LimitedBody, header_number, read_body};
 use crate::http::error::ApiError;
 use crate::http::oip::{self, OutputEncoding};
-use crate::http::routes::{
-    AppState, LimitedBody, Ms, SERVER_TIMING, TIMEOUT_HEADER, counted, header_number, hop_timing,
-    json_response, oip_response, read_body, run_model,
+use crate::http::respond::{
+    Ms, SERVER_TIMING, TIMEOUT_HEADER, counted, hop_timing, json_response, oip_response,
+    server_timing,
 };
+use crate::http::state::{AppState, run_model};
 use crate::routing::{ROUTE_HEADER, route_header};
 use crate::wire::{EndpointAnswer, EndpointCall, EndpointEntry, Failure, FailureClass};
 use axum::body::Body;
@@ -191,8 +193,7 @@ async fn run_pipeline(
             Ok(oip_response(&response, &encoding, &timing, started))
         }
         PostAnswer::Reply(reply) => {
-            let server_timing =
-                crate::http::routes::server_timing(&response, &timing, started.elapsed());
+            let server_timing = server_timing(&response, &timing, started.elapsed());
             Ok(reply_response(reply, &server_timing))
         }
     }
@@ -345,8 +346,13 @@ async fn forward(
     if let Ok(value) = HeaderValue::from_str(&route_header(&route)) {
         out.insert(ROUTE_HEADER, value);
     }
+    response.extensions_mut().insert(RanOn(answer.node));
     Ok(response)
 }
+
+/// On a forwarded endpoint answer: the replica that ran it.
+#[derive(Debug, Clone)]
+struct RanOn(String);
 
 /// This node's own endpoints, run whole for requests other nodes forward here.
 pub struct LocalEndpoints(pub AppState);
@@ -355,6 +361,7 @@ impl EndpointRunner for LocalEndpoints {
     fn run(
         &self,
         call: EndpointCall,
+        origin: Origin,
     ) -> Pin<Box<dyn Future<Output = Result<EndpointAnswer, Failure>> + Send + 'static>> {
         let state = self.0.clone();
         Box::pin(async move {
@@ -364,12 +371,28 @@ impl EndpointRunner for LocalEndpoints {
                 .cluster()
                 .map(|c| c.name().to_string())
                 .unwrap_or_default();
-            let Some(endpoint) = state.endpoints.as_ref().and_then(|e| e.get(&call.endpoint))
-            else {
-                return Err(Failure::new(
-                    FailureClass::NotHere,
-                    format!("node '{node}' does not serve endpoint '{}'", call.endpoint),
-                ));
+            // A node's request runs here or nowhere (it was forwarded once already); a
+            // client's goes where an HTTP client's would.
+            let route = match origin {
+                Origin::Node => state
+                    .endpoints
+                    .as_ref()
+                    .and_then(|e| e.get(&call.endpoint))
+                    .map(Route::Here),
+                Origin::Client => route(&state, &call.endpoint),
+            };
+            let Some(route) = route else {
+                let (class, message) = match origin {
+                    Origin::Node => (
+                        FailureClass::NotHere,
+                        format!("node '{node}' does not serve endpoint '{}'", call.endpoint),
+                    ),
+                    Origin::Client => (
+                        FailureClass::NotFound,
+                        format!("unknown endpoint '{}'", call.endpoint),
+                    ),
+                };
+                return Err(Failure::new(class, message));
             };
             if call.timeout_us == Some(0) {
                 return Err(Failure::new(
@@ -392,9 +415,13 @@ impl EndpointRunner for LocalEndpoints {
             if let Some(us) = call.timeout_us {
                 headers.insert(TIMEOUT_HEADER, HeaderValue::from(us));
             }
-            let outcome = invoke(&state, &endpoint, &headers, Body::from(call.body), started).await;
+            let outcome = serve(&state, route, &headers, Body::from(call.body), started).await;
             let response = counted(&state, Some(call.endpoint.as_str()), outcome, started);
             let (parts, body) = response.into_parts();
+            let node = parts
+                .extensions
+                .get::<RanOn>()
+                .map_or(node, |r| r.0.clone());
             // Our own answer, bounded by the plugins' output limits.
             let body = axum::body::to_bytes(body, usize::MAX)
                 .await

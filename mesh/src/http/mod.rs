@@ -1,14 +1,18 @@
 //! The HTTP front doors: the OIP codec ([`oip`]), its routes ([`routes`]), endpoints with
-//! plugins ([`endpoints`]), the one error mapping ([`error`]), the application that serves
-//! the inference route directly and the rest through the router ([`app`]), the TCP server for
-//! HTTP/1.1 and HTTP/2 ([`server`]) and the QUIC server for HTTP/3 ([`http3`]), both serving
-//! the same application.
+//! plugins ([`endpoints`]: run here or forwarded whole), what handlers share ([`state`]), how
+//! they read bodies ([`body`]) and write answers ([`respond`]), the one error mapping
+//! ([`error`]), the application that serves the inference route directly and the rest through
+//! the router ([`app`]), the TCP server for HTTP/1.1 and HTTP/2 ([`server`]) and the QUIC
+//! server for HTTP/3 ([`http3`]), both serving the same application.
 
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod endpoints;
 pub mod error;
 pub mod http3;
 pub mod oip;
+pub mod respond;
 pub mod routes;
 pub mod server;
+pub mod state;

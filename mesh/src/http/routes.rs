@@ -1,60 +1,27 @@
 //! The Open Inference Protocol v2 REST API (plus Triton's repository and model-configuration
 //! extensions and `/metrics`) as one axum router, shared by every HTTP version.
 
-use crate::dispatch::{Call, Dispatch, DispatchError, Origin, Served, spec_json};
-use crate::http::admin::{self, AdminAccess};
+use crate::dispatch::{Origin, spec_json};
+use crate::http::admin;
+use crate::http::body::{LimitedBody, header_number, read_body, refuse_body};
 use crate::http::endpoints;
 use crate::http::error::ApiError;
-use crate::http::oip::{self, HEADER_CONTENT_LENGTH, OutputEncoding};
-use crate::routing::{ROUTE_HEADER, route_header};
+use crate::http::oip::{self, HEADER_CONTENT_LENGTH};
+use crate::http::respond::{TIMEOUT_HEADER, counted, hop_timing, json_response, oip_response};
+use crate::http::state::{AppState, add_route_header, run_model};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use meshserve_host::endpoint::{Endpoint, Endpoints};
 use meshserve_host::engine::{IndexEntry, ModelLoadError, ModelVersion};
 use meshserve_host::model::signature::TensorSpec;
-use meshserve_host::{DataType, Engine, ErrorClass, InferError, InferResponse};
+use meshserve_host::{DataType, ErrorClass, InferError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tower::ServiceExt;
-
-/// Header that lets a client set a request deadline without touching the body, in µs.
-pub const TIMEOUT_HEADER: HeaderName = HeaderName::from_static("meshserve-timeout-us");
-
-// Header names as constants: a `&str` name is parsed (and a custom one allocated) per use.
-pub(crate) const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-
-/// What every handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    /// Where requests for models go: the engine, or the mesh.
-    pub dispatch: Dispatch,
-    /// How request bodies are read: size, time and the node-wide byte budget.
-    pub bodies: BodyLimits,
-    /// The node's endpoints (plugins around models), if any are configured.
-    pub endpoints: Option<Arc<Endpoints>>,
-    /// Who may load and unload models and reload plugins.
-    pub admin: AdminAccess,
-}
-
-impl AppState {
-    /// The node's engine.
-    pub fn engine(&self) -> &Arc<Engine> {
-        self.dispatch.engine()
-    }
-
-    fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
-        self.endpoints.as_ref()?.get(name)
-    }
-}
 
 /// Builds the router. Every route reads its body through [`read_body`] (size, time and the
 /// node's byte budget), in its handler or, for routes that take none, in [`refuse_body`].
@@ -125,14 +92,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         StatusCode::METHOD_NOT_ALLOWED,
         [(header::CONTENT_TYPE, "application/json")],
         json!({ "error": message }).to_string(),
-    )
-        .into_response()
-}
-
-pub(crate) fn json_response(value: &Value) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        value.to_string(),
     )
         .into_response()
 }
@@ -266,217 +225,6 @@ async fn model_config(
     })))
 }
 
-/// How request bodies are read.
-#[derive(Clone)]
-pub struct BodyLimits {
-    /// Largest request body accepted, in bytes; larger is 413.
-    pub max_bytes: usize,
-    /// Time to receive a body once its headers arrived; slower is 408.
-    pub read_timeout: Duration,
-    /// Bytes buffered at once over all requests; one permit a byte.
-    pub in_flight: Arc<tokio::sync::Semaphore>,
-}
-
-impl BodyLimits {
-    /// Limits of `max_bytes` per body, `read_timeout`, and `max_in_flight` bytes node-wide.
-    pub fn new(max_bytes: usize, read_timeout: Duration, max_in_flight: usize) -> BodyLimits {
-        BodyLimits {
-            max_bytes,
-            read_timeout,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(
-                max_in_flight.min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
-        }
-    }
-}
-
-/// A request body and its share of the node's body budget, given back when dropped: keep it
-/// while the body (or what was decoded from it) is in use.
-pub(crate) struct ReadBody {
-    pub(crate) bytes: Bytes,
-    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-/// Reads a body within `limits`: larger than `max_bytes` is a 413 before the rest is read,
-/// slower than `read_timeout` a 408, and past the node's in-flight byte budget a 503.
-pub(crate) async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limits: &BodyLimits,
-) -> Result<ReadBody, ApiError> {
-    let limit = limits.max_bytes;
-    let too_large = || {
-        ApiError::new(
-            ErrorClass::TooLarge,
-            format!("request body exceeds the limit of {limit} bytes (max_body_bytes)"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
-    let mut take = |bytes: usize| -> Result<(), ApiError> {
-        let Ok(bytes) = u32::try_from(bytes) else {
-            return Err(too_large());
-        };
-        let permit = limits
-            .in_flight
-            .clone()
-            .try_acquire_many_owned(bytes)
-            .map_err(|_| {
-                let mut error = ApiError::new(
-                    ErrorClass::Unavailable,
-                    "the node is buffering too many request bytes (max_body_bytes_in_flight); retry later",
-                );
-                error.retry_after = Some(Duration::from_secs(1));
-                error
-            })?;
-        match &mut budget {
-            Some(held) => held.merge(permit),
-            None => budget = Some(permit),
-        }
-        Ok(())
-    };
-    let mut body = Limited::new(body, limit);
-    // A small body arrives as one frame: keep that frame's bytes as they are, and copy
-    // into one buffer only when a second frame comes.
-    let mut first: Option<Bytes> = None;
-    let mut collected = bytes::BytesMut::new();
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                    return Err(too_large());
-                }
-                Err(e) => {
-                    return Err(ApiError::new(
-                        ErrorClass::InvalidInput,
-                        format!("could not read the request body: {e}"),
-                    ));
-                }
-            };
-            if let Ok(data) = frame.into_data() {
-                take(data.len())?;
-                if collected.is_empty() && first.is_none() {
-                    first = Some(data);
-                    continue;
-                }
-                if let Some(first) = first.take() {
-                    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
-                    collected.reserve(expected.min(limit).max(first.len() + data.len()));
-                    collected.extend_from_slice(&first);
-                }
-                collected.extend_from_slice(&data);
-            }
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(limits.read_timeout, read).await {
-        Ok(Ok(())) => Ok(ReadBody {
-            bytes: first.unwrap_or_else(|| collected.freeze()),
-            _budget: budget,
-        }),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ApiError::new(
-            ErrorClass::RequestTimeout,
-            format!(
-                "the request body did not arrive within {} ms (body_read_timeout_ms)",
-                limits.read_timeout.as_millis()
-            ),
-        )),
-    }
-}
-
-/// A request body read by [`read_body`] within the node's [`BodyLimits`]: the extractor of
-/// every route that takes a body and does not stream it elsewhere.
-pub struct LimitedBody(pub(crate) ReadBody);
-
-impl axum::extract::FromRequest<AppState> for LimitedBody {
-    type Rejection = ApiError;
-
-    async fn from_request(
-        request: axum::extract::Request,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let (parts, body) = request.into_parts();
-        read_body(&parts.headers, body, &state.bodies)
-            .await
-            .map(LimitedBody)
-    }
-}
-
-impl LimitedBody {
-    /// The body as an optional JSON document of type `T`: empty (or only whitespace) is
-    /// `T::default()`, malformed JSON a 400 naming `what`.
-    pub(crate) fn json_or_default<T: serde::de::DeserializeOwned + Default>(
-        &self,
-        what: &str,
-    ) -> Result<T, ApiError> {
-        let bytes = &self.0.bytes;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(T::default());
-        }
-        serde_json::from_slice(bytes)
-            .map_err(|e| ApiError::new(ErrorClass::InvalidInput, format!("malformed {what}: {e}")))
-    }
-}
-
-/// Middleware of the routes that take no body: a request that brings one is refused (413)
-/// rather than left unread, and waiting for the end of an empty body is bounded by the body
-/// read timeout like any other body.
-async fn refuse_body(
-    State(limits): State<BodyLimits>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let (parts, body) = request.into_parts();
-    let none = BodyLimits {
-        max_bytes: 0,
-        ..limits
-    };
-    match read_body(&parts.headers, body, &none).await {
-        Ok(_) => {
-            next.run(axum::extract::Request::from_parts(parts, Body::empty()))
-                .await
-        }
-        Err(mut error) => {
-            if error.class == ErrorClass::TooLarge {
-                error.message = format!(
-                    "{} {} takes no request body",
-                    parts.method,
-                    parts.uri.path()
-                );
-            }
-            error.into_response()
-        }
-    }
-}
-
-pub(crate) fn header_number(
-    headers: &HeaderMap,
-    name: &HeaderName,
-) -> Result<Option<u64>, ApiError> {
-    headers
-        .get(name)
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorClass::InvalidInput,
-                        format!("header {name} must be a non-negative integer"),
-                    )
-                })
-        })
-        .transpose()
-}
-
 async fn infer(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
@@ -520,23 +268,6 @@ pub(crate) async fn infer_parts(
     counted(state, known.then_some(model), outcome, started)
 }
 
-/// Turns an outcome into the response and counts it under `name`, or under `_unknown` when
-/// the name is not a loaded model or endpoint: client-chosen names must not grow the metrics.
-pub(crate) fn counted(
-    state: &AppState,
-    name: Option<&str>,
-    outcome: Result<Response, ApiError>,
-    started: Instant,
-) -> Response {
-    let response = outcome.unwrap_or_else(IntoResponse::into_response);
-    state.engine().metrics().record_request(
-        name.unwrap_or("_unknown"),
-        response.status().as_u16(),
-        started.elapsed(),
-    );
-    response
-}
-
 async fn run_infer(
     state: &AppState,
     model: &str,
@@ -564,101 +295,6 @@ async fn run_infer(
     );
     add_route_header(state, &model, &mut http);
     Ok(http)
-}
-
-/// The mesh hop of a forwarded answer as a `Server-Timing` part (empty when served here).
-pub(crate) fn hop_timing(served: &Served) -> String {
-    match &served.hop {
-        Some((hop, node)) => format!("forward;dur={};desc=\"{node}\", ", Ms(*hop)),
-        None => String::new(),
-    }
-}
-
-/// Runs `request` through the node's [`Dispatch`]: here, or on a replica over the mesh (W3C
-/// `traceparent` crosses the hop).
-pub(crate) async fn run_model(
-    state: &AppState,
-    request: meshserve_host::InferRequest,
-    headers: &HeaderMap,
-) -> Result<Served, DispatchError> {
-    let traceparent = headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let call = Call {
-        request,
-        traceparent,
-        origin: Origin::Client,
-    };
-    state.dispatch.clone().oneshot(call).await
-}
-
-/// Adds the `meshserve-route` hint for `model` when the node is in a mesh that serves it.
-pub(crate) fn add_route_header(state: &AppState, model: &str, response: &mut Response) {
-    if let Some(route) = state.dispatch.route(model)
-        && let Ok(value) = HeaderValue::from_str(&route_header(&route))
-    {
-        response.headers_mut().insert(ROUTE_HEADER, value);
-    }
-}
-
-/// Encodes an OIP response with its `Server-Timing` header; `extra_timing` holds stages that
-/// ran outside the engine (plugins), already formatted.
-pub(crate) fn oip_response(
-    response: &InferResponse,
-    encoding: &OutputEncoding,
-    extra_timing: &str,
-    started: Instant,
-) -> Response {
-    let encoded = oip::encode_response(response, encoding);
-    let mut http = Response::new(Body::from(encoded.body));
-    let headers = http.headers_mut();
-    match encoded.json_length {
-        Some(n) => {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            headers.insert(HEADER_CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        None => {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-    }
-    if let Ok(timing) =
-        HeaderValue::try_from(server_timing(response, extra_timing, started.elapsed()))
-    {
-        headers.insert(SERVER_TIMING, timing);
-    }
-    http
-}
-
-/// The W3C `Server-Timing` value for a response: plugin stages, queue wait, inference, total.
-pub(crate) fn server_timing(response: &InferResponse, extra: &str, total: Duration) -> String {
-    let t = &response.timings;
-    format!(
-        "{extra}queue;dur={}, infer;dur={};desc=\"batch {}\", total;dur={}",
-        Ms(t.queue),
-        Ms(t.infer),
-        t.batch_size,
-        Ms(total)
-    )
-}
-
-/// A duration as `Server-Timing` writes it: milliseconds with three decimals. Integer
-/// arithmetic, because `{:.3}` on an `f64` takes the exact (big-number) formatting path, which
-/// showed in the hot path's profile.
-pub(crate) struct Ms(pub Duration);
-
-impl std::fmt::Display for Ms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Rounded to the nearest microsecond, as `{:.3}` would.
-        let us = (self.0.as_nanos() + 500) / 1000;
-        write!(f, "{}.{:03}", us / 1000, us % 1000)
-    }
 }
 
 #[derive(Deserialize, Default)]
@@ -767,72 +403,4 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.engine().metrics().encode(),
     )
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{BodyLimits, Ms, read_body};
-    use axum::body::Body;
-    use bytes::Bytes;
-    use std::collections::VecDeque;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use std::time::Duration;
-
-    /// A body that arrives in these frames, one per poll.
-    struct Frames(VecDeque<Bytes>);
-
-    impl http_body::Body for Frames {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
-        }
-    }
-
-    #[tokio::test]
-    async fn a_body_in_one_frame_is_kept_as_is_and_frames_are_joined_in_order() {
-        let limits = BodyLimits::new(1024, Duration::from_secs(1), 4096);
-        let headers = http::HeaderMap::new();
-        let single = Bytes::from_static(b"{\"inputs\":[]}");
-        let read = read_body(
-            &headers,
-            Body::new(Frames([single.clone()].into())),
-            &limits,
-        )
-        .await
-        .unwrap();
-        assert_eq!(read.bytes, single);
-        assert_eq!(
-            read.bytes.as_ptr(),
-            single.as_ptr(),
-            "one frame is not copied"
-        );
-        drop(read);
-        let parts = [&b"{\"in"[..], b"puts\"", b":[]}"].map(Bytes::from_static);
-        let read = read_body(&headers, Body::new(Frames(parts.into())), &limits)
-            .await
-            .unwrap();
-        assert_eq!(read.bytes.as_ref(), b"{\"inputs\":[]}");
-        // The budget counts every frame's bytes while the body is held.
-        assert_eq!(limits.in_flight.available_permits(), 4096 - 13);
-        drop(read);
-        assert_eq!(limits.in_flight.available_permits(), 4096);
-    }
-
-    #[test]
-    fn server_timing_durations_are_milliseconds_with_three_decimals() {
-        assert_eq!(Ms(Duration::from_micros(1_234_567)).to_string(), "1234.567");
-        assert_eq!(Ms(Duration::from_micros(42)).to_string(), "0.042");
-        assert_eq!(Ms(Duration::from_nanos(499)).to_string(), "0.000");
-        assert_eq!(Ms(Duration::from_nanos(1_500)).to_string(), "0.002");
-        assert_eq!(
-            Ms(Duration::from_nanos(999_999_600)).to_string(),
-            "1000.000"
-        );
-        assert_eq!(Ms(Duration::from_secs(2)).to_string(), "2000.000");
-    }
 }

@@ -1,0 +1,74 @@
+//! What every HTTP handler shares ([`AppState`]), and the one way a door runs a model:
+//! through the node's dispatch, here or over the mesh.
+
+use crate::dispatch::{Call, Dispatch, DispatchError, Origin, Served};
+use crate::http::admin::AdminAccess;
+use crate::http::body::BodyLimits;
+use crate::routing::{ROUTE_HEADER, route_header};
+use axum::extract::FromRef;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::Response;
+use meshserve_host::Engine;
+use meshserve_host::endpoint::{Endpoint, Endpoints};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Where requests for models go: the engine, or the mesh.
+    pub dispatch: Dispatch,
+    /// How request bodies are read: size, time and the node-wide byte budget.
+    pub bodies: BodyLimits,
+    /// The node's endpoints (plugins around models), if any are configured.
+    pub endpoints: Option<Arc<Endpoints>>,
+    /// Who may load and unload models and reload plugins.
+    pub admin: AdminAccess,
+}
+
+impl FromRef<AppState> for BodyLimits {
+    fn from_ref(state: &AppState) -> BodyLimits {
+        state.bodies.clone()
+    }
+}
+
+impl AppState {
+    /// The node's engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.dispatch.engine()
+    }
+
+    pub(crate) fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints.as_ref()?.get(name)
+    }
+}
+
+/// Runs `request` through the node's [`Dispatch`]: here, or on a replica over the mesh (W3C
+/// `traceparent` crosses the hop).
+pub(crate) async fn run_model(
+    state: &AppState,
+    request: meshserve_host::InferRequest,
+    headers: &HeaderMap,
+) -> Result<Served, DispatchError> {
+    let traceparent = headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let call = Call {
+        request,
+        traceparent,
+        origin: Origin::Client,
+    };
+    state.dispatch.clone().oneshot(call).await
+}
+
+/// Adds the `meshserve-route` hint for `model` when the node is in a mesh that serves it.
+pub(crate) fn add_route_header(state: &AppState, model: &str, response: &mut Response) {
+    if let Some(route) = state.dispatch.route(model)
+        && let Ok(value) = HeaderValue::from_str(&route_header(&route))
+    {
+        response.headers_mut().insert(ROUTE_HEADER, value);
+    }
+}
