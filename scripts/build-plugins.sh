@@ -18,12 +18,5 @@ for app in plugins/python/*/app.py; do
   fi
 done
 
-# The example endpoints' folders hold their components (an endpoint folder is one unit that
-# travels through the mesh by its digest); copied only when changed, so digests stay put.
-for endpoint in examples/models/*/endpoint.toml; do
-  dir=$(dirname "$endpoint")
-  for wasm in $(grep -o '[a-z_]*\.wasm' "$endpoint" | sort -u); do
-    built="plugins/target/wasm32-wasip2/release/$wasm"
-    cmp -s "$built" "$dir/$wasm" || cp "$built" "$dir/$wasm"
-  done
-done
+# The example endpoints' folders hold their components.
+scripts/endpoint-components.sh

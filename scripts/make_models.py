@@ -95,7 +95,9 @@ def fraud(rng):
         "# do not crowd it: a session per async thread (two on the 2-core development machine) lets\n"
         "# two concurrent requests both run inline instead of one queueing for the worker\n"
         "# (docs/benchmarks.md, \"fourth pass\").\n"
-        "instances = 2\nmax_batch_size = 64\nmax_queue_delay_us = 200\n",
+        "instances = 2\nmax_batch_size = 64\nmax_queue_delay_us = 200\n"
+        "# In a mesh, two nodes serve it (and its endpoints): the third forwards (ignored standalone).\n"
+        "replicas = 2\n",
     )
 
 

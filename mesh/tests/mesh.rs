@@ -26,7 +26,12 @@ fn repository(root: &Path, name: &str) -> PathBuf {
     let dir = root.join(format!("models-{name}"));
     copy_tree(&workspace_root().join("examples/models"), &dir);
     let config = dir.join("fraud/config.toml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("replicas"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     text.push_str("replicas = 2\n");
     std::fs::write(config, text).unwrap();
     dir

@@ -161,8 +161,13 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
         let repo = root.path().join(format!("models-{name}"));
         copy_tree(&config.repository, &repo)?;
         let fraud_config = repo.join("fraud/config.toml");
-        let mut text = std::fs::read_to_string(&fraud_config).unwrap_or_default();
-        text.push_str("\nreplicas = 1\n");
+        let text = std::fs::read_to_string(&fraud_config).unwrap_or_default();
+        let mut text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("replicas"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str("replicas = 1\n");
         std::fs::write(&fraud_config, text).map_err(super::io_error("write the model config"))?;
         let quic = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
         let mut args: Vec<std::ffi::OsString> = vec![

@@ -81,7 +81,8 @@ fn reply_response(reply: PluginReply, server_timing: &str) -> Response {
     http
 }
 
-/// Names the plugin versions that made an answer: `pre=NAME@SHA12 post=NAME@SHA12`.
+/// Names the plugin versions that made an answer: `pre=NAME@SHA12+CFG8 post=NAME@SHA12+CFG8`
+/// (component digest, then the config's when it has one).
 pub const PLUGINS_HEADER: HeaderName = HeaderName::from_static("meshserve-plugins");
 
 /// Serves one call of `endpoint`; the answer names the plugin versions that made it.
