@@ -620,6 +620,23 @@ mod tests {
         ));
         assert!(!to.path().join("m").exists());
         assert_eq!(std::fs::read_dir(to.path()).unwrap().count(), 0);
+
+        // A replacement (an endpoint's new version) that does not hash to its digest leaves
+        // the version in place untouched.
+        folder(to.path(), "m", &[("endpoint.toml", b"model = \"fraud\"\n")]);
+        let before = manifest_of(to.path(), "m").digest;
+        let staging = Staging::open(to.path(), &manifest).unwrap();
+        let wanted = staging.next_wanted(1 << 20).unwrap().unwrap();
+        staging
+            .write(&wanted, &vec![b'!'; wanted.length as usize])
+            .unwrap();
+        copy_pieces(from.path(), &staging, 1 << 20, 100);
+        assert!(matches!(
+            staging.finish_replacing(),
+            Err(BundleError::DigestMismatch { .. })
+        ));
+        assert_eq!(manifest_of(to.path(), "m").digest, before);
+        assert_eq!(std::fs::read_dir(to.path()).unwrap().count(), 1);
     }
 
     #[test]
