@@ -57,18 +57,27 @@ pub fn published_digests(
     members: &[&NodeAdvert],
     publishers: &Publishers,
 ) -> BTreeMap<String, [u8; 32]> {
-    let mut by_name: Vec<&&NodeAdvert> = members
-        .iter()
-        .filter(|a| publishers.includes(&a.node))
-        .collect();
-    by_name.sort_by(|a, b| a.node.cmp(&b.node));
     let mut published = BTreeMap::new();
-    for advert in by_name {
+    for advert in publishers_by_name(members, publishers) {
         for entry in &advert.catalog {
             published.entry(entry.model.clone()).or_insert(entry.digest);
         }
     }
     published
+}
+
+/// The publishers' adverts, first by name: whose version counts when they differ.
+fn publishers_by_name<'a>(
+    members: &[&'a NodeAdvert],
+    publishers: &Publishers,
+) -> Vec<&'a NodeAdvert> {
+    let mut by_name: Vec<&NodeAdvert> = members
+        .iter()
+        .copied()
+        .filter(|a| publishers.includes(&a.node))
+        .collect();
+    by_name.sort_by(|a, b| a.node.cmp(&b.node));
+    by_name
 }
 
 /// The version of each endpoint the publishers hold (the first publisher's by name when they
@@ -78,13 +87,8 @@ pub fn published_endpoints(
     members: &[&NodeAdvert],
     publishers: &Publishers,
 ) -> BTreeMap<String, EndpointEntry> {
-    let mut by_name: Vec<&&NodeAdvert> = members
-        .iter()
-        .filter(|a| publishers.includes(&a.node))
-        .collect();
-    by_name.sort_by(|a, b| a.node.cmp(&b.node));
     let mut published = BTreeMap::new();
-    for advert in by_name {
+    for advert in publishers_by_name(members, publishers) {
         for entry in &advert.endpoints {
             published
                 .entry(entry.name.clone())

@@ -800,6 +800,12 @@ async fn an_endpoint_folder_in_the_repository_serves_swaps_as_a_whole_and_unload
     let (status, body, _) = check_card(&http, &node).await;
     assert_eq!(status, 404, "{body}");
     assert!(body["error"].as_str().unwrap().contains("unknown endpoint"));
+    let reload = http.post(admin("reload")).send().await.unwrap();
+    assert_eq!(
+        reload.status(),
+        404,
+        "an unloaded endpoint is loaded, not reloaded"
+    );
     let loaded = http.post(admin("load")).send().await.unwrap();
     assert_eq!(loaded.status(), 200);
     let (status, decision, _) = check_card(&http, &node).await;

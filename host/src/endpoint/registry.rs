@@ -120,8 +120,18 @@ impl Endpoints {
     }
 
     /// Loads every plugin of `name` again now (the admin call): a config endpoint from its
-    /// files, a repository endpoint from its folder. Blocking: compiles.
+    /// files, a repository endpoint from its folder (not one an admin unloaded: that takes a
+    /// load). Blocking: compiles.
     pub fn reload(&self, name: &str) -> Result<(), InferError> {
+        if self.folders().held.contains(name) {
+            return Err(InferError::EndpointNotFound {
+                endpoint: name.to_string(),
+            });
+        }
+        self.load_or_reload(name)
+    }
+
+    fn load_or_reload(&self, name: &str) -> Result<(), InferError> {
         let endpoint = self.get(name);
         match endpoint {
             Some(endpoint) if endpoint.source == Source::NodeConfig => endpoint
@@ -136,7 +146,7 @@ impl Endpoints {
     /// Blocking: compiles.
     pub fn load_by_name(&self, name: &str) -> Result<(), InferError> {
         self.folders().held.remove(name);
-        self.reload(name)
+        self.load_or_reload(name)
     }
 
     /// Unloads the repository endpoint `name` (the admin call); it stays unloaded, whatever
