@@ -14,8 +14,8 @@ pub mod wit {
         imports: { default: trappable },
         exports: { default: async },
         with: {
-            "meshserve:plugin/types.request": crate::plugin::sandbox::RequestView,
-            "meshserve:plugin/types.context": crate::plugin::sandbox::ContextView,
+            "meshserve:plugin/types.request": crate::plugin::views::RequestView,
+            "meshserve:plugin/types.context": crate::plugin::views::ContextView,
         },
     });
 }

@@ -19,13 +19,15 @@ use crate::plugin::bindings::{
     PostOutcome, PreOutcome, Reply, WitPluginError, WitTensor, postprocess, preprocess,
     tensor_from_plugin,
 };
+use crate::plugin::clock::RunningClock;
 use crate::plugin::features::TableScope;
-use crate::plugin::runtime::PluginRuntime;
-use crate::plugin::sandbox::{
-    CallState, ContextView, MemoryBudget, PluginShared, RequestView, RunningClock, StderrCapture,
-    Stopped,
-};
+use crate::plugin::memory::MemoryBudget;
+use crate::plugin::node::{IdlePool, PluginNode};
+use crate::plugin::sandbox::{CallState, PluginShared};
 use crate::plugin::spec::{Isolation, PluginSpec};
+use crate::plugin::stdio::StderrCapture;
+use crate::plugin::stopped::Stopped;
+use crate::plugin::views::{ContextView, RequestView};
 use crate::tensor::Tensor;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -154,7 +156,7 @@ pub(crate) struct Core {
     indices: StageIndices,
     spec: PluginSpec,
     shared: Arc<PluginShared>,
-    runtime: Arc<PluginRuntime>,
+    node: Arc<PluginNode>,
     idle: Mutex<Vec<Instance>>,
     calls: Arc<Semaphore>,
 }
@@ -173,14 +175,14 @@ impl LoadedPlugin {
         (pre, indices): (InstancePre<CallState>, StageIndices),
         spec: PluginSpec,
         tables: TableScope,
-        runtime: Arc<PluginRuntime>,
+        node: Arc<PluginNode>,
     ) -> LoadedPlugin {
         let name: Arc<str> = name.into();
         let shared = Arc::new(PluginShared::new(
             name.clone(),
             spec.limits.clone(),
             tables,
-            runtime.metrics.clone(),
+            node.metrics.clone(),
         ));
         let core = Arc::new(Core {
             name,
@@ -191,10 +193,11 @@ impl LoadedPlugin {
             calls: Arc::new(Semaphore::new(spec.max_instances.max(1) as usize)),
             spec,
             shared,
-            runtime,
+            node,
             idle: Mutex::new(Vec::new()),
         });
-        core.runtime.register_pool(&core);
+        let pool: Arc<dyn IdlePool> = core.clone();
+        core.node.register_pool(Arc::downgrade(&pool));
         LoadedPlugin { core }
     }
 
@@ -324,6 +327,13 @@ async fn call_within<T>(
     }
 }
 
+impl IdlePool for Core {
+    fn release_idle(&self) -> bool {
+        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        taken.is_some()
+    }
+}
+
 impl Core {
     fn deadline(&self, phase: Phase) -> Duration {
         Duration::from_millis(match phase {
@@ -341,12 +351,6 @@ impl Core {
 
     fn idle_len(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Drops one idle instance, to give its node-wide slot to another plugin. True if it had one.
-    pub(crate) fn release_idle(&self) -> bool {
-        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        taken.is_some()
     }
 
     /// A call permit of this plugin and an instance to run on.
@@ -374,7 +378,7 @@ impl Core {
     async fn instantiate(self: &Arc<Self>) -> Result<Instance, PluginFailure> {
         let wait = Duration::from_millis(self.spec.queue_timeout_ms);
         let slot = self
-            .runtime
+            .node
             .instance_slot(wait)
             .await
             .map_err(|()| self.busy("the node has no free plugin instance slot".into()))?;
@@ -448,18 +452,18 @@ impl Core {
         }
         let state = CallState::new(
             wasi.build(),
-            MemoryBudget::new(self.runtime.node_memory.clone(), self.spec.memory_bytes),
+            MemoryBudget::new(self.node.memory.clone(), self.spec.memory_bytes),
             self.shared.clone(),
             stderr,
         );
-        let mut store = Store::new(&self.runtime.engine, state);
+        let mut store = Store::new(&self.node.engine, state);
         store.limiter(|state| &mut state.memory);
         // Charge the running clock every tick and yield the thread in between: a runaway
         // plugin shares its worker thread with other requests until its budget traps it. A
         // call that has run longer than `long_call_after_ms` also rests between its slices, so
         // a few long calls cannot take the node's threads from many short requests (a slice is
         // a tick, about a millisecond, while a short request needs tens of microseconds).
-        let long_call = Duration::from_millis(self.runtime.config.long_call_after_ms);
+        let long_call = self.node.long_call_after;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |context| {
             let clock = context.data().clock.clone();
@@ -495,7 +499,7 @@ impl Core {
         phase: Phase,
     ) -> Result<(), PluginFailure> {
         store.data_mut().begin_call(self.deadline(phase));
-        if self.runtime.config.fuel {
+        if self.node.fuel {
             store
                 .set_fuel(self.spec.fuel.unwrap_or(u64::MAX))
                 .map_err(|e| self.failed("fuel", "cannot set its fuel", Some(e.to_string())))?;
@@ -617,7 +621,7 @@ impl Core {
 
     /// A failure: counted, logged with its detail, and returned with only the short cause.
     fn failed(&self, kind: &'static str, cause: &str, detail: Option<String>) -> PluginFailure {
-        self.runtime.metrics.record_plugin_failure(&self.name, kind);
+        self.node.metrics.record_plugin_failure(&self.name, kind);
         tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), kind, cause, detail = detail.as_deref().unwrap_or(""), "plugin call failed");
         PluginFailure::Failed {
             plugin: self.name.to_string(),
@@ -627,9 +631,7 @@ impl Core {
     }
 
     fn busy(&self, cause: String) -> PluginFailure {
-        self.runtime
-            .metrics
-            .record_plugin_failure(&self.name, "busy");
+        self.node.metrics.record_plugin_failure(&self.name, "busy");
         tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), cause, "plugin call refused: busy");
         PluginFailure::Busy {
             plugin: self.name.to_string(),
@@ -638,7 +640,7 @@ impl Core {
     }
 
     fn rejected(&self, error: WitPluginError) -> PluginFailure {
-        self.runtime
+        self.node
             .metrics
             .record_plugin_failure(&self.name, "rejected");
         PluginFailure::Rejected {

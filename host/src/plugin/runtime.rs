@@ -9,16 +9,18 @@ use crate::metrics::Metrics;
 use crate::plugin::bindings::{self, PACKAGE};
 use crate::plugin::cache::DiskCache;
 use crate::plugin::features::{FeatureTables, TableScope};
-use crate::plugin::instance::{Core, LoadedPlugin, Stage, stage_indices};
-use crate::plugin::sandbox::{CallState, NodeMemory, RandomBudget};
+use crate::plugin::instance::{LoadedPlugin, Stage, stage_indices};
+use crate::plugin::memory::NodeMemory;
+use crate::plugin::node::PluginNode;
+use crate::plugin::random::RandomBudget;
+use crate::plugin::sandbox::CallState;
 use crate::plugin::sha256_hex;
 use crate::plugin::spec::PluginSpec;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -110,16 +112,10 @@ impl Drop for Ticker {
 
 /// Everything plugins of one node share.
 pub struct PluginRuntime {
-    pub(crate) engine: Engine,
-    pub(crate) linker: Linker<CallState>,
-    pub(crate) features: Arc<FeatureTables>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) config: PluginRuntimeConfig,
-    pub(crate) node_memory: Arc<NodeMemory>,
-    /// One permit per pooling-allocator slot, held by every live instance.
-    slots: Arc<Semaphore>,
-    /// Every loaded plugin's pool, so an idle instance of one can give its slot to another.
-    pools: Mutex<Vec<Weak<Core>>>,
+    node: Arc<PluginNode>,
+    linker: Linker<CallState>,
+    features: Arc<FeatureTables>,
+    config: PluginRuntimeConfig,
     compiled: Mutex<HashMap<String, (Component, usize)>>,
     disk: Option<DiskCache>,
     _ticker: Ticker,
@@ -187,14 +183,18 @@ impl PluginRuntime {
                 }
             })
             .map_err(|e| PluginLoadError::Engine(e.to_string()))?;
-        Ok(Arc::new(PluginRuntime {
+        let node = PluginNode::new(
             engine,
+            metrics,
+            NodeMemory::new(config.memory_budget_bytes),
+            config.max_instances as usize,
+            Duration::from_millis(config.long_call_after_ms),
+            config.fuel,
+        );
+        Ok(Arc::new(PluginRuntime {
+            node: Arc::new(node),
             linker,
             features,
-            metrics,
-            node_memory: Arc::new(NodeMemory::new(config.memory_budget_bytes)),
-            slots: Arc::new(Semaphore::new(config.max_instances as usize)),
-            pools: Mutex::new(Vec::new()),
             config,
             compiled: Mutex::new(HashMap::new()),
             disk,
@@ -286,7 +286,7 @@ impl PluginRuntime {
             linked,
             spec.clone(),
             TableScope::new(own_tables, self.features.clone()),
-            self.clone(),
+            self.node.clone(),
         ))
     }
 
@@ -295,8 +295,8 @@ impl PluginRuntime {
     fn check_version(&self, component: &Component) -> Result<(), String> {
         let ty = component.component_type();
         let names: Vec<String> = ty
-            .imports(&self.engine)
-            .chain(ty.exports(&self.engine))
+            .imports(&self.node.engine)
+            .chain(ty.exports(&self.node.engine))
             .map(|(name, _)| name.to_string())
             .collect();
         let old = names
@@ -332,15 +332,16 @@ impl PluginRuntime {
         let cached = self
             .disk
             .as_ref()
-            .and_then(|disk| disk.read(digest, &self.engine));
+            .and_then(|disk| disk.read(digest, &self.node.engine));
         let (component, source) = match cached {
             Some(component) => (component, "disk"),
             None => {
-                let component =
-                    Component::new(&self.engine, bytes).map_err(|e| PluginLoadError::Invalid {
+                let component = Component::new(&self.node.engine, bytes).map_err(|e| {
+                    PluginLoadError::Invalid {
                         path: shown.to_string(),
                         message: format!("{e:#}"),
-                    })?;
+                    }
+                })?;
                 if let Some(disk) = &self.disk {
                     disk.write(digest, &component);
                 }
@@ -376,36 +377,6 @@ impl PluginRuntime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
-    }
-
-    pub(crate) fn register_pool(&self, core: &Arc<Core>) {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools.retain(|pool| pool.strong_count() > 0);
-        pools.push(Arc::downgrade(core));
-    }
-
-    /// A node-wide instance slot: free now, or freed by dropping another plugin's idle
-    /// instance, or within `wait`.
-    pub(crate) async fn instance_slot(&self, wait: Duration) -> Result<OwnedSemaphorePermit, ()> {
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        let pools: Vec<Arc<Core>> = self
-            .pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for pool in pools {
-            if pool.release_idle() {
-                break;
-            }
-        }
-        match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(()),
-        }
     }
 }
 
@@ -481,7 +452,7 @@ mod tests {
     #[test]
     fn a_compiled_version_stays_while_any_user_has_it() {
         let runtime = runtime(None);
-        let component = Component::new(&runtime.engine, "(component)").unwrap();
+        let component = Component::new(&runtime.node.engine, "(component)").unwrap();
         let digest = "d".repeat(64);
         runtime
             .compiled

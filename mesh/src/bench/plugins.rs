@@ -17,7 +17,7 @@ use meshserve_host::metrics::Metrics;
 use meshserve_host::plugin::features::FeatureTables;
 use meshserve_host::plugin::instance::{LoadedPlugin, Stage};
 use meshserve_host::plugin::runtime::{PluginRuntime, PluginRuntimeConfig};
-use meshserve_host::plugin::sandbox::{ContextView, RequestView};
+use meshserve_host::plugin::views::{ContextView, RequestView};
 use meshserve_host::plugin::spec::{Isolation, PluginSpec};
 use meshserve_host::{DataType, Tensor};
 use std::fmt::Write as _;
