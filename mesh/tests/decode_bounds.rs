@@ -5,7 +5,7 @@
 //! bytes on the decoding thread, above what it held before.
 
 use bytes::Bytes;
-use meshserve::http::oip::decode_request;
+use meshserve::oip::decode_request;
 use meshserve::wire::frame;
 use meshserve_host::plugin::bindings::{Datatype, WitTensor, tensor_from_plugin};
 use meshserve_host::plugin::limits::PluginLimits;

@@ -6,7 +6,7 @@
 //! is refused rather than built.
 
 use super::{BenchError, sample_values};
-use crate::http::oip::HEADER_CONTENT_LENGTH;
+use crate::oip::HEADER_CONTENT_LENGTH;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -204,7 +204,7 @@ mod tests {
             let split = headers
                 .get(HEADER_CONTENT_LENGTH)
                 .map(|v| v.to_str().unwrap().parse().unwrap());
-            let decoded = crate::http::oip::decode_request("m", None, &body, split).unwrap();
+            let decoded = crate::oip::decode_request("m", None, &body, split).unwrap();
             let shapes: Vec<_> = decoded
                 .request
                 .inputs

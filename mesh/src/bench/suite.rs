@@ -418,8 +418,8 @@ pub async fn run_router_in_process(
     duration: Duration,
 ) -> Result<RouterReport, BenchError> {
     use crate::dispatch::Dispatch;
+    use crate::dispatch::timing::SERVER_TIMING;
     use crate::http::app::App;
-    use crate::http::respond::SERVER_TIMING;
     use crate::http::state::AppState;
     use meshserve_host::engine::{Engine, EngineConfig};
 
@@ -439,9 +439,8 @@ pub async fn run_router_in_process(
         .map_err(|e| BenchError::Model(e.to_string()))?;
     let (body, headers) = super::body::request_from_metadata(&metadata, rows, binary)?;
     let app = std::sync::Arc::new(App::new(AppState {
-        dispatch: Dispatch::new(engine.clone(), None),
+        dispatch: Dispatch::new(engine.clone(), None, None),
         bodies: crate::config::HttpConfig::default().body_limits(),
-        endpoints: None,
         admin: crate::http::admin::AdminAccess::LoopbackOnly,
     }));
     let path = format!("/v2/models/{model}/infer");

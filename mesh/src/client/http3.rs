@@ -323,7 +323,7 @@ impl Http3Client {
                     http::HeaderValue::from_static("application/octet-stream"),
                 );
                 headers.insert(
-                    crate::http::oip::HEADER_CONTENT_LENGTH,
+                    crate::oip::HEADER_CONTENT_LENGTH,
                     http::HeaderValue::from(length),
                 );
             }

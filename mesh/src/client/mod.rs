@@ -317,6 +317,18 @@ impl MeshClient {
         }
     }
 
+    /// A model's OIP metadata (JSON), from `node` or the replica it asks.
+    pub async fn metadata(&self, node: SocketAddr, model: &str) -> Result<String, ClientError> {
+        let query = Message::MetadataQuery(crate::wire::MetadataQuery {
+            model: model.to_string(),
+            version: None,
+        });
+        match self.query(node, &query).await? {
+            Message::Metadata(json) => Ok(json),
+            other => Err(unexpected(node, &other)),
+        }
+    }
+
     /// Asks `node` how loaded each model it serves is.
     pub async fn loads(&self, node: SocketAddr) -> Result<crate::wire::NodeLoads, ClientError> {
         match self.query(node, &Message::LoadQuery).await? {

@@ -13,8 +13,8 @@ pub mod seeds;
 mod service;
 
 pub use gossip::CLAIM_DOWN_ENV;
+pub use service::Calls;
 
-use crate::dispatch::{Dispatch, EndpointRunner};
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement::{self, Publishers};
 use crate::routing::balance::{Balancer, PeakEwma};
@@ -264,8 +264,8 @@ pub struct Cluster {
     config_errors: Mutex<HashMap<String, String>>,
     /// Models still loaded but no longer advertised, while they are being unloaded.
     leaving: Mutex<BTreeSet<String>>,
-    /// Runs endpoint requests other nodes forward here; set when the doors start.
-    endpoint_runner: std::sync::OnceLock<Arc<dyn EndpointRunner>>,
+    /// Answers the calls that run models and endpoints; set once the node's door for them is.
+    calls: std::sync::OnceLock<Arc<dyn Calls>>,
 }
 
 /// Whether a forwarded request may be sent to another replica after one attempt failed.
@@ -335,11 +335,10 @@ impl Cluster {
             refused_fetches: Mutex::default(),
             config_errors: Mutex::default(),
             leaving: Mutex::default(),
-            endpoint_runner: std::sync::OnceLock::new(),
+            calls: std::sync::OnceLock::new(),
         });
         cluster.publish_advert().await;
-        let dispatch = Dispatch::new(cluster.engine.clone(), Some(cluster.clone()));
-        tokio::spawn(service::serve(cluster.clone(), dispatch));
+        tokio::spawn(service::serve(cluster.clone()));
         tokio::spawn(reconcile::run(cluster.clone(), HOUSEKEEPING_PERIOD));
         tracing::info!(
             node = %cluster.name,
@@ -711,10 +710,10 @@ impl Cluster {
         }
     }
 
-    /// Hands the cluster what runs endpoint requests forwarded here (once; later calls are
-    /// ignored).
-    pub fn set_endpoint_runner(&self, runner: Arc<dyn EndpointRunner>) {
-        let _ = self.endpoint_runner.set(runner);
+    /// Hands the cluster what answers the calls that run models and endpoints (once; later
+    /// calls are ignored). Until then such calls are answered "starting, retry".
+    pub fn serve_calls(&self, calls: Arc<dyn Calls>) {
+        let _ = self.calls.set(calls);
     }
 
     /// This node's load per model it serves, for `meshserve status`.

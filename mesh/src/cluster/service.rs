@@ -1,28 +1,35 @@
 //! The `meshserve/1` service: accepts connections from nodes and native clients (mutual TLS
 //! already checked by the handshake), reads membership datagrams from nodes, and answers one
-//! frame per bidirectional stream.
+//! frame per bidirectional stream: the mesh's own questions (routes, status, loads, adverts,
+//! model transfers) here, calls that run models and endpoints through the node's [`Calls`].
 
 use crate::cluster::{Cluster, bundle};
-use crate::dispatch::{Call, Dispatch, DispatchError, Origin};
 use crate::membership::Membership;
 use crate::transport::certs::Role;
 use crate::transport::{Frame, TransportError, read_frame, tls, write_frame};
 use crate::wire::{
-    Failure, FailureClass, FetchChunk, FetchModel, InferAnswer, InferCall, Message, ModelFiles,
-    WIRE_VERSION, WireError, WireTensor,
+    Failure, FailureClass, FetchChunk, FetchModel, Message, ModelFiles, WIRE_VERSION, WireError,
 };
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
-use tower::ServiceExt;
-use tracing::Instrument;
 
-/// Accepts connections until the endpoint closes; requests for models go through `dispatch`.
-pub(super) async fn serve(cluster: Arc<Cluster>, dispatch: Dispatch) {
+/// Answers the frames of `meshserve/1` that run models and endpoints: the node's door for
+/// them (`crate::mesh1`), over its dispatch. The cluster only carries them, so it depends on
+/// no door and no dispatch.
+pub trait Calls: Send + Sync + 'static {
+    /// The answer to `message` (`Infer`, `Invoke` or `MetadataQuery`) from a peer of `role`.
+    fn answer(&self, message: Message, role: Role)
+    -> Pin<Box<dyn Future<Output = Message> + Send>>;
+}
+
+/// Accepts connections until the endpoint closes.
+pub(super) async fn serve(cluster: Arc<Cluster>) {
     while let Some(incoming) = cluster.endpoint.quinn().accept().await {
         let cluster = cluster.clone();
-        let dispatch = dispatch.clone();
         tokio::spawn(async move {
             let peer = incoming.remote_address();
             let connection = match incoming.await {
@@ -50,7 +57,7 @@ pub(super) async fn serve(cluster: Arc<Cluster>, dispatch: Dispatch) {
                 }
             }
             while let Ok((send, recv)) = connection.accept_bi().await {
-                let exchange = answer(cluster.clone(), dispatch.clone(), send, recv, role, peer);
+                let exchange = answer(cluster.clone(), send, recv, role, peer);
                 tokio::spawn(exchange);
             }
         });
@@ -114,7 +121,6 @@ async fn read_datagrams(cluster: Arc<Cluster>, connection: quinn::Connection) {
 
 async fn answer(
     cluster: Arc<Cluster>,
-    dispatch: Dispatch,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     role: Role,
@@ -152,7 +158,22 @@ async fn answer(
     // A fetch slot is held until its answer is written: the bytes read live that long.
     let mut fetch_slot = None;
     let reply = match read {
-        Ok(Message::Infer(call)) => serve_call(&dispatch, call, role).await,
+        Ok(call @ (Message::Infer(_) | Message::Invoke(_) | Message::MetadataQuery(_))) => {
+            match cluster.calls.get() {
+                Some(calls) => calls.answer(call, role).await,
+                None => {
+                    let mut failure = Failure::new(
+                        FailureClass::Unavailable,
+                        format!(
+                            "node '{}' is starting; it serves no calls yet",
+                            cluster.name
+                        ),
+                    );
+                    failure.retry_after_ms = Some(100);
+                    Message::Failure(failure)
+                }
+            }
+        }
         Ok(Message::RouteQuery) => Message::Routes(cluster.view().routes()),
         Ok(Message::StatusQuery) => Message::Status(cluster.status()),
         Ok(Message::LoadQuery) => Message::Loads(cluster.loads()),
@@ -162,16 +183,6 @@ async fn answer(
             reply
         }
         Ok(Message::FetchManifest(fetch)) if role == Role::Node => cluster.manifest(fetch).await,
-        Ok(Message::Invoke(call)) => match cluster.endpoint_runner.get() {
-            Some(runner) => match runner.run(call, origin_of(role)).await {
-                Ok(answer) => Message::Invoked(answer),
-                Err(failure) => Message::Failure(failure),
-            },
-            None => Message::Failure(Failure::new(
-                FailureClass::NotHere,
-                format!("node '{}' serves no endpoints yet", cluster.name),
-            )),
-        },
         Ok(Message::FetchChunk(chunk)) if role == Role::Node => {
             let (reply, slot) = cluster.chunk(chunk).await;
             fetch_slot = slot;
@@ -189,15 +200,6 @@ async fn answer(
                     FailureClass::Unavailable,
                     "this node has not made its advert yet",
                 )),
-            }
-        }
-        Ok(Message::MetadataQuery(query)) => {
-            let metadata = dispatch
-                .metadata(&query.model, query.version.as_deref(), origin_of(role))
-                .await;
-            match metadata {
-                Ok(metadata) => Message::Metadata(metadata.to_string()),
-                Err(e) => Message::Failure(with_route(&dispatch, &query.model, e)),
             }
         }
         Ok(other) => Message::Failure(Failure::new(
@@ -392,87 +394,5 @@ impl Cluster {
         answer
             .await
             .unwrap_or_else(|failure| (Message::Failure(failure), None))
-    }
-}
-
-/// A failure to send back, with the route to the model (so the caller learns where it is).
-fn with_route(dispatch: &Dispatch, model: &str, error: DispatchError) -> Failure {
-    let mut failure = Failure::from(error);
-    if failure.route.is_none() {
-        failure.route = dispatch.route(model);
-    }
-    failure
-}
-
-/// A node's request was forwarded already; a client's may be.
-fn origin_of(role: Role) -> Origin {
-    match role {
-        Role::Node => Origin::Node,
-        Role::Client => Origin::Client,
-    }
-}
-
-/// Serves an inference call that arrived over the mesh, through the node's [`Dispatch`]: a
-/// node's call (already forwarded) is served here or refused as "not here", a client's may be
-/// forwarded.
-async fn serve_call(dispatch: &Dispatch, call: InferCall, role: Role) -> Message {
-    let started = Instant::now();
-    let model = call.model.clone();
-    // Whoever sets the flag only narrows what is done (served here or refused), so a client
-    // claiming it gains nothing.
-    let origin = if call.forwarded {
-        Origin::Node
-    } else {
-        Origin::Client
-    };
-    let (request, traceparent) = match call.into_request() {
-        Ok(parts) => parts,
-        Err(mut failure) => {
-            failure.route = dispatch.route(&model);
-            return Message::Failure(failure);
-        }
-    };
-    let span = tracing::debug_span!("mesh_infer", %model, traceparent = traceparent.as_deref().unwrap_or(""));
-    let call = Call {
-        request,
-        traceparent,
-        origin,
-    };
-    let outcome = dispatch.clone().oneshot(call).instrument(span).await;
-    let metrics = dispatch.engine().metrics();
-    match outcome {
-        Ok(served) => {
-            let served_by = match served.hop {
-                Some((_, node)) => node,
-                None => {
-                    let source = match role {
-                        Role::Node => "node",
-                        Role::Client => "client",
-                    };
-                    metrics.record_mesh_served(&model, source);
-                    metrics.record_request(&model, 200, started.elapsed());
-                    dispatch
-                        .cluster()
-                        .map_or_else(String::new, |c| c.name().to_string())
-                }
-            };
-            let response = served.response;
-            Message::Answer(InferAnswer {
-                id: response.id,
-                model_name: response.model_name,
-                model_version: response.model_version,
-                outputs: response.outputs.into_iter().map(WireTensor::from).collect(),
-                timings: response.timings.into(),
-                served_by,
-                route: dispatch.route(&model),
-            })
-        }
-        Err(e) => {
-            if let DispatchError::Local(local) = &e {
-                let status = local.class().http_status();
-                metrics.record_request(&model, status, started.elapsed());
-            }
-            Message::Failure(with_route(dispatch, &model, e))
-        }
     }
 }

@@ -232,7 +232,6 @@ pub(crate) fn header_number(
 #[cfg(test)]
 mod tests {
     use super::{BodyLimits, read_body};
-    use crate::http::respond::Ms;
     use axum::body::Body;
     use bytes::Bytes;
     use std::collections::VecDeque;
@@ -282,18 +281,5 @@ mod tests {
         assert_eq!(limits.in_flight.available_permits(), 4096 - 13);
         drop(read);
         assert_eq!(limits.in_flight.available_permits(), 4096);
-    }
-
-    #[test]
-    fn server_timing_durations_are_milliseconds_with_three_decimals() {
-        assert_eq!(Ms(Duration::from_micros(1_234_567)).to_string(), "1234.567");
-        assert_eq!(Ms(Duration::from_micros(42)).to_string(), "0.042");
-        assert_eq!(Ms(Duration::from_nanos(499)).to_string(), "0.000");
-        assert_eq!(Ms(Duration::from_nanos(1_500)).to_string(), "0.002");
-        assert_eq!(
-            Ms(Duration::from_nanos(999_999_600)).to_string(),
-            "1000.000"
-        );
-        assert_eq!(Ms(Duration::from_secs(2)).to_string(), "2000.000");
     }
 }

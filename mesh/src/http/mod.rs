@@ -11,7 +11,6 @@ pub mod body;
 pub mod endpoints;
 pub mod error;
 pub mod http3;
-pub mod oip;
 pub mod respond;
 pub mod routes;
 pub mod server;

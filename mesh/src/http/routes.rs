@@ -1,14 +1,15 @@
 //! The Open Inference Protocol v2 REST API (plus Triton's repository and model-configuration
 //! extensions and `/metrics`) as one axum router, shared by every HTTP version.
 
+use crate::dispatch::timing::hop_timing;
 use crate::dispatch::{Origin, spec_json};
 use crate::http::admin;
 use crate::http::body::{LimitedBody, header_number, read_body, refuse_body};
 use crate::http::endpoints;
 use crate::http::error::ApiError;
-use crate::http::oip::{self, HEADER_CONTENT_LENGTH};
-use crate::http::respond::{TIMEOUT_HEADER, counted, hop_timing, json_response, oip_response};
+use crate::http::respond::{TIMEOUT_HEADER, counted, json_response, oip_response};
 use crate::http::state::{AppState, add_route_header, run_model};
+use crate::oip::{self, HEADER_CONTENT_LENGTH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -255,10 +256,10 @@ pub(crate) async fn infer_parts(
     let started = Instant::now();
     // An endpoint shadows a model of its name; the mesh's endpoints are looked up only for a
     // name that is not a model here, so a model's requests pay one map lookup for endpoints.
-    let endpoint = match state.endpoint(model) {
-        Some(endpoint) => Some(endpoints::Route::Here(endpoint)),
-        None if state.engine().model(model).is_none() => endpoints::route(state, model),
-        None => None,
+    let endpoint = if state.endpoint(model).is_some() || state.engine().model(model).is_none() {
+        state.dispatch.endpoint_route(model, Origin::Client).ok()
+    } else {
+        None
     };
     let known = endpoint.is_some() || state.dispatch.serves(model);
     let outcome = match endpoint {

@@ -1,29 +1,25 @@
 //! What every HTTP handler shares ([`AppState`]), and the one way a door runs a model:
 //! through the node's dispatch, here or over the mesh.
 
-use crate::dispatch::{Call, Dispatch, DispatchError, Origin, Served};
+use crate::dispatch::{Call, Dispatch, DispatchError, Origin, Served, traceparent};
 use crate::http::admin::AdminAccess;
 use crate::http::body::BodyLimits;
 use crate::routing::{ROUTE_HEADER, route_header};
 use axum::extract::FromRef;
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use meshserve_host::Engine;
-use meshserve_host::endpoint::{Endpoint, Endpoints};
+use meshserve_host::endpoint::Endpoint;
 use std::sync::Arc;
 use tower::ServiceExt;
-
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    /// Where requests for models go: the engine, or the mesh.
+    /// Where calls go: models and endpoints, here or in the mesh.
     pub dispatch: Dispatch,
     /// How request bodies are read: size, time and the node-wide byte budget.
     pub bodies: BodyLimits,
-    /// The node's endpoints (plugins around models), if any are configured.
-    pub endpoints: Option<Arc<Endpoints>>,
     /// Who may load and unload models and reload plugins.
     pub admin: AdminAccess,
 }
@@ -41,7 +37,7 @@ impl AppState {
     }
 
     pub(crate) fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
-        self.endpoints.as_ref()?.get(name)
+        self.dispatch.endpoints()?.get(name)
     }
 }
 
@@ -52,13 +48,9 @@ pub(crate) async fn run_model(
     request: meshserve_host::InferRequest,
     headers: &HeaderMap,
 ) -> Result<Served, DispatchError> {
-    let traceparent = headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let call = Call {
         request,
-        traceparent,
+        traceparent: traceparent(headers),
         origin: Origin::Client,
     };
     state.dispatch.clone().oneshot(call).await

@@ -10,11 +10,11 @@ use crate::config::{MeshConfig, NodeConfig};
 use crate::dispatch::Dispatch;
 use crate::http::admin::{AdminAccess, AdminTokenError};
 use crate::http::app::App;
-use crate::http::endpoints::LocalEndpoints;
 use crate::http::http3::{self, ClientAuth};
 use crate::http::server::{self, TlsError};
 use crate::http::state::AppState;
 use crate::membership::DetectorConfig;
+use crate::mesh1;
 use crate::placement::Publishers;
 use crate::transport::MeshIdentity;
 use crate::transport::certs::Role;
@@ -96,7 +96,8 @@ pub enum NodeError {
 /// A started node, not yet serving.
 pub struct Node {
     engine: Arc<Engine>,
-    endpoints: Option<Arc<Endpoints>>,
+    /// Where every door's calls go: the engine, the node's endpoints, the mesh.
+    dispatch: Dispatch,
     listener: TcpListener,
     /// The HTTPS config, replaced on a certificate reload.
     tls: Option<Arc<watch::Sender<Arc<rustls::ServerConfig>>>>,
@@ -175,9 +176,14 @@ impl Node {
             }
             None => None,
         };
+        let dispatch = Dispatch::new(engine.clone(), cluster.clone(), endpoints);
+        if let Some(cluster) = &cluster {
+            // From here, models and endpoints are served to the mesh as well.
+            cluster.serve_calls(Arc::new(mesh1::Door::new(dispatch.clone())));
+        }
         Ok(Node {
             engine,
-            endpoints,
+            dispatch,
             listener,
             tls,
             http3,
@@ -224,14 +230,10 @@ impl Node {
     /// requests, and the engine answers everything still queued.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let state = AppState {
-            dispatch: Dispatch::new(self.engine.clone(), self.cluster.clone()),
+            dispatch: self.dispatch.clone(),
             bodies: self.config.http.body_limits(),
-            endpoints: self.endpoints.clone(),
             admin: self.admin.clone(),
         };
-        if let Some(cluster) = &self.cluster {
-            cluster.set_endpoint_runner(Arc::new(LocalEndpoints(state.clone())));
-        }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let models: Vec<String> = self
             .engine
@@ -250,7 +252,7 @@ impl Node {
             repository = %self.engine.repository().root().display(),
             onnxruntime = %self.engine.runtime_library().display(),
             models = %models.join(", "),
-            endpoints = %self.endpoints.iter().flat_map(|e| e.all()).map(|e| e.name.clone()).collect::<Vec<_>>().join(", "),
+            endpoints = %self.dispatch.endpoints().iter().flat_map(|e| e.all()).map(|e| e.name.clone()).collect::<Vec<_>>().join(", "),
             "meshserve serving"
         );
         let engine = self.engine.clone();

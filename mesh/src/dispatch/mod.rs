@@ -1,13 +1,22 @@
-//! Serve here or forward: the one path every request for a model takes, whichever door it came
-//! in by (HTTP/1.1, HTTP/2 and HTTP/3, endpoints with plugins, `meshserve/1` from clients and
-//! nodes). The choice itself is [`plan`], pure; which replica and whether to retry are the
-//! cluster's ([`crate::routing`]), so the doors hold no mesh logic of their own.
+//! The layer under the doors: a call is a model call or an endpoint call, served here or
+//! forwarded, whichever door it came in by (HTTP/1.1, HTTP/2 and HTTP/3, `meshserve/1` from
+//! clients and nodes). The doors only decode and encode.
 //!
-//! [`Dispatch`] is a tower [`Service`], so limits, timeouts or load shedding compose around it
-//! as layers for every door at once.
+//! - model calls: [`Dispatch::infer`], where [`plan`] (pure) says: the engine, or a replica;
+//! - endpoint calls ([`endpoint`]): `[pre-plugin] → model → [post-plugin]` here, or the whole
+//!   request on a replica of the endpoint's model;
+//! - how answers report their time ([`timing`]).
+//!
+//! Which replica and whether to retry are the cluster's ([`crate::routing`]). [`Dispatch`] is a
+//! tower [`Service`] for model calls, so limits, timeouts or load shedding compose around it as
+//! layers for every door at once.
+
+pub mod endpoint;
+pub mod timing;
 
 use crate::cluster::Cluster;
-use crate::wire::{EndpointAnswer, EndpointCall, Failure, FailureClass, InferCall, RouteHint};
+use crate::wire::{Failure, FailureClass, InferCall, RouteHint};
+use meshserve_host::endpoint::Endpoints;
 use meshserve_host::model::signature::TensorSpec;
 use meshserve_host::{Engine, InferError, InferRequest, InferResponse};
 use serde_json::{Value, json};
@@ -18,18 +27,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::Service;
 
-/// Runs whole endpoint requests that arrive over `meshserve/1` (pre → model → post). The
-/// pipeline lives with the HTTP door for now; the node hands it to the cluster through this
-/// trait once the doors exist, so the cluster depends on no door.
-pub trait EndpointRunner: Send + Sync + 'static {
-    /// Runs `call`: from a node (which forwarded it), on this node's own endpoint or not at all
-    /// ([`FailureClass::NotHere`]: the forwarding node tries another replica); from a client,
-    /// here or forwarded whole to a replica, as the HTTP door does.
-    fn run(
-        &self,
-        call: EndpointCall,
-        origin: Origin,
-    ) -> Pin<Box<dyn Future<Output = Result<EndpointAnswer, Failure>> + Send + 'static>>;
+/// The W3C trace context header, carried across a mesh hop.
+pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
+/// The W3C `traceparent` of a request, to carry across a mesh hop.
+pub fn traceparent(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Who sent a request, which decides whether it may be forwarded.
@@ -120,12 +126,22 @@ impl From<DispatchError> for Failure {
 pub struct Dispatch {
     engine: Arc<Engine>,
     cluster: Option<Arc<Cluster>>,
+    endpoints: Option<Arc<Endpoints>>,
 }
 
 impl Dispatch {
-    /// The dispatcher of a node with `engine`, in the mesh of `cluster` if it has one.
-    pub fn new(engine: Arc<Engine>, cluster: Option<Arc<Cluster>>) -> Dispatch {
-        Dispatch { engine, cluster }
+    /// The dispatcher of a node with `engine`, in the mesh of `cluster` if it has one, serving
+    /// `endpoints` if it has any.
+    pub fn new(
+        engine: Arc<Engine>,
+        cluster: Option<Arc<Cluster>>,
+        endpoints: Option<Arc<Endpoints>>,
+    ) -> Dispatch {
+        Dispatch {
+            engine,
+            cluster,
+            endpoints,
+        }
     }
 
     /// The node's engine.
@@ -136,6 +152,11 @@ impl Dispatch {
     /// The node's place in the mesh, when it has one.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.as_ref()
+    }
+
+    /// The node's own endpoints, when it serves plugins.
+    pub fn endpoints(&self) -> Option<&Arc<Endpoints>> {
+        self.endpoints.as_ref()
     }
 
     /// Where `model` is served in the mesh, for route hints.

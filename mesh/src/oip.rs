@@ -764,6 +764,27 @@ pub struct EncodedResponse {
     pub json_length: Option<usize>,
 }
 
+impl EncodedResponse {
+    /// As an HTTP answer: the body with its content type and, for the binary extension, the
+    /// JSON part's length.
+    pub fn into_http(self) -> http::Response<Bytes> {
+        let mut http = http::Response::new(self.body);
+        let headers = http.headers_mut();
+        let content_type = match self.json_length {
+            Some(n) => {
+                headers.insert(HEADER_CONTENT_LENGTH, http::HeaderValue::from(n));
+                "application/octet-stream"
+            }
+            None => "application/json",
+        };
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+        http
+    }
+}
+
 #[derive(Serialize)]
 struct ResponseJson<'a> {
     model_name: &'a str,
