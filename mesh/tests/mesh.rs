@@ -2236,6 +2236,37 @@ async fn an_endpoint_deployed_to_one_node_is_served_by_every_node_and_rolls_over
     );
     let decision: Value = serde_json::from_slice(&second_call.answer.body).unwrap();
     assert!(decision["decision"].is_string(), "{decision}");
+    // The same from the command line: `meshserve infer --mesh ... --endpoint ... --repeat 2`.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["infer", "--mesh", &unplaced.quic.to_string(), "--certs"])
+        .arg(&certs)
+        .args(["--client", "app", "--endpoint", ENDPOINT, "--repeat", "2"])
+        .args(["--data", &transaction.to_string()])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let answers: Vec<&str> = printed
+        .lines()
+        .filter(|l| l.starts_with("meshserve/1 "))
+        .collect();
+    assert_eq!(answers.len(), 2, "{printed}");
+    assert!(
+        answers[0].starts_with(&format!("meshserve/1 200 from {}, run by ", unplaced.quic))
+            && answers[0].contains("server-timing: forward;dur="),
+        "{printed}"
+    );
+    assert!(
+        replicas.iter().any(|r| answers[1].starts_with(&format!(
+            "meshserve/1 200 from {}, run by {}",
+            r.quic, r.name
+        ))),
+        "the second call was not sent to the replica that ran it: {printed}"
+    );
     match app
         .invoke("no-such-endpoint", bytes::Bytes::new(), "application/json")
         .await
