@@ -20,7 +20,8 @@
 
 use super::routes::RouteBook;
 use crate::pem::{self, TlsError};
-use crate::routing::retry::{Attempts, Decision, Failed, RetryPolicy};
+use crate::routing::replicas::{self, Attempt, Retry, Unanswered};
+use crate::routing::retry::{self, Attempts, Failed, RetryPolicy};
 use crate::routing::{ROUTE_HEADER, parse_route_header};
 use crate::wire::RouteHint;
 use bytes::{Buf, Bytes, BytesMut};
@@ -368,69 +369,83 @@ impl Http3Client {
         replay: Replay,
     ) -> Result<Http3Response, Http3Error> {
         let model = key;
-        let mut tried = Vec::new();
-        let mut last = String::from("no replica or seed known");
         let mut attempts = Attempts::start(&self.retry, self.config.timeout, Instant::now());
-        while let Some((key, addr)) = self.routes.target(model, &tried, &self.config.seeds) {
-            tried.push(addr);
-            let started = Instant::now();
-            let pending = self.routes.start(&key, started);
-            let result = self
-                .request_within(
-                    addr,
-                    Method::POST,
-                    path,
-                    headers.clone(),
-                    body.clone(),
-                    attempts.left(started),
-                )
-                .await;
-            let now = Instant::now();
-            match result {
-                Ok(response) => {
-                    let hint = response
-                        .headers
-                        .get(ROUTE_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_route_header);
-                    // A replica that no longer serves the model: retry another, under the mesh's
-                    // rule (a 503 is returned as is: `crate::routing::retry`).
-                    let moved = response.status == StatusCode::NOT_FOUND
-                        && self.routes.route(model).is_some();
-                    if moved && attempts.after(Failed::Moved, true, now) == Decision::Retry {
+        let mut targets = self.routes.targets(model, &self.config.seeds);
+        let attempt = |(key, addr): (String, SocketAddr), left: Duration| {
+            let (headers, body) = (headers.clone(), body.clone());
+            async move {
+                let started = Instant::now();
+                let pending = self.routes.start(&key, started);
+                let result = self
+                    .request_within(addr, Method::POST, path, headers, body, left)
+                    .await;
+                let now = Instant::now();
+                match result {
+                    Ok(response) => {
+                        let hint = response
+                            .headers
+                            .get(ROUTE_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(parse_route_header);
+                        self.routes.learn(hint);
+                        // A replica the route named that answers 404 no longer serves the
+                        // model: another is tried under the mesh's rule (a 503 is returned as
+                        // it is: `crate::routing::retry`).
+                        if response.status == StatusCode::NOT_FOUND
+                            && self.routes.route(model).is_some()
+                        {
+                            pending.finish(None, now);
+                            self.routes.forget(model, addr);
+                            let retryable = retry::retryable(Failed::Moved);
+                            return Attempt::Failed(
+                                NoAnswer::Moved(response),
+                                Retry::Rule { retryable },
+                            );
+                        }
+                        pending.finish(Some(now - started), now);
+                        Attempt::Answered(response)
+                    }
+                    Err(e) => {
                         pending.finish(None, now);
                         self.routes.forget(model, addr);
-                        self.routes.learn(hint);
-                        last = format!(
-                            "{addr} answered {}: {}",
-                            response.status,
-                            String::from_utf8_lossy(&response.body)
-                        );
-                        continue;
-                    }
-                    pending.finish(Some(now - started), now);
-                    self.routes.learn(hint);
-                    return Ok(response);
-                }
-                Err(e) => {
-                    pending.finish(None, now);
-                    self.routes.forget(model, addr);
-                    let timed_out = matches!(e, Http3Error::Timeout { .. });
-                    last = e.to_string();
-                    // The request may have reached the node: sent again only when that is safe.
-                    if replay == Replay::BeforeSent
-                        || attempts.after(Failed::Lost { timed_out }, true, now) != Decision::Retry
-                    {
-                        break;
+                        let timed_out = matches!(e, Http3Error::Timeout { .. });
+                        // The request may have reached the node: sent again only when that is
+                        // safe.
+                        let retry = match replay {
+                            Replay::BeforeSent => Retry::Never,
+                            Replay::Safe => Retry::Rule {
+                                retryable: retry::retryable(Failed::Lost { timed_out }),
+                            },
+                        };
+                        Attempt::Failed(NoAnswer::Lost(e), retry)
                     }
                 }
             }
+        };
+        match replicas::run(&mut targets, &mut attempts, attempt, |_, _, _| {}).await {
+            Ok(response) => Ok(response),
+            // The last replica asked said it does not serve the model: that is the answer.
+            Err(Unanswered {
+                last: Some(NoAnswer::Moved(response)),
+                ..
+            }) => Ok(response),
+            Err(Unanswered { last, tried }) => Err(Http3Error::Exhausted {
+                attempts: tried,
+                last: match last {
+                    Some(NoAnswer::Lost(e)) => e.to_string(),
+                    _ => "no replica or seed known".into(),
+                },
+            }),
         }
-        Err(Http3Error::Exhausted {
-            attempts: tried.len(),
-            last,
-        })
     }
+}
+
+/// An attempt that did not end the request.
+enum NoAnswer {
+    /// A replica the route named answered 404: it no longer serves the model.
+    Moved(Http3Response),
+    /// The exchange failed without an answer.
+    Lost(Http3Error),
 }
 
 /// Whether a request may be sent to another node after an attempt failed on the way.

@@ -29,7 +29,8 @@
 pub mod http3;
 mod routes;
 
-use crate::routing::retry::{self, Attempts, Decision, Failed, RetryPolicy};
+use crate::routing::replicas::{self, Attempt, Retry, Unanswered};
+use crate::routing::retry::{self, Attempts, Failed, RetryPolicy};
 use crate::routing::{ROUTE_HEADER, parse_route_header};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
@@ -169,65 +170,55 @@ impl MeshClient {
         let timeout = call.timeout_or(self.config.timeout);
         let message = Message::Infer(call);
         let mut attempts = Attempts::start(&self.retry, timeout, Instant::now());
-        let mut tried = Vec::new();
-        let mut last = String::from("no replica or seed known");
-        while let Some((key, addr)) = self.routes.target(&model, &tried, &self.config.seeds) {
-            tried.push(addr);
-            let started = Instant::now();
-            let pending = self.routes.start(&key, started);
-            let result = self
-                .endpoint
-                .call(addr, &message, attempts.left(started))
-                .await;
-            let now = Instant::now();
-            let decision = match result {
-                Ok(Message::Answer(answer)) => {
-                    pending.finish(Some(now - started), now);
-                    self.routes.learn(answer.route.clone());
-                    let (response, served_by) = answer.into_response()?;
-                    return Ok(Answer {
-                        response,
-                        served_by,
-                        sent_to: addr,
-                    });
-                }
-                Ok(Message::Failure(failure)) => {
-                    let failed = Failed::Answered(&failure);
-                    if retry::retryable(failed) {
-                        // Declined (moved, unloading, shutting down): not a latency to learn.
-                        pending.finish(None, now);
-                        self.routes.forget(&model, addr);
-                    } else {
+        let mut targets = self.routes.targets(&model, &self.config.seeds);
+        let attempt = |(key, addr): (String, SocketAddr), left: Duration| {
+            let (model, message) = (&model, &message);
+            async move {
+                let started = Instant::now();
+                let pending = self.routes.start(&key, started);
+                let result = self.endpoint.call(addr, message, left).await;
+                let now = Instant::now();
+                match result {
+                    Ok(Message::Answer(answer)) => {
                         pending.finish(Some(now - started), now);
+                        self.routes.learn(answer.route.clone());
+                        match answer.into_response() {
+                            Ok((response, served_by)) => Attempt::Answered(Answer {
+                                response,
+                                served_by,
+                                sent_to: addr,
+                            }),
+                            Err(e) => Attempt::Failed(e.into(), Retry::Never),
+                        }
                     }
-                    self.routes.learn(failure.route.clone());
-                    if attempts.after(failed, true, now) != Decision::Retry {
-                        return Err(ClientError::Failed(failure));
+                    Ok(Message::Failure(failure)) => {
+                        let retryable = retry::retryable(Failed::Answered(&failure));
+                        if retryable {
+                            // Declined (moved, unloading, shutting down): not a latency to learn.
+                            pending.finish(None, now);
+                            self.routes.forget(model, addr);
+                        } else {
+                            pending.finish(Some(now - started), now);
+                        }
+                        self.routes.learn(failure.route.clone());
+                        Attempt::Failed(ClientError::Failed(failure), Retry::Rule { retryable })
                     }
-                    last = failure.message;
-                    continue;
+                    Ok(other) => {
+                        pending.finish(None, now);
+                        Attempt::Failed(unexpected(addr, &other), Retry::Never)
+                    }
+                    Err(e) => {
+                        pending.finish(None, now);
+                        self.routes.forget(model, addr);
+                        let retryable = retry::retryable(Failed::Transport(&e));
+                        Attempt::Failed(e.into(), Retry::Rule { retryable })
+                    }
                 }
-                Ok(other) => {
-                    pending.finish(None, now);
-                    last = format!("{addr} answered {}", other.kind());
-                    attempts.after(Failed::Unexpected, true, now)
-                }
-                Err(e) => {
-                    pending.finish(None, now);
-                    self.routes.forget(&model, addr);
-                    let decision = attempts.after(Failed::Transport(&e), true, now);
-                    last = e.to_string();
-                    decision
-                }
-            };
-            if decision != Decision::Retry {
-                break;
             }
-        }
-        Err(ClientError::Exhausted {
-            attempts: tried.len(),
-            last,
-        })
+        };
+        replicas::run(&mut targets, &mut attempts, attempt, |_, _, _| {})
+            .await
+            .map_err(gave_up)
     }
 
     /// Calls the endpoint `name` with `body` (of `content_type`: any body its pre-plugin
@@ -249,64 +240,62 @@ impl MeshClient {
             timeout_us: Some(u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX)),
         });
         let mut attempts = Attempts::start(&self.retry, timeout, Instant::now());
-        let mut tried = Vec::new();
-        let mut last = String::from("no replica or seed known");
-        while let Some((key, addr)) = self.routes.target(name, &tried, &self.config.seeds) {
-            tried.push(addr);
-            let started = Instant::now();
-            let pending = self.routes.start(&key, started);
-            let result = self
-                .endpoint
-                .call(addr, &message, attempts.left(started))
-                .await;
-            let now = Instant::now();
-            let decision = match result {
-                Ok(Message::Invoked(answer)) => {
-                    pending.finish(Some(now - started), now);
-                    let hint = answer
-                        .headers
-                        .iter()
-                        .find(|(name, _)| name == ROUTE_HEADER)
-                        .and_then(|(_, value)| parse_route_header(value));
-                    self.routes.learn(hint);
-                    return Ok(Invoked {
-                        answer,
-                        sent_to: addr,
-                    });
-                }
-                Ok(Message::Failure(failure)) => {
-                    pending.finish(None, now);
-                    if failure.class != FailureClass::NotHere {
-                        return Err(ClientError::Failed(failure));
+        let mut targets = self.routes.targets(name, &self.config.seeds);
+        let attempt = |(key, addr): (String, SocketAddr), left: Duration| {
+            let message = &message;
+            async move {
+                let started = Instant::now();
+                let pending = self.routes.start(&key, started);
+                let result = self.endpoint.call(addr, message, left).await;
+                let now = Instant::now();
+                match result {
+                    Ok(Message::Invoked(answer)) => {
+                        pending.finish(Some(now - started), now);
+                        let hint = answer
+                            .headers
+                            .iter()
+                            .find(|(name, _)| name == ROUTE_HEADER)
+                            .and_then(|(_, value)| parse_route_header(value));
+                        self.routes.learn(hint);
+                        Attempt::Answered(Invoked {
+                            answer,
+                            sent_to: addr,
+                        })
                     }
-                    self.routes.forget(name, addr);
-                    last = failure.message.clone();
-                    attempts.after(Failed::Answered(&failure), true, now)
-                }
-                Ok(other) => {
-                    pending.finish(None, now);
-                    last = format!("{addr} answered {}", other.kind());
-                    Decision::GiveUp
-                }
-                Err(e) => {
-                    pending.finish(None, now);
-                    self.routes.forget(name, addr);
-                    last = e.to_string();
-                    if matches!(e, TransportError::Connect { .. }) {
-                        attempts.after(Failed::Transport(&e), true, now)
-                    } else {
-                        Decision::GiveUp
+                    // Only a node that declined the call (it does not run the endpoint) is
+                    // sure not to have started it.
+                    Ok(Message::Failure(failure)) if failure.class == FailureClass::NotHere => {
+                        pending.finish(None, now);
+                        self.routes.forget(name, addr);
+                        let retryable = retry::retryable(Failed::Answered(&failure));
+                        Attempt::Failed(ClientError::Failed(failure), Retry::Rule { retryable })
+                    }
+                    Ok(Message::Failure(failure)) => {
+                        pending.finish(None, now);
+                        Attempt::Failed(ClientError::Failed(failure), Retry::Never)
+                    }
+                    Ok(other) => {
+                        pending.finish(None, now);
+                        Attempt::Failed(unexpected(addr, &other), Retry::Never)
+                    }
+                    Err(e) => {
+                        pending.finish(None, now);
+                        self.routes.forget(name, addr);
+                        let retry = if matches!(e, TransportError::Connect { .. }) {
+                            Retry::Rule {
+                                retryable: retry::retryable(Failed::Transport(&e)),
+                            }
+                        } else {
+                            Retry::Never
+                        };
+                        Attempt::Failed(e.into(), retry)
                     }
                 }
-            };
-            if decision != Decision::Retry {
-                break;
             }
-        }
-        Err(ClientError::Exhausted {
-            attempts: tried.len(),
-            last,
-        })
+        };
+        replicas::run(&mut targets, &mut attempts, attempt, |_, _, _| {})
+            .await
+            .map_err(gave_up)
     }
 
     /// Asks `node` for its view of the mesh.
@@ -349,5 +338,27 @@ fn unexpected(node: SocketAddr, answer: &Message) -> ClientError {
     ClientError::Exhausted {
         attempts: 1,
         last: format!("{node} answered {}", answer.kind()),
+    }
+}
+
+/// What a request that got no answer ends with: the mesh's own failure and a malformed answer
+/// as they are; otherwise (nothing reached, or a broken peer) how many were tried and why the
+/// last failed.
+fn gave_up(unanswered: Unanswered<ClientError>) -> ClientError {
+    let tried = unanswered.tried;
+    match unanswered.last {
+        Some(e @ (ClientError::Failed(_) | ClientError::Malformed(_))) => e,
+        Some(ClientError::Exhausted { last, .. }) => ClientError::Exhausted {
+            attempts: tried,
+            last,
+        },
+        Some(e) => ClientError::Exhausted {
+            attempts: tried,
+            last: e.to_string(),
+        },
+        None => ClientError::Exhausted {
+            attempts: 0,
+            last: "no replica or seed known".into(),
+        },
     }
 }

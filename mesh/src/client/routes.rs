@@ -2,6 +2,7 @@
 //! lives, and which replica (or seed) to try next, by power of two choices.
 
 use crate::routing::balance::{Balancer, Pending};
+use crate::routing::replicas::Targets;
 use crate::wire::{Replica, RouteHint};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -88,8 +89,46 @@ impl RouteBook {
             .map(|s| (s.to_string(), *s))
     }
 
+    /// The targets of one request for `model`: its replicas by p2c, then the seeds, each once.
+    pub(crate) fn targets<'a>(
+        &'a self,
+        model: &'a str,
+        seeds: &'a [SocketAddr],
+    ) -> BookTargets<'a> {
+        BookTargets {
+            book: self,
+            model,
+            seeds,
+            tried: Vec::new(),
+        }
+    }
+
     /// A request to `key` starts; finish the guard with its outcome.
     pub(crate) fn start(&self, key: &str, now: Instant) -> Pending<'_> {
         self.balancer.start(key, now)
+    }
+}
+
+/// The targets of one request, from a [`RouteBook`]: the balancer's key and the address.
+pub(crate) struct BookTargets<'a> {
+    book: &'a RouteBook,
+    model: &'a str,
+    seeds: &'a [SocketAddr],
+    tried: Vec<SocketAddr>,
+}
+
+impl Targets for BookTargets<'_> {
+    type Target = (String, SocketAddr);
+
+    fn next(&mut self) -> Option<(String, SocketAddr)> {
+        let target = self.book.target(self.model, &self.tried, self.seeds)?;
+        self.tried.push(target.1);
+        Some(target)
+    }
+
+    fn another(&self) -> bool {
+        self.book
+            .target(self.model, &self.tried, self.seeds)
+            .is_some()
     }
 }

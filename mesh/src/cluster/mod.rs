@@ -18,7 +18,8 @@ pub use service::Calls;
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement::{self, Publishers};
 use crate::routing::balance::{Balancer, PeakEwma};
-use crate::routing::retry::{Attempts, Decision, Failed, RetryPolicy};
+use crate::routing::replicas::{self, Attempt, Retry, Targets, Unanswered};
+use crate::routing::retry::{self, Attempts, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
     CatalogEntry, EndpointAnswer, EndpointCall, EndpointEntry, Failure, FailureClass, InferAnswer,
@@ -275,6 +276,33 @@ enum Replay {
     Safe,
     /// Only when the first replica cannot have started on it (not reached, or it declined).
     BeforeSent,
+}
+
+/// The replicas of a route other than this node, in the order the node's balancer picks them
+/// (p2c over peak-EWMA, suspects last).
+struct Balanced<'a> {
+    balancer: &'a Balancer,
+    view: &'a MeshView,
+    candidates: Vec<&'a Replica>,
+}
+
+impl<'a> Targets for Balanced<'a> {
+    type Target = &'a Replica;
+
+    fn next(&mut self) -> Option<&'a Replica> {
+        let view = self.view;
+        let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
+        let names: Vec<&str> = self.candidates.iter().map(|r| r.node.as_str()).collect();
+        let chosen = self
+            .balancer
+            .pick_avoiding(&names, suspect, Instant::now())?;
+        let index = names.iter().position(|n| *n == chosen).unwrap_or(0);
+        Some(self.candidates.remove(index))
+    }
+
+    fn another(&self) -> bool {
+        !self.candidates.is_empty()
+    }
 }
 
 impl Cluster {
@@ -602,75 +630,83 @@ impl Cluster {
                 format!("unknown model '{model}': no node of the mesh serves it"),
             ));
         };
-        let mut candidates: Vec<&Replica> = route
-            .replicas
-            .iter()
-            .filter(|r| r.node != self.name)
-            .collect();
-        let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
+        let mut targets = Balanced {
+            balancer: &self.balancer,
+            view: &view,
+            candidates: route
+                .replicas
+                .iter()
+                .filter(|r| r.node != self.name)
+                .collect(),
+        };
         let mut attempts = Attempts::start(&self.retry, timeout, Instant::now());
-        let mut failure = loop {
-            let names: Vec<&str> = candidates.iter().map(|r| r.node.as_str()).collect();
-            let Some(chosen) = self.balancer.pick_avoiding(&names, suspect, Instant::now()) else {
-                break Failure::new(
+        let outcome = replicas::run(
+            &mut targets,
+            &mut attempts,
+            |replica: &Replica, left| async move {
+                let started = Instant::now();
+                let pending = self.balancer.start(&replica.node, started);
+                let result = self.endpoint.call(replica.quic, request, left).await;
+                let now = Instant::now();
+                match result {
+                    Ok(Message::Failure(failure)) => {
+                        // A replica that ran the request has a latency to report; one that
+                        // declined counts as a failure for the balancer.
+                        let ran = !matches!(
+                            failure.class,
+                            FailureClass::NotHere | FailureClass::Unavailable
+                        );
+                        pending.finish(ran.then(|| now - started), now);
+                        let retryable = retry::retryable(Failed::Answered(&failure));
+                        Attempt::Failed(failure, Retry::Rule { retryable })
+                    }
+                    Ok(answer) => {
+                        pending.finish(Some(now - started), now);
+                        Attempt::Answered(answer)
+                    }
+                    Err(e) => {
+                        pending.finish(None, now);
+                        // Past connecting, the replica may have started on it.
+                        let sent = !matches!(e, TransportError::Connect { .. });
+                        let retry = if replay == Replay::BeforeSent && sent {
+                            Retry::Never
+                        } else {
+                            Retry::Rule {
+                                retryable: retry::retryable(Failed::Transport(&e)),
+                            }
+                        };
+                        let failure = Failure::new(FailureClass::Unavailable, e.to_string());
+                        Attempt::Failed(failure, retry)
+                    }
+                }
+            },
+            |replica, failure, decision| {
+                let (node, reason) = (&replica.node, &failure.message);
+                match decision {
+                    Decision::Retry => {
+                        tracing::debug!(replica = %node, %model, %reason, "retrying elsewhere");
+                        metrics.record_forward(model, "retried");
+                    }
+                    Decision::BudgetSpent => {
+                        tracing::warn!(replica = %node, %model, %reason, "retry budget spent");
+                        metrics.record_forward(model, "retry_budget_spent");
+                    }
+                    Decision::GiveUp => {}
+                }
+            },
+        )
+        .await;
+        let mut failure = match outcome {
+            Ok(answer) => {
+                metrics.record_forward(model, "ok");
+                return Ok((answer, route));
+            }
+            Err(Unanswered { last, .. }) => last.unwrap_or_else(|| {
+                Failure::new(
                     FailureClass::Unavailable,
                     format!("no other replica of '{model}' is reachable"),
-                );
-            };
-            let index = names.iter().position(|n| *n == chosen).unwrap_or(0);
-            let replica = candidates.remove(index);
-            let started = Instant::now();
-            let pending = self.balancer.start(&replica.node, started);
-            let result = self
-                .endpoint
-                .call(replica.quic, request, attempts.left(started))
-                .await;
-            let now = Instant::now();
-            let another = !candidates.is_empty();
-            let (failure, decision) = match result {
-                Ok(Message::Failure(failure)) => {
-                    // A replica that ran the request has a latency to report; one that
-                    // declined counts as a failure for the balancer.
-                    let ran = !matches!(
-                        failure.class,
-                        FailureClass::NotHere | FailureClass::Unavailable
-                    );
-                    pending.finish(ran.then(|| now - started), now);
-                    let decision = attempts.after(Failed::Answered(&failure), another, now);
-                    (failure, decision)
-                }
-                Ok(answer) => {
-                    pending.finish(Some(now - started), now);
-                    metrics.record_forward(model, "ok");
-                    return Ok((answer, route));
-                }
-                Err(e) => {
-                    pending.finish(None, now);
-                    // Past connecting, the replica may have started on it.
-                    let sent = !matches!(e, TransportError::Connect { .. });
-                    let decision = if replay == Replay::BeforeSent && sent {
-                        Decision::GiveUp
-                    } else {
-                        attempts.after(Failed::Transport(&e), another, now)
-                    };
-                    (
-                        Failure::new(FailureClass::Unavailable, e.to_string()),
-                        decision,
-                    )
-                }
-            };
-            match decision {
-                Decision::Retry => {
-                    tracing::debug!(replica = %replica.node, %model, reason = %failure.message, "retrying on another replica");
-                    metrics.record_forward(model, "retried");
-                }
-                Decision::BudgetSpent => {
-                    tracing::warn!(replica = %replica.node, %model, reason = %failure.message, "retry budget spent; not retrying");
-                    metrics.record_forward(model, "retry_budget_spent");
-                    break failure;
-                }
-                Decision::GiveUp => break failure,
-            }
+                )
+            }),
         };
         let outcome = match failure.class {
             FailureClass::NotHere | FailureClass::Unavailable => "unavailable",

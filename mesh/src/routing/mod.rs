@@ -1,7 +1,10 @@
-//! Routing: which replica takes a request ([`balance`]) and the route hint that tells callers
-//! where a model lives, in the native frame and in the `meshserve-route` HTTP header.
+//! Routing: which replica takes a request ([`balance`]), whether a failed one goes to another
+//! ([`retry`]), the one loop that does both for every caller ([`replicas`]), and the route
+//! hint that tells callers where a model lives, in the native frame and in the
+//! `meshserve-route` HTTP header.
 
 pub mod balance;
+pub mod replicas;
 pub mod retry;
 
 use crate::wire::{Replica, RouteHint};

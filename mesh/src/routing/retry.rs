@@ -110,8 +110,8 @@ impl RetryPolicy {
 }
 
 /// One request's attempts under a [`RetryPolicy`]: the deadline they share and the retries
-/// made so far. Every caller that tries replicas in turn (the forwarding node, the route-aware
-/// client) keeps its count here, so the rule is applied the same way everywhere.
+/// made so far, kept by the one replica loop ([`super::replicas::run`]) that every caller
+/// (the forwarding node, both route-aware clients) sends its requests through.
 pub struct Attempts<'p> {
     policy: &'p RetryPolicy,
     deadline: Instant,
@@ -134,12 +134,12 @@ impl<'p> Attempts<'p> {
         self.deadline.saturating_duration_since(now)
     }
 
-    /// After the attempt that `failed` at `now`: whether to try the next target (counted as a
-    /// retry), given whether `another` target remains.
-    pub fn after(&mut self, failed: Failed<'_>, another: bool, now: Instant) -> Decision {
+    /// After an attempt failed at `now` (`retryable`: see [`retryable`]): whether to try the
+    /// next target (counted as a retry), given whether `another` target remains.
+    pub fn after(&mut self, retryable: bool, another: bool, now: Instant) -> Decision {
         let decision = self
             .policy
-            .decide(retryable(failed), self.retries, self.left(now), another);
+            .decide(retryable, self.retries, self.left(now), another);
         if decision == Decision::Retry {
             self.retries += 1;
         }
@@ -233,18 +233,18 @@ mod tests {
             "the second attempt gets what is left, not the whole timeout again"
         );
         assert_eq!(
-            attempts.after(Failed::Answered(&moved), true, later),
+            attempts.after(retryable(Failed::Answered(&moved)), true, later),
             Decision::Retry
         );
         assert_eq!(
-            attempts.after(Failed::Answered(&moved), true, later),
+            attempts.after(retryable(Failed::Answered(&moved)), true, later),
             Decision::GiveUp,
             "one retry per request"
         );
         let mut late = Attempts::start(&policy, Duration::from_millis(100), start);
         assert_eq!(
             late.after(
-                Failed::Answered(&moved),
+                retryable(Failed::Answered(&moved)),
                 true,
                 start + Duration::from_millis(100)
             ),
@@ -253,7 +253,7 @@ mod tests {
         );
         let mut broken = Attempts::start(&policy, Duration::from_millis(100), start);
         assert_eq!(
-            broken.after(Failed::Unexpected, true, start),
+            broken.after(retryable(Failed::Unexpected), true, start),
             Decision::GiveUp
         );
     }
