@@ -1,16 +1,22 @@
-//! meshserve nodes: the HTTP front doors over the engine of `meshserve-host`, the QUIC mesh
-//! that joins nodes, the route-aware client, the node's configuration and start-up, the
-//! bundled example models, and the load generator.
+//! meshserve nodes: the doors, the serve layer under them, the QUIC mesh that joins nodes,
+//! the route-aware clients, the node's configuration and start-up, and the bundled example
+//! models. Dependencies point one way (docs/design.md, "The request path on one node"):
 //!
-//! The mesh, bottom up: [`wire`] (frames, sans-IO), [`transport`] (QUIC + mutual TLS),
-//! [`membership`] (SWIM core, sans-IO, and its simulation), [`placement`] (rendezvous hashing),
-//! [`routing`] (p2c over peak-EWMA, route hints), [`cluster`] (a node's mesh service),
-//! [`client`] (route-aware client). [`dispatch`] is where every door's requests meet the
-//! engine or the mesh.
+//! - [`node`] wires the engine of `meshserve-host`, plugins, [`cluster`], [`dispatch`] and the
+//!   doors, from a node [`config`];
+//! - the doors only decode and encode: [`http`] (HTTP/1.1, HTTP/2 and HTTP/3) and [`mesh1`]
+//!   (`meshserve/1` calls), with the OIP codec in [`oip`];
+//! - [`dispatch`]: a call is a model call or an endpoint call, run here or on a replica;
+//! - the mesh, bottom up: [`wire`] (frames, sans-IO), [`transport`] (QUIC + mutual TLS),
+//!   [`membership`] (SWIM core, sans-IO, and its simulation), [`placement`] (rendezvous
+//!   hashing), [`routing`] (balancing, the retry rule and the one replica loop, route hints),
+//!   [`cluster`] (a node's mesh shell, which imports no door and no dispatch);
+//! - [`client`]: the route-aware clients (`meshserve/1` and HTTP/3).
+//!
+//! The load generator and benchmarks are the `meshserve-bench` crate.
 
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod bundled;
 pub mod client;
 pub mod cluster;

@@ -4,7 +4,6 @@ mod cli;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cli::bench::BenchCommand;
 use cli::certs::CertsArgs;
 use cli::infer::InferArgs;
 use cli::serve::ServeArgs;
@@ -33,16 +32,12 @@ enum Command {
     /// Serve models over HTTP/1.1 and HTTP/2, and HTTP/3 when asked (the default: the bundled
     /// models on 127.0.0.1:8000).
     Serve(ServeArgs),
-    /// Measure throughput and latency.
-    Bench {
-        #[command(subcommand)]
-        kind: BenchCommand,
-    },
     /// Create a mesh CA (if the folder has none) and issue node, client and server certificates.
     Certs(CertsArgs),
     /// Show the mesh as one node sees it: members, their load, and where each model is served.
     Status(StatusArgs),
-    /// Send an inference request over HTTP/3 and print the answer and the route it took.
+    /// Send requests to a model or an endpoint over HTTP/3 or meshserve/1, and print each
+    /// answer and the route it took.
     Infer(InferArgs),
 }
 
@@ -68,7 +63,6 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => cli::serve::serve(args),
-        Command::Bench { kind } => cli::bench::run_bench(kind),
         Command::Certs(args) => cli::certs::certs(args),
         Command::Status(args) => cli::status::status(args),
         Command::Infer(args) => cli::infer::infer(args),

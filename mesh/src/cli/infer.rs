@@ -4,7 +4,6 @@
 use crate::cli::current_thread_runtime;
 use anyhow::{Context, Result};
 use clap::Args;
-use meshserve::bench;
 use meshserve::client::http3::{Http3Client, Http3ClientConfig};
 use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::oip::{self, OutputEncoding};
@@ -75,7 +74,7 @@ pub(crate) fn infer(args: InferArgs) -> Result<()> {
             None => {
                 let metadata = client.metadata(&args).await?;
                 let metadata: serde_json::Value = serde_json::from_slice(&metadata)?;
-                let (body, _) = bench::body::request_from_metadata(&metadata, 1, false)
+                let (body, _) = meshserve::client::body::request_from_metadata(&metadata, 1, false)
                     .context("cannot fill the model's inputs from its metadata; pass --data")?;
                 body.to_vec()
             }

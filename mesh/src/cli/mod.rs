@@ -1,6 +1,5 @@
 //! The subcommands of `meshserve`, one module each; `main` parses and hands off here.
 
-pub(crate) mod bench;
 pub(crate) mod certs;
 pub(crate) mod infer;
 pub(crate) mod serve;

@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod body;
 pub mod http3;
 mod routes;
 

@@ -1,9 +1,11 @@
-//! The HTTP front doors: the OIP codec ([`oip`]), its routes ([`routes`]), endpoints with
-//! plugins ([`endpoints`]: run here or forwarded whole), what handlers share ([`state`]), how
-//! they read bodies ([`body`]) and write answers ([`respond`]), the one error mapping
-//! ([`error`]), the application that serves the inference route directly and the rest through
-//! the router ([`app`]), the TCP server for HTTP/1.1 and HTTP/2 ([`server`]) and the QUIC
-//! server for HTTP/3 ([`http3`]), both serving the same application.
+//! The HTTP doors, which only decode and encode: the routes of models, the repository and
+//! metrics ([`routes`]), endpoint invocations and the endpoint repository API
+//! ([`endpoints`]), what handlers share ([`state`]), how they read bodies ([`body`]) and write
+//! answers ([`respond`]), the one error mapping ([`error`]), admin authority ([`admin`]), the
+//! application that serves the inference route directly and the rest through the router
+//! ([`app`]), the TCP server for HTTP/1.1 and HTTP/2 ([`server`]) and the QUIC server for
+//! HTTP/3 ([`http3`]), both serving the same application. Calls go to
+//! [`crate::dispatch`].
 
 pub mod admin;
 pub mod app;

@@ -1,6 +1,6 @@
 //! A plugin that does nothing: the pre stage hands the model no tensors, the post stage returns
 //! the model's outputs unchanged. What a call costs here is what the node's plugin machinery
-//! costs, which `meshserve bench plugins` reports as its baseline.
+//! costs, which `meshserve-bench plugins` reports as its baseline.
 
 use meshserve_guest::{
     Answer, Context, Error, Plugin, Postprocess, Pre, Preprocess, Request, Tensor,

@@ -1,4 +1,4 @@
-//! `meshserve bench suite`: the single-node engine next to in-process ONNX Runtime.
+//! `meshserve-bench suite`: the single-node engine next to in-process ONNX Runtime.
 
 use super::{
     BenchError, HttpLoad, Report, floor, fp32_request_body, fp32_tensor, io_error, run_http,
@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Settings of `meshserve bench suite`.
+/// Settings of `meshserve-bench suite`.
 #[derive(Debug, Clone)]
 pub struct SuiteConfig {
     /// The `meshserve` binary to start as the server.
@@ -224,7 +224,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         // node and the floor within seconds of each other.
         let (server, addr) = start_server(&config.server_binary, &args).await?;
         // The floor: a bare hyper server answering a fixed OIP response, same load, same client.
-        let (floor_server, floor_addr) = start_floor(&config.server_binary, threads).await?;
+        let (floor_server, floor_addr) = start_floor(threads).await?;
         let mut node_rows = Vec::new();
         let mut floor_rows = Vec::new();
         let mut round_ratios = Vec::new();
@@ -290,7 +290,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "meshserve bench suite: {cores} cores, closed loop unless said, {} s per row after {} s warm-up; load generator on the same machine; node and floor alternate, {rounds} rounds per comparison, the median round shown",
+        "meshserve-bench suite: {cores} cores, closed loop unless said, {} s per row after {} s warm-up; load generator on the same machine; node and floor alternate, {rounds} rounds per comparison, the median round shown",
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );
@@ -417,10 +417,10 @@ pub async fn run_router_in_process(
     warmup: Duration,
     duration: Duration,
 ) -> Result<RouterReport, BenchError> {
-    use crate::dispatch::Dispatch;
-    use crate::dispatch::timing::SERVER_TIMING;
-    use crate::http::app::App;
-    use crate::http::state::AppState;
+    use meshserve::dispatch::Dispatch;
+    use meshserve::dispatch::timing::SERVER_TIMING;
+    use meshserve::http::app::App;
+    use meshserve::http::state::AppState;
     use meshserve_host::engine::{Engine, EngineConfig};
 
     let engine = Engine::new(
@@ -435,13 +435,13 @@ pub async fn run_router_in_process(
     engine
         .load(model)
         .map_err(|e| BenchError::Model(e.to_string()))?;
-    let metadata = crate::dispatch::local_metadata(&engine, model, None)
+    let metadata = meshserve::dispatch::local_metadata(&engine, model, None)
         .map_err(|e| BenchError::Model(e.to_string()))?;
-    let (body, headers) = super::body::request_from_metadata(&metadata, rows, binary)?;
+    let (body, headers) = meshserve::client::body::request_from_metadata(&metadata, rows, binary)?;
     let app = std::sync::Arc::new(App::new(AppState {
         dispatch: Dispatch::new(engine.clone(), None, None),
-        bodies: crate::config::HttpConfig::default().body_limits(),
-        admin: crate::http::admin::AdminAccess::LoopbackOnly,
+        bodies: meshserve::config::HttpConfig::default().body_limits(),
+        admin: meshserve::http::admin::AdminAccess::LoopbackOnly,
     }));
     let path = format!("/v2/models/{model}/infer");
     let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));

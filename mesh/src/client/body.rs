@@ -1,33 +1,58 @@
-//! Request bodies generated from a model's OIP metadata (`GET /v2/models/{model}`), so the
-//! load generator and `meshserve infer` drive any OIP server's model without the user
-//! writing a body: every input, `rows` rows (a dynamic first dimension), deterministic
+//! Request bodies generated from a model's OIP metadata (`GET /v2/models/{model}`), so
+//! `meshserve infer` and the load generator (`meshserve-bench`) drive any OIP server's model
+//! without the user writing a body: every input, `rows` rows (a dynamic first dimension), deterministic
 //! values, as JSON data or as binary tensors (the OIP binary extension). The metadata comes
 //! from a server and is input too: a shape that asks for more than [`MAX_ELEMENTS`] elements
 //! is refused rather than built.
 
-use super::{BenchError, sample_values};
 use crate::oip::HEADER_CONTENT_LENGTH;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+/// Model metadata the generator cannot make a request from.
+#[derive(Debug, thiserror::Error)]
+#[error("model metadata: {0}")]
+pub struct MetadataError(String);
+
 /// An infer request's JSON part.
 #[derive(Serialize)]
-pub(crate) struct RequestJson<'a> {
+pub struct RequestJson<'a> {
+    /// Its inputs.
     pub inputs: Vec<InputJson<'a>>,
 }
 
 /// One input as OIP clients (Triton's, KServe's) write it: `datatype` before `data`, which
 /// lets a server parse the data as it reads it. `json!` would sort the keys, `data` first.
 #[derive(Serialize)]
-pub(crate) struct InputJson<'a> {
+pub struct InputJson<'a> {
+    /// The input's name.
     pub name: &'a str,
+    /// Its shape.
     pub shape: Vec<i64>,
+    /// Its OIP datatype.
     pub datatype: &'a str,
+    /// `binary_data_size` when the data follows as binary.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Value>,
+    /// The data, as JSON.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
+}
+
+/// Deterministic FP32 values in [-1, 1) (no RNG crate: a fixed LCG is enough here).
+pub fn sample_values(count: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
 }
 
 /// Most elements one generated input may have.
@@ -38,13 +63,13 @@ pub fn request_from_metadata(
     metadata: &Value,
     rows: usize,
     binary: bool,
-) -> Result<(Bytes, hyper::HeaderMap), BenchError> {
-    let invalid = |why: String| BenchError::Server(format!("model metadata: {why}"));
+) -> Result<(Bytes, http::HeaderMap), MetadataError> {
+    let invalid = MetadataError;
     let inputs = metadata["inputs"]
         .as_array()
         .filter(|inputs| !inputs.is_empty())
         .ok_or_else(|| invalid(format!("no inputs listed in {metadata}")))?;
-    let mut headers = hyper::HeaderMap::new();
+    let mut headers = http::HeaderMap::new();
     let mut described = Vec::new();
     let mut payload = Vec::new();
     for (index, input) in inputs.iter().enumerate() {
@@ -143,11 +168,11 @@ pub fn request_from_metadata(
     }
     headers.insert(
         HEADER_CONTENT_LENGTH,
-        hyper::header::HeaderValue::from(header.len()),
+        http::header::HeaderValue::from(header.len()),
     );
     headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/octet-stream"),
+        http::header::CONTENT_TYPE,
+        http::header::HeaderValue::from_static("application/octet-stream"),
     );
     let mut body = header.into_bytes();
     body.extend_from_slice(&payload);
@@ -228,11 +253,6 @@ mod tests {
             text.find("\"data\"").unwrap(),
         );
         assert!(datatype < data, "{text}");
-        let text = String::from_utf8(super::super::fp32_request_body("x", 1, 2).to_vec()).unwrap();
-        assert!(
-            text.find("\"datatype\"").unwrap() < text.find("\"data\"").unwrap(),
-            "{text}"
-        );
     }
 
     #[test]

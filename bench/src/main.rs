@@ -1,21 +1,89 @@
-//! `meshserve bench`: the load generator and the benchmark suites, with their options.
+//! `meshserve-bench`: the load generator and the benchmark suites, with their options. The
+//! suites start nodes from the `meshserve` binary beside this one.
 
-use crate::cli::{current_thread_runtime, multi_thread_runtime};
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
-use meshserve::bench::mesh::MeshSuiteConfig;
-use meshserve::bench::plot::{SweepPoint, latency_svg};
-use meshserve::bench::plugins::PluginSuiteConfig;
-use meshserve::bench::suite::SuiteConfig;
-use meshserve::bench::{self, HttpLoad, Protocol};
+use clap::{Args, Parser, Subcommand};
+use meshserve_bench::mesh::MeshSuiteConfig;
+use meshserve_bench::plot::{SweepPoint, latency_svg};
+use meshserve_bench::plugins::PluginSuiteConfig;
+use meshserve_bench::suite::SuiteConfig;
+use meshserve_bench::{self as bench, HttpLoad, Protocol};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+// The load generator allocates per request across threads, as the node does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "meshserve-bench",
+    version,
+    about = "Load generator and benchmarks for meshserve and any OIP server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run_bench(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshserve-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `meshserve` binary the suites start nodes from: the one built beside this binary.
+fn node_binary() -> Result<PathBuf> {
+    let bench = std::env::current_exe().context("cannot find this binary")?;
+    let node = bench.with_file_name(format!("meshserve{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        node.is_file(),
+        "the suites start nodes from {}, which is missing: build it with `cargo build --release -p meshserve`",
+        node.display()
+    );
+    Ok(node)
+}
+
+/// A work-stealing runtime of `threads` threads (unset: one per core), named `name`.
+fn multi_thread_runtime(threads: Option<usize>, name: &str) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A runtime on this thread alone: the load generator leaves the rest of the machine to the
+/// node it talks to.
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
 
 #[derive(Subcommand)]
-pub(crate) enum BenchCommand {
-    /// Start a node from this binary and measure it next to in-process ONNX Runtime.
+enum BenchCommand {
+    /// Start a node (the `meshserve` binary beside this one) and measure it next to
+    /// in-process ONNX Runtime.
     Suite {
         /// Repository holding the `fraud` and `heavy` models.
         #[arg(long, default_value = "examples/models")]
@@ -145,7 +213,7 @@ pub(crate) enum BenchCommand {
 }
 
 #[derive(Args)]
-pub(crate) struct HttpBenchArgs {
+struct HttpBenchArgs {
     /// The server (its UDP address for HTTP/3).
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: SocketAddr,
@@ -212,13 +280,13 @@ pub(crate) struct HttpBenchArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum ProtocolArg {
+enum ProtocolArg {
     H1,
     H2,
     H3,
 }
 
-pub(crate) fn run_bench(kind: BenchCommand) -> Result<()> {
+fn run_bench(kind: BenchCommand) -> Result<()> {
     // The load generator gets one thread unless `bench http --threads` asks for more, so the
     // node under test keeps the rest of the machine.
     let runtime = current_thread_runtime()?;
@@ -230,7 +298,7 @@ pub(crate) fn run_bench(kind: BenchCommand) -> Result<()> {
             rounds,
         } => {
             let config = SuiteConfig {
-                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                server_binary: node_binary()?,
                 repository: model_repository,
                 duration: Duration::from_secs_f64(duration_secs),
                 warmup: Duration::from_secs_f64(warmup_secs),
@@ -248,7 +316,7 @@ pub(crate) fn run_bench(kind: BenchCommand) -> Result<()> {
             warmup_secs,
         } => {
             let config = PluginSuiteConfig {
-                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                server_binary: node_binary()?,
                 repository: std::fs::canonicalize(&model_repository)
                     .with_context(|| format!("model repository {}", model_repository.display()))?,
                 plugins: std::fs::canonicalize(&plugins).with_context(|| {
@@ -292,8 +360,8 @@ pub(crate) fn run_bench(kind: BenchCommand) -> Result<()> {
             duration_secs,
             warmup_secs,
         } => {
-            let config = meshserve::bench::protocols::ProtocolSuiteConfig {
-                server_binary: std::env::current_exe().context("cannot find this binary")?,
+            let config = bench::protocols::ProtocolSuiteConfig {
+                server_binary: node_binary()?,
                 repository: std::fs::canonicalize(&model_repository)
                     .with_context(|| format!("model repository {}", model_repository.display()))?,
                 duration: Duration::from_secs_f64(duration_secs),
@@ -309,7 +377,7 @@ pub(crate) fn run_bench(kind: BenchCommand) -> Result<()> {
             warmup_secs,
         } => {
             let config = bench::recsys::RecsysBenchConfig {
-                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                server_binary: node_binary()?,
                 example: std::fs::canonicalize(&example)
                     .with_context(|| format!("example folder {}", example.display()))?,
                 candidates: candidates.clamp(1, 1000),
@@ -326,7 +394,7 @@ pub(crate) fn run_bench(kind: BenchCommand) -> Result<()> {
             warmup_secs,
         } => {
             let config = MeshSuiteConfig {
-                server_binary: std::env::current_exe().context("cannot find this binary")?,
+                server_binary: node_binary()?,
                 repository: std::fs::canonicalize(&model_repository)
                     .with_context(|| format!("model repository {}", model_repository.display()))?,
                 concurrency,
@@ -371,7 +439,7 @@ pub(crate) fn run_bench(kind: BenchCommand) -> Result<()> {
     Ok(())
 }
 
-/// `meshserve bench http`: one closed- or open-loop run, or an open-loop sweep over rates.
+/// `meshserve-bench http`: one closed- or open-loop run, or an open-loop sweep over rates.
 async fn bench_http(args: HttpBenchArgs) -> Result<()> {
     let protocol = match (args.protocol, args.tls) {
         (ProtocolArg::H1, false) => Protocol::Http1,
@@ -429,8 +497,11 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
                 .with_context(|| {
                     format!("metadata of model '{}' (or give --body FILE)", args.model)
                 })?;
-            let (body, generated) =
-                bench::body::request_from_metadata(&metadata, args.rows.max(1), args.binary)?;
+            let (body, generated) = meshserve::client::body::request_from_metadata(
+                &metadata,
+                args.rows.max(1),
+                args.binary,
+            )?;
             load.body = body;
             for (name, value) in &generated {
                 load.headers.entry(name).or_insert(value.clone());

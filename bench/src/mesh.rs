@@ -1,4 +1,4 @@
-//! `meshserve bench mesh`: a 3-node mesh on loopback, `fraud` placed on one node, measured
+//! `meshserve-bench mesh`: a 3-node mesh on loopback, `fraud` placed on one node, measured
 //! from a client that (a) sends straight to the owner, (b) sends to another node, which
 //! forwards, and (c) is route-aware and starts at that other node. All three speak
 //! `meshserve/1` over QUIC, so the only difference is the path; the same two paths over
@@ -6,11 +6,11 @@
 //! post-plugin) asked at the owner and at another node, which forwards the request whole.
 
 use super::{BenchError, HttpLoad, Report, fp32_request_body, fp32_tensor, run_http};
-use crate::client::{ClientConfig, MeshClient};
-use crate::transport::certs::{MeshCa, Role};
-use crate::transport::{MeshEndpoint, MeshIdentity};
-use crate::wire::{InferCall, Message, frame::DEFAULT_MAX_FRAME_BYTES};
 use bytes::Bytes;
+use meshserve::client::{ClientConfig, MeshClient};
+use meshserve::transport::certs::{MeshCa, Role};
+use meshserve::transport::{MeshEndpoint, MeshIdentity};
+use meshserve::wire::{InferCall, Message, frame::DEFAULT_MAX_FRAME_BYTES};
 use meshserve_host::InferRequest;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -26,7 +26,7 @@ const ENDPOINT: &str = "fraud-check";
 const TRANSACTION: &[u8] =
     br#"{"card": "card-0003", "amount": 950.0, "hour": 3, "merchant_risk": 0.8, "foreign": true}"#;
 
-/// Settings of `meshserve bench mesh`.
+/// Settings of `meshserve-bench mesh`.
 #[derive(Debug, Clone)]
 pub struct MeshSuiteConfig {
     /// The `meshserve` binary to start as the nodes.
@@ -315,7 +315,7 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "meshserve bench mesh: 3 nodes on loopback, fraud on {owner} only, batch-1 requests, concurrency {c}, {:.0} s per row\n",
+        "meshserve-bench mesh: 3 nodes on loopback, fraud on {owner} only, batch-1 requests, concurrency {c}, {:.0} s per row\n",
         duration.as_secs_f64()
     );
     let _ = writeln!(

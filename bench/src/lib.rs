@@ -1,10 +1,10 @@
-//! The load generator behind `meshserve bench`: closed-loop HTTP/1.1, HTTP/2 and HTTP/3 load with HDR-histogram
+//! `meshserve-bench`, the load generator and benchmarks of meshserve, a crate of their own so
+//! the product crate holds the product: closed-loop HTTP/1.1, HTTP/2 and HTTP/3 load with HDR-histogram
 //! percentiles, the in-process ONNX Runtime loop that bounds what any server can reach, and
 //! the suites that run them side by side against a freshly started node ([`suite`] for the
 //! engine, [`plugins`] for WebAssembly plugins, [`protocols`] for HTTP/1.1, HTTP/2 and
 //! HTTP/3).
 
-pub mod body;
 pub mod floor;
 pub mod machine;
 pub mod mesh;
@@ -14,13 +14,14 @@ pub mod protocols;
 pub mod recsys;
 pub mod suite;
 
-use crate::client::http3::{Http3Client, Http3ClientConfig};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
+use meshserve::client::body::{InputJson, RequestJson, sample_values};
+use meshserve::client::http3::{Http3Client, Http3ClientConfig};
 use meshserve_host::model::session::OnnxSession;
 use meshserve_host::{DataType, Tensor};
 use std::net::SocketAddr;
@@ -46,6 +47,9 @@ pub enum BenchError {
     /// The in-process model could not run.
     #[error("{0}")]
     Model(String),
+    /// A request body cannot be made from the model's metadata.
+    #[error(transparent)]
+    Metadata(#[from] meshserve::client::body::MetadataError),
 }
 
 pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
@@ -176,10 +180,10 @@ impl std::fmt::Debug for Protocol {
 pub fn tls_client(ca: &Path, alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, BenchError> {
     let invalid = |e: String| BenchError::Server(format!("TLS client: {e}"));
     let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::pem::read_certs(ca).map_err(|e| invalid(e.to_string()))? {
+    for cert in meshserve::pem::read_certs(ca).map_err(|e| invalid(e.to_string()))? {
         roots.add(cert).map_err(|e| invalid(e.to_string()))?;
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(crate::pem::provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(meshserve::pem::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid(e.to_string()))?
         .with_root_certificates(roots)
@@ -585,26 +589,11 @@ pub fn run_in_process(
     })
 }
 
-/// Deterministic FP32 input values in [-1, 1) (no RNG crate: a fixed LCG is enough here).
-pub fn sample_values(count: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..count)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 /// An OIP JSON body with one FP32 input of shape `[rows, width]`.
 pub fn fp32_request_body(input: &str, rows: usize, width: usize) -> Bytes {
     let values = sample_values(rows * width, 7);
-    let body = body::RequestJson {
-        inputs: vec![body::InputJson {
+    let body = RequestJson {
+        inputs: vec![InputJson {
             name: input,
             shape: vec![rows as i64, width as i64],
             datatype: "FP32",
@@ -629,11 +618,11 @@ pub(crate) fn fp32_tensor(input: &str, rows: usize, width: usize) -> Tensor {
 }
 
 /// A `meshserve serve` child process, killed when dropped.
-pub(crate) struct ServerProcess(Child);
+pub struct ServerProcess(Child);
 
 impl ServerProcess {
     /// CPU time the process has used (see [`process_cpu_time`]).
-    pub(crate) fn cpu_time(&self) -> Option<Duration> {
+    pub fn cpu_time(&self) -> Option<Duration> {
         process_cpu_time(self.0.id())
     }
 }
@@ -667,15 +656,14 @@ fn free_port() -> Result<u16, BenchError> {
         .port())
 }
 
-/// Starts `binary bench floor-server` on a free port, a process of its own as the node is, and
-/// waits until it answers.
+/// Starts `meshserve-bench floor-server` (this binary) on a free port, a process of its own as
+/// the node is, and waits until it answers.
 pub(crate) async fn start_floor(
-    binary: &Path,
     io_threads: Option<usize>,
 ) -> Result<(ServerProcess, SocketAddr), BenchError> {
-    spawn_ready(binary, |addr| {
+    let binary = std::env::current_exe().map_err(io_error("find meshserve-bench itself"))?;
+    spawn_ready(&binary, |addr| {
         let mut args: Vec<std::ffi::OsString> = vec![
-            "bench".into(),
             "floor-server".into(),
             "--listen".into(),
             addr.to_string().into(),
@@ -689,7 +677,7 @@ pub(crate) async fn start_floor(
 }
 
 /// Starts `binary serve --http <free port> <args>` and waits until it reports ready.
-pub(crate) async fn start_server(
+pub async fn start_server(
     binary: &Path,
     args: &[&std::ffi::OsStr],
 ) -> Result<(ServerProcess, SocketAddr), BenchError> {
@@ -753,6 +741,15 @@ async fn health_ok(addr: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fp32_body_names_its_datatype_before_its_data() {
+        let text = String::from_utf8(fp32_request_body("x", 1, 2).to_vec()).unwrap();
+        assert!(
+            text.find("\"datatype\"").unwrap() < text.find("\"data\"").unwrap(),
+            "{text}"
+        );
+    }
     use floor::FloorConfig;
 
     /// A floor server of known capacity: one request at a time, 2 ms each (500 req/s).

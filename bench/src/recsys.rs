@@ -1,4 +1,4 @@
-//! `meshserve bench recsys`: the recommendation example (`examples/recsys`) served with its
+//! `meshserve-bench recsys`: the recommendation example (`examples/recsys`) served with its
 //! plugins (feature lookups before the model, top-k after it), next to its ranking model run
 //! in process on the same number of candidates, one call at a time: what the whole endpoint
 //! costs beyond the model.
@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Settings of `meshserve bench recsys`.
+/// Settings of `meshserve-bench recsys`.
 #[derive(Debug, Clone)]
 pub struct RecsysBenchConfig {
     /// The `meshserve` binary to start as the server.
@@ -100,7 +100,7 @@ pub async fn run_recsys(config: &RecsysBenchConfig) -> Result<String, BenchError
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let _ = writeln!(
         out,
-        "meshserve bench recsys: {cores} cores, {n} candidates per request, {} s per row after {} s warm-up; load generator on the same machine",
+        "meshserve-bench recsys: {cores} cores, {n} candidates per request, {} s per row after {} s warm-up; load generator on the same machine",
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );

@@ -1,4 +1,4 @@
-//! `meshserve bench plugins`: what WebAssembly pre/post-processing costs.
+//! `meshserve-bench plugins`: what WebAssembly pre/post-processing costs.
 //!
 //! 1. Per-call overhead, in process, in both isolation modes: the `noop` plugin (what the
 //!    plugin machinery itself costs), `json-features` (pre) on a ~1 KiB JSON body
@@ -13,6 +13,7 @@ use super::{BenchError, HttpLoad, Report, fp32_request_body, io_error, run_http,
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use meshserve::client::body::sample_values;
 use meshserve_host::metrics::Metrics;
 use meshserve_host::plugin::features::FeatureTables;
 use meshserve_host::plugin::instance::{LoadedPlugin, Stage};
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Settings of `meshserve bench plugins`.
+/// Settings of `meshserve-bench plugins`.
 #[derive(Debug, Clone)]
 pub struct PluginSuiteConfig {
     /// The `meshserve` binary to start as the server.
@@ -58,7 +59,7 @@ fn json_features_config() -> String {
 
 /// A JSON object of 32 named numbers: about 1 KiB.
 fn json_body() -> Bytes {
-    let fields: Vec<String> = super::sample_values(FIELDS, 11)
+    let fields: Vec<String> = sample_values(FIELDS, 11)
         .iter()
         .enumerate()
         .map(|(i, v)| format!("\"feature_{i:02}\": {v:.9}"))
@@ -375,7 +376,7 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let _ = writeln!(
         out,
-        "meshserve bench plugins: {cores} cores, {} s per row after {} s warm-up; load generator on the same machine",
+        "meshserve-bench plugins: {cores} cores, {} s per row after {} s warm-up; load generator on the same machine",
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );

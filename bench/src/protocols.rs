@@ -1,4 +1,4 @@
-//! `meshserve bench protocols`: one node, one model, the same closed-loop load over HTTP/1.1,
+//! `meshserve-bench protocols`: one node, one model, the same closed-loop load over HTTP/1.1,
 //! HTTP/1.1 over TLS, HTTP/2 (h2c and TLS) and HTTP/3, in one run, so the ratios between them
 //! hold for one machine state.
 //!
@@ -6,15 +6,15 @@
 //! serving HTTP/3: the first with plain TCP (HTTP/1.1, h2c), the second with TLS on TCP.
 
 use super::{BenchError, HttpLoad, Protocol, Report, ServerProcess, fp32_request_body, io_error};
-use crate::client::http3::{Http3Client, Http3ClientConfig};
-use crate::transport::certs::MeshCa;
+use meshserve::client::http3::{Http3Client, Http3ClientConfig};
+use meshserve::transport::certs::MeshCa;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Settings of `meshserve bench protocols`.
+/// Settings of `meshserve-bench protocols`.
 #[derive(Debug, Clone)]
 pub struct ProtocolSuiteConfig {
     /// The `meshserve` binary to start as the server.
@@ -96,7 +96,8 @@ pub async fn run_protocol_suite(config: &ProtocolSuiteConfig) -> Result<String, 
         .map_err(|e| BenchError::Server(e.to_string()))?;
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca.cert_pem()).map_err(io_error("write the CA"))?;
-    let roots = crate::pem::read_certs(&ca_path).map_err(|e| BenchError::Server(e.to_string()))?;
+    let roots =
+        meshserve::pem::read_certs(&ca_path).map_err(|e| BenchError::Server(e.to_string()))?;
     let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
     let node_config = |tcp: SocketAddr, h3: SocketAddr, tls: bool| {
         let tcp_tls = if tls {
@@ -197,7 +198,7 @@ pub async fn run_protocol_suite(config: &ProtocolSuiteConfig) -> Result<String, 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let _ = writeln!(
         out,
-        "meshserve bench protocols: fraud, batch-1 JSON, {cores} cores, closed loop, {} s per row after {} s warm-up; load generator on the same machine",
+        "meshserve-bench protocols: fraud, batch-1 JSON, {cores} cores, closed loop, {} s per row after {} s warm-up; load generator on the same machine",
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     );

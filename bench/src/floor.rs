@@ -1,7 +1,7 @@
 //! The floor: a bare hyper server (HTTP/1.1 and HTTP/2, as the node's TCP front door) that
 //! reads each request's body and answers a fixed OIP response, with no routing, parsing,
 //! model or metrics. Under the same load generator it shows what the protocol itself costs on
-//! this machine, so a node's numbers read as a ratio to it (`meshserve bench floor-server`
+//! this machine, so a node's numbers read as a ratio to it (`meshserve-bench floor-server`
 //! runs it as a process of its own, as the node is).
 
 use bytes::Bytes;
