@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use meshserve::client::http3::{Http3Client, Http3ClientConfig};
 use meshserve::client::{ClientConfig, MeshClient};
+use meshserve::dispatch::timing::Ms;
 use meshserve::oip::{self, OutputEncoding};
 use meshserve::transport::MeshIdentity;
 use meshserve::transport::certs::Role;
@@ -206,8 +207,10 @@ impl Client {
                             answer.sent_to, answer.served_by
                         ),
                         server_timing: format!(
-                            "queue {:?}, infer {:?}, batch {}",
-                            t.queue, t.infer, t.batch_size
+                            "queue;dur={}, infer;dur={};desc=\"batch {}\"",
+                            Ms(t.queue),
+                            Ms(t.infer),
+                            t.batch_size
                         ),
                         body: oip::encode_response(&answer.response, &OutputEncoding::Json)
                             .body

@@ -6,7 +6,8 @@
 //! percent-decoding still goes through the router, which decodes it.
 
 use crate::http::admin::ClientAddr;
-use crate::http::routes::{infer_parts, router};
+use crate::http::models::infer_parts;
+use crate::http::routes::router;
 use crate::http::state::AppState;
 use axum::Router;
 use axum::body::Body;

@@ -1,0 +1,212 @@
+//! Models over OIP: metadata, readiness, Triton's model configuration, and inference
+//! (`/v2/models/{model}[/versions/{version}]/...`). A name that is an endpoint's is answered
+//! for the endpoint.
+
+use crate::dispatch::timing::hop_timing;
+use crate::dispatch::{Origin, spec_json};
+use crate::http::body::{header_number, read_body};
+use crate::http::endpoints;
+use crate::http::error::ApiError;
+use crate::http::respond::{TIMEOUT_HEADER, counted, json_response, oip_response};
+use crate::http::state::{AppState, add_route_header, run_model};
+use crate::oip::{self, HEADER_CONTENT_LENGTH};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use meshserve_host::engine::ModelVersion;
+use meshserve_host::model::signature::TensorSpec;
+use meshserve_host::{DataType, ErrorClass, InferError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A model (or endpoint) name and optional version, from the path.
+#[derive(Deserialize)]
+pub(crate) struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+fn find_version(state: &AppState, path: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
+    let model = state
+        .engine()
+        .model(&path.model)
+        .ok_or_else(|| InferError::ModelNotFound {
+            model: path.model.clone(),
+        })?;
+    Ok(model.version(path.version.as_deref())?.clone())
+}
+
+pub(crate) async fn model_metadata(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<Response, ApiError> {
+    if let Some(endpoint) = state.endpoint(&path.model) {
+        let model = ModelPath {
+            model: endpoint.model.clone(),
+            version: path.version.clone().or_else(|| endpoint.version.clone()),
+        };
+        let version = find_version(&state, &model)?;
+        // With a pre-plugin the endpoint takes whatever body the plugin understands.
+        let inputs: Vec<Value> = match endpoint.pre {
+            Some(_) => Vec::new(),
+            None => version.signature.inputs.iter().map(spec_json).collect(),
+        };
+        let outputs: Vec<Value> = match endpoint.post {
+            Some(_) => Vec::new(),
+            None => version.signature.outputs.iter().map(spec_json).collect(),
+        };
+        return Ok(json_response(&json!({
+            "name": endpoint.name,
+            "versions": [version.version.to_string()],
+            "platform": "meshserve_endpoint",
+            "model": endpoint.model,
+            "inputs": inputs,
+            "outputs": outputs,
+            "plugins": crate::http::endpoints::plugin_versions(&endpoint),
+        })));
+    }
+    let metadata = state
+        .dispatch
+        .metadata(&path.model, path.version.as_deref(), Origin::Client)
+        .await?;
+    Ok(json_response(&metadata))
+}
+
+pub(crate) async fn model_ready(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<StatusCode, ApiError> {
+    if let Some(endpoint) = state.endpoint(&path.model) {
+        endpoint.readiness().map_err(|reason| {
+            ApiError::from(InferError::EndpointUnavailable {
+                endpoint: endpoint.name.clone(),
+                reason,
+            })
+        })?;
+        let model = ModelPath {
+            model: endpoint.model.clone(),
+            version: endpoint.version.clone(),
+        };
+        find_version(&state, &model)?;
+        return Ok(StatusCode::OK);
+    }
+    // In a mesh, a model is ready wherever it is asked when some replica serves it.
+    if state.dispatch.route(&path.model).is_some() && path.version.is_none() {
+        return Ok(StatusCode::OK);
+    }
+    find_version(&state, &path)?;
+    Ok(StatusCode::OK)
+}
+
+/// Triton's `TYPE_*` spelling, used by its model-configuration extension.
+fn triton_type(datatype: DataType) -> String {
+    match datatype {
+        DataType::Bytes => "TYPE_STRING".to_string(),
+        other => format!("TYPE_{}", other.as_str()),
+    }
+}
+
+pub(crate) async fn model_config(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+) -> Result<Response, ApiError> {
+    let version = find_version(&state, &path)?;
+    // Triton leaves the batch dimension out of `dims` when the model batches.
+    let skip = usize::from(version.max_batch_size > 0);
+    let io = |specs: &[TensorSpec]| {
+        specs
+            .iter()
+            .map(|s| json!({ "name": s.name, "data_type": triton_type(s.datatype), "dims": &s.shape[skip.min(s.shape.len())..] }))
+            .collect::<Vec<_>>()
+    };
+    let config = &version.config;
+    Ok(json_response(&json!({
+        "name": version.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": version.max_batch_size,
+        "input": io(&version.signature.inputs),
+        "output": io(&version.signature.outputs),
+        "dynamic_batching": { "max_queue_delay_microseconds": config.max_queue_delay_us },
+        "instance_group": [{ "count": config.instances, "kind": "KIND_CPU" }],
+        "parameters": {
+            "queue_capacity": { "string_value": config.queue_capacity.to_string() },
+            "default_timeout_us": { "string_value": config.default_timeout_us.to_string() },
+        },
+    })))
+}
+
+pub(crate) async fn infer(
+    State(state): State<AppState>,
+    Path(path): Path<ModelPath>,
+    request: axum::extract::Request,
+) -> Response {
+    // Taken from the request, not cloned by a `HeaderMap` extractor.
+    let (parts, body) = request.into_parts();
+    infer_parts(
+        &state,
+        &path.model,
+        path.version.as_deref(),
+        &parts.headers,
+        body,
+    )
+    .await
+}
+
+/// Serves an OIP inference request for `model` (at `version`): an endpoint of that name, else
+/// the model here or over the mesh. [`crate::http::app::App`] calls it directly for the
+/// paths it recognises, the router for the rest (percent-encoded names).
+pub(crate) async fn infer_parts(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    // An endpoint shadows a model of its name; the mesh's endpoints are looked up only for a
+    // name that is not a model here, so a model's requests pay one map lookup for endpoints.
+    let endpoint = if state.endpoint(model).is_some() || state.engine().model(model).is_none() {
+        state.dispatch.endpoint_route(model, Origin::Client).ok()
+    } else {
+        None
+    };
+    let known = endpoint.is_some() || state.dispatch.serves(model);
+    let outcome = match endpoint {
+        Some(route) => endpoints::serve(state, route, headers, body, started).await,
+        None => run_infer(state, model, version, headers, body, started).await,
+    };
+    counted(state, known.then_some(model), outcome, started)
+}
+
+async fn run_infer(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let read = read_body(headers, body, &state.bodies).await?;
+    let body = &read.bytes;
+    let json_length = header_number(headers, &HEADER_CONTENT_LENGTH)?
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let mut decoded = oip::decode_request(model, version, body, json_length)
+        .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
+    if let Some(us) = header_number(headers, &TIMEOUT_HEADER)? {
+        decoded.request.timeout = Some(Duration::from_micros(us));
+    }
+    let model = decoded.request.model.clone();
+    let ran = run_model(state, decoded.request, headers).await?;
+    let mut http = oip_response(
+        &ran.response,
+        &decoded.binary_outputs,
+        &hop_timing(&ran),
+        started,
+    );
+    add_route_header(state, &model, &mut http);
+    Ok(http)
+}
