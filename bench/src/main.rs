@@ -12,7 +12,6 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tracing_subscriber::EnvFilter;
 
 // The load generator allocates per request across threads, as the node does.
 #[global_allocator]
@@ -30,13 +29,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    meshserve::process::init_logging();
     match run_bench(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -58,26 +51,13 @@ fn node_binary() -> Result<PathBuf> {
     Ok(node)
 }
 
-/// A work-stealing runtime of `threads` threads (unset: one per core), named `name`.
 fn multi_thread_runtime(threads: Option<usize>, name: &str) -> Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = threads {
-        builder.worker_threads(threads);
-    }
-    builder
-        .enable_all()
-        .thread_name(name)
-        .build()
+    meshserve::process::multi_thread_runtime(threads, name)
         .context("cannot start the async runtime")
 }
 
-/// A runtime on this thread alone: the load generator leaves the rest of the machine to the
-/// node it talks to.
 fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    meshserve::process::current_thread_runtime().context("cannot start the async runtime")
 }
 
 #[derive(Subcommand)]

@@ -29,6 +29,7 @@ pub mod node;
 pub mod oip;
 pub mod pem;
 pub mod placement;
+pub mod process;
 pub mod routing;
 pub mod transport;
 pub mod wire;

@@ -8,8 +8,6 @@ use cli::certs::CertsArgs;
 use cli::infer::InferArgs;
 use cli::serve::ServeArgs;
 use cli::status::StatusArgs;
-use std::io::IsTerminal;
-use tracing_subscriber::EnvFilter;
 
 // Requests allocate many small, short-lived buffers across threads (bodies, tensors, header
 // maps): glibc's arenas spent about a tenth of a loaded node's CPU in malloc and free.
@@ -53,13 +51,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    meshserve::process::init_logging();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => cli::serve::serve(args),

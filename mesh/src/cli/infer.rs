@@ -1,15 +1,13 @@
 //! `meshserve infer`: requests to a model or an endpoint through a route-aware client (HTTP/3,
 //! or `meshserve/1` with `--mesh`), printing each answer, who served it and the route learnt.
 
-use crate::cli::current_thread_runtime;
+use crate::cli::{client_identity, current_thread_runtime};
 use anyhow::{Context, Result};
 use clap::Args;
 use meshserve::client::http3::{Http3Client, Http3ClientConfig};
 use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::dispatch::timing::Ms;
 use meshserve::oip::{self, OutputEncoding};
-use meshserve::transport::MeshIdentity;
-use meshserve::transport::certs::Role;
 use meshserve::wire::RouteHint;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -114,16 +112,7 @@ impl Client {
             })?;
             return Ok(Client::Http3(Http3Client::new(config)?));
         };
-        let identity = MeshIdentity::from_dir(&args.certs, Role::Client, &args.client)
-            .with_context(|| {
-                format!(
-                    "client certificate '{}' in {} (create it with `meshserve certs --dir {} --client {}`)",
-                    args.client,
-                    args.certs.display(),
-                    args.certs.display(),
-                    args.client
-                )
-            })?;
+        let identity = client_identity(&args.certs, &args.client)?;
         let client = MeshClient::new(ClientConfig::new(vec![node], identity))?;
         Ok(Client::Mesh(client, node))
     }

@@ -6,28 +6,30 @@ pub(crate) mod serve;
 pub(crate) mod status;
 
 use anyhow::{Context, Result};
+use meshserve::transport::MeshIdentity;
+use meshserve::transport::certs::Role;
+use std::path::Path;
 
 /// A work-stealing runtime of `threads` threads (unset: one per core), named `name`.
 pub(crate) fn multi_thread_runtime(
     threads: Option<usize>,
     name: &str,
 ) -> Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = threads {
-        builder.worker_threads(threads);
-    }
-    builder
-        .enable_all()
-        .thread_name(name)
-        .build()
+    meshserve::process::multi_thread_runtime(threads, name)
         .context("cannot start the async runtime")
 }
 
-/// A runtime on this thread alone: clients and the load generator leave the rest of the
-/// machine to the node they talk to.
+/// A runtime on this thread alone (see [`meshserve::process::current_thread_runtime`]).
 pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    meshserve::process::current_thread_runtime().context("cannot start the async runtime")
+}
+
+/// The mesh client certificate `client-NAME.pem` in `certs`, with what to do when it is missing.
+pub(crate) fn client_identity(certs: &Path, name: &str) -> Result<MeshIdentity> {
+    MeshIdentity::from_dir(certs, Role::Client, name).with_context(|| {
+        format!(
+            "client certificate '{name}' in {dir} (create it with `meshserve certs --dir {dir} --client {name}`)",
+            dir = certs.display()
+        )
+    })
 }

@@ -1,11 +1,9 @@
 //! `meshserve status`: the mesh as one node sees it, with every member's load.
 
-use crate::cli::current_thread_runtime;
-use anyhow::{Context, Result};
+use crate::cli::{client_identity, current_thread_runtime};
+use anyhow::Result;
 use clap::Args;
 use meshserve::client::{ClientConfig, MeshClient};
-use meshserve::transport::MeshIdentity;
-use meshserve::transport::certs::Role;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,15 +25,7 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) fn status(args: StatusArgs) -> Result<()> {
-    let identity = MeshIdentity::from_dir(&args.certs, Role::Client, &args.client).with_context(|| {
-        format!(
-            "client certificate '{}' in {} (create it with `meshserve certs --dir {} --client {}`)",
-            args.client,
-            args.certs.display(),
-            args.certs.display(),
-            args.client
-        )
-    })?;
+    let identity = client_identity(&args.certs, &args.client)?;
     let runtime = current_thread_runtime()?;
     let (status, loads) = runtime.block_on(async {
         let mut config = ClientConfig::new(vec![args.node], identity);
