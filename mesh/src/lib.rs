@@ -31,5 +31,6 @@ pub mod pem;
 pub mod placement;
 pub mod process;
 pub mod routing;
+pub mod throttle;
 pub mod transport;
 pub mod wire;

@@ -516,6 +516,22 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
         a.node.log_text()
     );
 
+    // A member that does not answer (paused) is named as such, within the status timeout.
+    signal(&c, "STOP");
+    let asked = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["status", "--node", &b.quic.to_string(), "--client", "app"])
+        .args(["--timeout-ms", "1000", "--certs"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    let took = asked.elapsed();
+    signal(&c, "CONT");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(text.contains("no answer in time from: c "), "{text}");
+    assert!(took < Duration::from_secs(3), "status took {took:?}");
+
     // A graceful stop is a leave, sent when the stop begins (before the grace period and the
     // drain): the others know at once, without suspicion and timeouts.
     let mut c = c;
@@ -689,6 +705,36 @@ async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
         answer.message.contains("unexpected message"),
         "{}",
         answer.message
+    );
+
+    // A flood of bad frames is answered frame by frame, but logged once a second with a count
+    // of the lines left out.
+    for _ in 0..200 {
+        failure(exchange(&connection, &[v, 3, 0, 0, 0, 0xff, 0xff, 0xff], a.quic).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    failure(exchange(&connection, &[v, 3, 0, 0, 0, 0xff, 0xff, 0xff], a.quic).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = a.node.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("bad frame refused"))
+        .collect();
+    assert!(refusals.len() <= 4, "{} lines:\n{log}", refusals.len());
+    let suppressed: u64 = refusals
+        .iter()
+        .filter_map(|l| {
+            l.split("suppressed=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        suppressed >= 190,
+        "{suppressed} counted as left out:\n{log}"
     );
 
     // Still serving, on the same connection and over HTTP.

@@ -22,39 +22,56 @@ pub(crate) struct StatusArgs {
     /// Print the raw status as JSON.
     #[arg(long)]
     json: bool,
+    /// How long the node and each member have to answer; a member that does not is shown as
+    /// such, with its load unknown.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
 }
 
 pub(crate) fn status(args: StatusArgs) -> Result<()> {
     let identity = client_identity(&args.certs, &args.client)?;
     let runtime = current_thread_runtime()?;
-    let (status, loads) = runtime.block_on(async {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let (status, loads, silent) = runtime.block_on(async {
         let mut config = ClientConfig::new(vec![args.node], identity);
-        config.timeout = Duration::from_secs(5);
+        config.timeout = timeout;
         let client = std::sync::Arc::new(MeshClient::new(config)?);
-        let status = client.status(args.node).await?;
-        // Each member reports its own load; one that does not answer shows as unknown.
+        let first = client.status(args.node).await?;
+        // Each member reports its own load, all asked at once, each within the timeout.
         let mut asks = tokio::task::JoinSet::new();
-        for advert in status.members.iter().filter_map(|m| m.advert.as_ref()) {
-            let (client, quic) = (client.clone(), advert.quic);
-            asks.spawn(async move { client.loads(quic).await });
+        for advert in first.members.iter().filter_map(|m| m.advert.as_ref()) {
+            let (client, quic, node) = (client.clone(), advert.quic, advert.node.clone());
+            asks.spawn(async move { (node, client.loads(quic).await) });
         }
         let mut loads = Vec::new();
+        let mut silent = Vec::new();
         while let Some(answer) = asks.join_next().await {
             match answer {
-                Ok(Ok(load)) => loads.push(load),
-                Ok(Err(e)) => eprintln!("a member's load is unknown: {e}"),
+                Ok((_, Ok(load))) => loads.push(load),
+                Ok((node, Err(e))) => {
+                    tracing::debug!(%node, error = %e, "no load report");
+                    silent.push(node);
+                }
                 Err(e) => eprintln!("a member's load is unknown: {e}"),
             }
         }
         loads.sort_by(|a, b| a.node.cmp(&b.node));
-        Ok::<_, meshserve::client::ClientError>((status, loads))
+        silent.sort();
+        // The view as of the answer, not from before the wait: members may have come, gone
+        // or been suspected meanwhile.
+        let status = client.status(args.node).await.unwrap_or(first);
+        Ok::<_, meshserve::client::ClientError>((status, loads, silent))
     })?;
     if args.json {
         let mut json = serde_json::to_value(&status)?;
         json["loads"] = serde_json::to_value(&loads)?;
+        json["no_answer"] = serde_json::to_value(&silent)?;
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!("{}", meshserve::cluster::format_status(&status, &loads));
+        print!(
+            "{}",
+            meshserve::cluster::format_status(&status, &loads, &silent)
+        );
     }
     Ok(())
 }

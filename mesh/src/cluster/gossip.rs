@@ -262,7 +262,7 @@ impl Shell {
                     Ok(other) => Err(format!("answered an advert query with {other:?}")),
                     Err(e) => {
                         if matches!(e, crate::transport::TransportError::NotThatNode { .. }) {
-                            tracing::warn!(error = %e, "advert refused");
+                            crate::warn_throttled!(error = %e, "advert refused");
                         }
                         Err(e.to_string())
                     }
@@ -291,6 +291,11 @@ impl Shell {
                 Change::Joined => tracing::info!("joined the mesh"),
                 Change::Isolated => {
                     tracing::warn!("no other member left; announcing to the seeds again");
+                }
+                Change::Defunct => {
+                    tracing::warn!(
+                        "declared down by the mesh (paused or cut off too long); rejoining"
+                    );
                 }
                 Change::Rejoined(id) => {
                     tracing::warn!(

@@ -688,7 +688,7 @@ impl Cluster {
                         metrics.record_forward(model, "retried");
                     }
                     Decision::BudgetSpent => {
-                        tracing::warn!(replica = %node, %model, %reason, "retry budget spent");
+                        crate::warn_throttled!(replica = %node, %model, %reason, "retry budget spent");
                         metrics.record_forward(model, "retry_budget_spent");
                     }
                     Decision::GiveUp => {}
@@ -809,8 +809,9 @@ impl Cluster {
 
 /// `meshserve status` as a table: members and their load, then per model each replica with
 /// its queue, requests per second and p99 over the last seconds (from `loads`, the members'
-/// own reports; `?` where one did not answer).
-pub fn format_status(status: &MeshStatus, loads: &[NodeLoads]) -> String {
+/// own reports; `?` where one did not answer), and the members in `silent` that did not
+/// answer in time.
+pub fn format_status(status: &MeshStatus, loads: &[NodeLoads], silent: &[String]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -844,6 +845,13 @@ pub fn format_status(status: &MeshStatus, loads: &[NodeLoads]) -> String {
             out,
             "{:<16} {:<8} {:<22} {:<22} {:>6} {:>9}  {}",
             member.node, member.state, quic, http, queue, ewma, serving
+        );
+    }
+    if !silent.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nno answer in time from: {} (their load is shown as ?)",
+            silent.join(", ")
         );
     }
     let _ = writeln!(

@@ -124,7 +124,7 @@ impl Cluster {
                 // may simply not be in the view yet).
                 let publishes = view.publishers.includes(&self.name);
                 if !from_mesh && !publishes && self.first_report(&entry.name, "own version") {
-                    tracing::warn!(endpoint = %entry.name, "this node's own endpoint folder differs from the publisher's version; it serves its own");
+                    crate::warn_throttled!(endpoint = %entry.name, "this node's own endpoint folder differs from the publisher's version; it serves its own");
                 }
                 from_mesh
             })

@@ -37,7 +37,7 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                 // A TLS failure either way: the peer has no certificate of our mesh CA, or
                 // does not trust ours (a node of another mesh).
                 Err(e) if is_tls_refusal(&e) => {
-                    tracing::warn!(%peer, error = %e, "mesh connection refused");
+                    crate::warn_throttled!(%peer, error = %e, "mesh connection refused");
                     return;
                 }
                 // The peer gave up (a connect timeout while we were starting, a restart).
@@ -138,7 +138,7 @@ async fn answer(
         ),
     );
     let Ok(read) = read.await else {
-        tracing::warn!(%peer, "frame not received in time; stream dropped");
+        crate::warn_throttled!(%peer, "frame not received in time; stream dropped");
         let _ = recv.stop(0u32.into());
         let failure = Failure::new(
             FailureClass::InvalidInput,
@@ -207,7 +207,7 @@ async fn answer(
             format!("unexpected message {}", other.kind()),
         )),
         Err(TransportError::Frame { source, .. }) => {
-            tracing::warn!(%peer, error = %source, "bad frame refused");
+            crate::warn_throttled!(%peer, error = %source, "bad frame refused");
             let class = match source {
                 WireError::TooLarge { .. } => FailureClass::TooLarge,
                 _ => FailureClass::InvalidInput,

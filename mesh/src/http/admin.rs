@@ -100,7 +100,7 @@ pub async fn require_admin(
                 return next.run(request).await;
             }
             let from = from.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string());
-            tracing::warn!(%from, path = %request.uri().path(), "admin operation refused");
+            crate::warn_throttled!(%from, path = %request.uri().path(), "admin operation refused");
             ApiError::new(
                 ErrorClass::Forbidden,
                 format!(

@@ -151,6 +151,8 @@ pub enum Change {
     Joined,
     /// Every other member is gone; the shell should announce to the seeds again.
     Isolated,
+    /// The mesh declared us down; until we rejoin, nothing we hear of others is trusted.
+    Defunct,
     /// We were declared down and rejoined under a new generation.
     Rejoined(MemberId),
 }
@@ -187,7 +189,8 @@ impl Runtime<MemberId> for Outbox {
             Notification::Active => Change::Joined,
             Notification::Idle => Change::Isolated,
             Notification::Rejoin(id) => Change::Rejoined(id.clone()),
-            Notification::Rename(..) | Notification::Defunct => return,
+            Notification::Defunct => Change::Defunct,
+            Notification::Rename(..) => return,
         };
         self.changes.push(change);
     }
@@ -701,7 +704,7 @@ impl Membership {
                         addr: id.addr,
                     });
                 }
-                Change::Rejoined(_) | Change::Joined | Change::Isolated => {}
+                Change::Defunct | Change::Rejoined(_) | Change::Joined | Change::Isolated => {}
             }
         }
         self.resize();
