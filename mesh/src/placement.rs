@@ -156,7 +156,8 @@ pub fn moved_fraction(models: &[String], before: &[String], after: &[String], co
 ///
 /// The models are those the publishers hold; a model's replica count is the largest any
 /// publisher asks for (0, "every node", wins over any number). Every live member is eligible
-/// for a model (one that lacks the files fetches them from a publisher) except one that holds
+/// for a model (one that lacks the files fetches them from a publisher) except one that is
+/// leaving (stopping: its catalog still counts while it is a member) and one that holds
 /// another version of it than the publishers' (the first publisher's by name when they
 /// differ). Every node that sees the same adverts, with the same publishers, computes the
 /// same plan.
@@ -181,7 +182,7 @@ pub fn plan(members: &[&NodeAdvert], publishers: &Publishers) -> RouteTable {
             let digest = published.get(model);
             let eligible = members
                 .iter()
-                .filter(|a| publishers.may_serve(a, model, digest))
+                .filter(|a| !a.leaving && publishers.may_serve(a, model, digest))
                 .map(|a| a.node.as_str());
             let chosen = replicas(model, eligible, count.unwrap_or(usize::MAX));
             RouteHint {
@@ -357,6 +358,7 @@ mod tests {
             queue_depth: 0,
             ewma_latency_us: 0,
             endpoints: Vec::new(),
+            leaving: false,
         }
     }
 
@@ -402,6 +404,31 @@ mod tests {
         let open = plan(&refs, &Publishers::Anyone);
         let heavy = open.routes.iter().find(|r| r.model == "heavy").unwrap();
         assert_eq!(heavy.replicas.len(), 4);
+    }
+
+    #[test]
+    fn a_leaving_member_is_placed_nothing_and_its_catalog_still_counts() {
+        let mut a = advert("a", 1, &[("fraud", 2, 1), ("heavy", 1, 2)]);
+        let members = |a: &NodeAdvert| vec![a.clone(), advert("b", 2, &[]), advert("c", 3, &[])];
+        let only = Publishers::Only(["a".to_string()].into());
+        let nodes = |table: &RouteTable, model: &str| -> Vec<String> {
+            let route = table.routes.iter().find(|r| r.model == model).unwrap();
+            route.replicas.iter().map(|r| r.node.clone()).collect()
+        };
+        let before = members(&a);
+        let before = plan(&before.iter().collect::<Vec<_>>(), &only);
+        a.leaving = true;
+        let after = members(&a);
+        let after = plan(&after.iter().collect::<Vec<_>>(), &only);
+        for (model, count) in [("fraud", 2), ("heavy", 1)] {
+            let placed = nodes(&after, model);
+            assert_eq!(placed.len(), count, "{model}: {placed:?}");
+            assert!(!placed.contains(&"a".to_string()), "{model}: {placed:?}");
+            // Only what was on the leaving member moves.
+            for node in nodes(&before, model).iter().filter(|n| *n != "a") {
+                assert!(placed.contains(node), "{model}: {node} lost its replica");
+            }
+        }
     }
 
     #[test]

@@ -61,6 +61,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
             bytes: 4_000,
             headers: vec!["x-user".into()],
         }],
+        leaving: false,
     };
     vec![
         (

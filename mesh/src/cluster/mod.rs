@@ -29,6 +29,7 @@ use crate::wire::{
 use meshserve_host::{Engine, endpoint};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -267,6 +268,8 @@ pub struct Cluster {
     leaving: Mutex<BTreeSet<String>>,
     /// Answers the calls that run models and endpoints; set once the node's door for them is.
     calls: std::sync::OnceLock<Arc<dyn Calls>>,
+    /// Set when the node begins to stop: its advert says so, and nothing is placed here.
+    departing: AtomicBool,
 }
 
 /// Whether a forwarded request may be sent to another replica after one attempt failed.
@@ -364,6 +367,7 @@ impl Cluster {
             config_errors: Mutex::default(),
             leaving: Mutex::default(),
             calls: std::sync::OnceLock::new(),
+            departing: AtomicBool::new(false),
         });
         cluster.publish_advert().await;
         tokio::spawn(service::serve(cluster.clone()));
@@ -461,6 +465,7 @@ impl Cluster {
             queue_depth: u32::try_from(self.engine.queue_depth()).unwrap_or(u32::MAX),
             ewma_latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
             endpoints,
+            leaving: self.departing.load(Ordering::Relaxed),
         }
     }
 
@@ -787,11 +792,65 @@ impl Cluster {
                 .iter()
                 .map(|m| MemberStatus {
                     node: m.id.name.clone(),
-                    state: if m.suspect { "suspect" } else { "alive" }.to_string(),
+                    state: if m.suspect {
+                        "suspect"
+                    } else if m.advert.as_ref().is_some_and(|a| a.leaving) {
+                        "leaving"
+                    } else {
+                        "alive"
+                    }
+                    .to_string(),
                     advert: m.advert.clone(),
                 })
                 .collect(),
             routes: view.routes(),
+        }
+    }
+
+    /// The first step of a graceful stop: the advert says this node is leaving, so every node
+    /// places its models elsewhere at once, while this one stays a member: it still serves
+    /// what it has loaded (to peers that forward here while the new replicas load), and
+    /// forwards its own clients' requests, until [`Cluster::leave`].
+    pub async fn begin_leaving(self: &Arc<Self>) {
+        if !self.departing.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                "leaving the mesh: placed nowhere from now; serving what is loaded here until other replicas do"
+            );
+            self.publish_advert().await;
+        }
+    }
+
+    /// Whether this node is leaving the mesh ([`Cluster::begin_leaving`]).
+    pub fn is_departing(&self) -> bool {
+        self.departing.load(Ordering::Acquire)
+    }
+
+    /// Waits, at most `within`, until every model served here is served by another member as
+    /// well (its route names another replica), so that stopping loses none of them. Gives the
+    /// models that were not handed over in time.
+    pub async fn handed_over(&self, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut views = self.view.clone();
+        loop {
+            let view = views.borrow_and_update().clone();
+            let pending: Vec<String> = self
+                .serving()
+                .into_iter()
+                .filter(|model| {
+                    view.route(model)
+                        .is_none_or(|route| route.replicas.iter().all(|r| r.node == self.name))
+                })
+                .collect();
+            if pending.is_empty() {
+                return pending;
+            }
+            if tokio::time::timeout_at(deadline, views.changed())
+                .await
+                .is_err()
+            {
+                tracing::warn!(models = ?pending, ?within, "no other replica serves these yet; stopping anyway");
+                return pending;
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! Placement-driven loading: every period the node re-publishes its advert and compares the
-//! plan with what it has loaded. A model placed here is loaded at once, after fetching its
+//! plan with what it has loaded, and whenever its view of the mesh changes it starts loading
+//! what the plan newly puts here. A model placed here is loaded at once, after fetching its
 //! files from a holder (by digest) when this node lacks them; a model no longer placed here is
 //! unloaded only once the plan has been stable for a while and another replica already serves
 //! it, in an order that loses no request: stop advertising it (peers stop sending it here),
@@ -44,45 +45,39 @@ pub(super) const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut views = cluster.view.clone();
     let mut epoch = (0u64, Instant::now());
     loop {
-        tick.tick().await;
+        // The advert is republished, and unloads and endpoint folders looked at, once a
+        // period; a model placed here starts loading as soon as the view says so.
+        let ticked = tokio::select! {
+            _ = tick.tick() => true,
+            changed = views.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                false
+            }
+        };
         if cluster.gossip.is_closed() {
             break;
         }
-        cluster.publish_advert().await;
-        let view = cluster.view();
+        if ticked {
+            cluster.publish_advert().await;
+        }
+        // A node that is leaving is placed nowhere: it loads nothing more, and what it has
+        // loaded serves until it stops.
+        if cluster.is_departing() {
+            continue;
+        }
+        let view = views.borrow_and_update().clone();
         if view.plan.epoch != epoch.0 {
             epoch = (view.plan.epoch, Instant::now());
         }
-        let settled = epoch.1.elapsed() >= SETTLE;
-        let loaded: BTreeSet<String> = cluster.engine.loaded_models().into_iter().collect();
-        for route in &view.plan.routes {
-            let model = route.model.as_str();
-            let here = route.replicas.iter().any(|r| r.node == cluster.name);
-            let is_loaded = loaded.contains(model);
-            if here && !is_loaded {
-                if cluster
-                    .arriving
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(model.to_string())
-                {
-                    tokio::spawn(arrive(cluster.clone(), model.to_string()));
-                }
-            } else if !here && is_loaded && settled && !cluster.is_leaving(model) {
-                let others: Vec<&str> = route
-                    .replicas
-                    .iter()
-                    .filter(|r| r.node != cluster.name && view.serving(&r.node, model))
-                    .map(|r| r.node.as_str())
-                    .collect();
-                if others.is_empty() {
-                    continue;
-                }
-                tracing::info!(%model, served_by = ?others, "placement: no longer placed here; unloading");
-                tokio::spawn(unload(cluster.clone(), model.to_string()));
-            }
+        let settled = ticked && epoch.1.elapsed() >= SETTLE;
+        follow_plan(&cluster, &view, settled);
+        if !ticked {
+            continue;
         }
         let this = cluster.clone();
         let due = view.clone();
@@ -98,6 +93,39 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
             {
                 tokio::spawn(arrive_endpoint(cluster.clone(), entry));
             }
+        }
+    }
+}
+
+/// Starts loading every model the plan puts here that is not loaded; when `settled`, unloads
+/// those it no longer puts here that another replica serves.
+fn follow_plan(cluster: &Arc<Cluster>, view: &MeshView, settled: bool) {
+    let loaded: BTreeSet<String> = cluster.engine.loaded_models().into_iter().collect();
+    for route in &view.plan.routes {
+        let model = route.model.as_str();
+        let here = route.replicas.iter().any(|r| r.node == cluster.name);
+        let is_loaded = loaded.contains(model);
+        if here && !is_loaded {
+            if cluster
+                .arriving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(model.to_string())
+            {
+                tokio::spawn(arrive(cluster.clone(), model.to_string()));
+            }
+        } else if !here && is_loaded && settled && !cluster.is_leaving(model) {
+            let others: Vec<&str> = route
+                .replicas
+                .iter()
+                .filter(|r| r.node != cluster.name && view.serving(&r.node, model))
+                .map(|r| r.node.as_str())
+                .collect();
+            if others.is_empty() {
+                continue;
+            }
+            tracing::info!(%model, served_by = ?others, "placement: no longer placed here; unloading");
+            tokio::spawn(unload(cluster.clone(), model.to_string()));
         }
     }
 }
@@ -472,6 +500,7 @@ mod tests {
                 queue_depth: 0,
                 ewma_latency_us: 0,
                 endpoints: Vec::new(),
+                leaving: false,
             }),
         }
     }

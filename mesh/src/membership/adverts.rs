@@ -127,6 +127,7 @@ mod tests {
             queue_depth: 0,
             ewma_latency_us: 0,
             endpoints: Vec::new(),
+            leaving: false,
         }
     }
 

@@ -164,6 +164,7 @@ impl Simulation {
                 queue_depth: 0,
                 ewma_latency_us: 0,
                 endpoints: Vec::new(),
+                leaving: false,
             },
             now,
         );

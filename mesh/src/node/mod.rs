@@ -264,6 +264,8 @@ impl Node {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        let drain = Duration::from_millis(self.config.drain_timeout_ms);
+        let leaving = cluster.clone();
         let shutdown = async move {
             shutdown.await;
             // Readiness drops first, and the node keeps serving for the grace period, so load
@@ -273,15 +275,18 @@ impl Node {
                 ?grace,
                 "reporting not-ready; serving until the grace period ends"
             );
-            // Peers learn we are leaving and stop routing to us.
-            if let Some(cluster) = cluster {
-                cluster.leave().await;
+            // Peers stop placing models here and load ours elsewhere; meanwhile this node
+            // stays in the mesh, forwarding and answering what it still serves.
+            if let Some(cluster) = &leaving {
+                cluster.begin_leaving().await;
             }
             tokio::time::sleep(grace).await;
+            if let Some(cluster) = &leaving {
+                cluster.handed_over(drain).await;
+            }
             let _ = stop.send(true);
         };
         let app = App::new(state);
-        let drain = Duration::from_millis(self.config.drain_timeout_ms);
         // Clients of the TCP door learn that HTTP/3 is on, and where.
         let http3_endpoint = self.http3.clone();
         let h3_app = Arc::new(app.clone());
@@ -313,6 +318,11 @@ impl Node {
             drain,
         );
         tokio::join!(shutdown, tcp, http3);
+        // Only now, with both doors drained, does the node leave the mesh (peers learn at
+        // once) and close its mesh endpoint.
+        if let Some(cluster) = &cluster {
+            cluster.leave().await;
+        }
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         tracing::info!("meshserve stopped");

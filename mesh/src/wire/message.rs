@@ -357,6 +357,9 @@ pub struct NodeAdvert {
     pub ewma_latency_us: u32,
     /// Endpoints whose folders this node holds in its repository.
     pub endpoints: Vec<EndpointEntry>,
+    /// The node is stopping: nothing is placed on it any more, and it serves what it has
+    /// until others serve it and its doors have drained.
+    pub leaving: bool,
 }
 
 /// A client's endpoint request as it came (the headers the endpoint's plugins may see, and
