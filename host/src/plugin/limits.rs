@@ -71,6 +71,9 @@ const RESERVED_HEADERS: &[&str] = &[
     "content-type",
     "server-timing",
     "alt-svc",
+    // An authentication challenge for a proxy between the client and the node is the
+    // proxy's to send, not an endpoint's.
+    "proxy-authenticate",
 ];
 
 /// True for a header name made of RFC 9110 token characters.
@@ -286,6 +289,7 @@ mod tests {
             "transfer-encoding",
             "meshserve-route",
             "server-timing",
+            "Proxy-Authenticate",
         ] {
             let err = limits
                 .check_reply(&reply(200, &[(framing, "1")], 0), 100)
