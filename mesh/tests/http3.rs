@@ -360,6 +360,14 @@ async fn the_http3_client_follows_route_hints_to_the_replica_for_models_and_endp
         &workspace_root().join("examples/models/fraud"),
         &owner_models.join("fraud"),
     );
+    // fraud on one replica, placed on the owner: the node names are chosen so that rendezvous
+    // hashing picks the owner's, and the front (which fetches what is placed on it) stays a
+    // front.
+    let config = owner_models.join("fraud/config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("replicas = 2", "replicas = 1")).unwrap();
+    let owner_name = meshserve::placement::replicas("fraud", ["a", "b"], 1)[0];
+    let front_name = if owner_name == "a" { "b" } else { "a" };
     support::plugin("threshold");
     support::copy_tree(
         &workspace_root().join("examples/models/fraud-check"),
@@ -383,10 +391,10 @@ async fn the_http3_client_follows_route_hints_to_the_replica_for_models_and_endp
             key.display().to_string(),
         ]
     };
-    let args = common("a");
+    let args = common(front_name);
     let front = TestNode::start(&empty, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let front_quic = front.mesh_addr().unwrap().to_string();
-    let mut args = common("b");
+    let mut args = common(owner_name);
     args.extend(["--seed".to_string(), front_quic]);
     let owner = TestNode::start(
         &owner_models,

@@ -160,9 +160,21 @@ async fn oversized_lookup_keys_and_table_names_fail_only_their_call() {
             ("key", "pre", "lookup-key:8000000", MOVES_MEGABYTES),
             ("table", "pre", "lookup-table:5000", ""),
             ("fine-key", "pre", "lookup-key:1024", ""),
+            (
+                "huge-key",
+                "pre",
+                "lookup-key:8000000",
+                &format!("{MOVES_MEGABYTES}, limits = {{ output_bytes = 1048576 }}"),
+            ),
         ],
     );
     let http = client();
+    // Past what one step may copy out of the guest, the key is refused before it is copied.
+    assert_fails(
+        &call(&http, &node, "huge-key").await,
+        500,
+        "out of its memory in one step; the output limit is 1048576",
+    );
     let started = Instant::now();
     assert_fails(
         &call(&http, &node, "key").await,

@@ -458,6 +458,7 @@ impl Core {
         );
         let mut store = Store::new(&self.node.engine, state);
         store.limiter(|state| &mut state.memory);
+        store.set_hostcall_fuel(self.copy_budget());
         // Charge the running clock every tick and yield the thread in between: a runaway
         // plugin shares its worker thread with other requests until its budget traps it. A
         // call that has run longer than `long_call_after_ms` also rests between its slices, so
@@ -589,6 +590,12 @@ impl Core {
         });
     }
 
+    /// See [`crate::plugin::limits::PluginLimits::copy_budget`].
+    fn copy_budget(&self) -> usize {
+        let limits = &self.spec.limits;
+        limits.copy_budget(limits.output_budget(self.spec.memory_bytes))
+    }
+
     fn tensors(&self, tensors: Vec<WitTensor>) -> Result<Vec<Tensor>, PluginFailure> {
         let budget = self.spec.limits.output_budget(self.spec.memory_bytes);
         self.spec
@@ -696,6 +703,17 @@ impl Core {
         if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
             return self.failed("trap", &format!("exited with status {}", exit.0), None);
         }
+        if detail.contains(HOSTCALL_FUEL_SPENT) {
+            let output = self.spec.limits.output_budget(self.spec.memory_bytes);
+            return self.failed(
+                "limit",
+                &format!(
+                    "moved more than {} bytes out of its memory in one step; the output limit is {output}",
+                    self.copy_budget()
+                ),
+                None,
+            );
+        }
         if detail.contains("maximum concurrent") || detail.contains("pooling allocator") {
             return self.busy("the node has no free plugin instance slot".into());
         }
@@ -715,6 +733,11 @@ impl Core {
         self.failed("trap", "trapped", Some(detail))
     }
 }
+
+/// How wasmtime says a guest tried to copy more than its host-call fuel allows (the error type
+/// is private to wasmtime, so its text is what can be recognised; `mesh/tests/plugin_limits.rs`
+/// pins it).
+const HOSTCALL_FUEL_SPENT: &str = "fuel allocated for hostcalls has been exhausted";
 
 /// The message of a Rust panic as std prints it to stderr (`thread '…' panicked at FILE:LINE:`
 /// then the message), cut for a client.

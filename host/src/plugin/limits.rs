@@ -97,6 +97,21 @@ impl PluginLimits {
         self.output_bytes.unwrap_or(memory_bytes)
     }
 
+    /// Bytes one step of a call may copy out of the guest: the arguments of one host call, or
+    /// what the call returns. wasmtime charges them (its host-call fuel) before it copies
+    /// anything, so an oversized argument or answer costs the node nothing. The room is the
+    /// output budget plus the host-side form of the most tensors and headers the checks allow,
+    /// so that within it the checks, not the fuel, name the bound a guest overstepped.
+    pub fn copy_budget(&self, output_budget: usize) -> usize {
+        let tensor = size_of::<WitTensor>() + self.tensor_rank * 8 + self.name_bytes;
+        let header = size_of::<(String, String)>() + self.header_bytes;
+        output_budget
+            .saturating_add(self.output_tensors.saturating_mul(tensor))
+            .saturating_add(self.reply_headers.saturating_mul(header))
+            .saturating_add(self.lookup_key_bytes + self.table_name_bytes + self.log_message_bytes)
+            .saturating_add(64 << 10)
+    }
+
     /// Checks tensors a guest returned; the error says which bound they broke.
     pub fn check_tensors(&self, tensors: &[WitTensor], budget: usize) -> Result<(), String> {
         if tensors.len() > self.output_tensors {
@@ -210,6 +225,18 @@ pub fn clean_log_message(message: &str, max_bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_copy_budget_covers_every_output_the_checks_allow_and_little_more() {
+        let limits = PluginLimits::default();
+        let output = 1 << 20;
+        let copy = limits.copy_budget(output);
+        let most_headers =
+            limits.reply_headers * (size_of::<(String, String)>() + limits.header_bytes);
+        assert!(copy >= output + most_headers, "{copy}");
+        assert!(copy < output + (2 << 20), "{copy}");
+        assert_eq!(limits.copy_budget(usize::MAX), usize::MAX);
+    }
     use crate::plugin::bindings::Datatype;
 
     fn tensor(name: &str, rank: usize, bytes: usize) -> WitTensor {
