@@ -238,16 +238,36 @@ def test_64_concurrent_streams_share_one_connection(h3node, certs):
     assert after - before == 1
 
 
+MASK = (1 << 64) - 1
+
+
+def placement_score(model, node):
+    """mesh/src/placement.rs `score`: FNV-1a over both names, then SplitMix64's finaliser."""
+    value = 0xCBF29CE484222325
+    for byte in model.encode() + b"\xff" + node.encode():
+        value = ((value ^ byte) * 0x100000001B3) & MASK
+    value ^= value >> 30
+    value = (value * 0xBF58476D1CE4E5B9) & MASK
+    value ^= value >> 27
+    value = (value * 0x94D049BB133111EB) & MASK
+    return value ^ (value >> 31)
+
+
 def test_forwarded_request_names_the_replicas_http3_address_and_going_there_skips_the_hop(certs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     owner_models = tmp_path / "models"
     shutil.copytree(ROOT / "examples" / "models" / "fraud", owner_models / "fraud")
+    # One replica, on the node placement picks for it: with two, the front would load fraud too.
+    config = owner_models / "fraud" / "config.toml"
+    config.write_text(config.read_text().replace("replicas = 2", "replicas = 1"))
+    owner_name = max(["a", "b"], key=lambda name: (placement_score("fraud", name), [-ord(c) for c in name]))
+    front_name = "b" if owner_name == "a" else "a"
     common = ["--certs", certs, "--http3", "127.0.0.1:0", "--http3-cert", certs / "server.pem", "--http3-key", certs / "server.key"]
-    front = Node(empty, "--quic", "127.0.0.1:0", "--name", "a", *common)
+    front = Node(empty, "--quic", "127.0.0.1:0", "--name", front_name, *common)
     owner = None
     try:
-        owner = Node(owner_models, "--quic", "127.0.0.1:0", "--name", "b", "--seed", front.quic, *common)
+        owner = Node(owner_models, "--quic", "127.0.0.1:0", "--name", owner_name, "--seed", front.quic, *common)
         body, expected = fraud_case()
         with h3_session(front, certs / "ca.pem") as session:
             deadline = time.time() + 30
