@@ -152,42 +152,51 @@ async fn a_log_flood_is_rate_limited_and_cannot_forge_log_lines() {
     assert_eq!(call(&http, &node, "ok").await.status, 200);
 }
 
+/// Options for a probe that builds a 48 MiB argument in its own memory.
+const HOLDS_48_MIB: &str = ", deadline_ms = 5000, memory_bytes = 134217728";
+
 #[tokio::test]
-async fn oversized_lookup_keys_and_table_names_fail_only_their_call() {
+async fn oversized_host_call_arguments_fail_before_they_are_copied() {
     let (node, _dir) = probe_node(
         "[features.cards]\npath = \"{examples}/models/fraud-check/cards.csv\"\n",
         &[
-            ("key", "pre", "lookup-key:8000000", MOVES_MEGABYTES),
+            ("huge-key", "pre", "lookup-key:50331648", HOLDS_48_MIB),
+            ("huge-table", "pre", "lookup-table:50331648", HOLDS_48_MIB),
+            ("key", "pre", "lookup-key:100000", ""),
             ("table", "pre", "lookup-table:5000", ""),
             ("fine-key", "pre", "lookup-key:1024", ""),
             (
-                "huge-key",
+                "wide-key",
                 "pre",
-                "lookup-key:8000000",
-                &format!("{MOVES_MEGABYTES}, limits = {{ output_bytes = 1048576 }}"),
+                "lookup-key:3000000",
+                &format!("{MOVES_MEGABYTES}, limits = {{ lookup_key_bytes = 4194304 }}"),
             ),
         ],
     );
     let http = client();
-    // Past what one step may copy out of the guest, the key is refused before it is copied.
-    assert_fails(
-        &call(&http, &node, "huge-key").await,
-        500,
-        "out of its memory in one step; the output limit is 1048576",
-    );
-    let started = Instant::now();
+    // Past the argument budget (1 MiB and a little) wasmtime refuses the call before it copies
+    // anything, whatever the plugin's much larger output limit.
+    for name in ["huge-key", "huge-table"] {
+        assert_fails(
+            &call(&http, &node, name).await,
+            500,
+            "to one host call; the limit is 1048576 (call_argument_bytes)",
+        );
+    }
+    // Within it, the lookup's own checks name the bound.
     assert_fails(
         &call(&http, &node, "key").await,
         500,
-        "lookup key of 8000000 bytes; the limit is 1024",
+        "lookup key of 100000 bytes; the limit is 1024",
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
     assert_fails(
         &call(&http, &node, "table").await,
         500,
         "lookup table name of 5000 bytes; the limit is 128",
     );
     assert_eq!(call(&http, &node, "fine-key").await.status, 200);
+    // A plugin allowed longer keys gets an argument budget to match.
+    assert_eq!(call(&http, &node, "wide-key").await.status, 200);
     assert_eq!(call(&http, &node, "ok").await.status, 200);
     let exposition = node.metrics().await;
     assert!(
@@ -195,9 +204,44 @@ async fn oversized_lookup_keys_and_table_names_fail_only_their_call() {
             &exposition,
             "meshserve_plugin_failures_total",
             &[("plugin", "sandbox_probe"), ("kind", "limit")]
-        ) >= 2.0,
+        ) >= 4.0,
         "{exposition}"
     );
+}
+
+#[tokio::test]
+async fn host_resources_a_guest_holds_are_capped_per_instance() {
+    let (node, _dir) = probe_node(
+        "",
+        &[
+            ("million", "pre", "pollables:1000000", MOVES_MEGABYTES),
+            ("some", "pre", "pollables:1000", ""),
+            (
+                "few-allowed",
+                "pre",
+                "pollables:1000",
+                ", limits = { resources = 100 }",
+            ),
+        ],
+    );
+    let http = client();
+    let rss_before = node.rss_bytes();
+    assert_fails(
+        &call(&http, &node, "million").await,
+        500,
+        "held more than 4096 host resources at once (pollables, streams, files); the limit is 4096",
+    );
+    let grew = node.rss_bytes().saturating_sub(rss_before);
+    assert!(grew < 16 << 20, "the node grew by {grew} bytes");
+    assert_eq!(call(&http, &node, "some").await.status, 200);
+    assert_fails(
+        &call(&http, &node, "few-allowed").await,
+        500,
+        "the limit is 100 (resources)",
+    );
+    // The failed instance is gone; the next call gets a fresh one.
+    assert_eq!(call(&http, &node, "some").await.status, 200);
+    assert_eq!(call(&http, &node, "ok").await.status, 200);
 }
 
 #[tokio::test]
@@ -213,9 +257,20 @@ async fn outputs_past_their_limits_fail_with_a_clear_error() {
             ("long-name", "pre", "long-name:1000", ""),
             ("big-body", "post", "big-body:4000000", limited),
             ("bad-header", "post", "bad-header", ""),
+            (
+                "many-headers",
+                "pre",
+                "many-headers:100000",
+                MOVES_MEGABYTES,
+            ),
         ],
     );
     let http = client();
+    assert_fails(
+        &call(&http, &node, "many-headers").await,
+        500,
+        "replied with 100000 headers; the limit is 32",
+    );
     assert_fails(
         &call(&http, &node, "big-tensor").await,
         500,
@@ -446,6 +501,48 @@ async fn clients_get_short_errors_and_the_log_gets_the_details() {
     assert_eq!(ready.status(), 503);
     let log = node.log_text();
     assert!(log.contains("wasm backtrace"), "{log}");
+    assert_eq!(call(&http, &node, "ok").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_plugin_failing_every_request_grows_the_log_only_by_its_rate_limit() {
+    let state = tempfile::tempdir().unwrap();
+    let options = format!(
+        ", isolation = \"per-call\", dirs = [{{ host = \"{}\", guest = \"/state\", writable = true }}], limits = {{ log_burst = 10, log_lines_per_second = 1 }}{MOVES_MEGABYTES}",
+        state.path().display()
+    );
+    let (node, _dir) = probe_node(
+        "",
+        &[("init-fail", "pre", "init-fail-later:16777216", &options)],
+    );
+    let http = client();
+    let before = node.log_text().len();
+    let started = Instant::now();
+    let calls = 40;
+    for _ in 0..calls {
+        let answer = call(&http, &node, "init-fail").await;
+        assert_fails(&answer, 500, "init refused its config: mmm");
+        assert!(
+            answer.raw_len < 1024,
+            "{} bytes reached the client",
+            answer.raw_len
+        );
+    }
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    // Each admitted line holds at most log_message_bytes (1 KiB) of the plugin's text, and
+    // at most the burst plus one a second are admitted.
+    let grew = node.log_text().len() - before;
+    let most_lines = 10 + seconds + 1;
+    assert!(
+        grew < most_lines * 3 * 1024,
+        "the log grew by {grew} bytes in {seconds} s of {calls} failing calls"
+    );
+    let dropped = support::metric_sum(
+        &node.metrics().await,
+        "meshserve_plugin_log_dropped_total",
+        &[("plugin", "sandbox_probe")],
+    );
+    assert!(dropped >= (calls - most_lines) as f64, "dropped {dropped}");
     assert_eq!(call(&http, &node, "ok").await.status, 200);
 }
 

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{InstancePre, Resource};
-use wasmtime::{Store, UpdateDeadline};
+use wasmtime::{CallHook, Store, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
 /// Which side of the model a plugin serves.
@@ -458,7 +458,23 @@ impl Core {
         );
         let mut store = Store::new(&self.node.engine, state);
         store.limiter(|state| &mut state.memory);
-        store.set_hostcall_fuel(self.copy_budget());
+        store.set_max_component_handles(self.spec.limits.resources);
+        // What the guest hands the host is charged against host-call fuel before it is copied.
+        // Its host calls while it runs get the small argument budget, and what it returns the
+        // larger output budget: wasmtime reads the fuel when it starts copying, so it is set
+        // as each host call begins (the guest cannot run between that and the copy) and as
+        // the guest returns, before its answer is copied.
+        let arguments = self.spec.limits.argument_budget();
+        let answer = self.copy_budget();
+        store.set_hostcall_fuel(answer);
+        store.call_hook(move |mut context, hook| {
+            match hook {
+                CallHook::CallingHost => context.set_hostcall_fuel(arguments),
+                CallHook::ReturningFromWasm => context.set_hostcall_fuel(answer),
+                CallHook::CallingWasm | CallHook::ReturningFromHost => {}
+            }
+            Ok(())
+        });
         // Charge the running clock every tick and yield the thread in between: a runaway
         // plugin shares its worker thread with other requests until its budget traps it. A
         // call that has run longer than `long_call_after_ms` also rests between its slices, so
@@ -629,7 +645,10 @@ impl Core {
     /// A failure: counted, logged with its detail, and returned with only the short cause.
     fn failed(&self, kind: &'static str, cause: &str, detail: Option<String>) -> PluginFailure {
         self.node.metrics.record_plugin_failure(&self.name, kind);
-        tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), kind, cause, detail = detail.as_deref().unwrap_or(""), "plugin call failed");
+        if self.shared.admit_line() {
+            let detail = detail.as_deref().map(|d| self.shared.loggable(d));
+            tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), kind, cause = self.shared.loggable(cause), detail = detail.as_deref().unwrap_or(""), "plugin call failed");
+        }
         PluginFailure::Failed {
             plugin: self.name.to_string(),
             cause: cause.to_string(),
@@ -639,7 +658,9 @@ impl Core {
 
     fn busy(&self, cause: String) -> PluginFailure {
         self.node.metrics.record_plugin_failure(&self.name, "busy");
-        tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), cause, "plugin call refused: busy");
+        if self.shared.admit_line() {
+            tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), cause, "plugin call refused: busy");
+        }
         PluginFailure::Busy {
             plugin: self.name.to_string(),
             cause,
@@ -680,10 +701,11 @@ impl Core {
     ) -> PluginFailure {
         let detail = format!("{error:#}");
         let stderr = store.data().stderr.text();
+        // Stderr (a panic's message and place) first: the log keeps only the start.
         let detail = if stderr.is_empty() {
             detail
         } else {
-            format!("{detail}; stderr: {stderr}")
+            format!("stderr: {stderr}; {detail}")
         };
         if let Some(stopped) = error.downcast_ref::<Stopped>() {
             return match stopped.kind {
@@ -704,12 +726,36 @@ impl Core {
             return self.failed("trap", &format!("exited with status {}", exit.0), None);
         }
         if detail.contains(HOSTCALL_FUEL_SPENT) {
+            // Arguments run out of fuel inside the guest's run (the error carries its wasm
+            // backtrace); an answer, after the guest returned.
+            if error.downcast_ref::<wasmtime::WasmBacktrace>().is_some() {
+                let limits = &self.spec.limits;
+                return self.failed(
+                    "limit",
+                    &format!(
+                        "passed more than {} bytes to one host call; the limit is {} (call_argument_bytes)",
+                        limits.argument_budget(),
+                        limits.call_argument_bytes
+                    ),
+                    None,
+                );
+            }
             let output = self.spec.limits.output_budget(self.spec.memory_bytes);
             return self.failed(
                 "limit",
                 &format!(
                     "moved more than {} bytes out of its memory in one step; the output limit is {output}",
                     self.copy_budget()
+                ),
+                None,
+            );
+        }
+        if detail.contains(HANDLE_LIMIT_EXCEEDED) {
+            let limit = self.spec.limits.resources;
+            return self.failed(
+                "limit",
+                &format!(
+                    "held more than {limit} host resources at once (pollables, streams, files); the limit is {limit} (resources)"
                 ),
                 None,
             );
@@ -738,6 +784,10 @@ impl Core {
 /// is private to wasmtime, so its text is what can be recognised; `mesh/tests/plugin_limits.rs`
 /// pins it).
 const HOSTCALL_FUEL_SPENT: &str = "fuel allocated for hostcalls has been exhausted";
+
+/// How wasmtime says a guest created a resource handle past its store's limit (pinned by the
+/// same test).
+const HANDLE_LIMIT_EXCEEDED: &str = "store handle limit exceeded";
 
 /// The message of a Rust panic as std prints it to stderr (`thread '…' panicked at FILE:LINE:`
 /// then the message), cut for a client.

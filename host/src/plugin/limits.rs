@@ -37,6 +37,13 @@ pub struct PluginLimits {
     pub log_burst: u32,
     /// Bytes of WASI randomness one call may draw; past it the call fails.
     pub random_bytes: u64,
+    /// Bytes one host call may take from the guest, its arguments together (a lookup key and
+    /// table name, a log message, one write to stderr or a granted file). A call passing more
+    /// fails before anything is copied.
+    pub call_argument_bytes: usize,
+    /// Host resources (pollables, streams, open files, the request) one instance may hold at
+    /// once; creating one more fails the call.
+    pub resources: usize,
 }
 
 impl Default for PluginLimits {
@@ -54,6 +61,9 @@ impl Default for PluginLimits {
             log_lines_per_second: 100,
             log_burst: 200,
             random_bytes: 64 << 10,
+            // WASI lets a stream write at most 1 MiB at a time (files; 64 KiB for stdio).
+            call_argument_bytes: 1 << 20,
+            resources: 4096,
         }
     }
 }
@@ -97,19 +107,29 @@ impl PluginLimits {
         self.output_bytes.unwrap_or(memory_bytes)
     }
 
-    /// Bytes one step of a call may copy out of the guest: the arguments of one host call, or
-    /// what the call returns. wasmtime charges them (its host-call fuel) before it copies
-    /// anything, so an oversized argument or answer costs the node nothing. The room is the
-    /// output budget plus the host-side form of the most tensors and headers the checks allow,
-    /// so that within it the checks, not the fuel, name the bound a guest overstepped.
+    /// Bytes the node may copy out of the guest when a call returns. wasmtime charges them (its
+    /// host-call fuel) before it copies anything, so an oversized answer costs the node
+    /// nothing. The room is the output budget plus the host-side form of the most tensors and
+    /// headers the checks allow, so that within it the checks, not the fuel, name the bound a
+    /// guest overstepped. (The arguments of host calls the guest makes while it runs have
+    /// their own, smaller budget: [`PluginLimits::argument_budget`].)
     pub fn copy_budget(&self, output_budget: usize) -> usize {
         let tensor = size_of::<WitTensor>() + self.tensor_rank * 8 + self.name_bytes;
         let header = size_of::<(String, String)>() + self.header_bytes;
         output_budget
             .saturating_add(self.output_tensors.saturating_mul(tensor))
             .saturating_add(self.reply_headers.saturating_mul(header))
-            .saturating_add(self.lookup_key_bytes + self.table_name_bytes + self.log_message_bytes)
             .saturating_add(64 << 10)
+    }
+
+    /// Bytes the node may copy out of the guest for one host call's arguments: the larger of
+    /// `call_argument_bytes` and what the longest lookup or log message the checks allow
+    /// needs, so that within it the checks name the bound.
+    pub fn argument_budget(&self) -> usize {
+        self.call_argument_bytes
+            .max(self.lookup_key_bytes.saturating_add(self.table_name_bytes))
+            .max(self.log_message_bytes)
+            .saturating_add(4 << 10)
     }
 
     /// Checks tensors a guest returned; the error says which bound they broke.
@@ -236,6 +256,19 @@ mod tests {
         assert!(copy >= output + most_headers, "{copy}");
         assert!(copy < output + (2 << 20), "{copy}");
         assert_eq!(limits.copy_budget(usize::MAX), usize::MAX);
+    }
+
+    #[test]
+    fn a_host_call_may_take_its_argument_limit_and_what_the_lookup_checks_need() {
+        let limits = PluginLimits::default();
+        let budget = limits.argument_budget();
+        assert!(budget >= limits.call_argument_bytes, "{budget}");
+        assert!(budget < limits.call_argument_bytes + (64 << 10), "{budget}");
+        let wide = PluginLimits {
+            lookup_key_bytes: 4 << 20,
+            ..PluginLimits::default()
+        };
+        assert!(wide.argument_budget() >= (4 << 20) + wide.table_name_bytes);
     }
     use crate::plugin::bindings::Datatype;
 

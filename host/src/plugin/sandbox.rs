@@ -101,6 +101,32 @@ impl PluginShared {
         };
         (admitted, report)
     }
+
+    /// Whether one more line about this plugin may enter the node's log: the plugin's own log
+    /// calls and the node's lines about its failures share one rate limit, so a plugin that
+    /// fails on every request cannot flood the log either. A dropped line is counted.
+    pub(crate) fn admit_line(&self) -> bool {
+        let (admitted, dropped) = self.admit_log_line();
+        let plugin = &*self.name;
+        if let Some(dropped) = dropped {
+            tracing::warn!(
+                plugin,
+                dropped,
+                "plugin log lines dropped by its rate limit"
+            );
+        }
+        if !admitted {
+            self.log_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.record_plugin_log_dropped(plugin);
+        }
+        admitted
+    }
+
+    /// Text from the guest (a message, its stderr, a trap naming its functions) as it may
+    /// enter the log: cut to `log_message_bytes`, control characters escaped.
+    pub(crate) fn loggable(&self, text: &str) -> String {
+        clean_log_message(text, self.limits.log_message_bytes)
+    }
 }
 
 /// The store data of one plugin instance.
@@ -224,21 +250,11 @@ impl bindings::HostContext for CallState {
 impl bindings::Host for CallState {
     fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
         let shared = &self.shared;
-        let (admitted, dropped) = shared.admit_log_line();
-        let plugin = &*shared.name;
-        if let Some(dropped) = dropped {
-            tracing::warn!(
-                plugin,
-                dropped,
-                "plugin log lines dropped by its rate limit"
-            );
-        }
-        if !admitted {
-            shared.log_dropped.fetch_add(1, Ordering::Relaxed);
-            shared.metrics.record_plugin_log_dropped(plugin);
+        if !shared.admit_line() {
             return Ok(());
         }
-        let message = clean_log_message(&message, shared.limits.log_message_bytes);
+        let plugin = &*shared.name;
+        let message = shared.loggable(&message);
         match level {
             LogLevel::Trace => tracing::trace!(plugin, "{message}"),
             LogLevel::Debug => tracing::debug!(plugin, "{message}"),

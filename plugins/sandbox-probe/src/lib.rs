@@ -8,7 +8,10 @@
 //! `reject`, `log-flood:LINES`, `log-forge`, `lookup-key:BYTES`, `lookup-table:BYTES`,
 //! `random:BYTES`, `big-output:BYTES`, `many-tensors:N`, `rank:N`, `long-name:BYTES`,
 //! `count` (answers directly with how many calls this instance has served), `headers` (answers
-//! directly with the headers it can see), `reply:STATUS`, `init-fail`.
+//! directly with the headers it can see), `reply:STATUS`, `many-headers:N` (a reply with N
+//! headers), `pollables:N` (holds N WASI pollables), `init-fail`, `init-fail-later:BYTES` (every
+//! instance after the first fails `init` with a message that long; needs `/state` granted
+//! writable).
 //! Post-stage behaviours: `ok` (outputs unchanged), `big-body:BYTES`, `bad-header`,
 //! `reply:STATUS`, `sleep:MS`, `panic`, `count`.
 //! A capability that works (because the config granted it) answers the `features` input of the
@@ -23,6 +26,9 @@ use std::time::{Duration, Instant};
 fn fraud_input() -> Vec<Tensor> {
     vec![Tensor::fp32("features", vec![1, 32], vec![0.5; 32])]
 }
+
+/// Where `init-fail-later` marks that an instance has started.
+const STARTED_MARKER: &str = "/state/started";
 
 fn number(argument: &str) -> usize {
     argument.parse().unwrap_or(1)
@@ -40,6 +46,14 @@ impl Plugin for SandboxProbe {
         let (behaviour, argument) = config.split_once(':').unwrap_or((config, ""));
         match behaviour {
             "init-fail" => return Err(Error::internal("sandbox-probe was told to fail init")),
+            "init-fail-later" => {
+                // The first instance (the node's warm-up at load) starts; every later one fails.
+                if std::fs::metadata(STARTED_MARKER).is_ok() {
+                    return Err(Error::internal("m".repeat(number(argument))));
+                }
+                std::fs::write(STARTED_MARKER, b"")
+                    .map_err(|e| Error::internal(format!("cannot mark the start: {e}")))?;
+            }
             "init-loop" => loop {
                 std::hint::spin_loop();
             },
@@ -185,6 +199,20 @@ impl Preprocess for SandboxProbe {
             )]
             .into()),
             "count" => Ok(Pre::Reply(self.count()?)),
+            "many-headers" => {
+                let mut reply = Reply::json(&serde_json::json!({}))?;
+                reply.headers = (0..number(argument))
+                    .map(|i| (format!("x-h{i}"), "v".to_string()))
+                    .collect();
+                Ok(Pre::Reply(reply))
+            }
+            "pollables" => {
+                let held: Vec<_> = (0..number(argument))
+                    .map(|_| wasi::clocks::monotonic_clock::subscribe_duration(1 << 40))
+                    .collect();
+                drop(held);
+                Ok(fraud_input().into())
+            }
             "headers" => Ok(Pre::Reply(Reply::json(&request.headers())?)),
             "reply" => Ok(Pre::Reply(
                 Reply::json(&serde_json::json!({ "answered": "by the pre stage" }))?
