@@ -319,3 +319,111 @@ async fn every_post_route_bounds_its_body_in_size_and_time_on_every_http_version
     let live = http.get(node.url("/v2/health/live")).send().await.unwrap();
     assert_eq!(live.status(), 200);
 }
+
+/// One HTTP/1.1 response read off a raw connection: its status, whether it said
+/// `connection: close`, or `None` when the connection closed before a response came.
+async fn read_response(
+    stream: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+) -> Option<(u16, bool)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    if stream.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        line.clear();
+        stream.read_line(&mut line).await.ok()?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let (name, value) = header.split_once(':')?;
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => length = value.trim().parse().ok()?,
+            "connection" => close |= value.trim().eq_ignore_ascii_case("close"),
+            _ => {}
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((status, close))
+}
+
+#[tokio::test]
+async fn answers_given_before_the_body_is_read_keep_an_http1_connection_usable_or_close_it_cleanly()
+{
+    use tokio::io::AsyncWriteExt;
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path(), &[], &[], &["127.0.0.1"]);
+    let (node, _dir) = node(certs.path());
+    // Early answers: an unknown model or endpoint, a version not served, a route that takes no
+    // body, a body over the limit but small enough to drain; then one declared far too large,
+    // sent without its body (the client waits for the 413, as `expect: 100-continue` would).
+    let small = format!(r#"{{"inputs": [], "padding": "{}"}}"#, "x".repeat(2000));
+    let cases: Vec<(&str, usize, bool, u16)> = vec![
+        ("POST /v2/models/nope/infer", small.len(), true, 404),
+        (
+            "POST /v1/endpoints/nope/invocations",
+            small.len(),
+            true,
+            404,
+        ),
+        (
+            "POST /v2/models/fraud/versions/9/infer",
+            small.len(),
+            true,
+            404,
+        ),
+        ("GET /v2/models/fraud/ready", small.len(), true, 413),
+        ("POST /v2/models/fraud/infer", 2 * MAX_BODY, true, 413),
+        ("POST /v2/models/fraud/infer", 1 << 20, false, 413),
+    ];
+    let connect = || async {
+        let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        // Head and body go as two writes, which Nagle's algorithm would hold for an ACK.
+        stream.set_nodelay(true).unwrap();
+        tokio::io::BufReader::new(stream)
+    };
+    let mut stream = connect().await;
+    let (mut reused, mut closed_cleanly) = (0, 0);
+    for round in 0..300 {
+        let (line, length, send_body, expected) = cases[round % cases.len()];
+        let head = format!(
+            "{line} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+        );
+        // Every other request sends its body a moment after its head, so that the answer is
+        // written while the body is still on its way.
+        if let Err(e) = stream.get_mut().write_all(head.as_bytes()).await {
+            panic!(
+                "request {round} ({line}): the last answer kept the connection, which then failed: {e}"
+            );
+        }
+        if round % 2 == 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if send_body {
+            let body = if length == small.len() {
+                small.clone()
+            } else {
+                "y".repeat(length)
+            };
+            stream.get_mut().write_all(body.as_bytes()).await.unwrap();
+        }
+        let (status, close) = read_response(&mut stream).await.unwrap_or_else(|| {
+            panic!("request {round} ({line}): the connection closed without an answer")
+        });
+        assert_eq!(status, expected, "request {round} ({line})");
+        if close {
+            closed_cleanly += 1;
+            stream = connect().await;
+        } else {
+            reused += 1;
+        }
+    }
+    // Small bodies are drained and the connection kept; the one far too large closes it,
+    // saying so.
+    assert_eq!(closed_cleanly, 300 / cases.len(), "reused {reused}");
+    assert_eq!(reused, 300 - 300 / cases.len());
+}

@@ -21,3 +21,4 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod state;
+mod unread;

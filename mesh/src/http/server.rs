@@ -146,10 +146,17 @@ where
     let counted = activity.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let guard = InFlight::enter(&counted);
-        let request = request.map(axum::body::Body::new);
         let app = app.clone();
         async move {
-            let response = app.serve(request, peer).await;
+            // HTTP/2 ends an unread body's stream on its own; HTTP/1.1 needs it settled.
+            let response = if request.version() == hyper::Version::HTTP_2 {
+                app.serve(request.map(axum::body::Body::new), peer).await
+            } else {
+                let (request, unread) = crate::http::unread::track(request);
+                let mut response = app.serve(request, peer).await;
+                unread.settle(&mut response).await;
+                response
+            };
             drop(guard);
             Ok::<_, std::convert::Infallible>(response)
         }
