@@ -2650,3 +2650,108 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     assert!(ok > 1000, "only {ok} requests answered");
     println!("rolling restart, twice through 3 nodes: {ok} requests answered, 0 failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_of_200_models_agree_on_placement_within_10_s_and_suspect_no_one() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    let names = ["a", "b", "c", "d", "e"];
+    make_certs(&certs, &names, &["app"], &[]);
+    let models: Vec<String> = (0..200).map(|i| format!("m{i:03}")).collect();
+    // Every node holds all 200 (each a publisher), so each loads them all at start and then
+    // unloads the three fifths placed elsewhere: about 600 unloads across the mesh at once.
+    let fill = |repo: &Path| {
+        for model in &models {
+            copy_tree(&repo.join("echo"), &repo.join(model));
+            std::fs::write(repo.join(model).join("config.toml"), "replicas = 2\n").unwrap();
+        }
+    };
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, fill);
+    let mut nodes = vec![a];
+    for name in &names[1..] {
+        let seed = Some(nodes[0].quic);
+        nodes.push(start_node_with(
+            root.path(),
+            &certs,
+            name,
+            "127.0.0.1:0",
+            seed,
+            fill,
+        ));
+    }
+    let last_join = Instant::now();
+    let probe = client(&certs, vec![nodes[0].quic]);
+    let expected: BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut suspected = BTreeSet::new();
+    let mut seen = String::new();
+    let agreed_after = loop {
+        let mut statuses = Vec::new();
+        for node in &nodes {
+            if let Ok(status) = probe.status(node.quic).await {
+                statuses.push(status);
+            }
+        }
+        for status in &statuses {
+            for member in status.members.iter().filter(|m| m.state != "alive") {
+                suspected.insert(format!(
+                    "{} saw {} {}",
+                    status.node, member.node, member.state
+                ));
+            }
+        }
+        if statuses.len() == nodes.len() {
+            let first = &statuses[0];
+            let agreed = statuses.iter().all(|s| {
+                let members: BTreeSet<String> = s.members.iter().map(|m| m.node.clone()).collect();
+                members == expected
+                    && s.routes.epoch == first.routes.epoch
+                    && models.iter().all(|m| {
+                        let placed = placed(s, m);
+                        placed.len() == 2
+                            && serving(s, m) == placed
+                            && placed == self::placed(first, m)
+                    })
+            });
+            if agreed {
+                break last_join.elapsed();
+            }
+            let apart = models
+                .iter()
+                .filter(|m| statuses.iter().any(|s| serving(s, m) != placed(s, m)))
+                .count();
+            seen = format!(
+                "epochs {:?}; {apart} models not served exactly where placed",
+                statuses
+                    .iter()
+                    .map(|s| format!("{:016x}", s.routes.epoch))
+                    .collect::<Vec<_>>()
+            );
+        }
+        assert!(
+            last_join.elapsed() < Duration::from_secs(60),
+            "no agreement 60 s after the last join: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("5 nodes x 200 models agreed {agreed_after:?} after the last join");
+    let logged: Vec<String> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.node
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("member suspected") || l.contains("member down"))
+                .map(|l| format!("{}: {l}", n.name))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        suspected.is_empty() && logged.is_empty(),
+        "members were suspected: {suspected:?}\n{}",
+        logged.join("\n")
+    );
+    assert!(
+        agreed_after < Duration::from_secs(10),
+        "agreed only {agreed_after:?} after the last join"
+    );
+}

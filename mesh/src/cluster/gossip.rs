@@ -60,31 +60,43 @@ fn datagram(packet: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Starts the shell; returns its input, the bounded queue for peers' datagrams, and the
-/// published view.
+/// What the rest of the node holds of a running shell.
+pub(crate) struct ShellHandles {
+    /// Inputs other than peers' datagrams.
+    pub input: mpsc::UnboundedSender<Input>,
+    /// The bounded queue for peers' datagrams.
+    pub packets: mpsc::Sender<Packet>,
+    /// The published view.
+    pub view: watch::Receiver<Arc<MeshView>>,
+    /// Our own advert as membership holds it (with its sequence), set before any notice of it
+    /// goes out: what a member fetching it must get, even before the view includes it.
+    pub own_advert: watch::Receiver<Option<Arc<NodeAdvert>>>,
+}
+
+/// Starts the shell.
 pub(crate) fn spawn(
     core: Membership,
     endpoint: MeshEndpoint,
     seeds: watch::Receiver<Vec<SocketAddr>>,
     publishers: Publishers,
-) -> (
-    mpsc::UnboundedSender<Input>,
-    mpsc::Sender<Packet>,
-    watch::Receiver<Arc<MeshView>>,
-) {
+) -> ShellHandles {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
     let (packet_tx, packet_rx) = mpsc::channel(PACKET_QUEUE);
+    let members = core.live_members();
     let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::from_members(
-        core.live_members(),
+        members.clone(),
         &publishers,
     )));
+    let (members_tx, members_rx) = watch::channel(members);
+    let (own_tx, own_rx) = watch::channel(None);
+    tokio::spawn(build_views(members_rx, view_tx, publishers));
     let shell = Shell {
         core,
-        publishers,
         endpoint,
         seeds,
         input: input_tx.clone(),
-        view: view_tx,
+        members: members_tx,
+        own_advert: own_tx,
         started: std::time::Instant::now(),
         claims_down: std::env::var(CLAIM_DOWN_ENV)
             .ok()
@@ -94,18 +106,23 @@ pub(crate) fn spawn(
         tracing::warn!(member = %name, "{CLAIM_DOWN_ENV} is set: this node lies that the member is down (for tests only)");
     }
     tokio::spawn(shell.run(input_rx, packet_rx));
-    (input_tx, packet_tx, view_rx)
+    ShellHandles {
+        input: input_tx,
+        packets: packet_tx,
+        view: view_rx,
+        own_advert: own_rx,
+    }
 }
 
 struct Shell {
     core: Membership,
-    /// Whose catalogs count for placement, kept for every view this shell publishes.
-    publishers: Publishers,
     endpoint: MeshEndpoint,
     /// The seeds' current addresses, re-resolved by [`super::seeds::watch`].
     seeds: watch::Receiver<Vec<SocketAddr>>,
     input: mpsc::UnboundedSender<Input>,
-    view: watch::Sender<Arc<MeshView>>,
+    /// The live members, for [`build_views`].
+    members: watch::Sender<Vec<LiveMember>>,
+    own_advert: watch::Sender<Option<Arc<NodeAdvert>>>,
     started: std::time::Instant,
     /// See [`CLAIM_DOWN_ENV`].
     claims_down: Option<String>,
@@ -176,7 +193,13 @@ impl Shell {
                 result
             }
             Input::Timer(timer) => self.core.handle_timer(timer),
-            Input::Advert(advert) => self.core.advertise(advert, self.started.elapsed()),
+            Input::Advert(advert) => {
+                let result = self.core.advertise(advert, self.started.elapsed());
+                // Before `flush` sends the notice of it.
+                let own = self.core.own_advert().cloned().map(Arc::new);
+                self.own_advert.send_replace(own);
+                result
+            }
             Input::Leave(done) => {
                 if let Err(e) = self.core.leave() {
                     tracing::warn!(error = %e, "could not announce our leave");
@@ -306,12 +329,33 @@ impl Shell {
             }
         }
         let members = self.core.live_members();
-        if self.view.borrow().members != members {
-            let view = Arc::new(MeshView::from_members(members, &self.publishers));
-            let previous = self.view.send_replace(view.clone());
-            log_suspicion(&previous.members, &view.members);
-            log_moves(&placement::moves(&previous.plan, &view.plan));
-        }
+        self.members.send_if_modified(|current| {
+            let changed = *current != members;
+            if changed {
+                *current = members;
+            }
+            changed
+        });
+    }
+}
+
+/// Turns each new membership into the view requests and placement read, off the membership
+/// task: computing a plan over hundreds of models takes a while, and a burst of adverts must
+/// not delay the answers to probes (a node slow to answer is suspected). Changes that arrive
+/// while a view is being built are taken together in the next one.
+async fn build_views(
+    mut members: watch::Receiver<Vec<LiveMember>>,
+    view: watch::Sender<Arc<MeshView>>,
+    publishers: Publishers,
+) {
+    while members.changed().await.is_ok() {
+        let latest = members.borrow_and_update().clone();
+        let next = Arc::new(MeshView::from_members(latest, &publishers));
+        let previous = view.send_replace(next.clone());
+        log_suspicion(&previous.members, &next.members);
+        log_moves(&placement::moves(&previous.plan, &next.plan));
+        // Let the membership task (and requests) run between two views.
+        tokio::task::yield_now().await;
     }
 }
 

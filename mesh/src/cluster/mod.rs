@@ -6,6 +6,7 @@
 //! adverts, the placement plan), replaced whenever membership changes, so the request path
 //! reads a snapshot and never waits on the membership task.
 
+mod adverts;
 pub mod bundle;
 mod gossip;
 mod reconcile;
@@ -242,6 +243,8 @@ pub struct Cluster {
     endpoint: MeshEndpoint,
     engine: Arc<Engine>,
     view: watch::Receiver<Arc<MeshView>>,
+    /// Our advert as membership last took it: what a member fetching it gets.
+    own_advert: watch::Receiver<Option<Arc<NodeAdvert>>>,
     gossip: mpsc::UnboundedSender<gossip::Input>,
     /// Peers' membership datagrams, bounded (see [`gossip::PACKET_QUEUE`]).
     packets: mpsc::Sender<gossip::Packet>,
@@ -270,6 +273,8 @@ pub struct Cluster {
     calls: std::sync::OnceLock<Arc<dyn Calls>>,
     /// Set when the node begins to stop: its advert says so, and nothing is placed here.
     departing: AtomicBool,
+    /// Requests to republish our advert, served at most once per [`adverts::MIN_INTERVAL`].
+    adverts: adverts::AdvertRequests,
 }
 
 /// Whether a forwarded request may be sent to another replica after one attempt failed.
@@ -341,8 +346,7 @@ impl Cluster {
             generation ^ placement::score(&config.name, "rng"),
         );
         let seeds = config.seeds.borrow().clone();
-        let (gossip, packets, view) =
-            gossip::spawn(core, endpoint.clone(), config.seeds, config.publishers);
+        let shell = gossip::spawn(core, endpoint.clone(), config.seeds, config.publishers);
         let cluster = Arc::new(Cluster {
             name: config.name,
             generation,
@@ -351,9 +355,10 @@ impl Cluster {
             http3: config.http3,
             endpoint,
             engine,
-            view,
-            gossip,
-            packets,
+            view: shell.view,
+            own_advert: shell.own_advert,
+            gossip: shell.input,
+            packets: shell.packets,
             frame_read_timeout: config.frame_read_timeout,
             balancer: Balancer::new(generation),
             retry: RetryPolicy::default(),
@@ -368,8 +373,20 @@ impl Cluster {
             leaving: Mutex::default(),
             calls: std::sync::OnceLock::new(),
             departing: AtomicBool::new(false),
+            adverts: adverts::AdvertRequests::new(),
         });
-        cluster.publish_advert().await;
+        cluster.publish_advert_now().await;
+        let publisher = cluster.clone();
+        tokio::spawn(async move {
+            let publish = || {
+                let cluster = publisher.clone();
+                async move { cluster.publish_advert_now().await }
+            };
+            publisher
+                .adverts
+                .serve(publish, || publisher.gossip.is_closed())
+                .await;
+        });
         tokio::spawn(service::serve(cluster.clone()));
         tokio::spawn(reconcile::run(cluster.clone(), HOUSEKEEPING_PERIOD));
         tracing::info!(
@@ -409,6 +426,11 @@ impl Cluster {
     /// The current view of the mesh.
     pub fn view(&self) -> Arc<MeshView> {
         self.view.borrow().clone()
+    }
+
+    /// Our advert as membership holds it (with its sequence), once made.
+    pub(crate) fn own_advert(&self) -> Option<Arc<NodeAdvert>> {
+        self.own_advert.borrow().clone()
     }
 
     /// Where `model` is served, for route hints.
@@ -542,8 +564,14 @@ impl Cluster {
         true
     }
 
+    /// Republishes our advert (coalesced with other requests, [`adverts`]), and waits until an
+    /// advert built after this call is out.
+    async fn publish_advert(&self) {
+        self.adverts.request().await;
+    }
+
     // Hashing model files (cached, but the first time reads them all) is blocking work.
-    async fn publish_advert(self: &Arc<Self>) {
+    async fn publish_advert_now(self: &Arc<Self>) {
         let this = self.clone();
         if let Ok(advert) = tokio::task::spawn_blocking(move || this.advert()).await {
             let _ = self.gossip.send(gossip::Input::Advert(advert));

@@ -63,7 +63,7 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
             break;
         }
         if ticked {
-            cluster.publish_advert().await;
+            cluster.adverts.ask();
         }
         // A node that is leaving is placed nowhere: it loads nothing more, and what it has
         // loaded serves until it stops.

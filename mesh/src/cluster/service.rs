@@ -188,20 +188,13 @@ async fn answer(
             fetch_slot = slot;
             reply
         }
-        Ok(Message::AdvertQuery) if role == Role::Node => {
-            match cluster
-                .view()
-                .members
-                .first()
-                .and_then(|me| me.advert.clone())
-            {
-                Some(advert) => Message::Advert(advert),
-                None => Message::Failure(Failure::new(
-                    FailureClass::Unavailable,
-                    "this node has not made its advert yet",
-                )),
-            }
-        }
+        Ok(Message::AdvertQuery) if role == Role::Node => match cluster.own_advert() {
+            Some(advert) => Message::Advert((*advert).clone()),
+            None => Message::Failure(Failure::new(
+                FailureClass::Unavailable,
+                "this node has not made its advert yet",
+            )),
+        },
         Ok(other) => Message::Failure(Failure::new(
             FailureClass::InvalidInput,
             format!("unexpected message {}", other.kind()),

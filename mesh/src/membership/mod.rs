@@ -358,6 +358,10 @@ impl DownReports {
 struct Fetches {
     in_flight: BTreeSet<String>,
     waiting: VecDeque<AdvertFetch>,
+    /// Nodes whose notice of a newer advert came while a fetch from them was in flight: that
+    /// fetch may bring the older one, so they are asked once more when it ends (otherwise the
+    /// news would wait for the node's next periodic notice).
+    again: BTreeSet<String>,
 }
 
 /// The sans-IO membership core of one node.
@@ -524,7 +528,11 @@ impl Membership {
 
     fn fetch(&mut self, fetch: AdvertFetch) {
         let fetches = &mut self.fetches;
-        if fetches.in_flight.contains(&fetch.node) || fetches.waiting.contains(&fetch) {
+        if fetches.in_flight.contains(&fetch.node) {
+            fetches.again.insert(fetch.node);
+            return;
+        }
+        if fetches.waiting.contains(&fetch) {
             return;
         }
         if fetches.in_flight.len() < MAX_FETCHES {
@@ -546,6 +554,9 @@ impl Membership {
         answer: Result<NodeAdvert, String>,
     ) -> Result<(), MembershipError> {
         self.fetches.in_flight.remove(&fetch.node);
+        if self.fetches.again.remove(&fetch.node) {
+            self.fetches.waiting.push_front(fetch.clone());
+        }
         while self.fetches.in_flight.len() < MAX_FETCHES
             && let Some(next) = self.fetches.waiting.pop_front()
         {
@@ -1008,6 +1019,31 @@ mod tests {
         b.advert_fetched(&issued[0], "n0", Err("gone".into()))
             .unwrap_err();
         assert_eq!(b.drain().fetches.len(), 1, "an answer lets the next one go");
+    }
+
+    #[test]
+    fn a_notice_that_comes_while_its_nodes_advert_is_being_fetched_is_fetched_after() {
+        let (mut a, mut b) = joined_pair(&[]);
+        a.advertise(advert_of_a(&["fraud"]), Duration::from_millis(10))
+            .unwrap();
+        let first = a.own_advert().unwrap().clone();
+        b.handle_packet("a", &a.drain().packets.remove(0).1)
+            .unwrap();
+        let fetches = b.drain().fetches;
+        assert_eq!(fetches.len(), 1);
+        // a changes again while b's fetch is on its way, and the fetch brings the first.
+        a.advertise(advert_of_a(&[]), Duration::from_millis(20))
+            .unwrap();
+        b.handle_packet("a", &a.drain().packets.remove(0).1)
+            .unwrap();
+        assert!(b.drain().fetches.is_empty(), "one fetch per node at a time");
+        b.advert_fetched(&fetches[0], "a", Ok(first)).unwrap();
+        let again = b.drain().fetches;
+        assert_eq!(again, fetches, "asked once more");
+        b.advert_fetched(&again[0], "a", Ok(a.own_advert().unwrap().clone()))
+            .unwrap();
+        assert!(seen(&b.live_members(), "a").unwrap().serving.is_empty());
+        assert!(b.drain().fetches.is_empty(), "and no more");
     }
 
     #[test]
