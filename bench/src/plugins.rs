@@ -6,8 +6,10 @@
 //! 2. Served throughput at concurrency 64 of the plain fraud model next to `fraud-ranked`
 //!    (json-features + top-k) and `fraud-check` (fraud-features with a feature lookup +
 //!    threshold), from one freshly started node.
-//! 3. A plugin endpoint's throughput while two requests keep a runaway plugin looping until
-//!    its deadline, next to the same load without them.
+//! 3. A plugin endpoint's throughput while two clients keep a hostile plugin busy, next to
+//!    the same load without them: a runaway looping until its deadline, a 48 MiB lookup key,
+//!    a reply of 100,000 headers, an `init` failing with a 16 MiB message on every call, and a
+//!    million pollables (`sandbox-probe` behaviours; each fails only its own request).
 
 use super::{BenchError, HttpLoad, Report, fp32_request_body, io_error, run_http, start_server};
 use bytes::Bytes;
@@ -265,8 +267,35 @@ async fn send_until(
     Ok(())
 }
 
+/// Hostile endpoints of the bench node, each kept busy by two clients in turn: the row's label
+/// and the endpoint's path.
+const HOSTILE: [(&str, &str); 5] = [
+    (
+        "fraud-ranked beside a runaway (loops to its deadline)",
+        "/v1/endpoints/runaway/invocations",
+    ),
+    (
+        "fraud-ranked beside a 48 MiB lookup key",
+        "/v1/endpoints/huge-key/invocations",
+    ),
+    (
+        "fraud-ranked beside 100,000 reply headers",
+        "/v1/endpoints/many-headers/invocations",
+    ),
+    (
+        "fraud-ranked beside init failing with 16 MiB",
+        "/v1/endpoints/failing-init/invocations",
+    ),
+    (
+        "fraud-ranked beside a million pollables",
+        "/v1/endpoints/pollables/invocations",
+    ),
+];
+
 fn node_config(config: &PluginSuiteConfig, dir: &Path) -> Result<PathBuf, BenchError> {
     let path = |name: &str| plugin_path(config, name).map(|p| p.display().to_string());
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).map_err(io_error("create the probe's state folder"))?;
     let text = format!(
         "model_repository = {repo:?}\n\
          [features.cards]\npath = {cards:?}\n\
@@ -277,7 +306,15 @@ fn node_config(config: &PluginSuiteConfig, dir: &Path) -> Result<PathBuf, BenchE
          pre = {{ path = {features:?}, config = '{{\"table\": \"cards\"}}' }}\n\
          post = {{ path = {threshold:?}, config = '{{\"output\": \"probabilities\", \"index\": 1}}' }}\n\
          [endpoints.runaway]\nmodel = \"fraud\"\n\
-         pre = {{ path = {probe:?}, config = \"loop\", deadline_ms = 200 }}\n",
+         pre = {{ path = {probe:?}, config = \"loop\", deadline_ms = 200 }}\n\
+         [endpoints.huge-key]\nmodel = \"fraud\"\n\
+         pre = {{ path = {probe:?}, config = \"lookup-key:50331648\", deadline_ms = 5000, memory_bytes = 134217728 }}\n\
+         [endpoints.many-headers]\nmodel = \"fraud\"\n\
+         pre = {{ path = {probe:?}, config = \"many-headers:100000\", deadline_ms = 5000 }}\n\
+         [endpoints.failing-init]\nmodel = \"fraud\"\n\
+         pre = {{ path = {probe:?}, config = \"init-fail-later:16777216\", isolation = \"per-call\", start_deadline_ms = 5000, dirs = [{{ host = {state:?}, guest = \"/state\", writable = true }}] }}\n\
+         [endpoints.pollables]\nmodel = \"fraud\"\n\
+         pre = {{ path = {probe:?}, config = \"pollables:1000000\", deadline_ms = 5000 }}\n",
         repo = config.repository.display().to_string(),
         cards = config.cards.display().to_string(),
         json = path("json_features")?,
@@ -286,6 +323,7 @@ fn node_config(config: &PluginSuiteConfig, dir: &Path) -> Result<PathBuf, BenchE
         features = path("fraud_features")?,
         threshold = path("threshold")?,
         probe = path("sandbox_probe")?,
+        state = state.display().to_string(),
     );
     let path = dir.join("node.toml");
     std::fs::write(&path, text).map_err(io_error("write the bench node config"))?;
@@ -347,30 +385,27 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
     ))
     .await?;
 
-    // Two clients keep the runaway endpoint busy: each request loops until its 200 ms deadline.
-    let stop = Arc::new(AtomicBool::new(false));
-    let runaways: Vec<_> = (0..2)
-        .map(|_| {
-            tokio::spawn(send_until(
-                addr,
-                "/v1/endpoints/runaway/invocations",
-                stop.clone(),
-            ))
-        })
-        .collect();
-    let stormy = run_http(&load(
-        "/v1/endpoints/fraud-ranked/invocations",
-        json_body(),
-        16,
-    ))
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    for runaway in runaways {
-        runaway
-            .await
-            .map_err(|e| BenchError::Server(e.to_string()))??;
+    // Two clients keep each hostile endpoint busy while fraud-ranked is measured.
+    let mut beside = Vec::new();
+    for (label, hostile) in HOSTILE {
+        let stop = Arc::new(AtomicBool::new(false));
+        let attackers: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(send_until(addr, hostile, stop.clone())))
+            .collect();
+        let measured = run_http(&load(
+            "/v1/endpoints/fraud-ranked/invocations",
+            json_body(),
+            16,
+        ))
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        for attacker in attackers {
+            attacker
+                .await
+                .map_err(|e| BenchError::Server(e.to_string()))??;
+        }
+        beside.push((label, measured?));
     }
-    let stormy = stormy?;
 
     let mut out = String::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -410,12 +445,10 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
             &checked,
         ),
         ("fraud-ranked alone", 16, &calm),
-        (
-            "fraud-ranked while 2 requests loop in a runaway",
-            16,
-            &stormy,
-        ),
-    ] {
+    ]
+    .into_iter()
+    .chain(beside.iter().map(|(label, r)| (*label, 16, r)))
+    {
         let _ = writeln!(
             out,
             "{label:<52} {concurrency:>5} {:>9.0} {:>8} {:>8} {:>7}",
@@ -429,10 +462,24 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
         |a: &Report, b: &Report| a.requests_per_second() / b.requests_per_second().max(1e-9);
     let _ = writeln!(
         out,
-        "req/s with plugins / plain model: fraud-ranked {:.2}x, fraud-check {:.2}x; beside a runaway / alone: {:.2}x",
+        "req/s with plugins / plain model: fraud-ranked {:.2}x, fraud-check {:.2}x",
         ratio(&ranked, &plain),
         ratio(&checked, &plain),
-        ratio(&stormy, &calm)
+    );
+    let beside: Vec<String> = beside
+        .iter()
+        .map(|(label, r)| {
+            format!(
+                "{} {:.2}x",
+                label.trim_start_matches("fraud-ranked beside "),
+                ratio(r, &calm)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "fraud-ranked beside a hostile plugin / alone: {}",
+        beside.join(", ")
     );
     Ok(out)
 }
