@@ -267,29 +267,23 @@ async fn send_until(
     Ok(())
 }
 
-/// Hostile endpoints of the bench node, each kept busy by two clients in turn: the row's label
+/// Hostile endpoints of the bench node, each kept busy by two clients in turn: what it does
 /// and the endpoint's path.
 const HOSTILE: [(&str, &str); 5] = [
     (
-        "fraud-ranked beside a runaway (loops to its deadline)",
+        "a runaway (loops to its deadline)",
         "/v1/endpoints/runaway/invocations",
     ),
+    ("a 48 MiB lookup key", "/v1/endpoints/huge-key/invocations"),
     (
-        "fraud-ranked beside a 48 MiB lookup key",
-        "/v1/endpoints/huge-key/invocations",
-    ),
-    (
-        "fraud-ranked beside 100,000 reply headers",
+        "100,000 reply headers",
         "/v1/endpoints/many-headers/invocations",
     ),
     (
-        "fraud-ranked beside init failing with 16 MiB",
+        "init failing with 16 MiB",
         "/v1/endpoints/failing-init/invocations",
     ),
-    (
-        "fraud-ranked beside a million pollables",
-        "/v1/endpoints/pollables/invocations",
-    ),
+    ("a million pollables", "/v1/endpoints/pollables/invocations"),
 ];
 
 fn node_config(config: &PluginSuiteConfig, dir: &Path) -> Result<PathBuf, BenchError> {
@@ -387,10 +381,10 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
 
     // Two clients keep each hostile endpoint busy while fraud-ranked is measured.
     let mut beside = Vec::new();
-    for (label, hostile) in HOSTILE {
+    for (hostile, path) in HOSTILE {
         let stop = Arc::new(AtomicBool::new(false));
         let attackers: Vec<_> = (0..2)
-            .map(|_| tokio::spawn(send_until(addr, hostile, stop.clone())))
+            .map(|_| tokio::spawn(send_until(addr, path, stop.clone())))
             .collect();
         let measured = run_http(&load(
             "/v1/endpoints/fraud-ranked/invocations",
@@ -404,7 +398,7 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
                 .await
                 .map_err(|e| BenchError::Server(e.to_string()))??;
         }
-        beside.push((label, measured?));
+        beside.push((hostile, format!("fraud-ranked beside {hostile}"), measured?));
     }
 
     let mut out = String::new();
@@ -447,7 +441,7 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
         ("fraud-ranked alone", 16, &calm),
     ]
     .into_iter()
-    .chain(beside.iter().map(|(label, r)| (*label, 16, r)))
+    .chain(beside.iter().map(|(_, label, r)| (label.as_str(), 16, r)))
     {
         let _ = writeln!(
             out,
@@ -468,13 +462,7 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
     );
     let beside: Vec<String> = beside
         .iter()
-        .map(|(label, r)| {
-            format!(
-                "{} {:.2}x",
-                label.trim_start_matches("fraud-ranked beside "),
-                ratio(r, &calm)
-            )
-        })
+        .map(|(hostile, _, r)| format!("{hostile} {:.2}x", ratio(r, &calm)))
         .collect();
     let _ = writeln!(
         out,

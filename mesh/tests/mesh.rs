@@ -2706,10 +2706,10 @@ async fn five_nodes_of_200_models_agree_on_placement_within_10_s_and_suspect_no_
                 members == expected
                     && s.routes.epoch == first.routes.epoch
                     && models.iter().all(|m| {
-                        let placed = placed(s, m);
-                        placed.len() == 2
-                            && serving(s, m) == placed
-                            && placed == self::placed(first, m)
+                        let replicas = placed(s, m);
+                        replicas.len() == 2
+                            && serving(s, m) == replicas
+                            && replicas == placed(first, m)
                     })
             });
             if agreed {
