@@ -236,12 +236,25 @@ async fn per_call_overhead(
     Ok((rows, body.len()))
 }
 
-/// Sends requests one after another on one connection until `stop`, whatever they answer.
+/// What a hostile endpoint answered its attackers.
+#[derive(Debug, Default, Clone, Copy)]
+struct Attacked {
+    /// Calls that ran and failed (or, unexpectedly, succeeded).
+    ran: u64,
+    /// Calls refused at once with 503 while the plugin's failure budget refilled.
+    paused: u64,
+}
+
+/// Sends requests one after another on one connection until `stop`, whatever they answer,
+/// waiting out a 503's `Retry-After` as HTTP clients and load balancers do: a client that
+/// ignores it floods the node with cheap requests, which costs what any cheap request costs
+/// and says nothing about the plugin.
 async fn send_until(
     addr: std::net::SocketAddr,
     path: &'static str,
     stop: Arc<AtomicBool>,
-) -> Result<(), BenchError> {
+) -> Result<Attacked, BenchError> {
+    let mut attacked = Attacked::default();
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(io_error("connect"))?;
@@ -258,13 +271,24 @@ async fn send_until(
             .send_request(request)
             .await
             .map_err(|e| BenchError::Server(e.to_string()))?;
+        if response.status() == hyper::StatusCode::SERVICE_UNAVAILABLE {
+            attacked.paused += 1;
+            let seconds = response
+                .headers()
+                .get(hyper::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(seconds.min(2))).await;
+        } else {
+            attacked.ran += 1;
+        }
         response
             .into_body()
             .collect()
             .await
             .map_err(|e| BenchError::Server(e.to_string()))?;
     }
-    Ok(())
+    Ok(attacked)
 }
 
 /// Hostile endpoints of the bench node, each kept busy by two clients in turn: what it does
@@ -393,12 +417,20 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
         ))
         .await;
         stop.store(true, Ordering::Relaxed);
+        let mut attacked = Attacked::default();
         for attacker in attackers {
-            attacker
+            let one = attacker
                 .await
                 .map_err(|e| BenchError::Server(e.to_string()))??;
+            attacked.ran += one.ran;
+            attacked.paused += one.paused;
         }
-        beside.push((hostile, format!("fraud-ranked beside {hostile}"), measured?));
+        beside.push((
+            hostile,
+            format!("fraud-ranked beside {hostile}"),
+            measured?,
+            attacked,
+        ));
     }
 
     let mut out = String::new();
@@ -441,8 +473,11 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
         ("fraud-ranked alone", 16, &calm),
     ]
     .into_iter()
-    .chain(beside.iter().map(|(_, label, r)| (label.as_str(), 16, r)))
-    {
+    .chain(
+        beside
+            .iter()
+            .map(|(_, label, r, _)| (label.as_str(), 16, r)),
+    ) {
         let _ = writeln!(
             out,
             "{label:<52} {concurrency:>5} {:>9.0} {:>8} {:>8} {:>7}",
@@ -460,9 +495,25 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
         ratio(&ranked, &plain),
         ratio(&checked, &plain),
     );
+    let seconds = (config.warmup + config.duration).as_secs_f64();
+    let attacks: Vec<String> = beside
+        .iter()
+        .map(|(hostile, _, _, a)| {
+            format!(
+                "{hostile}: {:.0} ran and failed, {:.0} paused",
+                a.ran as f64 / seconds,
+                a.paused as f64 / seconds
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "hostile calls per second (the plugin pauses once its failures spend failure_budget_ms): {}",
+        attacks.join("; ")
+    );
     let beside: Vec<String> = beside
         .iter()
-        .map(|(hostile, _, r)| format!("{hostile} {:.2}x", ratio(r, &calm)))
+        .map(|(hostile, _, r, _)| format!("{hostile} {:.2}x", ratio(r, &calm)))
         .collect();
     let _ = writeln!(
         out,

@@ -136,6 +136,8 @@ pub enum InferError {
         plugin: String,
         /// Why.
         cause: String,
+        /// When a retry may succeed.
+        retry_after: Duration,
     },
     /// ONNX Runtime failed.
     #[error("model '{model}' failed: {message}")]
@@ -173,9 +175,10 @@ impl InferError {
     /// When a client should retry an `Unavailable` error.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            InferError::QueueFull { .. }
-            | InferError::Closed { .. }
-            | InferError::PluginBusy { .. } => Some(Duration::from_secs(1)),
+            InferError::QueueFull { .. } | InferError::Closed { .. } => {
+                Some(Duration::from_secs(1))
+            }
+            InferError::PluginBusy { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

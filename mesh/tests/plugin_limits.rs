@@ -253,6 +253,12 @@ async fn outputs_past_their_limits_fail_with_a_clear_error() {
             ("big-tensor", "pre", "big-output:4000000", limited),
             ("fits", "pre", "big-output:256", limited),
             ("many", "pre", "many-tensors:100", ""),
+            (
+                "100k-tensors",
+                "pre",
+                "many-tensors:100000",
+                MOVES_MEGABYTES,
+            ),
             ("deep", "pre", "rank:20", ""),
             ("long-name", "pre", "long-name:1000", ""),
             ("big-body", "post", "big-body:4000000", limited),
@@ -263,13 +269,26 @@ async fn outputs_past_their_limits_fail_with_a_clear_error() {
                 "many-headers:100000",
                 MOVES_MEGABYTES,
             ),
+            ("some-headers", "pre", "many-headers:100", ""),
         ],
     );
     let http = client();
+    // Past what any plugin may return, a list fails when its length is read, before a piece
+    // of it is copied; below that, the plugin's own limit names itself.
     assert_fails(
         &call(&http, &node, "many-headers").await,
         500,
-        "replied with 100000 headers; the limit is 32",
+        "returned 100000 headers; no plugin may return more than 1024",
+    );
+    assert_fails(
+        &call(&http, &node, "some-headers").await,
+        500,
+        "replied with 100 headers; the limit is 32",
+    );
+    assert_fails(
+        &call(&http, &node, "100k-tensors").await,
+        500,
+        "returned 100000 tensors; no plugin may return more than 1024",
     );
     assert_fails(
         &call(&http, &node, "big-tensor").await,
@@ -438,6 +457,54 @@ async fn one_plugins_runaway_calls_cannot_take_every_slot() {
 }
 
 #[tokio::test]
+async fn a_plugin_whose_failures_spend_its_budget_pauses_until_it_refills() {
+    // Each call loops to its 40 ms deadline and 50 ms of failures a second are allowed: the
+    // second call (the first, on a slow machine) overdraws the budget by 20 ms or more, which
+    // takes at least 400 ms to refill.
+    let (node, _dir) = probe_node(
+        "",
+        &[(
+            "runaway",
+            "pre",
+            "loop",
+            ", deadline_ms = 40, failure_budget_ms = 50",
+        )],
+    );
+    let http = client();
+    let mut failed = 0;
+    let refused = loop {
+        let answer = call(&http, &node, "runaway").await;
+        if answer.status == 503 {
+            break answer;
+        }
+        assert_fails(&answer, 500, "running time");
+        failed += 1;
+        assert!(failed <= 3, "{failed} looping calls ran without a pause");
+    };
+    assert!(failed >= 1, "paused before any call failed");
+    assert_fails(
+        &refused,
+        503,
+        "its failing calls spent more than its 50 ms per second",
+    );
+    assert_eq!(refused.headers["retry-after"], "1");
+    // Paused calls do not run (they would fail with 500); other endpoints never notice.
+    let again = call(&http, &node, "runaway").await;
+    assert_eq!(again.status, 503, "{}", again.body);
+    assert_eq!(call(&http, &node, "ok").await.status, 200);
+    // Once the budget has refilled, the plugin runs again (and fails on its own terms).
+    let resume_ms: u64 = again
+        .error()
+        .rsplit("calls resume in ")
+        .next()
+        .and_then(|rest| rest.split(" ms").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no pause in '{}'", again.error()));
+    assert!(resume_ms <= 1000, "paused for {resume_ms} ms");
+    tokio::time::sleep(Duration::from_millis(resume_ms + 20)).await;
+    assert_fails(&call(&http, &node, "runaway").await, 500, "running time");
+}
+
+#[tokio::test]
 async fn the_node_wide_memory_budget_refuses_growth_with_503() {
     let (node, _dir) = probe_node(
         "[plugins]\nmemory_budget_bytes = 41943040\n",
@@ -508,7 +575,7 @@ async fn clients_get_short_errors_and_the_log_gets_the_details() {
 async fn a_plugin_failing_every_request_grows_the_log_only_by_its_rate_limit() {
     let state = tempfile::tempdir().unwrap();
     let options = format!(
-        ", isolation = \"per-call\", dirs = [{{ host = \"{}\", guest = \"/state\", writable = true }}], limits = {{ log_burst = 10, log_lines_per_second = 1 }}{MOVES_MEGABYTES}",
+        ", isolation = \"per-call\", dirs = [{{ host = \"{}\", guest = \"/state\", writable = true }}], limits = {{ log_burst = 10, log_lines_per_second = 1 }}, failure_budget_ms = 1000000{MOVES_MEGABYTES}",
         state.path().display()
     );
     let (node, _dir) = probe_node(

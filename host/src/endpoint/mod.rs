@@ -430,6 +430,14 @@ fn plugin_error(failure: PluginFailure) -> InferError {
             message,
         },
         PluginFailure::Failed { plugin, cause, .. } => InferError::PluginFailed { plugin, cause },
-        PluginFailure::Busy { plugin, cause } => InferError::PluginBusy { plugin, cause },
+        PluginFailure::Busy {
+            plugin,
+            cause,
+            retry_after,
+        } => InferError::PluginBusy {
+            plugin,
+            cause,
+            retry_after,
+        },
     }
 }

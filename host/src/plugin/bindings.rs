@@ -5,8 +5,9 @@ use crate::tensor::{DataType, Tensor};
 use bytes::Bytes;
 
 /// The generated bindings of world `pre-post`, in their own module because the world's types
-/// would clash with ours. A plugin needs only the stage it serves: [`crate::plugin::instance`]
-/// loads each stage's exports on their own, so a `pre` or `post` component loads too.
+/// would clash with ours. Only the host's side is used: a stage's exports are called through
+/// [`crate::plugin::outcome`]'s types, which bound what they lift, and a plugin needs only the
+/// stage it serves, so a `pre` or `post` component loads too.
 pub mod wit {
     wasmtime::component::bindgen!({
         path: "../guest-sdk/wit",
@@ -20,11 +21,10 @@ pub mod wit {
     });
 }
 
-pub use wit::exports::meshserve::plugin::{postprocess, preprocess};
 pub use wit::meshserve::plugin::host::{Host, LogLevel};
 pub use wit::meshserve::plugin::types::{
     Datatype, Host as TypesHost, HostContext, HostRequest, PluginError as WitPluginError,
-    PostOutcome, PreOutcome, Reply, Tensor as WitTensor,
+    Tensor as WitTensor,
 };
 
 /// The package every 0.2 plugin is built against, as it appears in export names.

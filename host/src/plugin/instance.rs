@@ -15,14 +15,15 @@
 //! what it returns ([`crate::plugin::limits`]). The client sees a short failure; wasm
 //! backtraces and host details go to the log.
 
-use crate::plugin::bindings::{
-    PostOutcome, PreOutcome, Reply, WitPluginError, WitTensor, postprocess, preprocess,
-    tensor_from_plugin,
-};
+use crate::plugin::bindings::{WitPluginError, WitTensor, tensor_from_plugin};
 use crate::plugin::clock::RunningClock;
+use crate::plugin::failures::FailureBudget;
 use crate::plugin::features::TableScope;
 use crate::plugin::memory::MemoryBudget;
 use crate::plugin::node::{IdlePool, PluginNode};
+use crate::plugin::outcome::{
+    InitFunc, PostHandle, PostOutcome, PreHandle, PreOutcome, Reply, Tensors,
+};
 use crate::plugin::sandbox::{CallState, PluginShared};
 use crate::plugin::spec::{Isolation, PluginSpec};
 use crate::plugin::stdio::StderrCapture;
@@ -30,9 +31,9 @@ use crate::plugin::stopped::Stopped;
 use crate::plugin::views::{ContextView, RequestView};
 use crate::tensor::Tensor;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use wasmtime::component::{InstancePre, Resource};
+use wasmtime::component::{ComponentExportIndex, InstancePre, Resource};
 use wasmtime::{CallHook, Store, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
@@ -79,13 +80,16 @@ pub enum PluginFailure {
         /// output, init.
         kind: &'static str,
     },
-    /// No instance could be had in time, or the node's plugin memory is spent: retry later.
+    /// No instance could be had in time, the node's plugin memory is spent, or the plugin's
+    /// failing calls spent their budget: retry later.
     #[error("plugin '{plugin}' is busy: {cause}")]
     Busy {
         /// The plugin.
         plugin: String,
         /// Why.
         cause: String,
+        /// When a retry may succeed.
+        retry_after: Duration,
     },
 }
 
@@ -129,14 +133,16 @@ const LONG_CALL_REST: Duration = Duration::from_millis(3);
 /// The longest panic message quoted to a client.
 const CLIENT_PANIC_CHARS: usize = 200;
 
-pub(crate) enum StageIndices {
-    Pre(preprocess::GuestIndices),
-    Post(postprocess::GuestIndices),
+/// Where a stage's `init` and `handle` are among a component's exports.
+pub(crate) struct StageIndices {
+    init: ComponentExportIndex,
+    handle: ComponentExportIndex,
 }
 
+/// A live instance's `handle` of its stage.
 enum StageGuest {
-    Pre(preprocess::Guest),
-    Post(postprocess::Guest),
+    Pre(PreHandle),
+    Post(PostHandle),
 }
 
 /// A live instance with its store, and the node-wide slot it holds.
@@ -159,6 +165,7 @@ pub(crate) struct Core {
     node: Arc<PluginNode>,
     idle: Mutex<Vec<Instance>>,
     calls: Arc<Semaphore>,
+    failures: FailureBudget,
 }
 
 /// A plugin ready to be called at one endpoint stage: compiled, linked, pre-instantiated,
@@ -191,6 +198,7 @@ impl LoadedPlugin {
             pre,
             indices,
             calls: Arc::new(Semaphore::new(spec.max_instances.max(1) as usize)),
+            failures: FailureBudget::new(spec.failure_budget(), Instant::now()),
             spec,
             shared,
             node,
@@ -242,14 +250,13 @@ impl LoadedPlugin {
         let (_permit, mut instance) = core.checkout().await?;
         let handle = core.begin(&mut instance, request)?;
         let borrowed = Resource::new_borrow(handle.rep());
-        let StageGuest::Pre(guest) = &instance.guest else {
+        let StageGuest::Pre(guest) = instance.guest else {
             return Err(core.failed("load", "is not a pre-processing plugin", None));
         };
-        let guest = guest.clone();
         let clock = instance.store.data().clock.clone();
-        let call = guest.call_handle(&mut instance.store, borrowed);
+        let call = guest.call_async(&mut instance.store, (borrowed,));
         let ended = call_within(core.wall_timeout(Phase::Call), clock, call).await;
-        let outcome = core.finish(instance, handle, ended)?;
+        let (outcome,) = core.finish(instance, handle, ended)?;
         match outcome.map_err(|e| core.rejected(e))? {
             PreOutcome::Infer(tensors) => core.tensors(tensors).map(PreAnswer::Infer),
             PreOutcome::Reply(reply) => core.reply(reply).map(PreAnswer::Reply),
@@ -266,15 +273,14 @@ impl LoadedPlugin {
         let (_permit, mut instance) = core.checkout().await?;
         let handle = core.begin(&mut instance, context)?;
         let borrowed = Resource::new_borrow(handle.rep());
-        let StageGuest::Post(guest) = &instance.guest else {
+        let StageGuest::Post(guest) = instance.guest else {
             return Err(core.failed("load", "is not a post-processing plugin", None));
         };
-        let guest = guest.clone();
         let wit: Vec<WitTensor> = outputs.iter().map(Into::into).collect();
         let clock = instance.store.data().clock.clone();
-        let call = guest.call_handle(&mut instance.store, borrowed, &wit);
+        let call = guest.call_async(&mut instance.store, (borrowed, wit));
         let ended = call_within(core.wall_timeout(Phase::Call), clock, call).await;
-        let outcome = core.finish(instance, handle, ended)?;
+        let (outcome,) = core.finish(instance, handle, ended)?;
         match outcome.map_err(|e| core.rejected(e))? {
             PostOutcome::Tensors(tensors) => core.tensors(tensors).map(PostAnswer::Tensors),
             PostOutcome::Reply(reply) => core.reply(reply).map(PostAnswer::Reply),
@@ -355,6 +361,16 @@ impl Core {
 
     /// A call permit of this plugin and an instance to run on.
     async fn checkout(self: &Arc<Self>) -> Result<(OwnedSemaphorePermit, Instance), PluginFailure> {
+        if let Some(pause) = self.failures.paused(Instant::now()) {
+            return Err(self.busy_for(
+                format!(
+                    "its failing calls spent more than its {} ms per second; calls resume in {} ms",
+                    self.spec.failure_budget().as_millis(),
+                    pause.as_millis().max(1)
+                ),
+                pause,
+            ));
+        }
         let wait = Duration::from_millis(self.spec.queue_timeout_ms);
         let permit = match tokio::time::timeout(wait, self.calls.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,
@@ -385,6 +401,20 @@ impl Core {
         let mut store = self.store()?;
         self.reset_budgets(&mut store, Phase::Start)?;
         let clock = store.data().clock.clone();
+        let started = self.start(store, slot).await;
+        if started.is_err() {
+            self.failures.charge(clock.used(), Instant::now());
+        }
+        started
+    }
+
+    /// Instantiates in `store` and runs `init`, within the start-up budgets.
+    async fn start(
+        self: &Arc<Self>,
+        mut store: Store<CallState>,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<Instance, PluginFailure> {
+        let clock = store.data().clock.clone();
         let wall = self.wall_timeout(Phase::Start);
         let instance =
             match call_within(wall, clock.clone(), self.pre.instantiate_async(&mut store)).await {
@@ -392,21 +422,23 @@ impl Core {
                 Ended::Returned(Err(e)) => return Err(self.trapped(e, &store, Phase::Start)),
                 Ended::WallClock => return Err(self.wall_clock_exceeded(&store, Phase::Start)),
             };
-        let guest = match &self.indices {
-            StageIndices::Pre(indices) => indices.load(&mut store, &instance).map(StageGuest::Pre),
-            StageIndices::Post(indices) => {
-                indices.load(&mut store, &instance).map(StageGuest::Post)
-            }
-        }
-        .map_err(|e| self.failed("load", "does not export its stage", Some(format!("{e:#}"))))?;
-        let config = self.spec.config.clone();
-        let init = match &guest {
-            StageGuest::Pre(g) => call_within(wall, clock, g.call_init(&mut store, &config)).await,
-            StageGuest::Post(g) => call_within(wall, clock, g.call_init(&mut store, &config)).await,
+        let mut exports = || -> wasmtime::Result<(InitFunc, StageGuest)> {
+            let init = instance.get_typed_func(&mut store, self.indices.init)?;
+            let handle = self.indices.handle;
+            let guest = match self.stage {
+                Stage::Pre => StageGuest::Pre(instance.get_typed_func(&mut store, handle)?),
+                Stage::Post => StageGuest::Post(instance.get_typed_func(&mut store, handle)?),
+            };
+            Ok((init, guest))
         };
+        let (init, guest) = exports().map_err(|e| {
+            self.failed("load", "does not export its stage", Some(format!("{e:#}")))
+        })?;
+        let config = self.spec.config.clone();
+        let init = call_within(wall, clock, init.call_async(&mut store, (config,))).await;
         match init {
-            Ended::Returned(Ok(Ok(()))) => {}
-            Ended::Returned(Ok(Err(e))) => {
+            Ended::Returned(Ok((Ok(()),))) => {}
+            Ended::Returned(Ok((Err(e),))) => {
                 return Err(self.failed(
                     "init",
                     &format!("init refused its config: {}", short(&e.message)),
@@ -553,6 +585,8 @@ impl Core {
             Ended::WallClock => Err(self.wall_clock_exceeded(&instance.store, Phase::Call)),
         };
         if result.is_err() {
+            let running = instance.store.data().clock.used();
+            self.failures.charge(running, Instant::now());
             drop(instance);
             if self.spec.isolation == Isolation::Reuse {
                 self.refill();
@@ -612,13 +646,14 @@ impl Core {
         limits.copy_budget(limits.output_budget(self.spec.memory_bytes))
     }
 
-    fn tensors(&self, tensors: Vec<WitTensor>) -> Result<Vec<Tensor>, PluginFailure> {
+    fn tensors(&self, tensors: Tensors) -> Result<Vec<Tensor>, PluginFailure> {
         let budget = self.spec.limits.output_budget(self.spec.memory_bytes);
         self.spec
             .limits
             .check_tensors(&tensors, budget)
             .map_err(|e| self.failed("output", &e, None))?;
         tensors
+            .into_vec()
             .into_iter()
             .map(|t| {
                 tensor_from_plugin(t).map_err(|e| {
@@ -636,7 +671,7 @@ impl Core {
             .map_err(|e| self.failed("output", &e, None))?;
         Ok(PluginReply {
             status: reply.status,
-            headers: reply.headers,
+            headers: reply.headers.into_vec(),
             content_type: reply.content_type,
             body: reply.body,
         })
@@ -657,6 +692,11 @@ impl Core {
     }
 
     fn busy(&self, cause: String) -> PluginFailure {
+        self.busy_for(cause, Duration::from_secs(1))
+    }
+
+    /// A refusal the client may retry after `retry_after`.
+    fn busy_for(&self, cause: String, retry_after: Duration) -> PluginFailure {
         self.node.metrics.record_plugin_failure(&self.name, "busy");
         if self.shared.admit_line() {
             tracing::warn!(plugin = %self.name, stage = self.stage.as_str(), cause, "plugin call refused: busy");
@@ -664,6 +704,7 @@ impl Core {
         PluginFailure::Busy {
             plugin: self.name.to_string(),
             cause,
+            retry_after,
         }
     }
 
@@ -822,21 +863,28 @@ pub(crate) fn stage_indices(
     stage: Stage,
 ) -> Result<StageIndices, String> {
     // The world a plugin is built for is named after its stage.
-    let missing = |interface: &str, e: wasmtime::Error| {
+    let interface = match stage {
+        Stage::Pre => "meshserve:plugin/preprocess@0.2.0",
+        Stage::Post => "meshserve:plugin/postprocess@0.2.0",
+    };
+    let missing = |name: &str| {
         let stage = stage.as_str();
         format!(
-            "is configured as a {stage} stage but does not export {interface}: build it for world \
-             '{stage}' (Rust: meshserve_guest::export_plugin!(T: {stage})) ({e:#})"
+            "is configured as a {stage} stage but does not export {interface}#{name}: build it \
+             for world '{stage}' (Rust: meshserve_guest::export_plugin!(T: {stage}))"
         )
     };
-    match stage {
-        Stage::Pre => preprocess::GuestIndices::new(pre)
-            .map(StageIndices::Pre)
-            .map_err(|e| missing("meshserve:plugin/preprocess@0.2.0", e)),
-        Stage::Post => postprocess::GuestIndices::new(pre)
-            .map(StageIndices::Post)
-            .map_err(|e| missing("meshserve:plugin/postprocess@0.2.0", e)),
-    }
+    let component = pre.component();
+    let export = |name: &str| {
+        component
+            .get_export_index(None, interface)
+            .and_then(|exported| component.get_export_index(Some(&exported), name))
+            .ok_or_else(|| missing(name))
+    };
+    Ok(StageIndices {
+        init: export("init")?,
+        handle: export("handle")?,
+    })
 }
 
 #[cfg(test)]

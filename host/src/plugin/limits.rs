@@ -5,7 +5,8 @@
 //! A guest is untrusted, so its output is checked before the node spends anything on it: the
 //! byte counts, names and ranks of tensors, and the status and headers of a reply.
 
-use crate::plugin::bindings::{Reply, WitTensor};
+use crate::plugin::bindings::WitTensor;
+use crate::plugin::outcome::{MAX_OUTPUT_TENSORS, MAX_REPLY_HEADERS, Reply};
 use serde::Deserialize;
 
 /// Bounds on one plugin's calls (`limits` in a plugin entry); every field has a default.
@@ -15,13 +16,15 @@ pub struct PluginLimits {
     /// Bytes a call may return (tensor data, names, shapes, or a reply's body and headers);
     /// default: the plugin's `memory_bytes`.
     pub output_bytes: Option<usize>,
-    /// Tensors a call may return.
+    /// Tensors a call may return (at most [`MAX_OUTPUT_TENSORS`]).
+    #[serde(deserialize_with = "at_most::<_, MAX_OUTPUT_TENSORS>")]
     pub output_tensors: usize,
     /// Dimensions of one returned tensor.
     pub tensor_rank: usize,
     /// Bytes of one tensor name.
     pub name_bytes: usize,
-    /// Headers of one reply.
+    /// Headers of one reply (at most [`MAX_REPLY_HEADERS`]).
+    #[serde(deserialize_with = "at_most::<_, MAX_REPLY_HEADERS>")]
     pub reply_headers: usize,
     /// Bytes of one reply header, name and value together.
     pub header_bytes: usize,
@@ -66,6 +69,19 @@ impl Default for PluginLimits {
             resources: 4096,
         }
     }
+}
+
+/// A count no larger than `MAX`: the most the node lifts out of any guest.
+fn at_most<'de, D: serde::Deserializer<'de>, const MAX: usize>(
+    deserializer: D,
+) -> Result<usize, D::Error> {
+    let count = usize::deserialize(deserializer)?;
+    if count > MAX {
+        return Err(serde::de::Error::custom(format!(
+            "{count} is more than any plugin may return ({MAX})"
+        )));
+    }
+    Ok(count)
 }
 
 /// Response headers a plugin may not set: HTTP framing, and what the node itself reports.
@@ -184,7 +200,7 @@ impl PluginLimits {
             ));
         }
         let mut total = reply.body.len().saturating_add(reply.content_type.len());
-        for (name, value) in &reply.headers {
+        for (name, value) in reply.headers.iter() {
             let lower = name.to_ascii_lowercase();
             if !is_token(name) || !is_header_value(value) {
                 return Err(format!(
@@ -287,10 +303,25 @@ mod tests {
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
             content_type: "application/json".into(),
             body: vec![b'x'; body],
         }
+    }
+
+    #[test]
+    fn a_config_may_not_allow_more_pieces_than_the_node_lifts() {
+        let err = toml::from_str::<PluginLimits>("reply_headers = 1025").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("1025 is more than any plugin may return (1024)")
+        );
+        let err = toml::from_str::<PluginLimits>("output_tensors = 5000").unwrap_err();
+        assert!(err.to_string().contains("(1024)"));
+        let most: PluginLimits =
+            toml::from_str("reply_headers = 1024\noutput_tensors = 1024").unwrap();
+        assert_eq!((most.reply_headers, most.output_tensors), (1024, 1024));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!   ([`runtime`]) with its on-disk compile cache ([`cache`]), a plugin entry of an endpoint
 //!   ([`spec`]);
 //! - running: a loaded plugin with its instance pool and bounded calls ([`instance`]), what all
-//!   plugins of a node share while they run (`node`: engine, instance slots, memory budget);
+//!   plugins of a node share while they run (`node`: engine, instance slots, memory budget),
+//!   what a stage's call returns, bounded in count as it is lifted ([`outcome`]), and the
+//!   running time its failures may spend before its calls pause ([`failures`]);
 //! - what a guest sees and may spend: the host functions and store state ([`sandbox`]), the
 //!   request and context it is called with ([`views`]), its linear memory ([`memory`]), its
 //!   running time ([`clock`]), stderr ([`stdio`]), randomness ([`random`]), why a call was
@@ -13,11 +15,13 @@
 pub mod bindings;
 pub mod cache;
 pub mod clock;
+pub mod failures;
 pub mod features;
 pub mod instance;
 pub mod limits;
 pub mod memory;
 mod node;
+pub mod outcome;
 pub mod random;
 pub mod runtime;
 pub mod sandbox;

@@ -77,6 +77,11 @@ pub struct PluginSpec {
     /// How long, in ms, a call waits for an instance before it is answered 503.
     #[serde(default = "default_queue_timeout_ms")]
     pub queue_timeout_ms: u64,
+    /// Running time, in ms per second, that failed calls and starts of this plugin (at this
+    /// endpoint stage) may take before its calls pause (503 with `Retry-After`) until the
+    /// budget refills; default: an eighth of the node's cores ([`crate::plugin::failures`]).
+    #[serde(default)]
+    pub failure_budget_ms: Option<u64>,
     /// Request headers the plugin may see (case-insensitive); none by default.
     #[serde(default)]
     pub headers: Vec<String>,
@@ -131,6 +136,7 @@ impl PluginSpec {
             recycle_memory_bytes: None,
             max_instances: default_max_instances(),
             queue_timeout_ms: default_queue_timeout_ms(),
+            failure_budget_ms: None,
             headers: Vec::new(),
             limits: PluginLimits::default(),
             dirs: Vec::new(),
@@ -154,6 +160,12 @@ impl PluginSpec {
                 .saturating_mul(4)
                 .saturating_add(1000),
         )
+    }
+
+    /// Running time per second that failed calls may take before calls pause.
+    pub fn failure_budget(&self) -> std::time::Duration {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        std::time::Duration::from_millis(self.failure_budget_ms.unwrap_or(125 * cores))
     }
 
     /// The memory past which a reused instance is discarded.

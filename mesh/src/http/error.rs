@@ -76,10 +76,11 @@ impl IntoResponse for ApiError {
         let mut response =
             (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
         if let Some(after) = self.retry_after {
-            let seconds = after.as_secs().max(1);
+            // Whole seconds, rounded up: a client retrying sooner would be refused again.
+            let seconds = u64::try_from(after.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
     }
