@@ -659,6 +659,31 @@ async fn a_python_plugin_serves_through_the_same_world_and_is_compiled_once() {
 }
 
 #[tokio::test]
+async fn an_endpoint_whose_init_fails_leaves_the_shared_compiled_plugin_cached() {
+    plugin("sandbox_probe");
+    let cache = tempfile::tempdir().unwrap();
+    // Endpoints load in name order: the refused one compiles the file first.
+    let config = format!(
+        "[plugins]\ncache_dir = \"{}\"\n\
+         [endpoints.a-refused]\nmodel = \"fraud\"\npre = {{ path = \"{{plugins}}/sandbox_probe.wasm\", config = \"init-fail\" }}\n\
+         [endpoints.b-ok]\nmodel = \"fraud\"\npre = {{ path = \"{{plugins}}/sandbox_probe.wasm\", config = \"ok\" }}\n",
+        cache.path().display(),
+    );
+    let http = client();
+    let compiles = |log: &str| {
+        log.matches("source=\"compiled\"").count() + log.matches("source=compiled").count()
+    };
+    // The first start compiles the file once for both endpoints; the second compiles nothing.
+    for (round, expected) in [(0, 1), (1, 0)] {
+        let (node, _models) = start_with_config(&config);
+        let log = node.log_text();
+        assert_eq!(compiles(&log), expected, "round {round}: {log}");
+        assert_eq!(call(&http, &node, "a-refused").await.0, 503);
+        assert_eq!(call(&http, &node, "b-ok").await.0, 200);
+    }
+}
+
+#[tokio::test]
 async fn a_fuel_budget_stops_a_plugin_that_spends_it() {
     plugin("sandbox_probe");
     let (node, _dir) = start_with_config(

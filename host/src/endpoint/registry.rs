@@ -78,6 +78,7 @@ impl Endpoints {
             stop: Arc::new(AtomicBool::new(false)),
         };
         endpoints.sync_repository();
+        endpoints.runtime.sweep_cache();
         endpoints
     }
 
@@ -133,13 +134,15 @@ impl Endpoints {
 
     fn load_or_reload(&self, name: &str) -> Result<(), InferError> {
         let endpoint = self.get(name);
-        match endpoint {
+        let loaded = match endpoint {
             Some(endpoint) if endpoint.source == Source::NodeConfig => endpoint
                 .refresh(&self.runtime, true)
                 .map(|_| ())
                 .map_err(|reason| endpoint.unavailable(reason)),
             _ => self.load_folder(name),
-        }
+        };
+        self.runtime.sweep_cache();
+        loaded
     }
 
     /// Loads the repository endpoint `name` (the admin call), also one an admin unloaded.
@@ -164,6 +167,7 @@ impl Endpoints {
         }
         self.folders().held.insert(name.to_string());
         self.remove(name);
+        self.runtime.sweep_cache();
         tracing::info!(endpoint = %name, "endpoint unloaded");
         Ok(())
     }
@@ -315,6 +319,7 @@ impl Endpoints {
                         }
                     }
                     endpoints.sync_repository();
+                    endpoints.runtime.sweep_cache();
                 }
             })?;
         Ok(())

@@ -8,8 +8,9 @@
 //!
 //! An artifact is named by the SHA-256 of the plugin's source and the engine's compatibility
 //! hash, so a new wasmtime or changed settings never read an old one; artifacts of other
-//! engines are removed when the cache opens, and a version replaced by a hot swap is removed
-//! by [`DiskCache::evict`].
+//! engines are removed when the cache opens, and a version no loaded plugin uses any more (one
+//! replaced by a hot swap, or one whose load failed and that no other endpoint took up in the
+//! same round of loads) is removed by [`DiskCache::evict`].
 
 use crate::plugin::sha256_hex;
 use std::hash::{DefaultHasher, Hash, Hasher};

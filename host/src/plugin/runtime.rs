@@ -16,7 +16,7 @@ use crate::plugin::random::RandomBudget;
 use crate::plugin::sandbox::CallState;
 use crate::plugin::sha256_hex;
 use crate::plugin::spec::PluginSpec;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,9 +116,20 @@ pub struct PluginRuntime {
     linker: Linker<CallState>,
     features: Arc<FeatureTables>,
     config: PluginRuntimeConfig,
-    compiled: Mutex<HashMap<String, (Component, usize)>>,
+    compiled: Mutex<Versions>,
     disk: Option<DiskCache>,
     _ticker: Ticker,
+}
+
+/// The compiled versions this runtime holds, and those no longer used.
+#[derive(Default)]
+struct Versions {
+    /// Each compiled version in use, by digest, with how many loaded plugins use it.
+    used: HashMap<String, (Component, usize)>,
+    /// Versions that lost their last user since the last [`PluginRuntime::sweep_cache`]. Their
+    /// artifacts stay on disk until then: a failed load gives its version up, and another
+    /// endpoint loaded next may use the very same file.
+    unused: HashSet<String>,
 }
 
 impl PluginRuntime {
@@ -196,7 +207,7 @@ impl PluginRuntime {
             linker,
             features,
             config,
-            compiled: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(Versions::default()),
             disk,
             _ticker: Ticker { stop },
         }))
@@ -324,8 +335,9 @@ impl PluginRuntime {
         bytes: &[u8],
         shown: &str,
     ) -> Result<(Component, &'static str), PluginLoadError> {
-        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((component, users)) = compiled.get_mut(digest) {
+        let mut versions = self.versions();
+        versions.unused.remove(digest);
+        if let Some((component, users)) = versions.used.get_mut(digest) {
             *users += 1;
             return Ok((component.clone(), "memory"));
         }
@@ -348,23 +360,41 @@ impl PluginRuntime {
                 (component, "compiled")
             }
         };
-        compiled.insert(digest.to_string(), (component.clone(), 1));
+        versions
+            .used
+            .insert(digest.to_string(), (component.clone(), 1));
         Ok((component, source))
     }
 
-    /// Says that one user of `digest` is gone (a version replaced by a hot swap); the last one
-    /// takes its compiled form out of memory and off the disk. Calls still running on it keep
-    /// what they hold until they finish.
+    fn versions(&self) -> std::sync::MutexGuard<'_, Versions> {
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Says that one user of `digest` is gone (a version replaced by a hot swap, or a load that
+    /// failed); the last one takes its compiled form out of memory, and the next
+    /// [`PluginRuntime::sweep_cache`] off the disk. Calls still running on it keep what they
+    /// hold until they finish.
     pub fn retire(&self, digest: &str) {
-        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((_, users)) = compiled.get_mut(digest) else {
+        let mut versions = self.versions();
+        let Some((_, users)) = versions.used.get_mut(digest) else {
             return;
         };
         *users -= 1;
         if *users == 0 {
-            compiled.remove(digest);
+            versions.used.remove(digest);
+            versions.unused.insert(digest.to_string());
+        }
+    }
+
+    /// Removes from the disk cache the versions given up since the last sweep that no plugin
+    /// has taken up again. Called once a round of loads is over (at start, after each check for
+    /// changed files), so that a version a failed load gave up is not deleted and recompiled
+    /// when the next endpoint uses the same file.
+    pub fn sweep_cache(&self) {
+        let unused = std::mem::take(&mut self.versions().unused);
+        for digest in unused {
             if let Some(disk) = &self.disk {
-                disk.evict(digest);
+                disk.evict(&digest);
             }
             tracing::info!(%digest, "compiled plugin version evicted");
         }
@@ -373,10 +403,7 @@ impl PluginRuntime {
     /// Compiled versions held now.
     #[cfg(test)]
     pub(crate) fn compiled_versions(&self) -> usize {
-        self.compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.versions().used.len()
     }
 }
 
@@ -423,8 +450,16 @@ mod tests {
         );
     }
 
+    fn artifacts(cache: &std::path::Path) -> usize {
+        std::fs::read_dir(cache)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .count()
+    }
+
     #[test]
-    fn a_component_without_the_stage_is_refused_and_its_compiled_code_evicted() {
+    fn a_component_without_the_stage_is_refused_and_its_compiled_code_evicted_by_the_sweep() {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
         let empty = component(dir.path(), "empty", "(component)");
@@ -439,14 +474,34 @@ mod tests {
                 && err.contains("meshserve:plugin/postprocess@0.2.0"),
             "{err}"
         );
-        // Nothing serves that version, so nothing of it is kept.
+        // Nothing serves that version: it leaves memory at once, and the disk at the sweep
+        // that ends the round of loads.
         assert_eq!(runtime.compiled_versions(), 0);
-        let cached = std::fs::read_dir(&cache)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
-            .count();
-        assert_eq!(cached, 0);
+        assert_eq!(artifacts(&cache), 1);
+        runtime.sweep_cache();
+        assert_eq!(artifacts(&cache), 0);
+    }
+
+    #[test]
+    fn a_version_taken_up_again_before_the_sweep_keeps_its_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let runtime = runtime(Some(cache.clone()));
+        let bytes = b"(component)";
+        let digest = sha256_hex(bytes);
+        // A failed load gives the version up; the next endpoint's load of the same file reads
+        // it back from the disk instead of compiling it again.
+        let (_, source) = runtime.component(&digest, bytes, "a.wasm").unwrap();
+        assert_eq!(source, "compiled");
+        runtime.retire(&digest);
+        let (_, source) = runtime.component(&digest, bytes, "a.wasm").unwrap();
+        assert_eq!(source, "disk");
+        runtime.sweep_cache();
+        assert_eq!(artifacts(&cache), 1);
+        // Given up for good, it goes at the next sweep.
+        runtime.retire(&digest);
+        runtime.sweep_cache();
+        assert_eq!(artifacts(&cache), 0);
     }
 
     #[test]
@@ -455,9 +510,8 @@ mod tests {
         let component = Component::new(&runtime.node.engine, "(component)").unwrap();
         let digest = "d".repeat(64);
         runtime
-            .compiled
-            .lock()
-            .unwrap()
+            .versions()
+            .used
             .insert(digest.clone(), (component, 2));
         runtime.retire(&digest);
         assert_eq!(runtime.compiled_versions(), 1);
