@@ -111,6 +111,14 @@ pub enum InferError {
         /// Why.
         reason: String,
     },
+    /// A reload of an endpoint failed, and the version it would have replaced keeps serving.
+    #[error("endpoint '{endpoint}' was not reloaded; its previous version keeps serving: {reason}")]
+    EndpointNotReplaced {
+        /// The endpoint.
+        endpoint: String,
+        /// Why the new version did not load.
+        reason: String,
+    },
     /// A plugin refused the request with its own status.
     #[error("plugin '{plugin}' rejected the request: {message}")]
     PluginRejected {
@@ -156,7 +164,9 @@ impl InferError {
             InferError::ModelNotFound { .. }
             | InferError::EndpointNotFound { .. }
             | InferError::VersionNotFound { .. } => ErrorClass::NotFound,
-            InferError::InvalidInput(_) => ErrorClass::InvalidInput,
+            InferError::InvalidInput(_) | InferError::EndpointNotReplaced { .. } => {
+                ErrorClass::InvalidInput
+            }
             InferError::QueueFull { .. }
             | InferError::Closed { .. }
             | InferError::EndpointUnavailable { .. }

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use cli::certs::CertsArgs;
 use cli::infer::InferArgs;
+use cli::plugin::PluginArgs;
 use cli::serve::ServeArgs;
 use cli::status::StatusArgs;
 
@@ -37,6 +38,8 @@ enum Command {
     /// Send requests to a model or an endpoint over HTTP/3 or meshserve/1, and print each
     /// answer and the route it took.
     Infer(InferArgs),
+    /// For plugin authors: run one component in the node's sandbox without a node.
+    Plugin(PluginArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,5 +61,6 @@ fn run() -> Result<()> {
         Command::Certs(args) => cli::certs::certs(args),
         Command::Status(args) => cli::status::status(args),
         Command::Infer(args) => cli::infer::infer(args),
+        Command::Plugin(args) => cli::plugin::plugin(args),
     }
 }

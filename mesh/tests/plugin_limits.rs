@@ -533,6 +533,7 @@ async fn clients_get_short_errors_and_the_log_gets_the_details() {
         "",
         &[
             ("panic", "pre", "panic", ""),
+            ("debug-panic", "pre", "panic", ", debug = true"),
             ("exit", "pre", "exit", ""),
             ("post-panic", "post", "panic", ""),
             ("init-fail", "pre", "init-fail", ""),
@@ -543,6 +544,15 @@ async fn clients_get_short_errors_and_the_log_gets_the_details() {
     assert_fails(&panicked, 500, "panicked: sandbox-probe was told to panic");
     assert!(panicked.raw_len < 300, "{}", panicked.body);
     assert!(!panicked.error().contains("wasm backtrace"));
+    assert!(!panicked.error().contains("lib.rs"), "{}", panicked.body);
+    // With the development switch on, the answer says where in the source it panicked.
+    let located = call(&http, &node, "debug-panic").await;
+    assert_fails(
+        &located,
+        500,
+        "panicked: sandbox-probe was told to panic (at ",
+    );
+    assert!(located.error().contains("src/lib.rs:"), "{}", located.body);
     assert_fails(
         &call(&http, &node, "post-panic").await,
         500,
@@ -625,6 +635,13 @@ async fn plugins_see_only_the_headers_their_config_lists() {
                 "headers",
                 ", headers = [\"x-user\", \"Authorization\"]",
             ),
+            ("ungranted", "pre", "header:x-other", ""),
+            (
+                "granted",
+                "pre",
+                "header:X-User",
+                ", headers = [\"x-user\"]",
+            ),
         ],
     );
     let http = client();
@@ -647,6 +664,19 @@ async fn plugins_see_only_the_headers_their_config_lists() {
         .collect();
     seen.sort();
     assert_eq!(seen, ["authorization", "x-user"]);
+
+    // A header asked for by name but not granted reads as absent, and the log says why, once.
+    let told = "asked for a request header its entry does not grant";
+    assert!(!node.log_text().contains(told));
+    for _ in 0..3 {
+        let ungranted = call_with(&http, &node, "ungranted", &sent).await;
+        assert_eq!((ungranted.status, &ungranted.body), (200, &Value::Null));
+    }
+    let granted = call_with(&http, &node, "granted", &sent).await;
+    assert_eq!(granted.body, json!("u1"));
+    let log = node.log_text();
+    assert_eq!(log.matches(told).count(), 1, "{log}");
+    assert!(log.contains("x-other"), "{log}");
 }
 
 #[tokio::test]
@@ -777,7 +807,15 @@ async fn a_reload_swaps_an_endpoints_plugins_together_or_not_at_all() {
         .send()
         .await
         .unwrap();
-    assert_eq!(reload.status(), 503);
+    assert_eq!(reload.status(), 400);
+    let error: Value = reload.json().await.unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("its previous version keeps serving"),
+        "{error}"
+    );
     assert_eq!(versions().await, before);
     assert_eq!(call(&http, &node, "pair").await.status, 200);
 

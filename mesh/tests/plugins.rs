@@ -549,20 +549,21 @@ async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_ve
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // A malformed file: the reload fails with the reason, the previous version keeps serving.
-    std::fs::write(&live, b"\0asm garbage").unwrap();
+    // A file that is not a component: the reload fails with the reason and says that the
+    // previous version keeps serving, which it does.
+    std::fs::write(&live, b"this is not wasm").unwrap();
     let response = http
         .post(node.url("/v1/endpoints/swapped/reload"))
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 503);
+    assert_eq!(response.status(), 400);
     let error: Value = response.json().await.unwrap();
+    let error = error["error"].as_str().unwrap();
     assert!(
-        error["error"]
-            .as_str()
-            .unwrap()
-            .contains("not a valid meshserve plugin component"),
+        error.contains("was not reloaded; its previous version keeps serving")
+            && error.contains("it is not a WebAssembly component")
+            && !error.contains("expected"),
         "{error}"
     );
     assert_eq!(call(&http, &node, "swapped").await.0, 200);
@@ -681,6 +682,207 @@ async fn an_endpoint_whose_init_fails_leaves_the_shared_compiled_plugin_cached()
         assert_eq!(call(&http, &node, "a-refused").await.0, 503);
         assert_eq!(call(&http, &node, "b-ok").await.0, 200);
     }
+}
+
+#[test]
+fn serve_check_loads_every_plugin_and_names_each_problem() {
+    plugin("threshold");
+    let probe = plugin("sandbox_probe");
+    let threshold = plugin("threshold");
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, endpoints: &str| {
+        let config = dir.path().join(name);
+        std::fs::write(
+            &config,
+            format!(
+                "model_repository = \"{}\"\n{endpoints}",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+            .args(["serve", "--check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let fine = format!(
+        "[endpoints.fine]\nmodel = \"fraud\"\npre = {{ path = \"{}\", config = \"ok\" }}\n",
+        probe.display()
+    );
+    let broken = format!(
+        "{fine}[endpoints.wrong]\nmodel = \"fraud\"\npre = {{ path = \"{}\" }}\n\
+         [endpoints.refused]\nmodel = \"fraud\"\npre = {{ path = \"{}\", config = \"init-fail\" }}\n",
+        threshold.display(),
+        probe.display()
+    );
+    let checked = check("broken.toml", &broken);
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(!checked.status.success(), "{stderr}");
+    let said = |endpoint: &str| {
+        stderr
+            .lines()
+            .find(|line| line.starts_with(&format!("endpoint '{endpoint}': ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        said("wrong").contains("configured as a pre stage"),
+        "{stderr}"
+    );
+    assert!(
+        said("refused").contains("init refused its config: sandbox-probe was told to fail init"),
+        "{stderr}"
+    );
+    assert!(said("fine").is_empty(), "{stderr}");
+    assert!(
+        stderr.contains("2 of 3 endpoints would not start"),
+        "{stderr}"
+    );
+
+    let checked = check("fine.toml", &fine);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("config ok; 1 endpoints load"));
+}
+
+#[tokio::test]
+async fn a_python_exception_is_located_in_the_answer_with_the_debug_switch() {
+    let python = workspace_root().join("plugins/target/python/labels.wasm");
+    // Labels that are not a list: the plugin's `len(labels)` raises a TypeError.
+    let config = format!(
+        "[endpoints.labels]\nmodel = \"fraud\"\npost = {{ path = \"{}\", config = '{{\"labels\": 5}}', debug = true }}\n",
+        python.display()
+    );
+    let (node, _models) = start_with_config(&config);
+    let body = json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]});
+    let (status, error) = post_json(&client(), node.url("/v2/models/labels/infer"), &body).await;
+    assert_eq!(status, 500, "{error}");
+    let error = error["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("app.py:") && error.contains("TypeError"),
+        "{error}"
+    );
+}
+
+/// `meshserve plugin run` with `args`: its exit status, stdout and stderr.
+fn plugin_run(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["plugin", "run"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_build_builds_a_project_and_names_the_stage_it_exports() {
+    let build = |dir: &std::path::Path| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
+            .args(["plugin", "build"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = build(&workspace_root().join("plugins/threshold"));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("threshold.wasm: ")
+            && stdout.contains("exports meshserve:plugin/postprocess@0.2.0 (post stage)")
+            && !stdout.contains("preprocess"),
+        "{stdout}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = build(empty.path());
+    assert!(!ok);
+    assert!(stderr.contains("cargo build failed"), "{stderr}");
+}
+
+#[test]
+fn plugin_run_calls_one_component_without_a_node_and_says_how_it_failed() {
+    let probe = plugin("sandbox_probe").display().to_string();
+    let threshold = plugin("threshold").display().to_string();
+
+    // A pre stage's tensors come out as an OIP request the model would take.
+    let (ok, stdout, stderr) =
+        plugin_run(&[&probe, "--stage", "pre", "--config", "ok", "--calls", "3"]);
+    assert!(ok, "{stderr}");
+    let json_line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    let tensors: Value = serde_json::from_str(json_line).unwrap_or(Value::Null);
+    assert_eq!(tensors["inputs"][0]["name"], "features", "{stdout}");
+    assert_eq!(tensors["inputs"][0]["shape"], json!([1, 32]), "{stdout}");
+    assert!(stdout.contains("3 call(s): p50"), "{stdout}");
+
+    // Granted headers reach the plugin; a reply is printed with its status.
+    let (ok, stdout, stderr) = plugin_run(&[
+        &probe,
+        "--stage",
+        "pre",
+        "--config",
+        "header:x-user",
+        "--header",
+        "X-User: u7",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("reply 200 application/json") && stdout.contains("\"u7\""),
+        "{stdout}"
+    );
+
+    // A post stage takes a model's answer and returns its own.
+    let outputs = r#"{"model_name": "fraud", "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [1, 2], "data": [0.2, 0.8]}]}"#;
+    let (ok, stdout, stderr) = plugin_run(&[
+        &threshold,
+        "--stage",
+        "post",
+        "--config",
+        r#"{"output": "probabilities", "index": 1}"#,
+        "--outputs",
+        outputs,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("reply 200") && stdout.contains("0.8"),
+        "{stdout}"
+    );
+
+    // Failures exit non-zero and say where (a panic's line) or which limit (the deadline).
+    let (ok, _, stderr) = plugin_run(&[&probe, "--stage", "pre", "--config", "panic"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("panicked: sandbox-probe was told to panic (at ")
+            && stderr.contains("src/lib.rs:"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = plugin_run(&[
+        &probe,
+        "--stage",
+        "pre",
+        "--config",
+        "loop",
+        "--deadline-ms",
+        "20",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("ran past its 20 ms deadline"), "{stderr}");
+    let (ok, _, stderr) = plugin_run(&[&threshold, "--stage", "pre"]);
+    assert!(!ok);
+    assert!(stderr.contains("configured as a pre stage"), "{stderr}");
 }
 
 #[tokio::test]

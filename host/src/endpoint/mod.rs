@@ -261,6 +261,18 @@ impl Endpoint {
         self.error.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The error of a reload that failed: the previous version keeps serving, if there is one.
+    pub(crate) fn not_reloaded(&self, reason: String) -> InferError {
+        if self.plugins().is_ok() {
+            InferError::EndpointNotReplaced {
+                endpoint: self.name.clone(),
+                reason,
+            }
+        } else {
+            self.unavailable(reason)
+        }
+    }
+
     fn unavailable(&self, reason: String) -> InferError {
         InferError::EndpointUnavailable {
             endpoint: self.name.clone(),

@@ -138,7 +138,7 @@ impl Endpoints {
             Some(endpoint) if endpoint.source == Source::NodeConfig => endpoint
                 .refresh(&self.runtime, true)
                 .map(|_| ())
-                .map_err(|reason| endpoint.unavailable(reason)),
+                .map_err(|reason| endpoint.not_reloaded(reason)),
             _ => self.load_folder(name),
         };
         self.runtime.sweep_cache();
@@ -241,22 +241,25 @@ impl Endpoints {
                 }
                 Ok(())
             }
-            Err(reason) => {
-                tracing::error!(endpoint = %name, %reason, "endpoint folder not loaded");
-                match endpoints.get(name) {
-                    Some(previous) if previous.plugins().is_ok() => {
-                        previous.set_error(reason.clone());
-                    }
-                    _ => {
-                        let broken = Endpoint::broken(name, Source::Repository, reason.clone());
-                        endpoints.insert(name.to_string(), Arc::new(broken));
-                    }
+            Err(reason) => match endpoints.get(name) {
+                Some(previous) if previous.plugins().is_ok() => {
+                    tracing::error!(endpoint = %name, %reason, "endpoint folder not loaded; the previous version keeps serving");
+                    previous.set_error(reason.clone());
+                    Err(InferError::EndpointNotReplaced {
+                        endpoint: name.to_string(),
+                        reason,
+                    })
                 }
-                Err(InferError::EndpointUnavailable {
-                    endpoint: name.to_string(),
-                    reason,
-                })
-            }
+                _ => {
+                    tracing::error!(endpoint = %name, %reason, "endpoint folder not loaded");
+                    let broken = Endpoint::broken(name, Source::Repository, reason.clone());
+                    endpoints.insert(name.to_string(), Arc::new(broken));
+                    Err(InferError::EndpointUnavailable {
+                        endpoint: name.to_string(),
+                        reason,
+                    })
+                }
+            },
         }
     }
 

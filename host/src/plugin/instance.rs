@@ -54,6 +54,14 @@ impl Stage {
             Stage::Post => "post",
         }
     }
+
+    /// The interface a component exports to serve this stage.
+    pub fn interface(self) -> &'static str {
+        match self {
+            Stage::Pre => "meshserve:plugin/preprocess@0.2.0",
+            Stage::Post => "meshserve:plugin/postprocess@0.2.0",
+        }
+    }
 }
 
 /// Why a plugin call failed.
@@ -190,6 +198,7 @@ impl LoadedPlugin {
             spec.limits.clone(),
             tables,
             node.metrics.clone(),
+            spec.headers.clone(),
         ));
         let core = Arc::new(Core {
             name,
@@ -813,11 +822,22 @@ impl Core {
                 );
             }
             if let Some(message) = panic_message(&stderr) {
-                return self.failed("panic", &format!("panicked: {message}"), Some(detail));
+                let cause = self.located(format!("panicked: {message}"), &stderr);
+                return self.failed("panic", &cause, Some(detail));
             }
-            return self.failed("trap", &format!("trapped: {trap}"), Some(detail));
+            let cause = self.located(format!("trapped: {trap}"), &stderr);
+            return self.failed("trap", &cause, Some(detail));
         }
         self.failed("trap", "trapped", Some(detail))
+    }
+
+    /// With the plugin's `debug` switch on, `cause` followed by where in its source the guest
+    /// failed, as far as its stderr tells.
+    fn located(&self, cause: String, stderr: &str) -> String {
+        match failure_location(stderr) {
+            Some(location) if self.spec.debug => format!("{cause} (at {location})"),
+            _ => cause,
+        }
     }
 }
 
@@ -836,6 +856,32 @@ fn panic_message(stderr: &str) -> Option<String> {
     let (_, after) = stderr.split_once("panicked at ")?;
     let message = after.lines().nth(1).unwrap_or("").trim();
     Some(short(message))
+}
+
+/// Where in its source a guest failed, from what it wrote to stderr: a Rust panic's
+/// `FILE:LINE:COL`, or the innermost frame of a Python traceback with the exception it ends
+/// with. Cut for a client.
+fn failure_location(stderr: &str) -> Option<String> {
+    // componentize-py prints the traceback, then its runtime panics: the traceback says more.
+    if let Some((_, traceback)) = stderr.rsplit_once("Traceback (most recent call last):") {
+        let lines: Vec<&str> = traceback.lines().collect();
+        let frame = lines
+            .iter()
+            .rposition(|l| l.trim_start().starts_with("File \""))?;
+        let (file, rest) = lines[frame]
+            .trim_start()
+            .strip_prefix("File \"")?
+            .split_once('"')?;
+        let line = rest.trim_start_matches(", line ").split(',').next()?.trim();
+        // The exception is the first line after the frame that is not indented.
+        let exception = lines[frame..]
+            .iter()
+            .find(|l| !l.is_empty() && !l.starts_with(' '))?;
+        return Some(short(&format!("{file}:{line}: {}", exception.trim())));
+    }
+    let (_, after) = stderr.split_once("panicked at ")?;
+    let location = after.lines().next()?.trim().trim_end_matches(':');
+    Some(short(location))
 }
 
 /// A guest's text cut to a length fit for an error response, control characters escaped.
@@ -863,10 +909,7 @@ pub(crate) fn stage_indices(
     stage: Stage,
 ) -> Result<StageIndices, String> {
     // The world a plugin is built for is named after its stage.
-    let interface = match stage {
-        Stage::Pre => "meshserve:plugin/preprocess@0.2.0",
-        Stage::Post => "meshserve:plugin/postprocess@0.2.0",
-    };
+    let interface = stage.interface();
     let missing = |name: &str| {
         let stage = stage.as_str();
         format!(
@@ -906,5 +949,18 @@ mod tests {
         assert_eq!(quoted.chars().count(), CLIENT_PANIC_CHARS + 1);
         assert!(panic_message("no panic here").is_none());
         assert_eq!(short("a\nb"), "a\\nb");
+    }
+
+    #[test]
+    fn a_failure_is_located_from_a_rust_panic_or_a_python_traceback() {
+        let panic =
+            "thread '<unnamed>' panicked at src/lib.rs:95:24:\nsandbox-probe was told to panic\n";
+        assert_eq!(failure_location(panic).as_deref(), Some("src/lib.rs:95:24"));
+        let traceback = "Traceback (most recent call last):\n  File \"/app/app.py\", line 58, in handle\n    return self.label(outputs)\n  File \"/app/app.py\", line 44, in label\n    if width != len(labels):\n               ^^^^^^^^^^^\nTypeError: object of type 'int' has no len()\nthread '<unnamed>' panicked at runtime/src/lib.rs:1293:29:\nPython function threw an unexpected exception\n";
+        assert_eq!(
+            failure_location(traceback).as_deref(),
+            Some("/app/app.py:44: TypeError: object of type 'int' has no len()")
+        );
+        assert!(failure_location("some other output").is_none());
     }
 }

@@ -31,7 +31,7 @@ pub mod stopped;
 pub mod views;
 
 /// The SHA-256 of `bytes` in lower-case hex: how plugin versions and compiled artifacts are named.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes)
         .iter()

@@ -348,12 +348,15 @@ impl PluginRuntime {
         let (component, source) = match cached {
             Some(component) => (component, "disk"),
             None => {
-                let component = Component::new(&self.node.engine, bytes).map_err(|e| {
-                    PluginLoadError::Invalid {
-                        path: shown.to_string(),
-                        message: format!("{e:#}"),
-                    }
-                })?;
+                let invalid = |message: String| PluginLoadError::Invalid {
+                    path: shown.to_string(),
+                    message,
+                };
+                if let Some(problem) = not_a_component(bytes) {
+                    return Err(invalid(problem.into()));
+                }
+                let component = Component::new(&self.node.engine, bytes)
+                    .map_err(|e| invalid(format!("{e:#}")))?;
                 if let Some(disk) = &self.disk {
                     disk.write(digest, &component);
                 }
@@ -405,6 +408,47 @@ impl PluginRuntime {
     pub(crate) fn compiled_versions(&self) -> usize {
         self.versions().used.len()
     }
+}
+
+/// The stages a component file serves, read from its type: it is compiled (which validates
+/// it) but never run. What `meshserve plugin build` reports.
+pub fn exported_stages(bytes: &[u8]) -> Result<Vec<Stage>, String> {
+    if let Some(problem) = not_a_component(bytes) {
+        return Err(problem.into());
+    }
+    let engine = Engine::default();
+    let component = Component::new(&engine, bytes).map_err(|e| format!("{e:#}"))?;
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(&engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    Ok([Stage::Pre, Stage::Post]
+        .into_iter()
+        .filter(|stage| exports.iter().any(|name| name == stage.interface()))
+        .collect())
+}
+
+/// Why `bytes` cannot be a component, when that shows before parsing: wasmtime would
+/// otherwise read anything that is not binary WebAssembly as the text format and answer with
+/// a parser's complaint ("expected `(`") about a file that was never meant as text.
+fn not_a_component(bytes: &[u8]) -> Option<&'static str> {
+    const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+    if let Some(after_magic) = bytes.strip_prefix(b"\0asm") {
+        return after_magic.starts_with(&CORE_MODULE_VERSION).then_some(
+            "it is a core WebAssembly module, not a component: build it for wasm32-wasip2 \
+             (cargo build --target wasm32-wasip2), or wrap it with `wasm-tools component new`",
+        );
+    }
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(256)]);
+    let text = text.trim_start();
+    if text.starts_with('(') || text.starts_with(";;") {
+        return None;
+    }
+    Some(
+        "it is not a WebAssembly component (a component starts with the bytes \\0asm, or is \
+         WebAssembly text starting with '(')",
+    )
 }
 
 #[cfg(test)]
@@ -502,6 +546,38 @@ mod tests {
         runtime.retire(&digest);
         runtime.sweep_cache();
         assert_eq!(artifacts(&cache), 0);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_component_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = runtime(None);
+        let load = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            runtime
+                .load(name, Stage::Pre, &PluginSpec::new(path), None)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let garbage = load("garbage.wasm", b"\x7fELF\x02\x01\x01 not wasm at all");
+        assert!(
+            garbage.contains("is not a WebAssembly component") && !garbage.contains("expected"),
+            "{garbage}"
+        );
+        let core = load("core.wasm", b"\0asm\x01\x00\x00\x00");
+        assert!(
+            core.contains("a core WebAssembly module, not a component")
+                && core.contains("wasm32-wasip2"),
+            "{core}"
+        );
+        // A truncated component is left to wasmtime, which names what is wrong with it.
+        let truncated = load("truncated.wasm", b"\0asm\x0d\x00\x01\x00\x01");
+        assert!(
+            truncated.contains("not a valid meshserve plugin component"),
+            "{truncated}"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::plugin::random::RandomBudget;
 use crate::plugin::stdio::StderrCapture;
 use crate::plugin::stopped::Stopped;
 use crate::plugin::views::{ContextView, RequestView, first_header};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Resource, ResourceTable};
@@ -55,6 +55,11 @@ pub struct PluginShared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) log: Mutex<LogBucket>,
     pub(crate) log_dropped: AtomicU64,
+    /// The request headers its entry grants (`headers`), to tell an author who asks for
+    /// another one why it reads as absent.
+    granted_headers: Vec<String>,
+    /// Whether that was said already: once per loaded version.
+    told_of_ungranted_header: AtomicBool,
 }
 
 impl PluginShared {
@@ -63,6 +68,7 @@ impl PluginShared {
         limits: PluginLimits,
         tables: TableScope,
         metrics: Arc<Metrics>,
+        granted_headers: Vec<String>,
     ) -> PluginShared {
         PluginShared {
             log: Mutex::new(LogBucket::new(limits.log_burst)),
@@ -71,7 +77,28 @@ impl PluginShared {
             tables,
             metrics,
             log_dropped: AtomicU64::new(0),
+            granted_headers,
+            told_of_ungranted_header: AtomicBool::new(false),
         }
+    }
+
+    /// Says in the log, once per loaded version, that the plugin asked for a request header
+    /// its entry does not grant: it reads as absent, and the author would otherwise look for
+    /// the fault in their own code.
+    fn asked_for_header(&self, name: &str) {
+        let granted = self
+            .granted_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name));
+        if granted || self.told_of_ungranted_header.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let header = clean_log_message(name, HEADER_NAME_LOGGED_BYTES);
+        tracing::warn!(
+            plugin = &*self.name,
+            header,
+            "the plugin asked for a request header its entry does not grant, so it reads as absent; add it to `headers = [...]` in the plugin's entry to grant it (said once per plugin version)"
+        );
     }
 
     /// Takes one log line from the bucket. When lines were dropped, at most once a second it
@@ -128,6 +155,9 @@ impl PluginShared {
         clean_log_message(text, self.limits.log_message_bytes)
     }
 }
+
+/// The most of a header name a guest asked for that enters the log.
+const HEADER_NAME_LOGGED_BYTES: usize = 128;
 
 /// The store data of one plugin instance.
 pub struct CallState {
@@ -199,6 +229,7 @@ impl bindings::HostRequest for CallState {
         this: Resource<RequestView>,
         name: String,
     ) -> wasmtime::Result<Option<String>> {
+        self.shared.asked_for_header(&name);
         Ok(first_header(&self.table.get(&this)?.headers, &name))
     }
 
@@ -234,6 +265,7 @@ impl bindings::HostContext for CallState {
         this: Resource<ContextView>,
         name: String,
     ) -> wasmtime::Result<Option<String>> {
+        self.shared.asked_for_header(&name);
         Ok(first_header(&self.table.get(&this)?.headers, &name))
     }
 

@@ -61,6 +61,11 @@ pub struct PluginSpec {
     /// Fuel budget per call (needs `plugins.fuel = true`); `None` means unmetered.
     #[serde(default)]
     pub fuel: Option<u64>,
+    /// A development switch: a failed call's 500 also says where in the plugin's source it
+    /// failed (a Rust panic's `FILE:LINE:COL`, the innermost frame and exception of a Python
+    /// traceback). Off by default: that is the author's business, not a client's.
+    #[serde(default)]
+    pub debug: bool,
     /// Whether calls reuse warm instances.
     #[serde(default)]
     pub isolation: Isolation,
@@ -131,6 +136,7 @@ impl PluginSpec {
             wall_timeout_ms: None,
             memory_bytes: default_memory_bytes(),
             fuel: None,
+            debug: false,
             isolation: Isolation::default(),
             max_calls_per_instance: default_max_calls_per_instance(),
             recycle_memory_bytes: None,

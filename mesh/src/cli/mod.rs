@@ -2,6 +2,7 @@
 
 pub(crate) mod certs;
 pub(crate) mod infer;
+pub(crate) mod plugin;
 pub(crate) mod serve;
 pub(crate) mod status;
 

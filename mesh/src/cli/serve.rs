@@ -56,7 +56,9 @@ pub(crate) struct ServeArgs {
     /// This node's name in the mesh (default `node-<quic port>`).
     #[arg(long)]
     name: Option<String>,
-    /// Check the config file and flags, then exit without starting (0 when they are valid).
+    /// Check the config file and flags, and load every endpoint's plugins as a start would
+    /// (compile, check the exported stage, run `init` with its config), then exit without
+    /// serving: 0 when all of it would start, else each problem on stderr.
     #[arg(long)]
     check: bool,
 }
@@ -115,11 +117,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let check = args.check;
     let config = args.into_config()?;
     config.check()?;
-    if check {
-        println!("config ok");
-        return Ok(());
-    }
     let runtime = multi_thread_runtime(config.io_threads, "meshserve-io")?;
+    if check {
+        return check_endpoints(&runtime, &config);
+    }
     runtime.block_on(async {
         // Listening starts before the node announces it serves: a SIGTERM sent the moment it
         // is up must drain it, not kill it.
@@ -220,4 +221,26 @@ impl ReloadSignal {
         #[cfg(not(unix))]
         let _ = reloader;
     }
+}
+
+/// Loads every endpoint's plugins and says which would fail at start, and why.
+fn check_endpoints(runtime: &tokio::runtime::Runtime, config: &NodeConfig) -> Result<()> {
+    let endpoints = runtime.block_on(meshserve::node::check_endpoints(config))?;
+    let broken: Vec<_> = endpoints.iter().filter(|e| !e.ready).collect();
+    for endpoint in &broken {
+        let reason = endpoint.reason.as_deref().unwrap_or("not loaded");
+        eprintln!("endpoint '{}': {reason}", endpoint.name);
+    }
+    if !broken.is_empty() {
+        anyhow::bail!(
+            "{} of {} endpoints would not start",
+            broken.len(),
+            endpoints.len()
+        );
+    }
+    println!(
+        "config ok; {} endpoints load, their plugins export their stage and accept their config",
+        endpoints.len()
+    );
+    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::placement::Publishers;
 use crate::transport::MeshIdentity;
 use crate::transport::certs::Role;
 use meshserve_host::Engine;
-use meshserve_host::endpoint::{self, Endpoints};
+use meshserve_host::endpoint::{self, EndpointStatus, Endpoints};
 use meshserve_host::engine::EngineConfig;
 use meshserve_host::metrics::Metrics;
 use meshserve_host::plugin::features::{FeatureError, FeatureTables};
@@ -459,18 +459,17 @@ async fn join_mesh(
     Ok(Cluster::start(config, engine.clone()).await?)
 }
 
-/// Loads feature tables, starts the plugin runtime and loads every endpoint's plugins, then
-/// watches the plugin files for changes.
-async fn start_endpoints(
+/// Loads feature tables, starts the plugin runtime and loads every endpoint's plugins (each
+/// compiled, its stage checked and its `init` run with its config), off the async workers.
+async fn load_endpoints(
     config: &NodeConfig,
     repository: PathBuf,
-    engine: &Arc<Engine>,
-) -> Result<Arc<Endpoints>, NodeError> {
+    metrics: Arc<Metrics>,
+) -> Result<(Endpoints, Arc<FeatureTables>), NodeError> {
     let tables = config.features.clone();
     let plugins = config.plugins.clone();
     let declared = config.endpoints.clone();
-    let metrics = engine.metrics().clone();
-    let (endpoints, features) = tokio::task::spawn_blocking(
+    tokio::task::spawn_blocking(
         move || -> Result<(Endpoints, Arc<FeatureTables>), NodeError> {
             let features = Arc::new(FeatureTables::load(&tables)?);
             let runtime = PluginRuntime::new(plugins, features.clone(), metrics)?;
@@ -484,7 +483,39 @@ async fn start_endpoints(
     .map_err(|e| NodeError::Repository {
         path: "(endpoints)".into(),
         source: std::io::Error::other(e.to_string()),
-    })??;
+    })?
+}
+
+/// Loads every endpoint the config declares or its model repository holds, as a start would,
+/// and returns each one's state (`ready`, or the `reason` it would be unavailable); nothing is
+/// served. What `meshserve serve --check` reports.
+pub async fn check_endpoints(config: &NodeConfig) -> Result<Vec<EndpointStatus>, NodeError> {
+    let bundled;
+    let repository = match &config.model_repository {
+        Some(path) => path.clone(),
+        None => {
+            bundled = crate::bundled::materialize().map_err(|source| NodeError::Repository {
+                path: "(bundled models)".into(),
+                source,
+            })?;
+            bundled.path().to_path_buf()
+        }
+    };
+    if config.endpoints.is_empty() && endpoint::folder::names(&repository).is_empty() {
+        return Ok(Vec::new());
+    }
+    let (endpoints, _) = load_endpoints(config, repository, Arc::new(Metrics::new())).await?;
+    Ok(endpoints.status())
+}
+
+/// Loads every endpoint's plugins, then watches the plugin files for changes.
+async fn start_endpoints(
+    config: &NodeConfig,
+    repository: PathBuf,
+    engine: &Arc<Engine>,
+) -> Result<Arc<Endpoints>, NodeError> {
+    let (endpoints, features) =
+        load_endpoints(config, repository, engine.metrics().clone()).await?;
     for endpoint in endpoints.all() {
         if let Err(reason) = endpoint.readiness() {
             tracing::error!(endpoint = %endpoint.name, %reason, "endpoint unavailable");

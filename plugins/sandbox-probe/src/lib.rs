@@ -8,7 +8,8 @@
 //! `reject`, `log-flood:LINES`, `log-forge`, `lookup-key:BYTES`, `lookup-table:BYTES`,
 //! `random:BYTES`, `big-output:BYTES`, `many-tensors:N`, `rank:N`, `long-name:BYTES`,
 //! `count` (answers directly with how many calls this instance has served), `headers` (answers
-//! directly with the headers it can see), `reply:STATUS`, `many-headers:N` (a reply with N
+//! directly with the headers it can see), `header:NAME` (answers directly with that header's
+//! value, or null), `reply:STATUS`, `many-headers:N` (a reply with N
 //! headers), `pollables:N` (holds N WASI pollables), `init-fail`, `init-fail-later:BYTES` (every
 //! instance after the first fails `init` with a message that long; needs `/state` granted
 //! writable).
@@ -214,6 +215,7 @@ impl Preprocess for SandboxProbe {
                 Ok(fraud_input().into())
             }
             "headers" => Ok(Pre::Reply(Reply::json(&request.headers())?)),
+            "header" => Ok(Pre::Reply(Reply::json(&request.header(argument))?)),
             "reply" => Ok(Pre::Reply(
                 Reply::json(&serde_json::json!({ "answered": "by the pre stage" }))?
                     .with_status(number(argument) as u16)
