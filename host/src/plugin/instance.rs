@@ -749,7 +749,7 @@ impl Core {
         store: &Store<CallState>,
         phase: Phase,
     ) -> PluginFailure {
-        let detail = format!("{error:#}");
+        let detail = without_panic_frames(&format!("{error:#}"));
         let stderr = store.data().stderr.text();
         // Stderr (a panic's message and place) first: the log keeps only the start.
         let detail = if stderr.is_empty() {
@@ -858,6 +858,38 @@ fn panic_message(stderr: &str) -> Option<String> {
     Some(short(message))
 }
 
+/// A trap's text without the frames of the guest's panic and abort machinery, which top every
+/// panic's backtrace: the log keeps only the start of a line, and the plugin's own frames are
+/// what its author needs.
+fn without_panic_frames(detail: &str) -> String {
+    const MACHINERY: [&str; 7] = [
+        "abort",
+        "std[",
+        "std::",
+        "core[",
+        "core::",
+        "__rust",
+        "rust_panic",
+    ];
+    let Some((head, frames)) = detail.split_once("wasm backtrace:\n") else {
+        return detail.to_string();
+    };
+    let frames: Vec<&str> = frames.lines().collect();
+    let machinery = |frame: &&&str| {
+        frame
+            .split_once('!')
+            .is_some_and(|(_, function)| MACHINERY.iter().any(|m| function.starts_with(m)))
+    };
+    let skipped = frames.iter().take_while(machinery).count();
+    if skipped == 0 {
+        return detail.to_string();
+    }
+    format!(
+        "{head}wasm backtrace ({skipped} frames of panic machinery left out):\n{}",
+        frames[skipped..].join("\n")
+    )
+}
+
 /// Where in its source a guest failed, from what it wrote to stderr: a Rust panic's
 /// `FILE:LINE:COL`, or the innermost frame of a Python traceback with the exception it ends
 /// with. Cut for a client.
@@ -949,6 +981,25 @@ mod tests {
         assert_eq!(quoted.chars().count(), CLIENT_PANIC_CHARS + 1);
         assert!(panic_message("no panic here").is_none());
         assert_eq!(short("a\nb"), "a\\nb");
+    }
+
+    #[test]
+    fn a_backtrace_starts_at_the_plugins_own_frames() {
+        let trap = "error while executing at wasm backtrace:\n    0:  0x1 - p.wasm!abort\n    1:  0x2 - p.wasm!std[d1]::process::abort\n    2:  0x3 - p.wasm!__rustc[b7]::rust_panic\n    3:  0x4 - p.wasm!core[c2]::panicking::panic_fmt\n    4:  0x5 - p.wasm!probe[e3]::Probe::handle\n    5:  0x6 - p.wasm!std[d1]::rt::lang_start\n";
+        let kept = without_panic_frames(trap);
+        assert!(
+            kept.contains("(4 frames of panic machinery left out)"),
+            "{kept}"
+        );
+        assert!(
+            kept.contains("0x5 - p.wasm!probe[e3]::Probe::handle"),
+            "{kept}"
+        );
+        assert!(
+            kept.contains("lang_start") && !kept.contains("rust_panic"),
+            "{kept}"
+        );
+        assert_eq!(without_panic_frames("no backtrace"), "no backtrace");
     }
 
     #[test]
