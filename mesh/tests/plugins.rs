@@ -686,7 +686,6 @@ async fn an_endpoint_whose_init_fails_leaves_the_shared_compiled_plugin_cached()
 
 #[test]
 fn serve_check_loads_every_plugin_and_names_each_problem() {
-    plugin("threshold");
     let probe = plugin("sandbox_probe");
     let threshold = plugin("threshold");
     let dir = tempfile::tempdir().unwrap();
