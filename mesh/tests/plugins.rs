@@ -767,10 +767,10 @@ async fn a_python_exception_is_located_in_the_answer_with_the_debug_switch() {
     );
 }
 
-/// `meshserve plugin run` with `args`: its exit status, stdout and stderr.
-fn plugin_run(args: &[&str]) -> (bool, String, String) {
+/// `meshserve plugin` with `args`: its exit status, stdout and stderr.
+fn plugin_command(args: &[&str]) -> (bool, String, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
-        .args(["plugin", "run"])
+        .arg("plugin")
         .args(args)
         .output()
         .unwrap();
@@ -783,18 +783,7 @@ fn plugin_run(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn plugin_build_builds_a_project_and_names_the_stage_it_exports() {
-    let build = |dir: &std::path::Path| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshserve"))
-            .args(["plugin", "build"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let build = |dir: &std::path::Path| plugin_command(&["build", &dir.display().to_string()]);
     let (ok, stdout, stderr) = build(&workspace_root().join("plugins/threshold"));
     assert!(ok, "{stderr}");
     assert!(
@@ -811,6 +800,7 @@ fn plugin_build_builds_a_project_and_names_the_stage_it_exports() {
 
 #[test]
 fn plugin_run_calls_one_component_without_a_node_and_says_how_it_failed() {
+    let plugin_run = |args: &[&str]| plugin_command(&[&["run"], args].concat());
     let probe = plugin("sandbox_probe").display().to_string();
     let threshold = plugin("threshold").display().to_string();
 
