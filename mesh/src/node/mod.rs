@@ -133,17 +133,7 @@ impl Node {
             Some(listen) => Some(bind_http3(&config.http3, listen)?),
             None => None,
         };
-        let (repository, bundled) = match &config.model_repository {
-            Some(path) => (path.clone(), None),
-            None => {
-                let dir =
-                    crate::bundled::materialize().map_err(|source| NodeError::Repository {
-                        path: "(bundled models)".into(),
-                        source,
-                    })?;
-                (dir.path().to_path_buf(), Some(dir))
-            }
-        };
+        let (repository, bundled) = repository_of(&config)?;
         let engine_config = EngineConfig {
             repository: repository.clone(),
             onnxruntime_library: config.onnxruntime_library.clone(),
@@ -459,6 +449,21 @@ async fn join_mesh(
     Ok(Cluster::start(config, engine.clone()).await?)
 }
 
+/// The model repository the config names, or the bundled models written to a temporary
+/// folder, which must be kept while the repository is used.
+fn repository_of(config: &NodeConfig) -> Result<(PathBuf, Option<tempfile::TempDir>), NodeError> {
+    match &config.model_repository {
+        Some(path) => Ok((path.clone(), None)),
+        None => {
+            let dir = crate::bundled::materialize().map_err(|source| NodeError::Repository {
+                path: "(bundled models)".into(),
+                source,
+            })?;
+            Ok((dir.path().to_path_buf(), Some(dir)))
+        }
+    }
+}
+
 /// Loads feature tables, starts the plugin runtime and loads every endpoint's plugins (each
 /// compiled, its stage checked and its `init` run with its config), off the async workers.
 async fn load_endpoints(
@@ -490,17 +495,7 @@ async fn load_endpoints(
 /// and returns each one's state (`ready`, or the `reason` it would be unavailable); nothing is
 /// served. What `meshserve serve --check` reports.
 pub async fn check_endpoints(config: &NodeConfig) -> Result<Vec<EndpointStatus>, NodeError> {
-    let bundled;
-    let repository = match &config.model_repository {
-        Some(path) => path.clone(),
-        None => {
-            bundled = crate::bundled::materialize().map_err(|source| NodeError::Repository {
-                path: "(bundled models)".into(),
-                source,
-            })?;
-            bundled.path().to_path_buf()
-        }
-    };
+    let (repository, _bundled) = repository_of(config)?;
     if config.endpoints.is_empty() && endpoint::folder::names(&repository).is_empty() {
         return Ok(Vec::new());
     }
