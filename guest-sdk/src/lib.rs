@@ -49,7 +49,10 @@
 //! The WIT (`wit/plugin.wit`) is the contract; plugins in other languages implement one of its
 //! worlds (`pre`, `post`, `pre-post`) with their own bindings generator.
 
+#![warn(missing_docs)]
+
 mod tensor;
+pub mod testing;
 
 pub use tensor::{Tensor, TensorData};
 
@@ -86,40 +89,69 @@ pub mod bindings {
     }
 }
 
+#[cfg(target_arch = "wasm32")]
 pub(crate) use bindings::pre::meshserve::plugin::host as wit_host;
 #[doc(hidden)]
 pub use bindings::pre::meshserve::plugin::types as wit;
 
-/// The request a pre-processing plugin receives. Every accessor asks the node, so read what you
-/// need once.
+/// Where a [`Request`] or [`Context`] reads from: the node, or what a test built.
+enum Source<'a, T> {
+    Node(&'a T),
+    Local(testing::Fields),
+}
+
+/// The request a pre-processing plugin receives. In a plugin, every accessor asks the node, so
+/// read what you need once; in a test, [`testing::request`] builds one.
 pub struct Request<'a> {
-    inner: &'a wit::Request,
+    inner: Source<'a, wit::Request>,
 }
 
 impl Request<'_> {
+    pub(crate) fn local(fields: testing::Fields) -> Request<'static> {
+        Request {
+            inner: Source::Local(fields),
+        }
+    }
+
     /// The endpoint called.
     pub fn endpoint(&self) -> String {
-        self.inner.endpoint()
+        match &self.inner {
+            Source::Node(request) => request.endpoint(),
+            Source::Local(fields) => fields.endpoint.clone(),
+        }
     }
 
     /// The request's Content-Type ("" when absent).
     pub fn content_type(&self) -> String {
-        self.inner.content_type()
+        match &self.inner {
+            Source::Node(request) => request.content_type(),
+            Source::Local(fields) => fields.content_type.clone(),
+        }
     }
 
-    /// The first value of header `name`, if the endpoint lets this plugin see it.
+    /// The first value of header `name` (case-insensitive), if the endpoint lets this plugin
+    /// see it (`headers = [...]` in its entry).
     pub fn header(&self, name: &str) -> Option<String> {
-        self.inner.header(name)
+        match &self.inner {
+            Source::Node(request) => request.header(name),
+            Source::Local(fields) => fields.header(name),
+        }
     }
 
     /// Every header this plugin may see, names in lower case.
     pub fn headers(&self) -> Vec<(String, String)> {
-        self.inner.headers()
+        match &self.inner {
+            Source::Node(request) => request.headers(),
+            Source::Local(fields) => fields.headers.clone(),
+        }
     }
 
     /// The body as sent.
     pub fn body(&self) -> Vec<u8> {
-        self.inner.body()
+        match &self.inner {
+            Source::Node(request) => request.body(),
+            Source::Local(fields) => fields.body.clone(),
+        }
     }
 
     /// Parses the body as JSON; a malformed body becomes a 400 naming the problem.
@@ -129,35 +161,57 @@ impl Request<'_> {
     }
 }
 
-/// What a post-processing plugin knows about the request it answers.
+/// What a post-processing plugin knows about the request it answers; in a test,
+/// [`testing::context`] builds one.
 pub struct Context<'a> {
-    inner: &'a wit::Context,
+    inner: Source<'a, wit::Context>,
 }
 
 impl Context<'_> {
+    pub(crate) fn local(fields: testing::Fields) -> Context<'static> {
+        Context {
+            inner: Source::Local(fields),
+        }
+    }
+
     /// The endpoint called.
     pub fn endpoint(&self) -> String {
-        self.inner.endpoint()
+        match &self.inner {
+            Source::Node(context) => context.endpoint(),
+            Source::Local(fields) => fields.endpoint.clone(),
+        }
     }
 
     /// The model that ran.
     pub fn model(&self) -> String {
-        self.inner.model()
+        match &self.inner {
+            Source::Node(context) => context.model(),
+            Source::Local(fields) => fields.model.clone(),
+        }
     }
 
     /// The request's Content-Type ("" when absent).
     pub fn content_type(&self) -> String {
-        self.inner.content_type()
+        match &self.inner {
+            Source::Node(context) => context.content_type(),
+            Source::Local(fields) => fields.content_type.clone(),
+        }
     }
 
     /// The first value of request header `name`, if the endpoint lets this plugin see it.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.inner.header(name)
+        match &self.inner {
+            Source::Node(context) => context.header(name),
+            Source::Local(fields) => fields.header(name),
+        }
     }
 
     /// Every request header this plugin may see.
     pub fn headers(&self) -> Vec<(String, String)> {
-        self.inner.headers()
+        match &self.inner {
+            Source::Node(context) => context.headers(),
+            Source::Local(fields) => fields.headers.clone(),
+        }
     }
 }
 
@@ -185,6 +239,11 @@ impl Reply {
             content_type: "application/json".into(),
             body,
         })
+    }
+
+    /// The body parsed as JSON (for tests).
+    pub fn body_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_slice(&self.body)
     }
 
     /// The same reply with another status.
@@ -218,6 +277,24 @@ pub enum Pre {
     Reply(Reply),
 }
 
+impl Pre {
+    /// The tensors to run the model on, unless this is a direct reply.
+    pub fn tensors(&self) -> Option<&[Tensor]> {
+        match self {
+            Pre::Infer(tensors) => Some(tensors),
+            Pre::Reply(_) => None,
+        }
+    }
+
+    /// The direct reply, if this is one.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Pre::Reply(reply) => Some(reply),
+            Pre::Infer(_) => None,
+        }
+    }
+}
+
 impl From<Vec<Tensor>> for Pre {
     fn from(tensors: Vec<Tensor>) -> Pre {
         Pre::Infer(tensors)
@@ -237,6 +314,22 @@ impl Answer {
     /// A 200 JSON body.
     pub fn json<T: serde::Serialize>(value: &T) -> Result<Answer, Error> {
         Reply::json(value).map(Answer::Reply)
+    }
+
+    /// The tensors, unless this is a finished reply.
+    pub fn tensors(&self) -> Option<&[Tensor]> {
+        match self {
+            Answer::Tensors(tensors) => Some(tensors),
+            Answer::Reply(_) => None,
+        }
+    }
+
+    /// The finished reply, if this is one.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Answer::Reply(reply) => Some(reply),
+            Answer::Tensors(_) => None,
+        }
     }
 }
 
@@ -313,33 +406,34 @@ pub fn config_json<T: serde::de::DeserializeOwned>(config: &str) -> Result<T, Er
 }
 
 /// What the node offers beyond WASI: its log and feature lookups. (Time is WASI's:
-/// `std::time::Instant` works.)
+/// `std::time::Instant` works.) Outside WebAssembly, as in `cargo test`, [`testing`] answers
+/// them instead.
 pub mod host {
-    use super::wit_host;
+    use crate::testing::LogLevel;
 
     /// Logs at info level in the node's log, tagged with the plugin's name.
     pub fn info(message: &str) {
-        wit_host::log(wit_host::LogLevel::Info, message);
+        backend::log(LogLevel::Info, message);
     }
 
     /// Logs a warning.
     pub fn warn(message: &str) {
-        wit_host::log(wit_host::LogLevel::Warn, message);
+        backend::log(LogLevel::Warn, message);
     }
 
     /// Logs an error.
     pub fn error(message: &str) {
-        wit_host::log(wit_host::LogLevel::Error, message);
+        backend::log(LogLevel::Error, message);
     }
 
     /// Logs at debug level.
     pub fn debug(message: &str) {
-        wit_host::log(wit_host::LogLevel::Debug, message);
+        backend::log(LogLevel::Debug, message);
     }
 
     /// The bytes stored under `key` in the feature table `table`.
     pub fn lookup(table: &str, key: &str) -> Option<Vec<u8>> {
-        wit_host::lookup(table, key)
+        backend::lookup(table, key)
     }
 
     /// A feature-table value stored as little-endian f32s (the node's default format).
@@ -351,6 +445,32 @@ pub mod host {
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
         )
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    mod backend {
+        use super::LogLevel;
+        use crate::wit_host;
+
+        pub(super) fn log(level: LogLevel, message: &str) {
+            let level = match level {
+                LogLevel::Trace => wit_host::LogLevel::Trace,
+                LogLevel::Debug => wit_host::LogLevel::Debug,
+                LogLevel::Info => wit_host::LogLevel::Info,
+                LogLevel::Warn => wit_host::LogLevel::Warn,
+                LogLevel::Error => wit_host::LogLevel::Error,
+            };
+            wit_host::log(level, message);
+        }
+
+        pub(super) fn lookup(table: &str, key: &str) -> Option<Vec<u8>> {
+            wit_host::lookup(table, key)
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    mod backend {
+        pub(super) use crate::testing::{log, lookup};
     }
 }
 
@@ -382,7 +502,9 @@ pub fn __preprocess<P: Preprocess>(
     request: &wit::Request,
 ) -> Result<wit::PreOutcome, wit::PluginError> {
     with_plugin(slot, |plugin| {
-        plugin.preprocess(&Request { inner: request })
+        plugin.preprocess(&Request {
+            inner: Source::Node(request),
+        })
     })
     .map(|pre| match pre {
         Pre::Infer(tensors) => {
@@ -400,7 +522,12 @@ pub fn __postprocess<P: Postprocess>(
 ) -> Result<wit::PostOutcome, wit::PluginError> {
     let outputs = outputs.into_iter().map(Tensor::from_wit).collect();
     with_plugin(slot, |plugin| {
-        plugin.postprocess(&Context { inner: context }, outputs)
+        plugin.postprocess(
+            &Context {
+                inner: Source::Node(context),
+            },
+            outputs,
+        )
     })
     .map(|answer| match answer {
         Answer::Tensors(tensors) => {
@@ -412,17 +539,45 @@ pub fn __postprocess<P: Postprocess>(
 
 /// Exports `$plugin` for the stages named: `export_plugin!(MyPlugin: pre)`, `(MyPlugin: post)`
 /// or `(MyPlugin: pre, post)`. The type implements [`Plugin`] and the stages' traits.
+///
+/// Only a WebAssembly build exports anything; a native build (`cargo test`) only checks that
+/// the type implements the stages named.
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty: $($stage:ident),+) => {
-        ::std::thread_local! {
-            static __MESHSERVE_PLUGIN: ::core::cell::RefCell<::core::option::Option<$plugin>> =
-                const { ::core::cell::RefCell::new(::core::option::Option::None) };
-        }
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            ::std::thread_local! {
+                static __MESHSERVE_PLUGIN: ::core::cell::RefCell<::core::option::Option<$plugin>> =
+                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
+            }
 
-        struct __MeshserveExport;
+            struct __MeshserveExport;
 
-        $( $crate::__export_stage!($plugin, $stage); )+
+            $( $crate::__export_stage!($plugin, $stage); )+
+        };
+
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: () = {
+            $( $crate::__check_stage!($plugin, $stage); )+
+        };
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __check_stage {
+    ($plugin:ty, pre) => {
+        const _: fn() = || {
+            fn implements<P: $crate::Preprocess>() {}
+            implements::<$plugin>();
+        };
+    };
+    ($plugin:ty, post) => {
+        const _: fn() = || {
+            fn implements<P: $crate::Postprocess>() {}
+            implements::<$plugin>();
+        };
     };
 }
 

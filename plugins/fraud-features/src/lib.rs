@@ -131,3 +131,47 @@ impl Preprocess for FraudFeatures {
 }
 
 meshserve_guest::export_plugin!(FraudFeatures: pre);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshserve_guest::testing;
+    use serde_json::json;
+
+    fn preprocess(body: serde_json::Value) -> Result<Pre, Error> {
+        let request = testing::request().json(&body).build();
+        FraudFeatures::init(r#"{"table": "cards"}"#)?.preprocess(&request)
+    }
+
+    #[test]
+    fn a_known_card_brings_its_scaled_history_into_the_features() {
+        testing::put_table_f32("cards", "c1", &[100.0, 10.0, 1.0, 365.0]);
+        let pre = preprocess(json!({"card": "c1", "amount": 200.0})).unwrap();
+        let tensor = &pre.tensors().unwrap()[0];
+        assert_eq!(tensor.name, "features");
+        assert_eq!(tensor.shape, vec![1, FEATURES as i64]);
+        let values = tensor.as_f32().unwrap();
+        assert_eq!(&values[8..13], &[1.0, 0.1, 0.1, 0.1, 1.0]);
+        assert_eq!(values[13], 0.02, "amount over the card's average, over 100");
+    }
+
+    #[test]
+    fn an_unknown_card_has_no_history_and_a_batch_makes_one_row_each() {
+        let pre =
+            preprocess(json!([{"card": "new", "amount": 5.0}, {"card": "c2", "amount": 1.0}]))
+                .unwrap();
+        let tensor = &pre.tensors().unwrap()[0];
+        assert_eq!(tensor.shape, vec![2, FEATURES as i64]);
+        assert_eq!(tensor.as_f32().unwrap()[8], 0.0);
+    }
+
+    #[test]
+    fn a_malformed_or_empty_body_is_the_clients_fault() {
+        let missing_amount = preprocess(json!({"card": "c1"})).err().unwrap();
+        assert_eq!(missing_amount.status, 400);
+        assert!(missing_amount.message.contains("malformed JSON body"));
+        let empty = preprocess(json!([])).err().unwrap();
+        assert_eq!(empty.status, 400);
+        assert_eq!(empty.message, "no transactions in the body");
+    }
+}

@@ -91,3 +91,42 @@ impl Postprocess for Threshold {
 }
 
 meshserve_guest::export_plugin!(Threshold: post);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshserve_guest::testing;
+    use serde_json::json;
+
+    fn decide(config: &str, scores: Vec<f32>, shape: Vec<i64>) -> Result<Answer, Error> {
+        let outputs = vec![Tensor::fp32("probabilities", shape, scores)];
+        Threshold::init(config)?.postprocess(&testing::context().model("fraud").build(), outputs)
+    }
+
+    #[test]
+    fn each_row_gets_the_decision_its_score_reaches() {
+        let answer = decide("", vec![0.9, 0.1, 0.4, 0.6, 0.05, 0.95], vec![3, 2]).unwrap();
+        let body = answer.reply().unwrap().body_json().unwrap();
+        assert_eq!(
+            body,
+            json!([
+                {"decision": "allow", "score": 0.1},
+                {"decision": "review", "score": 0.6},
+                {"decision": "block", "score": 0.95},
+            ])
+        );
+    }
+
+    #[test]
+    fn a_missing_output_or_an_index_past_the_row_is_a_500() {
+        let missing = decide(r#"{"output": "scores"}"#, vec![0.5], vec![1, 1])
+            .err()
+            .unwrap();
+        assert_eq!(missing.status, 500);
+        assert!(missing.message.contains("no output 'scores'"));
+        let outside = decide(r#"{"index": 2}"#, vec![0.5, 0.5], vec![1, 2])
+            .err()
+            .unwrap();
+        assert!(outside.message.contains("index 2 is outside rows of 2"));
+    }
+}

@@ -1,11 +1,11 @@
-//! `meshserve plugin`: what a plugin author runs beside their build. `run` calls one component
-//! in the node's own sandbox (the same runtime, limits and host functions), without a model or
-//! a node, and prints what it returned, how long it took, and the limit it hit if it failed.
+//! `meshserve plugin run`: one component called in the node's own sandbox (the same runtime,
+//! limits and host functions), without a model or a node; it prints what the component
+//! returned, how long it took, and the limit it hit if it failed.
 
 use crate::cli::multi_thread_runtime;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use meshserve::oip::{OutputEncoding, decode_request, encode_response};
 use meshserve_host::metrics::Metrics;
 use meshserve_host::plugin::features::{FeatureTableConfig, FeatureTables};
@@ -21,30 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
-pub(crate) struct PluginArgs {
-    #[command(subcommand)]
-    command: PluginCommand,
-}
-
-#[derive(Subcommand)]
-enum PluginCommand {
-    /// Build the Rust plugin project in DIR for wasm32-wasip2 (release) and say what each
-    /// component it made is and exports.
-    Build(BuildArgs),
-    /// Call one component in the node's sandbox, without a model or a node, and print its
-    /// tensors or reply, its time, and the limit it hit if it failed.
-    Run(RunArgs),
-}
-
-#[derive(Args)]
-struct BuildArgs {
-    /// The project folder (where its Cargo.toml is).
-    #[arg(default_value = ".")]
-    dir: PathBuf,
-}
-
-#[derive(Args)]
-struct RunArgs {
+pub(super) struct RunArgs {
     /// The component (`.wasm`, built for wasm32-wasip2).
     file: PathBuf,
     /// The stage to call.
@@ -75,6 +52,11 @@ struct RunArgs {
     /// Linear memory of the instance, in bytes (the plugin entry's `memory_bytes`).
     #[arg(long)]
     memory_bytes: Option<usize>,
+    /// Cache the compiled component in this folder (as the node's `plugins.cache_dir`), so the
+    /// next run of the same file starts without compiling: worth it for large components such
+    /// as Python's.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// How many calls to make on the warm instance; the timing covers them all.
     #[arg(long, default_value_t = 1)]
     calls: u32,
@@ -86,88 +68,7 @@ enum StageArg {
     Post,
 }
 
-pub(crate) fn plugin(args: PluginArgs) -> Result<()> {
-    match args.command {
-        PluginCommand::Build(args) => build(args),
-        PluginCommand::Run(args) => run(args),
-    }
-}
-
-fn build(args: BuildArgs) -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // Cargo's diagnostics go to the author's terminal as usual; its JSON names what it built.
-    let output = std::process::Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip2"])
-        .arg("--message-format=json-render-diagnostics")
-        .current_dir(&args.dir)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run cargo in {}", args.dir.display()))?;
-    if !output.status.success() {
-        bail!(
-            "cargo build failed in {} (if the target is missing: rustup target add wasm32-wasip2)",
-            args.dir.display()
-        );
-    }
-    let built: Vec<PathBuf> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| message["reason"] == "compiler-artifact")
-        .flat_map(|message| {
-            let files = message["filenames"].as_array().cloned().unwrap_or_default();
-            files
-                .into_iter()
-                .filter_map(|f| f.as_str().map(PathBuf::from))
-                .filter(|f| f.extension().is_some_and(|x| x == "wasm"))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    if built.is_empty() {
-        bail!(
-            "the build made no .wasm: a plugin crate needs crate-type = [\"cdylib\"] under [lib]"
-        );
-    }
-    let mut not_plugins = 0;
-    for path in &built {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let size = format!("{:.1} KiB", bytes.len() as f64 / 1024.0);
-        match meshserve_host::plugin::runtime::exported_stages(&bytes) {
-            Ok(stages) if !stages.is_empty() => {
-                let exports: Vec<String> = stages
-                    .iter()
-                    .map(|s| format!("{} ({} stage)", s.interface(), s.as_str()))
-                    .collect();
-                println!(
-                    "{}: {size}, sha256 {}, exports {}",
-                    path.display(),
-                    &meshserve_host::plugin::sha256_hex(&bytes)[..12],
-                    exports.join(" and ")
-                );
-            }
-            Ok(_) => {
-                not_plugins += 1;
-                eprintln!(
-                    "{}: {size}, a component that exports neither stage: build it with meshserve_guest::export_plugin!(T: pre), (T: post) or (T: pre, post)",
-                    path.display()
-                );
-            }
-            Err(problem) => {
-                not_plugins += 1;
-                eprintln!("{}: {problem}", path.display());
-            }
-        }
-    }
-    if not_plugins > 0 {
-        bail!(
-            "{not_plugins} of {} built files are not plugins",
-            built.len()
-        );
-    }
-    Ok(())
-}
-
-fn run(args: RunArgs) -> Result<()> {
+pub(super) fn run(args: RunArgs) -> Result<()> {
     let runtime = multi_thread_runtime(Some(1), "meshserve-plugin")?;
     let stage = match args.stage {
         StageArg::Pre => Stage::Pre,
@@ -193,7 +94,10 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let tables = feature_tables(&args.tables)?;
     let plugins = PluginRuntime::new(
-        PluginRuntimeConfig::default(),
+        PluginRuntimeConfig {
+            cache_dir: args.cache_dir.clone(),
+            ..PluginRuntimeConfig::default()
+        },
         Arc::new(tables),
         Arc::new(Metrics::new()),
     )?;
