@@ -149,30 +149,37 @@ pub fn context() -> ContextBuilder {
     })
 }
 
+/// The setters a request and a context share.
+macro_rules! shared_setters {
+    () => {
+        /// The endpoint called.
+        pub fn endpoint(mut self, name: impl Into<String>) -> Self {
+            self.0.endpoint = name.into();
+            self
+        }
+
+        /// The request's Content-Type.
+        pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
+            self.0.content_type = content_type.into();
+            self
+        }
+
+        /// One more request header.
+        pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+            self.0
+                .headers
+                .push((name.to_ascii_lowercase(), value.into()));
+            self
+        }
+    };
+}
+
 /// Builds a [`Request`]; see [`request`].
 #[derive(Debug, Clone)]
 pub struct RequestBuilder(Fields);
 
 impl RequestBuilder {
-    /// The endpoint called.
-    pub fn endpoint(mut self, name: impl Into<String>) -> Self {
-        self.0.endpoint = name.into();
-        self
-    }
-
-    /// The Content-Type.
-    pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
-        self.0.content_type = content_type.into();
-        self
-    }
-
-    /// One more header.
-    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.0
-            .headers
-            .push((name.to_ascii_lowercase(), value.into()));
-        self
-    }
+    shared_setters!();
 
     /// The body, as sent.
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
@@ -197,29 +204,11 @@ impl RequestBuilder {
 pub struct ContextBuilder(Fields);
 
 impl ContextBuilder {
-    /// The endpoint called.
-    pub fn endpoint(mut self, name: impl Into<String>) -> Self {
-        self.0.endpoint = name.into();
-        self
-    }
+    shared_setters!();
 
     /// The model that ran.
     pub fn model(mut self, name: impl Into<String>) -> Self {
         self.0.model = name.into();
-        self
-    }
-
-    /// The request's Content-Type.
-    pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
-        self.0.content_type = content_type.into();
-        self
-    }
-
-    /// One more request header.
-    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.0
-            .headers
-            .push((name.to_ascii_lowercase(), value.into()));
         self
     }
 

@@ -457,17 +457,43 @@ async fn five_hundred_concurrent_requests_through_plugins_are_all_correct() {
     }
 }
 
+/// A node with one endpoint, `swapped` on the fraud model, whose plugin is a copy of a
+/// first-party one that the test may replace.
+struct LivePlugin {
+    node: TestNode,
+    /// The copy the endpoint's entry names.
+    path: std::path::PathBuf,
+    /// The first-party component's bytes.
+    original: Vec<u8>,
+    dir: tempfile::TempDir,
+    _models: tempfile::TempDir,
+}
+
+impl LivePlugin {
+    /// `entry` is the endpoint's stage line, with `{live}` for the copy's path.
+    fn serve(name: &str, entry: &str) -> LivePlugin {
+        let dir = tempfile::tempdir().unwrap();
+        let original = std::fs::read(plugin(name)).unwrap();
+        let path = dir.path().join(format!("{name}.wasm"));
+        std::fs::write(&path, &original).unwrap();
+        let entry = entry.replace("{live}", &path.display().to_string());
+        let (node, models) = start_with_config(&format!(
+            "[endpoints.swapped]\nmodel = \"fraud\"\n{entry}\n"
+        ));
+        LivePlugin {
+            node,
+            path,
+            original,
+            dir,
+            _models: models,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_replaced_component_serves_within_half_a_second_without_a_reload_call() {
-    let dir = tempfile::tempdir().unwrap();
-    let original = std::fs::read(plugin("noop")).unwrap();
-    let live = dir.path().join("noop.wasm");
-    std::fs::write(&live, &original).unwrap();
-    let config = format!(
-        "[endpoints.watched]\nmodel = \"fraud\"\npost = {{ path = \"{}\" }}\n",
-        live.display()
-    );
-    let (node, _models) = start_with_config(&config);
+    let live = LivePlugin::serve("noop", "post = { path = \"{live}\" }");
+    let (node, dir, live, original) = (&live.node, live.dir.path(), &live.path, &live.original);
     let http = client();
     let serving = || async {
         let endpoints: Value = http
@@ -487,7 +513,7 @@ async fn a_replaced_component_serves_within_half_a_second_without_a_reload_call(
     for round in 0..6 {
         // A build's last step: the new file renamed over the old one.
         let version = support::with_custom_section(&original, &format!("build {round}"));
-        let staged = dir.path().join("staged.wasm");
+        let staged = dir.join("staged.wasm");
         std::fs::write(&staged, &version).unwrap();
         let written = Instant::now();
         std::fs::rename(&staged, &live).unwrap();
@@ -515,15 +541,11 @@ async fn a_replaced_component_serves_within_half_a_second_without_a_reload_call(
 
 #[tokio::test]
 async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let original = std::fs::read(plugin("sandbox_probe")).unwrap();
-    let live = dir.path().join("probe.wasm");
-    std::fs::write(&live, &original).unwrap();
-    let config = format!(
-        "[endpoints.swapped]\nmodel = \"fraud\"\npre = {{ path = \"{}\", config = \"ok\" }}\n",
-        live.display()
+    let live = LivePlugin::serve(
+        "sandbox_probe",
+        "pre = { path = \"{live}\", config = \"ok\" }",
     );
-    let (node, _models) = start_with_config(&config);
+    let (node, dir, live, original) = (&live.node, live.dir.path(), &live.path, &live.original);
     let http = client();
     let digest = |v: &Value| v["plugins"][0]["sha256"].as_str().unwrap().to_string();
     let first: Value = http
@@ -562,7 +584,7 @@ async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_ve
         .collect();
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let staged = dir.path().join("staged.wasm");
+        let staged = dir.join("staged.wasm");
         std::fs::write(
             &staged,
             support::with_custom_section(&original, &format!("v{round}")),
