@@ -512,11 +512,11 @@ async fn a_replaced_component_serves_within_half_a_second_without_a_reload_call(
     let mut delays = Vec::new();
     for round in 0..6 {
         // A build's last step: the new file renamed over the old one.
-        let version = support::with_custom_section(&original, &format!("build {round}"));
+        let version = support::with_custom_section(original, &format!("build {round}"));
         let staged = dir.join("staged.wasm");
         std::fs::write(&staged, &version).unwrap();
         let written = Instant::now();
-        std::fs::rename(&staged, &live).unwrap();
+        std::fs::rename(&staged, live).unwrap();
         let digest = meshserve_host::plugin::sha256_hex(&version);
         while serving().await != digest {
             assert!(
@@ -587,10 +587,10 @@ async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_ve
         let staged = dir.join("staged.wasm");
         std::fs::write(
             &staged,
-            support::with_custom_section(&original, &format!("v{round}")),
+            support::with_custom_section(original, &format!("v{round}")),
         )
         .unwrap();
-        std::fs::rename(&staged, &live).unwrap();
+        std::fs::rename(&staged, live).unwrap();
         if round == 1 {
             // The admin call swaps at once, without waiting for the file watcher.
             let reloaded: Value = http
@@ -629,7 +629,7 @@ async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_ve
 
     // A file that is not a component: the reload fails with the reason and says that the
     // previous version keeps serving, which it does.
-    std::fs::write(&live, b"this is not wasm").unwrap();
+    std::fs::write(live, b"this is not wasm").unwrap();
     let response = http
         .post(node.url("/v1/endpoints/swapped/reload"))
         .send()
@@ -644,7 +644,7 @@ async fn hot_swap_under_load_loses_no_request_and_a_broken_file_keeps_the_old_ve
             && !error.contains("expected"),
         "{error}"
     );
-    assert_eq!(call(&http, &node, "swapped").await.0, 200);
+    assert_eq!(call(&http, node, "swapped").await.0, 200);
 }
 
 #[tokio::test]
