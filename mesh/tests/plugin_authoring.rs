@@ -213,9 +213,9 @@ fn the_rust_walkthrough_runs_as_written_from_an_empty_folder_to_a_watched_endpoi
     );
     assert_eq!(tensors["inputs"][0]["name"], "features");
     assert_eq!(tensors["inputs"][0]["shape"], serde_json::json!([1, 32]));
-    // example.json: {"amount": 120.5, "hour": 23}, amounts over 1000.
+    // example.json: {"amount": 120.5, "hour": 23}, amounts over 1000, hours over 23.
     assert_eq!(tensors["inputs"][0]["data"][0], 0.1205);
-    assert_eq!(tensors["inputs"][0]["data"][1], 1.0);
+    assert_eq!(tensors["inputs"][0]["data"][2], 1.0);
     let verdict = json_line(
         author.printed("meshserve plugin run target/wasm32-wasip2/release/score.wasm --stage post"),
     );
@@ -226,11 +226,11 @@ fn the_rust_walkthrough_runs_as_written_from_an_empty_folder_to_a_watched_endpoi
             .contains("config ok; 1 endpoints load")
     );
 
-    // The endpoint served the model's probability through both stages.
+    // The endpoint served the model's probability through both stages: the page's answer.
     let served = json_line(author.printed("curl"));
     let score = served["score"].as_f64().expect("a score");
-    assert!((0.0..=1.0).contains(&score), "{served}");
-    assert_eq!(served["fraud"], score >= 0.5, "{served}");
+    assert!((score - 0.49492806).abs() < 1e-4, "{served}");
+    assert_eq!(served["fraud"], false, "{served}");
 
     // An edit while `plugin watch` runs is rebuilt and swapped into the node.
     let (_, watch_log) = author.watch.as_ref().expect("the walk-through watches");
@@ -277,6 +277,12 @@ fn the_rust_walkthrough_runs_as_written_from_an_empty_folder_to_a_watched_endpoi
     );
     let watched = std::fs::read_to_string(&watch_log).unwrap();
     assert!(watched.contains("endpoint 'score' reloaded"), "{watched}");
+
+    // The SDK's reference, as the page tells an author to open it (`cargo doc --open`).
+    author.run("cargo doc -p meshserve-guest --no-deps");
+    let reference = author.dir.join("target/doc/meshserve_guest");
+    assert!(reference.join("testing/index.html").is_file());
+    assert!(reference.join("trait.Preprocess.html").is_file());
 }
 
 #[test]
@@ -299,6 +305,7 @@ fn the_python_walkthrough_builds_and_runs_both_stages() {
     ));
     assert_eq!(tensors["inputs"][0]["shape"], serde_json::json!([1, 32]));
     assert_eq!(tensors["inputs"][0]["data"][0], 0.1205);
+    assert_eq!(tensors["inputs"][0]["data"][2], 1.0);
     let verdict = json_line(author.printed(
         "meshserve plugin run target/labels.wasm --cache-dir target/plugin-cache --stage post",
     ));
@@ -307,6 +314,9 @@ fn the_python_walkthrough_builds_and_runs_both_stages() {
         (verdict["score"].as_f64().unwrap() - 0.7).abs() < 1e-6,
         "{verdict}"
     );
+    // The Python API to read, as the page says to write it.
+    author.run("componentize-py -d wit -w pre bindings bindings");
+    assert!(author.dir.join("bindings/wit_world/__init__.py").is_file());
     // The second run found the component compiled in the cache the first one wrote.
     assert!(
         author

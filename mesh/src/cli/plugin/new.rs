@@ -218,7 +218,7 @@ impl Project {
         }
         if self.stages.post() {
             summary += &format!(
-                "{comment}Post: the fraud probability into `{{\"fraud\": true, \"score\": 0.7}}`.\n"
+                "{comment}Post: the fraud probability into `{{\"fraud\": false, \"score\": 0.49}}`.\n"
             );
         }
         summary
@@ -391,9 +391,17 @@ fn rustfmt_use(krate: &str, names: &[&str]) -> String {
 
 /// An OIP request to the fraud model, for an endpoint without a pre stage.
 fn features_request() -> String {
+    // What the pre stage makes of the transaction the other projects send (120.5 at 23:00).
+    let (amount, hour) = (120.5f32, 23.0f32);
+    let angle = std::f32::consts::TAU * hour / 24.0;
     let mut features = vec![0.0f32; 32];
-    features[0] = 0.1205;
-    features[1] = 1.0;
+    features[..5].copy_from_slice(&[
+        amount / 1000.0,
+        amount.ln_1p() / 10.0,
+        hour / 23.0,
+        angle.sin(),
+        angle.cos(),
+    ]);
     serde_json::json!({
         "inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": features}]
     })
