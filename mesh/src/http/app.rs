@@ -6,6 +6,9 @@
 //! percent-decoding still goes through the router, which decodes it.
 
 use crate::http::admin::ClientAddr;
+use crate::http::grpc::{
+    self, proto::grpc_inference_service_server::GrpcInferenceServiceServer, service::GrpcDoor,
+};
 use crate::http::models::infer_parts;
 use crate::http::routes::router;
 use crate::http::state::AppState;
@@ -21,14 +24,16 @@ use tower::ServiceExt;
 pub struct App {
     state: AppState,
     router: Router,
+    grpc: GrpcInferenceServiceServer<GrpcDoor>,
     alt_svc: Option<HeaderValue>,
 }
 
 impl App {
-    /// The OIP API (and the node's other routes) over `state`.
+    /// The OIP API (and the node's other routes) over `state`, over REST and gRPC.
     pub fn new(state: AppState) -> App {
         App {
             router: router(state.clone()),
+            grpc: grpc::service::service(state.clone(), state.bodies.max_bytes),
             state,
             alt_svc: None,
         }
@@ -42,6 +47,11 @@ impl App {
 
     /// Answers one request from `peer`.
     pub async fn serve(&self, request: Request<Body>, peer: SocketAddr) -> Response {
+        if grpc::is_grpc(request.version(), request.headers()) {
+            let Ok(response) = self.grpc.clone().oneshot(request).await;
+            return grpc::with_size_limit_status(response, self.state.bodies.max_bytes)
+                .map(Body::new);
+        }
         let (parts, body) = request.into_parts();
         let mut response = match infer_route(&parts.method, parts.uri.path()) {
             Some(route) => {

@@ -10,11 +10,18 @@ use axum::response::{IntoResponse, Response};
 use meshserve_host::ErrorClass;
 use serde_json::json;
 
+/// The OIP extensions the node serves, as server metadata lists them on every door.
+pub(crate) const SERVER_EXTENSIONS: [&str; 3] = [
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+];
+
 pub(crate) async fn server_metadata() -> Response {
     json_response(&json!({
         "name": "meshserve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_repository", "model_configuration"],
+        "extensions": SERVER_EXTENSIONS,
     }))
 }
 

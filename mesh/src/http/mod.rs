@@ -13,6 +13,7 @@ pub mod app;
 pub mod body;
 pub mod endpoints;
 pub mod error;
+pub mod grpc;
 pub mod health;
 pub mod http3;
 pub mod models;

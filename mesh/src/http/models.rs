@@ -25,11 +25,14 @@ use std::time::{Duration, Instant};
 /// A model (or endpoint) name and optional version, from the path.
 #[derive(Deserialize)]
 pub(crate) struct ModelPath {
-    model: String,
-    version: Option<String>,
+    pub(crate) model: String,
+    pub(crate) version: Option<String>,
 }
 
-fn find_version(state: &AppState, path: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
+pub(crate) fn find_version(
+    state: &AppState,
+    path: &ModelPath,
+) -> Result<Arc<ModelVersion>, ApiError> {
     let model = state
         .engine()
         .model(&path.model)
@@ -43,12 +46,17 @@ pub(crate) async fn model_metadata(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
+    Ok(json_response(&metadata_of(&state, path).await?))
+}
+
+/// A model's or an endpoint's OIP metadata, here or from the mesh.
+pub(crate) async fn metadata_of(state: &AppState, path: ModelPath) -> Result<Value, ApiError> {
     if let Some(endpoint) = state.endpoint(&path.model) {
         let model = ModelPath {
             model: endpoint.model.clone(),
             version: path.version.clone().or_else(|| endpoint.version.clone()),
         };
-        let version = find_version(&state, &model)?;
+        let version = find_version(state, &model)?;
         // With a pre-plugin the endpoint takes whatever body the plugin understands.
         let inputs: Vec<Value> = match endpoint.pre {
             Some(_) => Vec::new(),
@@ -58,7 +66,7 @@ pub(crate) async fn model_metadata(
             Some(_) => Vec::new(),
             None => version.signature.outputs.iter().map(spec_json).collect(),
         };
-        return Ok(json_response(&json!({
+        return Ok(json!({
             "name": endpoint.name,
             "versions": [version.version.to_string()],
             "platform": "meshserve_endpoint",
@@ -66,19 +74,24 @@ pub(crate) async fn model_metadata(
             "inputs": inputs,
             "outputs": outputs,
             "plugins": crate::http::endpoints::plugin_versions(&endpoint),
-        })));
+        }));
     }
-    let metadata = state
+    Ok(state
         .dispatch
         .metadata(&path.model, path.version.as_deref(), Origin::Client)
-        .await?;
-    Ok(json_response(&metadata))
+        .await?)
 }
 
 pub(crate) async fn model_ready(
     State(state): State<AppState>,
     Path(path): Path<ModelPath>,
 ) -> Result<StatusCode, ApiError> {
+    readiness(&state, &path)?;
+    Ok(StatusCode::OK)
+}
+
+/// Whether a model or an endpoint can serve here (or, for a model, anywhere in the mesh).
+pub(crate) fn readiness(state: &AppState, path: &ModelPath) -> Result<(), ApiError> {
     if let Some(endpoint) = state.endpoint(&path.model) {
         endpoint.readiness().map_err(|reason| {
             ApiError::from(InferError::EndpointUnavailable {
@@ -90,19 +103,26 @@ pub(crate) async fn model_ready(
             model: endpoint.model.clone(),
             version: endpoint.version.clone(),
         };
-        find_version(&state, &model)?;
-        return Ok(StatusCode::OK);
+        find_version(state, &model)?;
+        return Ok(());
     }
     // In a mesh, a model is ready wherever it is asked when some replica serves it.
     if state.dispatch.route(&path.model).is_some() && path.version.is_none() {
-        return Ok(StatusCode::OK);
+        return Ok(());
     }
-    find_version(&state, &path)?;
-    Ok(StatusCode::OK)
+    find_version(state, path)?;
+    Ok(())
+}
+
+/// A tensor's `dims` in a model configuration: Triton leaves the batch dimension out when the
+/// model batches.
+pub(crate) fn config_dims<'s>(version: &ModelVersion, shape: &'s [i64]) -> &'s [i64] {
+    let skip = usize::from(version.max_batch_size > 0);
+    &shape[skip.min(shape.len())..]
 }
 
 /// Triton's `TYPE_*` spelling, used by its model-configuration extension.
-fn triton_type(datatype: DataType) -> String {
+pub(crate) fn triton_type(datatype: DataType) -> String {
     match datatype {
         DataType::Bytes => "TYPE_STRING".to_string(),
         other => format!("TYPE_{}", other.as_str()),
@@ -114,12 +134,10 @@ pub(crate) async fn model_config(
     Path(path): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
     let version = find_version(&state, &path)?;
-    // Triton leaves the batch dimension out of `dims` when the model batches.
-    let skip = usize::from(version.max_batch_size > 0);
     let io = |specs: &[TensorSpec]| {
         specs
             .iter()
-            .map(|s| json!({ "name": s.name, "data_type": triton_type(s.datatype), "dims": &s.shape[skip.min(s.shape.len())..] }))
+            .map(|s| json!({ "name": s.name, "data_type": triton_type(s.datatype), "dims": config_dims(&version, &s.shape) }))
             .collect::<Vec<_>>()
     };
     let config = &version.config;

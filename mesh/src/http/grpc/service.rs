@@ -1,0 +1,335 @@
+//! The gRPC service's answers, over the node's [`AppState`]: the same lookups, readiness and
+//! dispatch as the REST handlers, so a model answers the same on every door.
+
+use super::proto::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use super::proto::model_metadata_response::TensorMetadata;
+use super::proto::{
+    DataType as ProtoDataType, ModelConfig, ModelConfigRequest, ModelConfigResponse,
+    ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput, ModelMetadataRequest,
+    ModelMetadataResponse, ModelOutput, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, Unsupported,
+};
+use super::status::status_of;
+use super::tensors::{decode_request, encode_response};
+use crate::http::error::ApiError;
+use crate::http::health::SERVER_EXTENSIONS;
+use crate::http::models::{
+    ModelPath, config_dims, find_version, metadata_of, readiness, triton_type,
+};
+use crate::http::state::{AppState, run_model};
+use crate::routing::{ROUTE_HEADER, route_header};
+use meshserve_host::ErrorClass;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+
+/// The node's gRPC door.
+#[derive(Clone)]
+pub struct GrpcDoor {
+    state: AppState,
+}
+
+/// The service for the node's HTTP server: messages up to `max_message_bytes` (the node's
+/// body limit, not tonic's 4 MiB default) are read; larger ones answer RESOURCE_EXHAUSTED.
+pub fn service(state: AppState, max_message_bytes: usize) -> GrpcInferenceServiceServer<GrpcDoor> {
+    GrpcInferenceServiceServer::new(GrpcDoor { state })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(usize::MAX)
+}
+
+fn path(name: String, version: String) -> ModelPath {
+    ModelPath {
+        model: name,
+        version: (!version.is_empty()).then_some(version),
+    }
+}
+
+/// gRPC's `grpc-timeout`: an integer of at most eight digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn unsupported(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "meshserve does not implement {what}; send tensors in the request (raw_input_contents or contents)"
+    ))
+}
+
+impl GrpcDoor {
+    async fn infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, ApiError> {
+        let (metadata, _, message) = request.into_parts();
+        let headers = metadata.into_headers();
+        if self.state.endpoint(&message.model_name).is_some() {
+            return Err(ApiError::new(
+                ErrorClass::InvalidInput,
+                format!(
+                    "'{}' is an endpoint: call it over REST (/v2/models/{0}/infer); gRPC serves models",
+                    message.model_name
+                ),
+            ));
+        }
+        let mut decoded =
+            decode_request(message).map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
+        // The call's deadline bounds the request's wait as much as its own timeout does.
+        if let Some(deadline) = headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout)
+        {
+            let timeout = decoded.request.timeout.get_or_insert(deadline);
+            *timeout = (*timeout).min(deadline);
+        }
+        let model = decoded.request.model.clone();
+        let served = run_model(&self.state, decoded.request, &headers).await?;
+        let mut response = Response::new(encode_response(served.response, decoded.typed));
+        if let Some(route) = self.state.dispatch.route(&model)
+            && let Ok(value) = route_header(&route).parse()
+        {
+            response.metadata_mut().insert(ROUTE_HEADER, value);
+        }
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcDoor {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.engine().is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let ready = readiness(&self.state, &path(request.name, request.version)).is_ok();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "meshserve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: SERVER_EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let metadata = metadata_of(&self.state, path(request.name, request.version))
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(metadata_message(&metadata)))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let started = Instant::now();
+        let model = request.get_ref().model_name.clone();
+        let outcome = self.infer(request).await;
+        let known = self.state.dispatch.serves(&model);
+        let status = match &outcome {
+            Ok(_) => 200,
+            Err(error) => error.class.http_status(),
+        };
+        self.state.engine().metrics().record_request(
+            if known { &model } else { "_unknown" },
+            status,
+            started.elapsed(),
+        );
+        outcome.map_err(status_of)
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let version =
+            find_version(&self.state, &path(request.name, request.version)).map_err(status_of)?;
+        let data_type = |d| {
+            ProtoDataType::from_str_name(&triton_type(d)).unwrap_or(ProtoDataType::TypeInvalid)
+                as i32
+        };
+        let config = ModelConfig {
+            name: version.name.clone(),
+            platform: "onnxruntime_onnx".into(),
+            backend: "onnxruntime".into(),
+            max_batch_size: i32::try_from(version.max_batch_size).unwrap_or(i32::MAX),
+            input: version
+                .signature
+                .inputs
+                .iter()
+                .map(|s| ModelInput {
+                    name: s.name.clone(),
+                    data_type: data_type(s.datatype),
+                    dims: config_dims(&version, &s.shape).to_vec(),
+                })
+                .collect(),
+            output: version
+                .signature
+                .outputs
+                .iter()
+                .map(|s| ModelOutput {
+                    name: s.name.clone(),
+                    data_type: data_type(s.datatype),
+                    dims: config_dims(&version, &s.shape).to_vec(),
+                })
+                .collect(),
+            dynamic_batching: Some(ModelDynamicBatching {
+                preferred_batch_size: Vec::new(),
+                max_queue_delay_microseconds: version.config.max_queue_delay_us,
+            }),
+        };
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config),
+        }))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<Unsupported>,
+    ) -> Result<Response<Unsupported>, Status> {
+        Err(unsupported("system shared memory"))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<Unsupported>,
+    ) -> Result<Response<Unsupported>, Status> {
+        Err(unsupported("system shared memory"))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<Unsupported>,
+    ) -> Result<Response<Unsupported>, Status> {
+        Err(unsupported("system shared memory"))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<Unsupported>,
+    ) -> Result<Response<Unsupported>, Status> {
+        Err(unsupported("CUDA shared memory"))
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<Unsupported>,
+    ) -> Result<Response<Unsupported>, Status> {
+        Err(unsupported("CUDA shared memory"))
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<Unsupported>,
+    ) -> Result<Response<Unsupported>, Status> {
+        Err(unsupported("CUDA shared memory"))
+    }
+
+    async fn trace_setting(
+        &self,
+        _: Request<Unsupported>,
+    ) -> Result<Response<Unsupported>, Status> {
+        Err(Status::unimplemented(
+            "meshserve does not implement trace settings: it takes W3C traceparent metadata",
+        ))
+    }
+
+    async fn log_settings(&self, _: Request<Unsupported>) -> Result<Response<Unsupported>, Status> {
+        Err(Status::unimplemented(
+            "meshserve does not implement log settings: set RUST_LOG when starting the node",
+        ))
+    }
+}
+
+/// OIP metadata (as REST answers it, here or from a replica) as the gRPC message.
+fn metadata_message(metadata: &Value) -> ModelMetadataResponse {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let tensors = |key: &str| {
+        metadata[key]
+            .as_array()
+            .map(|tensors| {
+                tensors
+                    .iter()
+                    .map(|t| TensorMetadata {
+                        name: text(&t["name"]),
+                        datatype: text(&t["datatype"]),
+                        shape: t["shape"]
+                            .as_array()
+                            .map(|dims| dims.iter().filter_map(Value::as_i64).collect())
+                            .unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    ModelMetadataResponse {
+        name: text(&metadata["name"]),
+        versions: metadata["versions"]
+            .as_array()
+            .map(|v| v.iter().map(text).collect())
+            .unwrap_or_default(),
+        platform: text(&metadata["platform"]),
+        inputs: tensors("inputs"),
+        outputs: tensors("outputs"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_refuses_the_rest() {
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("1500u"), Some(Duration::from_micros(1500)));
+        assert_eq!(grpc_timeout("99n"), Some(Duration::from_nanos(99)));
+        for bad in ["", "m", "123456789m", "12x", "-1S", "1.5S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,180 @@
+"""The official Triton gRPC client, unmodified, against meshserve's gRPC door on its HTTP port;
+and a raw grpcio stub (from the same package's generated modules) sending typed contents, as
+KServe and OpenVINO clients do."""
+
+import queue
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from test_tritonclient import as_array
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    return grpcclient.InferenceServerClient(url=node.url)
+
+
+@pytest.fixture(scope="module")
+def stub(node):
+    channel = grpc.insecure_channel(node.url)
+    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+def inputs_of(case):
+    inputs = []
+    for tensor in case["inputs"]:
+        entry = grpcclient.InferInput(tensor["name"], tensor["shape"], tensor["datatype"])
+        entry.set_data_from_numpy(as_array(tensor))
+        inputs.append(entry)
+    return inputs
+
+
+def assert_outputs(result, case):
+    for expected in case["outputs"]:
+        got = result.as_numpy(expected["name"])
+        want = as_array(expected)
+        assert got.shape == want.shape, expected["name"]
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_health_metadata_and_config(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("fraud")
+    assert client.is_model_ready("fraud", "1")
+    assert not client.is_model_ready("fraud", "7")
+    assert not client.is_model_ready("nope")
+    server = client.get_server_metadata()
+    assert server.name == "meshserve"
+    assert "model_repository" in server.extensions
+    meta = client.get_model_metadata("mixed")
+    assert [i.name for i in meta.inputs] == ["ids", "mask"]
+    assert meta.inputs[1].datatype == "BOOL"
+    assert meta.versions == ["1"]
+    # What perf_analyzer reads: the batch size, and dims without the batch dimension.
+    config = client.get_model_config("fraud").config
+    assert config.max_batch_size == 64
+    assert config.input[0].name == "features"
+    assert list(config.input[0].dims) == [32]
+    assert config.input[0].data_type == 11  # TYPE_FP32
+    assert config.output[0].name == "probabilities"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 200
+
+
+@pytest.mark.parametrize("model", ["fraud", "mixed", "echo"])
+def test_infer_matches_onnxruntime_every_datatype(client, references, model):
+    # echo carries every datatype, BYTES included, through raw contents both ways.
+    for case in references(model)["cases"]:
+        outputs = [grpcclient.InferRequestedOutput(t["name"]) for t in case["outputs"]]
+        result = client.infer(model, inputs_of(case), outputs=outputs, request_id="grpc-1")
+        assert result.get_response().id == "grpc-1"
+        assert_outputs(result, case)
+
+
+def test_requested_outputs_and_async_infer(client, references):
+    case = references("mixed")["cases"][1]
+    result = client.infer("mixed", inputs_of(case), outputs=[grpcclient.InferRequestedOutput("mean")])
+    assert [o.name for o in result.get_response().outputs] == ["mean"]
+
+    fraud = references("fraud")["cases"][0]
+    answers = queue.Queue()
+    for i in range(32):
+        client.async_infer(
+            "fraud",
+            inputs_of(fraud),
+            lambda result, error: answers.put((result, error)),
+            request_id=str(i),
+        )
+    ids = set()
+    for _ in range(32):
+        result, error = answers.get(timeout=30)
+        assert error is None, error
+        ids.add(result.get_response().id)
+        assert_outputs(result, fraud)
+    assert ids == {str(i) for i in range(32)}
+
+
+def test_each_failure_has_its_status_and_the_servers_message(node, client, stub):
+    wrong = grpcclient.InferInput("features", [1, 31], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 31), dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="expects") as failure:
+        client.infer("fraud", [wrong])
+    assert failure.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="unknown model 'nope'") as failure:
+        client.infer("nope", [wrong])
+    assert failure.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException, match="system shared memory") as failure:
+        client.get_system_shared_memory_status()
+    assert failure.value.status() == "StatusCode.UNIMPLEMENTED"
+
+    # A message past the node's body limit (32 MiB) is refused before it is read.
+    big = service_pb2.ModelInferRequest(model_name="fraud")
+    big.inputs.add(name="features", datatype="FP32", shape=[1 << 18, 32])
+    big.raw_input_contents.append(bytes(33 << 20))
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.ModelInfer(big, timeout=30)
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    # Raw and typed contents together are refused, naming the input.
+    both = service_pb2.ModelInferRequest(model_name="fraud")
+    tensor = both.inputs.add(name="features", datatype="FP32", shape=[1, 32])
+    tensor.contents.fp32_contents.extend([0.0] * 32)
+    both.raw_input_contents.append(np.zeros((1, 32), np.float32).tobytes())
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.ModelInfer(both, timeout=30)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "both contents and raw_input_contents" in failure.value.details()
+
+    # A body that is not protobuf at all.
+    garbage = grpc.insecure_channel(node.url).unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    with pytest.raises(grpc.RpcError) as failure:
+        garbage(b"\xff\xff\xff\xff\xff", timeout=30)
+    assert failure.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_typed_contents_in_and_out_with_a_raw_grpcio_stub(stub, references):
+    case = references("fraud")["cases"][0]
+    features = np.array(case["inputs"][0]["data"], dtype=np.float32)
+    request = service_pb2.ModelInferRequest(model_name="fraud", id="typed")
+    tensor = request.inputs.add(name="features", datatype="FP32", shape=case["inputs"][0]["shape"])
+    tensor.contents.fp32_contents.extend(features.tolist())
+    response, call = stub.ModelInfer.with_call(request, timeout=30)
+    assert response.id == "typed"
+    assert not response.raw_output_contents
+    want = as_array(case["outputs"][0])
+    got = np.array(response.outputs[0].contents.fp32_contents, dtype=np.float32).reshape(response.outputs[0].shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # Narrow integer types travel widened, and come back so.
+    echo = references("echo")["cases"][0]
+    request = service_pb2.ModelInferRequest(model_name="echo")
+    fields = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+              "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+              "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+    for t in echo["inputs"]:
+        entry = request.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        values = [v.encode() for v in t["data"]] if t["datatype"] == "BYTES" else t["data"]
+        getattr(entry.contents, fields[t["datatype"]]).extend(values)
+    response = stub.ModelInfer(request, timeout=30)
+    by_name = {o.name: o for o in response.outputs}
+    for t in echo["outputs"]:
+        got = list(getattr(by_name[t["name"]].contents, fields[t["datatype"]]))
+        want = [v.encode() for v in t["data"]] if t["datatype"] == "BYTES" else t["data"]
+        if t["datatype"].startswith("FP"):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        else:
+            assert got == want, t["name"]
