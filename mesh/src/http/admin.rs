@@ -73,41 +73,60 @@ pub async fn require_admin(
     request: Request,
     next: Next,
 ) -> Response {
-    match &access {
+    let from = request.extensions().get::<ClientAddr>().map(|a| a.0);
+    match authorize(&access, request.headers(), from) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            if refusal.class == ErrorClass::Forbidden {
+                crate::warn_throttled!(path = %request.uri().path(), reason = %refusal.message, "admin operation refused");
+            }
+            let unauthorized = refusal.class == ErrorClass::Unauthorized;
+            let mut response = refusal.into_response();
+            if unauthorized {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            response
+        }
+    }
+}
+
+/// Whether a request with `headers`, from `from`, has admin authority: the token as
+/// `Authorization: Bearer <token>` when the node has one, else a loopback client. Every door
+/// (REST, gRPC) asks this one function.
+pub fn authorize(
+    access: &AdminAccess,
+    headers: &http::HeaderMap,
+    from: Option<SocketAddr>,
+) -> Result<(), ApiError> {
+    match access {
         AdminAccess::Token(token) => {
-            let presented = request
-                .headers()
+            let presented = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
             if presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token)) {
-                return next.run(request).await;
+                return Ok(());
             }
-            let mut response = ApiError::new(
+            Err(ApiError::new(
                 ErrorClass::Unauthorized,
                 "admin operation: send the node's admin token as `Authorization: Bearer <token>`",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            response
+            ))
         }
         AdminAccess::LoopbackOnly => {
-            let from = request.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+            let from = from.map(|a| a.ip());
             if from.is_some_and(|ip| ip.is_loopback()) {
-                return next.run(request).await;
+                return Ok(());
             }
             let from = from.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string());
-            crate::warn_throttled!(%from, path = %request.uri().path(), "admin operation refused");
-            ApiError::new(
+            Err(ApiError::new(
                 ErrorClass::Forbidden,
                 format!(
                     "admin operations are allowed from loopback only; {from} is not (set http.admin_token_file to allow them with a token)"
                 ),
-            )
-            .into_response()
+            ))
         }
     }
 }

@@ -6,9 +6,7 @@
 //! percent-decoding still goes through the router, which decodes it.
 
 use crate::http::admin::ClientAddr;
-use crate::http::grpc::{
-    self, proto::grpc_inference_service_server::GrpcInferenceServiceServer, service::GrpcDoor,
-};
+use crate::http::grpc;
 use crate::http::models::infer_parts;
 use crate::http::routes::router;
 use crate::http::state::AppState;
@@ -24,7 +22,7 @@ use tower::ServiceExt;
 pub struct App {
     state: AppState,
     router: Router,
-    grpc: GrpcInferenceServiceServer<GrpcDoor>,
+    grpc: grpc::Services,
     alt_svc: Option<HeaderValue>,
 }
 
@@ -33,7 +31,7 @@ impl App {
     pub fn new(state: AppState) -> App {
         App {
             router: router(state.clone()),
-            grpc: grpc::service::service(state.clone(), state.bodies.max_bytes),
+            grpc: grpc::Services::new(state.clone()),
             state,
             alt_svc: None,
         }
@@ -48,9 +46,9 @@ impl App {
     /// Answers one request from `peer`.
     pub async fn serve(&self, request: Request<Body>, peer: SocketAddr) -> Response {
         if grpc::is_grpc(request.version(), request.headers()) {
-            let Ok(response) = self.grpc.clone().oneshot(request).await;
-            return grpc::with_size_limit_status(response, self.state.bodies.max_bytes)
-                .map(Body::new);
+            let mut request = request;
+            request.extensions_mut().insert(ClientAddr(peer));
+            return self.grpc.call(request).await;
         }
         let (parts, body) = request.into_parts();
         let mut response = match infer_route(&parts.method, parts.uri.path()) {

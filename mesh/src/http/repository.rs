@@ -25,23 +25,20 @@ struct RepositoryRequest {
     parameters: serde_json::Map<String, Value>,
 }
 
-impl RepositoryRequest {
-    /// Refuses what the node cannot honour rather than ignoring it: a model's configuration
-    /// and files come from its folder in the repository.
-    fn check(&self, model: &str) -> Result<(), ApiError> {
-        match self
-            .parameters
-            .keys()
-            .find(|k| *k == "config" || k.starts_with("file:"))
-        {
-            Some(key) => Err(ApiError::new(
-                ErrorClass::InvalidInput,
-                format!(
-                    "load parameter '{key}' is not supported: change the files in the repository folder of '{model}' instead"
-                ),
-            )),
-            None => Ok(()),
-        }
+/// Refuses what the node cannot honour rather than ignoring it: a model's configuration and
+/// files come from its folder in the repository.
+pub(crate) fn check_parameters<'k>(
+    model: &str,
+    mut keys: impl Iterator<Item = &'k str>,
+) -> Result<(), ApiError> {
+    match keys.find(|k| *k == "config" || k.starts_with("file:")) {
+        Some(key) => Err(ApiError::new(
+            ErrorClass::InvalidInput,
+            format!(
+                "load parameter '{key}' is not supported: change the files in the repository folder of '{model}' instead"
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -50,16 +47,23 @@ pub(crate) async fn repository_index(
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     let filter: IndexRequest = body.json_or_default("index request")?;
+    Ok(json_response(&Value::Array(
+        index(&state, filter.ready).await?,
+    )))
+}
+
+/// The repository's models as Triton's index lists them (name, version, state, reason); only
+/// the ready ones with `ready_only`.
+pub(crate) async fn index(state: &AppState, ready_only: bool) -> Result<Vec<Value>, ApiError> {
     let engine = state.engine().clone();
     let index = tokio::task::spawn_blocking(move || engine.index())
         .await
         .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))?;
-    let entries: Vec<Value> = index
+    Ok(index
         .iter()
-        .filter(|e| e.ready || !filter.ready)
+        .filter(|e| e.ready || !ready_only)
         .flat_map(index_rows)
-        .collect();
-    Ok(json_response(&Value::Array(entries)))
+        .collect())
 }
 
 fn index_rows(entry: &IndexEntry) -> Vec<Value> {
@@ -78,8 +82,14 @@ pub(crate) async fn load_model(
     Path(model): Path<String>,
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
-    body.json_or_default::<RepositoryRequest>("load request")?
-        .check(&model)?;
+    let request = body.json_or_default::<RepositoryRequest>("load request")?;
+    check_parameters(&model, request.parameters.keys().map(String::as_str))?;
+    load(&state, model).await?;
+    Ok(json_response(&json!({})))
+}
+
+/// Loads (or reloads) `model` from the repository.
+pub(crate) async fn load(state: &AppState, model: String) -> Result<(), ApiError> {
     let engine = state.engine().clone();
     let name = model.clone();
     tokio::task::spawn_blocking(move || engine.load(&name))
@@ -91,8 +101,7 @@ pub(crate) async fn load_model(
                 _ => ErrorClass::InvalidInput,
             };
             ApiError::new(class, format!("failed to load '{model}': {e}"))
-        })?;
-    Ok(json_response(&json!({})))
+        })
 }
 
 pub(crate) async fn unload_model(
@@ -101,10 +110,16 @@ pub(crate) async fn unload_model(
     body: LimitedBody,
 ) -> Result<Response, ApiError> {
     body.json_or_default::<RepositoryRequest>("unload request")?;
+    unload(&state, model).await?;
+    Ok(json_response(&json!({})))
+}
+
+/// Unloads `model`.
+pub(crate) async fn unload(state: &AppState, model: String) -> Result<(), ApiError> {
     // Off the async workers: an unload waits for a load of another model to finish.
     let engine = state.engine().clone();
     tokio::task::spawn_blocking(move || engine.unload(&model))
         .await
         .map_err(|e| ApiError::new(ErrorClass::Internal, e.to_string()))??;
-    Ok(json_response(&json!({})))
+    Ok(())
 }

@@ -178,3 +178,103 @@ def test_typed_contents_in_and_out_with_a_raw_grpcio_stub(stub, references):
             np.testing.assert_allclose(got, want, rtol=1e-6)
         else:
             assert got == want, t["name"]
+
+
+def test_a_stream_answers_in_order_and_a_failure_in_its_place(client, references):
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        fraud = references("fraud")["cases"][0]
+        for i in range(100):
+            client.async_stream_infer("fraud", inputs_of(fraud), request_id=str(i))
+        wrong = grpcclient.InferInput("features", [1, 31], "FP32")
+        wrong.set_data_from_numpy(np.zeros((1, 31), dtype=np.float32))
+        client.async_stream_infer("fraud", [wrong], request_id="wrong")
+        client.async_stream_infer("fraud", inputs_of(fraud), request_id="after")
+        got = [answers.get(timeout=30) for _ in range(102)]
+    finally:
+        client.stop_stream()
+    for i, (result, error) in enumerate(got[:100]):
+        assert error is None, error
+        assert result.get_response().id == str(i)
+        assert_outputs(result, fraud)
+    result, error = got[100]
+    assert result is None and "expects" in str(error)
+    result, error = got[101]
+    assert error is None and result.get_response().id == "after"
+
+
+def test_repository_index_load_and_unload(client):
+    index = client.get_model_repository_index()
+    assert {"fraud", "heavy", "mixed", "echo"} <= {m.name for m in index.models}
+    assert all(m.state == "READY" for m in index.models if m.name == "fraud")
+    client.unload_model("echo")
+    assert not client.is_model_ready("echo")
+    client.load_model("echo")
+    assert client.is_model_ready("echo")
+    with pytest.raises(InferenceServerException, match="not supported") as failure:
+        client.load_model("echo", config='{"max_batch_size": 8}')
+    assert failure.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException) as failure:
+        client.load_model("not-in-the-repository")
+    assert failure.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_repository_calls_need_the_admin_token_when_the_node_has_one(tmp_path):
+    from conftest import ROOT, Node, skip_endpoints
+
+    import shutil
+
+    repository = tmp_path / "models"
+    shutil.copytree(ROOT / "examples" / "models", repository, ignore=skip_endpoints)
+    token = "grpc-admin-token-0123456789"
+    (tmp_path / "token").write_text(token + "\n")
+    (tmp_path / "node.toml").write_text('[http]\nadmin_token_file = "token"\n')
+    node = Node(repository, "--config", tmp_path / "node.toml")
+    try:
+        client = grpcclient.InferenceServerClient(node.url)
+        with pytest.raises(InferenceServerException, match="admin token") as failure:
+            client.unload_model("echo")
+        assert failure.value.status() == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException) as failure:
+            client.unload_model("echo", headers={"authorization": "Bearer not-the-token-at-all"})
+        assert failure.value.status() == "StatusCode.UNAUTHENTICATED"
+        assert client.is_model_ready("echo")
+        client.unload_model("echo", headers={"authorization": f"Bearer {token}"})
+        assert not client.is_model_ready("echo")
+    finally:
+        node.stop()
+
+
+def test_standard_health_checking_answers_for_the_node_and_each_model(node):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(node.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == serving
+        assert health.Check(health_pb2.HealthCheckRequest(service="fraud"), timeout=10).status == serving
+        with pytest.raises(grpc.RpcError) as failure:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+        # A watch sends the status at once.
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="fraud"), timeout=10)
+        assert next(watch).status == serving
+        watch.cancel()
+
+
+def test_reflection_lists_and_describes_the_services(node):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(node.url) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+        pool = DescriptorPool(database)
+        service = pool.FindServiceByName("inference.GRPCInferenceService")
+        assert "ModelInfer" in [m.name for m in service.methods]
+        request = pool.FindMessageTypeByName("inference.ModelInferRequest")
+        assert request.fields_by_name["raw_input_contents"].number == 7

@@ -5,17 +5,95 @@
 //! The service is generated at build time from `mesh/proto/inference.proto`;
 //! [`tensors`] converts messages (pure), [`status`] maps failures, [`service`] answers.
 
+pub mod health;
 pub mod service;
 pub mod status;
 pub mod tensors;
 
-/// The messages and the service trait, generated from `mesh/proto/inference.proto`.
+/// The messages and service traits, generated from `mesh/proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("inference");
+
+    /// gRPC health checking.
+    pub mod health {
+        tonic::include_proto!("grpc.health.v1");
+    }
+
+    /// Every service's descriptors, for server reflection.
+    pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("descriptors");
 }
 
+use crate::http::state::AppState;
+use axum::body::Body;
 use http::HeaderMap;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+/// A reflection service (v1, or v1alpha for older clients), whose type the crate does not name.
+type Reflection = BoxCloneSyncService<
+    http::Request<Body>,
+    http::Response<tonic::body::Body>,
+    std::convert::Infallible,
+>;
+
+/// The node's gRPC services on its HTTP port: OIP inference, health checking and reflection
+/// (so `grpcurl` lists and calls them without the .proto files).
+#[derive(Clone)]
+pub struct Services {
+    inference: proto::grpc_inference_service_server::GrpcInferenceServiceServer<service::GrpcDoor>,
+    health: proto::health::health_server::HealthServer<health::HealthDoor>,
+    reflection: Reflection,
+    reflection_alpha: Reflection,
+    max_message_bytes: usize,
+}
+
+impl Services {
+    /// The services over `state`, reading messages up to the node's body limit.
+    pub fn new(state: AppState) -> Services {
+        let max_message_bytes = state.bodies.max_bytes;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::DESCRIPTORS)
+        };
+        Services {
+            inference: service::service(state.clone(), max_message_bytes),
+            health: health::service(state),
+            // The descriptors are compiled in: building from them cannot fail at run time
+            // unless the build itself was broken, which the tests would have caught.
+            reflection: BoxCloneSyncService::new(
+                reflection()
+                    .build_v1()
+                    .expect("the compiled-in descriptors are valid"),
+            ),
+            reflection_alpha: BoxCloneSyncService::new(
+                reflection()
+                    .build_v1alpha()
+                    .expect("the compiled-in descriptors are valid"),
+            ),
+            max_message_bytes,
+        }
+    }
+
+    /// Answers one gRPC call, by its service's path.
+    pub async fn call(&self, request: http::Request<Body>) -> http::Response<Body> {
+        let path = request.uri().path();
+        let response = if path.starts_with("/grpc.health.v1.Health/") {
+            let Ok(response) = self.health.clone().oneshot(request).await;
+            response
+        } else if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
+            let Ok(response) = self.reflection.clone().oneshot(request).await;
+            response
+        } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
+            let Ok(response) = self.reflection_alpha.clone().oneshot(request).await;
+            response
+        } else {
+            let Ok(response) = self.inference.clone().oneshot(request).await;
+            with_size_limit_status(response, self.max_message_bytes)
+        };
+        response.map(Body::new)
+    }
+}
 
 /// Whether a request is a gRPC call (over HTTP/2; gRPC has no HTTP/1.1 form).
 pub fn is_grpc(version: http::Version, headers: &HeaderMap) -> bool {

@@ -5,26 +5,34 @@ use super::proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use super::proto::model_metadata_response::TensorMetadata;
+use super::proto::repository_index_response::ModelIndex;
 use super::proto::{
     DataType as ProtoDataType, ModelConfig, ModelConfigRequest, ModelConfigResponse,
     ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput, ModelMetadataRequest,
-    ModelMetadataResponse, ModelOutput, ModelReadyRequest, ModelReadyResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse, Unsupported,
+    ModelMetadataResponse, ModelOutput, ModelReadyRequest, ModelReadyResponse,
+    ModelStreamInferResponse, RepositoryIndexRequest, RepositoryIndexResponse,
+    RepositoryModelLoadRequest, RepositoryModelLoadResponse, RepositoryModelUnloadRequest,
+    RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, Unsupported,
 };
 use super::status::status_of;
 use super::tensors::{decode_request, encode_response};
+use crate::http::admin::{ClientAddr, authorize};
 use crate::http::error::ApiError;
 use crate::http::health::SERVER_EXTENSIONS;
 use crate::http::models::{
     ModelPath, config_dims, find_version, metadata_of, readiness, triton_type,
 };
+use crate::http::repository;
 use crate::http::state::{AppState, run_model};
 use crate::routing::{ROUTE_HEADER, route_header};
+use futures_util::StreamExt;
 use meshserve_host::ErrorClass;
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::{Request, Response, Status};
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
 
 /// The node's gRPC door.
 #[derive(Clone)]
@@ -72,12 +80,12 @@ fn unsupported(what: &str) -> Status {
 }
 
 impl GrpcDoor {
+    /// Runs one inference message: `headers` are the call's metadata (deadline, trace).
     async fn infer(
         &self,
-        request: Request<ModelInferRequest>,
-    ) -> Result<Response<ModelInferResponse>, ApiError> {
-        let (metadata, _, message) = request.into_parts();
-        let headers = metadata.into_headers();
+        message: ModelInferRequest,
+        headers: &http::HeaderMap,
+    ) -> Result<ModelInferResponse, ApiError> {
         if self.state.endpoint(&message.model_name).is_some() {
             return Err(ApiError::new(
                 ErrorClass::InvalidInput,
@@ -98,17 +106,43 @@ impl GrpcDoor {
             let timeout = decoded.request.timeout.get_or_insert(deadline);
             *timeout = (*timeout).min(deadline);
         }
-        let model = decoded.request.model.clone();
-        let served = run_model(&self.state, decoded.request, &headers).await?;
-        let mut response = Response::new(encode_response(served.response, decoded.typed));
-        if let Some(route) = self.state.dispatch.route(&model)
-            && let Ok(value) = route_header(&route).parse()
-        {
-            response.metadata_mut().insert(ROUTE_HEADER, value);
-        }
-        Ok(response)
+        let served = run_model(&self.state, decoded.request, headers).await?;
+        Ok(encode_response(served.response, decoded.typed))
+    }
+
+    /// [`Self::infer`], counted in the node's request metrics as REST requests are.
+    async fn counted_infer(
+        &self,
+        message: ModelInferRequest,
+        headers: &http::HeaderMap,
+    ) -> Result<ModelInferResponse, ApiError> {
+        let started = Instant::now();
+        let model = message.model_name.clone();
+        let outcome = self.infer(message, headers).await;
+        let status = match &outcome {
+            Ok(_) => 200,
+            Err(error) => error.class.http_status(),
+        };
+        let known = self.state.dispatch.serves(&model);
+        self.state.engine().metrics().record_request(
+            if known { &model } else { "_unknown" },
+            status,
+            started.elapsed(),
+        );
+        outcome
+    }
+
+    /// Admin authority for a repository call, as REST asks it.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let from = request.extensions().get::<ClientAddr>().map(|a| a.0);
+        let headers = request.metadata().clone().into_headers();
+        authorize(&self.state.admin, &headers, from).map_err(status_of)
     }
 }
+
+/// Requests of one stream run at once, answered in the order they came. A client that stops
+/// reading its answers stops the stream there: no more of its requests are read.
+const STREAM_IN_FLIGHT: usize = 64;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for GrpcDoor {
@@ -163,20 +197,103 @@ impl GrpcInferenceService for GrpcDoor {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let started = Instant::now();
-        let model = request.get_ref().model_name.clone();
-        let outcome = self.infer(request).await;
-        let known = self.state.dispatch.serves(&model);
-        let status = match &outcome {
-            Ok(_) => 200,
-            Err(error) => error.class.http_status(),
-        };
-        self.state.engine().metrics().record_request(
-            if known { &model } else { "_unknown" },
-            status,
-            started.elapsed(),
-        );
-        outcome.map_err(status_of)
+        let (metadata, _, message) = request.into_parts();
+        let headers = metadata.into_headers();
+        let model = message.model_name.clone();
+        let answer = self
+            .counted_infer(message, &headers)
+            .await
+            .map_err(status_of)?;
+        let mut response = Response::new(answer);
+        if let Some(route) = self.state.dispatch.route(&model)
+            && let Ok(value) = route_header(&route).parse()
+        {
+            response.metadata_mut().insert(ROUTE_HEADER, value);
+        }
+        Ok(response)
+    }
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<BoxStream<ModelStreamInferResponse>>, Status> {
+        let (metadata, _, incoming) = request.into_parts();
+        let headers = Arc::new(metadata.into_headers());
+        let door = self.clone();
+        let answers = incoming
+            .map(move |message| {
+                let (door, headers) = (door.clone(), headers.clone());
+                async move {
+                    // A message that is not one ends the stream with its status.
+                    let message = message?;
+                    let (model_name, id) = (message.model_name.clone(), message.id.clone());
+                    Ok(match door.counted_infer(message, &headers).await {
+                        Ok(answer) => ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(answer),
+                        },
+                        // A failed request answers in its place, and the stream goes on.
+                        Err(error) => ModelStreamInferResponse {
+                            error_message: error.message,
+                            infer_response: Some(ModelInferResponse {
+                                model_name,
+                                id,
+                                ..Default::default()
+                            }),
+                        },
+                    })
+                }
+            })
+            .buffered(STREAM_IN_FLIGHT);
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let rows = repository::index(&self.state, request.into_inner().ready)
+            .await
+            .map_err(status_of)?;
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let models = rows
+            .iter()
+            .map(|row| ModelIndex {
+                name: text(&row["name"]),
+                version: text(&row["version"]),
+                state: text(&row["state"]),
+                reason: text(&row["reason"]),
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        repository::check_parameters(
+            &request.model_name,
+            request.parameters.keys().map(String::as_str),
+        )
+        .map_err(status_of)?;
+        repository::load(&self.state, request.model_name)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.authorize(&request)?;
+        repository::unload(&self.state, request.into_inner().model_name)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
     async fn model_config(
