@@ -155,6 +155,14 @@ pub enum Protocol {
         /// TLS (ALPN `h2`) with this client config; `None` for h2c.
         tls: Option<Arc<rustls::ClientConfig>>,
     },
+    /// The OIP over gRPC (unary ModelInfer) on HTTP/2, the concurrent calls spread over
+    /// `connections`; `body` is the gRPC-framed `ModelInferRequest` ([`grpc_infer_body`]).
+    Grpc {
+        /// Connections to open.
+        connections: usize,
+        /// TLS (ALPN `h2`) with this client config; `None` for h2c.
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
     /// HTTP/3, the concurrent requests spread over `connections`.
     Http3 {
         /// Connections to open.
@@ -171,6 +179,8 @@ impl std::fmt::Debug for Protocol {
             Protocol::Http1Tls(_) => "HTTP/1.1 over TLS",
             Protocol::Http2 { tls: None, .. } => "HTTP/2 (h2c)",
             Protocol::Http2 { tls: Some(_), .. } => "HTTP/2 over TLS",
+            Protocol::Grpc { tls: None, .. } => "gRPC (h2c)",
+            Protocol::Grpc { tls: Some(_), .. } => "gRPC over TLS",
             Protocol::Http3 { .. } => "HTTP/3",
         })
     }
@@ -292,9 +302,9 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
     // HTTP/3 share their connections among the concurrent requests; HTTP/1.1 needs one each.
     let workers = load.concurrency.max(1);
     let connections = match &load.protocol {
-        Protocol::Http2 { connections, .. } | Protocol::Http3 { connections, .. } => {
-            (*connections).max(1)
-        }
+        Protocol::Http2 { connections, .. }
+        | Protocol::Grpc { connections, .. }
+        | Protocol::Http3 { connections, .. } => (*connections).max(1),
         Protocol::Http1 | Protocol::Http1Tls(_) => workers,
     };
     let mut opened = Vec::with_capacity(connections);
@@ -427,7 +437,7 @@ impl Sender {
                 tokio::spawn(connection);
                 Ok(Sender::Http1(Arc::new(tokio::sync::Mutex::new(sender))))
             }
-            Protocol::Http2 { tls, .. } => {
+            Protocol::Http2 { tls, .. } | Protocol::Grpc { tls, .. } => {
                 let io = Sender::tcp(load.addr, tls.as_ref()).await?;
                 let (sender, connection) =
                     hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -485,16 +495,39 @@ impl Sender {
             }
             Sender::Http2(sender) => {
                 let scheme = match &load.protocol {
-                    Protocol::Http2 { tls: Some(_), .. } => "https",
+                    Protocol::Http2 { tls: Some(_), .. } | Protocol::Grpc { tls: Some(_), .. } => {
+                        "https"
+                    }
                     _ => "http",
                 };
+                let grpc =
+                    matches!(load.protocol, Protocol::Grpc { .. }) && method == hyper::Method::POST;
                 let mut request = Request::builder()
                     .method(method)
                     .uri(format!("{scheme}://{}{path}", load.addr))
                     .body(Full::new(body))
                     .map_err(|e| failed(e.to_string()))?;
                 *request.headers_mut() = request_headers(load);
-                sender.clone().send_request(request).await
+                if grpc {
+                    let headers = request.headers_mut();
+                    headers.insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/grpc"),
+                    );
+                    headers.insert(
+                        hyper::header::TE,
+                        hyper::header::HeaderValue::from_static("trailers"),
+                    );
+                }
+                let response = sender
+                    .clone()
+                    .send_request(request)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                if grpc {
+                    return grpc_answer(response).await;
+                }
+                Ok(response)
             }
         }
         .map_err(|e| failed(e.to_string()))?;
@@ -507,6 +540,65 @@ impl Sender {
             .to_bytes();
         Ok((status, body))
     }
+}
+
+/// A gRPC answer as the HTTP status its `grpc-status` means (in the trailers, or in the
+/// headers of a trailers-only answer), so the report counts failures as it does for REST.
+async fn grpc_answer(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<(StatusCode, Bytes), BenchError> {
+    let in_headers = response.headers().get("grpc-status").cloned();
+    let collected = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| BenchError::Server(format!("reading response: {e}")))?;
+    let code = in_headers.or_else(|| {
+        collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status").cloned())
+    });
+    let status = match code.as_ref().map(|c| c.as_bytes()) {
+        Some(b"0") => StatusCode::OK,
+        // UNAVAILABLE and RESOURCE_EXHAUSTED: the node's "try later".
+        Some(b"14") | Some(b"8") => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Ok((status, collected.to_bytes()))
+}
+
+/// The path of the OIP unary inference call over gRPC.
+pub const GRPC_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+/// An OIP JSON infer body for `model` as one gRPC-framed `ModelInferRequest` (tensors in
+/// `raw_input_contents`, as tritonclient sends them).
+pub fn grpc_infer_body(model: &str, json: &Bytes) -> Result<Bytes, BenchError> {
+    use meshserve::http::grpc::proto::ModelInferRequest;
+    use meshserve::http::grpc::proto::model_infer_request::InferInputTensor;
+    use prost::Message;
+    let decoded = meshserve::oip::decode_request(model, None, json, None)
+        .map_err(|e| BenchError::Server(format!("the request body: {e}")))?;
+    let mut message = ModelInferRequest {
+        model_name: model.to_string(),
+        ..Default::default()
+    };
+    for tensor in decoded.request.inputs {
+        message.inputs.push(InferInputTensor {
+            name: tensor.name,
+            datatype: tensor.datatype.as_str().to_string(),
+            shape: tensor.shape,
+            ..Default::default()
+        });
+        message.raw_input_contents.push(tensor.data);
+    }
+    let encoded = message.encode_to_vec();
+    let length = u32::try_from(encoded.len())
+        .map_err(|_| BenchError::Server("the request is over 4 GiB".into()))?;
+    let mut framed = Vec::with_capacity(5 + encoded.len());
+    framed.push(0); // not compressed
+    framed.extend_from_slice(&length.to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    Ok(framed.into())
 }
 
 async fn request_loop(
@@ -741,6 +833,22 @@ async fn health_ok(addr: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grpc_body_is_one_framed_message_with_the_same_tensors() {
+        use prost::Message;
+        let json = fp32_request_body("features", 2, 32);
+        let framed = grpc_infer_body("fraud", &json).unwrap();
+        assert_eq!(framed[0], 0, "not compressed");
+        let length = u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]) as usize;
+        assert_eq!(length, framed.len() - 5);
+        let message =
+            meshserve::http::grpc::proto::ModelInferRequest::decode(&framed[5..]).unwrap();
+        assert_eq!(message.model_name, "fraud");
+        let sent = meshserve::http::grpc::tensors::decode_request(message).unwrap();
+        let want = meshserve::oip::decode_request("fraud", None, &json, None).unwrap();
+        assert_eq!(sent.request.inputs, want.request.inputs);
+    }
 
     #[test]
     fn the_fp32_body_names_its_datatype_before_its_data() {

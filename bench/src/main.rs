@@ -197,7 +197,8 @@ struct HttpBenchArgs {
     /// The server (its UDP address for HTTP/3).
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: SocketAddr,
-    /// h1 (HTTP/1.1), h2 (HTTP/2: h2c, or TLS with --tls) or h3 (HTTP/3, always TLS).
+    /// h1 (HTTP/1.1), h2 (HTTP/2: h2c, or TLS with --tls), h3 (HTTP/3, always TLS) or grpc
+    /// (the OIP over gRPC, unary, on HTTP/2).
     #[arg(long, value_enum, default_value_t = ProtocolArg::H1)]
     protocol: ProtocolArg,
     /// Speak TLS over TCP (h1 and h2).
@@ -264,6 +265,8 @@ enum ProtocolArg {
     H1,
     H2,
     H3,
+    /// The OIP over gRPC: unary ModelInfer on HTTP/2 (h2c, or TLS with --tls).
+    Grpc,
 }
 
 fn run_bench(kind: BenchCommand) -> Result<()> {
@@ -432,6 +435,14 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
                 None
             },
         },
+        (ProtocolArg::Grpc, tls) => Protocol::Grpc {
+            connections: args.connections,
+            tls: if tls {
+                Some(bench::tls_client(&args.ca, b"h2")?)
+            } else {
+                None
+            },
+        },
         (ProtocolArg::H3, _) => Protocol::Http3 {
             connections: args.connections,
             roots: meshserve::pem::read_certs(&args.ca)
@@ -487,6 +498,11 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
                 load.headers.entry(name).or_insert(value.clone());
             }
         }
+    }
+    if matches!(load.protocol, Protocol::Grpc { .. }) {
+        // The same tensors as one ModelInferRequest, on the service's path.
+        load.body = bench::grpc_infer_body(&args.model, &load.body)?;
+        load.path = bench::GRPC_INFER_PATH.to_string();
     }
     let label = format!("{:?}", load.protocol);
     let rates: Vec<f64> = match (&args.rates[..], args.rate) {
