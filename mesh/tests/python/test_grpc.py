@@ -278,3 +278,50 @@ def test_reflection_lists_and_describes_the_services(node):
         assert "ModelInfer" in [m.name for m in service.methods]
         request = pool.FindMessageTypeByName("inference.ModelInferRequest")
         assert request.fields_by_name["raw_input_contents"].number == 7
+
+
+def test_an_endpoint_runs_its_pipeline_over_grpc(tmp_path, references):
+    """OIP tensors in: a post stage's tensors come back as outputs, a post stage's own reply
+    as one BYTES output `reply`, a plugin's refusal as its status."""
+    from conftest import ROOT, Node, skip_endpoints
+
+    import json
+    import shutil
+
+    repository = tmp_path / "models"
+    shutil.copytree(ROOT / "examples" / "models", repository, ignore=skip_endpoints)
+    plugins = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
+    (tmp_path / "node.toml").write_text(
+        "[endpoints.passthrough]\nmodel = \"fraud\"\n"
+        f"post = {{ path = \"{plugins / 'noop.wasm'}\" }}\n"
+        "[endpoints.decide]\nmodel = \"fraud\"\n"
+        f"post = {{ path = \"{plugins / 'threshold.wasm'}\", config = '{{\"index\": 1, \"review\": 0.0, \"block\": 2.0}}' }}\n"
+        "[endpoints.missing-output]\nmodel = \"fraud\"\n"
+        f"post = {{ path = \"{plugins / 'threshold.wasm'}\", config = '{{\"output\": \"nope\"}}' }}\n"
+    )
+    node = Node(repository, "--config", tmp_path / "node.toml")
+    try:
+        client = grpcclient.InferenceServerClient(node.url)
+        fraud = references("fraud")["cases"][0]
+        assert client.is_model_ready("decide")
+
+        passed = client.infer("passthrough", inputs_of(fraud), request_id="e1")
+        assert passed.get_response().model_name == "passthrough"
+        np.testing.assert_allclose(
+            passed.as_numpy("probabilities"), as_array(fraud["outputs"][0]), rtol=1e-5, atol=1e-5
+        )
+
+        decided = client.infer("decide", inputs_of(fraud))
+        reply = decided.as_numpy("reply")
+        decision = json.loads(reply.reshape(-1)[0])
+        rows = decision if isinstance(decision, list) else [decision]
+        want = as_array(fraud["outputs"][0])[:, 1]
+        assert [r["decision"] for r in rows] == ["review"] * len(want)
+        np.testing.assert_allclose([r["score"] for r in rows], want, rtol=1e-5)
+        assert decided.get_response().parameters["content_type"].string_param == "application/json"
+
+        with pytest.raises(InferenceServerException, match="no output 'nope'") as failure:
+            client.infer("missing-output", inputs_of(fraud))
+        assert failure.value.status() == "StatusCode.INTERNAL"
+    finally:
+        node.stop()

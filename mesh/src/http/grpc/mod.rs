@@ -5,6 +5,7 @@
 //! The service is generated at build time from `mesh/proto/inference.proto`;
 //! [`tensors`] converts messages (pure), [`status`] maps failures, [`service`] answers.
 
+pub mod endpoint;
 pub mod health;
 pub mod service;
 pub mod status;

@@ -1,6 +1,7 @@
 //! The gRPC service's answers, over the node's [`AppState`]: the same lookups, readiness and
 //! dispatch as the REST handlers, so a model answers the same on every door.
 
+use super::endpoint;
 use super::proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
@@ -17,6 +18,8 @@ use super::proto::{
 };
 use super::status::status_of;
 use super::tensors::{decode_request, encode_response};
+use crate::dispatch::Origin;
+use crate::dispatch::endpoint::Invocation;
 use crate::http::admin::{ClientAddr, authorize};
 use crate::http::error::ApiError;
 use crate::http::health::SERVER_EXTENSIONS;
@@ -25,6 +28,7 @@ use crate::http::models::{
 };
 use crate::http::repository;
 use crate::http::state::{AppState, run_model};
+use crate::oip::HEADER_CONTENT_LENGTH;
 use crate::routing::{ROUTE_HEADER, route_header};
 use futures_util::StreamExt;
 use meshserve_host::ErrorClass;
@@ -86,15 +90,19 @@ impl GrpcDoor {
         message: ModelInferRequest,
         headers: &http::HeaderMap,
     ) -> Result<ModelInferResponse, ApiError> {
-        if self.state.endpoint(&message.model_name).is_some() {
-            return Err(ApiError::new(
-                ErrorClass::InvalidInput,
-                format!(
-                    "'{}' is an endpoint: call it over REST (/v2/models/{0}/infer); gRPC serves models",
-                    message.model_name
-                ),
-            ));
-        }
+        let started = Instant::now();
+        let name = message.model_name.clone();
+        // As REST decides it: an endpoint shadows a model of its name, and the mesh's
+        // endpoints are looked up only for a name that is not a model here.
+        let endpoint =
+            if self.state.endpoint(&name).is_some() || self.state.engine().model(&name).is_none() {
+                self.state
+                    .dispatch
+                    .endpoint_route(&name, Origin::Client)
+                    .ok()
+            } else {
+                None
+            };
         let mut decoded =
             decode_request(message).map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
         // The call's deadline bounds the request's wait as much as its own timeout does.
@@ -105,6 +113,23 @@ impl GrpcDoor {
         {
             let timeout = decoded.request.timeout.get_or_insert(deadline);
             *timeout = (*timeout).min(deadline);
+        }
+        if let Some(route) = endpoint {
+            let (body, json_length) = endpoint::request_body(&decoded.request);
+            let mut headers = headers.clone();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(HEADER_CONTENT_LENGTH, http::HeaderValue::from(json_length));
+            let invocation = Invocation {
+                headers: &headers,
+                body,
+                timeout: decoded.request.timeout,
+                started,
+            };
+            let response = self.state.dispatch.invoke(route, invocation).await?;
+            return endpoint::answer(&name, &response, decoded.typed);
         }
         let served = run_model(&self.state, decoded.request, headers).await?;
         Ok(encode_response(served.response, decoded.typed))
