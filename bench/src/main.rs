@@ -424,24 +424,22 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
 
 /// `meshserve-bench http`: one closed- or open-loop run, or an open-loop sweep over rates.
 async fn bench_http(args: HttpBenchArgs) -> Result<()> {
+    // HTTP/2's TLS (ALPN h2), for REST and gRPC alike.
+    let h2_tls = || {
+        args.tls
+            .then(|| bench::tls_client(&args.ca, b"h2"))
+            .transpose()
+    };
     let protocol = match (args.protocol, args.tls) {
         (ProtocolArg::H1, false) => Protocol::Http1,
         (ProtocolArg::H1, true) => Protocol::Http1Tls(bench::tls_client(&args.ca, b"http/1.1")?),
-        (ProtocolArg::H2, tls) => Protocol::Http2 {
+        (ProtocolArg::H2, _) => Protocol::Http2 {
             connections: args.connections,
-            tls: if tls {
-                Some(bench::tls_client(&args.ca, b"h2")?)
-            } else {
-                None
-            },
+            tls: h2_tls()?,
         },
-        (ProtocolArg::Grpc, tls) => Protocol::Grpc {
+        (ProtocolArg::Grpc, _) => Protocol::Grpc {
             connections: args.connections,
-            tls: if tls {
-                Some(bench::tls_client(&args.ca, b"h2")?)
-            } else {
-                None
-            },
+            tls: h2_tls()?,
         },
         (ProtocolArg::H3, _) => Protocol::Http3 {
             connections: args.connections,
