@@ -325,3 +325,34 @@ def test_an_endpoint_runs_its_pipeline_over_grpc(tmp_path, references):
         assert failure.value.status() == "StatusCode.INTERNAL"
     finally:
         node.stop()
+
+
+def test_unary_messages_count_against_the_nodes_byte_budget(tmp_path, references):
+    """A message the node's in-flight byte budget cannot hold is refused at once with
+    UNAVAILABLE and a retry pushback, as REST answers 503 + Retry-After; smaller ones pass."""
+    from conftest import ROOT, Node, skip_endpoints
+
+    import shutil
+
+    repository = tmp_path / "models"
+    shutil.copytree(ROOT / "examples" / "models", repository, ignore=skip_endpoints)
+    (tmp_path / "node.toml").write_text("[http]\nmax_body_bytes_in_flight = 1048576\n")
+    node = Node(repository, "--config", tmp_path / "node.toml")
+    try:
+        with grpc.insecure_channel(node.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            rows = 16384  # 2 MiB of FP32 features
+            big = service_pb2.ModelInferRequest(model_name="fraud")
+            big.inputs.add(name="features", datatype="FP32", shape=[rows, 32])
+            big.raw_input_contents.append(bytes(rows * 32 * 4))
+            with pytest.raises(grpc.RpcError) as failure:
+                stub.ModelInfer(big, timeout=30)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "max_body_bytes_in_flight" in failure.value.details()
+            pushback = dict(failure.value.trailing_metadata() or [])
+            assert int(pushback["grpc-retry-pushback-ms"]) >= 1
+        client = grpcclient.InferenceServerClient(node.url)
+        fraud = references("fraud")["cases"][0]
+        assert_outputs(client.infer("fraud", inputs_of(fraud)), fraud)
+    finally:
+        node.stop()

@@ -25,6 +25,7 @@ pub mod proto {
     pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("descriptors");
 }
 
+use crate::http::body::{BodyLimits, read_body};
 use crate::http::state::AppState;
 use axum::body::Body;
 use http::HeaderMap;
@@ -47,12 +48,17 @@ pub struct Services {
     reflection: Reflection,
     reflection_alpha: Reflection,
     max_message_bytes: usize,
+    bodies: BodyLimits,
 }
+
+/// The streaming inference call's path.
+const STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 
 impl Services {
     /// The services over `state`, reading messages up to the node's body limit.
     pub fn new(state: AppState) -> Services {
         let max_message_bytes = state.bodies.max_bytes;
+        let state_bodies = state.bodies.clone();
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::DESCRIPTORS)
@@ -73,6 +79,7 @@ impl Services {
                     .expect("the compiled-in descriptors are valid"),
             ),
             max_message_bytes,
+            bodies: state_bodies,
         }
     }
 
@@ -88,8 +95,22 @@ impl Services {
         } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
             let Ok(response) = self.reflection_alpha.clone().oneshot(request).await;
             response
-        } else {
+        } else if path == STREAM_INFER_PATH {
+            // A stream's messages are limited one by one (the message size) and in number (the
+            // requests it runs at once); its body lives as long as the stream.
             let Ok(response) = self.inference.clone().oneshot(request).await;
+            with_size_limit_status(response, self.max_message_bytes)
+        } else {
+            // A unary call's body is read as REST reads one: within the size limit, the read
+            // deadline and the node's in-flight byte budget, held until it is answered.
+            let (parts, body) = request.into_parts();
+            let read = match read_body(&parts.headers, body, &self.bodies).await {
+                Ok(read) => read,
+                Err(refused) => return status::status_of(refused).into_http(),
+            };
+            let request = http::Request::from_parts(parts, Body::from(read.bytes.clone()));
+            let Ok(response) = self.inference.clone().oneshot(request).await;
+            drop(read);
             with_size_limit_status(response, self.max_message_bytes)
         };
         response.map(Body::new)
