@@ -2,8 +2,10 @@
 //! with Triton's and KServe's), as one more door over the same dispatch as REST: served on
 //! the HTTP port, through the same server, limits and drain, picked out by its content type.
 //!
-//! The service is generated at build time from `mesh/proto/inference.proto`;
-//! [`tensors`] converts messages (pure), [`status`] maps failures, [`service`] answers.
+//! The services are generated at build time from `mesh/proto`; [`tensors`] converts messages
+//! (pure), [`endpoint`] turns an endpoint's call into REST's body and its answer back (pure),
+//! [`status`] maps failures, [`service`] answers, [`health`] is gRPC health checking, and
+//! [`Services`] routes each call to its service.
 
 pub mod endpoint;
 pub mod health;
@@ -47,7 +49,7 @@ pub struct Services {
     health: proto::health::health_server::HealthServer<health::HealthDoor>,
     reflection: Reflection,
     reflection_alpha: Reflection,
-    max_message_bytes: usize,
+    /// The node's body limits, which unary messages are read within.
     bodies: BodyLimits,
 }
 
@@ -57,14 +59,13 @@ const STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfe
 impl Services {
     /// The services over `state`, reading messages up to the node's body limit.
     pub fn new(state: AppState) -> Services {
-        let max_message_bytes = state.bodies.max_bytes;
-        let state_bodies = state.bodies.clone();
+        let bodies = state.bodies.clone();
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::DESCRIPTORS)
         };
         Services {
-            inference: service::service(state.clone(), max_message_bytes),
+            inference: service::service(state.clone(), bodies.max_bytes),
             health: health::service(state),
             // The descriptors are compiled in: building from them cannot fail at run time
             // unless the build itself was broken, which the tests would have caught.
@@ -78,8 +79,7 @@ impl Services {
                     .build_v1alpha()
                     .expect("the compiled-in descriptors are valid"),
             ),
-            max_message_bytes,
-            bodies: state_bodies,
+            bodies,
         }
     }
 
@@ -99,7 +99,7 @@ impl Services {
             // A stream's messages are limited one by one (the message size) and in number (the
             // requests it runs at once); its body lives as long as the stream.
             let Ok(response) = self.inference.clone().oneshot(request).await;
-            with_size_limit_status(response, self.max_message_bytes)
+            with_size_limit_status(response, self.bodies.max_bytes)
         } else {
             // A unary call's body is read as REST reads one: within the size limit, the read
             // deadline and the node's in-flight byte budget, held until it is answered.
@@ -111,7 +111,7 @@ impl Services {
             let request = http::Request::from_parts(parts, Body::from(read.bytes.clone()));
             let Ok(response) = self.inference.clone().oneshot(request).await;
             drop(read);
-            with_size_limit_status(response, self.max_message_bytes)
+            with_size_limit_status(response, self.bodies.max_bytes)
         };
         response.map(Body::new)
     }
