@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from test_tritonclient import as_array
+from test_tritonclient import as_array, assert_outputs
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +33,6 @@ def inputs_of(case):
         entry.set_data_from_numpy(as_array(tensor))
         inputs.append(entry)
     return inputs
-
-
-def assert_outputs(result, case):
-    for expected in case["outputs"]:
-        got = result.as_numpy(expected["name"])
-        want = as_array(expected)
-        assert got.shape == want.shape, expected["name"]
-        if want.dtype.kind == "f":
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        else:
-            np.testing.assert_array_equal(got, want)
 
 
 def test_health_metadata_and_config(client):

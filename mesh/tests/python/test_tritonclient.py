@@ -61,18 +61,23 @@ def test_infer_matches_onnxruntime(client, references, model, binary):
         outputs = [httpclient.InferRequestedOutput(t["name"], binary_data=binary) for t in case["outputs"]]
         result = client.infer(model, inputs, outputs=outputs, request_id="py-1")
         assert result.get_response()["id"] == "py-1"
-        for expected in case["outputs"]:
-            got = result.as_numpy(expected["name"])
-            want = as_array(expected)
-            assert got.shape == want.shape, expected["name"]
-            if want.dtype.kind == "f":
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-            elif expected["datatype"] == "BYTES":
-                # tritonclient returns JSON BYTES as str and binary BYTES as bytes.
-                as_bytes = np.vectorize(lambda v: v if isinstance(v, bytes) else v.encode(), otypes=[object])
-                np.testing.assert_array_equal(as_bytes(got), want)
-            else:
-                np.testing.assert_array_equal(got, want)
+        assert_outputs(result, case)
+
+
+def assert_outputs(result, case):
+    """Every output of a reference case, as tritonclient (HTTP or gRPC) returned it."""
+    for expected in case["outputs"]:
+        got = result.as_numpy(expected["name"])
+        want = as_array(expected)
+        assert got.shape == want.shape, expected["name"]
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        elif expected["datatype"] == "BYTES":
+            # tritonclient returns JSON BYTES as str and binary BYTES as bytes.
+            as_bytes = np.vectorize(lambda v: v if isinstance(v, bytes) else v.encode(), otypes=[object])
+            np.testing.assert_array_equal(as_bytes(got), want)
+        else:
+            np.testing.assert_array_equal(got, want)
 
 
 def test_requested_output_subset_and_async_batching(client, references):
