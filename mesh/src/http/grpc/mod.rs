@@ -109,9 +109,10 @@ impl Services {
                 Err(refused) => return status::status_of(refused).into_http(),
             };
             let request = http::Request::from_parts(parts, Body::from(read.bytes.clone()));
+            // The body is within the limit, so its message is within tonic's (the same).
             let Ok(response) = self.inference.clone().oneshot(request).await;
             drop(read);
-            with_size_limit_status(response, self.bodies.max_bytes)
+            response
         };
         response.map(Body::new)
     }
@@ -126,10 +127,11 @@ pub fn is_grpc(version: http::Version, headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// tonic answers a message past the decoding limit with OUT_OF_RANGE; gRPC's own meaning for
-/// "too large" is RESOURCE_EXHAUSTED, which clients (and the REST door's 413) expect. The
-/// service answers OUT_OF_RANGE for nothing else, so that status is this one.
-pub fn with_size_limit_status<B: Default>(
+/// tonic answers a stream message past the decoding limit with OUT_OF_RANGE; gRPC's own
+/// meaning for "too large" is RESOURCE_EXHAUSTED, which clients (and the REST door's 413)
+/// expect. The service answers OUT_OF_RANGE for nothing else, so that status is this one.
+/// (A unary call's body is refused by its size before tonic sees it.)
+fn with_size_limit_status<B: Default>(
     response: http::Response<B>,
     max_message_bytes: usize,
 ) -> http::Response<B> {
