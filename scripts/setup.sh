@@ -2,7 +2,8 @@
 # Installs what meshserve needs to build, run and test, idempotently:
 #   - the wasm32-wasip2 Rust target (plugins are built for it),
 #   - .venv: a Python virtual environment with the ONNX Runtime wheel (the library the server
-#     loads; discovery finds it there) and the test clients.
+#     loads; discovery finds it there) and the test clients,
+#   - Triton's perf_analyzer in .venv/bin (scripts/install-perf-analyzer.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,9 @@ want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
   echo "$want" > "$stamp"
+fi
+# Triton's perf_analyzer, which the tests point at the node as Triton's users would (x86-64 only:
+# the wheel that carries it is built for nothing else).
+if [ "$(uname -m)" = x86_64 ]; then
+  scripts/install-perf-analyzer.sh
 fi

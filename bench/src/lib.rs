@@ -6,6 +6,7 @@
 //! HTTP/3).
 
 pub mod floor;
+pub mod grpc_stream;
 pub mod machine;
 pub mod mesh;
 pub mod plot;
@@ -15,6 +16,7 @@ pub mod recsys;
 pub mod suite;
 
 use bytes::Bytes;
+use grpc_stream::{GrpcStream, StreamConnection};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -155,13 +157,16 @@ pub enum Protocol {
         /// TLS (ALPN `h2`) with this client config; `None` for h2c.
         tls: Option<Arc<rustls::ClientConfig>>,
     },
-    /// The OIP over gRPC (unary ModelInfer) on HTTP/2, the concurrent calls spread over
-    /// `connections`; `body` is the gRPC-framed `ModelInferRequest` ([`grpc_infer_body`]).
+    /// The OIP over gRPC on HTTP/2, the concurrent calls spread over `connections`; `body` is
+    /// the gRPC-framed `ModelInferRequest` ([`grpc_infer_body`]).
     Grpc {
         /// Connections to open.
         connections: usize,
         /// TLS (ALPN `h2`) with this client config; `None` for h2c.
         tls: Option<Arc<rustls::ClientConfig>>,
+        /// Each concurrent caller sends its requests over its own `ModelStreamInfer` stream,
+        /// one at a time, instead of unary `ModelInfer` calls.
+        stream: bool,
     },
     /// HTTP/3, the concurrent requests spread over `connections`.
     Http3 {
@@ -179,8 +184,26 @@ impl std::fmt::Debug for Protocol {
             Protocol::Http1Tls(_) => "HTTP/1.1 over TLS",
             Protocol::Http2 { tls: None, .. } => "HTTP/2 (h2c)",
             Protocol::Http2 { tls: Some(_), .. } => "HTTP/2 over TLS",
-            Protocol::Grpc { tls: None, .. } => "gRPC (h2c)",
-            Protocol::Grpc { tls: Some(_), .. } => "gRPC over TLS",
+            Protocol::Grpc {
+                tls: None,
+                stream: false,
+                ..
+            } => "gRPC (h2c)",
+            Protocol::Grpc {
+                tls: Some(_),
+                stream: false,
+                ..
+            } => "gRPC over TLS",
+            Protocol::Grpc {
+                tls: None,
+                stream: true,
+                ..
+            } => "gRPC stream (h2c)",
+            Protocol::Grpc {
+                tls: Some(_),
+                stream: true,
+                ..
+            } => "gRPC stream over TLS",
             Protocol::Http3 { .. } => "HTTP/3",
         })
     }
@@ -307,13 +330,31 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
         | Protocol::Http3 { connections, .. } => (*connections).max(1),
         Protocol::Http1 | Protocol::Http1Tls(_) => workers,
     };
-    let mut opened = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        opened.push(Sender::connect(load).await?);
+    let mut callers = Vec::with_capacity(workers);
+    if let Protocol::Grpc {
+        tls, stream: true, ..
+    } = &load.protocol
+    {
+        let mut opened = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            opened.push(stream_connection(load.addr, tls.as_ref()).await?);
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let authority = load.addr.to_string();
+        for worker in 0..workers {
+            let connection = &opened[worker % opened.len()];
+            let stream = GrpcStream::open(connection, scheme, &authority, &load.headers).await?;
+            callers.push(Caller::Stream(stream));
+        }
+    } else {
+        let mut opened = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            opened.push(Sender::connect(load).await?);
+        }
+        for worker in 0..workers {
+            callers.push(Caller::Shared(opened[worker % opened.len()].clone()));
+        }
     }
-    let senders: Vec<Sender> = (0..workers)
-        .map(|worker| opened[worker % opened.len()].clone())
-        .collect();
     let start = Instant::now();
     let window = Window {
         measure_from: start + load.warmup,
@@ -325,13 +366,13 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
         _ => None,
     };
     let total = Arc::new(Mutex::new(Report::new(load.rows)));
-    let mut tasks = Vec::with_capacity(senders.len());
-    for sender in senders {
+    let mut tasks = Vec::with_capacity(callers.len());
+    for caller in callers {
         let load = load.clone();
         let total = total.clone();
         let pacer = pacer.clone();
         tasks.push(tokio::spawn(async move {
-            let report = request_loop(&load, sender, pacer.as_deref(), window).await?;
+            let report = request_loop(&load, caller, pacer.as_deref(), window).await?;
             total
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -542,6 +583,36 @@ impl Sender {
     }
 }
 
+/// How one concurrent caller sends: over a connection it may share, or over its own stream.
+enum Caller {
+    Shared(Sender),
+    Stream(GrpcStream),
+}
+
+impl Caller {
+    async fn send(&mut self, load: &HttpLoad) -> Result<(StatusCode, Bytes), BenchError> {
+        match self {
+            Caller::Shared(sender) => sender.send(load).await,
+            Caller::Stream(stream) => stream.call(load.body.clone()).await,
+        }
+    }
+}
+
+/// An HTTP/2 connection for streaming calls, over TCP or TLS.
+async fn stream_connection(
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<StreamConnection, BenchError> {
+    let io = Sender::tcp(addr, tls).await?;
+    let (connection, driver) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| BenchError::Server(format!("HTTP handshake: {e}")))?;
+    tokio::spawn(driver);
+    Ok(connection)
+}
+
 /// A gRPC answer as the HTTP status its `grpc-status` means (in the trailers, or in the
 /// headers of a trailers-only answer), so the report counts failures as it does for REST.
 async fn grpc_answer(
@@ -603,7 +674,7 @@ pub fn grpc_infer_body(model: &str, json: &Bytes) -> Result<Bytes, BenchError> {
 
 async fn request_loop(
     load: &HttpLoad,
-    sender: Sender,
+    mut caller: Caller,
     pacer: Option<&Pacer>,
     window: Window,
 ) -> Result<Report, BenchError> {
@@ -635,8 +706,8 @@ async fn request_loop(
             }
         };
         let answer = match pacer {
-            None => Some(sender.send(load).await?),
-            Some(_) => match tokio::time::timeout_at(window.stop.into(), sender.send(load)).await {
+            None => Some(caller.send(load).await?),
+            Some(_) => match tokio::time::timeout_at(window.stop.into(), caller.send(load)).await {
                 Ok(answer) => Some(answer?),
                 Err(_) => None,
             },

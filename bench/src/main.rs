@@ -201,6 +201,10 @@ struct HttpBenchArgs {
     /// (the OIP over gRPC, unary, on HTTP/2).
     #[arg(long, value_enum, default_value_t = ProtocolArg::H1)]
     protocol: ProtocolArg,
+    /// With grpc: each concurrent caller sends its requests one after another over its own
+    /// ModelStreamInfer stream, instead of unary calls.
+    #[arg(long)]
+    stream: bool,
     /// Speak TLS over TCP (h1 and h2).
     #[arg(long)]
     tls: bool,
@@ -440,6 +444,7 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
         (ProtocolArg::Grpc, _) => Protocol::Grpc {
             connections: args.connections,
             tls: h2_tls()?,
+            stream: args.stream,
         },
         (ProtocolArg::H3, _) => Protocol::Http3 {
             connections: args.connections,
@@ -447,6 +452,9 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
                 .with_context(|| format!("CA certificate {}", args.ca.display()))?,
         },
     };
+    if args.stream && args.protocol != ProtocolArg::Grpc {
+        anyhow::bail!("--stream is a gRPC call: use it with --protocol grpc");
+    }
     let mut headers = hyper::HeaderMap::new();
     for header in &args.headers {
         let (name, value) = header

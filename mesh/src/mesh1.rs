@@ -15,6 +15,7 @@ use crate::wire::{
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use meshserve_host::metrics::Protocol;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -118,7 +119,7 @@ async fn infer(dispatch: &Dispatch, call: InferCall, role: Role) -> Message {
                         Role::Client => "client",
                     };
                     metrics.record_mesh_served(&model, source);
-                    metrics.record_request(&model, 200, started.elapsed());
+                    metrics.record_request(&model, Protocol::Mesh, 200, started.elapsed());
                     node_name(dispatch)
                 }
             };
@@ -136,7 +137,7 @@ async fn infer(dispatch: &Dispatch, call: InferCall, role: Role) -> Message {
         Err(e) => {
             if let DispatchError::Local(local) = &e {
                 let status = local.class().http_status();
-                metrics.record_request(&model, status, started.elapsed());
+                metrics.record_request(&model, Protocol::Mesh, status, started.elapsed());
             }
             Message::Failure(with_route(dispatch, &model, e))
         }
@@ -188,10 +189,12 @@ async fn invoke(dispatch: &Dispatch, call: EndpointCall, origin: Origin) -> Mess
             (parts.status, parts.headers, body, node_name(dispatch))
         }
     };
-    dispatch
-        .engine()
-        .metrics()
-        .record_request(&call.endpoint, status.as_u16(), started.elapsed());
+    dispatch.engine().metrics().record_request(
+        &call.endpoint,
+        Protocol::Mesh,
+        status.as_u16(),
+        started.elapsed(),
+    );
     Message::Invoked(EndpointAnswer {
         node,
         status: status.as_u16(),

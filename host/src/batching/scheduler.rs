@@ -390,9 +390,7 @@ impl InlineRun<'_> {
         drop(session);
         let took = started.elapsed();
         shared.observe_run(took, rows);
-        shared.metrics.queue_seconds.observe(0.0);
-        shared.metrics.batch_size.observe(1.0);
-        shared.metrics.inference_seconds.observe(took.as_secs_f64());
+        shared.metrics.record_run([Duration::ZERO], rows, took);
         let mut batcher = shared.lock();
         batcher.finished();
         let queued = batcher.depth() > 0;
@@ -512,22 +510,14 @@ fn run_batch(
     if batch.is_empty() {
         return Vec::new();
     }
-    for job in &batch {
-        shared.metrics.queue_seconds.observe(
-            started
-                .saturating_duration_since(job.enqueued_at)
-                .as_secs_f64(),
-        );
-    }
-    shared.metrics.batch_size.observe(batch.len() as f64);
-
     let outcome = guarded(|| infer(session, &batch));
     let infer_time = started.elapsed();
-    shared.observe_run(infer_time, batch.iter().map(|j| j.rows).sum());
-    shared
-        .metrics
-        .inference_seconds
-        .observe(infer_time.as_secs_f64());
+    let rows = batch.iter().map(|j| j.rows).sum();
+    shared.observe_run(infer_time, rows);
+    let waits = batch
+        .iter()
+        .map(|job| started.saturating_duration_since(job.enqueued_at));
+    shared.metrics.record_run(waits, rows, infer_time);
     let batch_size = batch.len();
     let failure = match outcome {
         Ok(per_job) => {

@@ -11,10 +11,12 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use recent::{RecentLoad, RecentWindow};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
+use totals::{ModelTotals, TotalsSnapshot};
 
 pub mod recent;
+pub mod totals;
 
 /// Labels of per-model metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +32,38 @@ pub struct RequestLabels {
     pub model: String,
     /// The HTTP status code returned.
     pub status: u16,
+    /// The protocol the request came by ([`Protocol::label`]).
+    pub protocol: &'static str,
+}
+
+/// The protocol a request came by, as the `protocol` label of the request counter names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// REST over HTTP/1.1 (or 1.0).
+    Http1,
+    /// REST over HTTP/2.
+    Http2,
+    /// REST over HTTP/3.
+    Http3,
+    /// The Open Inference Protocol over gRPC.
+    Grpc,
+    /// The mesh's own protocol (route-aware clients and other nodes).
+    Mesh,
+}
+
+impl Protocol {
+    const COUNT: usize = 5;
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "h2",
+            Protocol::Http3 => "h3",
+            Protocol::Grpc => "grpc",
+            Protocol::Mesh => "mesh",
+        }
+    }
 }
 
 /// Labels of the mesh counters: a model and what happened to its request.
@@ -112,6 +146,7 @@ pub struct Metrics {
     forwarded: Family<MeshLabels, Counter>,
     mesh_served: Family<MeshLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
+    grpc_streams: Gauge,
     /// Each model's request metrics, resolved once (names bounded as the labels are), so a
     /// request costs no label allocation or family lookup.
     per_model: RwLock<HashMap<String, Arc<RequestHandles>>>,
@@ -120,11 +155,14 @@ pub struct Metrics {
 
 /// One model's request metrics.
 struct RequestHandles {
-    /// `requests_total{status="200"}`; other statuses are rare and looked up by label.
-    ok: Counter,
+    /// `requests_total{status="200"}` per protocol, made on first use; other statuses are rare
+    /// and looked up by label.
+    ok: [OnceLock<Counter>; Protocol::COUNT],
     seconds: Histogram,
     /// The last seconds of answered requests.
     recent: Mutex<RecentWindow>,
+    /// Totals since the node started, for the statistics extension.
+    totals: Arc<ModelTotals>,
 }
 
 /// A model's load on this node now, as `meshserve status` shows it.
@@ -182,6 +220,12 @@ impl Metrics {
             "Connections to a front door, by protocol and outcome",
             connections.clone(),
         );
+        let grpc_streams = Gauge::default();
+        registry.register(
+            "grpc_streams_open",
+            "gRPC streaming inference calls open now",
+            grpc_streams.clone(),
+        );
         registry.register(
             "plugin_duration_seconds",
             "Time in a pre- or post-processing plugin call, instantiation included",
@@ -199,7 +243,7 @@ impl Metrics {
         );
         registry.register(
             "requests",
-            "Inference requests answered, by model and HTTP status",
+            "Inference requests answered, by model, HTTP status and the protocol they came by",
             requests.clone(),
         );
         registry.register(
@@ -238,6 +282,7 @@ impl Metrics {
             forwarded,
             mesh_served,
             connections,
+            grpc_streams,
             per_model: RwLock::default(),
             started: Instant::now(),
         }
@@ -260,15 +305,10 @@ impl Metrics {
             model: model.to_string(),
         };
         let handles = Arc::new(RequestHandles {
-            ok: self
-                .requests
-                .get_or_create(&RequestLabels {
-                    model: model.to_string(),
-                    status: 200,
-                })
-                .clone(),
+            ok: Default::default(),
             seconds: self.request_seconds.get_or_create(&labels).clone(),
             recent: Mutex::default(),
+            totals: Arc::default(),
         });
         self.per_model
             .write()
@@ -306,6 +346,11 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .inc();
+    }
+
+    /// The gauge of gRPC streaming calls open now.
+    pub fn grpc_streams(&self) -> &Gauge {
+        &self.grpc_streams
     }
 
     /// Counts a request forwarded to another node, by outcome.
@@ -381,23 +426,38 @@ impl Metrics {
             inference_seconds: self.inference_seconds.get_or_create_owned(&labels),
             batch_size: self.batch_size.get_or_create_owned(&labels),
             queue_depth: self.queue_depth.get_or_create_owned(&labels),
+            totals: self.handles(model).totals.clone(),
         }
     }
 
-    /// Counts one answered request and its end-to-end time.
-    pub fn record_request(&self, model: &str, status: u16, elapsed: Duration) {
+    /// `model`'s totals since the node started (zero for a name never served, which is not
+    /// added to the metrics).
+    pub fn totals(&self, model: &str) -> TotalsSnapshot {
+        self.per_model
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+            .map(|handles| handles.totals.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Counts one answered request, by the protocol it came by, and its end-to-end time.
+    pub fn record_request(&self, model: &str, protocol: Protocol, status: u16, elapsed: Duration) {
         let handles = self.handles(model);
+        let labels = || RequestLabels {
+            model: model.to_string(),
+            status,
+            protocol: protocol.label(),
+        };
         if status == 200 {
-            handles.ok.inc();
-        } else {
-            self.requests
-                .get_or_create(&RequestLabels {
-                    model: model.to_string(),
-                    status,
-                })
+            handles.ok[protocol as usize]
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
                 .inc();
+        } else {
+            self.requests.get_or_create(&labels()).inc();
         }
         handles.seconds.observe(elapsed.as_secs_f64());
+        handles.totals.record_request(status == 200, elapsed);
         handles
             .recent
             .lock()
@@ -425,6 +485,28 @@ pub struct ModelMetrics {
     pub batch_size: Histogram,
     /// Requests waiting.
     pub queue_depth: Gauge,
+    totals: Arc<ModelTotals>,
+}
+
+impl ModelMetrics {
+    /// Records one run of the model: each request's wait in the queue, the rows they held,
+    /// and the run's time.
+    pub fn record_run(
+        &self,
+        waits: impl IntoIterator<Item = Duration>,
+        rows: usize,
+        took: Duration,
+    ) {
+        let (mut requests, mut waited) = (0, Duration::ZERO);
+        for wait in waits {
+            self.queue_seconds.observe(wait.as_secs_f64());
+            requests += 1;
+            waited += wait;
+        }
+        self.batch_size.observe(requests as f64);
+        self.inference_seconds.observe(took.as_secs_f64());
+        self.totals.record_run(requests, waited, rows, took);
+    }
 }
 
 #[cfg(test)]
@@ -437,12 +519,18 @@ mod tests {
         let fraud = metrics.model("fraud");
         fraud.batch_size.observe(8.0);
         fraud.queue_depth.set(3);
-        metrics.record_request("fraud", 200, Duration::from_micros(120));
+        metrics.record_request("fraud", Protocol::Grpc, 200, Duration::from_micros(120));
+        metrics.record_request("fraud", Protocol::Http2, 200, Duration::from_micros(90));
+        metrics.record_request("fraud", Protocol::Grpc, 200, Duration::from_micros(110));
+        metrics.record_request("fraud", Protocol::Http1, 503, Duration::from_micros(10));
         let text = metrics.encode();
-        assert!(
-            text.contains("meshserve_requests_total{model=\"fraud\",status=\"200\"} 1"),
-            "{text}"
-        );
+        for line in [
+            "meshserve_requests_total{model=\"fraud\",status=\"200\",protocol=\"grpc\"} 2",
+            "meshserve_requests_total{model=\"fraud\",status=\"200\",protocol=\"h2\"} 1",
+            "meshserve_requests_total{model=\"fraud\",status=\"503\",protocol=\"http1\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
         assert!(
             text.contains("meshserve_batch_size_bucket{le=\"8.0\",model=\"fraud\"} 1"),
             "{text}"

@@ -57,6 +57,7 @@ impl App {
                     &self.state,
                     route.model,
                     route.version,
+                    parts.version,
                     &parts.headers,
                     body,
                 )

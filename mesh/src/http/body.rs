@@ -44,6 +44,22 @@ pub(crate) struct ReadBody {
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// `bytes` of the node's in-flight body budget, held until the permit is dropped; past the
+/// budget, a 503 with `Retry-After`.
+pub(crate) fn reserve(
+    in_flight: &Arc<tokio::sync::Semaphore>,
+    bytes: u32,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    in_flight.clone().try_acquire_many_owned(bytes).map_err(|_| {
+        let mut error = ApiError::new(
+            ErrorClass::Unavailable,
+            "the node is buffering too many request bytes (max_body_bytes_in_flight); retry later",
+        );
+        error.retry_after = Some(Duration::from_secs(1));
+        error
+    })
+}
+
 /// Reads a body within `limits`: larger than `max_bytes` is a 413 before the rest is read,
 /// slower than `read_timeout` a 408, and past the node's in-flight byte budget a 503.
 pub(crate) async fn read_body(
@@ -70,18 +86,7 @@ pub(crate) async fn read_body(
         let Ok(bytes) = u32::try_from(bytes) else {
             return Err(too_large());
         };
-        let permit = limits
-            .in_flight
-            .clone()
-            .try_acquire_many_owned(bytes)
-            .map_err(|_| {
-                let mut error = ApiError::new(
-                    ErrorClass::Unavailable,
-                    "the node is buffering too many request bytes (max_body_bytes_in_flight); retry later",
-                );
-                error.retry_after = Some(Duration::from_secs(1));
-                error
-            })?;
+        let permit = reserve(&limits.in_flight, bytes)?;
         match &mut budget {
             Some(held) => held.merge(permit),
             None => budget = Some(permit),

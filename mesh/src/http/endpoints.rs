@@ -84,6 +84,7 @@ fn registry(state: &AppState) -> Result<Arc<Endpoints>, ApiError> {
 pub async fn invocations(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    version: http::Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -92,7 +93,13 @@ pub async fn invocations(
         Ok(route) => (true, serve(&state, route, &headers, body, started).await),
         Err(failure) => (false, Err(ApiError::from(failure))),
     };
-    counted(&state, known.then_some(name.as_str()), outcome, started)
+    counted(
+        &state,
+        known.then_some(name.as_str()),
+        version,
+        outcome,
+        started,
+    )
 }
 
 /// `GET /v1/endpoints`: every endpoint of this node, where it is defined, whether it serves

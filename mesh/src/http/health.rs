@@ -11,10 +11,11 @@ use meshserve_host::ErrorClass;
 use serde_json::json;
 
 /// The OIP extensions the node serves, as server metadata lists them on every door.
-pub(crate) const SERVER_EXTENSIONS: [&str; 3] = [
+pub(crate) const SERVER_EXTENSIONS: [&str; 4] = [
     "binary_tensor_data",
     "model_repository",
     "model_configuration",
+    "statistics",
 ];
 
 pub(crate) async fn server_metadata() -> Response {

@@ -1,6 +1,6 @@
 //! The HTTP doors, which only decode and encode: the route table ([`routes`]) and one handler
 //! module per resource: the node's health and metrics ([`health`]), models ([`models`]), the
-//! model repository ([`repository`]), endpoint invocations and the endpoint repository API
+//! model repository ([`repository`]), the statistics extension ([`statistics`]), endpoint invocations and the endpoint repository API
 //! ([`endpoints`]); what handlers share ([`state`]), how they read bodies ([`body`]) and write
 //! answers ([`respond`]), the one error mapping ([`error`]), admin authority ([`admin`]), the
 //! application that serves the inference route directly and the rest through the router
@@ -22,4 +22,5 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod statistics;
 mod unread;

@@ -168,6 +168,7 @@ pub(crate) async fn infer(
         &state,
         &path.model,
         path.version.as_deref(),
+        parts.version,
         &parts.headers,
         body,
     )
@@ -181,6 +182,7 @@ pub(crate) async fn infer_parts(
     state: &AppState,
     model: &str,
     version: Option<&str>,
+    http_version: http::Version,
     headers: &HeaderMap,
     body: Body,
 ) -> Response {
@@ -197,7 +199,13 @@ pub(crate) async fn infer_parts(
         Some(route) => endpoints::serve(state, route, headers, body, started).await,
         None => run_infer(state, model, version, headers, body, started).await,
     };
-    counted(state, known.then_some(model), outcome, started)
+    counted(
+        state,
+        known.then_some(model),
+        http_version,
+        outcome,
+        started,
+    )
 }
 
 async fn run_infer(

@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use meshserve_host::InferResponse;
+use meshserve_host::metrics::Protocol;
 use serde_json::Value;
 use std::time::Instant;
 
@@ -23,17 +24,28 @@ pub(crate) fn json_response(value: &Value) -> Response {
         .into_response()
 }
 
+/// The protocol label of a REST request that came by HTTP `version`.
+pub(crate) fn rest_protocol(version: http::Version) -> Protocol {
+    match version {
+        http::Version::HTTP_2 => Protocol::Http2,
+        http::Version::HTTP_3 => Protocol::Http3,
+        _ => Protocol::Http1,
+    }
+}
+
 /// Turns an outcome into the response and counts it under `name`, or under `_unknown` when
 /// the name is not a loaded model or endpoint: client-chosen names must not grow the metrics.
 pub(crate) fn counted(
     state: &AppState,
     name: Option<&str>,
+    version: http::Version,
     outcome: Result<Response, ApiError>,
     started: Instant,
 ) -> Response {
     let response = outcome.unwrap_or_else(IntoResponse::into_response);
     state.engine().metrics().record_request(
         name.unwrap_or("_unknown"),
+        rest_protocol(version),
         response.status().as_u16(),
         started.elapsed(),
     );

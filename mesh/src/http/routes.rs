@@ -9,7 +9,7 @@ use crate::http::health::{metrics, server_metadata, server_ready};
 use crate::http::models::{infer, model_config, model_metadata, model_ready};
 use crate::http::repository::{load_model, repository_index, unload_model};
 use crate::http::state::AppState;
-use crate::http::{admin, endpoints};
+use crate::http::{admin, endpoints, statistics};
 use axum::Router;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -45,6 +45,12 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/config",
             get(model_config),
+        )
+        .route("/v2/models/stats", get(statistics::all_stats))
+        .route("/v2/models/{model}/stats", get(statistics::model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(statistics::model_stats),
         )
         .route("/v1/endpoints", get(endpoints::list))
         .route("/metrics", get(metrics))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -61,6 +62,19 @@ class Node:
     def stop(self):
         self.process.kill()
         self.process.wait()
+
+
+def metric(node, name, **labels):
+    """The sum of a metric's samples with these labels, read over HTTP/1.1."""
+    with urllib.request.urlopen(f"http://{node.url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def skip_endpoints(folder, names):

@@ -11,6 +11,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from conftest import metric
 from test_tritonclient import as_array, assert_outputs
 
 
@@ -67,6 +68,51 @@ def test_infer_matches_onnxruntime_every_datatype(client, references, model):
         result = client.infer(model, inputs_of(case), outputs=outputs, request_id="grpc-1")
         assert result.get_response().id == "grpc-1"
         assert_outputs(result, case)
+
+
+def test_statistics_count_what_the_node_ran(node, client):
+    def stats(model):
+        (row,) = client.get_inference_statistics(model).model_stats
+        return row
+
+    before = stats("fraud")
+    counted = metric(node, "meshserve_requests_total", model="fraud", status="200", protocol="grpc")
+    assert (before.name, before.version) == ("fraud", "1")
+    # Four requests of 3 rows and one that fails.
+    features = grpcclient.InferInput("features", [3, 32], "FP32")
+    features.set_data_from_numpy(np.ones((3, 32), np.float32))
+    for _ in range(4):
+        client.infer("fraud", [features])
+    wrong = grpcclient.InferInput("features", [1, 31], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 31), dtype=np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("fraud", [wrong])
+    after = stats("fraud")
+    # The node's request counter names the door.
+    assert metric(node, "meshserve_requests_total", model="fraud", status="200", protocol="grpc") == counted + 4
+
+    def grew(field):
+        was, now = getattr(before.inference_stats, field), getattr(after.inference_stats, field)
+        return now.count - was.count, now.ns - was.ns
+
+    assert after.inference_count - before.inference_count == 12
+    assert 1 <= after.execution_count - before.execution_count <= 4
+    count, ns = grew("success")
+    assert count == 4 and ns > 0
+    count, ns = grew("fail")
+    assert count == 1 and ns > 0
+    # Every request that ran waited (perhaps 0 ns) and was computed, once each.
+    assert grew("queue")[0] == 4
+    count, ns = grew("compute_infer")
+    assert count == 4 and ns > 0
+    assert after.last_inference >= before.last_inference and after.last_inference > 0
+
+    # No name: every model here; an unknown one: NOT_FOUND.
+    names = {row.name for row in client.get_inference_statistics().model_stats}
+    assert {"fraud", "mixed", "echo"} <= names
+    with pytest.raises(InferenceServerException) as failure:
+        client.get_inference_statistics("nope")
+    assert failure.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_requested_outputs_and_async_infer(client, references):

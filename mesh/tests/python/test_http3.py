@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from conftest import ROOT, Node, _binary
+from conftest import ROOT, Node, _binary, metric
 
 PLUGINS = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
 MAX_BODY = 2 * 1024 * 1024
@@ -47,18 +47,6 @@ def h3_session(node, ca, **options):
 
 def h3_url(node, path):
     return f"https://{node.http3}{path}"
-
-
-def metric(node, name, **labels):
-    """The sum of a metric's samples with these labels, read over HTTP/1.1."""
-    text = niquests.get(f"http://{node.url}/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,26 @@ def test_load_and_unload(client):
     assert not client.is_model_ready("echo")
     client.load_model("echo")
     assert client.is_model_ready("echo")
+
+
+def test_statistics_over_rest_count_requests_and_runs(client):
+    def stats():
+        (row,) = client.get_inference_statistics("fraud")["model_stats"]
+        return row
+
+    before = stats()
+    assert (before["name"], before["version"]) == ("fraud", "1")
+    features = httpclient.InferInput("features", [2, 32], "FP32")
+    features.set_data_from_numpy(np.ones((2, 32), np.float32))
+    for _ in range(3):
+        client.infer("fraud", [features])
+    after = stats()
+    grew = lambda key: after["inference_stats"][key]["count"] - before["inference_stats"][key]["count"]
+    assert grew("success") == 3
+    assert grew("queue") == grew("compute_infer") == grew("compute_input") == 3
+    assert after["inference_count"] - before["inference_count"] == 6
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    every = client.get_inference_statistics()["model_stats"]
+    assert "fraud" in {row["name"] for row in every}
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_inference_statistics("nope")

@@ -4,13 +4,14 @@
 //!
 //! The services are generated at build time from `mesh/proto`; [`tensors`] converts messages
 //! (pure), [`endpoint`] turns an endpoint's call into REST's body and its answer back (pure),
-//! [`status`] maps failures, [`service`] answers, [`health`] is gRPC health checking, and
+//! [`status`] maps failures, [`service`] answers, [`stream`] runs a streaming call, [`health`] is gRPC health checking, and
 //! [`Services`] routes each call to its service.
 
 pub mod endpoint;
 pub mod health;
 pub mod service;
 pub mod status;
+pub mod stream;
 pub mod tensors;
 
 /// The messages and service traits, generated from `mesh/proto`.

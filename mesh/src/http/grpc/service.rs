@@ -8,15 +8,18 @@ use super::proto::grpc_inference_service_server::{
 use super::proto::model_metadata_response::TensorMetadata;
 use super::proto::repository_index_response::ModelIndex;
 use super::proto::{
-    DataType as ProtoDataType, ModelConfig, ModelConfigRequest, ModelConfigResponse,
-    ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput, ModelMetadataRequest,
-    ModelMetadataResponse, ModelOutput, ModelReadyRequest, ModelReadyResponse,
+    DataType as ProtoDataType, InferStatistics, ModelConfig, ModelConfigRequest,
+    ModelConfigResponse, ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput,
+    ModelMetadataRequest, ModelMetadataResponse, ModelOutput, ModelReadyRequest,
+    ModelReadyResponse, ModelStatistics, ModelStatisticsRequest, ModelStatisticsResponse,
     ModelStreamInferResponse, RepositoryIndexRequest, RepositoryIndexResponse,
     RepositoryModelLoadRequest, RepositoryModelLoadResponse, RepositoryModelUnloadRequest,
     RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, Unsupported,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, StatisticDuration,
+    Unsupported,
 };
 use super::status::status_of;
+use super::stream::{self, StreamLimits};
 use super::tensors::{decode_request, encode_response};
 use crate::dispatch::Origin;
 use crate::dispatch::endpoint::Invocation;
@@ -28,12 +31,13 @@ use crate::http::models::{
 };
 use crate::http::repository;
 use crate::http::state::{AppState, run_model};
+use crate::http::statistics::{self, Row};
 use crate::oip::HEADER_CONTENT_LENGTH;
 use crate::routing::{ROUTE_HEADER, route_header};
-use futures_util::StreamExt;
 use meshserve_host::ErrorClass;
+use meshserve_host::metrics::Protocol;
+use meshserve_host::metrics::totals::Tally;
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -136,7 +140,7 @@ impl GrpcDoor {
     }
 
     /// [`Self::infer`], counted in the node's request metrics as REST requests are.
-    async fn counted_infer(
+    pub(super) async fn counted_infer(
         &self,
         message: ModelInferRequest,
         headers: &http::HeaderMap,
@@ -151,10 +155,16 @@ impl GrpcDoor {
         let known = self.state.dispatch.serves(&model);
         self.state.engine().metrics().record_request(
             if known { &model } else { "_unknown" },
+            Protocol::Grpc,
             status,
             started.elapsed(),
         );
         outcome
+    }
+
+    /// The node's metrics.
+    pub(super) fn metrics(&self) -> &meshserve_host::metrics::Metrics {
+        self.state.engine().metrics()
     }
 
     /// Admin authority for a repository call, as REST asks it.
@@ -164,10 +174,6 @@ impl GrpcDoor {
         authorize(&self.state.admin, &headers, from).map_err(status_of)
     }
 }
-
-/// Requests of one stream run at once, answered in the order they came. A client that stops
-/// reading its answers stops the stream there: no more of its requests are read.
-const STREAM_IN_FLIGHT: usize = 64;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for GrpcDoor {
@@ -243,34 +249,16 @@ impl GrpcInferenceService for GrpcDoor {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<BoxStream<ModelStreamInferResponse>>, Status> {
         let (metadata, _, incoming) = request.into_parts();
-        let headers = Arc::new(metadata.into_headers());
-        let door = self.clone();
-        let answers = incoming
-            .map(move |message| {
-                let (door, headers) = (door.clone(), headers.clone());
-                async move {
-                    // A message that is not one ends the stream with its status.
-                    let message = message?;
-                    let (model_name, id) = (message.model_name.clone(), message.id.clone());
-                    Ok(match door.counted_infer(message, &headers).await {
-                        Ok(answer) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(answer),
-                        },
-                        // A failed request answers in its place, and the stream goes on.
-                        Err(error) => ModelStreamInferResponse {
-                            error_message: error.message,
-                            infer_response: Some(ModelInferResponse {
-                                model_name,
-                                id,
-                                ..Default::default()
-                            }),
-                        },
-                    })
-                }
-            })
-            .buffered(STREAM_IN_FLIGHT);
-        Ok(Response::new(Box::pin(answers)))
+        let limits = StreamLimits {
+            budget: self.state.bodies.in_flight.clone(),
+            stall: self.state.bodies.read_timeout,
+        };
+        Ok(Response::new(stream::answers(
+            self.clone(),
+            metadata.into_headers(),
+            incoming,
+            limits,
+        )))
     }
 
     async fn repository_index(
@@ -367,6 +355,18 @@ impl GrpcInferenceService for GrpcDoor {
         }))
     }
 
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let rows = statistics::rows(&self.state, &path(request.name, request.version))
+            .map_err(status_of)?;
+        Ok(Response::new(ModelStatisticsResponse {
+            model_stats: rows.into_iter().map(statistics_message).collect(),
+        }))
+    }
+
     async fn system_shared_memory_status(
         &self,
         _: Request<Unsupported>,
@@ -422,6 +422,31 @@ impl GrpcInferenceService for GrpcDoor {
         Err(Status::unimplemented(
             "meshserve does not implement log settings: set RUST_LOG when starting the node",
         ))
+    }
+}
+
+/// A row of statistics as the extension's message.
+fn statistics_message(row: Row) -> ModelStatistics {
+    let duration = |tally: Tally| StatisticDuration {
+        count: tally.count,
+        ns: tally.ns,
+    };
+    let [input, infer, output] = row.compute();
+    let totals = row.totals;
+    ModelStatistics {
+        name: row.name,
+        version: row.version,
+        last_inference: totals.last_run_ms,
+        inference_count: totals.rows,
+        execution_count: totals.executions,
+        inference_stats: Some(InferStatistics {
+            success: Some(duration(totals.success)),
+            fail: Some(duration(totals.fail)),
+            queue: Some(duration(totals.queue)),
+            compute_input: Some(duration(input)),
+            compute_infer: Some(duration(infer)),
+            compute_output: Some(duration(output)),
+        }),
     }
 }
 

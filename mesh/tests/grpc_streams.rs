@@ -1,0 +1,364 @@
+//! Hostile gRPC streams against a real node, over a raw HTTP/2 client whose flow control the
+//! test controls: a stream whose answers are never read holds a bounded amount and is stopped
+//! after the stall limit while other clients are served; ten thousand streams on one
+//! connection are held to the node's stream cap; a malformed message ends only its stream.
+
+mod support;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshserve::http::grpc::proto::model_infer_request::InferInputTensor;
+use meshserve::http::grpc::proto::{ModelInferRequest, ModelStreamInferResponse};
+use prost::Message;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use support::{TestNode, metric_sum, start_with_config};
+use tokio::sync::mpsc;
+
+const STREAM_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
+
+type Connection = hyper::client::conn::http2::SendRequest<BoxBody<Bytes, Infallible>>;
+
+/// An HTTP/2 connection whose receive windows are HTTP/2's smallest (64 KiB), and which
+/// hands back no window until the test reads a body.
+async fn connect(addr: SocketAddr) -> Connection {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (connection, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(driver);
+    connection
+}
+
+/// A fraud request of `rows` rows, as one gRPC-framed message.
+fn framed_request(rows: usize, id: &str) -> Bytes {
+    let message = ModelInferRequest {
+        model_name: "fraud".into(),
+        id: id.into(),
+        inputs: vec![InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 32],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(vec![0u8; rows * 32 * 4])],
+        ..Default::default()
+    };
+    frame(&message.encode_to_vec())
+}
+
+fn frame(message: &[u8]) -> Bytes {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.into()
+}
+
+/// An open ModelStreamInfer call: messages go in through `send`, answers come in `body`.
+struct Stream {
+    /// `None` once the client has finished sending.
+    outgoing: Option<mpsc::Sender<Bytes>>,
+    body: Incoming,
+    pending: BytesMut,
+}
+
+async fn open(connection: &Connection) -> Stream {
+    let (send, outgoing) = mpsc::channel::<Bytes>(16);
+    let frames = futures_util::stream::unfold(outgoing, |mut outgoing| async move {
+        let message = outgoing.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(message)), outgoing))
+    });
+    let request = hyper::Request::post(format!("http://localhost{STREAM_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(frames).boxed())
+        .unwrap();
+    let response = connection.clone().send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    Stream {
+        outgoing: Some(send),
+        body: response.into_body(),
+        pending: BytesMut::new(),
+    }
+}
+
+/// What a stream's reader found: its answers in order, and the call's final status.
+enum Read {
+    Answer(ModelStreamInferResponse),
+    End(Option<String>),
+}
+
+impl Stream {
+    async fn send(&self, message: Bytes) {
+        let outgoing = self.outgoing.as_ref().expect("still sending");
+        outgoing
+            .send(message)
+            .await
+            .expect("the request body is open");
+    }
+
+    /// Ends the client's half of the stream.
+    fn finish(&mut self) {
+        self.outgoing = None;
+    }
+
+    async fn read(&mut self) -> Read {
+        loop {
+            if self.pending.len() >= 5 {
+                let length = u32::from_be_bytes(self.pending[1..5].try_into().unwrap()) as usize;
+                if self.pending.len() >= 5 + length {
+                    self.pending.advance(5);
+                    let message = self.pending.split_to(length);
+                    return Read::Answer(ModelStreamInferResponse::decode(message).unwrap());
+                }
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.pending.extend_from_slice(&data),
+                    Err(frame) => {
+                        let status = frame
+                            .trailers_ref()
+                            .and_then(|t| t.get("grpc-status"))
+                            .map(|s| s.to_str().unwrap().to_string());
+                        return Read::End(status);
+                    }
+                },
+                Some(Err(e)) => panic!("the stream failed: {e}"),
+                None => return Read::End(None),
+            }
+        }
+    }
+
+    async fn answer(&mut self) -> ModelStreamInferResponse {
+        match self.read().await {
+            Read::Answer(answer) => answer,
+            Read::End(status) => panic!("the stream ended with {status:?} before its answer"),
+        }
+    }
+}
+
+fn served_over_grpc(metrics: &str) -> f64 {
+    metric_sum(
+        metrics,
+        "meshserve_requests_total",
+        &[("model", "fraud"), ("protocol", "grpc")],
+    )
+}
+
+/// A unary REST call answers, within `within`.
+async fn rest_answers(node: &TestNode, within: Duration) {
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(node.url("/v2/models/fraud/infer"))
+        .json(
+            &serde_json::json!({"inputs": [{"name": "features", "shape": [1, 32],
+            "datatype": "FP32", "data": vec![0.0; 32]}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(started.elapsed() < within, "took {:?}", started.elapsed());
+}
+
+/// Rows per request in the stall test: answers of a few hundred bytes.
+const ROWS: usize = 16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_answers_are_never_read_holds_a_bounded_amount_and_is_stopped() {
+    const STALL_MS: u64 = 2000;
+    let (node, _dir) = start_with_config(&format!("[http]\nbody_read_timeout_ms = {STALL_MS}\n"));
+    let polite = connect(node.addr).await;
+    // One answer's size, from a client that reads.
+    let mut probe = open(&polite).await;
+    probe.send(framed_request(ROWS, "probe")).await;
+    let answer = probe.answer().await;
+    assert_eq!(answer.error_message, "");
+    let answer_bytes = 5 + answer.encoded_len();
+    drop(probe);
+
+    // A client that sends and never reads.
+    let rude = connect(node.addr).await;
+    let mut stalled = open(&rude).await;
+    let offered = 3000;
+    let sender = stalled.outgoing.clone().unwrap();
+    tokio::spawn(async move {
+        for i in 0..offered {
+            if sender
+                .send(framed_request(ROWS, &i.to_string()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    // Wait until the node stops taking its requests, well inside the stall limit.
+    let started = Instant::now();
+    let mut served = served_over_grpc(&node.metrics().await);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = served_over_grpc(&node.metrics().await);
+        if now == served && now > 1.0 {
+            break;
+        }
+        served = now;
+        assert!(
+            started.elapsed() < Duration::from_millis(STALL_MS / 2),
+            "still growing: {now}"
+        );
+    }
+    let served = served - 1.0; // the probe's
+    // What a stream that is never read can make the node run: answers to fill the client's
+    // window (64 KiB) and one more chunk (tonic writes up to 32 KiB at once), the answers the
+    // stream buffers and its requests in flight.
+    let bound = (65_535 + 32_768) / answer_bytes
+        + meshserve::http::grpc::stream::ANSWERS_BUFFERED
+        + meshserve::http::grpc::stream::IN_FLIGHT
+        + 2;
+    assert!(
+        served > 0.0 && served <= bound as f64,
+        "served {served} of {offered} unread requests; bound {bound} ({answer_bytes}-byte answers)"
+    );
+
+    // Meanwhile the node serves everyone else: REST, and a stream on another connection.
+    rest_answers(&node, Duration::from_secs(1)).await;
+    let mut other = open(&polite).await;
+    other.send(framed_request(1, "other")).await;
+    assert_eq!(other.answer().await.infer_response.unwrap().id, "other");
+    drop(other);
+
+    // Past the stall limit the node drops the stream's work and stops it.
+    tokio::time::sleep(Duration::from_millis(STALL_MS + 1000)).await;
+    assert!(
+        node.log_text().contains("left its answers unread"),
+        "{}",
+        node.log_text()
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "meshserve_grpc_streams_open", &[]),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        served_over_grpc(&metrics) - 2.0,
+        served,
+        "nothing ran after the stall"
+    );
+    // The client that finally reads finds the answers the node kept, then RESOURCE_EXHAUSTED.
+    let mut read = 0;
+    let status = loop {
+        match stalled.read().await {
+            Read::Answer(answer) => {
+                assert_eq!(answer.infer_response.unwrap().id, read.to_string());
+                read += 1;
+            }
+            Read::End(status) => break status,
+        }
+    };
+    assert_eq!(status.as_deref(), Some("8"), "after {read} answers");
+    assert!(
+        read > 0 && read as f64 <= served,
+        "read {read}, served {served}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_streams_on_one_connection_are_held_to_the_stream_cap() {
+    const CAP: usize = 100;
+    const STREAMS: usize = 10_000;
+    let (node, _dir) = start_with_config(&format!("[http]\nmax_concurrent_streams = {CAP}\n"));
+    let rss_before = node.rss_bytes();
+    let connection = connect(node.addr).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..STREAMS {
+        let connection = connection.clone();
+        calls.spawn(async move {
+            let mut stream = open(&connection).await;
+            stream.send(framed_request(1, &i.to_string())).await;
+            let answer = stream.answer().await;
+            stream.finish();
+            let end = stream.read().await;
+            (i, answer, matches!(end, Read::End(Some(ref s)) if s == "0"))
+        });
+    }
+    // Sample the node's open streams while the calls run.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (sampling, url) = (sampling.clone(), node.url("/metrics"));
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut most_open = 0.0f64;
+            while sampling.load(Ordering::Relaxed) {
+                let metrics = http.get(&url).send().await.unwrap().text().await.unwrap();
+                most_open = most_open.max(metric_sum(&metrics, "meshserve_grpc_streams_open", &[]));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most_open
+        })
+    };
+    let mut answered = 0;
+    let calls_done = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(done) = calls.join_next().await {
+            let (i, answer, ended_ok) = done.unwrap();
+            assert_eq!(answer.error_message, "", "stream {i}");
+            assert_eq!(answer.infer_response.unwrap().id, i.to_string());
+            assert!(ended_ok, "stream {i} did not end with OK");
+            answered += 1;
+        }
+    })
+    .await;
+    sampling.store(false, Ordering::Relaxed);
+    let most_open = sampler.await.unwrap();
+    assert!(
+        calls_done.is_ok(),
+        "{answered} of {STREAMS} answered in time"
+    );
+    assert_eq!(answered, STREAMS);
+    assert!(
+        most_open <= CAP as f64 && most_open >= (CAP / 4) as f64,
+        "at most {most_open} streams open at once; the cap is {CAP}"
+    );
+    let grown = node.rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 256 << 20, "the node grew by {} MiB", grown >> 20);
+    rest_answers(&node, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_ends_its_stream_after_the_answers_before_it_and_no_other() {
+    let (node, _dir) = start_with_config("");
+    let connection = connect(node.addr).await;
+    let mut bad = open(&connection).await;
+    let mut good = open(&connection).await;
+    bad.send(framed_request(1, "before")).await;
+    bad.send(frame(&[0xff; 7])).await;
+    // Sent after the malformed one: the node may have ended the stream already.
+    let _ = bad
+        .outgoing
+        .as_ref()
+        .unwrap()
+        .send(framed_request(1, "after"))
+        .await;
+    assert_eq!(bad.answer().await.infer_response.unwrap().id, "before");
+    match bad.read().await {
+        Read::End(status) => assert_eq!(status.as_deref(), Some("13"), "INTERNAL"),
+        Read::Answer(answer) => panic!("answered past the malformed message: {answer:?}"),
+    }
+    for id in ["one", "two"] {
+        good.send(framed_request(1, id)).await;
+        assert_eq!(good.answer().await.infer_response.unwrap().id, id);
+    }
+    good.finish();
+    assert!(matches!(good.read().await, Read::End(Some(s)) if s == "0"));
+}
