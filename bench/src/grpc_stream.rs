@@ -33,11 +33,13 @@ fn failed(what: impl std::fmt::Display) -> BenchError {
 }
 
 impl GrpcStream {
-    /// Opens the call on `connection` (`authority` as in the URI, `scheme` http or https).
+    /// Opens the call at `path` (normally [`GRPC_STREAM_PATH`]) on `connection` (`authority` as
+    /// in the URI, `scheme` http or https).
     pub async fn open(
         connection: &StreamConnection,
         scheme: &str,
         authority: &str,
+        path: &str,
         headers: &hyper::HeaderMap,
     ) -> Result<GrpcStream, BenchError> {
         let (messages, outgoing) = mpsc::channel::<Bytes>(1);
@@ -45,7 +47,7 @@ impl GrpcStream {
             let message = outgoing.recv().await?;
             Some((Ok::<_, Infallible>(Frame::data(message)), outgoing))
         });
-        let mut request = hyper::Request::post(format!("{scheme}://{authority}{GRPC_STREAM_PATH}"))
+        let mut request = hyper::Request::post(format!("{scheme}://{authority}{path}"))
             .body(StreamBody::new(frames).boxed())
             .map_err(failed)?;
         *request.headers_mut() = headers.clone();

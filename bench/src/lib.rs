@@ -343,7 +343,8 @@ pub async fn run_http(load: &HttpLoad) -> Result<Report, BenchError> {
         let authority = load.addr.to_string();
         for worker in 0..workers {
             let connection = &opened[worker % opened.len()];
-            let stream = GrpcStream::open(connection, scheme, &authority, &load.headers).await?;
+            let stream =
+                GrpcStream::open(connection, scheme, &authority, &load.path, &load.headers).await?;
             callers.push(Caller::Stream(stream));
         }
     } else {

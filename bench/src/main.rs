@@ -506,9 +506,14 @@ async fn bench_http(args: HttpBenchArgs) -> Result<()> {
         }
     }
     if matches!(load.protocol, Protocol::Grpc { .. }) {
-        // The same tensors as one ModelInferRequest, on the service's path.
+        // The same tensors as one ModelInferRequest, on the call's path.
         load.body = bench::grpc_infer_body(&args.model, &load.body)?;
-        load.path = bench::GRPC_INFER_PATH.to_string();
+        load.path = if args.stream {
+            bench::grpc_stream::GRPC_STREAM_PATH
+        } else {
+            bench::GRPC_INFER_PATH
+        }
+        .to_string();
     }
     let label = format!("{:?}", load.protocol);
     let rates: Vec<f64> = match (&args.rates[..], args.rate) {

@@ -1,7 +1,8 @@
 //! Hostile gRPC streams against a real node, over a raw HTTP/2 client whose flow control the
 //! test controls: a stream whose answers are never read holds a bounded amount and is stopped
 //! after the stall limit while other clients are served; ten thousand streams on one
-//! connection are held to the node's stream cap; a malformed message ends only its stream.
+//! connection are held to the node's stream cap; a malformed message ends only its stream; a
+//! cancelled stream stops its queued work.
 
 mod support;
 
@@ -41,16 +42,21 @@ async fn connect(addr: SocketAddr) -> Connection {
 
 /// A fraud request of `rows` rows, as one gRPC-framed message.
 fn framed_request(rows: usize, id: &str) -> Bytes {
+    model_request("fraud", "features", 32, rows, id)
+}
+
+/// A request for `model`, whose one FP32 input `input` has `width` columns, of `rows` rows.
+fn model_request(model: &str, input: &str, width: usize, rows: usize, id: &str) -> Bytes {
     let message = ModelInferRequest {
-        model_name: "fraud".into(),
+        model_name: model.into(),
         id: id.into(),
         inputs: vec![InferInputTensor {
-            name: "features".into(),
+            name: input.into(),
             datatype: "FP32".into(),
-            shape: vec![rows as i64, 32],
+            shape: vec![rows as i64, width as i64],
             ..Default::default()
         }],
-        raw_input_contents: vec![Bytes::from(vec![0u8; rows * 32 * 4])],
+        raw_input_contents: vec![Bytes::from(vec![0u8; rows * width * 4])],
         ..Default::default()
     };
     frame(&message.encode_to_vec())
@@ -361,4 +367,52 @@ async fn a_malformed_message_ends_its_stream_after_the_answers_before_it_and_no_
     }
     good.finish();
     assert!(matches!(good.read().await, Read::End(Some(s)) if s == "0"));
+}
+
+/// Requests of `model` this node has computed, from its statistics.
+async fn computed(node: &TestNode, model: &str) -> u64 {
+    let stats: serde_json::Value = reqwest::get(node.url(&format!("/v2/models/{model}/stats")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats["model_stats"][0]["inference_stats"]["compute_infer"]["count"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_stops_its_queued_work() {
+    const SENT: usize = 64;
+    let (node, _dir) = start_with_config("");
+    let connection = connect(node.addr).await;
+    let mut stream = open(&connection).await;
+    let sender = stream.outgoing.clone().unwrap();
+    // 64 requests of 64 heavy rows (tens of ms each): most still queued when the client
+    // cancels.
+    tokio::spawn(async move {
+        for i in 0..SENT {
+            let request = model_request("heavy", "input", 512, 64, &i.to_string());
+            if sender.send(request).await.is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(stream.answer().await.infer_response.unwrap().id, "0");
+    // Dropping the call resets its HTTP/2 stream; the node notices within a moment.
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let settled = computed(&node, "heavy").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = computed(&node, "heavy").await;
+    assert!(
+        after <= settled + 1 && after < SENT as u64 / 2,
+        "{settled} computed soon after the stream was cancelled, {after} later, of {SENT} sent"
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "meshserve_grpc_streams_open", &[]),
+        0.0
+    );
 }

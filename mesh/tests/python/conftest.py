@@ -47,7 +47,7 @@ class Node:
                 quic = re.search(r"mesh endpoint up.* quic=(\S+)", line)
                 if quic:
                     self.quic = quic.group(1)
-                match = re.search(r"address=http://(\S+)", line)
+                match = re.search(r"address=https?://(\S+)", line)
                 if match and "meshserve serving" in line:
                     self.url = match.group(1)
                     http3 = re.search(r"http3=(\d\S+)", line)

@@ -3,6 +3,10 @@ and a raw grpcio stub (from the same package's generated modules) sending typed 
 KServe and OpenVINO clients do."""
 
 import queue
+import shutil
+import ssl
+import subprocess
+import urllib.request
 
 import grpc
 import numpy as np
@@ -258,7 +262,6 @@ def test_repository_index_load_and_unload(client):
 def test_repository_calls_need_the_admin_token_when_the_node_has_one(tmp_path):
     from conftest import ROOT, Node, skip_endpoints
 
-    import shutil
 
     repository = tmp_path / "models"
     shutil.copytree(ROOT / "examples" / "models", repository, ignore=skip_endpoints)
@@ -321,7 +324,6 @@ def test_an_endpoint_runs_its_pipeline_over_grpc(tmp_path, references):
     from conftest import ROOT, Node, skip_endpoints
 
     import json
-    import shutil
 
     repository = tmp_path / "models"
     shutil.copytree(ROOT / "examples" / "models", repository, ignore=skip_endpoints)
@@ -367,7 +369,6 @@ def test_unary_messages_count_against_the_nodes_byte_budget(tmp_path, references
     UNAVAILABLE and a retry pushback, as REST answers 503 + Retry-After; smaller ones pass."""
     from conftest import ROOT, Node, skip_endpoints
 
-    import shutil
 
     repository = tmp_path / "models"
     shutil.copytree(ROOT / "examples" / "models", repository, ignore=skip_endpoints)
@@ -389,5 +390,35 @@ def test_unary_messages_count_against_the_nodes_byte_budget(tmp_path, references
         client = grpcclient.InferenceServerClient(node.url)
         fraud = references("fraud")["cases"][0]
         assert_outputs(client.infer("fraud", inputs_of(fraud)), fraud)
+    finally:
+        node.stop()
+
+
+def test_grpc_over_tls_shares_the_port_with_rest(tmp_path, references):
+    """With `http.tls_cert` the HTTP port speaks TLS and offers ALPN h2: tritonclient's TLS
+    channel calls the node there, checking its certificate against the CA."""
+    from conftest import ROOT, Node, _binary, skip_endpoints
+
+    certs = tmp_path / "certs"
+    subprocess.run([_binary(), "certs", "--dir", certs, "--server", "127.0.0.1"], check=True, capture_output=True)
+    repository = tmp_path / "models"
+    shutil.copytree(ROOT / "examples" / "models", repository, ignore=skip_endpoints)
+    (tmp_path / "node.toml").write_text(
+        f'[http]\ntls_cert = "{certs / "server.pem"}"\ntls_key = "{certs / "server.key"}"\n'
+    )
+    node = Node(repository, "--config", tmp_path / "node.toml")
+    try:
+        client = grpcclient.InferenceServerClient(node.url, ssl=True, root_certificates=str(certs / "ca.pem"))
+        assert client.is_server_ready()
+        fraud = references("fraud")["cases"][0]
+        assert_outputs(client.infer("fraud", inputs_of(fraud)), fraud)
+        # REST over TLS on the same port.
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        with urllib.request.urlopen(f"https://{node.url}/v2/health/ready", context=context, timeout=30) as ready:
+            assert ready.status == 200
+        # A client that does not trust the node's CA gets no answer.
+        untrusting = grpcclient.InferenceServerClient(node.url, ssl=True)
+        with pytest.raises(InferenceServerException):
+            untrusting.is_server_live(client_timeout=5)
     finally:
         node.stop()
