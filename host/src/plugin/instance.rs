@@ -264,7 +264,7 @@ impl LoadedPlugin {
         };
         let clock = instance.store.data().clock.clone();
         let call = guest.call_async(&mut instance.store, (borrowed,));
-        let ended = call_within(core.wall_timeout(Phase::Call), clock, call).await;
+        let ended = call_within(&core.node, core.wall_timeout(Phase::Call), clock, call).await;
         let (outcome,) = core.finish(instance, handle, ended)?;
         match outcome.map_err(|e| core.rejected(e))? {
             PreOutcome::Infer(tensors) => core.tensors(tensors).map(PreAnswer::Infer),
@@ -288,7 +288,7 @@ impl LoadedPlugin {
         let wit: Vec<WitTensor> = outputs.iter().map(Into::into).collect();
         let clock = instance.store.data().clock.clone();
         let call = guest.call_async(&mut instance.store, (borrowed, wit));
-        let ended = call_within(core.wall_timeout(Phase::Call), clock, call).await;
+        let ended = call_within(&core.node, core.wall_timeout(Phase::Call), clock, call).await;
         let (outcome,) = core.finish(instance, handle, ended)?;
         match outcome.map_err(|e| core.rejected(e))? {
             PostOutcome::Tensors(tensors) => core.tensors(tensors).map(PostAnswer::Tensors),
@@ -325,10 +325,13 @@ impl Phase {
 /// the time it is being polled: time yielded to other tasks, or spent waiting in an async WASI
 /// call (a sleep, a poll), is not the plugin's running time.
 async fn call_within<T>(
+    node: &PluginNode,
     wall_timeout: Duration,
     clock: Arc<RunningClock>,
     call: impl std::future::Future<Output = wasmtime::Result<T>>,
 ) -> Ended<T> {
+    // The epoch ticks (charging the clock, yielding, stopping runaways) while this runs.
+    let _ticking = node.ticker.running();
     let mut call = std::pin::pin!(call);
     let running = std::future::poll_fn(|cx| {
         clock.resumed();
@@ -425,12 +428,18 @@ impl Core {
     ) -> Result<Instance, PluginFailure> {
         let clock = store.data().clock.clone();
         let wall = self.wall_timeout(Phase::Start);
-        let instance =
-            match call_within(wall, clock.clone(), self.pre.instantiate_async(&mut store)).await {
-                Ended::Returned(Ok(instance)) => instance,
-                Ended::Returned(Err(e)) => return Err(self.trapped(e, &store, Phase::Start)),
-                Ended::WallClock => return Err(self.wall_clock_exceeded(&store, Phase::Start)),
-            };
+        let instance = match call_within(
+            &self.node,
+            wall,
+            clock.clone(),
+            self.pre.instantiate_async(&mut store),
+        )
+        .await
+        {
+            Ended::Returned(Ok(instance)) => instance,
+            Ended::Returned(Err(e)) => return Err(self.trapped(e, &store, Phase::Start)),
+            Ended::WallClock => return Err(self.wall_clock_exceeded(&store, Phase::Start)),
+        };
         let mut exports = || -> wasmtime::Result<(InitFunc, StageGuest)> {
             let init = instance.get_typed_func(&mut store, self.indices.init)?;
             let handle = self.indices.handle;
@@ -444,7 +453,13 @@ impl Core {
             self.failed("load", "does not export its stage", Some(format!("{e:#}")))
         })?;
         let config = self.spec.config.clone();
-        let init = call_within(wall, clock, init.call_async(&mut store, (config,))).await;
+        let init = call_within(
+            &self.node,
+            wall,
+            clock,
+            init.call_async(&mut store, (config,)),
+        )
+        .await;
         match init {
             Ended::Returned(Ok((Ok(()),))) => {}
             Ended::Returned(Ok((Err(e),))) => {

@@ -15,6 +15,7 @@
 pub mod bindings;
 pub mod cache;
 pub mod clock;
+mod epoch;
 pub mod failures;
 pub mod features;
 pub mod instance;

@@ -4,6 +4,7 @@
 //! the part a running plugin needs, so instances depend on it and not on the loader.
 
 use crate::metrics::Metrics;
+use crate::plugin::epoch::EpochTicker;
 use crate::plugin::memory::NodeMemory;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -19,6 +20,8 @@ pub(crate) trait IdlePool: Send + Sync {
 /// Shared by every plugin of a node.
 pub(crate) struct PluginNode {
     pub(crate) engine: Engine,
+    /// Advances the engine's epoch while guest code runs.
+    pub(crate) ticker: EpochTicker,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) memory: Arc<NodeMemory>,
     /// A call running longer than this yields between epochs, so it cannot hog its thread.
@@ -34,6 +37,7 @@ pub(crate) struct PluginNode {
 impl PluginNode {
     pub(crate) fn new(
         engine: Engine,
+        ticker: EpochTicker,
         metrics: Arc<Metrics>,
         memory: NodeMemory,
         slots: usize,
@@ -42,6 +46,7 @@ impl PluginNode {
     ) -> PluginNode {
         PluginNode {
             engine,
+            ticker,
             metrics,
             memory: Arc::new(memory),
             long_call_after,

@@ -8,6 +8,7 @@
 use crate::metrics::Metrics;
 use crate::plugin::bindings::{self, PACKAGE};
 use crate::plugin::cache::DiskCache;
+use crate::plugin::epoch::EpochTicker;
 use crate::plugin::features::{FeatureTables, TableScope};
 use crate::plugin::instance::{LoadedPlugin, Stage, stage_indices};
 use crate::plugin::memory::NodeMemory;
@@ -18,14 +19,12 @@ use crate::plugin::sha256_hex;
 use crate::plugin::spec::PluginSpec;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-/// How often the engine's epoch advances: the granularity of deadlines and of yielding.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+pub use crate::plugin::epoch::EPOCH_TICK;
 
 /// Node-wide plugin settings (`[plugins]` in the node config).
 #[derive(Debug, Clone, serde::Deserialize, PartialEq)]
@@ -100,16 +99,6 @@ pub enum PluginLoadError {
     Engine(String),
 }
 
-struct Ticker {
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Everything plugins of one node share.
 pub struct PluginRuntime {
     node: Arc<PluginNode>,
@@ -118,7 +107,6 @@ pub struct PluginRuntime {
     config: PluginRuntimeConfig,
     compiled: Mutex<Versions>,
     disk: Option<DiskCache>,
-    _ticker: Ticker,
 }
 
 /// The compiled versions this runtime holds, and those no longer used.
@@ -182,20 +170,11 @@ impl PluginRuntime {
                     }
                 });
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let ticking = engine.clone();
-        let stop_flag = stop.clone();
-        std::thread::Builder::new()
-            .name("plugin-epoch".into())
-            .spawn(move || {
-                while !stop_flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    ticking.increment_epoch();
-                }
-            })
+        let ticker = EpochTicker::start(engine.clone())
             .map_err(|e| PluginLoadError::Engine(e.to_string()))?;
         let node = PluginNode::new(
             engine,
+            ticker,
             metrics,
             NodeMemory::new(config.memory_budget_bytes),
             config.max_instances as usize,
@@ -209,7 +188,6 @@ impl PluginRuntime {
             config,
             compiled: Mutex::new(Versions::default()),
             disk,
-            _ticker: Ticker { stop },
         }))
     }
 
