@@ -182,7 +182,7 @@ const ROWS: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_answers_are_never_read_holds_a_bounded_amount_and_is_stopped() {
-    const STALL_MS: u64 = 2000;
+    const STALL_MS: u64 = 3000;
     let (node, _dir) = start_with_config(&format!("[http]\nbody_read_timeout_ms = {STALL_MS}\n"));
     let polite = connect(node.addr).await;
     // One answer's size, from a client that reads.
@@ -220,7 +220,7 @@ async fn a_stream_whose_answers_are_never_read_holds_a_bounded_amount_and_is_sto
         }
         served = now;
         assert!(
-            started.elapsed() < Duration::from_millis(STALL_MS / 2),
+            started.elapsed() < Duration::from_millis(STALL_MS * 2 / 3),
             "still growing: {now}"
         );
     }
@@ -400,15 +400,23 @@ async fn a_cancelled_stream_stops_its_queued_work() {
         }
     });
     assert_eq!(stream.answer().await.infer_response.unwrap().id, "0");
-    // Dropping the call resets its HTTP/2 stream; the node notices within a moment.
+    // Dropping the call resets its HTTP/2 stream. Once the node has noticed, its count stops
+    // growing (had the queued work run, it would grow every few tens of ms up to all 64).
     drop(stream);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let settled = computed(&node, "heavy").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let mut was = computed(&node, "heavy").await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let now = computed(&node, "heavy").await;
+        if now == was || started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        was = now;
+    }
     let after = computed(&node, "heavy").await;
     assert!(
-        after <= settled + 1 && after < SENT as u64 / 2,
-        "{settled} computed soon after the stream was cancelled, {after} later, of {SENT} sent"
+        after == was && after < SENT as u64 / 2,
+        "{after} of {SENT} computed after the stream was cancelled (before the last look: {was})"
     );
     let metrics = node.metrics().await;
     assert_eq!(
