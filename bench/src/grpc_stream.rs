@@ -20,6 +20,18 @@ pub type StreamingBody = BoxBody<Bytes, Infallible>;
 /// An HTTP/2 connection whose requests have [`StreamingBody`] bodies.
 pub type StreamConnection = hyper::client::conn::http2::SendRequest<StreamingBody>;
 
+/// Marks a request's headers as a gRPC call's.
+pub fn mark_grpc(headers: &mut hyper::HeaderMap) {
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        hyper::header::TE,
+        hyper::header::HeaderValue::from_static("trailers"),
+    );
+}
+
 /// One open `ModelStreamInfer` call.
 pub struct GrpcStream {
     messages: mpsc::Sender<Bytes>,
@@ -51,14 +63,7 @@ impl GrpcStream {
             .body(StreamBody::new(frames).boxed())
             .map_err(failed)?;
         *request.headers_mut() = headers.clone();
-        request.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/grpc"),
-        );
-        request.headers_mut().insert(
-            hyper::header::TE,
-            hyper::header::HeaderValue::from_static("trailers"),
-        );
+        mark_grpc(request.headers_mut());
         // The server answers the headers at once; its messages come as requests are sent.
         let response = connection
             .clone()

@@ -551,15 +551,7 @@ impl Sender {
                     .map_err(|e| failed(e.to_string()))?;
                 *request.headers_mut() = request_headers(load);
                 if grpc {
-                    let headers = request.headers_mut();
-                    headers.insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("application/grpc"),
-                    );
-                    headers.insert(
-                        hyper::header::TE,
-                        hyper::header::HeaderValue::from_static("trailers"),
-                    );
+                    grpc_stream::mark_grpc(request.headers_mut());
                 }
                 let response = sender
                     .clone()
