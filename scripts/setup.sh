@@ -3,7 +3,8 @@
 #   - the wasm32-wasip2 Rust target (plugins are built for it),
 #   - .venv: a Python virtual environment with the ONNX Runtime wheel (the library the server
 #     loads; discovery finds it there) and the test clients,
-#   - Triton's perf_analyzer in .venv/bin (scripts/install-perf-analyzer.sh).
+#   - Triton's perf_analyzer in .venv/bin (scripts/install-perf-analyzer.sh),
+#   - wrk in .venv/bin unless one is on PATH (scripts/install-wrk.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +27,5 @@ fi
 if [ "$(uname -m)" = x86_64 ]; then
   scripts/install-perf-analyzer.sh
 fi
+# wrk, the third-party generator `meshserve-bench suite` cross-checks its figures with.
+scripts/install-wrk.sh

@@ -14,6 +14,7 @@ pub mod plugins;
 pub mod protocols;
 pub mod recsys;
 pub mod suite;
+pub mod wrk;
 
 use bytes::Bytes;
 use grpc_stream::{GrpcStream, StreamConnection};

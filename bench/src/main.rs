@@ -78,6 +78,10 @@ enum BenchCommand {
         /// round is shown.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
         rounds: u16,
+        /// Serve the models with their config.toml (default: their model.onnx files alone,
+        /// as a user's model arrives, with the settings the node chooses).
+        #[arg(long)]
+        with_config: bool,
     },
     /// Measure the node's own request path in process, without sockets: routing, body, JSON
     /// decode, the model, encode and metrics, one request at a time (`perf record` it to see
@@ -283,6 +287,7 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             duration_secs,
             warmup_secs,
             rounds,
+            with_config,
         } => {
             let config = SuiteConfig {
                 server_binary: node_binary()?,
@@ -290,6 +295,7 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                 duration: Duration::from_secs_f64(duration_secs),
                 warmup: Duration::from_secs_f64(warmup_secs),
                 rounds: usize::from(rounds),
+                with_config,
             };
             let table = runtime.block_on(bench::suite::run_suite(&config))?;
             print!("{table}");

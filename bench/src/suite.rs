@@ -6,6 +6,7 @@ use super::{
 };
 use meshserve_host::model::repository::Repository;
 use meshserve_host::model::session::OnnxSession;
+use meshserve_host::model::tuning;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,25 @@ pub struct SuiteConfig {
     /// median (by the compared figure) is shown: on a shared, noisy machine one pair of runs
     /// can be minutes apart in what the machine gives them.
     pub rounds: usize,
+    /// Serve the models with their config.toml; without it (the default) the node gets only
+    /// their `model.onnx` files, as a user's model arrives, and chooses its own settings.
+    pub with_config: bool,
+}
+
+/// A repository holding only the latest `model.onnx` of each of `models`, no config.toml.
+fn without_configs(repository: &Path, models: &[&str]) -> Result<tempfile::TempDir, BenchError> {
+    let copy = tempfile::tempdir().map_err(io_error("create a repository"))?;
+    let repo = Repository::new(repository);
+    for model in models {
+        let version = repo.versions(model).last().copied().ok_or_else(|| {
+            BenchError::Model(format!("model '{model}' not in {}", repository.display()))
+        })?;
+        let folder = copy.path().join(model).join(version.to_string());
+        std::fs::create_dir_all(&folder).map_err(io_error("create a model folder"))?;
+        std::fs::copy(repo.model_path(model, version), folder.join("model.onnx"))
+            .map_err(io_error("copy a model"))?;
+    }
+    Ok(copy)
 }
 
 pub(super) fn load_session(repository: &Path, model: &str) -> Result<OnnxSession, BenchError> {
@@ -38,15 +58,23 @@ pub(super) fn load_session(repository: &Path, model: &str) -> Result<OnnxSession
     let config = repo
         .config(model)
         .map_err(|e| BenchError::Model(e.to_string()))?;
-    OnnxSession::load(runtime, &repo.model_path(model, version), &config)
-        .map_err(|e| BenchError::Model(e.to_string()))
+    // The first of the sessions the node itself would load, with the threads it would choose.
+    let (mut sessions, _) = tuning::load_sessions(
+        runtime,
+        &repo.model_path(model, version),
+        &config,
+        tuning::Machine::here(),
+    )
+    .map_err(|e| BenchError::Model(e.to_string()))?;
+    Ok(sessions.swap_remove(0))
 }
 
 /// Roughly what an HTTP/1.1 request line and headers add to a body (for the ping-pong's sizes).
 const HTTP_HEAD_BYTES: usize = 120;
 
-/// The open-loop rows' offered rate.
-const OPEN_RATE: f64 = 20_000.0;
+/// The open-loop rows' offered rates: a light load, and about half what the node serves
+/// closed-loop on the 2-core development machine, where the tail should still be short.
+const OPEN_RATES: [f64; 2] = [10_000.0, 30_000.0];
 
 /// One row of the suite's table.
 struct Row {
@@ -119,6 +147,18 @@ fn without_errors(report: Report, model: &str) -> Result<Report, BenchError> {
 /// Runs the suite of the single-node issue and returns the printed table.
 pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bare = if config.with_config {
+        None
+    } else {
+        Some(without_configs(&config.repository, &["fraud", "heavy"])?)
+    };
+    let config = &SuiteConfig {
+        repository: bare
+            .as_ref()
+            .map_or_else(|| config.repository.clone(), |dir| dir.path().to_path_buf()),
+        ..config.clone()
+    };
+    let wrk = super::wrk::find();
     let mut rows = Vec::new();
 
     // The in-process limits first, with the machine quiet.
@@ -197,14 +237,17 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         duration: config.duration,
     };
     let closed = super::Pace::Closed;
-    let open = super::Pace::Open { rate: OPEN_RATE };
-    let open_label = format!("open loop {OPEN_RATE:.0}/s");
+    let open_labels = OPEN_RATES.map(|rate| format!("open loop {rate:.0}/s"));
+    let open = |at: usize| super::Pace::Open {
+        rate: OPEN_RATES[at],
+    };
     // The same three loads on the node and on the floor, with the async runtime at its
     // default (a thread per core) and at one thread, so each ratio compares like with like.
     let fraud_loads = [
         (closed, 1, "HTTP/1.1 JSON, batch 1"),
         (closed, 64, "HTTP/1.1 JSON, batch 1"),
-        (open, 256, open_label.as_str()),
+        (open(0), 256, open_labels[0].as_str()),
+        (open(1), 256, open_labels[1].as_str()),
     ];
     let rounds = config.rounds.max(1);
     let mut pairs = Vec::new();
@@ -266,6 +309,26 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
                 server_cpu_us: floor_cpu,
             });
         }
+        // The concurrency-64 comparison again with wrk, node and floor alternating.
+        let mut wrk_rounds = Vec::new();
+        if let Some(wrk) = &wrk {
+            let fraud_path = "/v2/models/fraud/infer";
+            let body = fp32_request_body("features", 1, 32);
+            for _ in 0..rounds {
+                let run = |addr| {
+                    super::wrk::closed_loop(wrk, addr, fraud_path, &body, 64, config.duration)
+                };
+                let node = run(addr).await?;
+                if node.errors > 0 {
+                    return Err(BenchError::Server(format!(
+                        "{} of wrk's fraud requests failed",
+                        node.errors
+                    )));
+                }
+                let floor = run(floor_addr).await?;
+                wrk_rounds.push((node.requests_per_second, floor.requests_per_second));
+            }
+        }
         drop(floor_server);
         // Heavy after fraud's rows, so its batches cannot linger into them.
         if threads.is_none() {
@@ -284,7 +347,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         rows.extend(node_rows);
         let floor_at = rows.len();
         rows.extend(floor_rows);
-        pairs.push((threads, node_at, floor_at, round_ratios));
+        pairs.push((threads, node_at, floor_at, round_ratios, wrk_rounds));
     }
 
     let mut out = String::new();
@@ -322,11 +385,10 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
     let fraud_raw = &rows[0].report;
     let heavy_raw = &rows[1].report;
     let ping_pong = &rows[ping_pong_row].report;
-    for (threads, node, floor, round_ratios) in &pairs {
+    for (threads, node, floor, round_ratios, wrk_rounds) in &pairs {
         let (node, floor) = (*node, *floor);
-        let [fraud_c1, fraud_c64, fraud_open] = [node, node + 1, node + 2].map(|i| &rows[i].report);
-        let [floor_c1, floor_c64, floor_open] =
-            [floor, floor + 1, floor + 2].map(|i| &rows[i].report);
+        let [fraud_c1, fraud_c64] = [node, node + 1].map(|i| &rows[i].report);
+        let [floor_c1, floor_c64] = [floor, floor + 1].map(|i| &rows[i].report);
         let runtime = match threads {
             None => "a thread per core".to_string(),
             Some(n) => format!("{n} io thread"),
@@ -341,7 +403,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         };
         let _ = writeln!(
             out,
-            "fraud / floor, {runtime}: req/s at concurrency 64 = {:.2}x (rounds: {}); p50 at concurrency 1 = {} vs {} µs (+{}; rounds: {} µs); open-loop p99 at {OPEN_RATE:.0}/s = {:.2}x (rounds: {}; {} vs {} µs, {} and {} unanswered)",
+            "fraud / floor, {runtime}: req/s at concurrency 64 = {:.2}x (rounds: {}); p50 at concurrency 1 = {} vs {} µs (+{}; rounds: {} µs)",
             fraud_c64.requests_per_second() / floor_c64.requests_per_second().max(1e-9),
             spread(1, 2),
             fraud_c1.percentile_us(0.5),
@@ -350,13 +412,37 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
                 .percentile_us(0.5)
                 .saturating_sub(floor_c1.percentile_us(0.5)),
             spread(0, 0),
-            fraud_open.percentile_us(0.99) as f64 / floor_open.percentile_us(0.99).max(1) as f64,
-            spread(2, 2),
-            fraud_open.percentile_us(0.99),
-            floor_open.percentile_us(0.99),
-            fraud_open.unanswered,
-            floor_open.unanswered
         );
+        for (at, rate) in OPEN_RATES.iter().enumerate() {
+            let (fraud_open, floor_open) =
+                (&rows[node + 2 + at].report, &rows[floor + 2 + at].report);
+            let _ = writeln!(
+                out,
+                "fraud / floor, {runtime}: open-loop p99 at {rate:.0}/s = {:.2}x (rounds: {}; {} vs {} µs, {} and {} unanswered)",
+                fraud_open.percentile_us(0.99) as f64
+                    / floor_open.percentile_us(0.99).max(1) as f64,
+                spread(2 + at, 2),
+                fraud_open.percentile_us(0.99),
+                floor_open.percentile_us(0.99),
+                fraud_open.unanswered,
+                floor_open.unanswered
+            );
+        }
+        if !wrk_rounds.is_empty() {
+            let mut ratios: Vec<f64> = wrk_rounds
+                .iter()
+                .map(|(node, floor)| node / floor.max(1e-9))
+                .collect();
+            let (node_rps, floor_rps) = wrk_rounds[median_round(&ratios, true)];
+            ratios.sort_by(f64::total_cmp);
+            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            let _ = writeln!(
+                out,
+                "wrk cross-check, {runtime}: req/s at concurrency 64 = {node_rps:.0} vs {floor_rps:.0} = {:.2}x (rounds: {})",
+                node_rps / floor_rps.max(1e-9),
+                shown.join(" ")
+            );
+        }
     }
     let (node, floor) = (pairs[0].1, pairs[0].2);
     let fraud_c1 = &rows[node].report;
@@ -388,7 +474,7 @@ pub async fn run_suite(config: &SuiteConfig) -> Result<String, BenchError> {
         "{}",
         router_summary("fraud", &rows[router_row].report, router_path.mean_infer_us)
     );
-    let heavy_served = &rows[node + 3].report;
+    let heavy_served = &rows[node + 2 + OPEN_RATES.len()].report;
     let _ = writeln!(
         out,
         "heavy: served with dynamic batching / in-process single-request loop = {:.2}x samples/s",

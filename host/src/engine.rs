@@ -10,8 +10,9 @@ use crate::error::InferError;
 use crate::metrics::Metrics;
 use crate::model::config::ModelConfig;
 use crate::model::repository::Repository;
-use crate::model::session::{LoadError, OnnxSession};
+use crate::model::session::LoadError;
 use crate::model::signature::Signature;
+use crate::model::tuning;
 use crate::request::{InferRequest, InferResponse};
 use crate::runtime::{self, Runtime, RuntimeError};
 use crate::tensor::Tensor;
@@ -86,8 +87,10 @@ pub struct ModelVersion {
     pub signature: Signature,
     /// Rows per batch; 0 when the model does not batch.
     pub max_batch_size: usize,
-    /// The config it was loaded with.
+    /// The config it was loaded with, `instances` and `intra_op_threads` as chosen at load.
     pub config: ModelConfig,
+    /// Why it has those sessions and threads ([`crate::model::tuning`]).
+    pub tuning: String,
     scheduler: Scheduler,
 }
 
@@ -265,9 +268,21 @@ impl Engine {
         let mut versions = BTreeMap::new();
         for version in selected {
             let path = self.repository.model_path(name, version);
-            let sessions = (0..config.instances)
-                .map(|_| OnnxSession::load(self.runtime, &path, &config))
-                .collect::<Result<Vec<_>, _>>()?;
+            let (sessions, choice) =
+                tuning::load_sessions(self.runtime, &path, &config, tuning::Machine::here())?;
+            tracing::info!(
+                model = name,
+                version,
+                instances = choice.instances,
+                intra_op_threads = choice.intra_op_threads,
+                why = %choice.reason,
+                "sessions chosen"
+            );
+            let config = ModelConfig {
+                instances: Some(choice.instances),
+                intra_op_threads: Some(choice.intra_op_threads),
+                ..config.clone()
+            };
             let signature = sessions[0].signature().clone();
             let max_batch_size = match config.max_batch_size {
                 Some(n) => n,
@@ -313,7 +328,8 @@ impl Engine {
                     version,
                     signature,
                     max_batch_size,
-                    config: config.clone(),
+                    config,
+                    tuning: choice.reason,
                     scheduler,
                 }),
             );

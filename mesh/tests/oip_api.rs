@@ -952,3 +952,70 @@ async fn a_small_body_of_lying_shapes_costs_no_memory() {
         grown >> 10
     );
 }
+
+#[tokio::test]
+async fn a_model_without_config_gets_the_sessions_its_probe_chose_and_config_keys_win() {
+    let repo = copy_examples();
+    std::fs::remove_file(repo.path().join("fraud/config.toml")).unwrap();
+    let node = TestNode::start(repo.path(), &[]);
+    let http = client();
+    let config = || async {
+        let config: Value = http
+            .get(node.url("/v2/models/fraud/config"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let count = config["instance_group"][0]["count"].as_u64().unwrap();
+        let threads: u64 = config["parameters"]["intra_op_threads"]["string_value"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let why = config["parameters"]["sessions_chosen_because"]["string_value"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (count, threads, why)
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    // Fraud's 64-row run is far too small for ONNX Runtime to split over threads.
+    let (count, threads, why) = config().await;
+    assert_eq!((count, threads), (cores, 1), "{why}");
+    let expected = if cores > 1 {
+        "a single-threaded session per core"
+    } else {
+        "one core"
+    };
+    assert!(
+        why.contains("64-row run takes") && why.contains(expected),
+        "{why}"
+    );
+    let log = node.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sessions chosen") && l.contains(expected)),
+        "the choice and its reason are logged:\n{log}"
+    );
+    let answer = http
+        .post(node.url("/v2/models/fraud/infer"))
+        .json(&json!({"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5; 32]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+
+    // The operator's key wins; the other follows from it.
+    std::fs::write(repo.path().join("fraud/config.toml"), "instances = 1\n").unwrap();
+    let reload = http
+        .post(node.url("/v2/repository/models/fraud/load"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let (count, threads, why) = config().await;
+    assert_eq!((count, threads), (1, cores), "{why}");
+    assert!(why.contains("instances from config.toml"), "{why}");
+}

@@ -82,10 +82,12 @@ pub struct ModelConfig {
     pub max_request_rows: Option<usize>,
     /// Longest a partial batch may wait to fill while another session is busy, in µs.
     pub max_queue_delay_us: u64,
-    /// ONNX Runtime sessions (each on its own worker thread).
-    pub instances: usize,
-    /// Threads per session for one operator; 0 = the machine's cores divided among instances.
-    pub intra_op_threads: usize,
+    /// ONNX Runtime sessions (each on its own worker thread); unset, chosen at load from how
+    /// the model runs here ([`crate::model::tuning`]).
+    pub instances: Option<usize>,
+    /// Threads per session for one operator; 0 = the machine's cores divided among instances;
+    /// unset, chosen at load with `instances`.
+    pub intra_op_threads: Option<usize>,
     /// Requests that may wait in the queue before new ones are shed with 503.
     pub queue_capacity: usize,
     /// Deadline for a request that sets none, in µs; 0 = no deadline (as a request's own 0).
@@ -120,8 +122,8 @@ impl Default for ModelConfig {
             max_batch_size: None,
             max_request_rows: None,
             max_queue_delay_us: 100,
-            instances: 1,
-            intra_op_threads: 0,
+            instances: None,
+            intra_op_threads: None,
             queue_capacity: 1024,
             default_timeout_us: 0,
             execution_providers: vec![ExecutionProvider::Cpu],
@@ -189,7 +191,7 @@ impl ModelConfig {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.instances == 0 {
+        if self.instances == Some(0) {
             return Err("instances must be at least 1".into());
         }
         if self.queue_capacity == 0 {
@@ -207,21 +209,23 @@ impl ModelConfig {
     /// most the cores; the queue at most its default.
     pub fn clamped_to(mut self, cores: usize) -> ModelConfig {
         let cores = cores.max(1);
-        self.instances = self.instances.min(cores);
-        self.intra_op_threads = self.intra_op_threads.min(cores);
+        self.instances = self.instances.map(|n| n.min(cores));
+        self.intra_op_threads = self.intra_op_threads.map(|n| n.min(cores));
         self.queue_capacity = self
             .queue_capacity
             .min(ModelConfig::default().queue_capacity);
         self
     }
 
-    /// Threads per session, resolving 0 to a share of the machine.
+    /// Threads per session, resolving unset or 0 to a share of the machine.
     pub fn resolved_intra_op_threads(&self) -> usize {
-        if self.intra_op_threads > 0 {
-            return self.intra_op_threads;
+        match self.intra_op_threads {
+            Some(threads) if threads > 0 => threads,
+            _ => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cores / self.instances.unwrap_or(1).max(1)).max(1)
+            }
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / self.instances).max(1)
     }
 }
 
@@ -246,7 +250,8 @@ mod tests {
         assert_eq!(config.inline_max_us, 0);
         assert_eq!(config.inline_blocking_max_us, 0);
         assert_eq!(config.inline_min_gap_us, 0);
-        assert_eq!(config.instances, 2);
+        assert_eq!(config.instances, Some(2));
+        assert_eq!(config.intra_op_threads, Some(1));
         assert_eq!(
             config.execution_providers,
             vec![ExecutionProvider::Cuda, ExecutionProvider::Cpu]

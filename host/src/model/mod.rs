@@ -4,3 +4,4 @@ pub mod config;
 pub mod repository;
 pub mod session;
 pub mod signature;
+pub mod tuning;

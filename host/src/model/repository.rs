@@ -142,14 +142,14 @@ queue_capacity = 1000000
         let own = repo.config("m").unwrap();
         assert_eq!(
             (own.instances, own.queue_capacity),
-            (50, 1_000_000),
+            (Some(50), 1_000_000),
             "the operator's own"
         );
         std::fs::write(folder.join(FROM_MESH_MARKER), b"").unwrap();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let fetched = repo.config("m").unwrap();
-        assert_eq!(fetched.instances, 50.min(cores));
-        assert_eq!(fetched.intra_op_threads, cores);
+        assert_eq!(fetched.instances, Some(50.min(cores)));
+        assert_eq!(fetched.intra_op_threads, Some(cores));
         assert_eq!(fetched.queue_capacity, 1024);
     }
 

@@ -151,6 +151,8 @@ pub(crate) async fn model_config(
         "dynamic_batching": { "max_queue_delay_microseconds": config.max_queue_delay_us },
         "instance_group": [{ "count": config.instances, "kind": "KIND_CPU" }],
         "parameters": {
+            "intra_op_threads": { "string_value": config.resolved_intra_op_threads().to_string() },
+            "sessions_chosen_because": { "string_value": version.tuning },
             "queue_capacity": { "string_value": config.queue_capacity.to_string() },
             "default_timeout_us": { "string_value": config.default_timeout_us.to_string() },
         },
