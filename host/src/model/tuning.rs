@@ -2,17 +2,18 @@
 //! the model runs on this machine.
 //!
 //! A model with no config.toml should be served as well as a tuned one. What decides its
-//! sessions and threads is whether ONNX Runtime can spread one run over the cores: a large
-//! operator can, and then one session using every core gives the shortest runs (and batches
-//! fill it); a small graph cannot, and an intra-op thread pool then only wakes threads that
-//! compete with the front door's, so one single-threaded session per core serves more (two
-//! requests run side by side, short ones inline on the front door's threads). The loader
-//! times the model's largest run (a full batch, or one row when it does not batch) on one
-//! thread and on every core and decides from the speed-up ([`choose`]); config keys set by
-//! the operator are never overridden. The probe runs on zero-filled inputs and its
-//! sessions are kept, so it costs a few runs, not extra loads.
+//! sessions and threads is whether ONNX Runtime can spread one run over the cores, and how
+//! long a run takes: a large operator can be spread, and then one session using every core
+//! gives the shortest runs (and batches fill it); a graph that cannot gains nothing from an
+//! intra-op pool but wake-ups competing with the front door's threads, so it gets
+//! single-threaded sessions, one per core when its runs are short enough to run inline on the
+//! front door's threads, else on half the cores, leaving the rest to the front door. The
+//! loader times the model's largest run (a full batch, or one row when it does not batch) on
+//! one thread and on every core and decides ([`choose`]); config keys set by the operator
+//! are never overridden. The probe runs on zero-filled inputs and its sessions are kept, so
+//! it costs a few runs, not extra loads.
 
-use crate::model::config::ModelConfig;
+use crate::model::config::{ExecutionProvider, ModelConfig};
 use crate::model::session::{LoadError, OnnxSession};
 use crate::model::signature::Signature;
 use crate::runtime::Runtime;
@@ -78,7 +79,16 @@ pub struct Choice {
 pub fn from_config(config: &ModelConfig, machine: Machine) -> Option<Choice> {
     let cores = machine.cores.max(1);
     let share = |instances: usize| (cores / instances.max(1)).max(1);
+    let on_device = config
+        .execution_providers
+        .iter()
+        .any(|p| *p != ExecutionProvider::Cpu);
     match (config.instances, config.intra_op_threads) {
+        (None, None) if on_device => Some(Choice {
+            instances: 1,
+            intra_op_threads: cores,
+            reason: "a GPU provider is listed: one session, as each holds its own copy of the model on the device".into(),
+        }),
         (None, None) => None,
         (Some(instances), Some(threads)) => Some(Choice {
             instances,
@@ -109,54 +119,67 @@ pub fn from_config(config: &ModelConfig, machine: Machine) -> Option<Choice> {
     }
 }
 
-/// Sessions and threads for a model that leaves both unset, from what the probe measured.
-pub fn choose(probe: &Probe, machine: Machine) -> Choice {
+/// Sessions and threads for a model that leaves both unset, from what the probe measured, for
+/// a node whose requests run inline on the front door's threads when shorter than
+/// `inline_max`.
+///
+/// - A run that the cores speed up gets one session using them all.
+/// - Otherwise a model whose full batch runs inline gets a single-threaded session per core:
+///   every front-door thread can run one at once.
+/// - Otherwise the model runs on its workers, and the front door that parses and answers its
+///   requests needs cores too: single-threaded sessions on half the cores (on 2 cores, heavy
+///   at concurrency 64 served 22-25k req/s so, against 18.7k with a session per core and
+///   19-21k with one session on both).
+pub fn choose(probe: &Probe, machine: Machine, inline_max: Duration) -> Choice {
     let cores = machine.cores.max(1);
-    let one = probe.one_thread.as_secs_f64().max(1e-9);
-    if let Some(every_core) = probe.every_core.filter(|_| cores > 1) {
-        let speedup = one / every_core.as_secs_f64().max(1e-9);
-        let efficiency = (speedup - 1.0) / (cores - 1) as f64;
-        if efficiency >= MIN_PARALLEL_EFFICIENCY {
-            return Choice {
-                instances: 1,
-                intra_op_threads: cores,
-                reason: format!(
-                    "a {}-row run takes {} on 1 thread and {} on {cores} ({speedup:.2}x): one session uses every core",
-                    probe.rows,
-                    shown(probe.one_thread),
-                    shown(every_core)
-                ),
-            };
-        }
-        let by_memory = (SESSION_COPIES_BYTES / probe.model_bytes.max(1)).max(1);
-        let instances = cores.min(usize::try_from(by_memory).unwrap_or(usize::MAX));
-        let memory_note = if instances < cores {
-            format!(
-                " ({instances}, not {cores}: each session holds its own {} MiB of weights)",
-                probe.model_bytes >> 20
-            )
-        } else {
-            String::new()
-        };
+    let run = format!(
+        "a {}-row run takes {} on 1 thread",
+        probe.rows,
+        shown(probe.one_thread)
+    );
+    let Some(every_core) = probe.every_core.filter(|_| cores > 1) else {
         return Choice {
-            instances,
+            instances: 1,
             intra_op_threads: 1,
-            reason: format!(
-                "a {}-row run takes {} on 1 thread and {} on {cores} ({speedup:.2}x): a single-threaded session per core{memory_note}",
-                probe.rows,
-                shown(probe.one_thread),
-                shown(every_core)
-            ),
+            reason: format!("one core: one single-threaded session ({run})"),
+        };
+    };
+    let speedup = probe.one_thread.as_secs_f64() / every_core.as_secs_f64().max(1e-9);
+    let efficiency = (speedup - 1.0) / (cores - 1) as f64;
+    let measured = format!("{run} and {} on {cores} ({speedup:.2}x)", shown(every_core));
+    if efficiency >= MIN_PARALLEL_EFFICIENCY {
+        return Choice {
+            instances: 1,
+            intra_op_threads: cores,
+            reason: format!("{measured}: one session uses every core"),
         };
     }
+    let (wanted, why) = if probe.one_thread < inline_max {
+        (
+            cores,
+            "a single-threaded session per core, so each front-door thread can run one inline",
+        )
+    } else {
+        (
+            (cores / 2).max(1),
+            "single-threaded sessions on half the cores, the rest left to the front door that feeds them",
+        )
+    };
+    let by_memory = usize::try_from((SESSION_COPIES_BYTES / probe.model_bytes.max(1)).max(1))
+        .unwrap_or(usize::MAX);
+    let instances = wanted.min(by_memory);
+    let memory_note = if instances < wanted {
+        format!(
+            " ({instances}, not {wanted}: each session holds its own {} MiB of weights)",
+            probe.model_bytes >> 20
+        )
+    } else {
+        String::new()
+    };
     Choice {
-        instances: 1,
+        instances,
         intra_op_threads: 1,
-        reason: format!(
-            "one core: one single-threaded session (a {}-row run takes {})",
-            probe.rows,
-            shown(probe.one_thread)
-        ),
+        reason: format!("{measured}: {why}{memory_note}"),
     }
 }
 
@@ -240,7 +263,7 @@ pub fn load_sessions(
         every_core,
         model_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
     };
-    let choice = choose(&probe, machine);
+    let choice = choose(&probe, machine, Duration::from_micros(config.inline_max_us));
     let mut sessions = vec![match parallel {
         Some(session) if choice.intra_op_threads > 1 => session,
         _ => single,
@@ -308,34 +331,43 @@ mod tests {
         }
     }
 
+    const INLINE: Duration = Duration::from_micros(50);
+
     #[test]
     fn a_graph_too_small_to_split_gets_a_single_threaded_session_per_core() {
-        let choice = choose(&probe(20, Some(19)), Machine { cores: 4 });
+        let choice = choose(&probe(20, Some(19)), Machine { cores: 4 }, INLINE);
         assert_eq!((choice.instances, choice.intra_op_threads), (4, 1));
         assert!(choice.reason.contains("1.05x"), "{}", choice.reason);
     }
 
     #[test]
     fn a_run_that_scales_over_the_cores_gets_one_session_using_them_all() {
-        let choice = choose(&probe(8_000, Some(4_600)), Machine { cores: 2 });
+        let choice = choose(&probe(8_000, Some(4_600)), Machine { cores: 2 }, INLINE);
         assert_eq!((choice.instances, choice.intra_op_threads), (1, 2));
+    }
+
+    #[test]
+    fn a_long_run_that_does_not_scale_leaves_half_the_cores_to_the_front_door() {
         // 1.2x on 4 cores is a poor use of three extra threads.
-        let choice = choose(&probe(8_000, Some(6_600)), Machine { cores: 4 });
-        assert_eq!((choice.instances, choice.intra_op_threads), (4, 1));
+        let choice = choose(&probe(8_000, Some(6_600)), Machine { cores: 4 }, INLINE);
+        assert_eq!((choice.instances, choice.intra_op_threads), (2, 1));
+        let choice = choose(&probe(1_600, Some(1_550)), Machine { cores: 2 }, INLINE);
+        assert_eq!((choice.instances, choice.intra_op_threads), (1, 1));
+        assert!(choice.reason.contains("front door"), "{}", choice.reason);
     }
 
     #[test]
     fn a_large_model_gets_no_more_sessions_than_its_weights_allow() {
-        let mut big = probe(500, Some(490));
+        let mut big = probe(30, Some(29));
         big.model_bytes = 900 << 20;
-        let choice = choose(&big, Machine { cores: 16 });
+        let choice = choose(&big, Machine { cores: 16 }, INLINE);
         assert_eq!((choice.instances, choice.intra_op_threads), (2, 1));
         assert!(choice.reason.contains("900 MiB"), "{}", choice.reason);
     }
 
     #[test]
     fn one_core_gets_one_single_threaded_session() {
-        let choice = choose(&probe(100, None), Machine { cores: 1 });
+        let choice = choose(&probe(100, None), Machine { cores: 1 }, INLINE);
         assert_eq!((choice.instances, choice.intra_op_threads), (1, 1));
     }
 
@@ -348,6 +380,12 @@ mod tests {
             ..ModelConfig::default()
         };
         assert_eq!(from_config(&config(None, None), machine), None);
+        let gpu = ModelConfig {
+            execution_providers: vec![ExecutionProvider::Cuda, ExecutionProvider::Cpu],
+            ..ModelConfig::default()
+        };
+        let gpu = from_config(&gpu, machine).unwrap();
+        assert_eq!((gpu.instances, gpu.reason.contains("GPU")), (1, true));
         let both = from_config(&config(Some(3), Some(5)), machine).unwrap();
         assert_eq!((both.instances, both.intra_op_threads), (3, 5));
         let instances = from_config(&config(Some(2), None), machine).unwrap();
