@@ -457,6 +457,14 @@ impl Engine {
                         model: request.model.clone(),
                     });
                 }
+                Err(Refused::WouldMissDeadline(_, answer)) => {
+                    return Err(InferError::WouldMissDeadline {
+                        model: request.model.clone(),
+                        predicted_us: u64::try_from(answer.as_micros()).unwrap_or(u64::MAX),
+                        timeout_us: timeout
+                            .map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX)),
+                    });
+                }
             }
         };
         let expired =

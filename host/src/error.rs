@@ -82,6 +82,18 @@ pub enum InferError {
         /// Requests waiting.
         depth: usize,
     },
+    /// The queue ahead predicts an answer after the request's deadline: refused at once.
+    #[error(
+        "model '{model}' would answer in about {predicted_us} µs, after this request's deadline of {timeout_us} µs: refused without waiting; retry later or with a longer deadline"
+    )]
+    WouldMissDeadline {
+        /// The model.
+        model: String,
+        /// The answer the queue predicted, from now.
+        predicted_us: u64,
+        /// The request's deadline, from its arrival.
+        timeout_us: u64,
+    },
     /// The model is being unloaded or the node is stopping.
     #[error("model '{model}' is unloading or the node is shutting down")]
     Closed {
@@ -168,6 +180,7 @@ impl InferError {
                 ErrorClass::InvalidInput
             }
             InferError::QueueFull { .. }
+            | InferError::WouldMissDeadline { .. }
             | InferError::Closed { .. }
             | InferError::EndpointUnavailable { .. }
             | InferError::PluginBusy { .. } => ErrorClass::Unavailable,
@@ -189,6 +202,10 @@ impl InferError {
                 Some(Duration::from_secs(1))
             }
             InferError::PluginBusy { retry_after, .. } => Some(*retry_after),
+            // By then the queue ahead of it has run, as far as the prediction knows.
+            InferError::WouldMissDeadline { predicted_us, .. } => {
+                Some(Duration::from_micros(*predicted_us))
+            }
             _ => None,
         }
     }

@@ -699,7 +699,8 @@ async fn a_timeout_of_zero_means_no_deadline_in_the_body_and_in_the_header() {
 }
 
 #[tokio::test]
-async fn a_deadline_says_whether_the_request_ran_and_sub_millisecond_ones_are_honoured() {
+async fn a_deadline_says_whether_the_request_ran_and_one_the_queue_cannot_meet_is_refused_at_once()
+{
     let repo = copy_examples();
     std::fs::write(
         repo.path().join("heavy/config.toml"),
@@ -720,6 +721,13 @@ async fn a_deadline_says_whether_the_request_ran_and_sub_millisecond_ones_are_ho
         )
         .send()
     };
+    // One request that completes, so the model's run times are known (admission predicts
+    // from them).
+    let warm = json!({"inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.25; 512]}]});
+    assert_eq!(
+        http.post(&url).json(&warm).send().await.unwrap().status(),
+        200
+    );
     // Alone on an idle model a request runs at once: its 5 ms deadline passes while it runs.
     let message = error_of(big("5000").await.unwrap(), 504).await;
     assert!(
@@ -740,26 +748,41 @@ async fn a_deadline_says_whether_the_request_ran_and_sub_millisecond_ones_are_ho
             "the big requests never queued"
         );
     }
-    // Behind them, a request with a 300 µs deadline: answered at once, never run.
+    // Behind them, a request with a 2 ms deadline, which its own run would meet: the 1024
+    // rows queued ahead of it take about 20 ms, so it is refused as it arrives (503, retry
+    // later), never queued or run.
     let small = json!({"inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.25; 512]}]});
     let started = Instant::now();
     let response = http
         .post(&url)
-        .header("meshserve-timeout-us", "300")
+        .header("meshserve-timeout-us", "2000")
         .json(&small)
         .send()
         .await
         .unwrap();
     let took = started.elapsed();
-    let message = error_of(response, 504).await;
+    let retry_after = response.headers().get("retry-after").cloned();
+    let message = error_of(response, 503).await;
+    assert!(retry_after.is_some(), "{message}");
     assert!(
-        message.contains("deadline of 300 µs") && message.contains("it was not run"),
+        message.contains("after this request's deadline of 2000 µs")
+            && message.contains("refused without waiting"),
         "{message}"
+    );
+    let predicted_us: u64 = message
+        .split("answer in about ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no prediction in {message}"));
+    assert!(
+        predicted_us > 2000,
+        "the prediction ({predicted_us} µs) is what refused it"
     );
     // Had it waited its turn, it would have come after two runs of about 20 ms.
     assert!(
         took < Duration::from_millis(15),
-        "a 300 µs deadline answered after {took:?}"
+        "a request refused at once answered after {took:?}"
     );
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(queued.await.unwrap().unwrap().status(), 200);

@@ -62,6 +62,8 @@ pub enum Refused<T> {
     Full(T),
     /// The model is being unloaded or the node is shutting down.
     Closed(T),
+    /// Its deadline falls before the answer the queue ahead predicts, this long from now.
+    WouldMissDeadline(T, std::time::Duration),
 }
 
 /// The batching state of one model version.
@@ -99,6 +101,11 @@ impl<T: Batchable> Batcher<T> {
     /// Requests waiting.
     pub fn depth(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Rows waiting, over every queued request.
+    pub fn queued_rows(&self) -> usize {
+        self.queue.iter().map(Batchable::rows).sum()
     }
 
     /// Sessions running a batch now.

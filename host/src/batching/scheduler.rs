@@ -202,6 +202,13 @@ impl Shared {
         average_into(&self.recent_row_ns, took / rows);
     }
 
+    /// Recent run times, once the model has run.
+    fn measured(&self) -> Option<RunTimes> {
+        let run_ns = self.recent_run_ns.load(Ordering::Relaxed);
+        let row_ns = self.recent_row_ns.load(Ordering::Relaxed);
+        (run_ns != u64::MAX && row_ns != u64::MAX).then_some(RunTimes { run_ns, row_ns })
+    }
+
     /// How long a run of `rows` rows would take, from recent runs: at least a recent run,
     /// and a large request in proportion to its rows.
     fn predicted_ns(&self, rows: usize) -> u64 {
@@ -209,6 +216,47 @@ impl Shared {
         let per_run = self.recent_run_ns.load(Ordering::Relaxed);
         per_run.max(per_row.saturating_mul(u64::try_from(rows).unwrap_or(u64::MAX)))
     }
+}
+
+/// Recent run times of a model (exponential averages), in ns.
+#[derive(Debug, Clone, Copy)]
+pub struct RunTimes {
+    /// Per run, batched runs included.
+    pub run_ns: u64,
+    /// Per row.
+    pub row_ns: u64,
+}
+
+/// What is ahead of a request joining a model's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Ahead {
+    /// Rows queued before it.
+    pub rows: usize,
+    /// Whether no session is free to take it now.
+    pub every_session_busy: bool,
+}
+
+/// When a request of `rows` rows would be answered, from recent run times (`None` before the
+/// model has run): with every session busy, the first to free up is expected half a run from
+/// now; then the rows ahead, spread over the sessions; then its own. A row's time comes from
+/// recent, mostly batched, runs, so the prediction errs short.
+pub fn predicted_answer(
+    ahead: Ahead,
+    rows: usize,
+    sessions: usize,
+    recent: Option<RunTimes>,
+) -> Option<Duration> {
+    let recent = recent?;
+    let free_in = if ahead.every_session_busy {
+        recent.run_ns / 2
+    } else {
+        0
+    };
+    let rows_ahead = u64::try_from(ahead.rows / sessions.max(1)).unwrap_or(u64::MAX);
+    let own = u64::try_from(rows).unwrap_or(u64::MAX);
+    Some(Duration::from_nanos(free_in.saturating_add(
+        recent.row_ns.saturating_mul(rows_ahead.saturating_add(own)),
+    )))
 }
 
 /// Moves an exponential average of run times toward `took`. Halving: a model's first run
@@ -276,9 +324,32 @@ impl Scheduler {
         Active(self.shared.clone())
     }
 
-    /// Queues a job, or hands it back when the queue is full or closed.
+    /// Queues a job, or hands it back when the queue is full or closed, or when its deadline
+    /// falls before the answer the queue predicts ([`predicted_answer`]) though its own run
+    /// would fit: such a request would only wait to fail, and its place in the queue is worth
+    /// more to the others. A deadline shorter than the run itself is no matter of load: that
+    /// request is queued and expires as before (504, not run).
     pub fn submit(&self, job: Job) -> Result<(), Refused<Job>> {
         let mut batcher = self.shared.lock();
+        if let Some(deadline) = job.deadline {
+            let sessions = self.shared.sessions.len();
+            let recent = self.shared.measured();
+            let now = Instant::now();
+            let alone = Ahead {
+                rows: 0,
+                every_session_busy: false,
+            };
+            let queued = Ahead {
+                rows: batcher.queued_rows(),
+                every_session_busy: batcher.busy_sessions() >= sessions,
+            };
+            let fits_alone = predicted_answer(alone, job.rows, sessions, recent)
+                .is_some_and(|own| now + own <= deadline);
+            let answer = predicted_answer(queued, job.rows, sessions, recent);
+            if let Some(answer) = answer.filter(|a| fits_alone && now + *a > deadline) {
+                return Err(Refused::WouldMissDeadline(job, answer));
+            }
+        }
         batcher.push(job)?;
         self.shared.submissions.note();
         self.shared.metrics.queue_depth.set(batcher.depth() as i64);
@@ -630,6 +701,50 @@ fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_predicted_answer_counts_busy_sessions_and_spreads_the_rows_ahead_over_them() {
+        let us = Duration::from_micros;
+        let recent = Some(RunTimes {
+            run_ns: 1_000_000,
+            row_ns: 20_000,
+        });
+        let ahead = |rows, every_session_busy| Ahead {
+            rows,
+            every_session_busy,
+        };
+        assert_eq!(
+            predicted_answer(ahead(1024, true), 1, 1, None),
+            None,
+            "not yet measured"
+        );
+        assert_eq!(
+            predicted_answer(ahead(0, false), 1, 2, recent),
+            Some(us(20))
+        );
+        assert_eq!(
+            predicted_answer(ahead(0, true), 1, 2, recent),
+            Some(us(520)),
+            "half a run until a session frees"
+        );
+        assert_eq!(
+            predicted_answer(ahead(1024, false), 1, 1, recent),
+            Some(us(20_500))
+        );
+        assert_eq!(
+            predicted_answer(ahead(1024, false), 1, 2, recent),
+            Some(us(10_260))
+        );
+        let huge = Some(RunTimes {
+            run_ns: u64::MAX,
+            row_ns: u64::MAX,
+        });
+        assert_eq!(
+            predicted_answer(ahead(usize::MAX, true), usize::MAX, 1, huge),
+            Some(Duration::from_nanos(u64::MAX)),
+            "saturates instead of overflowing"
+        );
+    }
 
     #[test]
     fn a_panicking_run_becomes_a_failure_of_its_batch() {

@@ -106,16 +106,11 @@ pub fn from_config(config: &ModelConfig, machine: Machine) -> Option<Choice> {
                 "instances from config.toml, the {cores} cores shared among them for intra-op threads"
             ),
         }),
-        (None, Some(threads)) => {
-            let threads = if threads == 0 { cores } else { threads };
-            Some(Choice {
-                instances: share(threads),
-                intra_op_threads: threads,
-                reason: format!(
-                    "intra_op_threads from config.toml, as many sessions as fill the {cores} cores"
-                ),
-            })
-        }
+        (None, Some(threads)) => Some(Choice {
+            instances: 1,
+            intra_op_threads: if threads == 0 { cores } else { threads },
+            reason: "intra_op_threads from config.toml, one session".into(),
+        }),
     }
 }
 
@@ -391,7 +386,7 @@ mod tests {
         let instances = from_config(&config(Some(2), None), machine).unwrap();
         assert_eq!((instances.instances, instances.intra_op_threads), (2, 4));
         let threads = from_config(&config(None, Some(2)), machine).unwrap();
-        assert_eq!((threads.instances, threads.intra_op_threads), (4, 2));
+        assert_eq!((threads.instances, threads.intra_op_threads), (1, 2));
         let shared = from_config(&config(Some(3), Some(0)), machine).unwrap();
         assert_eq!((shared.instances, shared.intra_op_threads), (3, 2));
     }
