@@ -8,7 +8,7 @@ use crate::batching::policy::{BatchLimits, Refused};
 use crate::batching::scheduler::{Claim, InlineLimits, Job, JobError, JobResult, Scheduler};
 use crate::error::InferError;
 use crate::metrics::Metrics;
-use crate::model::config::ModelConfig;
+use crate::model::config::{DEFAULT_MAX_BATCH_SIZE, ModelConfig};
 use crate::model::repository::Repository;
 use crate::model::session::LoadError;
 use crate::model::signature::Signature;
@@ -22,9 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-
-/// Rows per batch when the config sets none and the model can batch.
-pub const DEFAULT_MAX_BATCH_SIZE: usize = 64;
 
 /// How the engine starts.
 #[derive(Debug, Clone, Default)]

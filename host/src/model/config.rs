@@ -4,6 +4,9 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// Rows per batch when the config sets none and the model can batch.
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 64;
+
 /// Where a model's sessions run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -13,7 +13,7 @@
 //! are never overridden. The probe runs on zero-filled inputs and its sessions are kept, so
 //! it costs a few runs, not extra loads.
 
-use crate::model::config::{ExecutionProvider, ModelConfig};
+use crate::model::config::{DEFAULT_MAX_BATCH_SIZE, ExecutionProvider, ModelConfig};
 use crate::model::session::{LoadError, OnnxSession};
 use crate::model::signature::Signature;
 use crate::runtime::Runtime;
@@ -220,7 +220,7 @@ pub fn load_sessions(
     let rows = if single.signature().supports_batching() {
         config
             .max_batch_size
-            .unwrap_or(crate::engine::DEFAULT_MAX_BATCH_SIZE)
+            .unwrap_or(DEFAULT_MAX_BATCH_SIZE)
             .max(1)
     } else {
         1
