@@ -701,6 +701,7 @@ async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
                 node: "x".into(),
                 members: vec![],
                 routes: Default::default(),
+                scaling: vec![],
             })),
             a.quic,
         )
@@ -2754,4 +2755,213 @@ async fn five_nodes_of_200_models_agree_on_placement_within_10_s_and_suspect_no_
         agreed_after < Duration::from_secs(10),
         "agreed only {agreed_after:?} after the last join"
     );
+}
+
+/// Closed-loop HTTP clients sending 64-row `heavy` requests (binary tensors, so the model's
+/// run, not JSON, is the work) to the given nodes, `per_node` each, sleeping `pause` between
+/// requests; every answer's status is counted, and a 503 without Retry-After as a failure.
+struct HeavyLoad {
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<BTreeMap<String, usize>>>,
+}
+
+impl HeavyLoad {
+    fn start(urls: &[String], per_node: usize, pause: Duration) -> HeavyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let http = reqwest::Client::new();
+        let header = serde_json::json!({"inputs": [{"name": "input", "shape": [64, 512], "datatype": "FP32", "parameters": {"binary_data_size": 64 * 512 * 4}}]});
+        let data: Vec<u8> = (0..64 * 512).flat_map(|_| 0.25f32.to_le_bytes()).collect();
+        let workers = urls
+            .iter()
+            .flat_map(|url| std::iter::repeat_n(url.clone(), per_node))
+            .map(|url| {
+                let (stop, http, header, data) =
+                    (stop.clone(), http.clone(), header.clone(), data.clone());
+                tokio::spawn(async move {
+                    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let request = support::binary_body(
+                            http.post(&url).timeout(Duration::from_secs(10)),
+                            &header,
+                            data.iter().copied(),
+                        );
+                        let outcome = match request.send().await {
+                            Ok(r)
+                                if r.status() == 503 && r.headers().contains_key("retry-after") =>
+                            {
+                                "503 with Retry-After".to_string()
+                            }
+                            Ok(r) => r.status().as_u16().to_string(),
+                            Err(e) => format!("error: {e}"),
+                        };
+                        *outcomes.entry(outcome).or_default() += 1;
+                        tokio::time::sleep(pause).await;
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        HeavyLoad { stop, workers }
+    }
+
+    async fn stop(self) -> BTreeMap<String, usize> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = BTreeMap::new();
+        for worker in self.workers {
+            for (outcome, count) in worker.await.unwrap() {
+                *all.entry(outcome).or_default() += count;
+            }
+        }
+        all
+    }
+}
+
+/// Each node's view of `heavy`: the count its policy decided and the replicas placed.
+async fn heavy_counts(probe: &MeshClient, nodes: &[&MeshNode]) -> Vec<(u16, usize)> {
+    let mut counts = Vec::new();
+    for node in nodes {
+        let Ok(status) = probe.status(node.quic).await else {
+            counts.push((0, 0));
+            continue;
+        };
+        let count = status
+            .scaling
+            .iter()
+            .find(|s| s.model == "heavy")
+            .map_or(0, |s| s.count);
+        counts.push((count, placed(&status, "heavy").len()));
+    }
+    counts
+}
+
+/// The replica-count changes a node logged for `heavy`, in order, as (from, to).
+fn logged_changes(node: &MeshNode) -> Vec<(u16, u16)> {
+    let field = |line: &str, name: &str| -> u16 {
+        let start = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+        line[start..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    node.node
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("replica count changed") && l.contains("model=heavy"))
+        .map(|l| (field(l, "from"), field(l, "to")))
+        .collect()
+}
+
+/// Issue 27: `heavy` with `min_replicas = 1, max_replicas = 3` on three nodes. Light load
+/// keeps one replica; load on every node several times what one replica carries takes the
+/// count to 3 on every node within 10 s; when it stops, the count is back to 1 within the
+/// stable window plus 10 s; each node changes it up once and down once (a climb in two steps
+/// is still one way), and no request fails but for 503s with Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_load_up_within_seconds_and_back_after_the_stable_window() {
+    const DOWN_WINDOW_S: u64 = 8;
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
+    let scaled = |repo: &Path| {
+        std::fs::write(
+            repo.join("heavy/config.toml"),
+            format!(
+                "max_batch_size = 64\nmin_replicas = 1\nmax_replicas = 3\ntarget_in_flight = 1.0\nscale_down_window_s = {DOWN_WINDOW_S}\n"
+            ),
+        )
+        .unwrap();
+    };
+    let a = start_node_with(root.path(), &certs, "a", "127.0.0.1:0", None, scaled);
+    let b = start_node_with(
+        root.path(),
+        &certs,
+        "b",
+        "127.0.0.1:0",
+        Some(a.quic),
+        scaled,
+    );
+    let c = start_node_with(
+        root.path(),
+        &certs,
+        "c",
+        "127.0.0.1:0",
+        Some(a.quic),
+        scaled,
+    );
+    let nodes = [&a, &b, &c];
+    let probe = client(&certs, vec![a.quic]);
+    settled(&probe, &nodes, &["a", "b", "c"]).await;
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| n.node.url("/v2/models/heavy/infer"))
+        .collect();
+
+    // Light: a request every 200 ms per node, a small fraction of one replica's capacity.
+    let light = HeavyLoad::start(&urls, 1, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        heavy_counts(&probe, &nodes).await,
+        vec![(1, 1); 3],
+        "light load keeps one replica"
+    );
+
+    // The step: four clients back to back on every node.
+    let step = Instant::now();
+    let heavy = HeavyLoad::start(&urls, 4, Duration::ZERO);
+    let mut seen = Vec::new();
+    while heavy_counts(&probe, &nodes).await != vec![(3, 3); 3] {
+        seen = heavy_counts(&probe, &nodes).await;
+        assert!(
+            step.elapsed() < Duration::from_secs(10),
+            "not at 3 replicas everywhere within 10 s of the step: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reached = step.elapsed();
+    eprintln!("3 replicas everywhere {reached:?} after the step (last seen {seen:?})");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        heavy_counts(&probe, &nodes).await,
+        vec![(3, 3); 3],
+        "it stays at 3 under load"
+    );
+    let mut outcomes = heavy.stop().await;
+    for (outcome, count) in light.stop().await {
+        *outcomes.entry(outcome).or_default() += count;
+    }
+
+    let stopped = Instant::now();
+    let limit = Duration::from_secs(DOWN_WINDOW_S + 10);
+    while heavy_counts(&probe, &nodes).await != vec![(1, 1); 3] {
+        assert!(
+            stopped.elapsed() < limit,
+            "not back to 1 replica within {limit:?}: {:?}",
+            heavy_counts(&probe, &nodes).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let back = stopped.elapsed();
+    eprintln!("back to 1 replica {back:?} after the load stopped; outcomes {outcomes:?}");
+    let answered = outcomes.get("200").copied().unwrap_or(0);
+    assert!(answered > 100, "{outcomes:?}");
+    assert!(
+        outcomes
+            .keys()
+            .all(|o| o == "200" || o == "503 with Retry-After"),
+        "only 503s with Retry-After may fail: {outcomes:?}"
+    );
+    for node in nodes {
+        let changes = logged_changes(node);
+        let ups = changes.iter().take_while(|(from, to)| to > from).count();
+        assert!(
+            ups >= 1 && changes[ups..].iter().all(|(from, to)| to < from) && changes.len() > ups,
+            "{}: up, then down, never back: {changes:?}",
+            node.name
+        );
+        assert_eq!(changes.first().map(|c| c.0), Some(1), "{changes:?}");
+        assert_eq!(changes[ups - 1].1, 3, "{changes:?}");
+        assert_eq!(changes.last().map(|c| c.1), Some(1), "{changes:?}");
+    }
 }

@@ -50,6 +50,12 @@ fn vectors() -> Vec<(&'static str, Message)> {
             replicas: 2,
             digest: [0xab; 32],
             bytes: 9_000,
+            scaling: Some(Scaling {
+                min: 1,
+                max: 3,
+                target_in_flight_milli: 8_000,
+                down_window_s: 30,
+            }),
         }],
         serving: vec!["fraud".into()],
         queue_depth: 3,
@@ -62,6 +68,10 @@ fn vectors() -> Vec<(&'static str, Message)> {
             headers: vec!["x-user".into()],
         }],
         leaving: false,
+        in_flight: vec![ModelInFlight {
+            model: "fraud".into(),
+            milli: 2_500,
+        }],
     };
     vec![
         (
@@ -133,6 +143,18 @@ fn vectors() -> Vec<(&'static str, Message)> {
                     epoch: 42,
                     routes: vec![],
                 },
+                scaling: vec![ScaleStatus {
+                    model: "heavy".into(),
+                    scaling: Scaling {
+                        min: 1,
+                        max: 3,
+                        target_in_flight_milli: 4_000,
+                        down_window_s: 10,
+                    },
+                    count: 3,
+                    in_flight_milli: 47_200,
+                    last_change: Some("1 -> 3: load".into()),
+                }],
             }),
         ),
         (

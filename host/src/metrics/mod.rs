@@ -3,6 +3,7 @@
 //! Per-model handles are resolved once at load ([`ModelMetrics`]) so the hot path does no
 //! label lookups.
 
+use in_flight::InFlightMeter;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 use totals::{ModelTotals, TotalsSnapshot};
 
+pub mod in_flight;
 pub mod recent;
 pub mod totals;
 
@@ -146,6 +148,8 @@ pub struct Metrics {
     forwarded: Family<MeshLabels, Counter>,
     mesh_served: Family<MeshLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
+    replicas_target: Family<ModelLabels, Gauge>,
+    replica_changes: Family<MeshLabels, Counter>,
     grpc_streams: Gauge,
     /// Each model's request metrics, resolved once (names bounded as the labels are), so a
     /// request costs no label allocation or family lookup.
@@ -163,6 +167,8 @@ struct RequestHandles {
     recent: Mutex<RecentWindow>,
     /// Totals since the node started, for the statistics extension.
     totals: Arc<ModelTotals>,
+    /// Requests in flight in the engine, per second.
+    in_flight: Arc<InFlightMeter>,
 }
 
 /// A model's load on this node now, as `meshserve status` shows it.
@@ -219,6 +225,18 @@ impl Metrics {
             "connections",
             "Connections to a front door, by protocol and outcome",
             connections.clone(),
+        );
+        let replicas_target = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "mesh_replicas_target",
+            "Replicas this node's load policy wants for a model whose replica count follows load",
+            replicas_target.clone(),
+        );
+        let replica_changes = Family::<MeshLabels, Counter>::default();
+        registry.register(
+            "mesh_replica_changes",
+            "Changes of a load-following model's replica count decided here, by direction (kind: up or down)",
+            replica_changes.clone(),
         );
         let grpc_streams = Gauge::default();
         registry.register(
@@ -282,6 +300,8 @@ impl Metrics {
             forwarded,
             mesh_served,
             connections,
+            replicas_target,
+            replica_changes,
             grpc_streams,
             per_model: RwLock::default(),
             started: Instant::now(),
@@ -309,6 +329,7 @@ impl Metrics {
             seconds: self.request_seconds.get_or_create(&labels).clone(),
             recent: Mutex::default(),
             totals: Arc::default(),
+            in_flight: Arc::default(),
         });
         self.per_model
             .write()
@@ -344,6 +365,25 @@ impl Metrics {
             .get_or_create(&ConnectionLabels {
                 protocol: protocol.to_string(),
                 outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets the replica count this node's load policy wants for `model`.
+    pub fn set_replicas_target(&self, model: &str, count: u16) {
+        self.replicas_target
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .set(i64::from(count));
+    }
+
+    /// Counts a change of `model`'s replica count, `up` or down.
+    pub fn record_replica_change(&self, model: &str, up: bool) {
+        self.replica_changes
+            .get_or_create(&MeshLabels {
+                model: model.to_string(),
+                kind: if up { "up" } else { "down" }.to_string(),
             })
             .inc();
     }
@@ -418,6 +458,7 @@ impl Metrics {
 
     /// Handles for one model, resolved once.
     pub fn model(&self, model: &str) -> ModelMetrics {
+        let handles = self.handles(model);
         let labels = ModelLabels {
             model: model.to_string(),
         };
@@ -426,8 +467,21 @@ impl Metrics {
             inference_seconds: self.inference_seconds.get_or_create_owned(&labels),
             batch_size: self.batch_size.get_or_create_owned(&labels),
             queue_depth: self.queue_depth.get_or_create_owned(&labels),
-            totals: self.handles(model).totals.clone(),
+            totals: handles.totals.clone(),
+            in_flight: handles.in_flight.clone(),
+            started: self.started,
         }
+    }
+
+    /// `model`'s requests in flight in the engine, on average over the last complete second.
+    pub fn in_flight(&self, model: &str) -> f64 {
+        let handles = self
+            .per_model
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+            .cloned();
+        handles.map_or(0.0, |h| h.in_flight.last_second(self.second()))
     }
 
     /// `model`'s totals since the node started (zero for a name never served, which is not
@@ -486,6 +540,9 @@ pub struct ModelMetrics {
     /// Requests waiting.
     pub queue_depth: Gauge,
     totals: Arc<ModelTotals>,
+    in_flight: Arc<InFlightMeter>,
+    /// The registry's clock origin, for the in-flight meter's seconds.
+    started: Instant,
 }
 
 impl ModelMetrics {
@@ -506,6 +563,10 @@ impl ModelMetrics {
         self.batch_size.observe(requests as f64);
         self.inference_seconds.observe(took.as_secs_f64());
         self.totals.record_run(requests, waited, rows, took);
+        self.in_flight.record(
+            waited + took.saturating_mul(requests),
+            self.started.elapsed().as_secs(),
+        );
     }
 }
 

@@ -101,8 +101,21 @@ pub struct ModelConfig {
     pub fallback_to_cpu: bool,
     /// Which version folders to serve.
     pub versions: VersionPolicy,
-    /// In a mesh, how many nodes serve this model; 0 means every node that holds it.
+    /// In a mesh, how many nodes serve this model; 0 means every node that holds it. Not
+    /// together with `min_replicas`/`max_replicas`.
     pub replicas: u16,
+    /// In a mesh, the fewest nodes that serve this model when its replica count follows load;
+    /// set with `max_replicas`.
+    pub min_replicas: Option<u16>,
+    /// In a mesh, the most nodes that serve this model when its replica count follows load.
+    pub max_replicas: Option<u16>,
+    /// With `min_replicas`/`max_replicas`: the requests in flight (queued or running) one
+    /// replica is meant to carry, on average. The mesh adds replicas when the model's requests
+    /// in flight across its replicas exceed this many per replica for a couple of seconds,
+    /// and removes them when they stay well below it for `scale_down_window_s`.
+    pub target_in_flight: f64,
+    /// Seconds the load must stay low before a replica is removed.
+    pub scale_down_window_s: u32,
     /// A model whose recent runs take less than this (µs) runs a request inline on the front
     /// door's thread when a session is idle and nothing is queued, skipping the hand-off to
     /// its worker thread; 0 never does (every request goes through the queue).
@@ -133,6 +146,10 @@ impl Default for ModelConfig {
             fallback_to_cpu: false,
             versions: VersionPolicy::default(),
             replicas: 0,
+            min_replicas: None,
+            max_replicas: None,
+            target_in_flight: 8.0,
+            scale_down_window_s: 30,
             inline_max_us: 50,
             inline_blocking_max_us: 2_000,
             inline_min_gap_us: 30,
@@ -203,7 +220,32 @@ impl ModelConfig {
         if self.execution_providers.is_empty() {
             return Err("execution_providers must name at least one provider".into());
         }
+        match (self.min_replicas, self.max_replicas) {
+            (None, None) => {}
+            (Some(min), Some(max)) => {
+                if min == 0 || max < min {
+                    return Err(format!(
+                        "min_replicas ({min}) must be at least 1 and at most max_replicas ({max})"
+                    ));
+                }
+                if self.replicas != 0 {
+                    return Err("set either replicas or min_replicas/max_replicas, not both".into());
+                }
+            }
+            _ => return Err("min_replicas and max_replicas go together".into()),
+        }
+        if !(self.target_in_flight.is_finite() && self.target_in_flight > 0.0) {
+            return Err("target_in_flight must be a positive number".into());
+        }
+        if self.scale_down_window_s == 0 {
+            return Err("scale_down_window_s must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// The replica bounds when the count follows load (`min_replicas` and `max_replicas`).
+    pub fn replica_range(&self) -> Option<(u16, u16)> {
+        self.min_replicas.zip(self.max_replicas)
     }
 
     /// The settings that spend this machine's resources, brought within what it has: for a
@@ -267,6 +309,42 @@ mod tests {
 
         std::fs::write(&path, "instances = 0\n").unwrap();
         assert!(ModelConfig::load_or_default(&path).is_err());
+    }
+
+    #[test]
+    fn replicas_that_follow_load_need_both_bounds_in_order_and_no_fixed_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let parse = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            ModelConfig::load_or_default(&path)
+        };
+        let config = parse(
+            "min_replicas = 1\nmax_replicas = 3\ntarget_in_flight = 4.5\nscale_down_window_s = 10\n",
+        )
+        .unwrap();
+        assert_eq!(config.replica_range(), Some((1, 3)));
+        assert_eq!(config.target_in_flight, 4.5);
+        assert_eq!(config.scale_down_window_s, 10);
+        assert_eq!(ModelConfig::default().replica_range(), None);
+        for (text, complaint) in [
+            ("min_replicas = 1\n", "go together"),
+            (
+                "min_replicas = 3\nmax_replicas = 2\n",
+                "at most max_replicas",
+            ),
+            ("min_replicas = 0\nmax_replicas = 2\n", "at least 1"),
+            (
+                "replicas = 2\nmin_replicas = 1\nmax_replicas = 2\n",
+                "not both",
+            ),
+            ("target_in_flight = 0.0\n", "positive"),
+            ("target_in_flight = nan\n", "positive"),
+            ("scale_down_window_s = 0\n", "at least 1"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(complaint), "{text:?}: {err}");
+        }
     }
 
     #[test]

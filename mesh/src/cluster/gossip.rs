@@ -5,11 +5,14 @@
 
 use crate::cluster::MeshView;
 use crate::membership::{AdvertFetch, Change, LiveMember, MemberId, Membership};
+use crate::placement::scale::{self, Scaler};
 use crate::placement::{self, Publishers};
 use crate::transport::MeshEndpoint;
-use crate::wire::{Message, NodeAdvert, WIRE_VERSION};
+use crate::wire::{Message, NodeAdvert, ScaleStatus, Scaling, WIRE_VERSION};
 use bytes::Bytes;
 use foca::Timer;
+use meshserve_host::metrics::Metrics;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +82,7 @@ pub(crate) fn spawn(
     endpoint: MeshEndpoint,
     seeds: watch::Receiver<Vec<SocketAddr>>,
     publishers: Publishers,
+    metrics: Arc<Metrics>,
 ) -> ShellHandles {
     let (input_tx, input_rx) = mpsc::unbounded_channel();
     let (packet_tx, packet_rx) = mpsc::channel(PACKET_QUEUE);
@@ -86,10 +90,11 @@ pub(crate) fn spawn(
     let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::from_members(
         members.clone(),
         &publishers,
+        Vec::new(),
     )));
     let (members_tx, members_rx) = watch::channel(members);
     let (own_tx, own_rx) = watch::channel(None);
-    tokio::spawn(build_views(members_rx, view_tx, publishers));
+    tokio::spawn(build_views(members_rx, view_tx, publishers, metrics));
     let shell = Shell {
         core,
         endpoint,
@@ -342,21 +347,87 @@ impl Shell {
 /// Turns each new membership into the view requests and placement read, off the membership
 /// task: computing a plan over hundreds of models takes a while, and a burst of adverts must
 /// not delay the answers to probes (a node slow to answer is suspected). Changes that arrive
-/// while a view is being built are taken together in the next one.
+/// while a view is being built are taken together in the next one. Every
+/// [`scale::SAMPLE_PERIOD`] the load-following replica counts take a sample of the members'
+/// load, and a changed count makes a new view too.
 async fn build_views(
     mut members: watch::Receiver<Vec<LiveMember>>,
     view: watch::Sender<Arc<MeshView>>,
     publishers: Publishers,
+    metrics: Arc<Metrics>,
 ) {
-    while members.changed().await.is_ok() {
+    let mut scaler = Scaler::default();
+    let mut sample = tokio::time::interval(scale::SAMPLE_PERIOD);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = members.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = sample.tick() => {
+                let latest = members.borrow().clone();
+                let adverts: Vec<&NodeAdvert> =
+                    latest.iter().filter_map(|m| m.advert.as_ref()).collect();
+                let scaled = placement::published_scaling(&adverts, &publishers);
+                let changes = scaler.sample(&scaled, &adverts);
+                for change in &changes {
+                    tracing::info!(
+                        model = %change.model,
+                        from = change.from,
+                        to = change.to,
+                        in_flight = format!("{:.1}", change.in_flight),
+                        reason = %change.reason,
+                        "replica count changed"
+                    );
+                    metrics.record_replica_change(&change.model, change.to > change.from);
+                }
+                for (model, count) in scaler.counts() {
+                    metrics.set_replicas_target(&model, count);
+                }
+                let shown = scale_status(&scaler, &scaled);
+                if changes.is_empty() && view.borrow().scaling == shown {
+                    continue;
+                }
+            }
+        }
         let latest = members.borrow_and_update().clone();
-        let next = Arc::new(MeshView::from_members(latest, &publishers));
+        let scaled = {
+            let adverts: Vec<&NodeAdvert> =
+                latest.iter().filter_map(|m| m.advert.as_ref()).collect();
+            placement::published_scaling(&adverts, &publishers)
+        };
+        let next = Arc::new(MeshView::from_members(
+            latest,
+            &publishers,
+            scale_status(&scaler, &scaled),
+        ));
         let previous = view.send_replace(next.clone());
         log_suspicion(&previous.members, &next.members);
         log_moves(&placement::moves(&previous.plan, &next.plan));
         // Let the membership task (and requests) run between two views.
         tokio::task::yield_now().await;
     }
+}
+
+/// What the view shows of each load-following model: its bounds, the count this node's
+/// policy decided (the minimum before its first sample), the load and the last change.
+fn scale_status(scaler: &Scaler, scaled: &BTreeMap<String, Scaling>) -> Vec<ScaleStatus> {
+    scaled
+        .iter()
+        .map(|(model, scaling)| {
+            let (count, in_flight, last) = scaler.state(model).unwrap_or((scaling.min, 0.0, None));
+            ScaleStatus {
+                model: model.clone(),
+                scaling: *scaling,
+                count,
+                in_flight_milli: (in_flight * 1000.0).round().clamp(0.0, f64::from(u32::MAX))
+                    as u32,
+                last_change: last.map(|c| format!("{} -> {}: {}", c.from, c.to, c.reason)),
+            }
+        })
+        .collect()
 }
 
 /// Members that became suspect, or were cleared, between two views (up and down are

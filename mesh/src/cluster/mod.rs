@@ -24,8 +24,8 @@ use crate::routing::retry::{self, Attempts, Decision, Failed, RetryPolicy};
 use crate::transport::{MeshEndpoint, MeshIdentity, TransportError};
 use crate::wire::{
     CatalogEntry, EndpointAnswer, EndpointCall, EndpointEntry, Failure, FailureClass, InferAnswer,
-    InferCall, MemberStatus, MeshStatus, Message, MetadataQuery, ModelLoadReport, NodeAdvert,
-    NodeLoads, Replica, RouteHint, RouteTable,
+    InferCall, MemberStatus, MeshStatus, Message, MetadataQuery, ModelInFlight, ModelLoadReport,
+    NodeAdvert, NodeLoads, Replica, RouteHint, RouteTable, ScaleStatus, Scaling,
 };
 use meshserve_host::{Engine, endpoint};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -115,12 +115,19 @@ pub struct MeshView {
     published: BTreeMap<String, [u8; 32]>,
     /// The version of each endpoint the publishers hold.
     endpoints: BTreeMap<String, EndpointEntry>,
+    /// The models whose replica count follows load, as this node's policy decided them.
+    scaling: Vec<ScaleStatus>,
 }
 
 impl MeshView {
-    fn from_members(members: Vec<LiveMember>, publishers: &Publishers) -> MeshView {
+    fn from_members(
+        members: Vec<LiveMember>,
+        publishers: &Publishers,
+        scaling: Vec<ScaleStatus>,
+    ) -> MeshView {
         let adverts: Vec<&NodeAdvert> = members.iter().filter_map(|m| m.advert.as_ref()).collect();
-        let plan = placement::plan(&adverts, publishers);
+        let counts = scaling.iter().map(|s| (s.model.clone(), s.count)).collect();
+        let plan = placement::plan(&adverts, publishers, &counts);
         let published = placement::published_digests(&adverts, publishers);
         let endpoints = placement::published_endpoints(&adverts, publishers);
         let models: BTreeSet<String> = adverts
@@ -135,6 +142,7 @@ impl MeshView {
             publishers: publishers.clone(),
             published,
             endpoints,
+            scaling,
         };
         view.served = models
             .into_iter()
@@ -221,6 +229,11 @@ impl MeshView {
             routes: self.served.values().cloned().collect(),
         }
     }
+}
+
+/// `value` in thousandths, saturating (a load figure on the wire).
+fn milli(value: f64) -> u32 {
+    (value * 1000.0).round().clamp(0.0, f64::from(u32::MAX)) as u32
 }
 
 /// A replica's answer of the wrong kind: a broken peer.
@@ -346,7 +359,13 @@ impl Cluster {
             generation ^ placement::score(&config.name, "rng"),
         );
         let seeds = config.seeds.borrow().clone();
-        let shell = gossip::spawn(core, endpoint.clone(), config.seeds, config.publishers);
+        let shell = gossip::spawn(
+            core,
+            endpoint.clone(),
+            config.seeds,
+            config.publishers,
+            engine.metrics().clone(),
+        );
         let cluster = Arc::new(Cluster {
             name: config.name,
             generation,
@@ -448,8 +467,19 @@ impl Cluster {
                 // A config that does not parse must not advertise as `replicas = 0` ("every
                 // holder"): the model stays out of placement until it is fixed, and the
                 // engine's load reports the parse error.
-                let replicas = match repository.config(&model) {
-                    Ok(config) => config.replicas,
+                let (replicas, scaling) = match repository.config(&model) {
+                    Ok(config) => match config.replica_range() {
+                        Some((min, max)) => (
+                            min,
+                            Some(Scaling {
+                                min,
+                                max,
+                                target_in_flight_milli: milli(config.target_in_flight),
+                                down_window_s: config.scale_down_window_s,
+                            }),
+                        ),
+                        None => (config.replicas, None),
+                    },
                     Err(e) => {
                         self.report_config_error(&model, &e.to_string());
                         return None;
@@ -465,6 +495,7 @@ impl Cluster {
                     model,
                     digest,
                     bytes,
+                    scaling,
                 })
             })
             .collect();
@@ -475,6 +506,18 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .latency();
+        let serving = self.serving();
+        let metrics = self.engine.metrics();
+        let mut in_flight: Vec<ModelInFlight> = catalog
+            .iter()
+            .filter(|entry| entry.scaling.is_some() && serving.contains(&entry.model))
+            .map(|entry| ModelInFlight {
+                model: entry.model.clone(),
+                milli: milli(metrics.in_flight(&entry.model)),
+            })
+            .filter(|load| load.milli > 0)
+            .collect();
+        in_flight.sort_by(|a, b| b.milli.cmp(&a.milli).then_with(|| a.model.cmp(&b.model)));
         NodeAdvert {
             node: self.name.clone(),
             generation: self.generation,
@@ -483,11 +526,12 @@ impl Cluster {
             http: self.http,
             http3: self.http3,
             catalog,
-            serving: self.serving(),
+            serving,
             queue_depth: u32::try_from(self.engine.queue_depth()).unwrap_or(u32::MAX),
             ewma_latency_us: u32::try_from(latency.as_micros()).unwrap_or(u32::MAX),
             endpoints,
             leaving: self.departing.load(Ordering::Relaxed),
+            in_flight,
         }
     }
 
@@ -832,6 +876,7 @@ impl Cluster {
                 })
                 .collect(),
             routes: view.routes(),
+            scaling: view.scaling.clone(),
         }
     }
 
@@ -966,6 +1011,35 @@ pub fn format_status(status: &MeshStatus, loads: &[NodeLoads], silent: &[String]
                 out,
                 "{:<24} {:<16} {:>6} {:>9} {:>10}",
                 route.model, replica.node, queue, rate, p99
+            );
+        }
+    }
+    if !status.scaling.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<24} {:>8} {:>9} {:>8} {:>12}  LAST CHANGE",
+            "LOAD-FOLLOWING MODEL", "REPLICAS", "SERVING", "MIN-MAX", "IN FLIGHT"
+        );
+        for scaled in &status.scaling {
+            let serving = status
+                .routes
+                .routes
+                .iter()
+                .find(|r| r.model == scaled.model)
+                .map_or(0, |r| r.replicas.len());
+            let _ = writeln!(
+                out,
+                "{:<24} {:>8} {:>9} {:>8} {:>12}  {}",
+                scaled.model,
+                scaled.count,
+                serving,
+                format!("{}-{}", scaled.scaling.min, scaled.scaling.max),
+                format!(
+                    "{:.1}/{:.1}",
+                    f64::from(scaled.in_flight_milli) / 1000.0,
+                    f64::from(scaled.scaling.target_in_flight_milli) / 1000.0
+                ),
+                scaled.last_change.as_deref().unwrap_or("-")
             );
         }
     }

@@ -491,6 +491,7 @@ mod tests {
                     replicas: 1,
                     digest: [digest; 32],
                     bytes: 1,
+                    scaling: None,
                 }],
                 serving: if serving {
                     vec!["fraud".into()]
@@ -501,6 +502,7 @@ mod tests {
                 ewma_latency_us: 0,
                 endpoints: Vec::new(),
                 leaving: false,
+                in_flight: Vec::new(),
             }),
         }
     }
@@ -521,7 +523,7 @@ mod tests {
                 .map(|(advert, entry)| (advert.node.clone(), entry.digest[0]))
                 .collect()
         };
-        let open = MeshView::from_members(members.clone(), &Publishers::Anyone);
+        let open = MeshView::from_members(members.clone(), &Publishers::Anyone, Vec::new());
         assert_eq!(
             order(&open),
             [("owner", 0x01), ("x1", 0xee), ("x2", 0xee), ("x3", 0xee)]
@@ -535,7 +537,7 @@ mod tests {
         with_evil.push(member("0evil", 5, 0x66, true));
         let only = Publishers::Only(["owner".to_string()].into());
         assert_eq!(
-            order(&MeshView::from_members(with_evil, &only)),
+            order(&MeshView::from_members(with_evil, &only, Vec::new())),
             vec![("owner".to_string(), 0x01)]
         );
     }

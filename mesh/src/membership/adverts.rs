@@ -42,6 +42,7 @@ impl AdvertTable {
         {
             advert.queue_depth = notice.queue_depth;
             advert.ewma_latency_us = notice.ewma_latency_us;
+            advert.in_flight.clone_from(&notice.in_flight);
         }
     }
 
@@ -70,6 +71,7 @@ pub(crate) fn check(advert: &NodeAdvert) -> Result<(), AdvertError> {
     if advert.catalog.len() > MAX_ADVERT_MODELS
         || advert.serving.len() > MAX_ADVERT_MODELS
         || advert.endpoints.len() > MAX_ADVERT_MODELS
+        || advert.in_flight.len() > MAX_ADVERT_MODELS
     {
         return Err(AdvertError(format!(
             "node '{}' lists more than {MAX_ADVERT_MODELS} models or endpoints",
@@ -121,6 +123,7 @@ mod tests {
                     replicas: 1,
                     digest: [1; 32],
                     bytes: 10,
+                    scaling: None,
                 })
                 .collect(),
             serving: vec![],
@@ -128,6 +131,7 @@ mod tests {
             ewma_latency_us: 0,
             endpoints: Vec::new(),
             leaving: false,
+            in_flight: Vec::new(),
         }
     }
 

@@ -23,7 +23,7 @@
 pub(crate) mod adverts;
 pub mod sim;
 
-use crate::wire::{AdvertNotice, NodeAdvert};
+use crate::wire::{AdvertNotice, ModelInFlight, NodeAdvert};
 use adverts::AdvertTable;
 use foca::{
     Codec, Foca, Identity, NoCustomBroadcast, Notification, PostcardCodec, Runtime, State, Timer,
@@ -41,6 +41,10 @@ pub const MAX_PACKET_BYTES: usize = 1150;
 /// Longest time between two notices of a node to each member (they carry its load figures,
 /// and repair a lost notice of a changed advert).
 pub const NOTICE_PERIOD: Duration = Duration::from_secs(5);
+
+/// Shortest time between two notices whose only news is the requests in flight of models
+/// whose replica count follows load: the mesh's scaling policy samples them every second.
+pub const LOAD_NOTICE_PERIOD: Duration = Duration::from_millis(900);
 
 /// Adverts fetched at once; more wait their turn, so a burst of notices (a large mesh
 /// starting, or a peer that sends many) opens a bounded number of streams.
@@ -373,6 +377,8 @@ pub struct Membership {
     adverts: AdvertTable,
     own_advert: Option<NodeAdvert>,
     last_notice: Option<Duration>,
+    /// The requests in flight our last notice carried.
+    noticed_in_flight: Vec<ModelInFlight>,
     fetches: Fetches,
     down_reports: DownReports,
     outbox: Outbox,
@@ -402,6 +408,7 @@ impl Membership {
             adverts: AdvertTable::default(),
             own_advert: None,
             last_notice: None,
+            noticed_in_flight: Vec::new(),
             fetches: Fetches::default(),
             down_reports: DownReports::default(),
             outbox: Outbox::default(),
@@ -586,9 +593,25 @@ impl Membership {
         Ok(())
     }
 
+    /// Our notice as a datagram: the requests in flight it carries are cut, lightest first, to
+    /// what fits in [`MAX_PACKET_BYTES`].
     fn notice_packet(&self) -> Option<Vec<u8>> {
         let advert = self.own_advert.as_ref()?;
-        postcard::to_extend(&AdvertNotice::from(advert), vec![NOTICE_PACKET]).ok()
+        let mut notice = AdvertNotice::from(advert);
+        let all = std::mem::take(&mut notice.in_flight);
+        let base = postcard::to_allocvec(&notice).ok()?.len() + 1;
+        // A name's length prefix and a u32 take at most 5 bytes each; the count prefix at most 5.
+        let mut room = MAX_PACKET_BYTES.saturating_sub(base + 5);
+        notice.in_flight = all
+            .into_iter()
+            .take_while(|load| {
+                let size = load.model.len() + 10;
+                let fits = size <= room;
+                room = room.saturating_sub(size);
+                fits
+            })
+            .collect();
+        postcard::to_extend(&notice, vec![NOTICE_PACKET]).ok()
     }
 
     fn notify_members(&mut self) {
@@ -614,6 +637,7 @@ impl Membership {
             sequence: 0,
             queue_depth: 0,
             ewma_latency_us: 0,
+            in_flight: Vec::new(),
             ..a.clone()
         };
         let changed = previous.is_none_or(|old| content(old) != content(&advert));
@@ -621,12 +645,19 @@ impl Membership {
             Some(old) if old.generation == advert.generation => old.sequence + u64::from(changed),
             _ => 0,
         };
+        let since_notice = self.last_notice.map(|at| now.saturating_sub(at));
+        let due = since_notice.is_none_or(|since| {
+            since >= NOTICE_PERIOD
+                || (since >= LOAD_NOTICE_PERIOD && advert.in_flight != self.noticed_in_flight)
+        });
         self.own_advert = Some(advert);
-        let due = self
-            .last_notice
-            .is_none_or(|at| now.saturating_sub(at) >= NOTICE_PERIOD);
         if changed || due {
             self.last_notice = Some(now);
+            self.noticed_in_flight = self
+                .own_advert
+                .as_ref()
+                .map(|a| a.in_flight.clone())
+                .unwrap_or_default();
             self.notify_members();
         }
         Ok(())
@@ -781,6 +812,7 @@ mod tests {
             ewma_latency_us: 0,
             endpoints: Vec::new(),
             leaving: false,
+            in_flight: Vec::new(),
         }
     }
 
@@ -918,6 +950,49 @@ mod tests {
     }
 
     #[test]
+    fn requests_in_flight_are_noticed_every_second_and_cut_to_fit_a_datagram() {
+        let (mut a, mut b) = joined_pair(&["fraud"]);
+        let loaded = |milli: u32, models: usize| {
+            let mut advert = advert_of_a(&["fraud"]);
+            advert.in_flight = (0..models)
+                .map(|i| ModelInFlight {
+                    model: format!("model-with-a-rather-long-name-{i:04}"),
+                    milli: milli - i as u32,
+                })
+                .collect();
+            advert
+        };
+        a.advertise(loaded(5_000, 1), Duration::from_secs(10))
+            .unwrap();
+        a.drain();
+        // New figures wait for LOAD_NOTICE_PERIOD, not NOTICE_PERIOD; the same figures wait.
+        a.advertise(
+            loaded(6_000, 1),
+            Duration::from_secs(10) + LOAD_NOTICE_PERIOD / 2,
+        )
+        .unwrap();
+        assert!(a.drain().packets.is_empty(), "too soon");
+        let second = Duration::from_secs(10) + LOAD_NOTICE_PERIOD;
+        a.advertise(loaded(6_000, 1), second).unwrap();
+        let notice = a.drain().packets.remove(0).1;
+        b.handle_packet("a", &notice).unwrap();
+        let held = seen(&b.live_members(), "a").cloned().unwrap();
+        assert_eq!(held.in_flight[0].milli, 6_000);
+        a.advertise(loaded(6_000, 1), second + LOAD_NOTICE_PERIOD)
+            .unwrap();
+        assert!(a.drain().packets.is_empty(), "unchanged figures wait");
+        // A thousand busy models: the busiest that fit, in one datagram.
+        a.advertise(loaded(900_000, 1000), second + 2 * LOAD_NOTICE_PERIOD)
+            .unwrap();
+        let notice = a.drain().packets.remove(0).1;
+        assert!(notice.len() <= MAX_PACKET_BYTES, "{} bytes", notice.len());
+        b.handle_packet("a", &notice).unwrap();
+        let held = seen(&b.live_members(), "a").cloned().unwrap();
+        assert!(held.in_flight.len() >= 10, "{}", held.in_flight.len());
+        assert_eq!(held.in_flight[0].milli, 900_000, "the busiest first");
+    }
+
+    #[test]
     fn packets_claiming_another_node_than_the_certificate_are_refused() {
         let (mut a, mut b) = joined_pair(&["fraud"]);
         // A member with the certificate of "evil" announces itself as "a2" and as "a".
@@ -980,6 +1055,7 @@ mod tests {
                 replicas: 2,
                 digest: [7; 32],
                 bytes: 1 << 20,
+                scaling: None,
             })
             .collect();
         advert.serving = advert.catalog.iter().map(|e| e.model.clone()).collect();

@@ -90,6 +90,7 @@ impl Simulation {
                     replicas: 2,
                     digest: [1; 32],
                     bytes: 1 << 20,
+                    scaling: None,
                 })
                 .collect(),
             nodes: Vec::new(),
@@ -165,6 +166,7 @@ impl Simulation {
                 ewma_latency_us: 0,
                 endpoints: Vec::new(),
                 leaving: false,
+                in_flight: Vec::new(),
             },
             now,
         );

@@ -360,6 +360,20 @@ pub struct NodeAdvert {
     /// The node is stopping: nothing is placed on it any more, and it serves what it has
     /// until others serve it and its doors have drained.
     pub leaving: bool,
+    /// Requests in flight for the models it serves whose replica count follows load, over its
+    /// last second (a load figure, like `queue_depth`).
+    pub in_flight: Vec<ModelInFlight>,
+}
+
+/// One model's requests in flight on one node: the time-average over the node's last
+/// complete second (the sum of the latencies of the requests it answered in that second, in
+/// seconds), in thousandths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInFlight {
+    /// The model.
+    pub model: String,
+    /// Requests in flight, times 1,000.
+    pub milli: u32,
 }
 
 /// A client's endpoint request as it came (the headers the endpoint's plugins may see, and
@@ -424,6 +438,9 @@ pub struct AdvertNotice {
     pub queue_depth: u32,
     /// Its EWMA request latency, in µs.
     pub ewma_latency_us: u32,
+    /// Requests in flight per model whose replica count follows load (see
+    /// [`NodeAdvert::in_flight`]), the busiest first, as many as fit in a datagram.
+    pub in_flight: Vec<ModelInFlight>,
 }
 
 impl From<&NodeAdvert> for AdvertNotice {
@@ -435,6 +452,7 @@ impl From<&NodeAdvert> for AdvertNotice {
             quic: advert.quic,
             queue_depth: advert.queue_depth,
             ewma_latency_us: advert.ewma_latency_us,
+            in_flight: advert.in_flight.clone(),
         }
     }
 }
@@ -450,6 +468,22 @@ pub struct CatalogEntry {
     pub digest: [u8; 32],
     /// The files' total size, in bytes.
     pub bytes: u64,
+    /// When the replica count follows load: its bounds and target (then `replicas` is the
+    /// minimum).
+    pub scaling: Option<Scaling>,
+}
+
+/// How a model's replica count follows load, as its publisher's config says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Scaling {
+    /// The fewest replicas.
+    pub min: u16,
+    /// The most replicas.
+    pub max: u16,
+    /// Requests in flight one replica is meant to carry, times 1,000.
+    pub target_in_flight_milli: u32,
+    /// Seconds the load must stay low before a replica is removed.
+    pub down_window_s: u32,
 }
 
 /// A member as one node sees it.
@@ -472,6 +506,23 @@ pub struct MeshStatus {
     pub members: Vec<MemberStatus>,
     /// Placement: the routes of every model.
     pub routes: RouteTable,
+    /// The models whose replica count follows load, as this node's policy decides them.
+    pub scaling: Vec<ScaleStatus>,
+}
+
+/// One model's load-following replica count, as one node decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleStatus {
+    /// The model.
+    pub model: String,
+    /// Its bounds and target.
+    pub scaling: Scaling,
+    /// The count decided.
+    pub count: u16,
+    /// Requests in flight over its replicas at the last sample, times 1,000.
+    pub in_flight_milli: u32,
+    /// The last change, in words ("1 -> 3: why"), if there was one.
+    pub last_change: Option<String>,
 }
 
 /// The stable code of each datatype on the wire.

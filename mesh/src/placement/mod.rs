@@ -7,7 +7,11 @@
 //! node joining or leaving moves only the models whose top set it enters or leaves: about
 //! `replicas / N` of all assignments. Pure functions; no I/O, no clock.
 
-use crate::wire::{EndpointEntry, NodeAdvert, Replica, RouteHint, RouteTable};
+pub mod scale;
+
+use crate::wire::{
+    CatalogEntry, EndpointEntry, NodeAdvert, Replica, RouteHint, RouteTable, Scaling,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Whose model repositories are authoritative for the mesh (`mesh.publishers`): only their
@@ -51,19 +55,43 @@ impl Publishers {
     }
 }
 
+/// Each model as the publishers hold it: the first publisher's entry by name when they
+/// differ.
+fn published_entries<'a>(
+    members: &[&'a NodeAdvert],
+    publishers: &Publishers,
+) -> BTreeMap<&'a str, &'a CatalogEntry> {
+    let mut published = BTreeMap::new();
+    for advert in publishers_by_name(members, publishers) {
+        for entry in &advert.catalog {
+            published.entry(entry.model.as_str()).or_insert(entry);
+        }
+    }
+    published
+}
+
 /// The version of each model the publishers hold: the first publisher's by name when they
 /// differ.
 pub fn published_digests(
     members: &[&NodeAdvert],
     publishers: &Publishers,
 ) -> BTreeMap<String, [u8; 32]> {
-    let mut published = BTreeMap::new();
-    for advert in publishers_by_name(members, publishers) {
-        for entry in &advert.catalog {
-            published.entry(entry.model.clone()).or_insert(entry.digest);
-        }
-    }
-    published
+    published_entries(members, publishers)
+        .into_iter()
+        .map(|(model, entry)| (model.to_string(), entry.digest))
+        .collect()
+}
+
+/// The models whose replica count follows load, with their bounds: as the first publisher
+/// by name holds them.
+pub fn published_scaling(
+    members: &[&NodeAdvert],
+    publishers: &Publishers,
+) -> BTreeMap<String, Scaling> {
+    published_entries(members, publishers)
+        .into_iter()
+        .filter_map(|(model, entry)| Some((model.to_string(), entry.scaling?)))
+        .collect()
 }
 
 /// The publishers' adverts, first by name: whose version counts when they differ.
@@ -155,15 +183,22 @@ pub fn moved_fraction(models: &[String], before: &[String], after: &[String], co
 /// Where every model of the mesh goes, computed from the adverts of the live members.
 ///
 /// The models are those the publishers hold; a model's replica count is the largest any
-/// publisher asks for (0, "every node", wins over any number). Every live member is eligible
+/// publisher asks for (0, "every node", wins over any number), except for a model whose
+/// count follows load ([`scale`]): its count is `scaled`'s (this node's policy's), within the
+/// first publisher's bounds (their minimum when `scaled` has none). Every live member is eligible
 /// for a model (one that lacks the files fetches them from a publisher) except one that is
 /// leaving (stopping: its catalog still counts while it is a member) and one that holds
 /// another version of it than the publishers' (the first publisher's by name when they
 /// differ). Every node that sees the same adverts, with the same publishers, computes the
 /// same plan.
-pub fn plan(members: &[&NodeAdvert], publishers: &Publishers) -> RouteTable {
+pub fn plan(
+    members: &[&NodeAdvert],
+    publishers: &Publishers,
+    scaled: &BTreeMap<String, u16>,
+) -> RouteTable {
     let mut wanted: BTreeMap<&str, Option<usize>> = BTreeMap::new();
     let published = published_digests(members, publishers);
+    let bounds = published_scaling(members, publishers);
     for advert in members.iter().filter(|a| publishers.includes(&a.node)) {
         for entry in &advert.catalog {
             let count = (entry.replicas > 0).then_some(usize::from(entry.replicas));
@@ -176,9 +211,19 @@ pub fn plan(members: &[&NodeAdvert], publishers: &Publishers) -> RouteTable {
     }
     let by_name: BTreeMap<&str, &NodeAdvert> =
         members.iter().map(|a| (a.node.as_str(), *a)).collect();
+    let mut applied: Vec<(&str, u16)> = Vec::new();
     let routes = wanted
         .into_iter()
         .map(|(model, count)| {
+            let count = match bounds.get(model) {
+                Some(bounds) => {
+                    let count = scaled.get(model).copied().unwrap_or(bounds.min);
+                    let count = count.clamp(bounds.min, bounds.max.max(bounds.min));
+                    applied.push((model, count));
+                    Some(usize::from(count))
+                }
+                None => count,
+            };
             let digest = published.get(model);
             let eligible = members
                 .iter()
@@ -196,7 +241,11 @@ pub fn plan(members: &[&NodeAdvert], publishers: &Publishers) -> RouteTable {
             }
         })
         .collect::<Vec<_>>();
-    let epoch = epoch_of(members);
+    let mut epoch = epoch_of(members);
+    if !applied.is_empty() {
+        // Routes change when a count does, though no advert did.
+        epoch = score(&format!("{epoch:x}{applied:?}"), "scaled");
+    }
     RouteTable {
         epoch,
         routes: routes
@@ -352,6 +401,7 @@ mod tests {
                     replicas,
                     digest: [digest; 32],
                     bytes: 1,
+                    scaling: None,
                 })
                 .collect(),
             serving: models.iter().map(|m| m.0.to_string()).collect(),
@@ -359,6 +409,7 @@ mod tests {
             ewma_latency_us: 0,
             endpoints: Vec::new(),
             leaving: false,
+            in_flight: Vec::new(),
         }
     }
 
@@ -374,7 +425,7 @@ mod tests {
         ];
         let refs: Vec<&NodeAdvert> = members.iter().collect();
         let only = Publishers::Only(["a".to_string()].into());
-        let table = plan(&refs, &only);
+        let table = plan(&refs, &only, &BTreeMap::new());
         let placed: Vec<(&str, Vec<&str>)> = table
             .routes
             .iter()
@@ -401,9 +452,52 @@ mod tests {
             Some(&[0x01; 32])
         );
         // Without publishers, the open mesh: the member's 0 ("every node") wins.
-        let open = plan(&refs, &Publishers::Anyone);
+        let open = plan(&refs, &Publishers::Anyone, &BTreeMap::new());
         let heavy = open.routes.iter().find(|r| r.model == "heavy").unwrap();
         assert_eq!(heavy.replicas.len(), 4);
+    }
+
+    #[test]
+    fn a_scaled_model_takes_the_policys_count_within_the_first_publishers_bounds() {
+        let mut a = advert("a", 1, &[("heavy", 1, 1), ("fraud", 2, 2)]);
+        a.catalog[0].scaling = Some(Scaling {
+            min: 1,
+            max: 3,
+            target_in_flight_milli: 4000,
+            down_window_s: 10,
+        });
+        assert_eq!(a.catalog[0].model, "heavy");
+        let members = [
+            a,
+            advert("b", 2, &[]),
+            advert("c", 3, &[]),
+            advert("d", 4, &[]),
+        ];
+        let refs: Vec<&NodeAdvert> = members.iter().collect();
+        let only = Publishers::Only(["a".to_string()].into());
+        let count = |scaled: &[(&str, u16)]| {
+            let scaled = scaled.iter().map(|(m, c)| (m.to_string(), *c)).collect();
+            let table = plan(&refs, &only, &scaled);
+            let replicas = |model: &str| {
+                let route = table.routes.iter().find(|r| r.model == model).unwrap();
+                route.replicas.len()
+            };
+            (replicas("heavy"), replicas("fraud"), table.epoch)
+        };
+        let (heavy, fraud, at_min) = count(&[]);
+        assert_eq!((heavy, fraud), (1, 2), "no decision yet: the minimum");
+        let (heavy, fraud, scaled_up) = count(&[("heavy", 3), ("fraud", 4)]);
+        assert_eq!(
+            (heavy, fraud),
+            (3, 2),
+            "a fixed count ignores the policy's figure"
+        );
+        assert_ne!(at_min, scaled_up, "a new count is a new epoch");
+        assert_eq!(count(&[("heavy", 9)]).0, 3, "at most the maximum");
+        assert_eq!(
+            published_scaling(&refs, &only).keys().collect::<Vec<_>>(),
+            ["heavy"]
+        );
     }
 
     #[test]
@@ -416,10 +510,10 @@ mod tests {
             route.replicas.iter().map(|r| r.node.clone()).collect()
         };
         let before = members(&a);
-        let before = plan(&before.iter().collect::<Vec<_>>(), &only);
+        let before = plan(&before.iter().collect::<Vec<_>>(), &only, &BTreeMap::new());
         a.leaving = true;
         let after = members(&a);
-        let after = plan(&after.iter().collect::<Vec<_>>(), &only);
+        let after = plan(&after.iter().collect::<Vec<_>>(), &only, &BTreeMap::new());
         for (model, count) in [("fraud", 2), ("heavy", 1)] {
             let placed = nodes(&after, model);
             assert_eq!(placed.len(), count, "{model}: {placed:?}");
