@@ -170,11 +170,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         warmup_secs: f64,
     },
-    /// Simulate membership and placement of many nodes on virtual time (no sockets).
+    /// Simulate membership and placement of many nodes on virtual time (no sockets), then the
+    /// load-following replica policy over as many nodes, with the crash detection time the
+    /// membership simulation measured.
     Simulate {
         /// Nodes in the simulated mesh.
         #[arg(long, default_value_t = 100)]
         nodes: usize,
+        /// Load-following models in the replica policy simulation.
+        #[arg(long, default_value_t = 1000)]
+        models: usize,
         /// Seed of the simulation's random choices and latencies.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -397,7 +402,11 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
             let table = runtime.block_on(bench::mesh::run_mesh_suite(&config))?;
             print!("{table}");
         }
-        BenchCommand::Simulate { nodes, seed } => {
+        BenchCommand::Simulate {
+            nodes,
+            models,
+            seed,
+        } => {
             let started = std::time::Instant::now();
             let report = meshserve::membership::sim::run_scenario(
                 nodes,
@@ -405,6 +414,16 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                 seed,
             );
             print!("{report}");
+            println!(
+                "  (simulated in {:.1} s of real time)",
+                started.elapsed().as_secs_f64()
+            );
+            let started = std::time::Instant::now();
+            let detection = report
+                .crash_detected_everywhere
+                .context("the membership simulation never detected the crash")?;
+            let replicas = meshserve::placement::sim::run(nodes, models, detection, seed);
+            print!("{replicas}");
             println!(
                 "  (simulated in {:.1} s of real time)",
                 started.elapsed().as_secs_f64()

@@ -8,6 +8,7 @@
 //! `replicas / N` of all assignments. Pure functions; no I/O, no clock.
 
 pub mod scale;
+pub mod sim;
 
 use crate::wire::{
     CatalogEntry, EndpointEntry, NodeAdvert, Replica, RouteHint, RouteTable, Scaling,

@@ -147,10 +147,12 @@ impl Scaler {
         let totals = in_flight_by_model(scaled, members);
         let mut changes = Vec::new();
         for (model, scaling) in scaled {
-            let state = self
-                .models
-                .entry(model.clone())
-                .or_insert_with(|| ModelScale::new(*scaling));
+            if !self.models.contains_key(model) {
+                self.models.insert(model.clone(), ModelScale::new(*scaling));
+            }
+            let Some(state) = self.models.get_mut(model) else {
+                continue;
+            };
             if state.scaling != *scaling {
                 state.scaling = *scaling;
                 state.count = state.count.clamp(scaling.min, scaling.max.max(scaling.min));
