@@ -5,7 +5,9 @@
 //! and the old one drains its queue before its workers exit, so no request is dropped.
 
 use crate::batching::policy::{BatchLimits, Refused};
-use crate::batching::scheduler::{Claim, InlineLimits, Job, JobError, JobResult, Scheduler};
+use crate::batching::scheduler::{
+    Claim, InlineLimits, Job, JobError, JobResult, Scheduler, WaitBound,
+};
 use crate::error::InferError;
 use crate::metrics::Metrics;
 use crate::model::config::{DEFAULT_MAX_BATCH_SIZE, ModelConfig};
@@ -312,6 +314,7 @@ impl Engine {
                     blocking: Duration::from_micros(config.inline_blocking_max_us),
                     min_gap: Duration::from_micros(config.inline_min_gap_us),
                 },
+                WaitBound::from_config(config.max_queue_wait_us),
                 self.metrics.model(name),
             )
             .map_err(|source| ModelLoadError::Threads {
@@ -431,6 +434,7 @@ impl Engine {
                 rows,
                 enqueued_at,
                 deadline,
+                predicted_wait: None,
                 reply,
                 claim: claim.clone(),
             };
@@ -440,6 +444,7 @@ impl Engine {
                     break (version, selection, deadline.zip(timeout), pending);
                 }
                 Err(Refused::Full(_)) => {
+                    self.metrics.record_refusal(&request.model, "queue_full");
                     return Err(InferError::QueueFull {
                         model: request.model.clone(),
                         depth: version.scheduler.depth(),
@@ -454,12 +459,23 @@ impl Engine {
                         model: request.model.clone(),
                     });
                 }
+                Err(Refused::WouldWaitTooLong {
+                    predicted: answer,
+                    bound,
+                }) => {
+                    self.metrics.record_refusal(&request.model, "queue_wait");
+                    return Err(InferError::WouldWaitTooLong {
+                        model: request.model.clone(),
+                        predicted_us: micros(answer),
+                        bound_us: micros(bound),
+                    });
+                }
                 Err(Refused::WouldMissDeadline(_, answer)) => {
+                    self.metrics.record_refusal(&request.model, "deadline");
                     return Err(InferError::WouldMissDeadline {
                         model: request.model.clone(),
-                        predicted_us: u64::try_from(answer.as_micros()).unwrap_or(u64::MAX),
-                        timeout_us: timeout
-                            .map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX)),
+                        predicted_us: micros(answer),
+                        timeout_us: timeout.map_or(0, micros),
                     });
                 }
             }
@@ -542,6 +558,12 @@ impl Engine {
 }
 
 impl ModelVersion {
+    /// How long a request joining this version's queue now would wait before it runs, as
+    /// admission predicts it; `None` before it has run.
+    pub fn predicted_wait(&self) -> Option<Duration> {
+        self.scheduler.predicted_wait()
+    }
+
     /// Checks `inputs` against the signature and orders them as the model declares them.
     /// Returns them with the request's row count along dimension 0.
     fn order_inputs(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, usize), InferError> {
@@ -682,6 +704,11 @@ fn drain_in_background(model: Arc<LoadedModel>) {
         // Without a thread the workers still exit on their own once the queue is empty.
         tracing::warn!(error = %e, "could not start a drain thread");
     }
+}
+
+/// A duration in whole µs, saturating (for error figures).
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

@@ -94,6 +94,19 @@ pub enum InferError {
         /// The request's deadline, from its arrival.
         timeout_us: u64,
     },
+    /// The request has no deadline and the queue ahead predicts a longer wait than the
+    /// model's bound on queueing: refused at once.
+    #[error(
+        "model '{model}' is overloaded: a request would wait about {predicted_us} µs in its queue, over its bound of {bound_us} µs; refused without waiting; retry later"
+    )]
+    WouldWaitTooLong {
+        /// The model.
+        model: String,
+        /// The answer the queue predicted, from now.
+        predicted_us: u64,
+        /// The model's bound on queueing.
+        bound_us: u64,
+    },
     /// The model is being unloaded or the node is stopping.
     #[error("model '{model}' is unloading or the node is shutting down")]
     Closed {
@@ -181,6 +194,7 @@ impl InferError {
             }
             InferError::QueueFull { .. }
             | InferError::WouldMissDeadline { .. }
+            | InferError::WouldWaitTooLong { .. }
             | InferError::Closed { .. }
             | InferError::EndpointUnavailable { .. }
             | InferError::PluginBusy { .. } => ErrorClass::Unavailable,
@@ -203,7 +217,8 @@ impl InferError {
             }
             InferError::PluginBusy { retry_after, .. } => Some(*retry_after),
             // By then the queue ahead of it has run, as far as the prediction knows.
-            InferError::WouldMissDeadline { predicted_us, .. } => {
+            InferError::WouldMissDeadline { predicted_us, .. }
+            | InferError::WouldWaitTooLong { predicted_us, .. } => {
                 Some(Duration::from_micros(*predicted_us))
             }
             _ => None,

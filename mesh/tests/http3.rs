@@ -484,7 +484,7 @@ async fn sigterm_answers_every_http3_request_in_flight_then_exits() {
     // (none inline: the test is about a real queue at SIGTERM).
     std::fs::write(
         repo.path().join("heavy/config.toml"),
-        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\ninline_blocking_max_us = 0\n",
+        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\ninline_blocking_max_us = 0\nmax_queue_wait_us = 0\n",
     )
     .unwrap();
     let (cert, key) = (

@@ -303,7 +303,7 @@ async fn sigterm_answers_every_in_flight_request_then_exits_cleanly() {
     // so a real queue is waiting when SIGTERM arrives.
     std::fs::write(
         repo.path().join("heavy/config.toml"),
-        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\ninline_blocking_max_us = 0\n",
+        "max_batch_size = 64\nmax_queue_delay_us = 0\nintra_op_threads = 1\ninline_blocking_max_us = 0\nmax_queue_wait_us = 0\n",
     )
     .unwrap();
     let mut node = TestNode::start(repo.path(), &[]);

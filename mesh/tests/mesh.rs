@@ -2927,6 +2927,31 @@ async fn replicas_follow_load_up_within_seconds_and_back_after_the_stable_window
         vec![(3, 3); 3],
         "it stays at 3 under load"
     );
+    // The operator sees the count, the bounds, the load and why it changed.
+    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args([
+            "status",
+            "--node",
+            &b.quic.to_string(),
+            "--client",
+            "app",
+            "--certs",
+        ])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    let row = text
+        .lines()
+        .skip_while(|l| !l.starts_with("LOAD-FOLLOWING MODEL"))
+        .find(|l| l.starts_with("heavy "))
+        .unwrap_or_else(|| panic!("no load-following row for heavy:\n{text}"));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&fields[1..4], ["3", "3", "1-3"], "{row}");
+    assert!(
+        row.contains("-> 3: ") && row.contains("requests in flight"),
+        "{row}"
+    );
     let mut outcomes = heavy.stop().await;
     for (outcome, count) in light.stop().await {
         *outcomes.entry(outcome).or_default() += count;

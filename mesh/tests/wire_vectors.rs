@@ -195,6 +195,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
                     queue_depth: 3,
                     requests_per_second: 1234.5,
                     p99_us: Some(870),
+                    predicted_wait_us: Some(1_200),
                 }],
             }),
         ),

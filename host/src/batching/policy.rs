@@ -64,6 +64,14 @@ pub enum Refused<T> {
     Closed(T),
     /// Its deadline falls before the answer the queue ahead predicts, this long from now.
     WouldMissDeadline(T, std::time::Duration),
+    /// The queue ahead predicts a longer wait than the model's bound on queueing (the
+    /// request, which no one needs back, is dropped).
+    WouldWaitTooLong {
+        /// The predicted wait.
+        predicted: std::time::Duration,
+        /// The bound.
+        bound: std::time::Duration,
+    },
 }
 
 /// The batching state of one model version.
@@ -71,6 +79,8 @@ pub enum Refused<T> {
 pub struct Batcher<T> {
     limits: BatchLimits,
     queue: VecDeque<T>,
+    /// Rows over every queued request, kept as they come and go (read at every admission).
+    queued_rows: usize,
     busy_sessions: usize,
     closed: bool,
 }
@@ -81,6 +91,7 @@ impl<T: Batchable> Batcher<T> {
         Batcher {
             limits,
             queue: VecDeque::new(),
+            queued_rows: 0,
             busy_sessions: 0,
             closed: false,
         }
@@ -94,6 +105,7 @@ impl<T: Batchable> Batcher<T> {
         if self.queue.len() >= self.limits.queue_capacity {
             return Err(Refused::Full(item));
         }
+        self.queued_rows += item.rows();
         self.queue.push_back(item);
         Ok(())
     }
@@ -105,7 +117,7 @@ impl<T: Batchable> Batcher<T> {
 
     /// Rows waiting, over every queued request.
     pub fn queued_rows(&self) -> usize {
-        self.queue.iter().map(Batchable::rows).sum()
+        self.queued_rows
     }
 
     /// Sessions running a batch now.
@@ -196,17 +208,25 @@ impl<T: Batchable> Batcher<T> {
 
     /// Removes the items at `positions` (ascending), keeping the order of the rest.
     fn remove(&mut self, positions: &[usize]) -> Vec<T> {
-        if positions.len() == self.queue.len() {
-            return self.queue.drain(..).collect();
-        }
-        let mut taken = Vec::with_capacity(positions.len());
-        for &p in positions.iter().rev() {
-            if let Some(item) = self.queue.remove(p) {
-                taken.push(item);
+        let taken: Vec<T> = if positions.len() == self.queue.len() {
+            self.queue.drain(..).collect()
+        } else {
+            let mut taken = Vec::with_capacity(positions.len());
+            for &p in positions.iter().rev() {
+                if let Some(item) = self.queue.remove(p) {
+                    taken.push(item);
+                }
             }
-        }
-        taken.reverse();
+            taken.reverse();
+            taken
+        };
+        self.forget_rows(&taken);
         taken
+    }
+
+    fn forget_rows(&mut self, gone: &[T]) {
+        let rows: usize = gone.iter().map(Batchable::rows).sum();
+        self.queued_rows = self.queued_rows.saturating_sub(rows);
     }
 
     fn take_expired(&mut self, now: Instant) -> Vec<T> {
@@ -222,6 +242,7 @@ impl<T: Batchable> Batcher<T> {
             .drain(..)
             .partition(|item| item.deadline().is_some_and(|d| d <= now));
         self.queue = live.into();
+        self.forget_rows(&expired);
         expired
     }
 }
@@ -354,10 +375,13 @@ mod tests {
     fn a_batch_never_exceeds_max_rows_and_keeps_arrival_order() {
         let mut s = Scenario::new(4, 0, 16);
         let ids: Vec<u32> = (0..3).map(|_| s.push(0, 2)).collect();
+        assert_eq!(s.batcher.queued_rows(), 6);
         // 2 + 2 fit; the third (2 more rows) waits for the next batch.
         assert_eq!(s.step(0), Step::Run(vec![ids[0], ids[1]]));
+        assert_eq!(s.batcher.queued_rows(), 2);
         s.batcher.finished();
         assert_eq!(s.step(1), Step::Run(vec![ids[2]]));
+        assert_eq!(s.batcher.queued_rows(), 0);
     }
 
     #[test]
@@ -426,6 +450,11 @@ mod tests {
         let open = s.push(10, 1);
         s.batcher.finished();
         assert_eq!(s.step(200), Step::Expired(vec![late]));
+        assert_eq!(
+            s.batcher.queued_rows(),
+            2,
+            "the expired request's row is gone"
+        );
         assert_eq!(s.step(200), Step::Run(vec![fine, open]));
     }
 

@@ -73,6 +73,9 @@ pub struct Job {
     pub enqueued_at: Instant,
     /// When it stops being worth running.
     pub deadline: Option<Instant>,
+    /// The queue wait admission predicted for it (set by [`Scheduler::submit`]): compared with
+    /// the real one when it runs, to calibrate the next predictions.
+    pub predicted_wait: Option<Duration>,
     /// Where the answer goes.
     pub reply: oneshot::Sender<JobResult>,
     /// Whether a worker took it, or its waiter gave up first: exactly one of them wins.
@@ -153,10 +156,15 @@ struct Shared {
     /// inline runs; they start high, so a model runs on its workers until measured.
     recent_run_ns: AtomicU64,
     recent_row_ns: AtomicU64,
+    /// How much longer queue waits turn out than run times predict, in thousandths (at least
+    /// 1,000): the hand-offs between runs, and a machine that preempts the workers.
+    wait_calibration: AtomicU64,
     /// Runs shorter than these may be inline: at once, or when the caller may block.
     inline: InlineLimits,
     /// Whether requests crowd the front door, so that even a fast model's go to its workers.
     arrivals: Arrivals,
+    /// How long a request without a deadline may expect to wait.
+    wait_bound: WaitBound,
     metrics: ModelMetrics,
 }
 
@@ -202,6 +210,36 @@ impl Shared {
         average_into(&self.recent_row_ns, took / rows);
     }
 
+    /// Moves the wait calibration toward what `waited` says of `predicted`. Waits predicted
+    /// under a millisecond are left out: there scheduling noise is most of the figure.
+    fn calibrate(&self, predicted: Duration, waited: Duration) {
+        if predicted < Duration::from_millis(1) {
+            return;
+        }
+        let ratio = (waited.as_secs_f64() / predicted.as_secs_f64() * CALIBRATION_UNIT as f64)
+            .clamp(CALIBRATION_UNIT as f64, MAX_CALIBRATION as f64) as u64;
+        let old = self.wait_calibration.load(Ordering::Relaxed);
+        // Up quickly, down slowly: it follows the longer waits (the bound is for nearly every
+        // admitted request, not the average one), and one preempted run still moves it little.
+        let new = if ratio > old {
+            old + (ratio - old) / 4
+        } else {
+            old - (old - ratio) / 32
+        };
+        self.wait_calibration.store(new, Ordering::Relaxed);
+    }
+
+    /// `wait` as the calibration stretches it.
+    fn calibrated(&self, wait: Duration) -> Duration {
+        let factor = self.wait_calibration.load(Ordering::Relaxed);
+        Duration::from_nanos(
+            u64::try_from(wait.as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_mul(factor)
+                / CALIBRATION_UNIT,
+        )
+    }
+
     /// Recent run times, once the model has run.
     fn measured(&self) -> Option<RunTimes> {
         let run_ns = self.recent_run_ns.load(Ordering::Relaxed);
@@ -236,6 +274,14 @@ pub struct Ahead {
     pub every_session_busy: bool,
 }
 
+impl Ahead {
+    /// An empty queue and a free session.
+    pub const NOTHING: Ahead = Ahead {
+        rows: 0,
+        every_session_busy: false,
+    };
+}
+
 /// When a request of `rows` rows would be answered, from recent run times (`None` before the
 /// model has run): with every session busy, the first to free up is expected half a run from
 /// now; then the rows ahead, spread over the sessions; then its own. A row's time comes from
@@ -257,6 +303,56 @@ pub fn predicted_answer(
     Some(Duration::from_nanos(free_in.saturating_add(
         recent.row_ns.saturating_mul(rows_ahead.saturating_add(own)),
     )))
+}
+
+/// The wait calibration's unit (a factor of 1).
+const CALIBRATION_UNIT: u64 = 1000;
+
+/// Waits are taken as at most this many thousandths of their prediction.
+const MAX_CALIBRATION: u64 = 4000;
+
+/// A bound of [`WaitBound::Auto`] is this many recent runs...
+pub const AUTO_WAIT_RUNS: u32 = 50;
+
+/// ...and at least this long: a model of microseconds still absorbs a burst.
+pub const AUTO_WAIT_FLOOR: Duration = Duration::from_millis(20);
+
+/// How long a request without a deadline may expect to wait in a model's queue before it is
+/// refused at once (503 with Retry-After) instead of queued: under overload the admitted
+/// requests keep a bounded latency, and the rest learn at once instead of after a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitBound {
+    /// [`AUTO_WAIT_RUNS`] of the model's recent runs, at least [`AUTO_WAIT_FLOOR`]; no bound
+    /// before it has run.
+    Auto,
+    /// This long.
+    At(Duration),
+    /// No bound but the queue's capacity.
+    Off,
+}
+
+impl WaitBound {
+    /// From config.toml's `max_queue_wait_us`: unset is [`WaitBound::Auto`], 0 is
+    /// [`WaitBound::Off`].
+    pub fn from_config(max_queue_wait_us: Option<u64>) -> WaitBound {
+        match max_queue_wait_us {
+            None => WaitBound::Auto,
+            Some(0) => WaitBound::Off,
+            Some(us) => WaitBound::At(Duration::from_micros(us)),
+        }
+    }
+
+    /// The bound now, given the model's recent run times.
+    pub fn limit(self, recent: Option<RunTimes>) -> Option<Duration> {
+        match self {
+            WaitBound::Auto => recent.map(|r| {
+                Duration::from_nanos(r.run_ns.saturating_mul(u64::from(AUTO_WAIT_RUNS)))
+                    .max(AUTO_WAIT_FLOOR)
+            }),
+            WaitBound::At(bound) => Some(bound),
+            WaitBound::Off => None,
+        }
+    }
 }
 
 /// Moves an exponential average of run times toward `took`. Halving: a model's first run
@@ -286,6 +382,7 @@ impl Scheduler {
         sessions: Vec<OnnxSession>,
         limits: BatchLimits,
         inline: InlineLimits,
+        wait_bound: WaitBound,
         metrics: ModelMetrics,
     ) -> std::io::Result<Scheduler> {
         let count = sessions.len();
@@ -298,8 +395,10 @@ impl Scheduler {
             sessions: sessions.into_iter().map(Mutex::new).collect(),
             recent_run_ns: AtomicU64::new(u64::MAX),
             recent_row_ns: AtomicU64::new(u64::MAX),
+            wait_calibration: AtomicU64::new(CALIBRATION_UNIT),
             inline,
             arrivals: Arrivals::new(inline.min_gap),
+            wait_bound,
             metrics,
         });
         let mut workers = Vec::with_capacity(count);
@@ -324,30 +423,40 @@ impl Scheduler {
         Active(self.shared.clone())
     }
 
-    /// Queues a job, or hands it back when the queue is full or closed, or when its deadline
-    /// falls before the answer the queue predicts ([`predicted_answer`]) though its own run
-    /// would fit: such a request would only wait to fail, and its place in the queue is worth
-    /// more to the others. A deadline shorter than the run itself is no matter of load: that
-    /// request is queued and expires as before (504, not run).
-    pub fn submit(&self, job: Job) -> Result<(), Refused<Job>> {
+    /// Queues a job, or hands it back when the queue is full or closed, or when the queue
+    /// ahead makes it wait too long ([`predicted_answer`]): past its deadline, though its own
+    /// run would fit (such a request would only wait to fail, and its place in the queue is
+    /// worth more to the others; a deadline shorter than the run itself is no matter of load:
+    /// that request is queued and expires as before, 504, not run), or past the model's
+    /// [`WaitBound`], which a deadline may shorten but not lengthen (a request with a long
+    /// deadline must not take the queue from those without one).
+    pub fn submit(&self, mut job: Job) -> Result<(), Refused<Job>> {
         let mut batcher = self.shared.lock();
-        if let Some(deadline) = job.deadline {
-            let sessions = self.shared.sessions.len();
-            let recent = self.shared.measured();
-            let now = Instant::now();
-            let alone = Ahead {
-                rows: 0,
-                every_session_busy: false,
-            };
-            let queued = Ahead {
-                rows: batcher.queued_rows(),
-                every_session_busy: batcher.busy_sessions() >= sessions,
-            };
-            let fits_alone = predicted_answer(alone, job.rows, sessions, recent)
-                .is_some_and(|own| now + own <= deadline);
-            let answer = predicted_answer(queued, job.rows, sessions, recent);
-            if let Some(answer) = answer.filter(|a| fits_alone && now + *a > deadline) {
-                return Err(Refused::WouldMissDeadline(job, answer));
+        let sessions = self.shared.sessions.len();
+        let recent = self.shared.measured();
+        let queued = Ahead {
+            rows: batcher.queued_rows(),
+            every_session_busy: batcher.busy_sessions() >= sessions,
+        };
+        let wait = predicted_answer(queued, 0, sessions, recent);
+        job.predicted_wait = wait;
+        let own = predicted_answer(Ahead::NOTHING, job.rows, sessions, recent);
+        if let Some((wait, own)) = wait.zip(own) {
+            let answer = self.shared.calibrated(wait) + own;
+            if let Some(deadline) = job.deadline {
+                let now = Instant::now();
+                let fits_alone = now + own <= deadline;
+                if fits_alone && now + answer > deadline {
+                    return Err(Refused::WouldMissDeadline(job, answer));
+                }
+            }
+            if let Some(bound) = self.shared.wait_bound.limit(recent)
+                && answer > bound
+            {
+                return Err(Refused::WouldWaitTooLong {
+                    predicted: answer,
+                    bound,
+                });
             }
         }
         batcher.push(job)?;
@@ -408,6 +517,20 @@ impl Scheduler {
     /// Requests waiting now.
     pub fn depth(&self) -> usize {
         self.shared.lock().depth()
+    }
+
+    /// How long a request joining the queue now would wait before it runs, as admission
+    /// predicts it (calibrated); `None` before the model has run.
+    pub fn predicted_wait(&self) -> Option<Duration> {
+        let batcher = self.shared.lock();
+        let sessions = self.shared.sessions.len();
+        let queued = Ahead {
+            rows: batcher.queued_rows(),
+            every_session_busy: batcher.busy_sessions() >= sessions,
+        };
+        drop(batcher);
+        predicted_answer(queued, 0, sessions, self.shared.measured())
+            .map(|wait| self.shared.calibrated(wait))
     }
 
     /// Refuses new jobs; workers finish what is queued, then exit.
@@ -589,6 +712,14 @@ fn run_batch(
         .iter()
         .map(|job| started.saturating_duration_since(job.enqueued_at));
     shared.metrics.record_run(waits, rows, infer_time);
+    for job in &batch {
+        if let Some(predicted) = job.predicted_wait {
+            shared.calibrate(
+                predicted,
+                started.saturating_duration_since(job.enqueued_at),
+            );
+        }
+    }
     let batch_size = batch.len();
     let failure = match outcome {
         Ok(per_job) => {

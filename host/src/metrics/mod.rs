@@ -150,6 +150,7 @@ pub struct Metrics {
     connections: Family<ConnectionLabels, Counter>,
     replicas_target: Family<ModelLabels, Gauge>,
     replica_changes: Family<MeshLabels, Counter>,
+    refusals: Family<MeshLabels, Counter>,
     grpc_streams: Gauge,
     /// Each model's request metrics, resolved once (names bounded as the labels are), so a
     /// request costs no label allocation or family lookup.
@@ -238,6 +239,12 @@ impl Metrics {
             "Changes of a load-following model's replica count decided here, by direction (kind: up or down)",
             replica_changes.clone(),
         );
+        let refusals = Family::<MeshLabels, Counter>::default();
+        registry.register(
+            "refused_requests",
+            "Requests a model's admission refused at once (503), by reason (kind: queue_full, queue_wait, deadline)",
+            refusals.clone(),
+        );
         let grpc_streams = Gauge::default();
         registry.register(
             "grpc_streams_open",
@@ -302,6 +309,7 @@ impl Metrics {
             connections,
             replicas_target,
             replica_changes,
+            refusals,
             grpc_streams,
             per_model: RwLock::default(),
             started: Instant::now(),
@@ -376,6 +384,16 @@ impl Metrics {
                 model: model.to_string(),
             })
             .set(i64::from(count));
+    }
+
+    /// Counts a request `model`'s admission refused, and why.
+    pub fn record_refusal(&self, model: &str, reason: &str) {
+        self.refusals
+            .get_or_create(&MeshLabels {
+                model: model.to_string(),
+                kind: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a change of `model`'s replica count, `up` or down.

@@ -93,6 +93,11 @@ pub struct ModelConfig {
     pub intra_op_threads: Option<usize>,
     /// Requests that may wait in the queue before new ones are shed with 503.
     pub queue_capacity: usize,
+    /// The longest a request without a deadline may expect to wait in the queue (µs), as
+    /// predicted from the queue ahead and recent run times; one that would wait longer is
+    /// refused at once with 503 and Retry-After. Unset: 50 recent runs, at least 20 ms; 0: no
+    /// bound but `queue_capacity`.
+    pub max_queue_wait_us: Option<u64>,
     /// Deadline for a request that sets none, in µs; 0 = no deadline (as a request's own 0).
     pub default_timeout_us: u64,
     /// Execution providers in order of preference; CPU is always the last resort.
@@ -141,6 +146,7 @@ impl Default for ModelConfig {
             instances: None,
             intra_op_threads: None,
             queue_capacity: 1024,
+            max_queue_wait_us: None,
             default_timeout_us: 0,
             execution_providers: vec![ExecutionProvider::Cpu],
             fallback_to_cpu: false,

@@ -844,6 +844,11 @@ impl Cluster {
                         .recent
                         .p99
                         .map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
+                    predicted_wait_us: self
+                        .engine
+                        .model(&model)
+                        .and_then(|m| m.version(None).ok()?.predicted_wait())
+                        .map(|w| u64::try_from(w.as_micros()).unwrap_or(u64::MAX)),
                     model,
                 }
             })
@@ -988,8 +993,8 @@ pub fn format_status(status: &MeshStatus, loads: &[NodeLoads], silent: &[String]
     }
     let _ = writeln!(
         out,
-        "\n{:<24} {:<16} {:>6} {:>9} {:>10}",
-        "MODEL", "REPLICA", "QUEUE", "REQ/S", "P99"
+        "\n{:<24} {:<16} {:>6} {:>9} {:>10} {:>10}",
+        "MODEL", "REPLICA", "QUEUE", "REQ/S", "P99", "WAIT"
     );
     let by_node: BTreeMap<&str, &NodeLoads> = loads.iter().map(|l| (l.node.as_str(), l)).collect();
     for route in &status.routes.routes {
@@ -997,20 +1002,23 @@ pub fn format_status(status: &MeshStatus, loads: &[NodeLoads], silent: &[String]
             let load = by_node
                 .get(replica.node.as_str())
                 .and_then(|l| l.models.iter().find(|m| m.model == route.model));
-            let (queue, rate, p99) = match load {
+            let ms = |us: Option<u64>| {
+                us.map_or("-".into(), |us| format!("{:.2} ms", us as f64 / 1000.0))
+            };
+            let (queue, rate, p99, wait) = match load {
                 Some(m) => (
                     m.queue_depth.to_string(),
                     format!("{:.1}", m.requests_per_second),
-                    m.p99_us
-                        .map_or("-".into(), |us| format!("{:.2} ms", us as f64 / 1000.0)),
+                    ms(m.p99_us),
+                    ms(m.predicted_wait_us),
                 ),
                 // Placed but not loaded there yet, or the node did not answer.
-                None => ("?".into(), "?".into(), "?".into()),
+                None => ("?".into(), "?".into(), "?".into(), "?".into()),
             };
             let _ = writeln!(
                 out,
-                "{:<24} {:<16} {:>6} {:>9} {:>10}",
-                route.model, replica.node, queue, rate, p99
+                "{:<24} {:<16} {:>6} {:>9} {:>10} {:>10}",
+                route.model, replica.node, queue, rate, p99, wait
             );
         }
     }

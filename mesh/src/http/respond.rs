@@ -1,7 +1,7 @@
 //! Answers as every route writes them: JSON, OIP responses with their `Server-Timing`, and
 //! the request count each answer adds to the metrics.
 
-use crate::dispatch::timing::{SERVER_TIMING, server_timing};
+use crate::dispatch::timing::{Ms, SERVER_TIMING, server_timing};
 use crate::http::error::ApiError;
 use crate::http::state::AppState;
 use crate::oip::{self, OutputEncoding};
@@ -35,6 +35,8 @@ pub(crate) fn rest_protocol(version: http::Version) -> Protocol {
 
 /// Turns an outcome into the response and counts it under `name`, or under `_unknown` when
 /// the name is not a loaded model or endpoint: client-chosen names must not grow the metrics.
+/// A response without `Server-Timing` (an error) gets the node's total time in one, so a
+/// refusal says how soon it came.
 pub(crate) fn counted(
     state: &AppState,
     name: Option<&str>,
@@ -42,7 +44,12 @@ pub(crate) fn counted(
     outcome: Result<Response, ApiError>,
     started: Instant,
 ) -> Response {
-    let response = outcome.unwrap_or_else(IntoResponse::into_response);
+    let mut response = outcome.unwrap_or_else(IntoResponse::into_response);
+    if !response.headers().contains_key(SERVER_TIMING)
+        && let Ok(timing) = HeaderValue::try_from(format!("total;dur={}", Ms(started.elapsed())))
+    {
+        response.headers_mut().insert(SERVER_TIMING, timing);
+    }
     state.engine().metrics().record_request(
         name.unwrap_or("_unknown"),
         rest_protocol(version),

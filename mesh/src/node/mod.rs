@@ -119,12 +119,10 @@ impl Node {
             }
             _ => None,
         };
-        let listener = TcpListener::bind(config.http.listen)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: config.http.listen,
-                source,
-            })?;
+        let listener = bind_tcp(config.http.listen).map_err(|source| NodeError::Bind {
+            addr: config.http.listen,
+            source,
+        })?;
         let admin = match &config.http.admin_token_file {
             Some(path) => AdminAccess::from_token_file(path)?,
             None => AdminAccess::LoopbackOnly,
@@ -540,4 +538,21 @@ async fn start_endpoints(
             source,
         })?;
     Ok(endpoints)
+}
+
+/// Connections the kernel may hold for the HTTP door before it accepts them. tokio's default
+/// (1,024) drops the SYNs of a larger burst, which their clients retry only a second later;
+/// the kernel caps this at its own limit (`net.core.somaxconn`, 4,096 on current kernels).
+const HTTP_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP door's TCP listener (with `SO_REUSEADDR`, as tokio's own bind does).
+fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_BACKLOG)
 }

@@ -7,10 +7,12 @@
 //! the requests a node forwards, plus a floor of 10 per second), so a sick mesh is not
 //! hammered with retries on top of its load. What is retried: a replica that no longer serves the
 //! model (placement moved it, it is unloading), one that is unreachable or lost the
-//! connection, one that is shutting down. What is not: a failure on the request's merits (it
-//! would fail the same way elsewhere), a deadline that passed, and a 503 carrying
-//! `Retry-After` (an overloaded replica: retrying it into the next one is how storms start;
-//! the caller gets the 503 and its `Retry-After`).
+//! connection, one that is shutting down, and one whose admission refused the request (a 503:
+//! its queue is full or predicts too long a wait; refused before any work, so another replica
+//! with a shorter queue may take it, and the budget keeps an overloaded mesh from retrying
+//! every refusal). What is not: a failure on the request's merits (it would fail the same way
+//! elsewhere) and a deadline that passed. When the retry is spent too, the caller gets the
+//! 503 and its `Retry-After`.
 
 use crate::transport::TransportError;
 use crate::wire::{Failure, FailureClass};
@@ -45,11 +47,10 @@ pub enum Failed<'a> {
 /// Whether this failure may succeed on another replica, budget and deadline permitting.
 pub fn retryable(failed: Failed<'_>) -> bool {
     match failed {
-        Failed::Answered(failure) => match failure.class {
-            FailureClass::NotHere => true,
-            FailureClass::Unavailable => failure.retry_after_ms.is_none(),
-            _ => false,
-        },
+        Failed::Answered(failure) => matches!(
+            failure.class,
+            FailureClass::NotHere | FailureClass::Unavailable
+        ),
         // A timed-out attempt had the whole remaining deadline; a bad frame is a broken peer,
         // not a lost one.
         Failed::Transport(e) => !matches!(e, TransportError::Timeout { .. }) && e.is_retryable(),
@@ -163,12 +164,12 @@ mod tests {
         let yes = [
             failure(FailureClass::NotHere, None),
             failure(FailureClass::Unavailable, None),
+            failure(FailureClass::Unavailable, Some(1000)),
         ];
         for f in &yes {
             assert!(retryable(Failed::Answered(f)), "{f:?}");
         }
         let no = [
-            failure(FailureClass::Unavailable, Some(1000)),
             failure(FailureClass::InvalidInput, None),
             failure(FailureClass::NotFound, None),
             failure(FailureClass::DeadlineExceeded, None),
@@ -214,8 +215,8 @@ mod tests {
         let busy = failure(FailureClass::Unavailable, Some(1000));
         assert_eq!(
             policy.decide(retryable(Failed::Answered(&busy)), 0, second, true),
-            Decision::GiveUp,
-            "Retry-After is the caller's to honour"
+            Decision::Retry,
+            "a refusal at admission may go to the next replica"
         );
     }
 

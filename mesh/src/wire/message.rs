@@ -113,6 +113,9 @@ pub struct ModelLoadReport {
     pub requests_per_second: f64,
     /// Their 99th percentile latency in µs; `None` when there were none.
     pub p99_us: Option<u64>,
+    /// How long a request joining its queue now would wait, in µs, as admission predicts it
+    /// (newest version); `None` before it has run.
+    pub predicted_wait_us: Option<u64>,
 }
 
 /// Which model's metadata.

@@ -1,0 +1,281 @@
+//! Admission under overload (issue 27): twice the queue's capacity in clients on a slow model.
+//! The requests the node admits keep a bounded latency (its predicted-wait bound, or their own
+//! deadline), the node keeps running its model at capacity, its memory stays put, and every
+//! other request is refused at once with 503 and Retry-After, which the clients honour.
+
+mod support;
+
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use support::{TestNode, copy_tree, metric_sum, workspace_root};
+
+/// One exchange's times: as the client saw it, and as the node did (its `Server-Timing`:
+/// from the request's headers to the answer, and the queue wait of an answered request).
+#[derive(Debug, Clone, Copy)]
+struct Took {
+    client: Duration,
+    node: Duration,
+    queue: Duration,
+    /// In the engine: queued and run (what a deadline covers).
+    engine: Duration,
+}
+
+/// What one client saw: answers (with whether the request had a deadline), refusals, 504s of
+/// admitted requests that missed their deadline, and anything else.
+#[derive(Default)]
+struct Seen {
+    answered: Vec<(Took, bool)>,
+    refused: Vec<Took>,
+    /// The wait bounds the node's refusals named.
+    bounds: Vec<Duration>,
+    missed: usize,
+    other: Vec<String>,
+}
+
+/// A stage's duration from a `Server-Timing` header (`name;dur=1.234`).
+fn stage(response: &reqwest::Response, name: &str) -> Duration {
+    let header = response
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let ms: f64 = header
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix(&format!("{name};dur=")))
+        .and_then(|rest| rest.split(';').next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    Duration::try_from_secs_f64(ms / 1e3).unwrap_or(Duration::MAX)
+}
+
+/// `clients` closed-loop clients for `duration`; those with `deadline` send it as the OIP
+/// `timeout` parameter. A 503 is honoured: the client waits its Retry-After.
+async fn run_clients(
+    node: &TestNode,
+    clients: usize,
+    duration: Duration,
+    deadline: impl Fn(usize) -> Option<Duration>,
+) -> Seen {
+    let url = node.url("/v2/models/slow/infer");
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (url, stop) = (url.clone(), stop.clone());
+            let timeout = deadline(i);
+            tokio::spawn(async move {
+                // One connection per client, as 2,000 separate callers would have.
+                let http = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .unwrap();
+                let mut request = json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25; 16]}]});
+                if let Some(timeout) = timeout {
+                    request["parameters"] = json!({"timeout": timeout.as_micros() as u64});
+                }
+                // Built once: the clients share two cores with the node.
+                let body = bytes::Bytes::from(request.to_string());
+                let mut seen = Seen::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let request = http
+                        .post(&url)
+                        .timeout(Duration::from_secs(30))
+                        .header("content-type", "application/json")
+                        .body(body.clone());
+                    let took = |r: &reqwest::Response| Took {
+                        client: started.elapsed(),
+                        node: stage(r, "total"),
+                        queue: stage(r, "queue"),
+                        engine: stage(r, "queue").saturating_add(stage(r, "infer")),
+                    };
+                    match request.send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let took = took(&r);
+                            let _ = r.bytes().await;
+                            seen.answered.push((took, timeout.is_some()));
+                        }
+                        // Admitted with a prediction that erred short, and answered at its
+                        // deadline, as it asked.
+                        Ok(r) if r.status() == 504 && timeout.is_some() => seen.missed += 1,
+                        Ok(r) if r.status() == 503 => {
+                            let took = took(&r);
+                            let wait: u64 = r
+                                .headers()
+                                .get("retry-after")
+                                .and_then(|v| v.to_str().ok()?.parse().ok())
+                                .unwrap_or(0);
+                            if wait == 0 {
+                                seen.other.push("503 without Retry-After".into());
+                                continue;
+                            }
+                            seen.refused.push(took);
+                            // "... over its bound of N µs ...": the bound the node applied.
+                            let text = r.text().await.unwrap_or_default();
+                            if let Some(bound) = text
+                                .split("over its bound of ")
+                                .nth(1)
+                                .and_then(|rest| rest.split(' ').next()?.parse().ok())
+                            {
+                                seen.bounds.push(Duration::from_micros(bound));
+                            }
+                            tokio::time::sleep(Duration::from_secs(wait)).await;
+                        }
+                        Ok(r) => seen.other.push(format!("{}: {:?}", r.status(), r.text().await)),
+                        Err(e) => seen.other.push(e.to_string()),
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Seen::default();
+    for task in tasks {
+        let seen = task.await.unwrap();
+        all.answered.extend(seen.answered);
+        all.refused.extend(seen.refused);
+        all.missed += seen.missed;
+        all.bounds.extend(seen.bounds);
+        all.other.extend(seen.other);
+    }
+    all
+}
+
+fn percentile(mut values: Vec<Duration>, q: f64) -> Duration {
+    values.sort();
+    values
+        .get(((values.len() as f64 * q) as usize).min(values.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_the_rest_at_once() {
+    // `slow`: about a millisecond per request from a 16-float input, on one single-threaded
+    // session, each request its own run: a few clients fill it, and the front door's share of
+    // the machine stays small. The queue and the wait bound are the defaults: 1,024 requests,
+    // 50 recent runs.
+    let repo = tempfile::tempdir().unwrap();
+    copy_tree(
+        &workspace_root().join("mesh/tests/models/slow"),
+        &repo.path().join("slow"),
+    );
+    std::fs::write(
+        repo.path().join("slow/config.toml"),
+        "max_batch_size = 1\ninstances = 1\nintra_op_threads = 1\n",
+    )
+    .unwrap();
+    let node = TestNode::start(repo.path(), &[]);
+
+    // Capacity: 8 clients keep the one session busy.
+    let window = Duration::from_secs(4);
+    let base = run_clients(&node, 8, window, |_| None).await;
+    assert!(
+        base.other.is_empty(),
+        "{:?}",
+        &base.other[..base.other.len().min(5)]
+    );
+    let capacity = base.answered.len() as f64 / window.as_secs_f64();
+    let rss_before = node.rss_bytes();
+
+    // 2,000 clients, twice the queue's capacity; a quarter carry a 50 ms deadline.
+    let deadline = Duration::from_millis(50);
+    let window = Duration::from_secs(8);
+    let over = run_clients(&node, 2000, window, |i| (i % 4 == 0).then_some(deadline)).await;
+    let rss_after = node.rss_bytes();
+    let goodput = over.answered.len() as f64 / window.as_secs_f64();
+    let metrics = node.metrics().await;
+    // The bound follows the model's recent run times: its median and largest value.
+    let bound = percentile(over.bounds.clone(), 0.5);
+    let bound_max = percentile(over.bounds.clone(), 1.0);
+    assert!(
+        !over.bounds.is_empty(),
+        "refusals for the wait bound name it"
+    );
+    let p99 = |took: &mut dyn Iterator<Item = Duration>| percentile(took.collect(), 0.99);
+    let open = || over.answered.iter().filter(|a| !a.1).map(|a| a.0);
+    let timed = || over.answered.iter().filter(|a| a.1).map(|a| a.0);
+    let queue_open = p99(&mut open().map(|t| t.queue));
+    let (node_open, client_open) = (
+        p99(&mut open().map(|t| t.node)),
+        p99(&mut open().map(|t| t.client)),
+    );
+    let engine_timed = p99(&mut timed().map(|t| t.engine));
+    let (node_timed, client_timed) = (
+        p99(&mut timed().map(|t| t.node)),
+        p99(&mut timed().map(|t| t.client)),
+    );
+    let refused_node = p99(&mut over.refused.iter().map(|t| t.node));
+    let refused_node_max = percentile(over.refused.iter().map(|t| t.node).collect(), 1.0);
+    let refused_client = p99(&mut over.refused.iter().map(|t| t.client));
+    let admitted_timed = timed().count() + over.missed;
+    eprintln!(
+        "capacity {capacity:.0} req/s; under 2,000 clients: goodput {goodput:.0} req/s ({:.2}x); \
+         answered {} without deadline: queue p99 {queue_open:?} (bound {bound:?}, at most {bound_max:?}), node p99 {node_open:?}, client p99 {client_open:?}; \
+         with a {deadline:?} deadline: {} answered, {} missed it (504), queued and run p99 {engine_timed:?}, node p99 {node_timed:?}, client p99 {client_timed:?}; \
+         refused {}: node p99 {refused_node:?}, max {refused_node_max:?}, client p99 {refused_client:?}; \
+         other {}; node RSS {} -> {} MiB",
+        goodput / capacity,
+        open().count(),
+        timed().count(),
+        over.missed,
+        over.refused.len(),
+        over.other.len(),
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    assert!(
+        over.other.is_empty(),
+        "only answers, 503s with Retry-After and 504s at a deadline: {:?}",
+        &over.other[..over.other.len().min(5)]
+    );
+    assert!(
+        open().count() > 0 && timed().count() > 0,
+        "both kinds were admitted"
+    );
+    assert!(
+        over.refused.len() > over.answered.len() / 4,
+        "the overload was real"
+    );
+    assert!(
+        goodput >= 0.9 * capacity,
+        "goodput {goodput:.0} vs capacity {capacity:.0}"
+    );
+    // What the node bounds is the queue wait; the whole request at the node adds reading the
+    // body and the run, on a machine the 2,000 clients share.
+    assert!(
+        queue_open <= bound + bound / 2,
+        "queue p99 {queue_open:?} vs bound {bound:?}"
+    );
+    assert!(
+        engine_timed <= deadline,
+        "queued and run p99 {engine_timed:?} vs deadline {deadline:?}"
+    );
+    assert!(
+        over.missed * 20 <= admitted_timed,
+        "{} of {admitted_timed} admitted requests missed their deadline",
+        over.missed
+    );
+    assert!(
+        refused_node < Duration::from_millis(5),
+        "refusals at the node: p99 {refused_node:?}"
+    );
+    assert!(
+        rss_after < rss_before + (256 << 20),
+        "memory grew from {} to {} MiB",
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    let refusals = metric_sum(
+        &metrics,
+        "meshserve_refused_requests_total",
+        &[("model", "slow")],
+    );
+    assert_eq!(
+        refusals as usize,
+        over.refused.len(),
+        "each refusal counted with its reason"
+    );
+}
