@@ -13,6 +13,7 @@ pub mod plot;
 pub mod plugins;
 pub mod protocols;
 pub mod recsys;
+pub mod skew;
 pub mod suite;
 pub mod wrk;
 

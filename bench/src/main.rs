@@ -154,6 +154,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         warmup_secs: f64,
     },
+    /// Start a 3-node mesh where `heavy` takes 80% of the requests, and compare it on one
+    /// fixed replica with a replica count that follows load (1 to 3).
+    Skew {
+        /// Repository holding `heavy` and `fraud` (copied for each node).
+        #[arg(long, default_value = "examples/models")]
+        model_repository: PathBuf,
+        /// `heavy` clients per node (and a quarter as many `fraud` clients, at least one).
+        #[arg(long, default_value_t = 8)]
+        heavy_clients: usize,
+        /// Measured seconds per setting.
+        #[arg(long, default_value_t = 10.0)]
+        duration_secs: f64,
+        /// Seconds of load before measuring, for the replica count to follow it.
+        #[arg(long, default_value_t = 10.0)]
+        warmup_secs: f64,
+    },
     /// Start a node serving examples/recsys and measure its recommend endpoint next to the
     /// ranking model in process.
     Recsys {
@@ -400,6 +416,23 @@ fn run_bench(kind: BenchCommand) -> Result<()> {
                 warmup: Duration::from_secs_f64(warmup_secs),
             };
             let table = runtime.block_on(bench::mesh::run_mesh_suite(&config))?;
+            print!("{table}");
+        }
+        BenchCommand::Skew {
+            model_repository,
+            heavy_clients,
+            duration_secs,
+            warmup_secs,
+        } => {
+            let config = bench::skew::SkewConfig {
+                server_binary: node_binary()?,
+                repository: std::fs::canonicalize(&model_repository)
+                    .with_context(|| format!("model repository {}", model_repository.display()))?,
+                heavy_clients,
+                duration: Duration::from_secs_f64(duration_secs),
+                warmup: Duration::from_secs_f64(warmup_secs),
+            };
+            let table = runtime.block_on(bench::skew::run_skew(&config))?;
             print!("{table}");
         }
         BenchCommand::Simulate {

@@ -67,11 +67,68 @@ fn free_udp_port() -> Result<u16, BenchError> {
         .port())
 }
 
-struct Started {
+/// One node of a mesh a benchmark started (stopped when dropped).
+pub(crate) struct MeshNode {
     _process: super::ServerProcess,
-    name: String,
-    http: SocketAddr,
-    quic: SocketAddr,
+    /// Its name.
+    pub(crate) name: String,
+    /// Its HTTP address.
+    pub(crate) http: SocketAddr,
+    /// Its mesh address.
+    pub(crate) quic: SocketAddr,
+}
+
+/// Starts nodes a, b and c on loopback under `root` (a CA, node certificates and a client
+/// certificate `bench` in `root/certs`, which it returns), each with its own copy of
+/// `repository` changed by `prepare`, b and c joining through a.
+pub(crate) async fn start_three(
+    binary: &Path,
+    repository: &Path,
+    root: &Path,
+    prepare: impl Fn(&Path) -> Result<(), BenchError>,
+) -> Result<(Vec<MeshNode>, PathBuf), BenchError> {
+    let certs = root.join("certs");
+    let ca = MeshCa::open_or_create(&certs)
+        .map_err(|e| BenchError::Server(e.to_string()))?
+        .0;
+    for name in ["a", "b", "c"] {
+        ca.issue_to(&certs, Role::Node, name)
+            .map_err(|e| BenchError::Server(e.to_string()))?;
+    }
+    ca.issue_to(&certs, Role::Client, "bench")
+        .map_err(|e| BenchError::Server(e.to_string()))?;
+    let mut nodes = Vec::new();
+    let mut seed: Option<SocketAddr> = None;
+    for name in ["a", "b", "c"] {
+        let repo = root.join(format!("models-{name}"));
+        copy_tree(repository, &repo)?;
+        prepare(&repo)?;
+        let quic = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--model-repository".into(),
+            repo.into_os_string(),
+            "--quic".into(),
+            quic.to_string().into(),
+            "--certs".into(),
+            certs.clone().into_os_string(),
+            "--name".into(),
+            name.into(),
+        ];
+        if let Some(seed) = seed {
+            args.push("--seed".into());
+            args.push(seed.to_string().into());
+        }
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (process, http) = super::start_server(binary, &refs).await?;
+        seed.get_or_insert(quic);
+        nodes.push(MeshNode {
+            _process: process,
+            name: name.to_string(),
+            http,
+            quic,
+        });
+    }
+    Ok((nodes, certs))
 }
 
 /// Runs `call` in a closed loop on `concurrency` tasks and measures it.
@@ -144,22 +201,8 @@ fn row(out: &mut String, label: &str, report: &Report) {
 /// Starts the mesh, runs the scenarios and returns the printed table.
 pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchError> {
     let root = tempfile::tempdir().map_err(super::io_error("create a temporary folder"))?;
-    let certs = root.path().join("certs");
-    let ca = MeshCa::open_or_create(&certs)
-        .map_err(|e| BenchError::Server(e.to_string()))?
-        .0;
-    for name in ["a", "b", "c"] {
-        ca.issue_to(&certs, Role::Node, name)
-            .map_err(|e| BenchError::Server(e.to_string()))?;
-    }
-    ca.issue_to(&certs, Role::Client, "bench")
-        .map_err(|e| BenchError::Server(e.to_string()))?;
-
-    let mut nodes = Vec::new();
-    let mut seed: Option<SocketAddr> = None;
-    for name in ["a", "b", "c"] {
-        let repo = root.path().join(format!("models-{name}"));
-        copy_tree(&config.repository, &repo)?;
+    // fraud on one node, so two of the three forward.
+    let one_replica = |repo: &Path| {
         let fraud_config = repo.join("fraud/config.toml");
         let text = std::fs::read_to_string(&fraud_config).unwrap_or_default();
         let mut text: String = text
@@ -168,32 +211,15 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
             .map(|l| format!("{l}\n"))
             .collect();
         text.push_str("replicas = 1\n");
-        std::fs::write(&fraud_config, text).map_err(super::io_error("write the model config"))?;
-        let quic = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--model-repository".into(),
-            repo.into_os_string(),
-            "--quic".into(),
-            quic.to_string().into(),
-            "--certs".into(),
-            certs.clone().into_os_string(),
-            "--name".into(),
-            name.into(),
-        ];
-        if let Some(seed) = seed {
-            args.push("--seed".into());
-            args.push(seed.to_string().into());
-        }
-        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-        let (process, http) = super::start_server(&config.server_binary, &refs).await?;
-        seed.get_or_insert(quic);
-        nodes.push(Started {
-            _process: process,
-            name: name.to_string(),
-            http,
-            quic,
-        });
-    }
+        std::fs::write(&fraud_config, text).map_err(super::io_error("write the model config"))
+    };
+    let (nodes, certs) = start_three(
+        &config.server_binary,
+        &config.repository,
+        root.path(),
+        one_replica,
+    )
+    .await?;
 
     let identity = MeshIdentity::from_dir(&certs, Role::Client, "bench")
         .map_err(|e| BenchError::Server(e.to_string()))?;
@@ -413,7 +439,7 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
 /// Waits until every node agrees that exactly one node serves `fraud`; returns its name.
 async fn wait_for_single_owner(
     probe: &MeshClient,
-    nodes: &[Started],
+    nodes: &[MeshNode],
 ) -> Result<String, BenchError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {

@@ -102,7 +102,7 @@ pub enum InferError {
     WouldWaitTooLong {
         /// The model.
         model: String,
-        /// The answer the queue predicted, from now.
+        /// The wait the queue predicted, from now.
         predicted_us: u64,
         /// The model's bound on queueing.
         bound_us: u64,

@@ -85,6 +85,11 @@ pub struct MeshConfig {
     /// node of a mesh must list the same names. Unset: every member publishes (logged as a
     /// warning: any node certificate can then change what the others run).
     pub publishers: Option<Vec<String>>,
+    /// Memory this node may spend on the models the mesh places here, in bytes: a model
+    /// that would go past it is declined (its advert says so, and placement takes the next
+    /// node). A model counts as what loading it added to the process (measured), or its files'
+    /// size before it has loaded here. Unset: no budget.
+    pub max_model_memory_bytes: Option<u64>,
 }
 
 impl Default for MeshConfig {
@@ -104,6 +109,7 @@ impl Default for MeshConfig {
             frame_read_timeout_ms: 10_000,
             max_frame_bytes_in_flight: 256 << 20,
             publishers: None,
+            max_model_memory_bytes: None,
         }
     }
 }

@@ -2990,3 +2990,93 @@ async fn replicas_follow_load_up_within_seconds_and_back_after_the_stable_window
         assert_eq!(changes.last().map(|c| c.1), Some(1), "{changes:?}");
     }
 }
+
+/// Issue 27: a node whose memory budget for models (`--max-model-memory-bytes`) the models
+/// placed on it would exceed declines them: its advert says so, placement passes it over, and
+/// the next node serves them; the node unloads what it had loaded at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_past_its_memory_budget_declines_and_placement_moves_on() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
+    let tiny = ["--max-model-memory-bytes", "1"];
+    let a = start_node(root.path(), &certs, "a", "127.0.0.1:0", None);
+    let b = start_node_args(
+        root.path(),
+        &certs,
+        "b",
+        "127.0.0.1:0",
+        Some(a.quic),
+        |_| {},
+        &tiny,
+    );
+    let c = start_node_args(
+        root.path(),
+        &certs,
+        "c",
+        "127.0.0.1:0",
+        Some(a.quic),
+        |_| {},
+        &tiny,
+    );
+    let nodes = [&a, &b, &c];
+    let probe = client(&certs, vec![a.quic]);
+    let only_a: BTreeSet<String> = ["a".to_string()].into();
+    wait_for(
+        "every node to place and serve fraud and heavy on a alone",
+        Duration::from_secs(45),
+        async || {
+            for node in nodes {
+                let status = probe.status(node.quic).await.ok()?;
+                for model in ["fraud", "heavy"] {
+                    if placed(&status, model) != only_a || serving(&status, model) != only_a {
+                        return None;
+                    }
+                }
+                let declined = |name: &str| {
+                    status
+                        .members
+                        .iter()
+                        .find(|m| m.node == name)
+                        .and_then(|m| m.advert.as_ref())
+                        .map(|a| a.declined.clone())
+                        .unwrap_or_default()
+                };
+                if !(declined("b").contains(&"heavy".to_string())
+                    && declined("c").contains(&"heavy".to_string())
+                    && declined("a").is_empty())
+                {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    for node in [&b, &c] {
+        let log = node.node.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("placement: declined") && l.contains("budget_bytes=1")),
+            "{log}"
+        );
+    }
+    // Asked anywhere, the models are answered (by a).
+    let http = reqwest::Client::new();
+    let (body, expected) = fraud_case();
+    let response = http
+        .post(c.node.url("/v2/models/fraud/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let got: Vec<f64> = answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_close(&got, &expected);
+}

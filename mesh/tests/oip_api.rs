@@ -721,13 +721,15 @@ async fn a_deadline_says_whether_the_request_ran_and_one_the_queue_cannot_meet_i
         )
         .send()
     };
-    // One request that completes, so the model's run times are known (admission predicts
-    // from them).
+    // Requests that complete, a small one and a big one, so the model's run times are known
+    // (admission predicts from them, per row weighed by rows: a busy machine that slows the
+    // small run alone must not make one row look like milliseconds).
     let warm = json!({"inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.25; 512]}]});
     assert_eq!(
         http.post(&url).json(&warm).send().await.unwrap().status(),
         200
     );
+    assert_eq!(big("0").await.unwrap().status(), 200);
     // Alone on an idle model a request runs at once: its 5 ms deadline passes while it runs.
     let message = error_of(big("5000").await.unwrap(), 504).await;
     assert!(
@@ -784,8 +786,11 @@ async fn a_deadline_says_whether_the_request_ran_and_one_the_queue_cannot_meet_i
         took < Duration::from_millis(15),
         "a request refused at once answered after {took:?}"
     );
-    assert_eq!(first.await.unwrap().unwrap().status(), 200);
-    assert_eq!(queued.await.unwrap().unwrap().status(), 200);
+    for response in [first, queued] {
+        let response = response.await.unwrap().unwrap();
+        let status = response.status();
+        assert_eq!(status, 200, "{:?}", response.text().await);
+    }
 }
 
 #[tokio::test]

@@ -68,6 +68,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
             headers: vec!["x-user".into()],
         }],
         leaving: false,
+        declined: vec!["huge".into()],
         in_flight: vec![ModelInFlight {
             model: "fraud".into(),
             milli: 2_500,

@@ -152,10 +152,12 @@ struct Shared {
     submissions: Submissions,
     /// One per worker; a worker holds its own while it runs, an inline run any free one.
     sessions: Vec<Mutex<OnnxSession>>,
-    /// Recent inference time per run and per row, ns (exponential averages), which decide
-    /// inline runs; they start high, so a model runs on its workers until measured.
+    /// Recent inference time per run, ns (an exponential average), and per row, which decide
+    /// inline runs and predict waits; unmeasured, a model runs on its workers.
     recent_run_ns: AtomicU64,
-    recent_row_ns: AtomicU64,
+    row_time: RowTime,
+    /// Runs measured so far.
+    runs: AtomicU64,
     /// How much longer queue waits turn out than run times predict, in thousandths (at least
     /// 1,000): the hand-offs between runs, and a machine that preempts the workers.
     wait_calibration: AtomicU64,
@@ -207,7 +209,8 @@ impl Shared {
         let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         let rows = u64::try_from(rows.max(1)).unwrap_or(u64::MAX);
         average_into(&self.recent_run_ns, took);
-        average_into(&self.recent_row_ns, took / rows);
+        self.row_time.observe(took, rows);
+        self.runs.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Moves the wait calibration toward what `waited` says of `predicted`. Waits predicted
@@ -243,14 +246,14 @@ impl Shared {
     /// Recent run times, once the model has run.
     fn measured(&self) -> Option<RunTimes> {
         let run_ns = self.recent_run_ns.load(Ordering::Relaxed);
-        let row_ns = self.recent_row_ns.load(Ordering::Relaxed);
-        (run_ns != u64::MAX && row_ns != u64::MAX).then_some(RunTimes { run_ns, row_ns })
+        let row_ns = self.row_time.per_row_ns()?;
+        (run_ns != u64::MAX).then_some(RunTimes { run_ns, row_ns })
     }
 
     /// How long a run of `rows` rows would take, from recent runs: at least a recent run,
     /// and a large request in proportion to its rows.
     fn predicted_ns(&self, rows: usize) -> u64 {
-        let per_row = self.recent_row_ns.load(Ordering::Relaxed);
+        let per_row = self.row_time.per_row_ns().unwrap_or(u64::MAX);
         let per_run = self.recent_run_ns.load(Ordering::Relaxed);
         per_run.max(per_row.saturating_mul(u64::try_from(rows).unwrap_or(u64::MAX)))
     }
@@ -317,13 +320,17 @@ pub const AUTO_WAIT_RUNS: u32 = 50;
 /// ...and at least this long: a model of microseconds still absorbs a burst.
 pub const AUTO_WAIT_FLOOR: Duration = Duration::from_millis(20);
 
+/// ...once the model has run this many times: a prediction from a handful of runs (a cold
+/// first one, one preempted on a busy machine) is no ground for refusing a burst.
+pub const AUTO_WAIT_MIN_RUNS: u64 = 100;
+
 /// How long a request without a deadline may expect to wait in a model's queue before it is
 /// refused at once (503 with Retry-After) instead of queued: under overload the admitted
 /// requests keep a bounded latency, and the rest learn at once instead of after a wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitBound {
     /// [`AUTO_WAIT_RUNS`] of the model's recent runs, at least [`AUTO_WAIT_FLOOR`]; no bound
-    /// before it has run.
+    /// before it has run [`AUTO_WAIT_MIN_RUNS`] times.
     Auto,
     /// This long.
     At(Duration),
@@ -342,16 +349,56 @@ impl WaitBound {
         }
     }
 
-    /// The bound now, given the model's recent run times.
-    pub fn limit(self, recent: Option<RunTimes>) -> Option<Duration> {
+    /// The bound now, given the model's recent run times and how many runs it has made.
+    pub fn limit(self, recent: Option<RunTimes>, runs: u64) -> Option<Duration> {
         match self {
-            WaitBound::Auto => recent.map(|r| {
+            WaitBound::Auto => recent.filter(|_| runs >= AUTO_WAIT_MIN_RUNS).map(|r| {
                 Duration::from_nanos(r.run_ns.saturating_mul(u64::from(AUTO_WAIT_RUNS)))
                     .max(AUTO_WAIT_FLOOR)
             }),
             WaitBound::At(bound) => Some(bound),
             WaitBound::Off => None,
         }
+    }
+}
+
+/// A model's recent time per row: decaying sums of run time and of rows (each halved at every
+/// run), so a run weighs by its rows. A per-row average of runs would let one small run (whose
+/// fixed cost is most of it) make a 1,024-row request look 25 times longer than it is.
+#[derive(Debug, Default)]
+struct RowTime {
+    ns: AtomicU64,
+    /// Rows, in 1/1024ths, so the halving keeps a single row.
+    rows: AtomicU64,
+}
+
+impl RowTime {
+    const ROW: u64 = 1024;
+
+    /// Adds a run of `rows` rows that took `took` ns; a run counts at most four times what the
+    /// estimate says (as [`average_into`] does), so one preempted run moves it little.
+    /// Workers update it without a lock: a lost update costs a sample, nothing more.
+    fn observe(&self, took: u64, rows: u64) {
+        let took = match self.per_row_ns() {
+            Some(per_row) => took.min(per_row.saturating_mul(rows).saturating_mul(4)),
+            None => took,
+        };
+        let ns = self.ns.load(Ordering::Relaxed);
+        let counted = self.rows.load(Ordering::Relaxed);
+        self.ns.store(ns / 2 + took / 2, Ordering::Relaxed);
+        self.rows.store(
+            counted / 2 + rows.saturating_mul(Self::ROW) / 2,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Time per row, once a run was measured.
+    fn per_row_ns(&self) -> Option<u64> {
+        let rows = self.rows.load(Ordering::Relaxed);
+        (rows > 0).then(|| {
+            let ns = u128::from(self.ns.load(Ordering::Relaxed)) * u128::from(Self::ROW);
+            u64::try_from(ns / u128::from(rows)).unwrap_or(u64::MAX)
+        })
     }
 }
 
@@ -394,7 +441,8 @@ impl Scheduler {
             submissions: Submissions::default(),
             sessions: sessions.into_iter().map(Mutex::new).collect(),
             recent_run_ns: AtomicU64::new(u64::MAX),
-            recent_row_ns: AtomicU64::new(u64::MAX),
+            row_time: RowTime::default(),
+            runs: AtomicU64::new(0),
             wait_calibration: AtomicU64::new(CALIBRATION_UNIT),
             inline,
             arrivals: Arrivals::new(inline.min_gap),
@@ -442,7 +490,8 @@ impl Scheduler {
         job.predicted_wait = wait;
         let own = predicted_answer(Ahead::NOTHING, job.rows, sessions, recent);
         if let Some((wait, own)) = wait.zip(own) {
-            let answer = self.shared.calibrated(wait) + own;
+            let wait = self.shared.calibrated(wait);
+            let answer = wait + own;
             if let Some(deadline) = job.deadline {
                 let now = Instant::now();
                 let fits_alone = now + own <= deadline;
@@ -450,11 +499,17 @@ impl Scheduler {
                     return Err(Refused::WouldMissDeadline(job, answer));
                 }
             }
-            if let Some(bound) = self.shared.wait_bound.limit(recent)
-                && answer > bound
+            // The bound is on the wait, not on the request's own run (a large request alone on
+            // an idle model is never refused), and for a queue at least two deep per session:
+            // one large request ahead is no overload, and a wait extrapolated to its rows from
+            // smaller runs (fixed costs and all) errs long.
+            let runs = self.shared.runs.load(Ordering::Relaxed);
+            if let Some(bound) = self.shared.wait_bound.limit(recent, runs)
+                && wait > bound
+                && batcher.depth() >= 2 * sessions
             {
                 return Err(Refused::WouldWaitTooLong {
-                    predicted: answer,
+                    predicted: wait,
                     bound,
                 });
             }
@@ -832,6 +887,44 @@ fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_automatic_wait_bound_follows_run_times_once_enough_runs_were_measured() {
+        let recent = Some(RunTimes {
+            run_ns: 2_000_000,
+            row_ns: 30_000,
+        });
+        assert_eq!(WaitBound::Auto.limit(recent, AUTO_WAIT_MIN_RUNS - 1), None);
+        assert_eq!(WaitBound::Auto.limit(None, 1000), None);
+        assert_eq!(
+            WaitBound::Auto.limit(recent, AUTO_WAIT_MIN_RUNS),
+            Some(Duration::from_millis(100)),
+            "50 runs of 2 ms"
+        );
+        let fast = Some(RunTimes {
+            run_ns: 10_000,
+            row_ns: 200,
+        });
+        assert_eq!(WaitBound::Auto.limit(fast, 1000), Some(AUTO_WAIT_FLOOR));
+        let fixed = WaitBound::from_config(Some(5_000));
+        assert_eq!(fixed.limit(None, 0), Some(Duration::from_millis(5)));
+        assert_eq!(WaitBound::from_config(Some(0)).limit(recent, 1000), None);
+    }
+
+    #[test]
+    fn the_time_per_row_weighs_runs_by_their_rows() {
+        let time = RowTime::default();
+        assert_eq!(time.per_row_ns(), None);
+        // A cold one-row run, then a 1,024-row run at 20 µs a row.
+        time.observe(500_000, 1);
+        assert_eq!(time.per_row_ns(), Some(500_000));
+        time.observe(20_480_000, 1024);
+        let per_row = time.per_row_ns().unwrap();
+        assert!((20_000..21_000).contains(&per_row), "{per_row} ns per row");
+        // One preempted run counts at most four times the estimate.
+        time.observe(u64::MAX, 1024);
+        assert!(time.per_row_ns().unwrap() < 4 * per_row);
+    }
 
     #[test]
     fn the_predicted_answer_counts_busy_sessions_and_spreads_the_rows_ahead_over_them() {

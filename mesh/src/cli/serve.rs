@@ -46,6 +46,10 @@ pub(crate) struct ServeArgs {
     /// of a mesh lists the same): only publishers' models are placed and fetched.
     #[arg(long = "publisher", value_name = "NODE")]
     publishers: Vec<String>,
+    /// Memory the models the mesh places here may take, in bytes (`mesh.max_model_memory_bytes`):
+    /// a model past it is declined and placed on the next node.
+    #[arg(long, value_name = "BYTES")]
+    max_model_memory_bytes: Option<u64>,
     /// The address peers dial and clients are told, when `--quic` is not reachable as is (a
     /// pod IP, or a name resolved at start).
     #[arg(long, value_name = "HOST:PORT")]
@@ -99,6 +103,9 @@ impl ServeArgs {
         }
         if !self.publishers.is_empty() {
             config.mesh.publishers = Some(self.publishers);
+        }
+        if let Some(bytes) = self.max_model_memory_bytes {
+            config.mesh.max_model_memory_bytes = Some(bytes);
         }
         if let Some(certs) = self.certs {
             config.mesh.certs = Some(certs);

@@ -9,6 +9,7 @@
 mod adverts;
 pub mod bundle;
 mod gossip;
+mod memory;
 mod reconcile;
 pub mod seeds;
 mod service;
@@ -79,6 +80,8 @@ pub struct ClusterConfig {
     pub forward_timeout: Duration,
     /// Time a peer has to send a whole frame on a stream it opened.
     pub frame_read_timeout: Duration,
+    /// Memory the models placed here may take (`mesh.max_model_memory_bytes`).
+    pub model_memory_budget: Option<u64>,
 }
 
 /// Why a node could not join a mesh.
@@ -288,6 +291,8 @@ pub struct Cluster {
     departing: AtomicBool,
     /// Requests to republish our advert, served at most once per [`adverts::MIN_INTERVAL`].
     adverts: adverts::AdvertRequests,
+    /// What the models placed here may take, and what they do.
+    memory: memory::ModelMemory,
 }
 
 /// Whether a forwarded request may be sent to another replica after one attempt failed.
@@ -393,6 +398,7 @@ impl Cluster {
             calls: std::sync::OnceLock::new(),
             departing: AtomicBool::new(false),
             adverts: adverts::AdvertRequests::new(),
+            memory: memory::ModelMemory::new(config.model_memory_budget),
         });
         cluster.publish_advert_now().await;
         let publisher = cluster.clone();
@@ -532,6 +538,7 @@ impl Cluster {
             endpoints,
             leaving: self.departing.load(Ordering::Relaxed),
             in_flight,
+            declined: self.memory.declined(),
         }
     }
 
@@ -983,6 +990,16 @@ pub fn format_status(status: &MeshStatus, loads: &[NodeLoads], silent: &[String]
             "{:<16} {:<8} {:<22} {:<22} {:>6} {:>9}  {}",
             member.node, member.state, quic, http, queue, ewma, serving
         );
+    }
+    for advert in status.members.iter().filter_map(|m| m.advert.as_ref()) {
+        if !advert.declined.is_empty() {
+            let _ = writeln!(
+                out,
+                "{} declines (memory budget for models): {}",
+                advert.node,
+                advert.declined.join(", ")
+            );
+        }
     }
     if !silent.is_empty() {
         let _ = writeln!(

@@ -7,7 +7,7 @@
 //! wait for the notice to reach them, then unload (the engine drains its queue first). A
 //! request that still arrives after that is answered "not here" and retried elsewhere.
 
-use crate::cluster::{Cluster, MeshView, bundle};
+use crate::cluster::{Cluster, MeshView, bundle, memory};
 use crate::wire::{
     EndpointEntry, Failure, FailureClass, FetchChunk, FetchModel, Message, NodeAdvert,
 };
@@ -97,24 +97,59 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
     }
 }
 
-/// Starts loading every model the plan puts here that is not loaded; when `settled`, unloads
-/// those it no longer puts here that another replica serves.
+/// Starts loading every model the plan puts here that is not loaded (and fits the memory
+/// budget: one that does not is declined, and the advert says so); when `settled`, unloads
+/// those it no longer puts here that another replica serves, and takes back declined models
+/// that fit again.
 fn follow_plan(cluster: &Arc<Cluster>, view: &MeshView, settled: bool) {
     let loaded: BTreeSet<String> = cluster.engine.loaded_models().into_iter().collect();
-    for route in &view.plan.routes {
-        let model = route.model.as_str();
-        let here = route.replicas.iter().any(|r| r.node == cluster.name);
-        let is_loaded = loaded.contains(model);
-        if here && !is_loaded {
-            if cluster
+    let arriving = cluster
+        .arriving
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    // What is loaded or loading keeps its share of the budget before anything new is placed.
+    let mut placed_here: Vec<&str> = view
+        .plan
+        .routes
+        .iter()
+        .filter(|r| r.replicas.iter().any(|x| x.node == cluster.name))
+        .map(|r| r.model.as_str())
+        .collect();
+    placed_here.sort_by_key(|m| (!(loaded.contains(*m) || arriving.contains(*m)), *m));
+    let mut held: Vec<(String, u64)> = Vec::new();
+    let mut declines_changed = false;
+    for model in placed_here {
+        let files = files_of(view, model).unwrap_or(0);
+        if let Err(reason) = cluster.memory.admit(model, files, &held) {
+            if let Some(why) = reason {
+                tracing::warn!(
+                    %model,
+                    needs_bytes = why.needs,
+                    used_bytes = why.used,
+                    budget_bytes = why.budget,
+                    "placement: declined; the model would take this node past its memory budget for models"
+                );
+                declines_changed = true;
+            }
+            continue;
+        }
+        held.push((model.to_string(), files));
+        if !loaded.contains(model)
+            && cluster
                 .arriving
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(model.to_string())
-            {
-                tokio::spawn(arrive(cluster.clone(), model.to_string()));
-            }
-        } else if !here && is_loaded && settled && !cluster.is_leaving(model) {
+        {
+            tokio::spawn(arrive(cluster.clone(), model.to_string()));
+        }
+    }
+    for route in &view.plan.routes {
+        let model = route.model.as_str();
+        let here = route.replicas.iter().any(|r| r.node == cluster.name);
+        let is_loaded = loaded.contains(model);
+        if !here && is_loaded && settled && !cluster.is_leaving(model) {
             let others: Vec<&str> = route
                 .replicas
                 .iter()
@@ -128,6 +163,28 @@ fn follow_plan(cluster: &Arc<Cluster>, view: &MeshView, settled: bool) {
             tokio::spawn(unload(cluster.clone(), model.to_string()));
         }
     }
+    if settled {
+        for model in cluster.memory.reconsider(&held, |m| files_of(view, m)) {
+            tracing::info!(%model, "placement: a declined model fits the memory budget again");
+            declines_changed = true;
+        }
+    }
+    if declines_changed {
+        cluster.adverts.ask();
+    }
+}
+
+/// The size of `model`'s files as its publishers advertise it (the largest, when they
+/// differ); `None` when no publisher holds it any more.
+fn files_of(view: &MeshView, model: &str) -> Option<u64> {
+    view.members
+        .iter()
+        .filter_map(|m| m.advert.as_ref())
+        .filter(|a| view.publishers.includes(&a.node))
+        .flat_map(|a| a.catalog.iter())
+        .filter(|e| e.model == model)
+        .map(|e| e.bytes)
+        .max()
 }
 
 impl Cluster {
@@ -233,8 +290,17 @@ async fn load(cluster: &Arc<Cluster>, view: &MeshView, model: &str) {
     tracing::info!(%model, epoch = format!("{:016x}", view.plan.epoch), "placement: loading");
     let engine = cluster.engine.clone();
     let name = model.to_string();
+    let before = memory::resident_bytes();
     match tokio::task::spawn_blocking(move || engine.load(&name)).await {
-        Ok(Ok(())) => cluster.publish_advert().await,
+        Ok(Ok(())) => {
+            if let Some((before, after)) = before.zip(memory::resident_bytes()) {
+                let files = files_of(view, model).unwrap_or(0);
+                cluster
+                    .memory
+                    .loaded(model, files, after.saturating_sub(before));
+            }
+            cluster.publish_advert().await
+        }
         Ok(Err(e)) => tracing::error!(%model, error = %e, "placement: load failed"),
         Err(e) => tracing::error!(%model, error = %e, "placement: load panicked"),
     }
@@ -502,6 +568,7 @@ mod tests {
                 ewma_latency_us: 0,
                 endpoints: Vec::new(),
                 leaving: false,
+                declined: Vec::new(),
                 in_flight: Vec::new(),
             }),
         }

@@ -72,6 +72,7 @@ pub(crate) fn check(advert: &NodeAdvert) -> Result<(), AdvertError> {
         || advert.serving.len() > MAX_ADVERT_MODELS
         || advert.endpoints.len() > MAX_ADVERT_MODELS
         || advert.in_flight.len() > MAX_ADVERT_MODELS
+        || advert.declined.len() > MAX_ADVERT_MODELS
     {
         return Err(AdvertError(format!(
             "node '{}' lists more than {MAX_ADVERT_MODELS} models or endpoints",
@@ -131,6 +132,7 @@ mod tests {
             ewma_latency_us: 0,
             endpoints: Vec::new(),
             leaving: false,
+            declined: Vec::new(),
             in_flight: Vec::new(),
         }
     }

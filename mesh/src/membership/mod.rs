@@ -812,6 +812,7 @@ mod tests {
             ewma_latency_us: 0,
             endpoints: Vec::new(),
             leaving: false,
+            declined: Vec::new(),
             in_flight: Vec::new(),
         }
     }

@@ -166,6 +166,7 @@ impl Simulation {
                 ewma_latency_us: 0,
                 endpoints: Vec::new(),
                 leaving: false,
+                declined: Vec::new(),
                 in_flight: Vec::new(),
             },
             now,

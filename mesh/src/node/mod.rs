@@ -443,6 +443,7 @@ async fn join_mesh(
         },
         forward_timeout: Duration::from_millis(mesh.forward_timeout_ms),
         frame_read_timeout: Duration::from_millis(mesh.frame_read_timeout_ms.max(1)),
+        model_memory_budget: mesh.max_model_memory_bytes,
     };
     Ok(Cluster::start(config, engine.clone()).await?)
 }

@@ -228,7 +228,11 @@ pub fn plan(
             let digest = published.get(model);
             let eligible = members
                 .iter()
-                .filter(|a| !a.leaving && publishers.may_serve(a, model, digest))
+                .filter(|a| {
+                    !a.leaving
+                        && !a.declined.iter().any(|d| d == model)
+                        && publishers.may_serve(a, model, digest)
+                })
                 .map(|a| a.node.as_str());
             let chosen = replicas(model, eligible, count.unwrap_or(usize::MAX));
             RouteHint {
@@ -410,6 +414,7 @@ mod tests {
             ewma_latency_us: 0,
             endpoints: Vec::new(),
             leaving: false,
+            declined: Vec::new(),
             in_flight: Vec::new(),
         }
     }

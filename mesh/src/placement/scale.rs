@@ -245,6 +245,7 @@ mod tests {
             ewma_latency_us: 0,
             endpoints: Vec::new(),
             leaving: false,
+            declined: Vec::new(),
             in_flight: loads
                 .iter()
                 .map(|&(model, load)| ModelInFlight {

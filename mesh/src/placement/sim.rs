@@ -405,6 +405,7 @@ fn report(node: &Node, models: &[String], in_flight: &[f64]) -> NodeAdvert {
         ewma_latency_us: 0,
         endpoints: Vec::new(),
         leaving: false,
+        declined: Vec::new(),
         in_flight: serving
             .iter()
             .filter(|&&m| in_flight.get(m).is_some_and(|&l| l > 0.0))

@@ -366,6 +366,9 @@ pub struct NodeAdvert {
     /// Requests in flight for the models it serves whose replica count follows load, over its
     /// last second (a load figure, like `queue_depth`).
     pub in_flight: Vec<ModelInFlight>,
+    /// Models this node declines to serve: they would take it past its memory budget for
+    /// models, so placement passes it over for them.
+    pub declined: Vec<String>,
 }
 
 /// One model's requests in flight on one node: the time-average over the node's last
