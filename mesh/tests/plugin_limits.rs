@@ -680,6 +680,11 @@ async fn plugins_see_only_the_headers_their_config_lists() {
     }
     let granted = call_with(&http, &node, "granted", &sent).await;
     assert_eq!(granted.body, json!("u1"));
+    // The node's log reaches its file a moment after the answer: wait for the line first.
+    let waiting = Instant::now();
+    while !node.log_text().contains(told) && waiting.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let log = node.log_text();
     assert_eq!(log.matches(told).count(), 1, "{log}");
     assert!(log.contains("x-other"), "{log}");
