@@ -393,12 +393,6 @@ mod tests {
     fn advert(node: &str, port: u16, models: &[(&str, u16, u8)]) -> NodeAdvert {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         NodeAdvert {
-            node: node.into(),
-            generation: 1,
-            sequence: 0,
-            quic: addr,
-            http: addr,
-            http3: None,
             catalog: models
                 .iter()
                 .map(|&(model, replicas, digest)| crate::wire::CatalogEntry {
@@ -410,12 +404,7 @@ mod tests {
                 })
                 .collect(),
             serving: models.iter().map(|m| m.0.to_string()).collect(),
-            queue_depth: 0,
-            ewma_latency_us: 0,
-            endpoints: Vec::new(),
-            leaving: false,
-            declined: Vec::new(),
-            in_flight: Vec::new(),
+            ..NodeAdvert::empty(node, addr)
         }
     }
 

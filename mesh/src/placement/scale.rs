@@ -233,19 +233,7 @@ mod tests {
     fn advert(node: &str, serving: &[&str], loads: &[(&str, f64)]) -> NodeAdvert {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
         NodeAdvert {
-            node: node.into(),
-            generation: 1,
-            sequence: 0,
-            quic: addr,
-            http: addr,
-            http3: None,
-            catalog: Vec::new(),
             serving: serving.iter().map(|s| s.to_string()).collect(),
-            queue_depth: 0,
-            ewma_latency_us: 0,
-            endpoints: Vec::new(),
-            leaving: false,
-            declined: Vec::new(),
             in_flight: loads
                 .iter()
                 .map(|&(model, load)| ModelInFlight {
@@ -253,6 +241,7 @@ mod tests {
                     milli: (load * 1000.0) as u32,
                 })
                 .collect(),
+            ..NodeAdvert::empty(node, addr)
         }
     }
 

@@ -393,19 +393,7 @@ fn report(node: &Node, models: &[String], in_flight: &[f64]) -> NodeAdvert {
         .filter(|&m| node.serving[m].serves())
         .collect();
     NodeAdvert {
-        node: node.name.clone(),
-        generation: 1,
-        sequence: 0,
-        quic: addr,
-        http: addr,
-        http3: None,
-        catalog: Vec::new(),
         serving: serving.iter().map(|&m| models[m].clone()).collect(),
-        queue_depth: 0,
-        ewma_latency_us: 0,
-        endpoints: Vec::new(),
-        leaving: false,
-        declined: Vec::new(),
         in_flight: serving
             .iter()
             .filter(|&&m| in_flight.get(m).is_some_and(|&l| l > 0.0))
@@ -414,6 +402,7 @@ fn report(node: &Node, models: &[String], in_flight: &[f64]) -> NodeAdvert {
                 milli: (in_flight[m] * 1000.0).round() as u32,
             })
             .collect(),
+        ..NodeAdvert::empty(&node.name, addr)
     }
 }
 

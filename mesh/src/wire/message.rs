@@ -382,6 +382,29 @@ pub struct ModelInFlight {
     pub milli: u32,
 }
 
+impl NodeAdvert {
+    /// An advert of `node` at `addr` (mesh and HTTP) that holds, serves and reports nothing:
+    /// first generation, first sequence. Simulations and tests fill in what they need.
+    pub fn empty(node: &str, addr: SocketAddr) -> NodeAdvert {
+        NodeAdvert {
+            node: node.to_string(),
+            generation: 1,
+            sequence: 0,
+            quic: addr,
+            http: addr,
+            http3: None,
+            catalog: Vec::new(),
+            serving: Vec::new(),
+            queue_depth: 0,
+            ewma_latency_us: 0,
+            endpoints: Vec::new(),
+            leaving: false,
+            in_flight: Vec::new(),
+            declined: Vec::new(),
+        }
+    }
+}
+
 /// A client's endpoint request as it came (the headers the endpoint's plugins may see, and
 /// those the pipeline reads), for a replica to run whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
