@@ -72,6 +72,7 @@ fn vectors() -> Vec<(&'static str, Message)> {
         in_flight: vec![ModelInFlight {
             model: "fraud".into(),
             milli: 2_500,
+            wait_us: 1_250,
         }],
     };
     vec![

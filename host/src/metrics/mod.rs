@@ -168,7 +168,7 @@ struct RequestHandles {
     recent: Mutex<RecentWindow>,
     /// Totals since the node started, for the statistics extension.
     totals: Arc<ModelTotals>,
-    /// Requests in flight in the engine, per second.
+    /// Requests in flight in the engine, per period.
     in_flight: Arc<InFlightMeter>,
 }
 
@@ -491,7 +491,8 @@ impl Metrics {
         }
     }
 
-    /// `model`'s requests in flight in the engine, on average over the last complete second.
+    /// `model`'s requests in flight in the engine, on average over the last complete
+    /// [`in_flight::PERIOD`].
     pub fn in_flight(&self, model: &str) -> f64 {
         let handles = self
             .per_model
@@ -499,7 +500,8 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .get(model)
             .cloned();
-        handles.map_or(0.0, |h| h.in_flight.last_second(self.second()))
+        let now = in_flight::period_of(self.started.elapsed());
+        handles.map_or(0.0, |h| h.in_flight.last_period(now))
     }
 
     /// `model`'s totals since the node started (zero for a name never served, which is not
@@ -583,7 +585,7 @@ impl ModelMetrics {
         self.totals.record_run(requests, waited, rows, took);
         self.in_flight.record(
             waited + took.saturating_mul(requests),
-            self.started.elapsed().as_secs(),
+            in_flight::period_of(self.started.elapsed()),
         );
     }
 }

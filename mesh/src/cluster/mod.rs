@@ -36,6 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// The longest queue wait a member's report can add to its replica's cost.
+const MAX_REPORTED_WAIT: Duration = Duration::from_secs(10);
+
 /// How often a node re-publishes its advert (with fresh load figures) and reconciles placement.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 
@@ -177,6 +180,20 @@ impl MeshView {
         self.plan.routes.iter().any(|r| r.model == model) || self.served.contains_key(model)
     }
 
+    /// The queue wait `node` last reported for a new request of `model` (zero when it
+    /// reported none), at most [`MAX_REPORTED_WAIT`]: a member's claim can steer this node's
+    /// choice among replicas, not outweigh what it measures itself without bound.
+    fn reported_wait(&self, node: &str, model: &str) -> Duration {
+        let reported = self
+            .members
+            .iter()
+            .find(|m| m.id.name == node)
+            .and_then(|m| m.advert.as_ref())
+            .and_then(|a| a.in_flight.iter().find(|load| load.model == model))
+            .map_or(0, |load| load.wait_us);
+        Duration::from_micros(u64::from(reported)).min(MAX_REPORTED_WAIT)
+    }
+
     fn serving(&self, node: &str, model: &str) -> bool {
         self.members.iter().any(|m| {
             m.id.name == node
@@ -305,10 +322,11 @@ enum Replay {
 }
 
 /// The replicas of a route other than this node, in the order the node's balancer picks them
-/// (p2c over peak-EWMA, suspects last).
+/// (p2c over peak-EWMA plus the queue wait each reports, suspects last).
 struct Balanced<'a> {
     balancer: &'a Balancer,
     view: &'a MeshView,
+    model: &'a str,
     candidates: Vec<&'a Replica>,
 }
 
@@ -319,9 +337,10 @@ impl<'a> Targets for Balanced<'a> {
         let view = self.view;
         let suspect = |node: &str| view.members.iter().any(|m| m.id.name == node && m.suspect);
         let names: Vec<&str> = self.candidates.iter().map(|r| r.node.as_str()).collect();
+        let queue_wait = |node: &str| view.reported_wait(node, self.model);
         let chosen = self
             .balancer
-            .pick_avoiding(&names, suspect, Instant::now())?;
+            .pick_avoiding(&names, suspect, queue_wait, Instant::now())?;
         let index = names.iter().position(|n| *n == chosen).unwrap_or(0);
         Some(self.candidates.remove(index))
     }
@@ -514,14 +533,21 @@ impl Cluster {
             .latency();
         let serving = self.serving();
         let metrics = self.engine.metrics();
+        // Figures for the models other nodes choose a replica of (or scale): those with more
+        // than one.
         let mut in_flight: Vec<ModelInFlight> = catalog
             .iter()
-            .filter(|entry| entry.scaling.is_some() && serving.contains(&entry.model))
+            .filter(|entry| {
+                (entry.scaling.is_some() || entry.replicas != 1) && serving.contains(&entry.model)
+            })
             .map(|entry| ModelInFlight {
                 model: entry.model.clone(),
                 milli: milli(metrics.in_flight(&entry.model)),
+                wait_us: self.predicted_wait(&entry.model).map_or(0, |wait| {
+                    u32::try_from(wait.as_micros()).unwrap_or(u32::MAX)
+                }),
             })
-            .filter(|load| load.milli > 0)
+            .filter(|load| load.milli > 0 || load.wait_us > 0)
             .collect();
         in_flight.sort_by(|a, b| b.milli.cmp(&a.milli).then_with(|| a.model.cmp(&b.model)));
         NodeAdvert {
@@ -573,6 +599,16 @@ impl Cluster {
     }
 
     /// What we advertise as served: the loaded models, less those being unloaded.
+    /// How long a request for `model` joining its queue here now would wait, as admission
+    /// predicts it; `None` when it is not loaded or has not run.
+    fn predicted_wait(&self, model: &str) -> Option<Duration> {
+        self.engine
+            .model(model)?
+            .version(None)
+            .ok()?
+            .predicted_wait()
+    }
+
     fn serving(&self) -> Vec<String> {
         let leaving = self.leaving.lock().unwrap_or_else(|e| e.into_inner());
         let mut serving = self.engine.loaded_models();
@@ -717,6 +753,7 @@ impl Cluster {
         let mut targets = Balanced {
             balancer: &self.balancer,
             view: &view,
+            model,
             candidates: route
                 .replicas
                 .iter()
@@ -852,9 +889,7 @@ impl Cluster {
                         .p99
                         .map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
                     predicted_wait_us: self
-                        .engine
-                        .model(&model)
-                        .and_then(|m| m.version(None).ok()?.predicted_wait())
+                        .predicted_wait(&model)
                         .map(|w| u64::try_from(w.as_micros()).unwrap_or(u64::MAX)),
                     model,
                 }
@@ -1105,4 +1140,40 @@ pub fn format_status(status: &MeshStatus, loads: &[NodeLoads], silent: &[String]
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reporting(node: &str, port: u16, wait_us: u32) -> LiveMember {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        LiveMember {
+            id: MemberId {
+                name: node.into(),
+                addr,
+                generation: 1,
+            },
+            suspect: false,
+            advert: Some(NodeAdvert {
+                serving: vec!["heavy".into()],
+                in_flight: vec![ModelInFlight {
+                    model: "heavy".into(),
+                    milli: 1_000,
+                    wait_us,
+                }],
+                ..NodeAdvert::empty(node, addr)
+            }),
+        }
+    }
+
+    #[test]
+    fn a_reported_queue_wait_counts_for_its_node_and_model_only_and_is_capped() {
+        let members = vec![reporting("a", 1, 3_000), reporting("b", 2, u32::MAX)];
+        let view = MeshView::from_members(members, &Publishers::Anyone, Vec::new());
+        assert_eq!(view.reported_wait("a", "heavy"), Duration::from_millis(3));
+        assert_eq!(view.reported_wait("a", "fraud"), Duration::ZERO);
+        assert_eq!(view.reported_wait("c", "heavy"), Duration::ZERO);
+        assert_eq!(view.reported_wait("b", "heavy"), MAX_REPORTED_WAIT);
+    }
 }

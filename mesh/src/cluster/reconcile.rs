@@ -45,6 +45,10 @@ pub(super) const REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A node serving a load-following model republishes its advert as often as its meters
+    // measure, so the mesh's replica policy samples fresh figures.
+    let mut load_tick = tokio::time::interval(meshserve_host::metrics::in_flight::PERIOD);
+    load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut views = cluster.view.clone();
     let mut epoch = (0u64, Instant::now());
     loop {
@@ -52,6 +56,12 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
         // period; a model placed here starts loading as soon as the view says so.
         let ticked = tokio::select! {
             _ = tick.tick() => true,
+            _ = load_tick.tick() => {
+                if serves_load_following(&cluster, &views.borrow()) {
+                    cluster.adverts.ask();
+                }
+                continue;
+            }
             changed = views.changed() => {
                 if changed.is_err() {
                     break;
@@ -94,6 +104,14 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
                 tokio::spawn(arrive_endpoint(cluster.clone(), entry));
             }
         }
+    }
+}
+
+/// Whether this node serves a model whose replica count follows load.
+fn serves_load_following(cluster: &Cluster, view: &MeshView) -> bool {
+    !view.scaling.is_empty() && {
+        let serving = cluster.engine.loaded_models();
+        view.scaling.iter().any(|s| serving.contains(&s.model))
     }
 }
 

@@ -43,8 +43,11 @@ pub const MAX_PACKET_BYTES: usize = 1150;
 pub const NOTICE_PERIOD: Duration = Duration::from_secs(5);
 
 /// Shortest time between two notices whose only news is the requests in flight of models
-/// whose replica count follows load: the mesh's scaling policy samples them every second.
-pub const LOAD_NOTICE_PERIOD: Duration = Duration::from_millis(900);
+/// whose replica count follows load: a little under the period the meters measure and the
+/// mesh's scaling policy samples, so each new figure goes out before the next sample despite
+/// timer jitter.
+pub const LOAD_NOTICE_PERIOD: Duration =
+    Duration::from_millis(meshserve_host::metrics::in_flight::PERIOD.as_millis() as u64 * 9 / 10);
 
 /// Adverts fetched at once; more wait their turn, so a burst of notices (a large mesh
 /// starting, or a peer that sends many) opens a bounded number of streams.
@@ -959,6 +962,7 @@ mod tests {
                 .map(|i| ModelInFlight {
                     model: format!("model-with-a-rather-long-name-{i:04}"),
                     milli: milli - i as u32,
+                    wait_us: 40_000,
                 })
                 .collect();
             advert

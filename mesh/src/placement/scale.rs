@@ -2,7 +2,7 @@
 //! members report.
 //!
 //! **The signal** is a model's requests in flight summed over the nodes that serve it (each
-//! node's time-average over its last second, [`crate::wire::ModelInFlight`]), against a target
+//! node's time-average over its last [`SAMPLE_PERIOD`], [`crate::wire::ModelInFlight`]), against a target
 //! per replica, as Knative's concurrency target. Requests in flight, unlike CPU or requests
 //! per second, mean the same for a 50 µs model and a 50 ms one, include the queue (the part
 //! that grows without bound under overload), and add up across replicas: their sum is the
@@ -10,10 +10,12 @@
 //! adding one does not make the signal ask for removing it again.
 //!
 //! **The decision** is taken once per [`SAMPLE_PERIOD`] from the samples since the count last
-//! changed: up when each of the last [`UP_SAMPLES`] wants more replicas (to the fewest any of
-//! them wants: a burst must last about two seconds), down when each of the last
-//! `down_window_s` wants fewer, counted with [`DOWN_HEADROOM`] (to the most any of them
-//! wants). The headroom is the hysteresis: after going down to `n`, the load is at most 80% of
+//! went up: up when each of the last [`UP_SAMPLES`] wants more replicas (to the fewest any of
+//! them wants: a burst must last about a second and a half, the meter's lag included), down
+//! when each of the last `down_window_s` wants fewer, counted with [`DOWN_HEADROOM`] (to the
+//! most any of them wants). The down window slides on after a step down: when the load's tail
+//! left one sample wanting 2 of 3 replicas, the count goes to 1 as soon as that sample leaves
+//! the window, not a whole window after the step to 2. The headroom is the hysteresis: after going down to `n`, the load is at most 80% of
 //! what `n` replicas carry, so it does not ask for `n + 1` again until it grows by a quarter.
 //!
 //! Every node feeds its own copy the same reports, a notice's latency apart, so all of them
@@ -29,11 +31,12 @@ use crate::wire::{NodeAdvert, Scaling};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-/// How often the policy samples the load.
-pub const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+/// How often the policy samples the load: as often as the nodes' meters measure it.
+pub const SAMPLE_PERIOD: Duration = meshserve_host::metrics::in_flight::PERIOD;
 
-/// Consecutive samples that must want more replicas before one is added.
-pub const UP_SAMPLES: usize = 2;
+/// Consecutive samples that must want more replicas before one is added: a second of excess
+/// (three half-second figures) is a burst; one or two are a blip.
+pub const UP_SAMPLES: usize = 3;
 
 /// A count goes down only to what carries the load at this fraction of the target.
 pub const DOWN_HEADROOM: f64 = 0.8;
@@ -66,7 +69,7 @@ pub struct ScaleChange {
     pub reason: String,
 }
 
-/// One model's count and the samples since it last changed.
+/// One model's count and the samples since it last went up.
 #[derive(Debug, Clone)]
 struct ModelScale {
     scaling: Scaling,
@@ -89,7 +92,7 @@ impl ModelScale {
 
     /// Takes one sample; the new count when it changes.
     fn sample(&mut self, in_flight: f64) -> Option<(u16, String)> {
-        let down_samples = usize::try_from(self.scaling.down_window_s.max(1)).unwrap_or(1);
+        let down_samples = samples_in(self.scaling.down_window_s);
         self.samples.push_back(in_flight);
         while self.samples.len() > down_samples.max(UP_SAMPLES) {
             self.samples.pop_front();
@@ -103,8 +106,9 @@ impl ModelScale {
                 .unwrap_or(self.count);
             if up > self.count {
                 let reason = format!(
-                    "{in_flight:.1} requests in flight over {} replica(s), target {target} each, for {UP_SAMPLES} s",
-                    self.count
+                    "{in_flight:.1} requests in flight over {} replica(s), target {target} each, for {:.1} s",
+                    self.count,
+                    (SAMPLE_PERIOD * UP_SAMPLES as u32).as_secs_f64()
                 );
                 return Some((up, reason));
             }
@@ -117,7 +121,8 @@ impl ModelScale {
             if down < self.count {
                 let peak = recent(down_samples).copied().fold(0.0, f64::max);
                 let reason = format!(
-                    "at most {peak:.1} requests in flight for {down_samples} s, under {}% of target {target} per replica on {down}",
+                    "at most {peak:.1} requests in flight for {} s, under {}% of target {target} per replica on {down}",
+                    self.scaling.down_window_s.max(1),
                     (DOWN_HEADROOM * 100.0) as u32
                 );
                 return Some((down, reason));
@@ -125,6 +130,12 @@ impl ModelScale {
         }
         None
     }
+}
+
+/// Samples in a window of `seconds` (at least one second).
+fn samples_in(seconds: u32) -> usize {
+    let millis = u128::from(seconds.max(1)) * 1000;
+    usize::try_from(millis / SAMPLE_PERIOD.as_millis().max(1)).unwrap_or(usize::MAX)
 }
 
 /// The replica count of every model whose count follows load, as one node decides it.
@@ -167,8 +178,11 @@ impl Scaler {
                     in_flight,
                     reason,
                 };
+                if to > state.count {
+                    // A new replica count must hold a whole stable window before it goes down.
+                    state.samples.clear();
+                }
                 state.count = to;
-                state.samples.clear();
                 state.last_change = Some(change.clone());
                 changes.push(change);
             }
@@ -239,13 +253,14 @@ mod tests {
                 .map(|&(model, load)| ModelInFlight {
                     model: model.into(),
                     milli: (load * 1000.0) as u32,
+                    wait_us: 0,
                 })
                 .collect(),
             ..NodeAdvert::empty(node, addr)
         }
     }
 
-    /// Feeds `loads` (total in flight, one per second) to a scaler of `heavy`; the count after
+    /// Feeds `loads` (total in flight, one per sample) to a scaler of `heavy`; the count after
     /// each sample.
     fn run(scaling: Scaling, loads: &[f64]) -> Vec<u16> {
         let scaled = BTreeMap::from([("heavy".to_string(), scaling)]);
@@ -261,40 +276,77 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_of_two_seconds_scales_up_at_once_and_a_blip_does_not() {
+    fn a_burst_of_three_samples_scales_up_at_once_and_a_blip_does_not() {
         let policy = scaling(1, 3, 4.0, 10);
-        // One second of 30 in flight is a blip; two are a burst: straight to the max.
+        // Two samples of 30 in flight are a blip; three are a burst: straight to the max.
         assert_eq!(
-            run(policy, &[1.0, 30.0, 1.0, 30.0, 30.0]),
-            vec![1, 1, 1, 1, 3]
+            run(policy, &[1.0, 30.0, 30.0, 1.0, 30.0, 30.0, 30.0]),
+            vec![1, 1, 1, 1, 1, 1, 3]
         );
         // 6 in flight at 4 per replica needs 2.
-        assert_eq!(run(policy, &[6.0, 6.0, 6.0]), vec![1, 2, 2]);
+        assert_eq!(run(policy, &[6.0, 6.0, 6.0, 6.0]), vec![1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn windows_are_counted_in_samples_of_the_period() {
+        assert_eq!(
+            SAMPLE_PERIOD * samples_in(30) as u32,
+            Duration::from_secs(30)
+        );
+        assert_eq!(SAMPLE_PERIOD * samples_in(0) as u32, Duration::from_secs(1));
     }
 
     #[test]
     fn scaling_down_waits_for_the_whole_window_of_low_load_since_the_last_change() {
         let policy = scaling(1, 3, 4.0, 5);
-        let mut loads = vec![20.0, 20.0];
-        loads.extend([0.0; 4]);
+        let window = samples_in(5);
+        let mut loads = vec![20.0; UP_SAMPLES];
+        loads.extend(vec![0.0; window - 1]);
         loads.push(20.0); // load comes back before the window is over: no change
-        loads.extend([0.0; 5]);
+        loads.extend(vec![0.0; window]);
         let counts = run(policy, &loads);
-        assert!(counts[1..11].iter().all(|&c| c == 3), "{counts:?}");
-        assert_eq!(counts[11], 1, "five low seconds after the blip: {counts:?}");
+        let last = counts.len() - 1;
+        assert!(
+            counts[UP_SAMPLES - 1..last].iter().all(|&c| c == 3),
+            "{counts:?}"
+        );
+        assert_eq!(
+            counts[last], 1,
+            "five low seconds after the blip: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_step_down_lets_the_window_slide_on_to_the_next() {
+        let policy = scaling(1, 3, 4.0, 5);
+        let window = samples_in(5);
+        // Up to 3; then one sample of the load's tail wants 2, the rest want 1.
+        let mut loads = vec![20.0; UP_SAMPLES];
+        loads.push(5.0);
+        loads.extend(vec![0.0; window]);
+        let counts = run(policy, &loads);
+        let tail = UP_SAMPLES;
+        assert_eq!(counts[tail + window - 1], 2, "{counts:?}");
+        assert_eq!(
+            counts[tail + window],
+            1,
+            "the sample wanting 2 left the window: {counts:?}"
+        );
     }
 
     #[test]
     fn the_headroom_keeps_the_count_from_flapping_around_a_boundary() {
         // 8.5 in flight at a target of 4: wants 3 to go up; down to 2 only below 6.4.
         let policy = scaling(1, 5, 4.0, 3);
-        let mut loads = vec![8.5, 8.5];
-        for i in 0..60 {
+        let mut loads = vec![8.5; UP_SAMPLES];
+        for i in 0..120 {
             loads.push(if i % 2 == 0 { 7.9 } else { 8.3 });
         }
         let counts = run(policy, &loads);
-        assert_eq!(counts[1], 3);
-        assert!(counts[1..].iter().all(|&c| c == 3), "{counts:?}");
+        assert!(
+            counts[UP_SAMPLES - 1..].iter().all(|&c| c == 3),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -332,7 +384,9 @@ mod tests {
         assert_eq!(totals["heavy"], 6.0);
         assert_eq!(totals["fraud"], MAX_REPORTED_IN_FLIGHT.min(4_294_967.0));
         let mut scaler = Scaler::default();
-        scaler.sample(&scaled, &[&a, &b, &c, &d]);
+        for _ in 1..UP_SAMPLES {
+            scaler.sample(&scaled, &[&a, &b, &c, &d]);
+        }
         let changes = scaler.sample(&scaled, &[&a, &b, &c, &d]);
         assert_eq!(scaler.counts()["heavy"], 2);
         assert_eq!(scaler.counts()["fraud"], 3, "at most the publisher's max");

@@ -100,13 +100,13 @@ impl Serving {
 struct Node {
     name: String,
     alive: bool,
-    /// When in each second it samples and publishes (tenths of a second).
+    /// When in each sample period it samples and publishes (in ticks).
     phase: u32,
     scaler: Scaler,
     /// The count its scaler decided, per model.
     counts: Vec<u16>,
     serving: Vec<Serving>,
-    /// Requests in flight per model summed over this second's ticks.
+    /// Requests in flight per model averaged over this period's ticks so far.
     busy: Vec<f64>,
     /// Changes decided here, with their time.
     changes: Vec<(f64, ScaleChange)>,
@@ -231,12 +231,13 @@ pub fn run(nodes: usize, models: usize, failure_detection: Duration, seed: u64) 
     let order = orders(&names, &model_names);
     let scaled: BTreeMap<String, Scaling> =
         model_names.iter().map(|m| (m.clone(), SCALING)).collect();
+    let per_period = (SAMPLE_PERIOD.as_millis() / TICK.as_millis()) as u64;
     let mut mesh: Vec<Node> = names
         .iter()
         .map(|name| Node {
             name: name.clone(),
             alive: true,
-            phase: (random() * 10.0) as u32 % 10,
+            phase: (random() * per_period as f64) as u32 % per_period as u32,
             scaler: Scaler::default(),
             counts: vec![SCALING.min; models],
             serving: vec![Serving::No; models],
@@ -262,11 +263,10 @@ pub fn run(nodes: usize, models: usize, failure_detection: Duration, seed: u64) 
     // The last report each node published: what every other node samples.
     let mut published: Vec<NodeAdvert> =
         mesh.iter().map(|n| report(n, &model_names, &[])).collect();
-    let mut last_second: Vec<Vec<f64>> = vec![vec![0.0; models]; nodes];
+    let mut last_period: Vec<Vec<f64>> = vec![vec![0.0; models]; nodes];
     let mut loss_replaced = None;
     let mut loss_served = None;
     let ticks = (END_S / TICK.as_secs_f64()).round() as u64;
-    let per_second = (SAMPLE_PERIOD.as_millis() / TICK.as_millis()) as u64;
     for tick in 0..ticks {
         let t = tick as f64 * TICK.as_secs_f64();
         let detected = t >= NODE_LOSS_S + failure_detection.as_secs_f64();
@@ -291,21 +291,21 @@ pub fn run(nodes: usize, models: usize, failure_detection: Duration, seed: u64) 
                 (load / (1.0 - utilisation)).min(FULL_QUEUE)
             };
             for n in servers {
-                mesh[n].busy[m] += in_flight / per_second as f64;
+                mesh[n].busy[m] += in_flight / per_period as f64;
             }
         }
-        // At a second's end each node's meter rolls over.
-        if tick % per_second == per_second - 1 {
+        // At a period's end each node's meter rolls over.
+        if tick % per_period == per_period - 1 {
             for (n, node) in mesh.iter_mut().enumerate() {
-                last_second[n] = std::mem::replace(&mut node.busy, vec![0.0; models]);
+                last_period[n] = std::mem::replace(&mut node.busy, vec![0.0; models]);
             }
         }
-        // Each node publishes and samples once a second, at its phase.
+        // Each node publishes and samples once a period, at its phase.
         for n in 0..nodes {
-            if !mesh[n].alive || tick % per_second != u64::from(mesh[n].phase) {
+            if !mesh[n].alive || tick % per_period != u64::from(mesh[n].phase) {
                 continue;
             }
-            published[n] = report(&mesh[n], &model_names, &last_second[n]);
+            published[n] = report(&mesh[n], &model_names, &last_period[n]);
             let members: Vec<&NodeAdvert> = (0..nodes)
                 .filter(|&j| !(detected && j == victim))
                 .map(|j| &published[j])
@@ -400,6 +400,7 @@ fn report(node: &Node, models: &[String], in_flight: &[f64]) -> NodeAdvert {
             .map(|&m| ModelInFlight {
                 model: models[m].clone(),
                 milli: (in_flight[m] * 1000.0).round() as u32,
+                wait_us: 0,
             })
             .collect(),
         ..NodeAdvert::empty(&node.name, addr)

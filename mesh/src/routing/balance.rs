@@ -11,7 +11,10 @@
 //! with time and gets traffic again instead of being shunned for good. A request's place in
 //! the outstanding count is a guard ([`Pending`]), so a caller that gives up (its future
 //! dropped) cannot leave a replica looking busy forever. Replicas the caller knows to be in
-//! doubt (SWIM suspects) are picked only when no other is left.
+//! doubt (SWIM suspects) are picked only when no other is left. Where the replicas report
+//! the queue wait a new request would meet (their adverts do), it is added to the latency:
+//! a replica's queue also holds what other nodes sent it, which this caller's measurements
+//! see only once its own requests come back slow.
 //! Pure logic on explicit `Instant`s; the caller supplies the time.
 //!
 //! Why not tower's `p2c::Balance` and `load::PeakEwma` themselves: `Balance` picks among the
@@ -83,7 +86,13 @@ impl PeakEwma {
 
     /// The score p2c compares at `now`: lower is better.
     pub fn cost(&self, now: Instant) -> f64 {
-        self.decayed_ns(now) * f64::from(self.outstanding + 1)
+        self.cost_waiting(Duration::ZERO, now)
+    }
+
+    /// The score with `queue_wait`, the wait the replica reports for a new request, added to
+    /// the latency estimate.
+    fn cost_waiting(&self, queue_wait: Duration, now: Instant) -> f64 {
+        (self.decayed_ns(now) + queue_wait.as_nanos() as f64) * f64::from(self.outstanding + 1)
     }
 
     /// The current latency estimate.
@@ -127,15 +136,17 @@ impl Balancer {
 
     /// Picks one of `candidates` (node names) by power of two choices; `None` when empty.
     pub fn pick<'a>(&self, candidates: &[&'a str], now: Instant) -> Option<&'a str> {
-        self.pick_avoiding(candidates, |_| false, now)
+        self.pick_avoiding(candidates, |_| false, |_| Duration::ZERO, now)
     }
 
     /// As [`Balancer::pick`], but among the candidates `in_doubt` does not flag whenever there
-    /// are any.
+    /// are any, and with the queue wait each candidate reports (`queue_wait`) added to its
+    /// latency estimate.
     pub fn pick_avoiding<'a>(
         &self,
         candidates: &[&'a str],
         in_doubt: impl Fn(&str) -> bool,
+        queue_wait: impl Fn(&str) -> Duration,
         now: Instant,
     ) -> Option<&'a str> {
         let trusted: Vec<&'a str> = candidates
@@ -163,7 +174,7 @@ impl Balancer {
                 .replicas
                 .entry(node.to_string())
                 .or_insert_with(|| PeakEwma::new(now))
-                .cost(now)
+                .cost_waiting(queue_wait(node), now)
         };
         let (a, b) = (cost(&mut state, first), cost(&mut state, second));
         Some(if b < a { second } else { first })
@@ -280,6 +291,38 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_reporting_a_long_queue_wait_is_passed_over_while_others_have_room() {
+        let t0 = Instant::now();
+        let balancer = Balancer::new(13);
+        // Both answered this caller in 2 ms; "busy" reports that a new request would wait
+        // 20 ms in its queue (other nodes fill it).
+        for node in ["idle", "busy"] {
+            balancer
+                .start(node, t0)
+                .finish(Some(Duration::from_millis(2)), t0);
+        }
+        let mut waits = HashMap::from([
+            ("busy", Duration::from_millis(20)),
+            ("idle", Duration::ZERO),
+        ]);
+        let busy_picks = |waits: &HashMap<&str, Duration>| {
+            (0..200)
+                .filter(|_| {
+                    balancer.pick_avoiding(&["idle", "busy"], |_| false, |n| waits[n], t0)
+                        == Some("busy")
+                })
+                .count()
+        };
+        assert_eq!(busy_picks(&waits), 0);
+        // Three of this caller's requests outstanding at "idle": 4 x 2 ms still beats 22 ms.
+        let _outstanding: Vec<_> = (0..3).map(|_| balancer.start("idle", t0)).collect();
+        assert_eq!(busy_picks(&waits), 0);
+        // Once "idle" reports a queue as long, its outstanding requests tip it.
+        waits.insert("idle", Duration::from_millis(20));
+        assert_eq!(busy_picks(&waits), 200);
+    }
+
+    #[test]
     fn a_failure_sends_traffic_elsewhere() {
         let t0 = Instant::now();
         let balancer = Balancer::new(3);
@@ -351,11 +394,12 @@ mod tests {
             .start("s", t0)
             .finish(Some(Duration::from_micros(10)), t0);
         for _ in 0..200 {
-            let pick = balancer.pick_avoiding(&["a", "b", "s"], |n| n == "s", t0);
+            let pick =
+                balancer.pick_avoiding(&["a", "b", "s"], |n| n == "s", |_| Duration::ZERO, t0);
             assert_ne!(pick, Some("s"));
         }
         assert_eq!(
-            balancer.pick_avoiding(&["s"], |n| n == "s", t0),
+            balancer.pick_avoiding(&["s"], |n| n == "s", |_| Duration::ZERO, t0),
             Some("s"),
             "the last resort"
         );

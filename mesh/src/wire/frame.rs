@@ -15,7 +15,7 @@ use crate::wire::message::Message;
 use bytes::Bytes;
 
 /// The revision of `meshserve/1` frames this build speaks.
-pub const WIRE_VERSION: u8 = 6;
+pub const WIRE_VERSION: u8 = 7;
 
 /// Bytes before the payload: the version and the payload length.
 pub const HEADER_LEN: usize = 5;

@@ -363,23 +363,29 @@ pub struct NodeAdvert {
     /// The node is stopping: nothing is placed on it any more, and it serves what it has
     /// until others serve it and its doors have drained.
     pub leaving: bool,
-    /// Requests in flight for the models it serves whose replica count follows load, over its
-    /// last second (a load figure, like `queue_depth`).
+    /// Requests in flight and predicted queue wait for the models it serves that have more
+    /// than one replica (load-following ones included), over its last meter period (load
+    /// figures, like `queue_depth`).
     pub in_flight: Vec<ModelInFlight>,
     /// Models this node declines to serve: they would take it past its memory budget for
     /// models, so placement passes it over for them.
     pub declined: Vec<String>,
 }
 
-/// One model's requests in flight on one node: the time-average over the node's last
-/// complete second (the sum of the latencies of the requests it answered in that second, in
-/// seconds), in thousandths.
+/// One model's load on one node, for a model with more than one replica: what the mesh's
+/// replica policy sums and what the other nodes' balancers weigh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInFlight {
     /// The model.
     pub model: String,
-    /// Requests in flight, times 1,000.
+    /// Requests in flight, times 1,000: the time-average over the node's last complete meter
+    /// period (the sum of the latencies of the requests it answered in that period, over the
+    /// period).
     pub milli: u32,
+    /// How long a request joining its queue when the advert was made would wait before it
+    /// runs, as the node's admission predicts it, in µs (0 when it would not wait or the
+    /// model has not run yet).
+    pub wait_us: u32,
 }
 
 impl NodeAdvert {
@@ -467,7 +473,7 @@ pub struct AdvertNotice {
     pub queue_depth: u32,
     /// Its EWMA request latency, in µs.
     pub ewma_latency_us: u32,
-    /// Requests in flight per model whose replica count follows load (see
+    /// Load figures per model with more than one replica (see
     /// [`NodeAdvert::in_flight`]), the busiest first, as many as fit in a datagram.
     pub in_flight: Vec<ModelInFlight>,
 }
