@@ -166,6 +166,17 @@ async fn wait_for<T>(what: &str, limit: Duration, mut probe: impl AsyncFnMut() -
     }
 }
 
+/// `meshserve status` asked of `node` as the client `app`, with `extra` arguments.
+fn meshserve_status(certs: &Path, node: SocketAddr, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_meshserve"))
+        .args(["status", "--client", "app", "--node", &node.to_string()])
+        .args(extra)
+        .arg("--certs")
+        .arg(certs)
+        .output()
+        .expect("meshserve status runs")
+}
+
 fn serving(status: &MeshStatus, model: &str) -> BTreeSet<String> {
     status
         .members
@@ -474,18 +485,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     assert_eq!(served_after - served_before, 60.0);
 
     // The operator's view, from the binary.
-    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
-        .args([
-            "status",
-            "--node",
-            &b.quic.to_string(),
-            "--client",
-            "app",
-            "--certs",
-        ])
-        .arg(&certs)
-        .output()
-        .unwrap();
+    let output = meshserve_status(&certs, b.quic, &[]);
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8(output.stdout).unwrap();
     for name in ["a", "b", "c"] {
@@ -519,12 +519,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     // A member that does not answer (paused) is named as such, within the status timeout.
     signal(&c, "STOP");
     let asked = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
-        .args(["status", "--node", &b.quic.to_string(), "--client", "app"])
-        .args(["--timeout-ms", "1000", "--certs"])
-        .arg(&certs)
-        .output()
-        .unwrap();
+    let output = meshserve_status(&certs, b.quic, &["--timeout-ms", "1000"]);
     let took = asked.elapsed();
     signal(&c, "CONT");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -2434,12 +2429,7 @@ async fn an_endpoint_deployed_to_one_node_is_served_by_every_node_and_rolls_over
         "meshserve status to list the new version on the replicas",
         Duration::from_secs(10),
         async || {
-            let status = Command::new(env!("CARGO_BIN_EXE_meshserve"))
-                .args(["status", "--client", "app", "--node", &a.quic.to_string()])
-                .arg("--certs")
-                .arg(&certs)
-                .output()
-                .ok()?;
+            let status = meshserve_status(&certs, a.quic, &[]);
             let text = String::from_utf8_lossy(&status.stdout).to_string();
             let line = text
                 .lines()
@@ -2930,18 +2920,7 @@ async fn replicas_follow_load_up_within_seconds_and_back_after_the_stable_window
         "it stays at 3 under load"
     );
     // The operator sees the count, the bounds, the load and why it changed.
-    let output = Command::new(env!("CARGO_BIN_EXE_meshserve"))
-        .args([
-            "status",
-            "--node",
-            &b.quic.to_string(),
-            "--client",
-            "app",
-            "--certs",
-        ])
-        .arg(&certs)
-        .output()
-        .unwrap();
+    let output = meshserve_status(&certs, b.quic, &[]);
     let text = String::from_utf8(output.stdout).unwrap();
     let row = text
         .lines()

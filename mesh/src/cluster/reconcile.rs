@@ -564,12 +564,6 @@ mod tests {
             },
             suspect: false,
             advert: Some(NodeAdvert {
-                node: node.into(),
-                generation: 1,
-                sequence: 0,
-                quic,
-                http: quic,
-                http3: None,
                 catalog: vec![CatalogEntry {
                     model: "fraud".into(),
                     replicas: 1,
@@ -582,12 +576,7 @@ mod tests {
                 } else {
                     vec![]
                 },
-                queue_depth: 0,
-                ewma_latency_us: 0,
-                endpoints: Vec::new(),
-                leaving: false,
-                declined: Vec::new(),
-                in_flight: Vec::new(),
+                ..NodeAdvert::empty(node, quic)
             }),
         }
     }

@@ -111,12 +111,8 @@ mod tests {
 
     fn advert(node: &str, models: &[&str]) -> NodeAdvert {
         NodeAdvert {
-            node: node.into(),
-            generation: 1,
             sequence: 1,
-            quic: "127.0.0.1:7000".parse().unwrap(),
             http: "127.0.0.1:8000".parse().unwrap(),
-            http3: None,
             catalog: models
                 .iter()
                 .map(|model| CatalogEntry {
@@ -127,13 +123,7 @@ mod tests {
                     scaling: None,
                 })
                 .collect(),
-            serving: vec![],
-            queue_depth: 0,
-            ewma_latency_us: 0,
-            endpoints: Vec::new(),
-            leaving: false,
-            declined: Vec::new(),
-            in_flight: Vec::new(),
+            ..NodeAdvert::empty(node, "127.0.0.1:7000".parse().unwrap())
         }
     }
 

@@ -803,20 +803,9 @@ mod tests {
     /// Node a's advert, serving `serving`.
     fn advert_of_a(serving: &[&str]) -> NodeAdvert {
         NodeAdvert {
-            node: "a".into(),
-            generation: 1,
-            sequence: 0,
-            quic: id("a", 1, 1).addr,
             http: SocketAddr::from(([127, 0, 0, 1], 8000)),
-            http3: None,
-            catalog: vec![],
             serving: serving.iter().map(|s| s.to_string()).collect(),
-            queue_depth: 0,
-            ewma_latency_us: 0,
-            endpoints: Vec::new(),
-            leaving: false,
-            declined: Vec::new(),
-            in_flight: Vec::new(),
+            ..NodeAdvert::empty("a", id("a", 1, 1).addr)
         }
     }
 

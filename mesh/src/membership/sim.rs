@@ -154,20 +154,9 @@ impl Simulation {
         let now = self.now;
         let _ = node.core.advertise(
             NodeAdvert {
-                node: id.name,
                 generation: id.generation,
-                sequence: 0,
-                quic: id.addr,
-                http: id.addr,
-                http3: None,
                 catalog: self.catalog.clone(),
-                serving: vec![],
-                queue_depth: 0,
-                ewma_latency_us: 0,
-                endpoints: Vec::new(),
-                leaving: false,
-                declined: Vec::new(),
-                in_flight: Vec::new(),
+                ..NodeAdvert::empty(&id.name, id.addr)
             },
             now,
         );
