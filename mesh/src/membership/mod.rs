@@ -603,12 +603,13 @@ impl Membership {
         let mut notice = AdvertNotice::from(advert);
         let all = std::mem::take(&mut notice.in_flight);
         let base = postcard::to_allocvec(&notice).ok()?.len() + 1;
-        // A name's length prefix and a u32 take at most 5 bytes each; the count prefix at most 5.
+        // Postcard writes a u32 (a length prefix, a figure) in at most 5 bytes: the count
+        // prefix, then per entry the name's length and two figures.
         let mut room = MAX_PACKET_BYTES.saturating_sub(base + 5);
         notice.in_flight = all
             .into_iter()
             .take_while(|load| {
-                let size = load.model.len() + 10;
+                let size = load.model.len() + 3 * 5;
                 let fits = size <= room;
                 room = room.saturating_sub(size);
                 fits
@@ -943,15 +944,16 @@ mod tests {
     }
 
     #[test]
-    fn requests_in_flight_are_noticed_every_second_and_cut_to_fit_a_datagram() {
+    fn load_figures_are_noticed_each_period_and_cut_to_fit_a_datagram() {
         let (mut a, mut b) = joined_pair(&["fraud"]);
         let loaded = |milli: u32, models: usize| {
             let mut advert = advert_of_a(&["fraud"]);
             advert.in_flight = (0..models)
                 .map(|i| ModelInFlight {
-                    model: format!("model-with-a-rather-long-name-{i:04}"),
+                    model: format!("m{i:04}"),
                     milli: milli - i as u32,
-                    wait_us: 40_000,
+                    // The longest encoding of a figure.
+                    wait_us: u32::MAX,
                 })
                 .collect();
             advert
@@ -975,15 +977,16 @@ mod tests {
         a.advertise(loaded(6_000, 1), second + LOAD_NOTICE_PERIOD)
             .unwrap();
         assert!(a.drain().packets.is_empty(), "unchanged figures wait");
-        // A thousand busy models: the busiest that fit, in one datagram.
-        a.advertise(loaded(900_000, 1000), second + 2 * LOAD_NOTICE_PERIOD)
+        // A thousand busy models, every figure at its longest encoding: the busiest that fit,
+        // in one datagram.
+        a.advertise(loaded(u32::MAX, 1000), second + 2 * LOAD_NOTICE_PERIOD)
             .unwrap();
         let notice = a.drain().packets.remove(0).1;
         assert!(notice.len() <= MAX_PACKET_BYTES, "{} bytes", notice.len());
         b.handle_packet("a", &notice).unwrap();
         let held = seen(&b.live_members(), "a").cloned().unwrap();
         assert!(held.in_flight.len() >= 10, "{}", held.in_flight.len());
-        assert_eq!(held.in_flight[0].milli, 900_000, "the busiest first");
+        assert_eq!(held.in_flight[0].milli, u32::MAX, "the busiest first");
     }
 
     #[test]
