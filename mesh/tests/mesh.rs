@@ -298,17 +298,22 @@ async fn settled(client: &MeshClient, nodes: &[&MeshNode], names: &[&str]) -> BT
     }
 }
 
+/// The first output's data of an OIP JSON answer (or reference case).
+fn first_output(answer: &Value) -> Vec<f64> {
+    answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no output data in {answer}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 fn fraud_case() -> (Value, Vec<f64>) {
     let text =
         std::fs::read_to_string(workspace_root().join("examples/references/fraud.json")).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
     let case = &reference["cases"][0];
-    let expected = case["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let expected = first_output(case);
     (serde_json::json!({ "inputs": case["inputs"] }), expected)
 }
 
@@ -362,12 +367,7 @@ async fn a_mesh_forms_places_forwards_and_the_client_goes_direct() {
     let timing = support::server_timing(&response);
     assert!(timing.starts_with("forward;dur="), "{timing}");
     let answer: Value = response.json().await.unwrap();
-    let data: Vec<f64> = answer["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let data = first_output(&answer);
     assert_close(&data, &expected);
 
     // Metadata and readiness of a model served elsewhere come from the mesh too.
@@ -797,12 +797,7 @@ async fn a_model_deployed_to_one_node_reaches_its_replicas() {
     let timing = support::server_timing(&response);
     assert!(!timing.contains("forward"), "{timing}");
     let answer: Value = response.json().await.unwrap();
-    let data: Vec<f64> = answer["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let data = first_output(&answer);
     assert_close(&data, &expected);
 }
 
@@ -1853,12 +1848,7 @@ async fn a_member_with_its_own_model_files_changes_nothing_the_others_run() {
         std::fs::read_to_string(workspace_root().join("examples/references/heavy.json")).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
     let case = &reference["cases"][0];
-    let expected: Vec<f64> = case["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let expected = first_output(case);
     for node in [&a, &b, &c] {
         let answer: Value = reqwest::Client::new()
             .post(node.node.url("/v2/models/heavy/infer"))
@@ -3053,11 +3043,6 @@ async fn a_node_past_its_memory_budget_declines_and_placement_moves_on() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
-    let got: Vec<f64> = answer["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let got = first_output(&answer);
     assert_close(&got, &expected);
 }
