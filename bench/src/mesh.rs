@@ -26,6 +26,17 @@ const ENDPOINT: &str = "fraud-check";
 const TRANSACTION: &[u8] =
     br#"{"card": "card-0003", "amount": 950.0, "hour": 3, "merchant_risk": 0.8, "foreign": true}"#;
 
+/// The bench's client identity, from the mesh CA folder `certs`.
+pub(crate) fn bench_identity(certs: &Path) -> Result<MeshIdentity, BenchError> {
+    MeshIdentity::from_dir(certs, Role::Client, "bench")
+        .map_err(|e| BenchError::Server(e.to_string()))
+}
+
+/// A route-aware client, or why it could not start.
+pub(crate) fn mesh_client(config: ClientConfig) -> Result<MeshClient, BenchError> {
+    MeshClient::new(config).map_err(|e| BenchError::Server(e.to_string()))
+}
+
 /// Settings of `meshserve-bench mesh`.
 #[derive(Debug, Clone)]
 pub struct MeshSuiteConfig {
@@ -221,10 +232,8 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     )
     .await?;
 
-    let identity = MeshIdentity::from_dir(&certs, Role::Client, "bench")
-        .map_err(|e| BenchError::Server(e.to_string()))?;
-    let probe = MeshClient::new(ClientConfig::new(vec![nodes[0].quic], identity.clone()))
-        .map_err(|e| BenchError::Server(e.to_string()))?;
+    let identity = bench_identity(&certs)?;
+    let probe = mesh_client(ClientConfig::new(vec![nodes[0].quic], identity.clone()))?;
     let owner = wait_for_single_owner(&probe, &nodes).await?;
     let owner_node = nodes
         .iter()
@@ -263,8 +272,7 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
     let forwarded = closed_loop(c, warmup, duration, plain(other.quic)).await;
     let mut route_config = ClientConfig::new(vec![other.quic], identity.clone());
     route_config.timeout = Duration::from_secs(10);
-    let aware =
-        Arc::new(MeshClient::new(route_config).map_err(|e| BenchError::Server(e.to_string()))?);
+    let aware = Arc::new(mesh_client(route_config)?);
     let aware_call = {
         let (aware, request) = (aware.clone(), request.clone());
         move || {
@@ -284,8 +292,7 @@ pub async fn run_mesh_suite(config: &MeshSuiteConfig) -> Result<String, BenchErr
         let invoking = |seed: SocketAddr| -> Result<_, BenchError> {
             let mut config = ClientConfig::new(vec![seed], identity.clone());
             config.timeout = Duration::from_secs(10);
-            let client =
-                Arc::new(MeshClient::new(config).map_err(|e| BenchError::Server(e.to_string()))?);
+            let client = Arc::new(mesh_client(config)?);
             Ok(move || {
                 let client = client.clone();
                 async move {

@@ -5,12 +5,10 @@
 //! after a warm-up long enough for the count to settle, the requests answered per second,
 //! their p99 and the replica count reached are compared.
 
-use super::mesh::{MeshNode, start_three};
+use super::mesh::{MeshNode, bench_identity, mesh_client, start_three};
 use super::{BenchError, HttpLoad, Pace, Protocol, Report, fp32_request_body, run_http};
 use bytes::Bytes;
 use meshserve::client::{ClientConfig, MeshClient};
-use meshserve::transport::MeshIdentity;
-use meshserve::transport::certs::Role;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -123,10 +121,10 @@ pub async fn run_skew(config: &SkewConfig) -> Result<String, BenchError> {
             prepare,
         )
         .await?;
-        let identity = MeshIdentity::from_dir(&certs, Role::Client, "bench")
-            .map_err(|e| BenchError::Server(e.to_string()))?;
-        let probe = MeshClient::new(ClientConfig::new(vec![nodes[0].quic], identity))
-            .map_err(|e| BenchError::Server(e.to_string()))?;
+        let probe = mesh_client(ClientConfig::new(
+            vec![nodes[0].quic],
+            bench_identity(&certs)?,
+        ))?;
         // Every node sees heavy served before the load starts.
         let ready_by = Instant::now() + Duration::from_secs(30);
         loop {
