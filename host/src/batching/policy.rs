@@ -115,6 +115,11 @@ impl<T: Batchable> Batcher<T> {
         self.queue.len()
     }
 
+    /// Most rows one run takes (1 for a model that does not batch).
+    pub fn full_batch_rows(&self) -> usize {
+        self.limits.max_batch_rows.max(1)
+    }
+
     /// Rows waiting, over every queued request.
     pub fn queued_rows(&self) -> usize {
         self.queued_rows

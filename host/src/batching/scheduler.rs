@@ -337,6 +337,12 @@ pub const AUTO_WAIT_RUNS: u32 = 50;
 /// ...and at least this long: a model of microseconds still absorbs a burst.
 pub const AUTO_WAIT_FLOOR: Duration = Duration::from_millis(20);
 
+/// ...and only past this many full batches queued per session: a queue that batching
+/// drains within two runs of each session is what batching is for, not overload, however
+/// long those runs are (64 clients of a model whose 64-row batch takes 20 ms were refused by
+/// a bound of 50 small runs, and a wait calibrated up by preempted runs).
+pub const AUTO_WAIT_FULL_BATCHES: usize = 2;
+
 /// ...once the model has run this many times: a prediction from a handful of runs (a cold
 /// first one, one preempted on a busy machine) is no ground for refusing a burst.
 pub const AUTO_WAIT_MIN_RUNS: u64 = 100;
@@ -346,7 +352,8 @@ pub const AUTO_WAIT_MIN_RUNS: u64 = 100;
 /// requests keep a bounded latency, and the rest learn at once instead of after a wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitBound {
-    /// [`AUTO_WAIT_RUNS`] of the model's recent runs, at least [`AUTO_WAIT_FLOOR`]; no bound
+    /// [`AUTO_WAIT_RUNS`] of the model's recent runs, at least [`AUTO_WAIT_FLOOR`], for a
+    /// queue of more than [`AUTO_WAIT_FULL_BATCHES`] full batches per session; no bound
     /// before it has run [`AUTO_WAIT_MIN_RUNS`] times.
     Auto,
     /// This long.
@@ -377,6 +384,32 @@ impl WaitBound {
             WaitBound::Off => None,
         }
     }
+
+    /// Whether the bound applies to a queue of `queue` ahead, served by `sessions` sessions
+    /// that run at most `full_batch_rows` rows at a time. Never to a queue less than two deep
+    /// per session: one large request ahead is no overload, and a wait extrapolated to its
+    /// rows from smaller runs (fixed costs and all) errs long. The automatic bound also waits
+    /// until more than [`AUTO_WAIT_FULL_BATCHES`] full batches per session are queued; one
+    /// the operator set applies as set.
+    pub fn applies(self, queue: QueueShape, sessions: usize, full_batch_rows: usize) -> bool {
+        let deep = queue.requests >= 2 * sessions;
+        match self {
+            WaitBound::Auto => {
+                deep && queue.rows > AUTO_WAIT_FULL_BATCHES * full_batch_rows.max(1) * sessions
+            }
+            WaitBound::At(_) => deep,
+            WaitBound::Off => false,
+        }
+    }
+}
+
+/// How much is queued ahead of a new request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueShape {
+    /// Requests waiting.
+    pub requests: usize,
+    /// Their rows.
+    pub rows: usize,
 }
 
 /// A model's recent time per row: decaying sums of run time and of rows (each halved at every
@@ -517,13 +550,18 @@ impl Scheduler {
                 }
             }
             // The bound is on the wait, not on the request's own run (a large request alone on
-            // an idle model is never refused), and for a queue at least two deep per session:
-            // one large request ahead is no overload, and a wait extrapolated to its rows from
-            // smaller runs (fixed costs and all) errs long.
+            // an idle model is never refused), and only for a queue it applies to.
             let runs = self.shared.runs.load(Ordering::Relaxed);
+            let shape = QueueShape {
+                requests: batcher.depth(),
+                rows: queued.rows,
+            };
             if let Some(bound) = self.shared.wait_bound.limit(recent, runs)
                 && wait > bound
-                && batcher.depth() >= 2 * sessions
+                && self
+                    .shared
+                    .wait_bound
+                    .applies(shape, sessions, batcher.full_batch_rows())
             {
                 return Err(Refused::WouldWaitTooLong {
                     predicted: wait,
@@ -926,6 +964,29 @@ mod tests {
         let fixed = WaitBound::from_config(Some(5_000));
         assert_eq!(fixed.limit(None, 0), Some(Duration::from_millis(5)));
         assert_eq!(WaitBound::from_config(Some(0)).limit(recent, 1000), None);
+    }
+
+    #[test]
+    fn the_wait_bound_applies_past_two_deep_per_session_and_the_automatic_one_past_two_full_batches()
+     {
+        let queue = |requests, rows| QueueShape { requests, rows };
+        let fixed = WaitBound::At(Duration::from_millis(5));
+        // 63 one-row clients queued behind a model batching 64 rows on one session: batching
+        // drains them in one run, so the automatic bound waits; a bound the operator set does not.
+        assert!(!WaitBound::Auto.applies(queue(63, 63), 1, 64));
+        assert!(fixed.applies(queue(63, 63), 1, 64));
+        assert!(!WaitBound::Auto.applies(queue(128, 128), 1, 64));
+        assert!(WaitBound::Auto.applies(queue(129, 129), 1, 64));
+        // Spread over two sessions, twice as many rows are two full batches each.
+        assert!(!WaitBound::Auto.applies(queue(256, 256), 2, 64));
+        assert!(WaitBound::Auto.applies(queue(257, 257), 2, 64));
+        // A model that does not batch: past two requests per session, whichever bound.
+        assert!(WaitBound::Auto.applies(queue(3, 3), 1, 1));
+        assert!(WaitBound::Auto.applies(queue(3, 3), 1, 0));
+        // One large request ahead is no overload, whatever its rows.
+        assert!(!WaitBound::Auto.applies(queue(1, 5_000), 1, 64));
+        assert!(!fixed.applies(queue(1, 5_000), 1, 64));
+        assert!(!WaitBound::Off.applies(queue(5_000, 5_000), 1, 64));
     }
 
     #[test]

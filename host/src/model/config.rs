@@ -95,8 +95,8 @@ pub struct ModelConfig {
     pub queue_capacity: usize,
     /// The longest a request without a deadline may expect to wait in the queue (µs), as
     /// predicted from the queue ahead and recent run times; one that would wait longer is
-    /// refused at once with 503 and Retry-After. Unset: 50 recent runs, at least 20 ms; 0: no
-    /// bound but `queue_capacity`.
+    /// refused at once with 503 and Retry-After. Unset: 50 recent runs, at least 20 ms, once
+    /// more than two full batches are queued per session; 0: no bound but `queue_capacity`.
     pub max_queue_wait_us: Option<u64>,
     /// Deadline for a request that sets none, in µs; 0 = no deadline (as a request's own 0).
     pub default_timeout_us: u64,
