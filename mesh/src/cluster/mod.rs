@@ -308,6 +308,8 @@ pub struct Cluster {
     departing: AtomicBool,
     /// Requests to republish our advert, served at most once per [`adverts::MIN_INTERVAL`].
     adverts: adverts::AdvertRequests,
+    /// The catalog of the last repository scan, which adverts for load figures reuse.
+    last_scan: Mutex<Option<(Vec<CatalogEntry>, Vec<EndpointEntry>)>>,
     /// What the models placed here may take, and what they do.
     memory: memory::ModelMemory,
 }
@@ -417,6 +419,7 @@ impl Cluster {
             calls: std::sync::OnceLock::new(),
             departing: AtomicBool::new(false),
             adverts: adverts::AdvertRequests::new(),
+            last_scan: Mutex::new(None),
             memory: memory::ModelMemory::new(config.model_memory_budget),
         });
         cluster.publish_advert_now().await;
@@ -482,7 +485,25 @@ impl Cluster {
         self.view().route(model)
     }
 
-    fn advert(&self) -> NodeAdvert {
+    /// Our advert: the catalog of models and endpoints from a repository scan when `rescan`
+    /// (or before any), else the last scan's, and the load figures of now.
+    fn advert(&self, rescan: bool) -> NodeAdvert {
+        let (catalog, endpoints) = {
+            let mut last = self.last_scan.lock().unwrap_or_else(|e| e.into_inner());
+            match &*last {
+                Some(scan) if !rescan => scan.clone(),
+                _ => {
+                    let scan = self.scan_repository();
+                    *last = Some(scan.clone());
+                    scan
+                }
+            }
+        };
+        self.advert_with(catalog, endpoints)
+    }
+
+    /// The models and endpoints our repository offers the mesh, sorted.
+    fn scan_repository(&self) -> (Vec<CatalogEntry>, Vec<EndpointEntry>) {
         let repository = self.engine.repository();
         let mut catalog: Vec<CatalogEntry> = repository
             .model_names()
@@ -525,7 +546,10 @@ impl Cluster {
             })
             .collect();
         catalog.sort();
-        let endpoints = self.endpoint_catalog(repository.root());
+        (catalog, self.endpoint_catalog(repository.root()))
+    }
+
+    fn advert_with(&self, catalog: Vec<CatalogEntry>, endpoints: Vec<EndpointEntry>) -> NodeAdvert {
         let latency = self
             .local_latency
             .lock()
@@ -660,7 +684,8 @@ impl Cluster {
     // Hashing model files (cached, but the first time reads them all) is blocking work.
     async fn publish_advert_now(self: &Arc<Self>) {
         let this = self.clone();
-        if let Ok(advert) = tokio::task::spawn_blocking(move || this.advert()).await {
+        let rescan = self.adverts.take_rescan();
+        if let Ok(advert) = tokio::task::spawn_blocking(move || this.advert(rescan)).await {
             let _ = self.gossip.send(gossip::Input::Advert(advert));
         }
     }

@@ -58,7 +58,7 @@ pub(super) async fn run(cluster: Arc<Cluster>, period: Duration) {
             _ = tick.tick() => true,
             _ = load_tick.tick() => {
                 if serves_load_following(&cluster, &views.borrow()) {
-                    cluster.adverts.ask();
+                    cluster.adverts.ask_figures();
                 }
                 continue;
             }
