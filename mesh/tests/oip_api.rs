@@ -611,9 +611,8 @@ async fn two_hundred_concurrent_requests_are_all_correct_and_batched() {
         }
     });
     join_all(requests).await;
-    // fraud runs in microseconds, mostly inline on the front door's threads, so its requests
-    // rarely meet in the queue; heavy (about 100 µs a run) may run one request inline at
-    // idle, but 200 at once queue and must share batches.
+    // heavy (about 100 µs a run) may run one request inline at idle, but 200 at once queue
+    // and must share batches.
     let body = json!({"inputs": [{"name": "input", "shape": [1, 512], "datatype": "FP32", "data": vec![0.25; 512]}]});
     let heavy = (0..200).map(|_| {
         let request = http.post(node.url("/v2/models/heavy/infer")).json(&body);
@@ -1011,9 +1010,9 @@ async fn a_model_without_config_gets_the_sessions_its_probe_chose_and_config_key
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     // Fraud's 64-row run is far too small for ONNX Runtime to split over threads.
     let (count, threads, why) = config().await;
-    assert_eq!((count, threads), (cores, 1), "{why}");
+    assert_eq!((count, threads), ((cores / 2).max(1), 1), "{why}");
     let expected = if cores > 1 {
-        "a single-threaded session per core"
+        "single-threaded sessions on half the cores"
     } else {
         "one core"
     };

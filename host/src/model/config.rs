@@ -131,9 +131,10 @@ pub struct ModelConfig {
     /// hand-offs too; 0 never does.
     pub inline_blocking_max_us: u64,
     /// Requests for the model arriving closer together than this (µs, a recent average) while
-    /// others are in progress queue and batch on its workers instead of running inline: under
-    /// that load the front door's threads are the bottleneck, and taking the model's work off
-    /// them (in batches) serves more; 0 lets any rate run inline.
+    /// others are often in progress queue and batch on its workers instead of running inline:
+    /// under that load the front door's threads are the bottleneck, and taking the model's
+    /// work off them (in batches) serves more. The default (1 ms) leaves the decision to
+    /// overlap alone at any rate a front door is busy with; 0 lets any rate run inline.
     pub inline_min_gap_us: u64,
 }
 
@@ -158,7 +159,7 @@ impl Default for ModelConfig {
             scale_down_window_s: 30,
             inline_max_us: 50,
             inline_blocking_max_us: 2_000,
-            inline_min_gap_us: 30,
+            inline_min_gap_us: 1_000,
         }
     }
 }

@@ -6,8 +6,7 @@
 //! long a run takes: a large operator can be spread, and then one session using every core
 //! gives the shortest runs (and batches fill it); a graph that cannot gains nothing from an
 //! intra-op pool but wake-ups competing with the front door's threads, so it gets
-//! single-threaded sessions, one per core when its runs are short enough to run inline on the
-//! front door's threads, else on half the cores, leaving the rest to the front door. The
+//! single-threaded sessions on half the cores, leaving the rest to the front door. The
 //! loader times the model's largest run (a full batch, or one row when it does not batch) on
 //! one thread and on every core and decides ([`choose`]); config keys set by the operator
 //! are never overridden. The probe runs on zero-filled inputs and its sessions are kept, so
@@ -114,18 +113,15 @@ pub fn from_config(config: &ModelConfig, machine: Machine) -> Option<Choice> {
     }
 }
 
-/// Sessions and threads for a model that leaves both unset, from what the probe measured, for
-/// a node whose requests run inline on the front door's threads when shorter than
-/// `inline_max`.
+/// Sessions and threads for a model that leaves both unset, from what the probe measured.
 ///
 /// - A run that the cores speed up gets one session using them all.
-/// - Otherwise a model whose full batch runs inline gets a single-threaded session per core:
-///   every front-door thread can run one at once.
-/// - Otherwise the model runs on its workers, and the front door that parses and answers its
-///   requests needs cores too: single-threaded sessions on half the cores (on 2 cores, heavy
-///   at concurrency 64 served 22-25k req/s so, against 18.7k with a session per core and
-///   19-21k with one session on both).
-pub fn choose(probe: &Probe, machine: Machine, inline_max: Duration) -> Choice {
+/// - Otherwise single-threaded sessions on half the cores: under load a model's requests run
+///   on its workers, in batches (a lone caller runs inline whatever the count), and the
+///   front door that parses and answers them needs cores too. On 2 cores at concurrency 64,
+///   heavy served 22-25k req/s so, against 18.7k with a session per core and 19-21k with one
+///   session on both; fraud (a 10 µs run) 69-75k against 55-60k with a session per core.
+pub fn choose(probe: &Probe, machine: Machine) -> Choice {
     let cores = machine.cores.max(1);
     let run = format!(
         "a {}-row run takes {} on 1 thread",
@@ -149,17 +145,8 @@ pub fn choose(probe: &Probe, machine: Machine, inline_max: Duration) -> Choice {
             reason: format!("{measured}: one session uses every core"),
         };
     }
-    let (wanted, why) = if probe.one_thread < inline_max {
-        (
-            cores,
-            "a single-threaded session per core, so each front-door thread can run one inline",
-        )
-    } else {
-        (
-            (cores / 2).max(1),
-            "single-threaded sessions on half the cores, the rest left to the front door that feeds them",
-        )
-    };
+    let wanted = (cores / 2).max(1);
+    let why = "single-threaded sessions on half the cores, the rest left to the front door that feeds them";
     let by_memory = usize::try_from((SESSION_COPIES_BYTES / probe.model_bytes.max(1)).max(1))
         .unwrap_or(usize::MAX);
     let instances = wanted.min(by_memory);
@@ -258,7 +245,7 @@ pub fn load_sessions(
         every_core,
         model_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
     };
-    let choice = choose(&probe, machine, Duration::from_micros(config.inline_max_us));
+    let choice = choose(&probe, machine);
     let mut sessions = vec![match parallel {
         Some(session) if choice.intra_op_threads > 1 => session,
         _ => single,
@@ -326,27 +313,25 @@ mod tests {
         }
     }
 
-    const INLINE: Duration = Duration::from_micros(50);
-
     #[test]
-    fn a_graph_too_small_to_split_gets_a_single_threaded_session_per_core() {
-        let choice = choose(&probe(20, Some(19)), Machine { cores: 4 }, INLINE);
-        assert_eq!((choice.instances, choice.intra_op_threads), (4, 1));
+    fn a_graph_too_small_to_split_gets_single_threaded_sessions_on_half_the_cores() {
+        let choice = choose(&probe(20, Some(19)), Machine { cores: 4 });
+        assert_eq!((choice.instances, choice.intra_op_threads), (2, 1));
         assert!(choice.reason.contains("1.05x"), "{}", choice.reason);
     }
 
     #[test]
     fn a_run_that_scales_over_the_cores_gets_one_session_using_them_all() {
-        let choice = choose(&probe(8_000, Some(4_600)), Machine { cores: 2 }, INLINE);
+        let choice = choose(&probe(8_000, Some(4_600)), Machine { cores: 2 });
         assert_eq!((choice.instances, choice.intra_op_threads), (1, 2));
     }
 
     #[test]
     fn a_long_run_that_does_not_scale_leaves_half_the_cores_to_the_front_door() {
         // 1.2x on 4 cores is a poor use of three extra threads.
-        let choice = choose(&probe(8_000, Some(6_600)), Machine { cores: 4 }, INLINE);
+        let choice = choose(&probe(8_000, Some(6_600)), Machine { cores: 4 });
         assert_eq!((choice.instances, choice.intra_op_threads), (2, 1));
-        let choice = choose(&probe(1_600, Some(1_550)), Machine { cores: 2 }, INLINE);
+        let choice = choose(&probe(1_600, Some(1_550)), Machine { cores: 2 });
         assert_eq!((choice.instances, choice.intra_op_threads), (1, 1));
         assert!(choice.reason.contains("front door"), "{}", choice.reason);
     }
@@ -355,14 +340,17 @@ mod tests {
     fn a_large_model_gets_no_more_sessions_than_its_weights_allow() {
         let mut big = probe(30, Some(29));
         big.model_bytes = 900 << 20;
-        let choice = choose(&big, Machine { cores: 16 }, INLINE);
+        let choice = choose(&big, Machine { cores: 16 });
         assert_eq!((choice.instances, choice.intra_op_threads), (2, 1));
         assert!(choice.reason.contains("900 MiB"), "{}", choice.reason);
+        big.model_bytes = 300 << 20;
+        let choice = choose(&big, Machine { cores: 16 });
+        assert_eq!((choice.instances, choice.intra_op_threads), (6, 1));
     }
 
     #[test]
     fn one_core_gets_one_single_threaded_session() {
-        let choice = choose(&probe(100, None), Machine { cores: 1 }, INLINE);
+        let choice = choose(&probe(100, None), Machine { cores: 1 });
         assert_eq!((choice.instances, choice.intra_op_threads), (1, 1));
     }
 
