@@ -281,9 +281,12 @@ async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_t
         "meshserve_refused_requests_total",
         &[("model", "slow")],
     );
+    // The counter spans both runs: a capacity run whose queue a preempted run stretched may
+    // have been refused a request or two too.
     assert_eq!(
         refusals as usize,
-        over.refused.len(),
-        "each refusal counted with its reason"
+        base.refused.len() + over.refused.len(),
+        "each refusal counted with its reason ({} of them in the capacity run)",
+        base.refused.len()
     );
 }

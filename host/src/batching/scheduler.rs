@@ -190,8 +190,8 @@ impl Shared {
     }
 
     /// Until when a worker about to sleep should first watch for the next job, if at all:
-    /// about one arrival gap while arrivals come close together, once per idle stretch (`watched`), never
-    /// past `deadline` (see [`idle`]).
+    /// about one arrival gap while arrivals come close together, once per idle stretch
+    /// (`watched`), never past `deadline` (see [`idle`]).
     fn watch_until(
         &self,
         now: Instant,
@@ -765,8 +765,9 @@ fn worker(shared: &Shared, index: usize) {
 }
 
 /// With nothing to run: first watches for the next job for about one arrival gap while
-/// arrivals come close together (once per idle stretch, `watched`), else sleeps until a submit notifies or
-/// `deadline` passes. Returns the queue locked again, for the worker to look at it anew.
+/// arrivals come close together (once per idle stretch, `watched`), else sleeps until a submit
+/// notifies or `deadline` passes. Returns the queue locked again, for the worker to look at it
+/// anew.
 fn idle_wait<'a>(
     shared: &'a Shared,
     batcher: MutexGuard<'a, Batcher<Job>>,

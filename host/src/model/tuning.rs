@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The parallel efficiency (speed-up over the added threads) at which one session on every
-/// core beats a single-threaded session per core: below it, the extra threads mostly wait.
+/// core beats single-threaded sessions: below it, the extra threads mostly wait.
 const MIN_PARALLEL_EFFICIENCY: f64 = 0.6;
 
 /// The model bytes that copies of one model's sessions may hold together: every session
