@@ -136,10 +136,10 @@ pub struct InlineLimits {
     /// Runs shorter than this run inline when the caller can first hand its other work to
     /// another thread; zero: never.
     pub blocking: Duration,
-    /// Requests that arrive closer together than this, on average, while others are in
+    /// Requests that arrive closer together than this, on average, while others are often in
     /// progress, queue even for an idle session: the front-door threads are then busy, and
     /// the model's work moved to its worker (in batches) leaves them free for the next
-    /// request; zero: at any rate.
+    /// request ([`Arrivals`]); zero: any rate may run inline.
     pub min_gap: Duration,
 }
 
