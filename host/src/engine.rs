@@ -388,6 +388,34 @@ impl Engine {
             .collect()
     }
 
+    /// Refuses a request for `model` (at `version`) before its body is read when its queue
+    /// would refuse any request for the wait alone ([`Scheduler::over_wait_bound`]),
+    /// counted as [`Engine::infer`] counts that refusal. A model not loaded here, or a version
+    /// it does not have, passes: [`Engine::infer`] answers those.
+    pub fn refuse_if_overloaded(
+        &self,
+        model: &str,
+        version: Option<&str>,
+    ) -> Result<(), InferError> {
+        let Some(loaded) = self.model(model) else {
+            return Ok(());
+        };
+        let Ok(chosen) = loaded.version(version) else {
+            return Ok(());
+        };
+        match chosen.scheduler.over_wait_bound() {
+            None => Ok(()),
+            Some((predicted, bound)) => {
+                self.metrics.record_refusal(model, "queue_wait");
+                Err(InferError::WouldWaitTooLong {
+                    model: model.to_string(),
+                    predicted_us: micros(predicted),
+                    bound_us: micros(bound),
+                })
+            }
+        }
+    }
+
     /// Runs one request through its model's queue.
     pub async fn infer(&self, mut request: InferRequest) -> Result<InferResponse, InferError> {
         let enqueued_at = Instant::now();

@@ -210,12 +210,17 @@ async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_t
     let refused_node = p99(&mut over.refused.iter().map(|t| t.node));
     let refused_node_max = percentile(over.refused.iter().map(|t| t.node).collect(), 1.0);
     let refused_client = p99(&mut over.refused.iter().map(|t| t.client));
+    let refused_slow = over
+        .refused
+        .iter()
+        .filter(|t| t.node >= Duration::from_millis(5))
+        .count();
     let admitted_timed = timed().count() + over.missed;
     eprintln!(
         "capacity {capacity:.0} req/s; under 2,000 clients: goodput {goodput:.0} req/s ({:.2}x); \
          answered {} without deadline: queue p99 {queue_open:?} (bound {bound:?}, at most {bound_max:?}), node p99 {node_open:?}, client p99 {client_open:?}; \
          with a {deadline:?} deadline: {} answered, {} missed it (504), queued and run p99 {engine_timed:?}, node p99 {node_timed:?}, client p99 {client_timed:?}; \
-         refused {}: node p99 {refused_node:?}, max {refused_node_max:?}, client p99 {refused_client:?}; \
+         refused {}: node p99 {refused_node:?}, max {refused_node_max:?} ({refused_slow} took 5 ms or more), client p99 {refused_client:?}; \
          other {}; node RSS {} -> {} MiB",
         goodput / capacity,
         open().count(),
@@ -288,5 +293,84 @@ async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_t
         base.refused.len() + over.refused.len(),
         "each refusal counted with its reason ({} of them in the capacity run)",
         base.refused.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_model_refuses_a_request_before_its_body_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // `slow` (about 1 ms a request, one session) with a 2 ms bound: two requests queued
+    // ahead are over it.
+    let repo = tempfile::tempdir().unwrap();
+    copy_tree(
+        &workspace_root().join("mesh/tests/models/slow"),
+        &repo.path().join("slow"),
+    );
+    std::fs::write(
+        repo.path().join("slow/config.toml"),
+        "max_batch_size = 1\ninstances = 1\nintra_op_threads = 1\nmax_queue_wait_us = 2000\n",
+    )
+    .unwrap();
+    let node = TestNode::start(repo.path(), &[]);
+    let body = json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25; 16]}]}).to_string();
+    // 32 clients keep the queue at its bound: each retries 2 ms after a refusal.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..32)
+        .map(|_| {
+            let (url, body, stop) = (
+                node.url("/v2/models/slow/infer"),
+                body.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = http.post(&url).body(body.clone()).send().await.unwrap();
+                    if answer.status() == 503 {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each probe sends its headers and none of the body it announces: only a node that decides
+    // before reading the body can answer it.
+    let mut refused = 0;
+    let mut probes = 0;
+    while refused < 3 && probes < 40 {
+        probes += 1;
+        let mut socket = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        let head = format!(
+            "POST /v2/models/slow/infer HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0; 4096];
+        let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(2), socket.read(&mut answer)).await
+        else {
+            continue;
+        };
+        let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+        assert!(
+            answer.starts_with("http/1.1 503"),
+            "only a refusal comes before the body: {answer}"
+        );
+        assert!(answer.contains("retry-after:"), "{answer}");
+        assert!(
+            answer.contains("connection: close"),
+            "the body never came: the connection is not reused: {answer}"
+        );
+        refused += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    eprintln!("{refused} of {probes} probes refused before their body");
+    assert_eq!(
+        refused, 3,
+        "{refused} of {probes} probes refused before their body"
     );
 }

@@ -238,6 +238,28 @@ impl Shared {
         )
     }
 
+    /// The wait bound a request predicted to wait `wait` behind `batcher`'s queue would
+    /// exceed. The bound is on the wait, not on the request's own run (a large request alone
+    /// on an idle model is never refused), and only for a queue it applies to.
+    fn exceeded_bound(
+        &self,
+        batcher: &Batcher<Job>,
+        wait: Duration,
+        recent: Option<RunTimes>,
+    ) -> Option<Duration> {
+        let runs = self.runs.load(Ordering::Relaxed);
+        let bound = self.wait_bound.limit(recent, runs)?;
+        let shape = QueueShape {
+            requests: batcher.depth(),
+            rows: batcher.queued_rows(),
+        };
+        (wait > bound
+            && self
+                .wait_bound
+                .applies(shape, self.sessions.len(), batcher.full_batch_rows()))
+        .then_some(bound)
+    }
+
     /// Recent run times, once the model has run.
     fn measured(&self) -> Option<RunTimes> {
         let run_ns = self.recent_run_ns.load(Ordering::Relaxed);
@@ -550,20 +572,7 @@ impl Scheduler {
                     return Err(Refused::WouldMissDeadline(job, answer));
                 }
             }
-            // The bound is on the wait, not on the request's own run (a large request alone on
-            // an idle model is never refused), and only for a queue it applies to.
-            let runs = self.shared.runs.load(Ordering::Relaxed);
-            let shape = QueueShape {
-                requests: batcher.depth(),
-                rows: queued.rows,
-            };
-            if let Some(bound) = self.shared.wait_bound.limit(recent, runs)
-                && wait > bound
-                && self
-                    .shared
-                    .wait_bound
-                    .applies(shape, sessions, batcher.full_batch_rows())
-            {
+            if let Some(bound) = self.shared.exceeded_bound(&batcher, wait, recent) {
                 return Err(Refused::WouldWaitTooLong {
                     predicted: wait,
                     bound,
@@ -576,6 +585,25 @@ impl Scheduler {
         drop(batcher);
         self.shared.wake_one();
         Ok(())
+    }
+
+    /// The model's [`WaitBound`] and the wait predicted now, when any request joining the
+    /// queue now would be refused for it, whatever its rows or deadline (a deadline only
+    /// shortens the bound): a door asks before it reads and decodes a body that would only
+    /// be refused, which under overload keeps refusals cheap and quick.
+    pub fn over_wait_bound(&self) -> Option<(Duration, Duration)> {
+        let batcher = self.shared.lock();
+        let sessions = self.shared.sessions.len();
+        let recent = self.shared.measured();
+        let queued = Ahead {
+            rows: batcher.queued_rows(),
+            every_session_busy: batcher.busy_sessions() >= sessions,
+        };
+        let wait = self
+            .shared
+            .calibrated(predicted_answer(queued, 0, sessions, recent)?);
+        let bound = self.shared.exceeded_bound(&batcher, wait, recent)?;
+        Some((wait, bound))
     }
 
     /// Claims an idle session for a request of `rows` rows, which arrived at `arrived`, to

@@ -38,8 +38,13 @@ pub struct Ms(pub Duration);
 
 impl std::fmt::Display for Ms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Rounded to the nearest microsecond, as `{:.3}` would.
-        let us = (self.0.as_nanos() + 500) / 1000;
+        // Rounded to the nearest microsecond, as `{:.3}` would; in u64, since `as_nanos`'
+        // u128 divides by a library call.
+        let us = self
+            .0
+            .as_secs()
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::from((self.0.subsec_nanos() + 500) / 1000));
         write!(f, "{}.{:03}", us / 1000, us % 1000)
     }
 }
@@ -59,5 +64,10 @@ mod tests {
             "1000.000"
         );
         assert_eq!(Ms(Duration::from_secs(2)).to_string(), "2000.000");
+        assert_eq!(
+            Ms(Duration::new(3, 999_999_500)).to_string(),
+            "4000.000",
+            "rounding carries into the seconds"
+        );
     }
 }

@@ -218,6 +218,9 @@ async fn run_infer(
     body: Body,
     started: Instant,
 ) -> Result<Response, ApiError> {
+    // An overloaded model here refuses before the body is read and decoded: the refusal
+    // costs microseconds, and the CPU goes to the requests it admits.
+    state.engine().refuse_if_overloaded(model, version)?;
     let read = read_body(headers, body, &state.bodies).await?;
     let body = &read.bytes;
     let json_length = header_number(headers, &HEADER_CONTENT_LENGTH)?
