@@ -238,6 +238,14 @@ impl Shared {
         )
     }
 
+    /// What a request joining `batcher`'s queue now would have ahead of it.
+    fn ahead(&self, batcher: &Batcher<Job>) -> Ahead {
+        Ahead {
+            rows: batcher.queued_rows(),
+            every_session_busy: batcher.busy_sessions() >= self.sessions.len(),
+        }
+    }
+
     /// The wait bound a request predicted to wait `wait` behind `batcher`'s queue would
     /// exceed. The bound is on the wait, not on the request's own run (a large request alone
     /// on an idle model is never refused), and only for a queue it applies to.
@@ -408,6 +416,11 @@ impl WaitBound {
         }
     }
 
+    /// The fewest requests queued for which any bound applies: two per session.
+    pub fn min_depth(sessions: usize) -> usize {
+        2 * sessions
+    }
+
     /// Whether the bound applies to a queue of `queue` ahead, served by `sessions` sessions
     /// that run at most `full_batch_rows` rows at a time. Never to a queue less than two deep
     /// per session: one large request ahead is no overload, and a wait extrapolated to its
@@ -415,7 +428,7 @@ impl WaitBound {
     /// until more than [`AUTO_WAIT_FULL_BATCHES`] full batches per session are queued; one
     /// the operator set applies as set.
     pub fn applies(self, queue: QueueShape, sessions: usize, full_batch_rows: usize) -> bool {
-        let deep = queue.requests >= 2 * sessions;
+        let deep = queue.requests >= Self::min_depth(sessions);
         match self {
             WaitBound::Auto => {
                 deep && queue.rows > AUTO_WAIT_FULL_BATCHES * full_batch_rows.max(1) * sessions
@@ -555,11 +568,7 @@ impl Scheduler {
         let mut batcher = self.shared.lock();
         let sessions = self.shared.sessions.len();
         let recent = self.shared.measured();
-        let queued = Ahead {
-            rows: batcher.queued_rows(),
-            every_session_busy: batcher.busy_sessions() >= sessions,
-        };
-        let wait = predicted_answer(queued, 0, sessions, recent);
+        let wait = predicted_answer(self.shared.ahead(&batcher), 0, sessions, recent);
         job.predicted_wait = wait;
         let own = predicted_answer(Ahead::NOTHING, job.rows, sessions, recent);
         if let Some((wait, own)) = wait.zip(own) {
@@ -592,16 +601,17 @@ impl Scheduler {
     /// shortens the bound): a door asks before it reads and decodes a body that would only
     /// be refused, which under overload keeps refusals cheap and quick.
     pub fn over_wait_bound(&self) -> Option<(Duration, Duration)> {
+        // The depth as last published: below the bound's minimum, most requests learn they
+        // pass from one atomic read instead of the lock the workers take for every batch.
+        let published = usize::try_from(self.shared.metrics.queue_depth.get()).unwrap_or(0);
+        if published < WaitBound::min_depth(self.shared.sessions.len()) {
+            return None;
+        }
         let batcher = self.shared.lock();
-        let sessions = self.shared.sessions.len();
         let recent = self.shared.measured();
-        let queued = Ahead {
-            rows: batcher.queued_rows(),
-            every_session_busy: batcher.busy_sessions() >= sessions,
-        };
-        let wait = self
-            .shared
-            .calibrated(predicted_answer(queued, 0, sessions, recent)?);
+        let ahead = self.shared.ahead(&batcher);
+        let wait = predicted_answer(ahead, 0, self.shared.sessions.len(), recent)?;
+        let wait = self.shared.calibrated(wait);
         let bound = self.shared.exceeded_bound(&batcher, wait, recent)?;
         Some((wait, bound))
     }
@@ -661,14 +671,8 @@ impl Scheduler {
     /// How long a request joining the queue now would wait before it runs, as admission
     /// predicts it (calibrated); `None` before the model has run.
     pub fn predicted_wait(&self) -> Option<Duration> {
-        let batcher = self.shared.lock();
-        let sessions = self.shared.sessions.len();
-        let queued = Ahead {
-            rows: batcher.queued_rows(),
-            every_session_busy: batcher.busy_sessions() >= sessions,
-        };
-        drop(batcher);
-        predicted_answer(queued, 0, sessions, self.shared.measured())
+        let ahead = self.shared.ahead(&self.shared.lock());
+        predicted_answer(ahead, 0, self.shared.sessions.len(), self.shared.measured())
             .map(|wait| self.shared.calibrated(wait))
     }
 
