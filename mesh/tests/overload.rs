@@ -9,7 +9,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use support::{TestNode, copy_tree, metric_sum, workspace_root};
+use support::{TestNode, copy_tree, metric_sum, plugin, workspace_root};
 
 /// One exchange's times: as the client saw it, and as the node did (its `Server-Timing`:
 /// from the request's headers to the answer, and the queue wait of an answered request).
@@ -151,9 +151,15 @@ fn percentile(mut values: Vec<Duration>, q: f64) -> Duration {
         .unwrap_or_default()
 }
 
-/// A node serving `mesh/tests/models/slow` on one single-threaded session, each request its
-/// own run, with `extra` added to its config.toml.
+/// A node serving `mesh/tests/models/slow` ([`slow_repo`]).
 fn slow_node(extra: &str) -> (TestNode, tempfile::TempDir) {
+    let repo = slow_repo(extra);
+    (TestNode::start(repo.path(), &[]), repo)
+}
+
+/// A repository holding `mesh/tests/models/slow` on one single-threaded session, each request
+/// its own run, with `extra` added to its config.toml.
+fn slow_repo(extra: &str) -> tempfile::TempDir {
     let repo = tempfile::tempdir().unwrap();
     copy_tree(
         &workspace_root().join("mesh/tests/models/slow"),
@@ -164,7 +170,7 @@ fn slow_node(extra: &str) -> (TestNode, tempfile::TempDir) {
         format!("max_batch_size = 1\ninstances = 1\nintra_op_threads = 1\n{extra}"),
     )
     .unwrap();
-    (TestNode::start(repo.path(), &[]), repo)
+    repo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,11 +310,21 @@ async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_overloaded_model_refuses_a_request_before_its_body_arrives() {
+async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_arrives() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // `slow` (about 1 ms a request, one session) with a 2 ms bound: two requests queued
-    // ahead are over it.
-    let (node, _repo) = slow_node("max_queue_wait_us = 2000\n");
+    // ahead are over it. Its endpoint `slow-noop` hands the model's outputs back through a
+    // post-plugin.
+    let repo = slow_repo("max_queue_wait_us = 2000\n");
+    let endpoint = repo.path().join("slow-noop");
+    std::fs::create_dir(&endpoint).unwrap();
+    std::fs::copy(plugin("noop"), endpoint.join("noop.wasm")).unwrap();
+    std::fs::write(
+        endpoint.join("endpoint.toml"),
+        "model = \"slow\"\npost = { path = \"noop.wasm\" }\n",
+    )
+    .unwrap();
+    let node = TestNode::start(repo.path(), &[]);
     let body = json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25; 16]}]}).to_string();
     // 32 clients keep the queue at its bound: each retries 2 ms after a refusal.
     let stop = Arc::new(AtomicBool::new(false));
@@ -332,42 +348,50 @@ async fn an_overloaded_model_refuses_a_request_before_its_body_arrives() {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Each probe sends its headers and none of the body it announces: only a node that decides
-    // before reading the body can answer it.
-    let mut refused = 0;
-    let mut probes = 0;
-    while refused < 3 && probes < 40 {
-        probes += 1;
-        let mut socket = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-        let head = format!(
-            "POST /v2/models/slow/infer HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        socket.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = vec![0; 4096];
-        let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_secs(2), socket.read(&mut answer)).await
-        else {
-            continue;
-        };
-        let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
-        assert!(
-            answer.starts_with("http/1.1 503"),
-            "only a refusal comes before the body: {answer}"
-        );
-        assert!(answer.contains("retry-after:"), "{answer}");
-        assert!(
-            answer.contains("connection: close"),
-            "the body never came: the connection is not reused: {answer}"
-        );
-        refused += 1;
+    // before reading the body (and before the endpoint's plugins) can answer it.
+    let mut seen = Vec::new();
+    for path in [
+        "/v2/models/slow/infer",
+        "/v1/endpoints/slow-noop/invocations",
+    ] {
+        let (mut refused, mut probes) = (0, 0);
+        while refused < 3 && probes < 40 {
+            probes += 1;
+            let mut socket = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = vec![0; 4096];
+            let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(2), socket.read(&mut answer)).await
+            else {
+                continue;
+            };
+            let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+            assert!(
+                answer.starts_with("http/1.1 503"),
+                "{path}: only a refusal comes before the body: {answer}"
+            );
+            assert!(answer.contains("retry-after:"), "{path}: {answer}");
+            assert!(
+                answer.contains("connection: close"),
+                "{path}: the body never came: the connection is not reused: {answer}"
+            );
+            refused += 1;
+        }
+        eprintln!("{path}: {refused} of {probes} probes refused before their body");
+        seen.push((path, refused, probes));
     }
     stop.store(true, Ordering::Relaxed);
     for task in load {
         task.await.unwrap();
     }
-    eprintln!("{refused} of {probes} probes refused before their body");
-    assert_eq!(
-        refused, 3,
-        "{refused} of {probes} probes refused before their body"
-    );
+    for (path, refused, probes) in seen {
+        assert_eq!(
+            refused, 3,
+            "{path}: {refused} of {probes} probes refused before their body"
+        );
+    }
 }
