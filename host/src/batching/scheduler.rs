@@ -168,6 +168,9 @@ struct Shared {
     arrivals: Arrivals,
     /// How long a request without a deadline may expect to wait.
     wait_bound: WaitBound,
+    /// The queue's depth as last published ([`Shared::publish_depth`]), read without the lock.
+    /// The model's depth gauge cannot serve: every loaded version of a model sets it.
+    published_depth: AtomicUsize,
     metrics: ModelMetrics,
 }
 
@@ -236,6 +239,14 @@ impl Shared {
                 .saturating_mul(factor)
                 / CALIBRATION_UNIT,
         )
+    }
+
+    /// Publishes the queue's depth after it changed: to the metrics, and for
+    /// [`Scheduler::over_wait_bound`]'s lock-free look.
+    fn publish_depth(&self, batcher: &Batcher<Job>) {
+        let depth = batcher.depth();
+        self.published_depth.store(depth, Ordering::Relaxed);
+        self.metrics.queue_depth.set(depth as i64);
     }
 
     /// What a request joining `batcher`'s queue now would have ahead of it.
@@ -529,6 +540,7 @@ impl Scheduler {
             recent_run_ns: AtomicU64::new(u64::MAX),
             row_time: RowTime::default(),
             runs: AtomicU64::new(0),
+            published_depth: AtomicUsize::new(0),
             wait_calibration: AtomicU64::new(CALIBRATION_UNIT),
             inline,
             arrivals: Arrivals::new(inline.min_gap),
@@ -590,7 +602,7 @@ impl Scheduler {
         }
         batcher.push(job)?;
         self.shared.submissions.note();
-        self.shared.metrics.queue_depth.set(batcher.depth() as i64);
+        self.shared.publish_depth(&batcher);
         drop(batcher);
         self.shared.wake_one();
         Ok(())
@@ -601,9 +613,9 @@ impl Scheduler {
     /// shortens the bound): a door asks before it reads and decodes a body that would only
     /// be refused, which under overload keeps refusals cheap and quick.
     pub fn over_wait_bound(&self) -> Option<(Duration, Duration)> {
-        // The depth as last published: below the bound's minimum, most requests learn they
-        // pass from one atomic read instead of the lock the workers take for every batch.
-        let published = usize::try_from(self.shared.metrics.queue_depth.get()).unwrap_or(0);
+        // Below the bound's minimum depth, most requests learn they pass from one atomic read
+        // instead of the lock the workers take for every batch.
+        let published = self.shared.published_depth.load(Ordering::Relaxed);
         if published < WaitBound::min_depth(self.shared.sessions.len()) {
             return None;
         }
@@ -760,7 +772,7 @@ fn worker(shared: &Shared, index: usize) {
         match batcher.next(now) {
             Step::Run(batch) => {
                 watched = false;
-                shared.metrics.queue_depth.set(batcher.depth() as i64);
+                shared.publish_depth(&batcher);
                 drop(batcher);
                 let replies = {
                     let mut session = shared.sessions[index]
@@ -779,7 +791,7 @@ fn worker(shared: &Shared, index: usize) {
                 batcher = shared.lock();
             }
             Step::Expired(jobs) => {
-                shared.metrics.queue_depth.set(batcher.depth() as i64);
+                shared.publish_depth(&batcher);
                 drop(batcher);
                 for job in jobs {
                     let waited = now.saturating_duration_since(job.enqueued_at);
