@@ -11,6 +11,7 @@
 //! call costs nothing. Pure: the clock is passed in, so the rule is tested on plain values.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The failure budget of one loaded plugin stage.
@@ -19,6 +20,10 @@ pub struct FailureBudget {
     /// Running time refilled per second; also the most the bucket holds.
     per_second: Duration,
     bucket: Mutex<Bucket>,
+    /// Whether the bucket may be overdrawn: set by a charge that overdraws it, cleared when
+    /// [`FailureBudget::paused`] finds it refilled. Lets a healthy call skip the lock and the
+    /// clock.
+    in_debt: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -37,19 +42,30 @@ impl FailureBudget {
                 balance_ns: per_second.as_nanos() as i128,
                 refilled_at: now,
             }),
+            in_debt: AtomicBool::new(false),
         }
+    }
+
+    /// Whether calls may be paused now; when false, [`FailureBudget::paused`] would answer
+    /// `None`.
+    pub fn in_debt(&self) -> bool {
+        self.in_debt.load(Ordering::Acquire)
     }
 
     /// Charges the running time of a failed call or start.
     pub fn charge(&self, running: Duration, now: Instant) {
         let mut bucket = self.refilled(now);
         bucket.balance_ns -= running.as_nanos() as i128;
+        if bucket.balance_ns < 0 {
+            self.in_debt.store(true, Ordering::Release);
+        }
     }
 
     /// How long calls stay paused, if the bucket is overdrawn at `now`.
     pub fn paused(&self, now: Instant) -> Option<Duration> {
         let bucket = self.refilled(now);
         if bucket.balance_ns >= 0 {
+            self.in_debt.store(false, Ordering::Release);
             return None;
         }
         let rate = self.per_second.as_nanos().max(1) as f64;
@@ -95,11 +111,16 @@ mod tests {
             budget.charge(50 * MS, start);
         }
         assert_eq!(budget.paused(start), None);
+        assert!(!budget.in_debt());
         budget.charge(50 * MS, start);
+        assert!(budget.in_debt());
         // 50 ms of debt at 250 ms per second: a fifth of a second.
         assert_eq!(budget.paused(start), Some(200 * MS));
         assert_eq!(budget.paused(start + 100 * MS), Some(100 * MS));
+        assert!(budget.in_debt());
         assert_eq!(budget.paused(start + 200 * MS), None);
+        // Refilled: healthy calls skip the clock again.
+        assert!(!budget.in_debt());
     }
 
     #[test]

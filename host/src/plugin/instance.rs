@@ -30,7 +30,9 @@ use crate::plugin::stdio::StderrCapture;
 use crate::plugin::stopped::Stopped;
 use crate::plugin::views::{ContextView, RequestView};
 use crate::tensor::Tensor;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{ComponentExportIndex, InstancePre, Resource};
@@ -332,17 +334,26 @@ async fn call_within<T>(
 ) -> Ended<T> {
     // The epoch ticks (charging the clock, yielding, stopping runaways) while this runs.
     let _ticking = node.ticker.running();
+    let started = tokio::time::Instant::now();
     let mut call = std::pin::pin!(call);
-    let running = std::future::poll_fn(|cx| {
+    // Most calls end in their first poll: the wall-clock timer is made only for one that does
+    // not (a timer takes a slot in the runtime's timer wheel and gives it back).
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
         clock.resumed();
         let poll = call.as_mut().poll(cx);
         clock.paused();
-        poll
-    });
-    match tokio::time::timeout(wall_timeout, running).await {
-        Ok(result) => Ended::Returned(result),
-        Err(_) => Ended::WallClock,
-    }
+        if let Poll::Ready(result) = poll {
+            return Poll::Ready(Ended::Returned(result));
+        }
+        let timer =
+            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + wall_timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Ended::WallClock),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 impl IdlePool for Core {
@@ -373,7 +384,12 @@ impl Core {
 
     /// A call permit of this plugin and an instance to run on.
     async fn checkout(self: &Arc<Self>) -> Result<(OwnedSemaphorePermit, Instance), PluginFailure> {
-        if let Some(pause) = self.failures.paused(Instant::now()) {
+        if let Some(pause) = self
+            .failures
+            .in_debt()
+            .then(|| self.failures.paused(Instant::now()))
+            .flatten()
+        {
             return Err(self.busy_for(
                 format!(
                     "its failing calls spent more than its {} ms per second; calls resume in {} ms",
@@ -383,14 +399,20 @@ impl Core {
                 pause,
             ));
         }
-        let wait = Duration::from_millis(self.spec.queue_timeout_ms);
-        let permit = match tokio::time::timeout(wait, self.calls.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            _ => {
-                return Err(self.busy(format!(
-                    "all {} of its instances stayed in use for {} ms",
-                    self.spec.max_instances, self.spec.queue_timeout_ms
-                )));
+        // A free permit needs no timer: most calls find one.
+        let permit = match self.calls.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let wait = Duration::from_millis(self.spec.queue_timeout_ms);
+                match tokio::time::timeout(wait, self.calls.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        return Err(self.busy(format!(
+                            "all {} of its instances stayed in use for {} ms",
+                            self.spec.max_instances, self.spec.queue_timeout_ms
+                        )));
+                    }
+                }
             }
         };
         let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -572,6 +594,9 @@ impl Core {
         phase: Phase,
     ) -> Result<(), PluginFailure> {
         store.data_mut().begin_call(self.deadline(phase));
+        // A store's epoch deadline is absolute: left as the last call set it, an instance used
+        // again after a tick would yield at once, on every first call after each tick.
+        store.set_epoch_deadline(1);
         if self.node.fuel {
             store
                 .set_fuel(self.spec.fuel.unwrap_or(u64::MAX))
