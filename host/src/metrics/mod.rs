@@ -170,6 +170,8 @@ struct RequestHandles {
     totals: Arc<ModelTotals>,
     /// Requests in flight in the engine, per period.
     in_flight: Arc<InFlightMeter>,
+    /// `plugin_seconds` of an endpoint's pre and post stages, made on first use.
+    plugin_stages: [OnceLock<Histogram>; 2],
 }
 
 /// A model's load on this node now, as `meshserve status` shows it.
@@ -338,6 +340,7 @@ impl Metrics {
             recent: Mutex::default(),
             totals: Arc::default(),
             in_flight: Arc::default(),
+            plugin_stages: Default::default(),
         });
         self.per_model
             .write()
@@ -433,11 +436,24 @@ impl Metrics {
 
     /// Records one plugin call's time for `endpoint` at `stage` (`pre` or `post`).
     pub fn record_plugin_stage(&self, endpoint: &str, stage: &str, elapsed: Duration) {
-        self.plugin_seconds
-            .get_or_create(&StageLabels {
-                endpoint: endpoint.to_string(),
-                stage: stage.to_string(),
-            })
+        let labels = || StageLabels {
+            endpoint: endpoint.to_string(),
+            stage: stage.to_string(),
+        };
+        // An endpoint's requests are counted under its name: its stages' histograms are kept
+        // beside them, so a call costs no label allocation.
+        let slot = match stage {
+            "pre" => 0,
+            "post" => 1,
+            _ => {
+                self.plugin_seconds
+                    .get_or_create(&labels())
+                    .observe(elapsed.as_secs_f64());
+                return;
+            }
+        };
+        self.handles(endpoint).plugin_stages[slot]
+            .get_or_init(|| self.plugin_seconds.get_or_create(&labels()).clone())
             .observe(elapsed.as_secs_f64());
     }
 
@@ -620,5 +636,22 @@ mod tests {
             text.contains("meshserve_queue_depth{model=\"fraud\"} 3"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn plugin_stages_are_counted_per_endpoint_and_stage() {
+        let metrics = Metrics::new();
+        for stage in ["pre", "post", "post"] {
+            metrics.record_plugin_stage("fraud-check", stage, Duration::from_micros(40));
+        }
+        metrics.record_plugin_stage("fraud-ranked", "pre", Duration::from_micros(40));
+        let text = metrics.encode();
+        for line in [
+            "meshserve_plugin_duration_seconds_count{endpoint=\"fraud-check\",stage=\"pre\"} 1",
+            "meshserve_plugin_duration_seconds_count{endpoint=\"fraud-check\",stage=\"post\"} 2",
+            "meshserve_plugin_duration_seconds_count{endpoint=\"fraud-ranked\",stage=\"pre\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }

@@ -35,9 +35,10 @@ struct Shared {
     /// The generation calls starting now belong to; the thread advances it once every call of
     /// the previous one has ended.
     generation: AtomicUsize,
-    /// Calls started so far: while calls keep coming, the thread looks every quiet check
-    /// instead of parking between them (a parked thread's wake-up costs more than a look).
-    started: AtomicU64,
+    /// Whether a call started since the thread last looked: while calls keep coming, it looks
+    /// every quiet check instead of parking between them (a parked thread's wake-up costs more
+    /// than a look). Set only when clear, so calls share the flag without writing it each time.
+    started: AtomicBool,
     /// Ticks given so far.
     ticks: AtomicU64,
     stop: AtomicBool,
@@ -76,7 +77,9 @@ impl EpochTicker {
 
     /// Marks guest code as running until the guard is dropped.
     pub(crate) fn running(&self) -> Running<'_> {
-        self.shared.started.fetch_add(1, Ordering::Relaxed);
+        if !self.shared.started.load(Ordering::Relaxed) {
+            self.shared.started.store(true, Ordering::Relaxed);
+        }
         let parity = self.shared.generation.load(Ordering::Acquire) % 2;
         // A count leaving zero wakes the thread (which parks only with both at zero); a
         // wake-up it does not need costs it one look.
@@ -97,15 +100,13 @@ impl EpochTicker {
 }
 
 fn tick_while_calls_run(shared: &Shared, engine: &Engine) {
-    let mut seen = 0;
     while !shared.stop.load(Ordering::Acquire) {
-        let started = shared.started.load(Ordering::Relaxed);
-        if started == seen && !shared.any_running() {
+        let started = shared.started.swap(false, Ordering::Relaxed);
+        if !started && !shared.any_running() {
             // A call that starts unparks the thread; a wake-up without one just looks again.
             std::thread::park();
             continue;
         }
-        seen = started;
         let current = shared.generation.load(Ordering::Acquire) % 2;
         let previous = 1 - current;
         if shared.running[previous].load(Ordering::Acquire) > 0 {
