@@ -63,13 +63,14 @@ struct PluginTimings {
 
 impl PluginTimings {
     fn header_parts(&self) -> String {
+        use std::fmt::Write as _;
         let mut parts = String::new();
         if let Some(pre) = self.pre {
-            parts.push_str(&format!("pre;dur={}, ", Ms(pre)));
+            let _ = write!(parts, "pre;dur={}, ", Ms(pre));
         }
         parts.push_str(&self.hop);
         if let Some(post) = self.post {
-            parts.push_str(&format!("post;dur={}, ", Ms(post)));
+            let _ = write!(parts, "post;dur={}, ", Ms(post));
         }
         parts
     }
