@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::{TestNode, copy_tree, metric_sum, plugin, workspace_root};
 
+/// Held by each test: every one loads `slow` to its bound from the same two cores, and one
+/// test's clients would stretch another's measured waits.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One exchange's times: as the client saw it, and as the node did (its `Server-Timing`:
 /// from the request's headers to the answer, and the queue wait of an answered request).
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +179,7 @@ fn slow_repo(extra: &str) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_the_rest_at_once() {
+    let _alone = ALONE.lock().await;
     // `slow`: about a millisecond per request from a 16-float input, on one single-threaded
     // session, each request its own run: a few clients fill it, and the front door's share of
     // the machine stays small. The queue and the wait bound are the defaults: 1,024 requests,
@@ -311,6 +316,7 @@ async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_arrives() {
+    let _alone = ALONE.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // `slow` (about 1 ms a request, one session) with a 2 ms bound: two requests queued
     // ahead are over it. Its endpoint `slow-noop` hands the model's outputs back through a
@@ -325,28 +331,8 @@ async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_a
     )
     .unwrap();
     let node = TestNode::start(repo.path(), &[]);
-    let body = json!({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25; 16]}]}).to_string();
-    // 32 clients keep the queue at its bound: each retries 2 ms after a refusal.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..32)
-        .map(|_| {
-            let (url, body, stop) = (
-                node.url("/v2/models/slow/infer"),
-                body.clone(),
-                stop.clone(),
-            );
-            tokio::spawn(async move {
-                let http = reqwest::Client::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let answer = http.post(&url).body(body.clone()).send().await.unwrap();
-                    if answer.status() == 503 {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let load = AtBound::keep(&node).await;
+    let body = SLOW_REQUEST.to_string();
     // Each probe sends its headers and none of the body it announces: only a node that decides
     // before reading the body (and before the endpoint's plugins) can answer it.
     let mut seen = Vec::new();
@@ -384,14 +370,110 @@ async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_a
         eprintln!("{path}: {refused} of {probes} probes refused before their body");
         seen.push((path, refused, probes));
     }
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
+    load.stop().await;
     for (path, refused, probes) in seen {
         assert_eq!(
             refused, 3,
             "{path}: {refused} of {probes} probes refused before their body"
         );
     }
+}
+
+/// A one-row request for `slow`.
+const SLOW_REQUEST: &str = r#"{"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]}]}"#;
+
+/// 32 REST clients keeping `slow`'s queue at its wait bound: each retries 2 ms after a
+/// refusal.
+struct AtBound {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl AtBound {
+    /// Starts the clients and gives them half a second to fill the queue.
+    async fn keep(node: &TestNode) -> AtBound {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..32)
+            .map(|_| {
+                let (url, stop) = (node.url("/v2/models/slow/infer"), stop.clone());
+                tokio::spawn(async move {
+                    let http = reqwest::Client::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let answer = http.post(&url).body(SLOW_REQUEST).send().await.unwrap();
+                        if answer.status() == 503 {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        AtBound { stop, clients }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_model_refuses_a_grpc_call_before_converting_its_tensors() {
+    let _alone = ALONE.lock().await;
+    use meshserve::http::grpc::proto::ModelInferRequest;
+    use meshserve::http::grpc::proto::model_infer_request::InferInputTensor;
+    use prost::Message;
+    let repo = slow_repo("max_queue_wait_us = 2000\n");
+    let node = TestNode::start(repo.path(), &[]);
+    let load = AtBound::keep(&node).await;
+    // A datatype no tensor has: converting the message's tensors fails with INVALID_ARGUMENT,
+    // so only a node that decides before converting can answer UNAVAILABLE.
+    let message = ModelInferRequest {
+        model_name: "slow".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP99".into(),
+            shape: vec![1, 16],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 64].into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (mut refused, mut invalid) = (0, 0);
+    while refused < 3 && refused + invalid < 40 {
+        let answer = http
+            .post(node.url("/inference.GRPCInferenceService/ModelInfer"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(framed.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = answer
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        match status.as_deref() {
+            Some("14") => refused += 1,
+            Some("3") => invalid += 1,
+            other => panic!("a malformed call is refused or invalid, never {other:?}"),
+        }
+    }
+    load.stop().await;
+    eprintln!("{refused} gRPC calls refused before conversion, {invalid} converted and invalid");
+    assert_eq!(
+        refused, 3,
+        "{refused} refused (UNAVAILABLE) and {invalid} found invalid of the probes"
+    );
 }

@@ -22,7 +22,7 @@ use super::status::status_of;
 use super::stream::{self, StreamLimits};
 use super::tensors::{decode_request, encode_response};
 use crate::dispatch::Origin;
-use crate::dispatch::endpoint::Invocation;
+use crate::dispatch::endpoint::{EndpointRoute, Invocation};
 use crate::http::admin::{ClientAddr, authorize};
 use crate::http::error::ApiError;
 use crate::http::health::SERVER_EXTENSIONS;
@@ -107,6 +107,19 @@ impl GrpcDoor {
             } else {
                 None
             };
+        // An overloaded model here refuses before the message's tensors are converted (as
+        // REST refuses before it reads the body): the CPU goes to the requests it admits.
+        match &endpoint {
+            None => {
+                let version = Some(message.model_version.as_str()).filter(|v| !v.is_empty());
+                self.state.engine().refuse_if_overloaded(&name, version)?;
+            }
+            Some(EndpointRoute::Here(here)) => self
+                .state
+                .engine()
+                .refuse_if_overloaded(&here.model, here.version.as_deref())?,
+            Some(_) => {}
+        }
         let mut decoded =
             decode_request(message).map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
         // The call's deadline bounds the request's wait as much as its own timeout does.
