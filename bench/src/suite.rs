@@ -121,7 +121,7 @@ fn compared_figure(pace: super::Pace, concurrency: usize, node: &Report, floor: 
 
 /// The index of the round whose figure is the median; of an even count's two middles, the
 /// one less favourable to the node (the lower when `higher_is_better`).
-fn median_round(figures: &[f64], higher_is_better: bool) -> usize {
+pub(crate) fn median_round(figures: &[f64], higher_is_better: bool) -> usize {
     let mut order: Vec<usize> = (0..figures.len()).collect();
     order.sort_by(|&a, &b| figures[a].total_cmp(&figures[b]));
     let middle = if higher_is_better {
