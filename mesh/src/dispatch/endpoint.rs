@@ -164,6 +164,18 @@ impl Dispatch {
         }
     }
 
+    /// Refuses at once when `route` runs the endpoint here and its model is over its wait
+    /// bound: every door asks before it reads or converts what the plugins would get, so
+    /// under overload a refusal costs no body, decode or plugin call.
+    pub fn refuse_if_overloaded(&self, route: &EndpointRoute) -> Result<(), InferError> {
+        match route {
+            EndpointRoute::Here(endpoint) => self
+                .engine
+                .refuse_if_overloaded(&endpoint.model, endpoint.version.as_deref()),
+            EndpointRoute::Replica(_) => Ok(()),
+        }
+    }
+
     /// Runs an endpoint request where `route` says. Past its deadline it is not run at all
     /// (504); here, the answer names the plugin versions that made it.
     pub async fn invoke(

@@ -29,13 +29,7 @@ pub(crate) async fn serve(
     body: Body,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    // An endpoint whose model here is overloaded refuses before its plugins run (see
-    // `models::run_infer`).
-    if let EndpointRoute::Here(endpoint) = &route {
-        state
-            .engine()
-            .refuse_if_overloaded(&endpoint.model, endpoint.version.as_deref())?;
-    }
+    state.dispatch.refuse_if_overloaded(&route)?;
     // The body's share of the node's byte budget is held until the answer is made.
     let read = read_body(headers, body, &state.bodies).await?;
     let timeout = header_number(headers, &TIMEOUT_HEADER)?.map(Duration::from_micros);

@@ -22,7 +22,7 @@ use super::status::status_of;
 use super::stream::{self, StreamLimits};
 use super::tensors::{decode_request, encode_response};
 use crate::dispatch::Origin;
-use crate::dispatch::endpoint::{EndpointRoute, Invocation};
+use crate::dispatch::endpoint::Invocation;
 use crate::http::admin::{ClientAddr, authorize};
 use crate::http::error::ApiError;
 use crate::http::health::SERVER_EXTENSIONS;
@@ -114,11 +114,7 @@ impl GrpcDoor {
                 let version = Some(message.model_version.as_str()).filter(|v| !v.is_empty());
                 self.state.engine().refuse_if_overloaded(&name, version)?;
             }
-            Some(EndpointRoute::Here(here)) => self
-                .state
-                .engine()
-                .refuse_if_overloaded(&here.model, here.version.as_deref())?,
-            Some(_) => {}
+            Some(route) => self.state.dispatch.refuse_if_overloaded(route)?,
         }
         let mut decoded =
             decode_request(message).map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
