@@ -198,10 +198,16 @@ impl Dispatch {
             }
             .into());
         }
-        match route {
-            EndpointRoute::Here(endpoint) => self.run_here(&endpoint, call).await,
-            EndpointRoute::Replica(entry) => self.forward_whole(&entry, call).await,
-        }
+        // Boxed: the pipeline's state machine is kilobytes, and unboxed it would sit in every
+        // request future that might take an endpoint's branch, model requests included, and be
+        // copied with it each time one is moved (HTTP/2 moves each stream's future into a task).
+        Box::pin(async move {
+            match route {
+                EndpointRoute::Here(endpoint) => self.run_here(&endpoint, call).await,
+                EndpointRoute::Replica(entry) => self.forward_whole(&entry, call).await,
+            }
+        })
+        .await
     }
 
     async fn run_here(

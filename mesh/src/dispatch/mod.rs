@@ -194,10 +194,13 @@ impl Dispatch {
             (Plan::NotHere, _) => Err(self.not_here(model)),
             (Plan::Forward, Some(cluster)) => {
                 let started = Instant::now();
-                let answer = cluster
-                    .forward(InferCall::from_request(call.request, call.traceparent))
-                    .await
-                    .map_err(DispatchError::Remote)?;
+                // Boxed, so the forwarding state machine (kilobytes) is not part of every
+                // local request's future.
+                let answer = Box::pin(
+                    cluster.forward(InferCall::from_request(call.request, call.traceparent)),
+                )
+                .await
+                .map_err(DispatchError::Remote)?;
                 let hop = started.elapsed();
                 let from = answer.served_by.clone();
                 let (response, served_by) = answer.into_response().map_err(|e| {
