@@ -272,12 +272,14 @@ mod tests {
         assert!(app <= 3072, "App::serve's future is {app} bytes");
     }
 
-    fn request_future_sizes<'a>() -> (usize, usize, usize) {
-        let infer_parts = future_size(|x: (&'a AppState, &'a str, &'a HeaderMap, Body)| {
-            infer_parts(x.0, x.1, None, http::Version::HTTP_2, x.2, x.3)
-        });
-        let dispatch = future_size(|x: (&'a Dispatch, Call)| x.0.infer(x.1));
-        let app = future_size(|x: (&'a App, http::Request<Body>)| {
+    fn request_future_sizes() -> (usize, usize, usize) {
+        let infer_parts = future_size(
+            |x: (&'static AppState, &'static str, &'static HeaderMap, Body)| {
+                infer_parts(x.0, x.1, None, http::Version::HTTP_2, x.2, x.3)
+            },
+        );
+        let dispatch = future_size(|x: (&'static Dispatch, Call)| x.0.infer(x.1));
+        let app = future_size(|x: (&'static App, http::Request<Body>)| {
             x.0.serve(x.1, std::net::SocketAddr::from(([127, 0, 0, 1], 1)))
         });
         (infer_parts, dispatch, app)
