@@ -126,6 +126,23 @@ async fn first_party_plugins_compose_with_the_model() {
         };
         assert_eq!(decision["decision"], expected);
     }
+    // A name the router has to decode reaches the same endpoint as the plain name, which
+    // skips the router.
+    let transaction = json!({"card": "card-0003", "amount": 950.0});
+    let (_, plain) = post_json(
+        &http,
+        node.url("/v1/endpoints/fraud-check/invocations"),
+        &transaction,
+    )
+    .await;
+    let (status, decoded) = post_json(
+        &http,
+        node.url("/v1/endpoints/fraud%2Dcheck/invocations"),
+        &transaction,
+    )
+    .await;
+    assert_eq!(status, 200, "{decoded}");
+    assert_eq!(decoded, plain);
     let known = post_json(
         &http,
         node.url("/v2/models/fraud-features/infer"),

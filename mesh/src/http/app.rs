@@ -1,11 +1,12 @@
-//! The node's HTTP application, shared by every HTTP version: inference requests go straight
-//! to their handler, everything else through the axum router ([`crate::http::routes`]).
-//! Matching the one hot route by hand skips the router's per-request work on it (path
+//! The node's HTTP application, shared by every HTTP version: inference requests and endpoint
+//! invocations go straight to their handlers, everything else through the axum router
+//! ([`crate::http::routes`]). Matching the two hot routes by hand skips the router's per-request work on it (path
 //! parameters in a type map, percent-decoded copies, boxed futures, the client address in the
 //! request's extensions): about ten of a request's fifty allocations. A name that needs
 //! percent-decoding still goes through the router, which decodes it.
 
 use crate::http::admin::ClientAddr;
+use crate::http::endpoints::invoke_parts;
 use crate::http::grpc;
 use crate::http::models::infer_parts;
 use crate::http::routes::router;
@@ -51,17 +52,20 @@ impl App {
             return self.grpc.call(request).await;
         }
         let (parts, body) = request.into_parts();
-        let mut response = match infer_route(&parts.method, parts.uri.path()) {
-            Some(route) => {
+        let mut response = match hot_route(&parts.method, parts.uri.path()) {
+            Some(HotRoute::Infer { model, version }) => {
                 infer_parts(
                     &self.state,
-                    route.model,
-                    route.version,
+                    model,
+                    version,
                     parts.version,
                     &parts.headers,
                     body,
                 )
                 .await
+            }
+            Some(HotRoute::Invoke { endpoint }) => {
+                invoke_parts(&self.state, endpoint, parts.version, &parts.headers, body).await
             }
             None => {
                 let mut request = Request::from_parts(parts, body);
@@ -79,32 +83,36 @@ impl App {
     }
 }
 
-/// The model (and version) of an inference path.
-struct InferRoute<'p> {
-    model: &'p str,
-    version: Option<&'p str>,
+/// A request path served without the router.
+enum HotRoute<'p> {
+    /// `POST /v2/models/{model}/infer` or `POST /v2/models/{model}/versions/{version}/infer`.
+    Infer {
+        model: &'p str,
+        version: Option<&'p str>,
+    },
+    /// `POST /v1/endpoints/{endpoint}/invocations`.
+    Invoke { endpoint: &'p str },
 }
 
-/// Recognises `POST /v2/models/{model}/infer` and `POST
-/// /v2/models/{model}/versions/{version}/infer` with names that need no decoding; anything
+/// Recognises the inference and invocation paths with names that need no decoding; anything
 /// else is the router's.
-fn infer_route<'p>(method: &Method, path: &'p str) -> Option<InferRoute<'p>> {
+fn hot_route<'p>(method: &Method, path: &'p str) -> Option<HotRoute<'p>> {
     if method != Method::POST {
         return None;
     }
-    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
     let plain = |name: &str| !name.is_empty() && !name.contains(['/', '%']);
-    let route = match rest.split_once("/versions/") {
-        Some((model, version)) => InferRoute {
-            model,
-            version: Some(version),
-        },
-        None => InferRoute {
-            model: rest,
-            version: None,
-        },
+    if let Some(endpoint) = path
+        .strip_prefix("/v1/endpoints/")
+        .and_then(|rest| rest.strip_suffix("/invocations"))
+    {
+        return plain(endpoint).then_some(HotRoute::Invoke { endpoint });
+    }
+    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    let (model, version) = match rest.split_once("/versions/") {
+        Some((model, version)) => (model, Some(version)),
+        None => (rest, None),
     };
-    (plain(route.model) && route.version.is_none_or(plain)).then_some(route)
+    (plain(model) && version.is_none_or(plain)).then_some(HotRoute::Infer { model, version })
 }
 
 #[cfg(test)]
@@ -114,7 +122,10 @@ mod tests {
     #[test]
     fn only_plain_inference_paths_skip_the_router() {
         let post = Method::POST;
-        let route = |path: &'static str| infer_route(&post, path).map(|r| (r.model, r.version));
+        let route = |path: &'static str| match hot_route(&post, path) {
+            Some(HotRoute::Infer { model, version }) => Some((model, version)),
+            _ => None,
+        };
         assert_eq!(route("/v2/models/fraud/infer"), Some(("fraud", None)));
         assert_eq!(
             route("/v2/models/fraud/versions/2/infer"),
@@ -136,6 +147,36 @@ mod tests {
         ] {
             assert_eq!(route(path), None, "{path}");
         }
-        assert!(infer_route(&Method::GET, "/v2/models/fraud/infer").is_none());
+        assert!(hot_route(&Method::GET, "/v2/models/fraud/infer").is_none());
+    }
+
+    #[test]
+    fn only_plain_invocation_paths_skip_the_router() {
+        let post = Method::POST;
+        let route = |path: &'static str| match hot_route(&post, path) {
+            Some(HotRoute::Invoke { endpoint }) => Some(endpoint),
+            _ => None,
+        };
+        assert_eq!(
+            route("/v1/endpoints/fraud-check/invocations"),
+            Some("fraud-check")
+        );
+        // An endpoint may be called "invocations".
+        assert_eq!(
+            route("/v1/endpoints/invocations/invocations"),
+            Some("invocations")
+        );
+        for path in [
+            "/v1/endpoints/fraud%2Dcheck/invocations",
+            "/v1/endpoints//invocations",
+            "/v1/endpoints/invocations",
+            "/v1/endpoints/a/b/invocations",
+            "/v1/endpoints/fraud-check/invocations/",
+            "/v1/endpoints/fraud-check/reload",
+            "/v2/models/fraud/infer",
+        ] {
+            assert_eq!(route(path), None, "{path}");
+        }
+        assert!(hot_route(&Method::GET, "/v1/endpoints/fraud-check/invocations").is_none());
     }
 }

@@ -81,26 +81,32 @@ fn registry(state: &AppState) -> Result<Arc<Endpoints>, ApiError> {
     })
 }
 
-/// `POST /v1/endpoints/{endpoint}/invocations`.
+/// `POST /v1/endpoints/{endpoint}/invocations`, for names the router had to decode.
 pub async fn invocations(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    version: http::Version,
-    headers: HeaderMap,
+    request: axum::extract::Request,
+) -> Response {
+    // Taken from the request, not cloned by a `HeaderMap` extractor.
+    let (parts, body) = request.into_parts();
+    invoke_parts(&state, &name, parts.version, &parts.headers, body).await
+}
+
+/// Serves an invocation of endpoint `name`. [`crate::http::app::App`] calls it directly for
+/// plain names, the router ([`invocations`]) for the rest.
+pub(crate) async fn invoke_parts(
+    state: &AppState,
+    name: &str,
+    http_version: http::Version,
+    headers: &HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let (known, outcome) = match state.dispatch.endpoint_route(&name, Origin::Client) {
-        Ok(route) => (true, serve(&state, route, &headers, body, started).await),
+    let (known, outcome) = match state.dispatch.endpoint_route(name, Origin::Client) {
+        Ok(route) => (true, serve(state, route, headers, body, started).await),
         Err(failure) => (false, Err(ApiError::from(failure))),
     };
-    counted(
-        &state,
-        known.then_some(name.as_str()),
-        version,
-        outcome,
-        started,
-    )
+    counted(state, known.then_some(name), http_version, outcome, started)
 }
 
 /// `GET /v1/endpoints`: every endpoint of this node, where it is defined, whether it serves
