@@ -155,6 +155,11 @@ pub struct Metrics {
     /// Each model's request metrics, resolved once (names bounded as the labels are), so a
     /// request costs no label allocation or family lookup.
     per_model: RwLock<HashMap<String, Arc<RequestHandles>>>,
+    /// `feature_lookups_total` per table, hit and miss, resolved once per table: a lookup is
+    /// a host call on a plugin's hot path, and the family would build two label strings for
+    /// each. Only tables that exist and `_unknown` are keys, so the map is bounded as the
+    /// labels are.
+    lookups_by_table: RwLock<HashMap<String, [Counter; 2]>>,
     started: Instant,
 }
 
@@ -314,6 +319,7 @@ impl Metrics {
             refusals,
             grpc_streams,
             per_model: RwLock::default(),
+            lookups_by_table: RwLock::default(),
             started: Instant::now(),
         }
     }
@@ -478,16 +484,30 @@ impl Metrics {
 
     /// Counts a feature lookup; `table_known` keeps plugin-chosen names out of the labels.
     pub fn record_lookup(&self, table: &str, hit: bool, table_known: bool) {
-        self.feature_lookups
-            .get_or_create(&LookupLabels {
-                table: if table_known {
-                    table.to_string()
-                } else {
-                    "_unknown".to_string()
-                },
-                result: if hit { "hit" } else { "miss" }.to_string(),
+        let table = if table_known { table } else { "_unknown" };
+        let result = usize::from(!hit);
+        if let Some(counters) = self
+            .lookups_by_table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(table)
+        {
+            counters[result].inc();
+            return;
+        }
+        let counter = |result: &str| {
+            self.feature_lookups.get_or_create_owned(&LookupLabels {
+                table: table.to_string(),
+                result: result.to_string(),
             })
-            .inc();
+        };
+        let counters = [counter("hit"), counter("miss")];
+        counters[result].inc();
+        self.lookups_by_table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(table.to_string())
+            .or_insert(counters);
     }
 
     /// Handles for one model, resolved once.
@@ -653,5 +673,27 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn feature_lookups_are_counted_per_table_and_result() {
+        let metrics = Metrics::new();
+        for hit in [true, true, false] {
+            metrics.record_lookup("cards", hit, true);
+        }
+        metrics.record_lookup("merchants", false, true);
+        // Names no table has share one label, whatever a plugin asks for.
+        metrics.record_lookup("made-up-1", false, false);
+        metrics.record_lookup("made-up-2", false, false);
+        let text = metrics.encode();
+        for line in [
+            "meshserve_feature_lookups_total{table=\"cards\",result=\"hit\"} 2",
+            "meshserve_feature_lookups_total{table=\"cards\",result=\"miss\"} 1",
+            "meshserve_feature_lookups_total{table=\"merchants\",result=\"miss\"} 1",
+            "meshserve_feature_lookups_total{table=\"_unknown\",result=\"miss\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("made-up"), "{text}");
     }
 }
