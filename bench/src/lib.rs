@@ -440,7 +440,11 @@ fn request_headers(load: &HttpLoad) -> hyper::HeaderMap {
 #[derive(Clone)]
 enum Sender {
     Http1(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>),
-    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    /// HTTP/2 through `h2` itself: hyper's client pipes a request body from a task of its
+    /// own once the stream has opened, so each request went out as two writes (HEADERS, then
+    /// DATA), each waking the server; `h2` sends a body given with the request in the same
+    /// write, as gRPC's own clients (and h2load) do.
+    Http2(h2::client::SendRequest<Bytes>),
     Http3(Arc<Http3Client>),
 }
 
@@ -483,11 +487,9 @@ impl Sender {
             }
             Protocol::Http2 { tls, .. } | Protocol::Grpc { tls, .. } => {
                 let io = Sender::tcp(load.addr, tls.as_ref()).await?;
-                let (sender, connection) =
-                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(handshake)?;
+                let (sender, connection) = h2::client::handshake(io)
+                    .await
+                    .map_err(|e| BenchError::Server(format!("HTTP/2 handshake: {e}")))?;
                 tokio::spawn(connection);
                 Ok(Sender::Http2(sender))
             }
@@ -549,21 +551,13 @@ impl Sender {
                 let mut request = Request::builder()
                     .method(method)
                     .uri(format!("{scheme}://{}{path}", load.addr))
-                    .body(Full::new(body))
+                    .body(())
                     .map_err(|e| failed(e.to_string()))?;
                 *request.headers_mut() = request_headers(load);
                 if grpc {
                     grpc_stream::mark_grpc(request.headers_mut());
                 }
-                let response = sender
-                    .clone()
-                    .send_request(request)
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
-                if grpc {
-                    return grpc_answer(response).await;
-                }
-                Ok(response)
+                return h2_exchange(sender, request, body, grpc).await;
             }
         }
         .map_err(|e| failed(e.to_string()))?;
@@ -608,29 +602,54 @@ async fn stream_connection(
     Ok(connection)
 }
 
+/// One request over an HTTP/2 connection, its body (if any) sent with its headers; a gRPC
+/// answer is reported by [`grpc_status`].
+async fn h2_exchange(
+    sender: &h2::client::SendRequest<Bytes>,
+    request: Request<()>,
+    body: Bytes,
+    grpc: bool,
+) -> Result<(StatusCode, Bytes), BenchError> {
+    let failed = |e: h2::Error| BenchError::Server(format!("request failed: {e}"));
+    let mut sender = sender.clone().ready().await.map_err(failed)?;
+    let (response, mut send) = sender
+        .send_request(request, body.is_empty())
+        .map_err(failed)?;
+    if !body.is_empty() {
+        send.send_data(body, true).map_err(failed)?;
+    }
+    let response = response.await.map_err(failed)?;
+    let status = response.status();
+    let in_headers = response.headers().get("grpc-status").cloned();
+    let mut received = response.into_body();
+    let mut answer = bytes::BytesMut::new();
+    let reading = |e: h2::Error| BenchError::Server(format!("reading response: {e}"));
+    while let Some(chunk) = received.data().await {
+        let chunk = chunk.map_err(reading)?;
+        received
+            .flow_control()
+            .release_capacity(chunk.len())
+            .map_err(reading)?;
+        answer.extend_from_slice(&chunk);
+    }
+    let answer = answer.freeze();
+    if !grpc {
+        return Ok((status, answer));
+    }
+    let trailers = received.trailers().await.map_err(reading)?;
+    let code = in_headers.or_else(|| trailers.and_then(|t| t.get("grpc-status").cloned()));
+    Ok((grpc_status(code.as_ref()), answer))
+}
+
 /// A gRPC answer as the HTTP status its `grpc-status` means (in the trailers, or in the
 /// headers of a trailers-only answer), so the report counts failures as it does for REST.
-async fn grpc_answer(
-    response: hyper::Response<hyper::body::Incoming>,
-) -> Result<(StatusCode, Bytes), BenchError> {
-    let in_headers = response.headers().get("grpc-status").cloned();
-    let collected = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| BenchError::Server(format!("reading response: {e}")))?;
-    let code = in_headers.or_else(|| {
-        collected
-            .trailers()
-            .and_then(|t| t.get("grpc-status").cloned())
-    });
-    let status = match code.as_ref().map(|c| c.as_bytes()) {
+fn grpc_status(code: Option<&hyper::header::HeaderValue>) -> StatusCode {
+    match code.map(|c| c.as_bytes()) {
         Some(b"0") => StatusCode::OK,
         // UNAVAILABLE and RESOURCE_EXHAUSTED: the node's "try later".
         Some(b"14") | Some(b"8") => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    Ok((status, collected.to_bytes()))
+    }
 }
 
 /// The path of the OIP unary inference call over gRPC.
