@@ -477,3 +477,59 @@ async fn an_overloaded_model_refuses_a_grpc_call_before_converting_its_tensors()
         "{refused} refused (UNAVAILABLE) and {invalid} found invalid of the probes"
     );
 }
+
+#[tokio::test]
+async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_message() {
+    let _alone = ALONE.lock().await;
+    use meshserve::http::grpc::proto::ModelInferRequest;
+    use prost::Message;
+    let repo = slow_repo("max_queue_wait_us = 2000\n");
+    let node = TestNode::start(repo.path(), &[]);
+    let load = AtBound::keep(&node).await;
+    // The model's name, then an `id` that is not UTF-8: tonic cannot decode the message, so
+    // only a node that reads the name and decides before decoding answers UNAVAILABLE.
+    let mut message = ModelInferRequest {
+        model_name: "slow".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    message.extend_from_slice(&[0x1a, 1, 0xff]);
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (mut refused, mut undecodable) = (0, 0);
+    while refused < 3 && refused + undecodable < 40 {
+        let answer = http
+            .post(node.url("/inference.GRPCInferenceService/ModelInfer"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(framed.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = answer
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let pushback = answer.headers().get("grpc-retry-pushback-ms").is_some();
+        match status.as_deref() {
+            Some("14") => {
+                assert!(pushback, "a refusal says when to retry");
+                refused += 1;
+            }
+            Some("13") | Some("3") => undecodable += 1,
+            other => panic!("an undecodable call is refused or fails to decode, never {other:?}"),
+        }
+    }
+    load.stop().await;
+    eprintln!("{refused} gRPC calls refused before decoding, {undecodable} failed to decode");
+    assert_eq!(
+        refused, 3,
+        "{refused} refused (UNAVAILABLE) and {undecodable} failed to decode of the probes"
+    );
+}

@@ -4,11 +4,12 @@
 //!
 //! The services are generated at build time from `mesh/proto`; [`tensors`] converts messages
 //! (pure), [`endpoint`] turns an endpoint's call into REST's body and its answer back (pure),
-//! [`status`] maps failures, [`service`] answers, [`stream`] runs a streaming call, [`health`] is gRPC health checking, and
-//! [`Services`] routes each call to its service.
+//! [`status`] maps failures, [`service`] answers, [`stream`] runs a streaming call, [`health`] is gRPC health checking, [`peek`] reads the model a unary call names before its
+//! message is decoded, and [`Services`] routes each call to its service.
 
 pub mod endpoint;
 pub mod health;
+pub mod peek;
 pub mod service;
 pub mod status;
 pub mod stream;
@@ -47,6 +48,8 @@ type Reflection = BoxCloneSyncService<
 #[derive(Clone)]
 pub struct Services {
     inference: proto::grpc_inference_service_server::GrpcInferenceServiceServer<service::GrpcDoor>,
+    /// The door behind `inference`, asked before a unary call's message is decoded.
+    door: service::GrpcDoor,
     health: proto::health::health_server::HealthServer<health::HealthDoor>,
     reflection: Reflection,
     reflection_alpha: Reflection,
@@ -57,16 +60,21 @@ pub struct Services {
 /// The streaming inference call's path.
 const STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 
+/// The unary inference call's path.
+const INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+
 impl Services {
     /// The services over `state`, reading messages up to the node's body limit.
     pub fn new(state: AppState) -> Services {
         let bodies = state.bodies.clone();
+        let door = service::GrpcDoor::new(state.clone());
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::DESCRIPTORS)
         };
         Services {
-            inference: service::service(state.clone(), bodies.max_bytes),
+            inference: service::service(door.clone(), bodies.max_bytes),
+            door,
             health: health::service(state),
             // The descriptors are compiled in: building from them cannot fail at run time
             // unless the build itself was broken, which the tests would have caught.
@@ -104,11 +112,15 @@ impl Services {
         } else {
             // A unary call's body is read as REST reads one: within the size limit, the read
             // deadline and the node's in-flight byte budget, held until it is answered.
+            let unary_infer = path == INFER_PATH;
             let (parts, body) = request.into_parts();
             let read = match read_body(&parts.headers, body, &self.bodies).await {
                 Ok(read) => read,
                 Err(refused) => return status::status_of(refused).into_http(),
             };
+            if unary_infer && let Some(refused) = self.door.refuse_undecoded(&read.bytes) {
+                return refused.into_http();
+            }
             let request = http::Request::from_parts(parts, Body::from(read.bytes.clone()));
             // The body is within the limit, so its message is within tonic's (the same).
             let Ok(response) = self.inference.clone().oneshot(request).await;

@@ -2,6 +2,7 @@
 //! dispatch as the REST handlers, so a model answers the same on every door.
 
 use super::endpoint;
+use super::peek;
 use super::proto::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
@@ -22,7 +23,7 @@ use super::status::status_of;
 use super::stream::{self, StreamLimits};
 use super::tensors::{decode_request, encode_response};
 use crate::dispatch::Origin;
-use crate::dispatch::endpoint::Invocation;
+use crate::dispatch::endpoint::{EndpointRoute, Invocation};
 use crate::http::admin::{ClientAddr, authorize};
 use crate::http::error::ApiError;
 use crate::http::health::SERVER_EXTENSIONS;
@@ -48,10 +49,17 @@ pub struct GrpcDoor {
     state: AppState,
 }
 
+impl GrpcDoor {
+    /// The door over the node's state.
+    pub fn new(state: AppState) -> GrpcDoor {
+        GrpcDoor { state }
+    }
+}
+
 /// The service for the node's HTTP server: messages up to `max_message_bytes` (the node's
 /// body limit, not tonic's 4 MiB default) are read; larger ones answer RESOURCE_EXHAUSTED.
-pub fn service(state: AppState, max_message_bytes: usize) -> GrpcInferenceServiceServer<GrpcDoor> {
-    GrpcInferenceServiceServer::new(GrpcDoor { state })
+pub fn service(door: GrpcDoor, max_message_bytes: usize) -> GrpcInferenceServiceServer<GrpcDoor> {
+    GrpcInferenceServiceServer::new(door)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(usize::MAX)
 }
@@ -96,26 +104,8 @@ impl GrpcDoor {
     ) -> Result<ModelInferResponse, ApiError> {
         let started = Instant::now();
         let name = message.model_name.clone();
-        // As REST decides it: an endpoint shadows a model of its name, and the mesh's
-        // endpoints are looked up only for a name that is not a model here.
-        let endpoint =
-            if self.state.endpoint(&name).is_some() || self.state.engine().model(&name).is_none() {
-                self.state
-                    .dispatch
-                    .endpoint_route(&name, Origin::Client)
-                    .ok()
-            } else {
-                None
-            };
-        // An overloaded model here refuses before the message's tensors are converted (as
-        // REST refuses before it reads the body): the CPU goes to the requests it admits.
-        match &endpoint {
-            None => {
-                let version = Some(message.model_version.as_str()).filter(|v| !v.is_empty());
-                self.state.engine().refuse_if_overloaded(&name, version)?;
-            }
-            Some(route) => self.state.dispatch.refuse_if_overloaded(route)?,
-        }
+        let version = Some(message.model_version.as_str()).filter(|v| !v.is_empty());
+        let endpoint = self.admit(&name, version)?;
         let mut decoded =
             decode_request(message).map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
         // The call's deadline bounds the request's wait as much as its own timeout does.
@@ -148,6 +138,52 @@ impl GrpcDoor {
         Ok(encode_response(served.response, decoded.typed))
     }
 
+    /// Where a call for `name` runs (an endpoint's route, or `None` for a model), unless the
+    /// model it needs is overloaded here: then it is refused before its tensors are converted
+    /// (as REST refuses before it reads the body), and the CPU goes to the calls admitted.
+    fn admit(&self, name: &str, version: Option<&str>) -> Result<Option<EndpointRoute>, ApiError> {
+        // As REST decides it: an endpoint shadows a model of its name, and the mesh's
+        // endpoints are looked up only for a name that is not a model here.
+        let endpoint =
+            if self.state.endpoint(name).is_some() || self.state.engine().model(name).is_none() {
+                self.state
+                    .dispatch
+                    .endpoint_route(name, Origin::Client)
+                    .ok()
+            } else {
+                None
+            };
+        match &endpoint {
+            None => self.state.engine().refuse_if_overloaded(name, version)?,
+            Some(route) => self.state.dispatch.refuse_if_overloaded(route)?,
+        }
+        Ok(endpoint)
+    }
+
+    /// Refuses a unary call for an overloaded model (or an endpoint on one) from its framed
+    /// message, before tonic decodes it; counted as [`Self::counted_infer`] counts answers.
+    /// `None`: decode and run it.
+    pub(super) fn refuse_undecoded(&self, framed: &[u8]) -> Option<Status> {
+        let started = Instant::now();
+        let (name, version) = peek::model_of(framed)?;
+        let refused = self
+            .admit(name, Some(version).filter(|v| !v.is_empty()))
+            .err()?;
+        self.record(name, refused.class.http_status(), started);
+        Some(status_of(refused))
+    }
+
+    /// Counts an answered call in the node's request metrics, as REST counts its requests.
+    fn record(&self, model: &str, status: u16, started: Instant) {
+        let known = self.state.dispatch.serves(model);
+        self.state.engine().metrics().record_request(
+            if known { model } else { "_unknown" },
+            Protocol::Grpc,
+            status,
+            started.elapsed(),
+        );
+    }
+
     /// [`Self::infer`], counted in the node's request metrics as REST requests are.
     pub(super) async fn counted_infer(
         &self,
@@ -161,13 +197,7 @@ impl GrpcDoor {
             Ok(_) => 200,
             Err(error) => error.class.http_status(),
         };
-        let known = self.state.dispatch.serves(&model);
-        self.state.engine().metrics().record_request(
-            if known { &model } else { "_unknown" },
-            Protocol::Grpc,
-            status,
-            started.elapsed(),
-        );
+        self.record(&model, status, started);
         outcome
     }
 
