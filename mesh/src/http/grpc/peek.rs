@@ -130,4 +130,33 @@ mod tests {
         }
         assert_eq!(model_of(&framed(&[])), Some(("", "")));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_read_without_a_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)
+        ) {
+            let _ = model_of(&bytes);
+            let _ = model_of(&framed(&bytes));
+        }
+
+        #[test]
+        fn the_name_and_version_prost_encodes_are_the_ones_read(
+            name in "\\PC{0,40}",
+            version in "[0-9]{0,3}",
+            id in "\\PC{0,10}",
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let message = ModelInferRequest {
+                model_name: name.clone(),
+                model_version: version.clone(),
+                id,
+                raw_input_contents: vec![raw.into()],
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let framed = framed(&message);
+            proptest::prop_assert_eq!(model_of(&framed), Some((name.as_str(), version.as_str())));
+        }
+    }
 }
