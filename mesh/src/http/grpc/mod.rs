@@ -4,8 +4,9 @@
 //!
 //! The services are generated at build time from `mesh/proto`; [`tensors`] converts messages
 //! (pure), [`endpoint`] turns an endpoint's call into REST's body and its answer back (pure),
-//! [`status`] maps failures, [`service`] answers, [`stream`] runs a streaming call, [`health`] is gRPC health checking, [`peek`] reads the model a unary call names before its
-//! message is decoded, and [`Services`] routes each call to its service.
+//! [`peek`] reads the model a unary call names before its message is decoded (pure),
+//! [`status`] maps failures, [`service`] answers, [`stream`] runs a streaming call, [`health`]
+//! is gRPC health checking, and [`Services`] routes each call to its service.
 
 pub mod endpoint;
 pub mod health;
