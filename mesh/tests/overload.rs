@@ -419,6 +419,43 @@ impl AtBound {
     }
 }
 
+/// Sends `message` as unary gRPC ModelInfer calls until 3 are refused (UNAVAILABLE, each
+/// saying when to retry) or 40 were sent; every other answer must carry one of the gRPC codes
+/// in `otherwise`. Returns how many were refused and how many answered otherwise.
+async fn grpc_probes(node: &TestNode, message: &[u8], otherwise: &[&str]) -> (usize, usize) {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (mut refused, mut answered) = (0, 0);
+    while refused < 3 && refused + answered < 40 {
+        let answer = http
+            .post(node.url("/inference.GRPCInferenceService/ModelInfer"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(framed.clone())
+            .send()
+            .await
+            .unwrap();
+        let headers = answer.headers();
+        match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+            Some("14") => {
+                assert!(
+                    headers.contains_key("grpc-retry-pushback-ms"),
+                    "a refusal says when to retry"
+                );
+                refused += 1;
+            }
+            Some(code) if otherwise.contains(&code) => answered += 1,
+            other => panic!("a probe is refused or answers one of {otherwise:?}, never {other:?}"),
+        }
+    }
+    (refused, answered)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_model_refuses_a_grpc_call_before_converting_its_tensors() {
     let _alone = ALONE.lock().await;
@@ -442,34 +479,7 @@ async fn an_overloaded_model_refuses_a_grpc_call_before_converting_its_tensors()
         ..Default::default()
     }
     .encode_to_vec();
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    let http = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let (mut refused, mut invalid) = (0, 0);
-    while refused < 3 && refused + invalid < 40 {
-        let answer = http
-            .post(node.url("/inference.GRPCInferenceService/ModelInfer"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(framed.clone())
-            .send()
-            .await
-            .unwrap();
-        let status = answer
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        match status.as_deref() {
-            Some("14") => refused += 1,
-            Some("3") => invalid += 1,
-            other => panic!("a malformed call is refused or invalid, never {other:?}"),
-        }
-    }
+    let (refused, invalid) = grpc_probes(&node, &message, &["3"]).await;
     load.stop().await;
     eprintln!("{refused} gRPC calls refused before conversion, {invalid} converted and invalid");
     assert_eq!(
@@ -478,7 +488,7 @@ async fn an_overloaded_model_refuses_a_grpc_call_before_converting_its_tensors()
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_message() {
     let _alone = ALONE.lock().await;
     use meshserve::http::grpc::proto::ModelInferRequest;
@@ -494,38 +504,7 @@ async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_messa
     }
     .encode_to_vec();
     message.extend_from_slice(&[0x1a, 1, 0xff]);
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    let http = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let (mut refused, mut undecodable) = (0, 0);
-    while refused < 3 && refused + undecodable < 40 {
-        let answer = http
-            .post(node.url("/inference.GRPCInferenceService/ModelInfer"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(framed.clone())
-            .send()
-            .await
-            .unwrap();
-        let status = answer
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let pushback = answer.headers().get("grpc-retry-pushback-ms").is_some();
-        match status.as_deref() {
-            Some("14") => {
-                assert!(pushback, "a refusal says when to retry");
-                refused += 1;
-            }
-            Some("13") | Some("3") => undecodable += 1,
-            other => panic!("an undecodable call is refused or fails to decode, never {other:?}"),
-        }
-    }
+    let (refused, undecodable) = grpc_probes(&node, &message, &["13", "3"]).await;
     load.stop().await;
     eprintln!("{refused} gRPC calls refused before decoding, {undecodable} failed to decode");
     assert_eq!(
