@@ -189,13 +189,7 @@ pub(crate) async fn infer_parts(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    // An endpoint shadows a model of its name; the mesh's endpoints are looked up only for a
-    // name that is not a model here, so a model's requests pay one map lookup for endpoints.
-    let endpoint = if state.endpoint(model).is_some() || state.engine().model(model).is_none() {
-        state.dispatch.endpoint_route(model, Origin::Client).ok()
-    } else {
-        None
-    };
+    let endpoint = state.endpoint_for_model_name(model);
     let known = endpoint.is_some() || state.dispatch.serves(model);
     let outcome = match endpoint {
         Some(route) => endpoints::serve(state, route, headers, body, started).await,

@@ -1,6 +1,7 @@
 //! What every HTTP handler shares ([`AppState`]), and the one way a door runs a model:
 //! through the node's dispatch, here or over the mesh.
 
+use crate::dispatch::endpoint::EndpointRoute;
 use crate::dispatch::{Call, Dispatch, DispatchError, Origin, Served, traceparent};
 use crate::http::admin::AdminAccess;
 use crate::http::body::BodyLimits;
@@ -38,6 +39,18 @@ impl AppState {
 
     pub(crate) fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
         self.dispatch.endpoints()?.get(name)
+    }
+
+    /// Where an OIP inference request for `name` runs when an endpoint answers it, the same
+    /// on every door: an endpoint shadows a model of its name, and the mesh's endpoints are
+    /// looked up only for a name that is not a model here, so a model's requests pay one map
+    /// lookup for endpoints. `None`: run the model.
+    pub(crate) fn endpoint_for_model_name(&self, name: &str) -> Option<EndpointRoute> {
+        if self.endpoint(name).is_some() || self.engine().model(name).is_none() {
+            self.dispatch.endpoint_route(name, Origin::Client).ok()
+        } else {
+            None
+        }
     }
 }
 

@@ -22,7 +22,6 @@ use super::proto::{
 use super::status::status_of;
 use super::stream::{self, StreamLimits};
 use super::tensors::{decode_request, encode_response};
-use crate::dispatch::Origin;
 use crate::dispatch::endpoint::{EndpointRoute, Invocation};
 use crate::http::admin::{ClientAddr, authorize};
 use crate::http::error::ApiError;
@@ -142,17 +141,7 @@ impl GrpcDoor {
     /// model it needs is overloaded here: then it is refused before its tensors are converted
     /// (as REST refuses before it reads the body), and the CPU goes to the calls admitted.
     fn admit(&self, name: &str, version: Option<&str>) -> Result<Option<EndpointRoute>, ApiError> {
-        // As REST decides it: an endpoint shadows a model of its name, and the mesh's
-        // endpoints are looked up only for a name that is not a model here.
-        let endpoint =
-            if self.state.endpoint(name).is_some() || self.state.engine().model(name).is_none() {
-                self.state
-                    .dispatch
-                    .endpoint_route(name, Origin::Client)
-                    .ok()
-            } else {
-                None
-            };
+        let endpoint = self.state.endpoint_for_model_name(name);
         match &endpoint {
             None => self.state.engine().refuse_if_overloaded(name, version)?,
             Some(route) => self.state.dispatch.refuse_if_overloaded(route)?,
