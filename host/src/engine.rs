@@ -389,13 +389,18 @@ impl Engine {
     }
 
     /// Refuses a request for `model` (at `version`) before its body is read when its queue
-    /// would refuse any request for the wait alone ([`Scheduler::over_wait_bound`]),
-    /// counted as [`Engine::infer`] counts that refusal. A model not loaded here, or a version
-    /// it does not have, passes: [`Engine::infer`] answers those.
+    /// would refuse any request for the wait alone ([`Scheduler::over_wait_bound`]), or, for
+    /// a request whose deadline the door already knows (`timeout`, counted from `started`),
+    /// when the queue ahead would make even a one-row request miss it
+    /// ([`Scheduler::would_miss_deadline`]); counted as [`Engine::infer`] counts those
+    /// refusals. A model not loaded here, or a version it does not have, passes:
+    /// [`Engine::infer`] answers those.
     pub fn refuse_if_overloaded(
         &self,
         model: &str,
         version: Option<&str>,
+        timeout: Option<Duration>,
+        started: Instant,
     ) -> Result<(), InferError> {
         let Some(loaded) = self.model(model) else {
             return Ok(());
@@ -403,17 +408,28 @@ impl Engine {
         let Ok(chosen) = loaded.version(version) else {
             return Ok(());
         };
-        match chosen.scheduler.over_wait_bound() {
-            None => Ok(()),
-            Some((predicted, bound)) => {
-                self.metrics.record_refusal(model, "queue_wait");
-                Err(InferError::WouldWaitTooLong {
-                    model: model.to_string(),
-                    predicted_us: micros(predicted),
-                    bound_us: micros(bound),
-                })
-            }
+        if let Some((predicted, bound)) = chosen.scheduler.over_wait_bound() {
+            self.metrics.record_refusal(model, "queue_wait");
+            return Err(InferError::WouldWaitTooLong {
+                model: model.to_string(),
+                predicted_us: micros(predicted),
+                bound_us: micros(bound),
+            });
         }
+        // 0 means "no deadline", as in [`Engine::infer`].
+        if let Some(timeout) = timeout.filter(|t| !t.is_zero())
+            && let Some(answer) = chosen
+                .scheduler
+                .would_miss_deadline(timeout.saturating_sub(started.elapsed()))
+        {
+            self.metrics.record_refusal(model, "deadline");
+            return Err(InferError::WouldMissDeadline {
+                model: model.to_string(),
+                predicted_us: micros(answer),
+                timeout_us: micros(timeout),
+            });
+        }
+        Ok(())
     }
 
     /// Runs one request through its model's queue.

@@ -161,6 +161,19 @@ fn slow_node(extra: &str) -> (TestNode, tempfile::TempDir) {
     (TestNode::start(repo.path(), &[]), repo)
 }
 
+/// Adds the endpoint `slow-noop` to a [`slow_repo`]: `slow`'s outputs handed back through the
+/// `noop` post-plugin.
+fn add_slow_noop(repo: &tempfile::TempDir) {
+    let endpoint = repo.path().join("slow-noop");
+    std::fs::create_dir(&endpoint).unwrap();
+    std::fs::copy(plugin("noop"), endpoint.join("noop.wasm")).unwrap();
+    std::fs::write(
+        endpoint.join("endpoint.toml"),
+        "model = \"slow\"\npost = { path = \"noop.wasm\" }\n",
+    )
+    .unwrap();
+}
+
 /// A repository holding `mesh/tests/models/slow` on one single-threaded session, each request
 /// its own run, with `extra` added to its config.toml.
 fn slow_repo(extra: &str) -> tempfile::TempDir {
@@ -317,22 +330,13 @@ async fn twice_the_queue_in_clients_keeps_admitted_latency_bounded_and_refuses_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_arrives() {
     let _alone = ALONE.lock().await;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // `slow` (about 1 ms a request, one session) with a 2 ms bound: two requests queued
     // ahead are over it. Its endpoint `slow-noop` hands the model's outputs back through a
     // post-plugin.
     let repo = slow_repo("max_queue_wait_us = 2000\n");
-    let endpoint = repo.path().join("slow-noop");
-    std::fs::create_dir(&endpoint).unwrap();
-    std::fs::copy(plugin("noop"), endpoint.join("noop.wasm")).unwrap();
-    std::fs::write(
-        endpoint.join("endpoint.toml"),
-        "model = \"slow\"\npost = { path = \"noop.wasm\" }\n",
-    )
-    .unwrap();
+    add_slow_noop(&repo);
     let node = TestNode::start(repo.path(), &[]);
     let load = AtBound::keep(&node).await;
-    let body = SLOW_REQUEST.to_string();
     // Each probe sends its headers and none of the body it announces: only a node that decides
     // before reading the body (and before the endpoint's plugins) can answer it.
     let mut seen = Vec::new();
@@ -340,33 +344,8 @@ async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_a
         "/v2/models/slow/infer",
         "/v1/endpoints/slow-noop/invocations",
     ] {
-        let (mut refused, mut probes) = (0, 0);
-        while refused < 3 && probes < 40 {
-            probes += 1;
-            let mut socket = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-            let head = format!(
-                "POST {path} HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                body.len()
-            );
-            socket.write_all(head.as_bytes()).await.unwrap();
-            let mut answer = vec![0; 4096];
-            let Ok(Ok(n)) =
-                tokio::time::timeout(Duration::from_secs(2), socket.read(&mut answer)).await
-            else {
-                continue;
-            };
-            let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
-            assert!(
-                answer.starts_with("http/1.1 503"),
-                "{path}: only a refusal comes before the body: {answer}"
-            );
-            assert!(answer.contains("retry-after:"), "{path}: {answer}");
-            assert!(
-                answer.contains("connection: close"),
-                "{path}: the body never came: the connection is not reused: {answer}"
-            );
-            refused += 1;
-        }
+        let (refused, probes) = bodiless_probes(&node, path, &[], 40).await;
+        let refused = refused.len();
         eprintln!("{path}: {refused} of {probes} probes refused before their body");
         seen.push((path, refused, probes));
     }
@@ -377,6 +356,49 @@ async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_a
             "{path}: {refused} of {probes} probes refused before their body"
         );
     }
+}
+
+/// Sends the headers of `SLOW_REQUEST` to `path` (with `extra` header lines) and none of its
+/// body, until 3 probes are refused or `max_probes` were sent: only a node that decides before reading
+/// the body can answer one, and it may only refuse (503, saying when to retry, closing the
+/// connection the body would have come on). Returns the refusals (each answer whole) and the
+/// probes sent.
+async fn bodiless_probes(
+    node: &TestNode,
+    path: &str,
+    extra: &[&str],
+    max_probes: usize,
+) -> (Vec<String>, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut refused, mut probes) = (Vec::new(), 0);
+    while refused.len() < 3 && probes < max_probes {
+        probes += 1;
+        let mut socket = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        let extra: String = extra.iter().map(|line| format!("{line}\r\n")).collect();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n",
+            SLOW_REQUEST.len()
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0; 4096];
+        let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(2), socket.read(&mut answer)).await
+        else {
+            continue;
+        };
+        let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+        assert!(
+            answer.starts_with("http/1.1 503"),
+            "{path}: only a refusal comes before the body: {answer}"
+        );
+        assert!(answer.contains("retry-after:"), "{path}: {answer}");
+        assert!(
+            answer.contains("connection: close"),
+            "{path}: the body never came: the connection is not reused: {answer}"
+        );
+        refused.push(answer);
+    }
+    (refused, probes)
 }
 
 /// A one-row request for `slow`.
@@ -419,10 +441,16 @@ impl AtBound {
     }
 }
 
-/// Sends `message` as unary gRPC ModelInfer calls until 3 are refused (UNAVAILABLE, each
-/// saying when to retry) or 40 were sent; every other answer must carry one of the gRPC codes
-/// in `otherwise`. Returns how many were refused and how many answered otherwise.
-async fn grpc_probes(node: &TestNode, message: &[u8], otherwise: &[&str]) -> (usize, usize) {
+/// Sends `message` as unary gRPC ModelInfer calls (with `grpc-timeout` when given) until 3
+/// are refused (UNAVAILABLE, each saying when to retry) or 40 were sent; every other answer
+/// must carry one of the gRPC codes in `otherwise`. Returns how many were refused and how many
+/// answered otherwise.
+async fn grpc_probes(
+    node: &TestNode,
+    message: &[u8],
+    grpc_timeout: Option<&str>,
+    otherwise: &[&str],
+) -> (usize, usize) {
     let mut framed = vec![0];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(message);
@@ -432,14 +460,14 @@ async fn grpc_probes(node: &TestNode, message: &[u8], otherwise: &[&str]) -> (us
         .unwrap();
     let (mut refused, mut answered) = (0, 0);
     while refused < 3 && refused + answered < 40 {
-        let answer = http
+        let mut call = http
             .post(node.url("/inference.GRPCInferenceService/ModelInfer"))
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(framed.clone())
-            .send()
-            .await
-            .unwrap();
+            .header("te", "trailers");
+        if let Some(timeout) = grpc_timeout {
+            call = call.header("grpc-timeout", timeout);
+        }
+        let answer = call.body(framed.clone()).send().await.unwrap();
         let headers = answer.headers();
         match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
             Some("14") => {
@@ -479,7 +507,7 @@ async fn an_overloaded_model_refuses_a_grpc_call_before_converting_its_tensors()
         ..Default::default()
     }
     .encode_to_vec();
-    let (refused, invalid) = grpc_probes(&node, &message, &["3"]).await;
+    let (refused, invalid) = grpc_probes(&node, &message, None, &["3"]).await;
     load.stop().await;
     eprintln!("{refused} gRPC calls refused before conversion, {invalid} converted and invalid");
     assert_eq!(
@@ -504,11 +532,78 @@ async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_messa
     }
     .encode_to_vec();
     message.extend_from_slice(&[0x1a, 1, 0xff]);
-    let (refused, undecodable) = grpc_probes(&node, &message, &["13", "3"]).await;
+    let (refused, undecodable) = grpc_probes(&node, &message, None, &["13", "3"]).await;
     load.stop().await;
     eprintln!("{refused} gRPC calls refused before decoding, {undecodable} failed to decode");
     assert_eq!(
         refused, 3,
         "{refused} refused (UNAVAILABLE) and {undecodable} failed to decode of the probes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_would_miss_the_deadline_in_its_headers_is_refused_before_its_body() {
+    let _alone = ALONE.lock().await;
+    use meshserve::http::grpc::proto::ModelInferRequest;
+    use prost::Message;
+    // `slow` (about 1 ms a request, one session) without a wait bound: 32 clients keep about
+    // 30 requests queued, which refuses nothing that has no deadline, while a 5 ms deadline
+    // cannot be met behind them.
+    let repo = slow_repo("max_queue_wait_us = 0\n");
+    add_slow_noop(&repo);
+    let node = TestNode::start(repo.path(), &[]);
+    let load = AtBound::keep(&node).await;
+    let mut seen = Vec::new();
+    for path in [
+        "/v2/models/slow/infer",
+        "/v1/endpoints/slow-noop/invocations",
+    ] {
+        let (refused, probes) =
+            bodiless_probes(&node, path, &["meshserve-timeout-us: 5000"], 40).await;
+        // Without the header, the node waits for the body whatever its queue.
+        let (unheaded, _) = bodiless_probes(&node, path, &[], 2).await;
+        eprintln!(
+            "{path}: {} of {probes} probes with a deadline refused before their body, {} of 2 without",
+            refused.len(),
+            unheaded.len()
+        );
+        seen.push((path, refused, probes, unheaded.len()));
+    }
+    // The same for gRPC's deadline: an `id` that is not UTF-8 makes the message undecodable,
+    // so only a call refused before decoding answers UNAVAILABLE.
+    let mut message = ModelInferRequest {
+        model_name: "slow".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    message.extend_from_slice(&[0x1a, 1, 0xff]);
+    let (grpc_refused, _) = grpc_probes(&node, &message, Some("5m"), &["13", "3"]).await;
+    let (grpc_unheaded, _) = grpc_probes(&node, &message, None, &["13", "3"]).await;
+    let metrics = node.metrics().await;
+    load.stop().await;
+    for (path, refused, probes, unheaded) in &seen {
+        assert_eq!(
+            refused.len(),
+            3,
+            "{path}: {} of {probes} probes refused",
+            refused.len()
+        );
+        for answer in refused {
+            assert!(
+                answer.contains("after this request's deadline of 5000"),
+                "{path}: refused for the deadline: {answer}"
+            );
+        }
+        assert_eq!(*unheaded, 0, "{path}: refused without a deadline");
+    }
+    assert_eq!(grpc_refused, 3, "gRPC calls with a 5 ms deadline refused");
+    assert_eq!(grpc_unheaded, 0, "gRPC calls without a deadline refused");
+    assert!(
+        metric_sum(
+            &metrics,
+            "meshserve_refused_requests_total",
+            &[("model", "slow"), ("kind", "deadline")],
+        ) >= 9.0,
+        "each refusal counted for its deadline"
     );
 }

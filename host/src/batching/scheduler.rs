@@ -364,6 +364,13 @@ pub fn predicted_answer(
     )))
 }
 
+/// Whether a request predicted to be answered in `answer` (its `own` run included) misses a
+/// deadline `left` from now because of the queue ahead: a deadline shorter than its own run
+/// is no matter of load (that request queues and expires, 504, without running).
+fn misses_deadline(own: Duration, answer: Duration, left: Duration) -> bool {
+    own <= left && answer > left
+}
+
 /// The wait calibration's unit (a factor of 1), fine enough for its smallest step.
 const CALIBRATION_UNIT: u64 = 1_000_000;
 
@@ -586,12 +593,14 @@ impl Scheduler {
         if let Some((wait, own)) = wait.zip(own) {
             let wait = self.shared.calibrated(wait);
             let answer = wait + own;
-            if let Some(deadline) = job.deadline {
-                let now = Instant::now();
-                let fits_alone = now + own <= deadline;
-                if fits_alone && now + answer > deadline {
-                    return Err(Refused::WouldMissDeadline(job, answer));
-                }
+            if let Some(deadline) = job.deadline
+                && misses_deadline(
+                    own,
+                    answer,
+                    deadline.saturating_duration_since(Instant::now()),
+                )
+            {
+                return Err(Refused::WouldMissDeadline(job, answer));
             }
             if let Some(bound) = self.shared.exceeded_bound(&batcher, wait, recent) {
                 return Err(Refused::WouldWaitTooLong {
@@ -626,6 +635,22 @@ impl Scheduler {
         let wait = self.shared.calibrated(wait);
         let bound = self.shared.exceeded_bound(&batcher, wait, recent)?;
         Some((wait, bound))
+    }
+
+    /// The answer predicted now for a one-row request with `left` until its deadline, when the
+    /// queue ahead would make it miss that deadline ([`Scheduler::submit`] refuses it then):
+    /// a door that knows a request's deadline from its headers asks before it reads the body.
+    /// An empty queue passes without the lock (its requests start at once).
+    pub fn would_miss_deadline(&self, left: Duration) -> Option<Duration> {
+        if self.shared.published_depth.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let shared = &*self.shared;
+        let (sessions, recent) = (shared.sessions.len(), shared.measured());
+        let wait = predicted_answer(shared.ahead(&shared.lock()), 0, sessions, recent)?;
+        let own = predicted_answer(Ahead::NOTHING, 1, sessions, recent)?;
+        let answer = shared.calibrated(wait) + own;
+        misses_deadline(own, answer, left).then_some(answer)
     }
 
     /// Claims an idle session for a request of `rows` rows, which arrived at `arrived`, to
@@ -988,6 +1013,22 @@ fn infer(session: &mut OnnxSession, batch: &[Job]) -> Result<Vec<Vec<Tensor>>, B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_queue_ahead_makes_a_request_miss_its_deadline() {
+        let us = Duration::from_micros;
+        assert!(
+            misses_deadline(us(100), us(900), us(500)),
+            "late for the wait"
+        );
+        assert!(!misses_deadline(us(100), us(400), us(500)), "in time");
+        assert!(!misses_deadline(us(100), us(500), us(500)), "just in time");
+        assert!(
+            !misses_deadline(us(600), us(900), us(500)),
+            "its own run is longer than its deadline: no matter of load"
+        );
+        assert!(!misses_deadline(us(100), us(900), us(0)), "already past it");
+    }
 
     #[test]
     fn the_automatic_wait_bound_follows_run_times_once_enough_runs_were_measured() {

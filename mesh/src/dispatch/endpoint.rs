@@ -165,13 +165,22 @@ impl Dispatch {
     }
 
     /// Refuses at once when `route` runs the endpoint here and its model is over its wait
-    /// bound: every door asks before it reads or converts what the plugins would get, so
-    /// under overload a refusal costs no body, decode or plugin call.
-    pub fn refuse_if_overloaded(&self, route: &EndpointRoute) -> Result<(), InferError> {
+    /// bound, or would answer after the request's deadline (`timeout` from `started`, when a
+    /// header gave it): every door asks before it reads or converts what the plugins would
+    /// get, so under overload a refusal costs no body, decode or plugin call.
+    pub fn refuse_if_overloaded(
+        &self,
+        route: &EndpointRoute,
+        timeout: Option<Duration>,
+        started: Instant,
+    ) -> Result<(), InferError> {
         match route {
-            EndpointRoute::Here(endpoint) => self
-                .engine
-                .refuse_if_overloaded(&endpoint.model, endpoint.version.as_deref()),
+            EndpointRoute::Here(endpoint) => self.engine.refuse_if_overloaded(
+                &endpoint.model,
+                endpoint.version.as_deref(),
+                timeout,
+                started,
+            ),
             EndpointRoute::Replica(_) => Ok(()),
         }
     }

@@ -29,10 +29,12 @@ pub(crate) async fn serve(
     body: Body,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    state.dispatch.refuse_if_overloaded(&route)?;
+    let timeout = header_number(headers, &TIMEOUT_HEADER)?.map(Duration::from_micros);
+    state
+        .dispatch
+        .refuse_if_overloaded(&route, timeout, started)?;
     // The body's share of the node's byte budget is held until the answer is made.
     let read = read_body(headers, body, &state.bodies).await?;
-    let timeout = header_number(headers, &TIMEOUT_HEADER)?.map(Duration::from_micros);
     let invocation = Invocation {
         headers,
         body: read.bytes.clone(),

@@ -212,17 +212,21 @@ async fn run_infer(
     body: Body,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    // An overloaded model here refuses before the body is read and decoded: the refusal
-    // costs microseconds, and the CPU goes to the requests it admits.
-    state.engine().refuse_if_overloaded(model, version)?;
+    // An overloaded model here, or one that would answer after the deadline a header gives,
+    // refuses before the body is read and decoded: the refusal costs microseconds, and the
+    // CPU goes to the requests it admits.
+    let timeout = header_number(headers, &TIMEOUT_HEADER)?.map(Duration::from_micros);
+    state
+        .engine()
+        .refuse_if_overloaded(model, version, timeout, started)?;
     let read = read_body(headers, body, &state.bodies).await?;
     let body = &read.bytes;
     let json_length = header_number(headers, &HEADER_CONTENT_LENGTH)?
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     let mut decoded = oip::decode_request(model, version, body, json_length)
         .map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
-    if let Some(us) = header_number(headers, &TIMEOUT_HEADER)? {
-        decoded.request.timeout = Some(Duration::from_micros(us));
+    if timeout.is_some() {
+        decoded.request.timeout = timeout;
     }
     let model = decoded.request.model.clone();
     let ran = run_model(state, decoded.request, headers).await?;

@@ -34,6 +34,7 @@ use crate::http::body::{BodyLimits, read_body};
 use crate::http::state::AppState;
 use axum::body::Body;
 use http::HeaderMap;
+use std::time::Instant;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
@@ -114,12 +115,17 @@ impl Services {
             // A unary call's body is read as REST reads one: within the size limit, the read
             // deadline and the node's in-flight byte budget, held until it is answered.
             let unary_infer = path == INFER_PATH;
+            let started = Instant::now();
             let (parts, body) = request.into_parts();
             let read = match read_body(&parts.headers, body, &self.bodies).await {
                 Ok(read) => read,
                 Err(refused) => return status::status_of(refused).into_http(),
             };
-            if unary_infer && let Some(refused) = self.door.refuse_undecoded(&read.bytes) {
+            if unary_infer
+                && let Some(refused) =
+                    self.door
+                        .refuse_undecoded(&read.bytes, &parts.headers, started)
+            {
                 return refused.into_http();
             }
             let request = http::Request::from_parts(parts, Body::from(read.bytes.clone()));

@@ -88,6 +88,14 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// The call's deadline from its `grpc-timeout` metadata, when it has a valid one.
+fn call_deadline(headers: &http::HeaderMap) -> Option<Duration> {
+    headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout)
+}
+
 fn unsupported(what: &str) -> Status {
     Status::unimplemented(format!(
         "meshserve does not implement {what}; send tensors in the request (raw_input_contents or contents)"
@@ -104,15 +112,12 @@ impl GrpcDoor {
         let started = Instant::now();
         let name = message.model_name.clone();
         let version = Some(message.model_version.as_str()).filter(|v| !v.is_empty());
-        let endpoint = self.admit(&name, version)?;
+        let call_deadline = call_deadline(headers);
+        let endpoint = self.admit(&name, version, call_deadline, started)?;
         let mut decoded =
             decode_request(message).map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
         // The call's deadline bounds the request's wait as much as its own timeout does.
-        if let Some(deadline) = headers
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(grpc_timeout)
-        {
+        if let Some(deadline) = call_deadline {
             let timeout = decoded.request.timeout.get_or_insert(deadline);
             *timeout = (*timeout).min(deadline);
         }
@@ -138,25 +143,44 @@ impl GrpcDoor {
     }
 
     /// Where a call for `name` runs (an endpoint's route, or `None` for a model), unless the
-    /// model it needs is overloaded here: then it is refused before its tensors are converted
-    /// (as REST refuses before it reads the body), and the CPU goes to the calls admitted.
-    fn admit(&self, name: &str, version: Option<&str>) -> Result<Option<EndpointRoute>, ApiError> {
+    /// model it needs is overloaded here, or would answer after the call's deadline (`timeout`
+    /// from `started`): then it is refused before its tensors are converted (as REST refuses
+    /// before it reads the body), and the CPU goes to the calls admitted.
+    fn admit(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        timeout: Option<Duration>,
+        started: Instant,
+    ) -> Result<Option<EndpointRoute>, ApiError> {
         let endpoint = self.state.endpoint_for_model_name(name);
         match &endpoint {
-            None => self.state.engine().refuse_if_overloaded(name, version)?,
-            Some(route) => self.state.dispatch.refuse_if_overloaded(route)?,
+            None => self
+                .state
+                .engine()
+                .refuse_if_overloaded(name, version, timeout, started)?,
+            Some(route) => self
+                .state
+                .dispatch
+                .refuse_if_overloaded(route, timeout, started)?,
         }
         Ok(endpoint)
     }
 
-    /// Refuses a unary call for an overloaded model (or an endpoint on one) from its framed
-    /// message, before tonic decodes it; counted as [`Self::counted_infer`] counts answers.
-    /// `None`: decode and run it.
-    pub(super) fn refuse_undecoded(&self, framed: &[u8]) -> Option<Status> {
-        let started = Instant::now();
+    /// Refuses a unary call for an overloaded model (or an endpoint on one), or one that would
+    /// miss its `grpc-timeout`, from its framed message and metadata, before tonic decodes it;
+    /// counted as [`Self::counted_infer`] counts answers (from `started`, when the call came
+    /// in). `None`: decode and run it.
+    pub(super) fn refuse_undecoded(
+        &self,
+        framed: &[u8],
+        headers: &http::HeaderMap,
+        started: Instant,
+    ) -> Option<Status> {
         let (name, version) = peek::model_of(framed)?;
+        let version = Some(version).filter(|v| !v.is_empty());
         let refused = self
-            .admit(name, Some(version).filter(|v| !v.is_empty()))
+            .admit(name, version, call_deadline(headers), started)
             .err()?;
         self.record(name, refused.class.http_status(), started);
         Some(status_of(refused))
