@@ -225,6 +225,19 @@ async fn per_call_overhead(
             label: format!("json-features (pre), {mode}"),
             report: time_pre(config, &pre, &body).await?,
         });
+        // fraud-check's pre-plugin, on an unknown card (no table loaded: the lookup misses).
+        let transaction = runtime
+            .load(
+                "fraud_features",
+                Stage::Pre,
+                &spec("fraud_features", String::new())?,
+                None,
+            )
+            .map_err(failed)?;
+        rows.push(CallRow {
+            label: format!("fraud-features (pre), {mode}"),
+            report: time_pre(config, &transaction, &transaction_body()).await?,
+        });
     }
     if let Some(python) = &config.python_plugin {
         let mut spec = PluginSpec::new(python);

@@ -9,6 +9,8 @@
 
 use meshserve_guest::{Error, Plugin, Pre, Preprocess, Request, Tensor, config_json, host};
 use serde::Deserialize;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use std::fmt;
 
 /// Features the fraud model takes per transaction.
 pub const FEATURES: usize = 32;
@@ -43,11 +45,32 @@ struct Transaction {
     online: bool,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Body {
-    One(Transaction),
-    Many(Vec<Transaction>),
+/// One transaction (an object) or several (an array), told apart by the first token rather than
+/// by serde's `untagged`, which copies the whole body into a tree of its own before trying each
+/// shape, and then reports only that no shape fit instead of what is wrong.
+struct Body(Vec<Transaction>);
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Body, D::Error> {
+        struct Shape;
+        impl<'de> Visitor<'de> for Shape {
+            type Value = Body;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a transaction object or an array of them")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Body, A::Error> {
+                Transaction::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|t| Body(vec![t]))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Body, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Body)
+            }
+        }
+        deserializer.deserialize_any(Shape)
+    }
 }
 
 /// The feature vector of one transaction given its card's history (if known).
@@ -102,10 +125,7 @@ impl Plugin for FraudFeatures {
 impl Preprocess for FraudFeatures {
     fn preprocess(&mut self, request: &Request) -> Result<Pre, Error> {
         let config = &self.config;
-        let transactions = match request.json::<Body>()? {
-            Body::One(t) => vec![t],
-            Body::Many(ts) => ts,
-        };
+        let Body(transactions) = request.json::<Body>()?;
         if transactions.is_empty() {
             return Err(Error::bad_request("no transactions in the body"));
         }
@@ -170,6 +190,29 @@ mod tests {
         let missing_amount = preprocess(json!({"card": "c1"})).err().unwrap();
         assert_eq!(missing_amount.status, 400);
         assert!(missing_amount.message.contains("malformed JSON body"));
+        assert!(
+            missing_amount.message.contains("missing field `amount`"),
+            "the message names what is wrong: {}",
+            missing_amount.message
+        );
+        let in_a_batch = preprocess(json!([{"card": "c1", "amount": 1.0}, {"card": 7}]))
+            .err()
+            .unwrap();
+        assert_eq!(in_a_batch.status, 400);
+        assert!(
+            in_a_batch.message.contains("expected a string"),
+            "{}",
+            in_a_batch.message
+        );
+        let neither = preprocess(json!(12)).err().unwrap();
+        assert_eq!(neither.status, 400);
+        assert!(
+            neither
+                .message
+                .contains("a transaction object or an array of them"),
+            "{}",
+            neither.message
+        );
         let empty = preprocess(json!([])).err().unwrap();
         assert_eq!(empty.status, 400);
         assert_eq!(empty.message, "no transactions in the body");
