@@ -188,31 +188,17 @@ async fn per_call_overhead(
         ("reuse", Isolation::Reuse),
         ("per-call", Isolation::PerCall),
     ] {
-        let spec = |name: &str, plugin_config: String| -> Result<PluginSpec, BenchError> {
+        let load = |name: &str, stage: Stage, plugin_config: String| {
             let mut spec = PluginSpec::new(plugin_path(config, name)?);
             spec.config = plugin_config;
             spec.isolation = isolation;
-            Ok(spec)
+            runtime.load(name, stage, &spec, None).map_err(failed)
         };
-        let noop = runtime
-            .load("noop", Stage::Pre, &spec("noop", String::new())?, None)
-            .map_err(failed)?;
-        let pre = runtime
-            .load(
-                "json_features",
-                Stage::Pre,
-                &spec("json_features", json_features_config())?,
-                None,
-            )
-            .map_err(failed)?;
-        let post = runtime
-            .load(
-                "threshold",
-                Stage::Post,
-                &spec("threshold", String::new())?,
-                None,
-            )
-            .map_err(failed)?;
+        let noop = load("noop", Stage::Pre, String::new())?;
+        let pre = load("json_features", Stage::Pre, json_features_config())?;
+        let post = load("threshold", Stage::Post, String::new())?;
+        // fraud-check's pre-plugin, on an unknown card (no table loaded: the lookup misses).
+        let transaction = load("fraud_features", Stage::Pre, String::new())?;
         rows.push(CallRow {
             label: format!("no-op (pre), {mode}"),
             report: time_pre(config, &noop, &body).await?,
@@ -225,15 +211,6 @@ async fn per_call_overhead(
             label: format!("json-features (pre), {mode}"),
             report: time_pre(config, &pre, &body).await?,
         });
-        // fraud-check's pre-plugin, on an unknown card (no table loaded: the lookup misses).
-        let transaction = runtime
-            .load(
-                "fraud_features",
-                Stage::Pre,
-                &spec("fraud_features", String::new())?,
-                None,
-            )
-            .map_err(failed)?;
         rows.push(CallRow {
             label: format!("fraud-features (pre), {mode}"),
             report: time_pre(config, &transaction, &transaction_body()).await?,
@@ -474,7 +451,8 @@ pub async fn run_plugin_suite(config: &PluginSuiteConfig) -> Result<String, Benc
     );
     let _ = writeln!(
         out,
-        "per-call overhead in process, one call at a time ({body_bytes}-byte JSON body for pre):"
+        "per-call overhead in process, one call at a time ({body_bytes}-byte JSON body for pre; fraud-features: a {}-byte transaction of an unknown card):",
+        transaction_body().len()
     );
     let us = |ns: u64| ns as f64 / 1000.0;
     for row in &calls {

@@ -161,6 +161,37 @@ fn slow_node(extra: &str) -> (TestNode, tempfile::TempDir) {
     (TestNode::start(repo.path(), &[]), repo)
 }
 
+/// The REST paths that run `slow`: its inference route, and its endpoint `slow-noop`.
+const SLOW_PATHS: [&str; 2] = [
+    "/v2/models/slow/infer",
+    "/v1/endpoints/slow-noop/invocations",
+];
+
+/// A node serving `slow` (with `extra` config) and `slow-noop` ([`add_slow_noop`]), with 32
+/// clients keeping `slow`'s queue full ([`AtBound`]).
+async fn crowded_slow_node(extra: &str) -> (TestNode, tempfile::TempDir, AtBound) {
+    let repo = slow_repo(extra);
+    add_slow_noop(&repo);
+    let node = TestNode::start(repo.path(), &[]);
+    let load = AtBound::keep(&node).await;
+    (node, repo, load)
+}
+
+/// A ModelInfer message for `slow` that tonic cannot decode: the model's name, then an `id`
+/// that is not UTF-8. Only a node that reads the name and decides before decoding answers it
+/// UNAVAILABLE.
+fn undecodable_slow_message() -> Vec<u8> {
+    use meshserve::http::grpc::proto::ModelInferRequest;
+    use prost::Message;
+    let mut message = ModelInferRequest {
+        model_name: "slow".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    message.extend_from_slice(&[0x1a, 1, 0xff]);
+    message
+}
+
 /// Adds the endpoint `slow-noop` to a [`slow_repo`]: `slow`'s outputs handed back through the
 /// `noop` post-plugin.
 fn add_slow_noop(repo: &tempfile::TempDir) {
@@ -333,17 +364,11 @@ async fn an_overloaded_model_and_its_endpoint_refuse_a_request_before_its_body_a
     // `slow` (about 1 ms a request, one session) with a 2 ms bound: two requests queued
     // ahead are over it. Its endpoint `slow-noop` hands the model's outputs back through a
     // post-plugin.
-    let repo = slow_repo("max_queue_wait_us = 2000\n");
-    add_slow_noop(&repo);
-    let node = TestNode::start(repo.path(), &[]);
-    let load = AtBound::keep(&node).await;
+    let (node, _repo, load) = crowded_slow_node("max_queue_wait_us = 2000\n").await;
     // Each probe sends its headers and none of the body it announces: only a node that decides
     // before reading the body (and before the endpoint's plugins) can answer it.
     let mut seen = Vec::new();
-    for path in [
-        "/v2/models/slow/infer",
-        "/v1/endpoints/slow-noop/invocations",
-    ] {
+    for path in SLOW_PATHS {
         let (refused, probes) = bodiless_probes(&node, path, &[], 40).await;
         let refused = refused.len();
         eprintln!("{path}: {refused} of {probes} probes refused before their body");
@@ -404,8 +429,8 @@ async fn bodiless_probes(
 /// A one-row request for `slow`.
 const SLOW_REQUEST: &str = r#"{"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": [0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]}]}"#;
 
-/// 32 REST clients keeping `slow`'s queue at its wait bound: each retries 2 ms after a
-/// refusal.
+/// 32 REST clients keeping `slow`'s queue full (at its wait bound, when it has one): each
+/// retries 2 ms after a refusal.
 struct AtBound {
     stop: Arc<AtomicBool>,
     clients: Vec<tokio::task::JoinHandle<()>>,
@@ -519,19 +544,10 @@ async fn an_overloaded_model_refuses_a_grpc_call_before_converting_its_tensors()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_message() {
     let _alone = ALONE.lock().await;
-    use meshserve::http::grpc::proto::ModelInferRequest;
-    use prost::Message;
     let repo = slow_repo("max_queue_wait_us = 2000\n");
     let node = TestNode::start(repo.path(), &[]);
     let load = AtBound::keep(&node).await;
-    // The model's name, then an `id` that is not UTF-8: tonic cannot decode the message, so
-    // only a node that reads the name and decides before decoding answers UNAVAILABLE.
-    let mut message = ModelInferRequest {
-        model_name: "slow".into(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    message.extend_from_slice(&[0x1a, 1, 0xff]);
+    let message = undecodable_slow_message();
     let (refused, undecodable) = grpc_probes(&node, &message, None, &["13", "3"]).await;
     load.stop().await;
     eprintln!("{refused} gRPC calls refused before decoding, {undecodable} failed to decode");
@@ -544,20 +560,12 @@ async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_messa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_would_miss_the_deadline_in_its_headers_is_refused_before_its_body() {
     let _alone = ALONE.lock().await;
-    use meshserve::http::grpc::proto::ModelInferRequest;
-    use prost::Message;
     // `slow` (about 1 ms a request, one session) without a wait bound: 32 clients keep about
     // 30 requests queued, which refuses nothing that has no deadline, while a 5 ms deadline
     // cannot be met behind them.
-    let repo = slow_repo("max_queue_wait_us = 0\n");
-    add_slow_noop(&repo);
-    let node = TestNode::start(repo.path(), &[]);
-    let load = AtBound::keep(&node).await;
+    let (node, _repo, load) = crowded_slow_node("max_queue_wait_us = 0\n").await;
     let mut seen = Vec::new();
-    for path in [
-        "/v2/models/slow/infer",
-        "/v1/endpoints/slow-noop/invocations",
-    ] {
+    for path in SLOW_PATHS {
         let (refused, probes) =
             bodiless_probes(&node, path, &["meshserve-timeout-us: 5000"], 40).await;
         // Without the header, the node waits for the body whatever its queue.
@@ -569,14 +577,8 @@ async fn a_request_that_would_miss_the_deadline_in_its_headers_is_refused_before
         );
         seen.push((path, refused, probes, unheaded.len()));
     }
-    // The same for gRPC's deadline: an `id` that is not UTF-8 makes the message undecodable,
-    // so only a call refused before decoding answers UNAVAILABLE.
-    let mut message = ModelInferRequest {
-        model_name: "slow".into(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    message.extend_from_slice(&[0x1a, 1, 0xff]);
+    // The same for gRPC's deadline, with a message only a call refused before decoding answers.
+    let message = undecodable_slow_message();
     let (grpc_refused, _) = grpc_probes(&node, &message, Some("5m"), &["13", "3"]).await;
     let (grpc_unheaded, _) = grpc_probes(&node, &message, None, &["13", "3"]).await;
     let metrics = node.metrics().await;
