@@ -7,6 +7,7 @@ mod support;
 use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::routing::{ROUTE_HEADER, parse_route_header};
 use meshserve::transport::certs::{Role, node_dir, paths};
+use meshserve::transport::tls::CLIENT_GRANT;
 use meshserve::transport::{FrameBudget, MeshEndpoint, MeshIdentity, read_frame};
 use meshserve::wire::{self, FailureClass, MeshStatus, Message};
 use meshserve_host::{DataType, InferRequest, Tensor};
@@ -1686,11 +1687,36 @@ async fn a_flood_of_unfinished_frames_holds_no_more_than_the_budget() {
         &certs,
         &format!("[mesh]\nmax_frame_bytes_in_flight = {BUDGET}\nframe_read_timeout_ms = 20000\n"),
     );
-    let before = node.rss_bytes();
     let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
     let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
-    let mut header = vec![wire::WIRE_VERSION];
-    header.extend_from_slice(&(FRAME as u32).to_le_bytes());
+    let header = |length: usize| {
+        let mut header = vec![wire::WIRE_VERSION];
+        header.extend_from_slice(&(length as u32).to_le_bytes());
+        header
+    };
+    // The same shape of traffic, but whole frames that are answered and let go, first: what
+    // the node touches to receive at all (socket buffers, tasks, the allocator's pages) is
+    // not what the flood makes it hold.
+    let warm_up = bytes::Bytes::from(vec![7u8; 2 << 20]);
+    for _ in 0..4 {
+        endpoint.forget(quic);
+        let connection = endpoint.connection(quic).await.unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..6 {
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            send.write_all(&header(warm_up.len())).await.unwrap();
+            send.write_chunk(warm_up.clone()).await.unwrap();
+            send.finish().unwrap();
+            streams.push(tokio::spawn(async move {
+                let _ = recv.read_to_end(1 << 20).await;
+            }));
+        }
+        for stream in streams {
+            stream.await.unwrap();
+        }
+    }
+    let before = node.rss_bytes();
+    let header = header(FRAME);
     let payload = bytes::Bytes::from(vec![7u8; FRAME - 1]);
     let mut writers = Vec::new();
     let mut answers = Vec::new();
@@ -1717,15 +1743,16 @@ async fn a_flood_of_unfinished_frames_holds_no_more_than_the_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         peak = peak.max(node.rss_bytes());
     }
-    // Besides the frames, QUIC itself may hold up to a flow-control window of each connection
-    // before the frame reader sees a byte.
-    let quic_buffers = 4 * u64::from(meshserve::transport::tls::CLIENT_CONNECTION_WINDOW);
+    // Besides the frames, QUIC itself may hold up to a client's flow-control window of each
+    // connection before the frame reader sees a byte.
+    let quic_buffers = 4 * u64::from(CLIENT_GRANT.window);
     let grown = peak.saturating_sub(before);
     assert!(
         grown <= BUDGET as u64 + quic_buffers,
-        "resident memory grew by {} MiB with a budget of {} MiB",
+        "resident memory grew by {} MiB with a budget of {} MiB and {} MiB of QUIC windows",
         grown >> 20,
-        BUDGET >> 20
+        BUDGET >> 20,
+        quic_buffers >> 20
     );
     // The refused streams were told why.
     let mut refused = 0;
@@ -1752,6 +1779,64 @@ async fn a_flood_of_unfinished_frames_holds_no_more_than_the_budget() {
     }
     let status = client(&certs, vec![quic]).status(quic).await.unwrap();
     assert_eq!(status.node, "a", "the node still answers");
+}
+
+/// A native client's connection holds at most 128 request streams open, a node's 1024. The
+/// handshake grants every peer the client's share, and only a node certificate widens it:
+/// QUIC cannot take back streams once granted, so a grant narrowed after the handshake let a
+/// client open a node's 1024 streams (each one a task and a frame reader on the node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_connection_opens_no_more_streams_than_a_clients_grant() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
+    let (_node, quic) = lone_node(
+        root.path(),
+        &certs,
+        "[mesh]\nframe_read_timeout_ms = 20000\n",
+    );
+    // Streams held open by a frame header that never completes; `None` when the next stream
+    // is not granted within half a second.
+    async fn open_held(
+        connection: &quinn::Connection,
+        count: u32,
+    ) -> Option<Vec<(quinn::SendStream, quinn::RecvStream)>> {
+        let mut held = Vec::new();
+        for _ in 0..count {
+            let (mut send, recv) =
+                tokio::time::timeout(Duration::from_millis(500), connection.open_bi())
+                    .await
+                    .ok()?
+                    .unwrap();
+            send.write_all(&[wire::WIRE_VERSION]).await.unwrap();
+            held.push((send, recv));
+        }
+        Some(held)
+    }
+    let app = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
+    let app = MeshEndpoint::client(&app, 1 << 20).unwrap();
+    let connection = app.connection(quic).await.unwrap();
+    let held = open_held(&connection, CLIENT_GRANT.streams).await;
+    assert!(
+        held.is_some(),
+        "a client is granted {} streams",
+        CLIENT_GRANT.streams
+    );
+    assert!(
+        open_held(&connection, 1).await.is_none(),
+        "a client opened stream {} past its grant",
+        CLIENT_GRANT.streams + 1
+    );
+    // A node's certificate earns the wider grant on the same node.
+    let b = MeshIdentity::from_dir(&certs, Role::Node, "b").unwrap();
+    let b = MeshEndpoint::client(&b, 1 << 20).unwrap();
+    let connection = b.connection(quic).await.unwrap();
+    assert!(
+        open_held(&connection, 2 * CLIENT_GRANT.streams)
+            .await
+            .is_some(),
+        "a node is granted more than a client's streams"
+    );
 }
 
 /// Issue 21: a member with a valid node certificate joined with its own `heavy` (another file,

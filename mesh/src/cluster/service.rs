@@ -47,14 +47,11 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                 }
             };
             let role = tls::peer_role(&connection);
-            match role {
-                Role::Node => {
-                    tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
-                }
-                Role::Client => {
-                    connection.set_max_concurrent_bi_streams(tls::CLIENT_MAX_STREAMS.into());
-                    connection.set_receive_window(tls::CLIENT_CONNECTION_WINDOW.into());
-                }
+            // The handshake granted a client's share (`tls::CLIENT_GRANT`); only a node's
+            // certificate earns more.
+            if role == Role::Node {
+                tls::NODE_GRANT.widen(&connection);
+                tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
             }
             while let Ok((send, recv)) = connection.accept_bi().await {
                 let exchange = answer(cluster.clone(), send, recv, role, peer);

@@ -82,7 +82,7 @@ impl MeshIdentity {
         let crypto = QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Invalid(format!("QUIC TLS: {e}")))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(transport());
+        config.transport_config(transport(CLIENT_GRANT));
         Ok(config)
     }
 
@@ -98,41 +98,65 @@ impl MeshIdentity {
         let crypto = QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Invalid(format!("QUIC TLS: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport());
+        config.transport_config(transport(NODE_GRANT));
         Ok(config)
     }
 }
 
-/// Transport settings shared by both sides. Keep-alives hold pooled connections open through
-/// idle periods; the idle timeout bounds how long a vanished peer's connection lingers (the
+/// Transport settings of both sides. Keep-alives hold pooled connections open through idle
+/// periods; the idle timeout bounds how long a vanished peer's connection lingers (the
 /// membership layer, not QUIC, decides that a node is dead). Every resource a peer can make
-/// us hold is finite: no unidirectional streams (`meshserve/1` uses none), a cap on
-/// concurrent request streams, and flow-control windows per stream and per connection
-/// (quinn's default connection window is unbounded).
-fn transport() -> Arc<quinn::TransportConfig> {
+/// us hold is finite: no unidirectional streams (`meshserve/1` uses none), and `grant`'s cap
+/// on concurrent request streams and flow-control windows (quinn's default connection
+/// window is unbounded).
+fn transport(grant: Grant) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(Duration::from_millis(500)))
         .max_idle_timeout(Duration::from_secs(2).try_into().ok())
-        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_bidi_streams(grant.streams.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(STREAM_WINDOW.into())
-        .receive_window(CONNECTION_WINDOW.into())
+        .receive_window(grant.window.into())
         .datagram_receive_buffer_size(Some(1 << 20));
     Arc::new(transport)
 }
 
-/// Concurrent request streams a peer may open on one connection.
-const MAX_STREAMS: u32 = 1024;
-/// The same for a native client, once its certificate shows it is one: a client's grant is
-/// narrower than a node's, so clients cannot take what forwarding between nodes needs.
-pub const CLIENT_MAX_STREAMS: u32 = 128;
-/// Bytes a native client may send on all streams of a connection ahead of our reading them.
-pub const CLIENT_CONNECTION_WINDOW: u32 = 8 << 20;
+/// What a peer may make us hold on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Concurrent request streams the peer may open.
+    pub streams: u32,
+    /// Bytes the peer may send on all streams ahead of our reading them.
+    pub window: u32,
+}
+
+/// A node's grant: forwarding between nodes needs many streams in flight at once.
+pub const NODE_GRANT: Grant = Grant {
+    streams: 1024,
+    window: 32 << 20,
+};
+
+/// A native client's grant, narrower than a node's, so that clients cannot take what
+/// forwarding needs. A server hands every peer this one in its handshake and widens it to
+/// [`NODE_GRANT`] once the peer's certificate shows a node ([`Grant::widen`]): QUIC cannot
+/// take back credit once given (quinn only stops renewing it), so a grant narrowed after the
+/// handshake would still let a client open a node's streams and fill a node's window once.
+pub const CLIENT_GRANT: Grant = Grant {
+    streams: 128,
+    window: 8 << 20,
+};
+
+impl Grant {
+    /// Raises `connection`'s grant to this one; the peer learns it in its next packet.
+    pub fn widen(self, connection: &quinn::Connection) {
+        connection.set_max_concurrent_bi_streams(self.streams.into());
+        connection.set_receive_window(self.window.into());
+    }
+}
+
 /// Bytes a peer may send on one stream ahead of our reading them.
 const STREAM_WINDOW: u32 = 2 << 20;
-/// Bytes a peer may send on all streams of a connection ahead of our reading them.
-const CONNECTION_WINDOW: u32 = 32 << 20;
 
 /// What the peer of an established connection is, from its certificate: a node carries
 /// [`NODE_SAN`]. Anything else signed by the mesh CA is a client.
@@ -175,14 +199,19 @@ fn valid_for(leaf: &CertificateDer<'_>, dns_name: &str) -> bool {
 mod tests {
     #[test]
     fn every_resource_a_peer_can_make_us_hold_is_finite() {
-        let described = format!("{:?}", super::transport());
-        for expected in [
-            "max_concurrent_uni_streams: 0",
-            "max_concurrent_bidi_streams: 1024",
-            "stream_receive_window: 2097152",
-            "receive_window: 33554432",
+        for (grant, streams, window) in [
+            (super::NODE_GRANT, 1024, 33554432),
+            (super::CLIENT_GRANT, 128, 8388608),
         ] {
-            assert!(described.contains(expected), "{expected} in {described}");
+            let described = format!("{:?}", super::transport(grant));
+            for expected in [
+                "max_concurrent_uni_streams: 0".to_string(),
+                format!("max_concurrent_bidi_streams: {streams}"),
+                "stream_receive_window: 2097152".to_string(),
+                format!("receive_window: {window}"),
+            ] {
+                assert!(described.contains(&expected), "{expected} in {described}");
+            }
         }
     }
 }
