@@ -180,11 +180,22 @@ async fn crowded_slow_node(extra: &str) -> (TestNode, tempfile::TempDir, AtBound
 /// A ModelInfer message for `slow` that tonic cannot decode: the model's name, then an `id`
 /// that is not UTF-8. Only a node that reads the name and decides before decoding answers it
 /// UNAVAILABLE.
-fn undecodable_slow_message() -> Vec<u8> {
-    use meshserve::http::grpc::proto::ModelInferRequest;
+fn undecodable_slow_message(timeout_us: Option<i64>) -> Vec<u8> {
+    use meshserve::http::grpc::proto::infer_parameter::ParameterChoice;
+    use meshserve::http::grpc::proto::{InferParameter, ModelInferRequest};
     use prost::Message;
+    let timeout = timeout_us.map(|us| {
+        let choice = Some(ParameterChoice::Int64Param(us));
+        (
+            "timeout".to_string(),
+            InferParameter {
+                parameter_choice: choice,
+            },
+        )
+    });
     let mut message = ModelInferRequest {
         model_name: "slow".into(),
+        parameters: timeout.into_iter().collect(),
         ..Default::default()
     }
     .encode_to_vec();
@@ -547,7 +558,7 @@ async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_messa
     let repo = slow_repo("max_queue_wait_us = 2000\n");
     let node = TestNode::start(repo.path(), &[]);
     let load = AtBound::keep(&node).await;
-    let message = undecodable_slow_message();
+    let message = undecodable_slow_message(None);
     let (refused, undecodable) = grpc_probes(&node, &message, None, &["13", "3"]).await;
     load.stop().await;
     eprintln!("{refused} gRPC calls refused before decoding, {undecodable} failed to decode");
@@ -558,7 +569,7 @@ async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_messa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_that_would_miss_the_deadline_in_its_headers_is_refused_before_its_body() {
+async fn a_request_that_would_miss_its_stated_deadline_is_refused_before_its_body_is_decoded() {
     let _alone = ALONE.lock().await;
     // `slow` (about 1 ms a request, one session) without a wait bound: 32 clients keep about
     // 30 requests queued, which refuses nothing that has no deadline, while a 5 ms deadline
@@ -577,10 +588,13 @@ async fn a_request_that_would_miss_the_deadline_in_its_headers_is_refused_before
         );
         seen.push((path, refused, probes, unheaded.len()));
     }
-    // The same for gRPC's deadline, with a message only a call refused before decoding answers.
-    let message = undecodable_slow_message();
+    // The same for gRPC's deadline, and for the message's own `timeout` parameter, with a
+    // message only a call refused before decoding answers.
+    let message = undecodable_slow_message(None);
     let (grpc_refused, _) = grpc_probes(&node, &message, Some("5m"), &["13", "3"]).await;
     let (grpc_unheaded, _) = grpc_probes(&node, &message, None, &["13", "3"]).await;
+    let timed = undecodable_slow_message(Some(5000));
+    let (grpc_timed, _) = grpc_probes(&node, &timed, None, &["13", "3"]).await;
     let metrics = node.metrics().await;
     load.stop().await;
     for (path, refused, probes, unheaded) in &seen {
@@ -600,12 +614,16 @@ async fn a_request_that_would_miss_the_deadline_in_its_headers_is_refused_before
     }
     assert_eq!(grpc_refused, 3, "gRPC calls with a 5 ms deadline refused");
     assert_eq!(grpc_unheaded, 0, "gRPC calls without a deadline refused");
+    assert_eq!(
+        grpc_timed, 3,
+        "gRPC calls whose message asks for 5 ms refused"
+    );
     assert!(
         metric_sum(
             &metrics,
             "meshserve_refused_requests_total",
             &[("model", "slow"), ("kind", "deadline")],
-        ) >= 9.0,
+        ) >= 12.0,
         "each refusal counted for its deadline"
     );
 }

@@ -21,7 +21,7 @@ use super::proto::{
 };
 use super::status::status_of;
 use super::stream::{self, StreamLimits};
-use super::tensors::{decode_request, encode_response};
+use super::tensors::{decode_request, encode_response, requested_timeout, timeout_from_micros};
 use crate::dispatch::endpoint::{EndpointRoute, Invocation};
 use crate::http::admin::{ClientAddr, authorize};
 use crate::http::error::ApiError;
@@ -88,6 +88,14 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// The sooner of two deadlines, either of which may be absent.
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The call's deadline from its `grpc-timeout` metadata, when it has a valid one.
 fn call_deadline(headers: &http::HeaderMap) -> Option<Duration> {
     headers
@@ -112,15 +120,15 @@ impl GrpcDoor {
         let started = Instant::now();
         let name = message.model_name.clone();
         let version = Some(message.model_version.as_str()).filter(|v| !v.is_empty());
-        let call_deadline = call_deadline(headers);
-        let endpoint = self.admit(&name, version, call_deadline, started)?;
+        // The call's deadline bounds the request's wait as much as its own timeout does.
+        let timeout = earliest(
+            call_deadline(headers),
+            requested_timeout(&message.parameters),
+        );
+        let endpoint = self.admit(&name, version, timeout, started)?;
         let mut decoded =
             decode_request(message).map_err(|e| ApiError::new(ErrorClass::InvalidInput, e.0))?;
-        // The call's deadline bounds the request's wait as much as its own timeout does.
-        if let Some(deadline) = call_deadline {
-            let timeout = decoded.request.timeout.get_or_insert(deadline);
-            *timeout = (*timeout).min(deadline);
-        }
+        decoded.request.timeout = timeout;
         if let Some(route) = endpoint {
             let (body, json_length) = endpoint::request_body(&decoded.request);
             let mut headers = headers.clone();
@@ -177,12 +185,14 @@ impl GrpcDoor {
         headers: &http::HeaderMap,
         started: Instant,
     ) -> Option<Status> {
-        let (name, version) = peek::model_of(framed)?;
-        let version = Some(version).filter(|v| !v.is_empty());
-        let refused = self
-            .admit(name, version, call_deadline(headers), started)
-            .err()?;
-        self.record(name, refused.class.http_status(), started);
+        let peeked = peek::peek(framed)?;
+        let version = Some(peeked.version).filter(|v| !v.is_empty());
+        let timeout = earliest(
+            call_deadline(headers),
+            peeked.timeout_us.and_then(timeout_from_micros),
+        );
+        let refused = self.admit(peeked.model, version, timeout, started).err()?;
+        self.record(peeked.model, refused.class.http_status(), started);
         Some(status_of(refused))
     }
 

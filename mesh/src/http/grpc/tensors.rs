@@ -70,10 +70,7 @@ pub fn decode_request(message: ModelInferRequest) -> Result<Decoded, DecodeError
     }
     let outputs = (!message.outputs.is_empty())
         .then(|| message.outputs.into_iter().map(|o| o.name).collect());
-    let timeout = match message.parameters.get("timeout").and_then(integer) {
-        Some(us) if us > 0 => Some(Duration::from_micros(us.unsigned_abs())),
-        _ => None,
-    };
+    let timeout = requested_timeout(&message.parameters);
     Ok(Decoded {
         request: InferRequest {
             model: message.model_name,
@@ -85,6 +82,23 @@ pub fn decode_request(message: ModelInferRequest) -> Result<Decoded, DecodeError
         },
         typed: !raw,
     })
+}
+
+/// The request's own deadline: its `timeout` parameter, in microseconds (as Triton's), when
+/// it is a positive integer.
+pub fn requested_timeout(parameters: &HashMap<String, InferParameter>) -> Option<Duration> {
+    parameters
+        .get("timeout")
+        .and_then(integer)
+        .and_then(timeout_from_micros)
+}
+
+/// A `timeout` parameter's microseconds as a deadline; none unless positive.
+pub fn timeout_from_micros(us: i64) -> Option<Duration> {
+    u64::try_from(us)
+        .ok()
+        .filter(|&us| us > 0)
+        .map(Duration::from_micros)
 }
 
 fn integer(parameter: &InferParameter) -> Option<i64> {
