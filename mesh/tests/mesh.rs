@@ -1839,6 +1839,31 @@ async fn a_client_connection_opens_no_more_streams_than_a_clients_grant() {
     );
 }
 
+/// A connection a node opens carries its own requests only: the peer it dials answers on the
+/// node's streams and may open none. Before, the dialled peer was granted a node's 1024
+/// streams, which nothing on the dialling side ever accepted: a hostile seed or member could
+/// park them, and their bytes, in the node until the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_a_node_dials_cannot_open_streams_back_into_it() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "evil"], &[], &[]);
+    let evil = MeshIdentity::from_dir(&certs, Role::Node, "evil").unwrap();
+    let evil = MeshEndpoint::bind("127.0.0.1:0".parse().unwrap(), &evil, 1 << 20).unwrap();
+    let seed = evil.local_addr().unwrap();
+    let _a = start_node(root.path(), &certs, "a", "127.0.0.1:0", Some(seed));
+    let incoming = tokio::time::timeout(Duration::from_secs(20), evil.quinn().accept())
+        .await
+        .expect("a dials its seed")
+        .unwrap();
+    let connection = incoming.await.unwrap();
+    let opened = tokio::time::timeout(Duration::from_millis(500), connection.open_bi()).await;
+    assert!(
+        opened.is_err(),
+        "the dialled peer opened a stream into the node"
+    );
+}
+
 /// Issue 21: a member with a valid node certificate joined with its own `heavy` (another file,
 /// `replicas = 0`, `instances = 50`) and, named to sort first, got it installed on a node that
 /// lacked the model, placed everywhere. With `a` named the publisher, the nodes that lack

@@ -98,7 +98,7 @@ impl MeshIdentity {
         let crypto = QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Invalid(format!("QUIC TLS: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(transport(NODE_GRANT));
+        config.transport_config(transport(OUTBOUND_GRANT));
         Ok(config)
     }
 }
@@ -145,6 +145,15 @@ pub const NODE_GRANT: Grant = Grant {
 pub const CLIENT_GRANT: Grant = Grant {
     streams: 128,
     window: 8 << 20,
+};
+
+/// What a connection we open grants the peer we dial. `meshserve/1` has the dialling side ask
+/// and the peer answer on the same stream, so the peer may open no streams of its own (they
+/// would never be read, their bytes held until the connection closes), while its answers may
+/// be as large as a node's.
+pub const OUTBOUND_GRANT: Grant = Grant {
+    streams: 0,
+    window: NODE_GRANT.window,
 };
 
 impl Grant {
@@ -202,6 +211,7 @@ mod tests {
         for (grant, streams, window) in [
             (super::NODE_GRANT, 1024, 33554432),
             (super::CLIENT_GRANT, 128, 8388608),
+            (super::OUTBOUND_GRANT, 0, 33554432),
         ] {
             let described = format!("{:?}", super::transport(grant));
             for expected in [
