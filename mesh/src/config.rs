@@ -80,6 +80,10 @@ pub struct MeshConfig {
     /// Bytes of `meshserve/1` frames buffered at once over every peer and stream; a frame
     /// that would go past it is refused (503-equivalent, retry later).
     pub max_frame_bytes_in_flight: usize,
+    /// Connections native clients (client certificates) may hold open at once; past it a new
+    /// one is closed as it arrives. Node connections do not count, so clients cannot take
+    /// what the mesh itself needs.
+    pub max_client_connections: usize,
     /// Nodes whose model repositories are authoritative for the mesh: only their catalogs
     /// say which models exist, with how many replicas, and which files a node fetches. Every
     /// node of a mesh must list the same names. Unset: every member publishes (logged as a
@@ -108,6 +112,7 @@ impl Default for MeshConfig {
             forward_timeout_ms: 30_000,
             frame_read_timeout_ms: 10_000,
             max_frame_bytes_in_flight: 256 << 20,
+            max_client_connections: 1024,
             publishers: None,
             max_model_memory_bytes: None,
         }

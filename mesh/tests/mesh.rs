@@ -1839,6 +1839,82 @@ async fn a_client_connection_opens_no_more_streams_than_a_clients_grant() {
     );
 }
 
+/// Membership datagrams are between nodes, and nothing on a node reads a client's: a client
+/// that sends one loses its connection, rather than filling a datagram buffer (1 MiB) of the
+/// node's memory on each connection it opens. The node goes on serving it on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_a_datagram_loses_its_connection() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a"], &["app"], &[]);
+    let (_node, quic) = lone_node(root.path(), &certs, "");
+    let app = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
+    let app = MeshEndpoint::client(&app, 1 << 20).unwrap();
+    let connection = app.connection(quic).await.unwrap();
+    // Sending fails once the node has closed the connection.
+    for _ in 0..64 {
+        let datagram = bytes::Bytes::from(vec![wire::WIRE_VERSION; 1000]);
+        if connection.send_datagram(datagram).is_err() {
+            break;
+        }
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(2), connection.closed())
+        .await
+        .expect("the node closes a client's connection at its datagrams");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            &close.reason[..],
+            meshserve::cluster::CLIENT_DATAGRAM_REFUSAL
+        ),
+        other => panic!("closed for another reason: {other}"),
+    }
+    app.forget(quic);
+    let status = app
+        .call(quic, &Message::StatusQuery, Duration::from_secs(5))
+        .await;
+    assert!(status.is_ok(), "a new connection is served: {status:?}");
+}
+
+/// Client certificates hold at most `mesh.max_client_connections` connections to a node at
+/// once: one more is closed as it arrives, saying why, while the node's own members still get
+/// in, and a client gets in again once one of the held connections has closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_hold_no_more_connections_than_the_cap_and_nodes_still_get_in() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
+    let (_node, quic) = lone_node(root.path(), &certs, "[mesh]\nmax_client_connections = 2\n");
+    let app = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
+    let client = || MeshEndpoint::client(&app, 1 << 20).unwrap();
+    let status = async |endpoint: &MeshEndpoint| {
+        endpoint
+            .call(quic, &Message::StatusQuery, Duration::from_secs(5))
+            .await
+    };
+    let held = [client(), client()];
+    for endpoint in &held {
+        status(endpoint).await.expect("a client within the cap");
+    }
+    let refused = status(&client()).await;
+    let reason = format!("{refused:?}");
+    assert!(
+        reason.contains("max_client_connections"),
+        "a third client connection is refused, saying why: {reason}"
+    );
+    let b = MeshIdentity::from_dir(&certs, Role::Node, "b").unwrap();
+    let b = MeshEndpoint::client(&b, 1 << 20).unwrap();
+    status(&b)
+        .await
+        .expect("a node is not held to the clients' cap");
+    held[0].close();
+    wait_for(
+        "a client to get in once a connection has closed",
+        Duration::from_secs(5),
+        async || status(&client()).await.ok(),
+    )
+    .await;
+}
+
 /// A connection a node opens carries its own requests only: the peer it dials answers on the
 /// node's streams and may open none. Before, the dialled peer was granted a node's 1024
 /// streams, which nothing on the dialling side ever accepted: a hostile seed or member could

@@ -15,7 +15,7 @@ pub mod seeds;
 mod service;
 
 pub use gossip::CLAIM_DOWN_ENV;
-pub use service::Calls;
+pub use service::{CLIENT_CONNECTIONS_REFUSAL, CLIENT_DATAGRAM_REFUSAL, Calls};
 
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement::{self, Publishers};
@@ -77,6 +77,8 @@ pub struct ClusterConfig {
     pub max_frame_bytes: usize,
     /// Frame bytes buffered at once over every peer and stream.
     pub max_frame_bytes_in_flight: usize,
+    /// Connections client certificates may hold open at once.
+    pub max_client_connections: usize,
     /// Whose model repositories are authoritative (`mesh.publishers`).
     pub publishers: Publishers,
     /// Longest a forwarded request may take, when it sets no deadline itself.
@@ -283,6 +285,8 @@ pub struct Cluster {
     packets: mpsc::Sender<gossip::Packet>,
     /// Time a peer has to send a whole `meshserve/1` frame on a stream.
     frame_read_timeout: Duration,
+    /// One permit for each connection a client certificate may hold open.
+    client_connections: Arc<tokio::sync::Semaphore>,
     balancer: Balancer,
     /// When a forwarded request goes to another replica.
     retry: RetryPolicy,
@@ -405,6 +409,9 @@ impl Cluster {
             gossip: shell.input,
             packets: shell.packets,
             frame_read_timeout: config.frame_read_timeout,
+            client_connections: Arc::new(tokio::sync::Semaphore::new(
+                config.max_client_connections,
+            )),
             balancer: Balancer::new(generation),
             retry: RetryPolicy::default(),
             forward_timeout: config.forward_timeout,

@@ -49,10 +49,19 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
             let role = tls::peer_role(&connection);
             // The handshake granted a client's share (`tls::CLIENT_GRANT`); only a node's
             // certificate earns more.
-            if role == Role::Node {
+            let _client_slot = if role == Role::Node {
                 tls::NODE_GRANT.widen(&connection);
                 tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
-            }
+                None
+            } else {
+                let Ok(slot) = cluster.client_connections.clone().try_acquire_owned() else {
+                    crate::warn_throttled!(%peer, "mesh client connection refused: at mesh.max_client_connections");
+                    connection.close(0u32.into(), CLIENT_CONNECTIONS_REFUSAL);
+                    return;
+                };
+                tokio::spawn(close_on_datagram(connection.clone()));
+                Some(slot)
+            };
             while let Ok((send, recv)) = connection.accept_bi().await {
                 let exchange = answer(cluster.clone(), send, recv, role, peer);
                 tokio::spawn(exchange);
@@ -73,6 +82,25 @@ fn is_tls_refusal(error: &quinn::ConnectionError) -> bool {
 
 // A datagram counts only as the word of the node the peer's certificate names (checked once
 // per claimed name and connection); the first refusal on a connection is logged.
+/// Closes a client's connection at its first datagram. Membership is between nodes, so a
+/// client has none to send and nothing reads them: left open, each of its connections could
+/// fill a datagram buffer (1 MiB) of the node's memory for as long as it lasts.
+async fn close_on_datagram(connection: quinn::Connection) {
+    if connection.read_datagram().await.is_ok() {
+        let peer = connection.remote_address();
+        crate::warn_throttled!(%peer, "a client sent a datagram; its connection is closed");
+        connection.close(0u32.into(), CLIENT_DATAGRAM_REFUSAL);
+    }
+}
+
+/// The reason a client's connection is closed at its first datagram.
+pub const CLIENT_DATAGRAM_REFUSAL: &[u8] = b"clients send no datagrams";
+
+/// The reason a client's connection is closed as it arrives, when clients hold
+/// `mesh.max_client_connections` already.
+pub const CLIENT_CONNECTIONS_REFUSAL: &[u8] =
+    b"the node holds as many client connections as it allows (mesh.max_client_connections)";
+
 async fn read_datagrams(cluster: Arc<Cluster>, connection: quinn::Connection) {
     let peer = connection.remote_address();
     let mut certified: Option<Arc<str>> = None;

@@ -432,6 +432,7 @@ async fn join_mesh(
         },
         max_frame_bytes: mesh.max_frame_bytes,
         max_frame_bytes_in_flight: mesh.max_frame_bytes_in_flight,
+        max_client_connections: mesh.max_client_connections,
         publishers: match &mesh.publishers {
             Some(names) => Publishers::Only(names.iter().cloned().collect()),
             None => {

@@ -323,14 +323,27 @@ impl MeshEndpoint {
                 addr,
                 reason: e.to_string(),
             };
-            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
-            send.write_all(&wire::encode(request))
+            let answer = async {
+                let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+                send.write_all(&wire::encode(request))
+                    .await
+                    .map_err(|e| lost(&e))?;
+                send.finish().map_err(|e| lost(&e))?;
+                read_frame(&mut recv, self.max_frame_bytes, &self.frame_budget, addr)
+                    .await
+                    .map(|frame| frame.message)
+            };
+            // A stream's error says only "connection lost"; the connection says why (a
+            // peer's close names its reason).
+            answer
                 .await
-                .map_err(|e| lost(&e))?;
-            send.finish().map_err(|e| lost(&e))?;
-            read_frame(&mut recv, self.max_frame_bytes, &self.frame_budget, addr)
-                .await
-                .map(|frame| frame.message)
+                .map_err(|e| match (e, connection.close_reason()) {
+                    (TransportError::Lost { addr, .. }, Some(why)) => TransportError::Lost {
+                        addr,
+                        reason: why.to_string(),
+                    },
+                    (e, _) => e,
+                })
         };
         let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
