@@ -1915,6 +1915,43 @@ async fn clients_hold_no_more_connections_than_the_cap_and_nodes_still_get_in() 
     .await;
 }
 
+/// One node certificate holds at most `CONNECTIONS_PER_NODE_CERTIFICATE` connections to a
+/// node: a member cannot open connections without end, and what it holds is its own, not a
+/// place other nodes need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_certificate_holds_no_more_connections_than_a_node_needs() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
+    let (_node, quic) = lone_node(root.path(), &certs, "");
+    let dialler = |role, name| {
+        let identity = MeshIdentity::from_dir(&certs, role, name).unwrap();
+        MeshEndpoint::client(&identity, 1 << 20).unwrap()
+    };
+    let status = async |endpoint: &MeshEndpoint| {
+        endpoint
+            .call(quic, &Message::StatusQuery, Duration::from_secs(5))
+            .await
+    };
+    let held: Vec<MeshEndpoint> = (0..meshserve::cluster::CONNECTIONS_PER_NODE_CERTIFICATE)
+        .map(|_| dialler(Role::Node, "b"))
+        .collect();
+    for endpoint in &held {
+        status(endpoint).await.expect("b within its connections");
+    }
+    let refused = format!("{:?}", status(&dialler(Role::Node, "b")).await);
+    assert!(
+        refused.contains("as many connections as a node may"),
+        "one more of b's connections is refused, saying why: {refused}"
+    );
+    status(&dialler(Role::Node, "c"))
+        .await
+        .expect("another node is not held to b's count");
+    status(&dialler(Role::Client, "app"))
+        .await
+        .expect("nor is a client");
+}
+
 /// A connection a node opens carries its own requests only: the peer it dials answers on the
 /// node's streams and may open none. Before, the dialled peer was granted a node's 1024
 /// streams, which nothing on the dialling side ever accepted: a hostile seed or member could

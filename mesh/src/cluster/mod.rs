@@ -8,6 +8,7 @@
 
 mod adverts;
 pub mod bundle;
+pub mod connections;
 mod gossip;
 mod memory;
 mod reconcile;
@@ -15,7 +16,10 @@ pub mod seeds;
 mod service;
 
 pub use gossip::CLAIM_DOWN_ENV;
-pub use service::{CLIENT_CONNECTIONS_REFUSAL, CLIENT_DATAGRAM_REFUSAL, Calls};
+pub use service::{
+    CLIENT_CONNECTIONS_REFUSAL, CLIENT_DATAGRAM_REFUSAL, CONNECTIONS_PER_NODE_CERTIFICATE, Calls,
+    NODE_CONNECTIONS_REFUSAL,
+};
 
 use crate::membership::{DetectorConfig, LiveMember, MemberId, Membership};
 use crate::placement::{self, Publishers};
@@ -287,6 +291,8 @@ pub struct Cluster {
     frame_read_timeout: Duration,
     /// One permit for each connection a client certificate may hold open.
     client_connections: Arc<tokio::sync::Semaphore>,
+    /// Connections open by node certificate.
+    node_connections: connections::ConnectionCounts,
     balancer: Balancer,
     /// When a forwarded request goes to another replica.
     retry: RetryPolicy,
@@ -412,6 +418,7 @@ impl Cluster {
             client_connections: Arc::new(tokio::sync::Semaphore::new(
                 config.max_client_connections,
             )),
+            node_connections: connections::ConnectionCounts::default(),
             balancer: Balancer::new(generation),
             retry: RetryPolicy::default(),
             forward_timeout: config.forward_timeout,

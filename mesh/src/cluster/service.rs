@@ -49,18 +49,30 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
             let role = tls::peer_role(&connection);
             // The handshake granted a client's share (`tls::CLIENT_GRANT`); only a node's
             // certificate earns more.
-            let _client_slot = if role == Role::Node {
+            // Each connection holds a place while it is open: a client one of the clients'
+            // shared places, a node one of its certificate's own.
+            let (_node_place, _client_place) = if role == Role::Node {
+                let place = tls::peer_certificate_digest(&connection).and_then(|holder| {
+                    cluster
+                        .node_connections
+                        .hold(holder, CONNECTIONS_PER_NODE_CERTIFICATE)
+                });
+                let Some(place) = place else {
+                    crate::warn_throttled!(%peer, "mesh node connection refused: its certificate holds as many as a node may");
+                    connection.close(0u32.into(), NODE_CONNECTIONS_REFUSAL);
+                    return;
+                };
                 tls::NODE_GRANT.widen(&connection);
                 tokio::spawn(read_datagrams(cluster.clone(), connection.clone()));
-                None
+                (Some(place), None)
             } else {
-                let Ok(slot) = cluster.client_connections.clone().try_acquire_owned() else {
+                let Ok(place) = cluster.client_connections.clone().try_acquire_owned() else {
                     crate::warn_throttled!(%peer, "mesh client connection refused: at mesh.max_client_connections");
                     connection.close(0u32.into(), CLIENT_CONNECTIONS_REFUSAL);
                     return;
                 };
                 tokio::spawn(close_on_datagram(connection.clone()));
-                Some(slot)
+                (None, Some(place))
             };
             while let Ok((send, recv)) = connection.accept_bi().await {
                 let exchange = answer(cluster.clone(), send, recv, role, peer);
@@ -95,6 +107,16 @@ async fn close_on_datagram(connection: quinn::Connection) {
 
 /// The reason a client's connection is closed at its first datagram.
 pub const CLIENT_DATAGRAM_REFUSAL: &[u8] = b"clients send no datagrams";
+
+/// Connections one node certificate may hold open at once. A node dials a peer on one pooled
+/// connection: two while a replaced one lingers, or where it knows the peer under two
+/// addresses (a seed's name and its advertised address).
+pub const CONNECTIONS_PER_NODE_CERTIFICATE: usize = 8;
+
+/// The reason a node's connection is closed as it arrives, when its certificate holds
+/// [`CONNECTIONS_PER_NODE_CERTIFICATE`] already.
+pub const NODE_CONNECTIONS_REFUSAL: &[u8] =
+    b"this node certificate holds as many connections as a node may";
 
 /// The reason a client's connection is closed as it arrives, when clients hold
 /// `mesh.max_client_connections` already.

@@ -190,6 +190,12 @@ pub fn is_node_certificate(leaf: &CertificateDer<'_>, name: &str) -> bool {
         && valid_for(leaf, &certs::node_san(name))
 }
 
+/// A digest (SHA-256) of the peer's certificate: who holds a connection, for counting.
+pub fn peer_certificate_digest(connection: &quinn::Connection) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    peer_leaf(connection).map(|leaf| sha2::Sha256::digest(leaf.as_ref()).into())
+}
+
 fn peer_leaf(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let identity = connection.peer_identity()?;
     let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
