@@ -8,7 +8,7 @@
 
 mod adverts;
 pub mod bundle;
-pub mod connections;
+mod connections;
 mod gossip;
 mod memory;
 mod reconcile;

@@ -47,10 +47,10 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                 }
             };
             let role = tls::peer_role(&connection);
-            // The handshake granted a client's share (`tls::CLIENT_GRANT`); only a node's
-            // certificate earns more.
             // Each connection holds a place while it is open: a client one of the clients'
-            // shared places, a node one of its certificate's own.
+            // shared places, a node one of its certificate's own. The handshake granted a
+            // client's share of streams and window (`tls::CLIENT_GRANT`); only a node's
+            // certificate earns more.
             let (_node_place, _client_place) = if role == Role::Node {
                 let place = tls::peer_certificate_digest(&connection).and_then(|holder| {
                     cluster
@@ -92,8 +92,6 @@ fn is_tls_refusal(error: &quinn::ConnectionError) -> bool {
     }
 }
 
-// A datagram counts only as the word of the node the peer's certificate names (checked once
-// per claimed name and connection); the first refusal on a connection is logged.
 /// Closes a client's connection at its first datagram. Membership is between nodes, so a
 /// client has none to send and nothing reads them: left open, each of its connections could
 /// fill a datagram buffer (1 MiB) of the node's memory for as long as it lasts.
@@ -123,6 +121,8 @@ pub const NODE_CONNECTIONS_REFUSAL: &[u8] =
 pub const CLIENT_CONNECTIONS_REFUSAL: &[u8] =
     b"the node holds as many client connections as it allows (mesh.max_client_connections)";
 
+// A datagram counts only as the word of the node the peer's certificate names (checked once
+// per claimed name and connection); the first refusal on a connection is logged.
 async fn read_datagrams(cluster: Arc<Cluster>, connection: quinn::Connection) {
     let peer = connection.remote_address();
     let mut certified: Option<Arc<str>> = None;
