@@ -8,7 +8,7 @@ use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::routing::{ROUTE_HEADER, parse_route_header};
 use meshserve::transport::certs::{Role, node_dir, paths};
 use meshserve::transport::tls::CLIENT_GRANT;
-use meshserve::transport::{FrameBudget, MeshEndpoint, MeshIdentity, read_frame};
+use meshserve::transport::{FrameBudget, MeshEndpoint, MeshIdentity, TransportError, read_frame};
 use meshserve::wire::{self, FailureClass, MeshStatus, Message};
 use meshserve_host::{DataType, InferRequest, Tensor};
 use serde_json::Value;
@@ -134,6 +134,20 @@ fn lone_node(root: &Path, certs: &Path, config: &str) -> (TestNode, SocketAddr) 
     let node = TestNode::start(&repo, &args);
     let quic = node.mesh_addr().unwrap();
     (node, quic)
+}
+
+/// An endpoint that dials with the certificate of `role` named `name`, as a native client or
+/// a node would.
+fn dialler(certs: &Path, role: Role, name: &str) -> MeshEndpoint {
+    let identity = MeshIdentity::from_dir(certs, role, name).unwrap();
+    MeshEndpoint::client(&identity, 1 << 20).unwrap()
+}
+
+/// Asks the node at `quic` for its status over `endpoint`'s pooled connection.
+async fn ask_status(endpoint: &MeshEndpoint, quic: SocketAddr) -> Result<Message, TransportError> {
+    endpoint
+        .call(quic, &Message::StatusQuery, Duration::from_secs(5))
+        .await
 }
 
 /// Nodes a, b and c, the last two joining through a.
@@ -1687,8 +1701,7 @@ async fn a_flood_of_unfinished_frames_holds_no_more_than_the_budget() {
         &certs,
         &format!("[mesh]\nmax_frame_bytes_in_flight = {BUDGET}\nframe_read_timeout_ms = 20000\n"),
     );
-    let identity = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
-    let endpoint = MeshEndpoint::client(&identity, 1 << 20).unwrap();
+    let endpoint = dialler(&certs, Role::Client, "app");
     let header = |length: usize| {
         let mut header = vec![wire::WIRE_VERSION];
         header.extend_from_slice(&(length as u32).to_le_bytes());
@@ -1813,8 +1826,7 @@ async fn a_client_connection_opens_no_more_streams_than_a_clients_grant() {
         }
         Some(held)
     }
-    let app = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
-    let app = MeshEndpoint::client(&app, 1 << 20).unwrap();
+    let app = dialler(&certs, Role::Client, "app");
     let connection = app.connection(quic).await.unwrap();
     let held = open_held(&connection, CLIENT_GRANT.streams).await;
     assert!(
@@ -1828,8 +1840,7 @@ async fn a_client_connection_opens_no_more_streams_than_a_clients_grant() {
         CLIENT_GRANT.streams + 1
     );
     // A node's certificate earns the wider grant on the same node.
-    let b = MeshIdentity::from_dir(&certs, Role::Node, "b").unwrap();
-    let b = MeshEndpoint::client(&b, 1 << 20).unwrap();
+    let b = dialler(&certs, Role::Node, "b");
     let connection = b.connection(quic).await.unwrap();
     assert!(
         open_held(&connection, 2 * CLIENT_GRANT.streams)
@@ -1848,8 +1859,7 @@ async fn a_client_that_sends_a_datagram_loses_its_connection() {
     let certs = root.path().join("certs");
     make_certs(&certs, &["a"], &["app"], &[]);
     let (_node, quic) = lone_node(root.path(), &certs, "");
-    let app = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
-    let app = MeshEndpoint::client(&app, 1 << 20).unwrap();
+    let app = dialler(&certs, Role::Client, "app");
     let connection = app.connection(quic).await.unwrap();
     // Sending fails once the node has closed the connection.
     for _ in 0..64 {
@@ -1869,9 +1879,7 @@ async fn a_client_that_sends_a_datagram_loses_its_connection() {
         other => panic!("closed for another reason: {other}"),
     }
     app.forget(quic);
-    let status = app
-        .call(quic, &Message::StatusQuery, Duration::from_secs(5))
-        .await;
+    let status = ask_status(&app, quic).await;
     assert!(status.is_ok(), "a new connection is served: {status:?}");
 }
 
@@ -1884,13 +1892,8 @@ async fn clients_hold_no_more_connections_than_the_cap_and_nodes_still_get_in() 
     let certs = root.path().join("certs");
     make_certs(&certs, &["a", "b"], &["app"], &[]);
     let (_node, quic) = lone_node(root.path(), &certs, "[mesh]\nmax_client_connections = 2\n");
-    let app = MeshIdentity::from_dir(&certs, Role::Client, "app").unwrap();
-    let client = || MeshEndpoint::client(&app, 1 << 20).unwrap();
-    let status = async |endpoint: &MeshEndpoint| {
-        endpoint
-            .call(quic, &Message::StatusQuery, Duration::from_secs(5))
-            .await
-    };
+    let client = || dialler(&certs, Role::Client, "app");
+    let status = async |endpoint: &MeshEndpoint| ask_status(endpoint, quic).await;
     let held = [client(), client()];
     for endpoint in &held {
         status(endpoint).await.expect("a client within the cap");
@@ -1901,9 +1904,7 @@ async fn clients_hold_no_more_connections_than_the_cap_and_nodes_still_get_in() 
         reason.contains("max_client_connections"),
         "a third client connection is refused, saying why: {reason}"
     );
-    let b = MeshIdentity::from_dir(&certs, Role::Node, "b").unwrap();
-    let b = MeshEndpoint::client(&b, 1 << 20).unwrap();
-    status(&b)
+    status(&dialler(&certs, Role::Node, "b"))
         .await
         .expect("a node is not held to the clients' cap");
     held[0].close();
@@ -1924,30 +1925,23 @@ async fn one_node_certificate_holds_no_more_connections_than_a_node_needs() {
     let certs = root.path().join("certs");
     make_certs(&certs, &["a", "b", "c"], &["app"], &[]);
     let (_node, quic) = lone_node(root.path(), &certs, "");
-    let dialler = |role, name| {
-        let identity = MeshIdentity::from_dir(&certs, role, name).unwrap();
-        MeshEndpoint::client(&identity, 1 << 20).unwrap()
-    };
-    let status = async |endpoint: &MeshEndpoint| {
-        endpoint
-            .call(quic, &Message::StatusQuery, Duration::from_secs(5))
-            .await
-    };
+    let dial = |role, name| dialler(&certs, role, name);
+    let status = async |endpoint: &MeshEndpoint| ask_status(endpoint, quic).await;
     let held: Vec<MeshEndpoint> = (0..meshserve::cluster::CONNECTIONS_PER_NODE_CERTIFICATE)
-        .map(|_| dialler(Role::Node, "b"))
+        .map(|_| dial(Role::Node, "b"))
         .collect();
     for endpoint in &held {
         status(endpoint).await.expect("b within its connections");
     }
-    let refused = format!("{:?}", status(&dialler(Role::Node, "b")).await);
+    let refused = format!("{:?}", status(&dial(Role::Node, "b")).await);
     assert!(
         refused.contains("as many connections as a node may"),
         "one more of b's connections is refused, saying why: {refused}"
     );
-    status(&dialler(Role::Node, "c"))
+    status(&dial(Role::Node, "c"))
         .await
         .expect("another node is not held to b's count");
-    status(&dialler(Role::Client, "app"))
+    status(&dial(Role::Client, "app"))
         .await
         .expect("nor is a client");
 }
