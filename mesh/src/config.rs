@@ -84,6 +84,10 @@ pub struct MeshConfig {
     /// one is closed as it arrives. Node connections do not count, so clients cannot take
     /// what the mesh itself needs.
     pub max_client_connections: usize,
+    /// Handshakes in progress at once on the mesh port, from every address together (one
+    /// address holds at most 16, and only once it has answered a Retry). Past it a new
+    /// attempt is refused until one ends; a handshake has 2 s to finish.
+    pub max_handshakes: usize,
     /// Nodes whose model repositories are authoritative for the mesh: only their catalogs
     /// say which models exist, with how many replicas, and which files a node fetches. Every
     /// node of a mesh must list the same names. Unset: every member publishes (logged as a
@@ -113,6 +117,7 @@ impl Default for MeshConfig {
             frame_read_timeout_ms: 10_000,
             max_frame_bytes_in_flight: 256 << 20,
             max_client_connections: 1024,
+            max_handshakes: 256,
             publishers: None,
             max_model_memory_bytes: None,
         }
@@ -411,6 +416,11 @@ impl NodeConfig {
                 "mesh.listen needs mesh.certs (create them with `meshserve certs`)".into(),
             ));
         }
+        if self.mesh.max_handshakes == 0 {
+            return Err(NodeConfigError::Inconsistent(
+                "mesh.max_handshakes must be positive: no peer could connect".into(),
+            ));
+        }
         if self.http.max_body_bytes == 0 {
             return Err(NodeConfigError::Inconsistent(
                 "http.max_body_bytes must be positive".into(),
@@ -515,5 +525,26 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn mesh_handshakes_are_bounded_and_some_are_allowed() {
+        let path = std::path::Path::new("node.toml");
+        let config = NodeConfig::load_from_str("[mesh]\nmax_handshakes = 7\n", path).unwrap();
+        assert_eq!(config.mesh.max_handshakes, 7);
+        assert_eq!(
+            NodeConfig::load_from_str("", path)
+                .unwrap()
+                .mesh
+                .max_handshakes,
+            256
+        );
+        let err = NodeConfig::load_from_str("[mesh]\nmax_handshakes = 0\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mesh.max_handshakes must be positive"),
+            "{err}"
+        );
     }
 }

@@ -6,14 +6,14 @@ mod support;
 
 use meshserve::client::{ClientConfig, MeshClient};
 use meshserve::routing::{ROUTE_HEADER, parse_route_header};
-use meshserve::transport::certs::{Role, node_dir, paths};
+use meshserve::transport::certs::{NODE_SAN, Role, node_dir, paths};
 use meshserve::transport::tls::CLIENT_GRANT;
 use meshserve::transport::{FrameBudget, MeshEndpoint, MeshIdentity, TransportError, read_frame};
 use meshserve::wire::{self, FailureClass, MeshStatus, Message};
 use meshserve_host::{DataType, InferRequest, Tensor};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -1969,6 +1969,220 @@ async fn a_peer_a_node_dials_cannot_open_streams_back_into_it() {
         opened.is_err(),
         "the dialled peer opened a stream into the node"
     );
+}
+
+/// A QUIC client on `from` (a loopback address of its own, as another host's would be) with
+/// the client certificate `app`, and `transport` in place of the mesh's when given.
+fn quic_client(
+    certs: &Path,
+    from: IpAddr,
+    transport: Option<quinn::TransportConfig>,
+) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let identity = MeshIdentity::from_dir(certs, Role::Client, "app").unwrap();
+    let mut config = identity.client_config().unwrap();
+    if let Some(transport) = transport {
+        config.transport_config(Arc::new(transport));
+    }
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(from, 0)).unwrap();
+    (endpoint, config)
+}
+
+/// How a client's handshake from `from` with the node at `quic` ends.
+async fn handshake_from(
+    certs: &Path,
+    from: IpAddr,
+    quic: SocketAddr,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let (endpoint, config) = quic_client(certs, from, None);
+    let connecting = endpoint.connect_with(config, quic, NODE_SAN).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .expect("a handshake ends one way or the other within 5 s")
+}
+
+fn is_refused(ended: &Result<quinn::Connection, quinn::ConnectionError>) -> bool {
+    matches!(ended, Err(quinn::ConnectionError::ConnectionClosed(close))
+        if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+}
+
+/// Whether a datagram is a QUIC v1 Retry: long header, packet type 3 (RFC 9000, 17.2).
+fn is_retry(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|first| first & 0xb0 == 0xb0)
+}
+
+/// `meshserve_connections_total{protocol="mesh"}` with `outcome`.
+async fn mesh_connections(node: &TestNode, outcome: &str) -> f64 {
+    metric_sum(
+        &node.metrics().await,
+        "meshserve_connections_total",
+        &[("protocol", "mesh"), ("outcome", outcome)],
+    )
+}
+
+/// A handshake kept alive and never finished: a real client on a short initial RTT whose
+/// packets reach the node through a relay on `from` that brings back the node's Retry and
+/// nothing after it. The client answers the Retry, then resends its first flight in fresh
+/// packets (signs of life the node has to take) while the node waits for the rest.
+struct StalledHandshake {
+    _client: quinn::Endpoint,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for StalledHandshake {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn stalled_handshake(certs: &Path, from: IpAddr, quic: SocketAddr) -> StalledHandshake {
+    let near = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let far = tokio::net::UdpSocket::bind((from, 0)).await.unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .initial_rtt(Duration::from_millis(10))
+        .max_idle_timeout(Duration::from_secs(60).try_into().ok());
+    let (client, config) = quic_client(certs, IpAddr::from([127, 0, 0, 1]), Some(transport));
+    let connecting = client
+        .connect_with(config, near.local_addr().unwrap(), NODE_SAN)
+        .unwrap();
+    let handshake = tokio::spawn(async move {
+        let _ = connecting.await;
+    });
+    let relay = tokio::spawn(async move {
+        let (mut up, mut down) = (vec![0; 65536], vec![0; 65536]);
+        let mut client_addr = None;
+        loop {
+            tokio::select! {
+                Ok((n, sender)) = near.recv_from(&mut up) => {
+                    client_addr = Some(sender);
+                    let _ = far.send_to(&up[..n], quic).await;
+                }
+                Ok(n) = far.recv(&mut down) => {
+                    if let Some(client_addr) = client_addr.filter(|_| is_retry(&down[..n])) {
+                        let _ = near.send_to(&down[..n], client_addr).await;
+                    }
+                }
+            }
+        }
+    });
+    StalledHandshake {
+        _client: client,
+        tasks: [handshake, relay],
+    }
+}
+
+/// Anyone can send the first packet of a handshake, with any source address written in it. The
+/// node answers an address that has not shown it is the sender's with a Retry and holds nothing
+/// for it: 64 first packets from one address (four times its share), none of which follows its
+/// Retry, keep no one out, not even a client on that same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_packets_that_never_follow_their_retry_hold_no_handshake() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a"], &["app"], &[]);
+    let (node, quic) = lone_node(root.path(), &certs, "");
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    let flood = 4 * meshserve::cluster::HANDSHAKES_PER_ADDRESS;
+    // Real first packets, each its own connection: what a client sends to a catcher.
+    let (client, config) = quic_client(&certs, loopback, None);
+    let mut firsts = Vec::new();
+    for _ in 0..flood {
+        let catcher = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let _connecting = client
+            .connect_with(config.clone(), catcher.local_addr().unwrap(), NODE_SAN)
+            .unwrap();
+        let mut first = vec![0; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(5), catcher.recv(&mut first))
+            .await
+            .expect("a client's first packet")
+            .unwrap();
+        first.truncate(n);
+        firsts.push(first);
+    }
+    let mut senders = Vec::new();
+    for first in &firsts {
+        let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sender.send_to(first, quic).await.unwrap();
+        senders.push(sender);
+    }
+    for sender in &senders {
+        let mut answer = vec![0; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(5), sender.recv(&mut answer))
+            .await
+            .expect("every first packet is answered")
+            .unwrap();
+        assert!(
+            is_retry(&answer[..n]),
+            "a first packet from an address not shown to be its sender's is answered with a Retry, not a handshake (first byte {:#04x})",
+            answer[0]
+        );
+    }
+    handshake_from(&certs, loopback, quic)
+        .await
+        .expect("a client on the flooded address gets in at once");
+    assert!(mesh_connections(&node, "retry").await >= flood as f64);
+    assert_eq!(mesh_connections(&node, "refused").await, 0.0);
+}
+
+/// Handshakes kept alive and never finished hold a bounded share of the node for a bounded
+/// time: one address at most `HANDSHAKES_PER_ADDRESS`, every address together
+/// `mesh.max_handshakes`; past either a new attempt is refused at once while the others still
+/// get in, and each handshake ends at `HANDSHAKE_TIMEOUT`, however alive its peer keeps it
+/// (this one would outlive QUIC's idle timeout by seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_that_never_finish_hold_a_bounded_share_for_a_bounded_time() {
+    use meshserve::cluster::{HANDSHAKE_TIMEOUT, HANDSHAKES_PER_ADDRESS};
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a"], &["app"], &[]);
+    let max = HANDSHAKES_PER_ADDRESS + 4;
+    let config = format!("[mesh]\nmax_handshakes = {max}\n");
+    let (node, quic) = lone_node(root.path(), &certs, &config);
+    let host = |last: u8| IpAddr::from([127, 0, 0, last]);
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..=HANDSHAKES_PER_ADDRESS {
+        stalled.push(stalled_handshake(&certs, host(1), quic).await);
+    }
+    wait_for(
+        "one attempt past the address's share refused",
+        Duration::from_secs(1),
+        async || (mesh_connections(&node, "refused").await >= 1.0).then_some(()),
+    )
+    .await;
+    let ended = handshake_from(&certs, host(1), quic).await;
+    assert!(
+        is_refused(&ended),
+        "an address at its share is refused: {ended:?}"
+    );
+    handshake_from(&certs, host(2), quic)
+        .await
+        .expect("another address gets in");
+    for _ in 0..max - HANDSHAKES_PER_ADDRESS {
+        stalled.push(stalled_handshake(&certs, host(3), quic).await);
+    }
+    wait_for(
+        "an attempt from a fourth address refused at the node's cap",
+        Duration::from_secs(1),
+        async || is_refused(&handshake_from(&certs, host(4), quic).await).then_some(()),
+    )
+    .await;
+    assert!(
+        started.elapsed() < HANDSHAKE_TIMEOUT,
+        "the caps were checked while every stalled handshake was still held"
+    );
+    wait_for(
+        "every held handshake to time out",
+        HANDSHAKE_TIMEOUT + Duration::from_millis(1500) - started.elapsed(),
+        async || (mesh_connections(&node, "handshake_timed_out").await >= max as f64).then_some(()),
+    )
+    .await;
+    drop(stalled);
+    handshake_from(&certs, host(1), quic)
+        .await
+        .expect("the address gets in once its stalled handshakes are gone");
 }
 
 /// Issue 21: a member with a valid node certificate joined with its own `heavy` (another file,

@@ -77,13 +77,14 @@ pub struct MeshLabels {
     pub kind: String,
 }
 
-/// Labels of front-door connection counters.
+/// Labels of connection counters (the HTTP/3 door's and the mesh port's).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
-    /// `h3`.
+    /// `h3`, or `mesh` for the mesh port.
     pub protocol: String,
-    /// `accepted`, `refused` (over the connection cap), `retry` (address validation sent),
-    /// `handshake_failed`.
+    /// `accepted`, `refused` (over a connection or handshake cap), `retry` (address
+    /// validation sent), `handshake_failed`, `handshake_timed_out` (mesh only; HTTP/3 counts
+    /// those as failed).
     pub outcome: String,
 }
 
@@ -231,7 +232,7 @@ impl Metrics {
         let connections = Family::<ConnectionLabels, Counter>::default();
         registry.register(
             "connections",
-            "Connections to a front door, by protocol and outcome",
+            "Connections to a front door or the mesh port, by protocol and outcome",
             connections.clone(),
         );
         let replicas_target = Family::<ModelLabels, Gauge>::default();
@@ -376,7 +377,8 @@ impl Metrics {
         }
     }
 
-    /// Counts a front-door connection of `protocol` by what happened to it.
+    /// Counts a connection of `protocol` (a front door's or the mesh port's) by what happened
+    /// to it.
     pub fn record_connection(&self, protocol: &str, outcome: &str) {
         self.connections
             .get_or_create(&ConnectionLabels {

@@ -1,27 +1,40 @@
-//! Connections held open, counted by who holds them, so that one holder cannot take what the
-//! others need. Bookkeeping only: the accept loop asks for a place, and a connection's place is
-//! given back when its [`Held`] is dropped.
+//! Connections (or handshakes) held open, counted by who holds them, so that one holder cannot
+//! take what the others need. Bookkeeping only: the accept loop asks for a place, and a
+//! connection's place is given back when its [`Held`] is dropped.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-/// Who holds a connection: a digest of the certificate it was made with.
+/// Who holds a node connection: a digest of the certificate it was made with.
 pub type Holder = [u8; 32];
 
-/// Open connections by holder.
-#[derive(Debug, Default, Clone)]
-pub struct ConnectionCounts(Arc<Mutex<HashMap<Holder, usize>>>);
+/// Open connections by holder: a certificate's digest ([`Holder`]), or an address.
+#[derive(Debug)]
+pub struct ConnectionCounts<K = Holder>(Arc<Mutex<HashMap<K, usize>>>);
+
+impl<K> Default for ConnectionCounts<K> {
+    fn default() -> Self {
+        ConnectionCounts(Arc::default())
+    }
+}
+
+impl<K> Clone for ConnectionCounts<K> {
+    fn clone(&self) -> Self {
+        ConnectionCounts(self.0.clone())
+    }
+}
 
 /// One counted connection; dropping it gives its place back.
 #[derive(Debug)]
-pub struct Held {
-    counts: ConnectionCounts,
-    holder: Holder,
+pub struct Held<K: Hash + Eq = Holder> {
+    counts: ConnectionCounts<K>,
+    holder: K,
 }
 
-impl ConnectionCounts {
+impl<K: Hash + Eq + Copy> ConnectionCounts<K> {
     /// Counts one more connection for `holder`, unless it holds `limit` already.
-    pub fn hold(&self, holder: Holder, limit: usize) -> Option<Held> {
+    pub fn hold(&self, holder: K, limit: usize) -> Option<Held<K>> {
         let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let count = counts.get(&holder).copied().unwrap_or(0);
         if count >= limit {
@@ -35,7 +48,7 @@ impl ConnectionCounts {
     }
 }
 
-impl Drop for Held {
+impl<K: Hash + Eq> Drop for Held<K> {
     fn drop(&mut self) {
         let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = counts.get_mut(&self.holder) {

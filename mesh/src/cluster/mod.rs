@@ -10,12 +10,14 @@ mod adverts;
 pub mod bundle;
 mod connections;
 mod gossip;
+mod handshakes;
 mod memory;
 mod reconcile;
 pub mod seeds;
 mod service;
 
 pub use gossip::CLAIM_DOWN_ENV;
+pub use handshakes::{HANDSHAKE_TIMEOUT, HANDSHAKES_PER_ADDRESS};
 pub use service::{
     CLIENT_CONNECTIONS_REFUSAL, CLIENT_DATAGRAM_REFUSAL, CONNECTIONS_PER_NODE_CERTIFICATE, Calls,
     NODE_CONNECTIONS_REFUSAL,
@@ -83,6 +85,8 @@ pub struct ClusterConfig {
     pub max_frame_bytes_in_flight: usize,
     /// Connections client certificates may hold open at once.
     pub max_client_connections: usize,
+    /// Handshakes in progress at once on the mesh port (`mesh.max_handshakes`).
+    pub max_handshakes: usize,
     /// Whose model repositories are authoritative (`mesh.publishers`).
     pub publishers: Publishers,
     /// Longest a forwarded request may take, when it sets no deadline itself.
@@ -293,6 +297,7 @@ pub struct Cluster {
     client_connections: Arc<tokio::sync::Semaphore>,
     /// Connections open by node certificate.
     node_connections: connections::ConnectionCounts,
+    handshakes: handshakes::Handshakes,
     balancer: Balancer,
     /// When a forwarded request goes to another replica.
     retry: RetryPolicy,
@@ -419,6 +424,7 @@ impl Cluster {
                 config.max_client_connections,
             )),
             node_connections: connections::ConnectionCounts::default(),
+            handshakes: handshakes::Handshakes::new(config.max_handshakes),
             balancer: Balancer::new(generation),
             retry: RetryPolicy::default(),
             forward_timeout: config.forward_timeout,

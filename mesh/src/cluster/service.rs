@@ -3,6 +3,7 @@
 //! frame per bidirectional stream: the mesh's own questions (routes, status, loads, adverts,
 //! model transfers) here, calls that run models and endpoints through the node's [`Calls`].
 
+use crate::cluster::handshakes::{HANDSHAKE_TIMEOUT, Turned};
 use crate::cluster::{Cluster, bundle};
 use crate::membership::Membership;
 use crate::transport::certs::Role;
@@ -28,24 +29,54 @@ pub trait Calls: Send + Sync + 'static {
 
 /// Accepts connections until the endpoint closes.
 pub(super) async fn serve(cluster: Arc<Cluster>) {
+    let metrics = cluster.engine.metrics().clone();
     while let Some(incoming) = cluster.endpoint.quinn().accept().await {
-        let cluster = cluster.clone();
+        let peer = incoming.remote_address();
+        let handshake = match cluster
+            .handshakes
+            .admit(peer.ip(), incoming.remote_address_validated())
+        {
+            Ok(handshake) => handshake,
+            Err(Turned::Unproven) => {
+                metrics.record_connection(MESH, "retry");
+                // Not shown to be the sender's address, so `may_retry` holds.
+                if let Err(e) = incoming.retry() {
+                    tracing::debug!(%peer, error = %e, "mesh retry failed");
+                }
+                continue;
+            }
+            Err(turned) => {
+                metrics.record_connection(MESH, "refused");
+                crate::warn_throttled!(%peer, reason = %turned, "mesh handshake refused");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let (cluster, metrics) = (cluster.clone(), metrics.clone());
         tokio::spawn(async move {
-            let peer = incoming.remote_address();
-            let connection = match incoming.await {
-                Ok(connection) => connection,
+            let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(connection)) => connection,
                 // A TLS failure either way: the peer has no certificate of our mesh CA, or
                 // does not trust ours (a node of another mesh).
-                Err(e) if is_tls_refusal(&e) => {
+                Ok(Err(e)) if is_tls_refusal(&e) => {
+                    metrics.record_connection(MESH, "handshake_failed");
                     crate::warn_throttled!(%peer, error = %e, "mesh connection refused");
                     return;
                 }
                 // The peer gave up (a connect timeout while we were starting, a restart).
-                Err(e) => {
+                Ok(Err(e)) => {
+                    metrics.record_connection(MESH, "handshake_failed");
                     tracing::debug!(%peer, error = %e, "mesh handshake abandoned");
                     return;
                 }
+                // Dropping the handshake closes it.
+                Err(_) => {
+                    metrics.record_connection(MESH, "handshake_timed_out");
+                    tracing::debug!(%peer, "mesh handshake timed out");
+                    return;
+                }
             };
+            drop(handshake);
             let role = tls::peer_role(&connection);
             // Each connection holds a place while it is open: a client one of the clients'
             // shared places, a node one of its certificate's own. The handshake granted a
@@ -58,6 +89,7 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                         .hold(holder, CONNECTIONS_PER_NODE_CERTIFICATE)
                 });
                 let Some(place) = place else {
+                    metrics.record_connection(MESH, "refused");
                     crate::warn_throttled!(%peer, "mesh node connection refused: its certificate holds as many as a node may");
                     connection.close(0u32.into(), NODE_CONNECTIONS_REFUSAL);
                     return;
@@ -67,6 +99,7 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                 (Some(place), None)
             } else {
                 let Ok(place) = cluster.client_connections.clone().try_acquire_owned() else {
+                    metrics.record_connection(MESH, "refused");
                     crate::warn_throttled!(%peer, "mesh client connection refused: at mesh.max_client_connections");
                     connection.close(0u32.into(), CLIENT_CONNECTIONS_REFUSAL);
                     return;
@@ -74,6 +107,7 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
                 tokio::spawn(close_on_datagram(connection.clone()));
                 (None, Some(place))
             };
+            metrics.record_connection(MESH, "accepted");
             while let Ok((send, recv)) = connection.accept_bi().await {
                 let exchange = answer(cluster.clone(), send, recv, role, peer);
                 tokio::spawn(exchange);
@@ -81,6 +115,9 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
         });
     }
 }
+
+/// The `protocol` label of the mesh port's connections in `meshserve_connections_total`.
+const MESH: &str = "mesh";
 
 fn is_tls_refusal(error: &quinn::ConnectionError) -> bool {
     // QUIC carries TLS alerts as error codes 0x100..=0x1ff (RFC 9001, section 4.8).

@@ -433,6 +433,7 @@ async fn join_mesh(
         max_frame_bytes: mesh.max_frame_bytes,
         max_frame_bytes_in_flight: mesh.max_frame_bytes_in_flight,
         max_client_connections: mesh.max_client_connections,
+        max_handshakes: mesh.max_handshakes,
         publishers: match &mesh.publishers {
             Some(names) => Publishers::Only(names.iter().cloned().collect()),
             None => {

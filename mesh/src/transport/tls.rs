@@ -83,6 +83,13 @@ impl MeshIdentity {
             .map_err(|e| TlsError::Invalid(format!("QUIC TLS: {e}")))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(transport(CLIENT_GRANT));
+        // The accept loop answers each attempt as it comes (a Retry, a refusal or a handshake
+        // with its place), so only a burst waits here: bound its count and what it buffers
+        // (quinn's defaults are 65,536 attempts and 100 MiB).
+        config
+            .max_incoming(4096)
+            .incoming_buffer_size(64 << 10)
+            .incoming_buffer_size_total(4 << 20);
         Ok(config)
     }
 
@@ -228,6 +235,32 @@ mod tests {
             ] {
                 assert!(described.contains(&expected), "{expected} in {described}");
             }
+        }
+    }
+
+    #[test]
+    fn connection_attempts_waiting_to_be_answered_are_finite() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = super::certs::MeshCa::create().unwrap();
+        let (cert, key) = ca.issue(super::Role::Node, "a").unwrap();
+        let path = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let identity = super::MeshIdentity::load(
+            &path("ca.pem", ca.cert_pem()),
+            &path("a.pem", &cert),
+            &path("a.key", &key),
+        )
+        .unwrap();
+        let described = format!("{:?}", identity.server_config().unwrap());
+        for expected in [
+            "max_incoming: 4096",
+            "incoming_buffer_size: 65536",
+            "incoming_buffer_size_total: 4194304",
+        ] {
+            assert!(described.contains(expected), "{expected} in {described}");
         }
     }
 }
