@@ -9,6 +9,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use support::grpc_stream::{self, Read};
 use support::{TestNode, copy_tree, metric_sum, plugin, workspace_root};
 
 /// Held by each test: every one loads `slow` to its bound from the same two cores, and one
@@ -177,9 +178,9 @@ async fn crowded_slow_node(extra: &str) -> (TestNode, tempfile::TempDir, AtBound
     (node, repo, load)
 }
 
-/// A ModelInfer message for `slow` that tonic cannot decode: the model's name, then an `id`
-/// that is not UTF-8. Only a node that reads the name and decides before decoding answers it
-/// UNAVAILABLE.
+/// A ModelInfer message for `slow` (id `probe`) that tonic cannot decode: after the model's
+/// name and id, an input tensor cut short. Only a node that reads the name and decides before
+/// decoding answers it UNAVAILABLE.
 fn undecodable_slow_message(timeout_us: Option<i64>) -> Vec<u8> {
     use meshserve::http::grpc::proto::infer_parameter::ParameterChoice;
     use meshserve::http::grpc::proto::{InferParameter, ModelInferRequest};
@@ -195,11 +196,13 @@ fn undecodable_slow_message(timeout_us: Option<i64>) -> Vec<u8> {
     });
     let mut message = ModelInferRequest {
         model_name: "slow".into(),
+        id: "probe".into(),
         parameters: timeout.into_iter().collect(),
         ..Default::default()
     }
     .encode_to_vec();
-    message.extend_from_slice(&[0x1a, 1, 0xff]);
+    // Field 5 (an input), three bytes: its name (field 1) says five bytes and has one.
+    message.extend_from_slice(&[0x2a, 3, 0x0a, 5, b'x']);
     message
 }
 
@@ -566,6 +569,56 @@ async fn an_overloaded_model_refuses_a_unary_grpc_call_before_decoding_its_messa
         refused, 3,
         "{refused} refused (UNAVAILABLE) and {undecodable} failed to decode of the probes"
     );
+}
+
+/// A stream's message for an overloaded model is answered UNAVAILABLE in its place, with its
+/// model and id, before it is decoded, and the stream goes on; decoded first, this message
+/// would end its stream with INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_model_refuses_a_stream_message_before_decoding_it() {
+    let _alone = ALONE.lock().await;
+    let repo = slow_repo("max_queue_wait_us = 2000\n");
+    let node = TestNode::start(repo.path(), &[]);
+    let load = AtBound::keep(&node).await;
+    let message = grpc_stream::frame(&undecodable_slow_message(None));
+    let connection = grpc_stream::connect(node.addr).await;
+    let mut stream = grpc_stream::open(&connection).await;
+    let (mut refused, mut undecodable) = (Vec::new(), 0);
+    while refused.len() < 3 && refused.len() + undecodable < 40 {
+        stream.send(message.clone()).await;
+        match stream.read().await {
+            Read::Answer(answer) => refused.push(answer),
+            Read::End(status) => {
+                assert_eq!(
+                    status.as_deref(),
+                    Some("13"),
+                    "a message that is not refused fails to decode, which ends its stream"
+                );
+                undecodable += 1;
+                stream = grpc_stream::open(&connection).await;
+            }
+        }
+    }
+    stream.finish();
+    load.stop().await;
+    assert_eq!(
+        refused.len(),
+        3,
+        "{} refused before decoding; {undecodable} streams ended by a failed decode",
+        refused.len()
+    );
+    for answer in &refused {
+        let response = answer.infer_response.as_ref().unwrap();
+        assert_eq!(
+            (response.model_name.as_str(), response.id.as_str()),
+            ("slow", "probe")
+        );
+        assert!(
+            answer.error_message.contains("is overloaded"),
+            "{}",
+            answer.error_message
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

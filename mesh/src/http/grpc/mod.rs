@@ -4,7 +4,7 @@
 //!
 //! The services are generated at build time from `mesh/proto`; [`tensors`] converts messages
 //! (pure), [`endpoint`] turns an endpoint's call into REST's body and its answer back (pure),
-//! [`peek`] reads the model a unary call names before its message is decoded (pure),
+//! [`peek`] reads the model a call names before its message is decoded (pure),
 //! [`status`] maps failures, [`service`] answers, [`stream`] runs a streaming call, [`health`]
 //! is gRPC health checking, and [`Services`] routes each call to its service.
 
@@ -94,6 +94,15 @@ impl Services {
         }
     }
 
+    /// What each stream may hold of the node: its in-flight byte budget, and how long an
+    /// answer may wait to be read (the body read timeout).
+    fn stream_limits(&self) -> stream::StreamLimits {
+        stream::StreamLimits {
+            budget: self.bodies.in_flight.clone(),
+            stall: self.bodies.read_timeout,
+        }
+    }
+
     /// Answers one gRPC call, by its service's path.
     pub async fn call(&self, request: http::Request<Body>) -> http::Response<Body> {
         let path = request.uri().path();
@@ -109,7 +118,20 @@ impl Services {
         } else if path == STREAM_INFER_PATH {
             // A stream's messages are limited one by one (the message size) and in number (the
             // requests it runs at once); its body lives as long as the stream.
-            let Ok(response) = self.inference.clone().oneshot(request).await;
+            let mut grpc = tonic::server::Grpc::new(stream::UndecodedRequests)
+                .apply_max_message_size_config(Some(self.bodies.max_bytes), Some(usize::MAX));
+            let (door, limits) = (self.door.clone(), self.stream_limits());
+            let answers = tower::service_fn(move |call: tonic::Request<_>| {
+                let (metadata, _, incoming) = call.into_parts();
+                let answers = stream::answers(
+                    door.clone(),
+                    metadata.into_headers(),
+                    incoming,
+                    limits.clone(),
+                );
+                std::future::ready(Ok::<_, tonic::Status>(tonic::Response::new(answers)))
+            });
+            let response = grpc.streaming(answers, request).await;
             with_size_limit_status(response, self.bodies.max_bytes)
         } else {
             // A unary call's body is read as REST reads one: within the size limit, the read
@@ -122,11 +144,10 @@ impl Services {
                 Err(refused) => return status::status_of(refused).into_http(),
             };
             if unary_infer
-                && let Some(refused) =
-                    self.door
-                        .refuse_undecoded(&read.bytes, &parts.headers, started)
+                && let Some(peeked) = peek::peek(&read.bytes)
+                && let Some(refused) = self.door.refuse_undecoded(&peeked, &parts.headers, started)
             {
-                return refused.into_http();
+                return status::status_of(refused).into_http();
             }
             let request = http::Request::from_parts(parts, Body::from(read.bytes.clone()));
             // The body is within the limit, so its message is within tonic's (the same).

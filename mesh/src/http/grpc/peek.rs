@@ -1,7 +1,7 @@
-//! What admission needs of a unary `ModelInferRequest` (the model it names and the deadline
-//! it asks for), read from its framed message without decoding it, so an overloaded model
-//! refuses the call before the message is parsed (as REST refuses before it reads a body).
-//! Pure, and it allocates nothing.
+//! What admission needs of a `ModelInferRequest` (the model it names, the deadline it asks
+//! for, and the id its answer must carry), read from the message without decoding it, so an
+//! overloaded model refuses a unary call or a stream's message before it is parsed (as REST
+//! refuses before it reads a body). Pure, and it allocates nothing.
 
 /// What a message tells admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,6 +10,9 @@ pub struct Peeked<'a> {
     pub model: &'a str,
     /// `model_version` (field 2); empty for none.
     pub version: &'a str,
+    /// `id` (field 3), as sent: a refusal in a stream carries it back, and the full decode
+    /// is what refuses one that is not UTF-8.
+    pub id: &'a [u8],
     /// The `timeout` parameter (field 4, a map), in microseconds, when it is an integer.
     pub timeout_us: Option<i64>,
 }
@@ -23,10 +26,16 @@ pub fn peek(framed: &[u8]) -> Option<Peeked<'_>> {
         return None;
     }
     let length = usize::try_from(u32::from_be_bytes([a, b, c, d])).ok()?;
-    let mut message = rest.get(..length)?;
+    peek_message(rest.get(..length)?)
+}
+
+/// Reads a `ModelInferRequest` out of its frame (a stream's message, as tonic hands it over),
+/// as [`peek`] reads a framed one.
+pub fn peek_message(mut message: &[u8]) -> Option<Peeked<'_>> {
     let mut peeked = Peeked {
         model: "",
         version: "",
+        id: &[],
         timeout_us: None,
     };
     // As protobuf reads them, the last occurrence of a field (or of a map's key) wins.
@@ -34,6 +43,7 @@ pub fn peek(framed: &[u8]) -> Option<Peeked<'_>> {
         match field(&mut message)? {
             (1, Value::Bytes(name)) => peeked.model = std::str::from_utf8(name).ok()?,
             (2, Value::Bytes(version)) => peeked.version = std::str::from_utf8(version).ok()?,
+            (3, Value::Bytes(id)) => peeked.id = id,
             (4, Value::Bytes(entry)) => {
                 let (key, parameter) = map_entry(entry)?;
                 if key == "timeout" {
@@ -241,6 +251,11 @@ mod tests {
         .encode_to_vec();
         assert_eq!(model_of(&framed(&message)), Some(("fraud", "2")));
         assert_eq!(peek(&framed(&message)).unwrap().timeout_us, None);
+        assert_eq!(peek(&framed(&message)).unwrap().id, b"call-7");
+        // An id that is not UTF-8 is read as sent: the decode is what refuses it.
+        let odd_id = [0x0a, 1, b'x', 0x1a, 1, 0xff];
+        assert_eq!(peek_message(&odd_id).map(|p| p.id), Some(&[0xff][..]));
+        assert!(ModelInferRequest::decode(&odd_id[..]).is_err());
         // Fields in any order, fixed-width ones among them, and the last name wins.
         let mut reordered = Vec::new();
         reordered.extend_from_slice(&[0x3a, 3, 1, 2, 3]); // raw_input_contents
@@ -308,17 +323,16 @@ mod tests {
             let message = ModelInferRequest {
                 model_name: name.clone(),
                 model_version: version.clone(),
-                id,
+                id: id.clone(),
                 parameters,
                 raw_input_contents: vec![raw.into()],
                 ..Default::default()
             }
             .encode_to_vec();
             let framed = framed(&message);
-            proptest::prop_assert_eq!(
-                peek(&framed),
-                Some(Peeked { model: &name, version: &version, timeout_us: timeout })
-            );
+            let expected = Peeked { model: &name, version: &version, id: id.as_bytes(), timeout_us: timeout };
+            proptest::prop_assert_eq!(peek(&framed), Some(expected));
+            proptest::prop_assert_eq!(peek_message(&message), Some(expected));
         }
     }
 }

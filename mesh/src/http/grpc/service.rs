@@ -20,7 +20,6 @@ use super::proto::{
     Unsupported,
 };
 use super::status::status_of;
-use super::stream::{self, StreamLimits};
 use super::tensors::{decode_request, encode_response, requested_timeout, timeout_from_micros};
 use crate::dispatch::endpoint::{EndpointRoute, Invocation};
 use crate::http::admin::{ClientAddr, authorize};
@@ -175,17 +174,17 @@ impl GrpcDoor {
         Ok(endpoint)
     }
 
-    /// Refuses a unary call for an overloaded model (or an endpoint on one), or one that would
-    /// miss its `grpc-timeout`, from its framed message and metadata, before tonic decodes it;
-    /// counted as [`Self::counted_infer`] counts answers (from `started`, when the call came
-    /// in). `None`: decode and run it.
+    /// Refuses a call (a unary one, or a stream's message) for an overloaded model (or an
+    /// endpoint on one), or one that would miss its `grpc-timeout`, from what its message
+    /// tells before it is decoded (`peeked`) and the call's metadata; counted as
+    /// [`Self::counted_infer`] counts answers (from `started`, when the message came in).
+    /// `None`: decode and run it.
     pub(super) fn refuse_undecoded(
         &self,
-        framed: &[u8],
+        peeked: &peek::Peeked<'_>,
         headers: &http::HeaderMap,
         started: Instant,
-    ) -> Option<Status> {
-        let peeked = peek::peek(framed)?;
+    ) -> Option<ApiError> {
         let version = Some(peeked.version).filter(|v| !v.is_empty());
         let timeout = earliest(
             call_deadline(headers),
@@ -193,7 +192,7 @@ impl GrpcDoor {
         );
         let refused = self.admit(peeked.model, version, timeout, started).err()?;
         self.record(peeked.model, refused.class.http_status(), started);
-        Some(status_of(refused))
+        Some(refused)
     }
 
     /// Counts an answered call in the node's request metrics, as REST counts its requests.
@@ -306,21 +305,16 @@ impl GrpcInferenceService for GrpcDoor {
         Ok(response)
     }
 
+    /// Never reached: [`super::Services`] answers this path itself, with its messages undecoded
+    /// until admission has read them ([`super::stream::answers`]), which the generated server's
+    /// decoded stream cannot offer.
     async fn model_stream_infer(
         &self,
-        request: Request<Streaming<ModelInferRequest>>,
+        _: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<BoxStream<ModelStreamInferResponse>>, Status> {
-        let (metadata, _, incoming) = request.into_parts();
-        let limits = StreamLimits {
-            budget: self.state.bodies.in_flight.clone(),
-            stall: self.state.bodies.read_timeout,
-        };
-        Ok(Response::new(stream::answers(
-            self.clone(),
-            metadata.into_headers(),
-            incoming,
-            limits,
-        )))
+        Err(Status::internal(
+            "ModelStreamInfer is answered by the node's gRPC router",
+        ))
     }
 
     async fn repository_index(

@@ -11,18 +11,25 @@
 //!
 //! A client that cancels its stream (or goes away) drops the response, which stops the task
 //! the same way.
+//!
+//! Messages arrive undecoded ([`UndecodedRequests`]): each is admitted from what [`peek`]
+//! reads of it, so a message for an overloaded model (or one that would miss its deadline) is
+//! answered UNAVAILABLE in its place before it is decoded, and only then decoded.
 
+use super::peek;
 use super::proto::{ModelInferRequest, ModelInferResponse, ModelStreamInferResponse};
 use super::service::GrpcDoor;
 use crate::http::body::reserve;
 use crate::http::error::ApiError;
+use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::codegen::BoxStream;
 use tonic::{Status, Streaming};
 
@@ -33,6 +40,7 @@ pub const IN_FLIGHT: usize = 64;
 pub const ANSWERS_BUFFERED: usize = 8;
 
 /// What a stream's task needs from the node.
+#[derive(Clone)]
 pub struct StreamLimits {
     /// The node's in-flight byte budget, which each message is charged to until answered.
     pub budget: Arc<Semaphore>,
@@ -40,11 +48,44 @@ pub struct StreamLimits {
     pub stall: Duration,
 }
 
+/// ModelStreamInfer's codec: answers are encoded by prost, and requests are handed over as
+/// their bytes, for admission to read before they are decoded.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UndecodedRequests;
+
+impl Codec for UndecodedRequests {
+    type Encode = ModelStreamInferResponse;
+    type Decode = Bytes;
+    type Encoder = tonic_prost::ProstEncoder<ModelStreamInferResponse>;
+    type Decoder = WholeMessage;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WholeMessage
+    }
+}
+
+/// Hands over each message's bytes as they came (tonic has checked its size already).
+#[derive(Debug, Clone, Copy)]
+pub struct WholeMessage;
+
+impl Decoder for WholeMessage {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, message: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(message.copy_to_bytes(message.remaining())))
+    }
+}
+
 /// Runs a stream's requests; returns its answers.
 pub fn answers(
     door: GrpcDoor,
     headers: http::HeaderMap,
-    incoming: Streaming<ModelInferRequest>,
+    incoming: Streaming<Bytes>,
     limits: StreamLimits,
 ) -> BoxStream<ModelStreamInferResponse> {
     let (answers, mut receiver) = mpsc::channel(ANSWERS_BUFFERED);
@@ -67,7 +108,7 @@ type Answer = Result<ModelStreamInferResponse, Status>;
 async fn run(
     door: GrpcDoor,
     headers: http::HeaderMap,
-    mut incoming: Streaming<ModelInferRequest>,
+    mut incoming: Streaming<Bytes>,
     limits: StreamLimits,
     answers: mpsc::Sender<Answer>,
     ended: Arc<Mutex<Option<Status>>>,
@@ -88,18 +129,19 @@ async fn run(
                     return;
                 }
             }
-            message = incoming.next(), if reading && running.len() < IN_FLIGHT => match message {
-                Some(Ok(message)) => {
-                    let charge = charge(&limits.budget, &message);
-                    let (door, headers) = (door.clone(), headers.clone());
-                    running.push_back(async move { answer(&door, message, &headers, charge).await });
+            message = incoming.next(), if reading && running.len() < IN_FLIGHT => {
+                match message.map(|message| admit(&door, message?, &headers, &limits.budget)) {
+                    Some(Ok(work)) => {
+                        let (door, headers) = (door.clone(), headers.clone());
+                        running.push_back(async move { answer(&door, work, &headers).await });
+                    }
+                    Some(Err(status)) => {
+                        reading = false;
+                        failure = Some(status);
+                    }
+                    None => reading = false,
                 }
-                Some(Err(status)) => {
-                    reading = false;
-                    failure = Some(status);
-                }
-                None => reading = false,
-            },
+            }
         }
     }
     if let Some(status) = failure {
@@ -149,30 +191,65 @@ async fn deliver(
     }
 }
 
-/// A message's bytes taken from the node's budget, or why they could not be.
-fn charge(
+/// What a stream's message comes to before it runs.
+enum Work {
+    /// Decoded and admitted, with its bytes charged to the node's budget (or why they could
+    /// not be).
+    Run {
+        message: ModelInferRequest,
+        charge: Result<OwnedSemaphorePermit, ApiError>,
+    },
+    /// Refused before it was decoded: its answer carries the model and id it named.
+    Refused {
+        model_name: String,
+        id: String,
+        refusal: ApiError,
+    },
+}
+
+/// Admits one of a stream's messages: refused from what [`peek`] reads of it, or decoded and
+/// charged. A message that does not decode ends the stream, with the status tonic's own
+/// decoder gives one (INTERNAL).
+fn admit(
+    door: &GrpcDoor,
+    message: Bytes,
+    headers: &http::HeaderMap,
     budget: &Arc<Semaphore>,
-    message: &ModelInferRequest,
-) -> Result<OwnedSemaphorePermit, ApiError> {
-    reserve(
-        budget,
-        u32::try_from(message.encoded_len()).unwrap_or(u32::MAX),
-    )
+) -> Result<Work, Status> {
+    let started = Instant::now();
+    if let Some(peeked) = peek::peek_message(&message)
+        && let Some(refusal) = door.refuse_undecoded(&peeked, headers, started)
+    {
+        return Ok(Work::Refused {
+            model_name: peeked.model.to_string(),
+            id: String::from_utf8_lossy(peeked.id).into_owned(),
+            refusal,
+        });
+    }
+    let charge = reserve(budget, u32::try_from(message.len()).unwrap_or(u32::MAX));
+    let message =
+        ModelInferRequest::decode(message).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Work::Run { message, charge })
 }
 
 /// One request's answer in the stream: its response, or its error in its place (the stream
 /// goes on).
-async fn answer(
-    door: &GrpcDoor,
-    message: ModelInferRequest,
-    headers: &http::HeaderMap,
-    charge: Result<OwnedSemaphorePermit, ApiError>,
-) -> Answer {
-    let (model_name, id) = (message.model_name.clone(), message.id.clone());
-    let outcome = match charge {
-        // The bytes stay charged until the request is answered.
-        Ok(_held) => door.counted_infer(message, headers).await,
-        Err(refused) => Err(refused),
+async fn answer(door: &GrpcDoor, work: Work, headers: &http::HeaderMap) -> Answer {
+    let (model_name, id, outcome) = match work {
+        Work::Run { message, charge } => {
+            let (model_name, id) = (message.model_name.clone(), message.id.clone());
+            let outcome = match charge {
+                // The bytes stay charged until the request is answered.
+                Ok(_held) => door.counted_infer(message, headers).await,
+                Err(refused) => Err(refused),
+            };
+            (model_name, id, outcome)
+        }
+        Work::Refused {
+            model_name,
+            id,
+            refusal,
+        } => (model_name, id, Err(refusal)),
     };
     Ok(match outcome {
         Ok(answer) => ModelStreamInferResponse {
