@@ -2185,6 +2185,68 @@ async fn handshakes_that_never_finish_hold_a_bounded_share_for_a_bounded_time() 
         .expect("the address gets in once its stalled handshakes are gone");
 }
 
+/// A unary gRPC call's answer carries the direct route to its model as response metadata, as
+/// a REST answer does in its headers, so that a route-aware gRPC client can go there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_answer_carries_the_route_to_its_model() {
+    use meshserve::http::grpc::proto::model_infer_request::InferInputTensor;
+    use meshserve::http::grpc::proto::{ModelInferRequest, ModelInferResponse};
+    use prost::Message as _;
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a"], &[], &[]);
+    let (node, _) = lone_node(root.path(), &certs, "");
+    let message = ModelInferRequest {
+        model_name: "fraud".into(),
+        id: "routed".into(),
+        inputs: vec![InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 32],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 128].into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (route, body) = wait_for(
+        "a gRPC answer with the route to its model",
+        Duration::from_secs(20),
+        async || {
+            let answer = http
+                .post(node.url("/inference.GRPCInferenceService/ModelInfer"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(framed.clone())
+                .send()
+                .await
+                .ok()?;
+            let route = answer
+                .headers()
+                .get(ROUTE_HEADER)?
+                .to_str()
+                .ok()?
+                .to_string();
+            Some((route, answer.bytes().await.ok()?))
+        },
+    )
+    .await;
+    let route = parse_route_header(&route).unwrap();
+    assert_eq!(route.model, "fraud");
+    let nodes: Vec<&str> = route.replicas.iter().map(|r| r.node.as_str()).collect();
+    assert_eq!(nodes, ["a"]);
+    let answer = ModelInferResponse::decode(&body[5..]).unwrap();
+    assert_eq!(answer.id, "routed");
+    assert_eq!(answer.raw_output_contents.len(), 1);
+}
+
 /// Issue 21: a member with a valid node certificate joined with its own `heavy` (another file,
 /// `replicas = 0`, `instances = 50`) and, named to sort first, got it installed on a node that
 /// lacked the model, placed everywhere. With `a` named the publisher, the nodes that lack

@@ -32,7 +32,7 @@ use crate::http::repository;
 use crate::http::state::{AppState, run_model};
 use crate::http::statistics::{self, Row};
 use crate::oip::HEADER_CONTENT_LENGTH;
-use crate::routing::{ROUTE_HEADER, route_header};
+use crate::routing::route_header;
 use meshserve_host::ErrorClass;
 use meshserve_host::metrics::Protocol;
 use meshserve_host::metrics::totals::Tally;
@@ -206,6 +206,26 @@ impl GrpcDoor {
         );
     }
 
+    /// Answers a unary ModelInfer call's decoded message, with the route to a node that serves
+    /// its model (sent as response metadata, [`crate::routing::ROUTE_HEADER`]) when there is one.
+    pub(super) async fn unary_infer(
+        &self,
+        message: ModelInferRequest,
+        headers: &http::HeaderMap,
+    ) -> Result<(ModelInferResponse, Option<http::HeaderValue>), Status> {
+        let model = message.model_name.clone();
+        let answer = self
+            .counted_infer(message, headers)
+            .await
+            .map_err(status_of)?;
+        let route = self
+            .state
+            .dispatch
+            .route(&model)
+            .and_then(|route| route_header(&route).parse().ok());
+        Ok((answer, route))
+    }
+
     /// [`Self::infer`], counted in the node's request metrics as REST requests are.
     pub(super) async fn counted_infer(
         &self,
@@ -285,24 +305,14 @@ impl GrpcInferenceService for GrpcDoor {
         Ok(Response::new(metadata_message(&metadata)))
     }
 
+    /// Never reached: [`super::Services`] answers this path itself ([`GrpcDoor::unary_infer`]).
     async fn model_infer(
         &self,
-        request: Request<ModelInferRequest>,
+        _: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (metadata, _, message) = request.into_parts();
-        let headers = metadata.into_headers();
-        let model = message.model_name.clone();
-        let answer = self
-            .counted_infer(message, &headers)
-            .await
-            .map_err(status_of)?;
-        let mut response = Response::new(answer);
-        if let Some(route) = self.state.dispatch.route(&model)
-            && let Ok(value) = route_header(&route).parse()
-        {
-            response.metadata_mut().insert(ROUTE_HEADER, value);
-        }
-        Ok(response)
+        Err(Status::internal(
+            "ModelInfer is answered by the node's gRPC router",
+        ))
     }
 
     /// Never reached: [`super::Services`] answers this path itself, with its messages undecoded
