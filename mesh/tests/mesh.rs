@@ -2209,9 +2209,7 @@ async fn a_grpc_answer_carries_the_route_to_its_model() {
         ..Default::default()
     }
     .encode_to_vec();
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
+    let framed = support::grpc_stream::frame(&message);
     let http = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()

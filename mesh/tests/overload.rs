@@ -490,9 +490,7 @@ async fn grpc_probes(
     grpc_timeout: Option<&str>,
     otherwise: &[&str],
 ) -> (usize, usize) {
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message);
+    let framed = grpc_stream::frame(message);
     let http = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()

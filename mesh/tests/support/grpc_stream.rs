@@ -1,5 +1,6 @@
 //! A raw HTTP/2 client for gRPC's ModelStreamInfer whose flow control the test controls:
-//! messages go in one by one, answers and the call's final status come out as they arrive.
+//! messages go in one by one, answers and the call's final status come out as they arrive;
+//! and gRPC's message frame, which unary probes send too.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
