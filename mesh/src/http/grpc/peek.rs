@@ -17,20 +17,9 @@ pub struct Peeked<'a> {
     pub timeout_us: Option<i64>,
 }
 
-/// Reads a gRPC-framed `ModelInferRequest`. `None` for a compressed frame, or a message that
+/// Reads a `ModelInferRequest` message (out of its gRPC frame). `None` for a message that
 /// does not parse: its full decode then says what is wrong with it. Each field is skipped in
 /// constant time, so a message of any size costs a pass over its field keys.
-pub fn peek(framed: &[u8]) -> Option<Peeked<'_>> {
-    let (&[compressed, a, b, c, d], rest) = framed.split_first_chunk::<5>()?;
-    if compressed != 0 {
-        return None;
-    }
-    let length = usize::try_from(u32::from_be_bytes([a, b, c, d])).ok()?;
-    peek_message(rest.get(..length)?)
-}
-
-/// Reads a `ModelInferRequest` out of its frame (a stream's message, as tonic hands it over),
-/// as [`peek`] reads a framed one.
 pub fn peek_message(mut message: &[u8]) -> Option<Peeked<'_>> {
     let mut peeked = Peeked {
         model: "",
@@ -141,15 +130,8 @@ mod tests {
     use crate::http::grpc::proto::{InferParameter, ModelInferRequest};
     use prost::Message;
 
-    fn framed(message: &[u8]) -> Vec<u8> {
-        let mut framed = vec![0];
-        framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-        framed.extend_from_slice(message);
-        framed
-    }
-
-    fn model_of(framed: &[u8]) -> Option<(&str, &str)> {
-        peek(framed).map(|peeked| (peeked.model, peeked.version))
+    fn model_of(message: &[u8]) -> Option<(&str, &str)> {
+        peek_message(message).map(|peeked| (peeked.model, peeked.version))
     }
 
     fn parameter(choice: ParameterChoice) -> InferParameter {
@@ -171,7 +153,7 @@ mod tests {
                 ..Default::default()
             }
             .encode_to_vec();
-            peek(&framed(&message)).unwrap().timeout_us
+            peek_message(&message).unwrap().timeout_us
         };
         assert_eq!(
             timeout(vec![("timeout", ParameterChoice::Int64Param(5000))]),
@@ -221,11 +203,11 @@ mod tests {
             decoded.parameters["timeout"],
             parameter(ParameterChoice::Uint64Param(11))
         );
-        assert_eq!(peek(&framed(&message)).unwrap().timeout_us, Some(11));
+        assert_eq!(peek_message(&message).unwrap().timeout_us, Some(11));
         // A parameter prost refuses (a string that is not UTF-8) is left to the full decode.
         let refused = entry(&[0x1a, 1, 0xff]);
         assert!(ModelInferRequest::decode(refused.as_slice()).is_err());
-        assert_eq!(peek(&framed(&refused)), None);
+        assert_eq!(peek_message(&refused), None);
     }
 
     #[test]
@@ -249,9 +231,9 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        assert_eq!(model_of(&framed(&message)), Some(("fraud", "2")));
-        assert_eq!(peek(&framed(&message)).unwrap().timeout_us, None);
-        assert_eq!(peek(&framed(&message)).unwrap().id, b"call-7");
+        assert_eq!(model_of(&message), Some(("fraud", "2")));
+        assert_eq!(peek_message(&message).unwrap().timeout_us, None);
+        assert_eq!(peek_message(&message).unwrap().id, b"call-7");
         // An id that is not UTF-8 is read as sent: the decode is what refuses it.
         let odd_id = [0x0a, 1, b'x', 0x1a, 1, 0xff];
         assert_eq!(peek_message(&odd_id).map(|p| p.id), Some(&[0xff][..]));
@@ -264,7 +246,7 @@ mod tests {
         reordered.extend_from_slice(&[0x25, 0, 0, 0, 0]); // field 4, 32-bit
         reordered.extend_from_slice(&[0x40, 0xff, 0x01]); // field 8, varint
         reordered.extend_from_slice(&[0x0a, 4, b's', b'l', b'o', b'w']);
-        assert_eq!(model_of(&framed(&reordered)), Some(("slow", "")));
+        assert_eq!(model_of(&reordered), Some(("slow", "")));
     }
 
     #[test]
@@ -274,24 +256,20 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        let mut compressed = framed(&message);
-        compressed[0] = 1;
         let mut overrun = message.clone();
         overrun.extend_from_slice(&[0x2a, 0x7f]); // an input longer than the message
         let mut group = message.clone();
         group.push(0x0b); // a group start: no OIP message has one
         for (what, bytes) in [
-            ("compressed", compressed),
-            ("truncated frame", framed(&message)[..8].to_vec()),
-            ("overrun field", framed(&overrun)),
-            ("group", framed(&group)),
-            ("endless varint", framed(&[0xff; 11])),
-            ("name not UTF-8", framed(&[0x0a, 1, 0xff])),
-            ("no frame", vec![0, 0]),
+            ("cut short", message[..message.len() - 1].to_vec()),
+            ("overrun field", overrun),
+            ("group", group),
+            ("endless varint", vec![0xff; 11]),
+            ("name not UTF-8", vec![0x0a, 1, 0xff]),
         ] {
             assert_eq!(model_of(&bytes), None, "{what}");
         }
-        assert_eq!(model_of(&framed(&[])), Some(("", "")));
+        assert_eq!(model_of(&[]), Some(("", "")));
     }
 
     proptest::proptest! {
@@ -299,8 +277,7 @@ mod tests {
         fn any_bytes_are_read_without_a_panic(
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)
         ) {
-            let _ = peek(&bytes);
-            let _ = peek(&framed(&bytes));
+            let _ = peek_message(&bytes);
         }
 
         #[test]
@@ -329,9 +306,7 @@ mod tests {
                 ..Default::default()
             }
             .encode_to_vec();
-            let framed = framed(&message);
             let expected = Peeked { model: &name, version: &version, id: id.as_bytes(), timeout_us: timeout };
-            proptest::prop_assert_eq!(peek(&framed), Some(expected));
             proptest::prop_assert_eq!(peek_message(&message), Some(expected));
         }
     }

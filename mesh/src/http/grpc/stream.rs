@@ -12,9 +12,9 @@
 //! A client that cancels its stream (or goes away) drops the response, which stops the task
 //! the same way.
 //!
-//! Messages arrive undecoded ([`UndecodedRequests`]): each is admitted from what [`peek`]
-//! reads of it, so a message for an overloaded model (or one that would miss its deadline) is
-//! answered UNAVAILABLE in its place before it is decoded, and only then decoded.
+//! Messages arrive undecoded ([`UndecodedRequests`]) and are admitted from what [`peek`]
+//! reads of them: one for an overloaded model (or one that would miss its deadline) is
+//! answered UNAVAILABLE in its place without being decoded; only an admitted one is.
 
 use super::peek;
 use super::proto::{ModelInferRequest, ModelInferResponse, ModelStreamInferResponse};
