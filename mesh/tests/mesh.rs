@@ -2185,6 +2185,54 @@ async fn handshakes_that_never_finish_hold_a_bounded_share_for_a_bounded_time() 
         .expect("the address gets in once its stalled handshakes are gone");
 }
 
+/// Many hosts together can fill `mesh.max_handshakes`, and would keep the mesh itself out: the
+/// address of a member is held to its own share only, so a member still gets in while strangers
+/// hold every place the node gives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_get_in_while_strangers_hold_every_handshake_the_node_allows() {
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    make_certs(&certs, &["a", "b"], &["app"], &[]);
+    let (node, quic) = lone_node(root.path(), &certs, "[mesh]\nmax_handshakes = 4\n");
+    let _b = start_node(root.path(), &certs, "b", "127.0.0.2:0", Some(quic));
+    let probe = dialler(&certs, Role::Client, "app");
+    wait_for(
+        "a to know b",
+        Duration::from_secs(20),
+        async || match ask_status(&probe, quic).await {
+            Ok(Message::Status(status)) => status
+                .members
+                .iter()
+                .any(|m| m.node == "b" && m.state == "alive")
+                .then_some(()),
+            _ => None,
+        },
+    )
+    .await;
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(stalled_handshake(&certs, IpAddr::from([127, 0, 0, 3]), quic).await);
+    }
+    wait_for(
+        "a stranger refused at the node's cap",
+        Duration::from_secs(1),
+        async || {
+            is_refused(&handshake_from(&certs, IpAddr::from([127, 0, 0, 4]), quic).await)
+                .then_some(())
+        },
+    )
+    .await;
+    handshake_from(&certs, IpAddr::from([127, 0, 0, 2]), quic)
+        .await
+        .expect("a handshake from a member's address gets in");
+    assert!(
+        started.elapsed() < meshserve::cluster::HANDSHAKE_TIMEOUT,
+        "the member got in while every stalled handshake was still held"
+    );
+    let _ = node;
+}
+
 /// A unary gRPC call's answer carries the direct route to its model as response metadata, as
 /// a REST answer does in its headers, so that a route-aware gRPC client can go there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,8 @@
 //!   carrying a token), never a handshake: a flood from forged addresses holds nothing, and
 //!   cannot use up a real address's share;
 //! - a shown address holds at most [`HANDSHAKES_PER_ADDRESS`] handshakes at once, and every
-//!   address together `mesh.max_handshakes`;
+//!   address together `mesh.max_handshakes`, except the addresses of the mesh's members: many
+//!   hosts together can fill the node's share, and would keep the mesh itself out;
 //! - a handshake has [`HANDSHAKE_TIMEOUT`] to finish, however often its peer shows signs of
 //!   life.
 //!
@@ -37,7 +38,8 @@ pub struct Handshakes {
 /// failed or run out of time.
 #[derive(Debug)]
 pub struct Handshake {
-    _in_progress: OwnedSemaphorePermit,
+    /// None for a member's address, which the node's cap does not hold.
+    _in_progress: Option<OwnedSemaphorePermit>,
     _address: Held<IpAddr>,
 }
 
@@ -66,7 +68,8 @@ impl Handshakes {
 
     /// A handshake for an attempt from `address`, whose sender has `proven` that it receives
     /// packets sent there (a Retry's token came back), unless one of the bounds turns it away.
-    pub fn admit(&self, address: IpAddr, proven: bool) -> Result<Handshake, Turned> {
+    /// The address of a `member` of the mesh is held to its own share only.
+    pub fn admit(&self, address: IpAddr, proven: bool, member: bool) -> Result<Handshake, Turned> {
         if !proven {
             return Err(Turned::Unproven);
         }
@@ -74,11 +77,12 @@ impl Handshakes {
             .by_address
             .hold(holder(address), HANDSHAKES_PER_ADDRESS)
             .ok_or(Turned::AddressBusy)?;
-        let in_progress = self
-            .in_progress
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Turned::Busy)?;
+        let in_progress = if member {
+            None
+        } else {
+            let permit = self.in_progress.clone().try_acquire_owned();
+            Some(permit.map_err(|_| Turned::Busy)?)
+        };
         Ok(Handshake {
             _in_progress: in_progress,
             _address: address,
@@ -110,47 +114,75 @@ mod tests {
     fn an_unproven_address_gets_no_handshake_however_idle_the_node() {
         let handshakes = Handshakes::new(4);
         assert_eq!(
-            handshakes.admit(v4(1), false).unwrap_err(),
+            handshakes.admit(v4(1), false, false).unwrap_err(),
             Turned::Unproven
         );
-        assert!(handshakes.admit(v4(1), true).is_ok());
+        assert!(handshakes.admit(v4(1), true, false).is_ok());
     }
 
     #[test]
     fn one_address_holds_its_share_and_the_node_its_cap_until_handshakes_end() {
         let handshakes = Handshakes::new(HANDSHAKES_PER_ADDRESS + 2);
         let mut held: Vec<Handshake> = (0..HANDSHAKES_PER_ADDRESS)
-            .map(|_| handshakes.admit(v4(1), true).unwrap())
+            .map(|_| handshakes.admit(v4(1), true, false).unwrap())
             .collect();
         assert_eq!(
-            handshakes.admit(v4(1), true).unwrap_err(),
+            handshakes.admit(v4(1), true, false).unwrap_err(),
             Turned::AddressBusy
         );
         let others = [
-            handshakes.admit(v4(2), true).unwrap(),
-            handshakes.admit(v4(3), true).unwrap(),
+            handshakes.admit(v4(2), true, false).unwrap(),
+            handshakes.admit(v4(3), true, false).unwrap(),
         ];
         assert_eq!(
-            handshakes.admit(v4(4), true).unwrap_err(),
+            handshakes.admit(v4(4), true, false).unwrap_err(),
             Turned::Busy,
             "every address together holds the node's cap"
         );
         for _ in 0..2 * HANDSHAKES_PER_ADDRESS {
-            assert_eq!(handshakes.admit(v4(4), true).unwrap_err(), Turned::Busy);
+            assert_eq!(
+                handshakes.admit(v4(4), true, false).unwrap_err(),
+                Turned::Busy
+            );
         }
         held.pop();
         let fourth = handshakes
-            .admit(v4(4), true)
+            .admit(v4(4), true, false)
             .expect("a place given back is anyone's");
-        assert_eq!(handshakes.admit(v4(1), true).unwrap_err(), Turned::Busy);
+        assert_eq!(
+            handshakes.admit(v4(1), true, false).unwrap_err(),
+            Turned::Busy
+        );
         drop((held, others, fourth));
         let _fourth: Vec<Handshake> = (0..HANDSHAKES_PER_ADDRESS)
             .map(|_| {
                 handshakes
-                    .admit(v4(4), true)
+                    .admit(v4(4), true, false)
                     .expect("attempts refused at the node's cap left no count behind")
             })
             .collect();
+    }
+
+    #[test]
+    fn a_members_address_is_held_to_its_share_and_not_the_nodes_cap() {
+        let handshakes = Handshakes::new(1);
+        let _stranger = handshakes.admit(v4(1), true, false).unwrap();
+        assert_eq!(
+            handshakes.admit(v4(2), true, false).unwrap_err(),
+            Turned::Busy
+        );
+        let _member: Vec<Handshake> = (0..HANDSHAKES_PER_ADDRESS)
+            .map(|_| handshakes.admit(v4(3), true, true).unwrap())
+            .collect();
+        assert_eq!(
+            handshakes.admit(v4(3), true, true).unwrap_err(),
+            Turned::AddressBusy
+        );
+        assert_eq!(
+            handshakes.admit(v4(3), false, true).unwrap_err(),
+            Turned::Unproven,
+            "an address not shown to be the sender's is nobody's, a member's included"
+        );
     }
 
     #[test]
@@ -165,10 +197,10 @@ mod tests {
         assert_eq!(holder(mapped), v4(1));
         let handshakes = Handshakes::new(usize::MAX >> 4);
         let _held: Vec<Handshake> = (0..HANDSHAKES_PER_ADDRESS as u16)
-            .map(|i| handshakes.admit(host(i), true).unwrap())
+            .map(|i| handshakes.admit(host(i), true, false).unwrap())
             .collect();
         assert_eq!(
-            handshakes.admit(host(999), true).unwrap_err(),
+            handshakes.admit(host(999), true, false).unwrap_err(),
             Turned::AddressBusy
         );
     }

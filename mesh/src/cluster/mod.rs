@@ -495,6 +495,16 @@ impl Cluster {
         self.view.borrow().clone()
     }
 
+    /// Whether a live member of the mesh (ourselves aside) is at `ip`.
+    fn is_member_address(&self, ip: std::net::IpAddr) -> bool {
+        self.view
+            .borrow()
+            .members
+            .iter()
+            .skip(1)
+            .any(|member| member.id.addr.ip() == ip)
+    }
+
     /// Our advert as membership holds it (with its sequence), once made.
     pub(crate) fn own_advert(&self) -> Option<Arc<NodeAdvert>> {
         self.own_advert.borrow().clone()

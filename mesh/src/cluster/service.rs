@@ -32,10 +32,10 @@ pub(super) async fn serve(cluster: Arc<Cluster>) {
     let metrics = cluster.engine.metrics().clone();
     while let Some(incoming) = cluster.endpoint.quinn().accept().await {
         let peer = incoming.remote_address();
-        let handshake = match cluster
-            .handshakes
-            .admit(peer.ip(), incoming.remote_address_validated())
-        {
+        let proven = incoming.remote_address_validated();
+        // Only a shown address is looked up: a member's is not the node's cap's to hold.
+        let member = proven && cluster.is_member_address(peer.ip());
+        let handshake = match cluster.handshakes.admit(peer.ip(), proven, member) {
             Ok(handshake) => handshake,
             Err(Turned::Unproven) => {
                 metrics.record_connection(MESH, "retry");
