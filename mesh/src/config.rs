@@ -85,8 +85,9 @@ pub struct MeshConfig {
     /// what the mesh itself needs.
     pub max_client_connections: usize,
     /// Handshakes in progress at once on the mesh port, from every address together (one
-    /// address holds at most 16, and only once it has answered a Retry). Past it a new
-    /// attempt is refused until one ends; a handshake has 2 s to finish.
+    /// address holds at most 16, and only once it has answered a Retry); a live member's
+    /// address is held to its own 16 only. Past it a new attempt is refused until one ends;
+    /// a handshake has 2 s to finish.
     pub max_handshakes: usize,
     /// Nodes whose model repositories are authoritative for the mesh: only their catalogs
     /// say which models exist, with how many replicas, and which files a node fetches. Every
